@@ -1,0 +1,24 @@
+"""The ``tessera`` command line: node, hub, model, phantom and demo."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="tessera",
+    help="Tessera: a DICOM node that segments, learns from corrections and federates.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+node_app = typer.Typer(help="The hospital-side DICOM node.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+
+# Sub-apps owned by other packages are mounted here (one line each).
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
