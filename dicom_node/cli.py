@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from dicom_node.node_cli import node_app
+
 app = typer.Typer(
     name="tessera",
     help="Tessera: a DICOM node that segments, learns from corrections and federates.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-node_app = typer.Typer(help="The hospital-side DICOM node.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 
 # Sub-apps owned by other packages are mounted here (one line each).

@@ -1,0 +1,355 @@
+"""Node configuration: one TOML file plus ``TESSERA_`` environment overrides.
+
+Every section is a frozen pydantic model with unknown keys forbidden, so a typo fails
+at start-up with the dotted name of the key (``dicom.port: ...``).
+
+Environment overrides use ``TESSERA_<SECTION>__<KEY>=value`` (double underscore
+between levels), e.g. ``TESSERA_DICOM__PORT=11113``. Values are parsed as TOML
+literals when they parse (numbers, booleans, arrays), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.errors import ConfigError
+
+ENV_PREFIX = "TESSERA_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_RE.match(value):
+        raise ValueError("must be 1-16 printable ASCII characters without backslash")
+    return value
+
+
+class PeerAllow(_Section):
+    """One allowlist entry: an AE title (``*`` for any) from one of the networks."""
+
+    ae_title: str = "*"
+    networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, v: str) -> str:
+        return v if v == "*" else _ae_title(v)
+
+    @field_validator("networks")
+    @classmethod
+    def _check_networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)
+        return v
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if self.ae_title not in ("*", ae_title.strip()):
+            return False
+        try:
+            addr = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(addr in ipaddress.ip_network(n, strict=False) for n in self.networks)
+
+
+class DicomSettings(_Section):
+    ae_title: str = "TESSERA"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    max_associations: int = Field(10, ge=1, le=1000)
+    network_timeout_s: float = Field(60.0, gt=0)
+    max_instance_mb: float = Field(1024.0, gt=0)
+    allow: tuple[PeerAllow, ...] = (PeerAllow(),)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        return any(entry.allows(ae_title, address) for entry in self.allow)
+
+
+class NodeSettings(_Section):
+    data_dir: Path = Path("var/node")
+    database_url: str = ""  # empty: SQLite file in data_dir
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'node.db').resolve()}"
+
+
+class AssemblerSettings(_Section):
+    quiet_period_s: float = Field(5.0, ge=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class JobSettings(_Section):
+    lease_s: float = Field(60.0, gt=0)
+    heartbeat_s: float = Field(10.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+    workers: int = Field(2, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> Self:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("heartbeat_s must be shorter than lease_s")
+        return self
+
+
+class ExportSettings(_Section):
+    max_attempts: int = Field(8, ge=1)
+    backoff_initial_s: float = Field(2.0, gt=0)
+    backoff_max_s: float = Field(600.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class Destination(_Section):
+    """A DICOM peer the node sends to (C-STORE SCU)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+class RuleAction(StrEnum):
+    FORWARD = "forward"
+    SEGMENT = "segment"
+
+
+class RuleMatch(_Section):
+    """Criteria a series must meet; every given criterion must match (AND).
+
+    AE titles, Modality, BodyPartExamined and SOP Class UID compare exactly
+    (case-insensitive for the first three); ``series_description`` is a regular
+    expression searched in SeriesDescription.
+    """
+
+    calling_ae: tuple[str, ...] = ()
+    called_ae: tuple[str, ...] = ()
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    series_description: str | None = None
+    sop_class_uid: tuple[str, ...] = ()
+
+    @field_validator("calling_ae", "called_ae", "modality", "body_part", "sop_class_uid",
+                     mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from exc
+        return v
+
+
+class RoutingRule(_Section):
+    name: str = Field(min_length=1)
+    action: RuleAction = RuleAction.FORWARD
+    model: str | None = None
+    destinations: tuple[str, ...] = ()
+    quiet_period_s: float | None = Field(None, ge=0)
+    match: RuleMatch = RuleMatch()
+
+    @model_validator(mode="after")
+    def _model_for_segment(self) -> Self:
+        if self.action is RuleAction.SEGMENT and not self.model:
+            raise ValueError("a 'segment' rule must name a model")
+        if self.action is RuleAction.FORWARD and not self.destinations:
+            raise ValueError("a 'forward' rule must name at least one destination")
+        return self
+
+
+class NodeConfig(_Section):
+    node: NodeSettings = NodeSettings()
+    dicom: DicomSettings = DicomSettings()
+    assembler: AssemblerSettings = AssemblerSettings()
+    jobs: JobSettings = JobSettings()
+    export: ExportSettings = ExportSettings()
+    destinations: dict[str, Destination] = {}
+    rules: tuple[RoutingRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _destinations_exist(self) -> Self:
+        names = set()
+        for i, rule in enumerate(self.rules):
+            if rule.name in names:
+                raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r}")
+            names.add(rule.name)
+            for dest in rule.destinations:
+                if dest not in self.destinations:
+                    raise ValueError(
+                        f"rules[{i}].destinations: unknown destination {dest!r} "
+                        f"(define [destinations.{dest}])"
+                    )
+        return self
+
+    @property
+    def files_dir(self) -> Path:
+        return self.node.data_dir / "instances"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.node.data_dir / "quarantine"
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        target = data
+        for part in path[:-1]:
+            nxt = target.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"invalid configuration: {name} overrides a non-table key")
+            target = nxt
+        target[path[-1]] = _parse_env_value(raw)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Load the node configuration.
+
+    Precedence, lowest first: built-in defaults, the TOML file, ``TESSERA_*``
+    environment variables, then ``overrides`` (command-line flags) given as
+    ``{"dicom.port": 11113}``.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not TOML, or a key is unknown or has a bad value;
+        the message names the key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file not found: {p}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from exc
+    _apply_env(data, os.environ if env is None else env)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        target = data
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+EXAMPLE_CONFIG = """\
+# Tessera node configuration. Every key may be overridden from the environment as
+# TESSERA_<SECTION>__<KEY>, e.g. TESSERA_DICOM__PORT=11113.
+
+[node]
+# Where instance files, the quarantine and the SQLite index live.
+data_dir = "var/node"
+# Empty: SQLite (WAL) in data_dir. For several workers on several hosts use PostgreSQL:
+# database_url = "postgresql+psycopg://tessera:secret@db.example/tessera"
+database_url = ""
+
+[dicom]
+ae_title = "TESSERA"
+host = "127.0.0.1"        # 0.0.0.0 to accept from the network (then widen the allowlist)
+port = 11112
+max_associations = 10
+network_timeout_s = 60
+max_instance_mb = 1024    # larger datasets are refused with 0xA700
+
+# Who may associate: an AE title ("*" for any) from one of the networks.
+# Nothing else gets in. This example allows loopback only.
+[[dicom.allow]]
+ae_title = "*"
+networks = ["127.0.0.0/8", "::1/128"]
+
+[assembler]
+quiet_period_s = 5        # a series is complete after this long without new instances
+
+[jobs]
+lease_s = 60              # a crashed worker's job is taken over after its lease expires
+heartbeat_s = 10
+workers = 2
+
+[export]
+max_attempts = 8          # then the item is dead-lettered (see `tessera node status`)
+backoff_initial_s = 2     # doubles after each failed attempt ...
+backoff_max_s = 600       # ... up to this
+
+# Destinations the node sends to with C-STORE.
+[destinations.pacs]
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+
+# Routing rules: every rule whose criteria all match a completed series applies.
+# action = "forward" sends the series unchanged; action = "segment" runs the model
+# and sends the DICOM-SEG to the destinations. A series no rule matches is stored only.
+[[rules]]
+name = "abdomen-ct"
+action = "segment"
+model = "tessera-abdomen-ct"
+destinations = ["pacs"]
+[rules.match]
+modality = ["CT"]
+# body_part = ["ABDOMEN"]
+# series_description = "(?i)abdomen|portal"
+# calling_ae = ["PACS"]
+# called_ae = ["TESSERA"]
+# sop_class_uid = ["1.2.840.10008.5.1.4.1.1.2"]
+
+# [[rules]]
+# name = "forward-mr"
+# action = "forward"
+# destinations = ["pacs"]
+# quiet_period_s = 10
+# [rules.match]
+# modality = ["MR"]
+"""

@@ -1,0 +1,104 @@
+"""The node's composition root: one readable place that wires the pipeline.
+
+    PACS --C-STORE--> SCP --> InstanceStore (file + index) --> SeriesAssembler
+         (quiet period, routing rules) --> jobs: export (outbox) / inference --> PACS
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dicom_node.config import NodeConfig
+from dicom_node.dicom.scp import RunningSCP, start_scp
+from dicom_node.pipeline.assembler import SeriesAssembler
+from dicom_node.pipeline.export import Exporter
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instances import InstanceStore
+from dicom_node.store.jobs import Backoff, JobQueue
+from dicom_node.worker import JobHandler, JobWorker
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeParts:
+    """The pieces of a node, built from one configuration without starting anything."""
+
+    config: NodeConfig
+    db: Database
+    files: InstanceFiles
+    store: InstanceStore
+    queue: JobQueue
+    assembler: SeriesAssembler
+    handlers: list[JobHandler] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: NodeConfig) -> NodeParts:
+        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        db = Database(config.node.resolved_database_url())
+        db.create_schema()
+        files = InstanceFiles(config.files_dir, config.quarantine_dir)
+        queue = JobQueue(db, lease_s=config.jobs.lease_s)
+        parts = cls(config=config, db=db, files=files, store=InstanceStore(db, files),
+                    queue=queue, assembler=SeriesAssembler(db, queue, config))
+        parts.handlers.append(Exporter(db, files, config))
+        return parts
+
+
+class Node:
+    """A running node: SCP, assembler loop and job workers."""
+
+    def __init__(self, config: NodeConfig, *, extra_handlers: Sequence[JobHandler] = ()) -> None:
+        self.parts = NodeParts.build(config)
+        self.parts.handlers.extend(extra_handlers)
+        self.config = config
+        self._stop = threading.Event()
+        self._assembler_thread: threading.Thread | None = None
+        self.scp: RunningSCP | None = None
+        self.worker = JobWorker(
+            self.parts.queue, self.parts.handlers, threads=config.jobs.workers,
+            backoff=Backoff(config.export.backoff_initial_s, config.export.backoff_max_s),
+            poll_interval_s=config.jobs.poll_interval_s, heartbeat_s=config.jobs.heartbeat_s,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.scp is not None, "node not started"
+        return self.scp.port
+
+    def start(self) -> Node:
+        self.parts.assembler.resume_after_restart()
+        self.worker.start()
+        self._assembler_thread = threading.Thread(target=self._assemble_loop,
+                                                  name="series-assembler", daemon=True)
+        self._assembler_thread.start()
+        self.scp = start_scp(self.config.dicom, self.parts.store)
+        return self
+
+    def _assemble_loop(self) -> None:
+        interval = self.config.assembler.poll_interval_s
+        while not self._stop.wait(interval):
+            try:
+                if self.parts.assembler.tick():
+                    self.worker.wake()
+            except Exception:
+                LOGGER.exception("series assembler tick failed; retrying")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.scp is not None:
+            self.scp.shutdown()
+        self.worker.stop()
+        if self._assembler_thread is not None:
+            self._assembler_thread.join(5)
+        self.parts.db.dispose()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,99 @@
+"""``tessera node ...``: init, serve, status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dicom_node.config import EXAMPLE_CONFIG, NodeConfig, load_config
+from dicom_node.errors import ConfigError
+
+node_app = typer.Typer(help="The hospital-side DICOM node.", no_args_is_help=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Node TOML configuration file.")
+]
+
+
+def configure_logging(level: str = "INFO", json_logs: bool = False) -> None:
+    fmt = ('{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+           if json_logs else "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def load_or_exit(path: Path | None, overrides: dict[str, object] | None = None) -> NodeConfig:
+    try:
+        return load_config(path, overrides=overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@node_app.command("init")
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the example configuration.")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented example configuration."""
+    if path.exists() and not force:
+        typer.echo(f"error: {path} exists (use --force to overwrite)", err=True)
+        raise typer.Exit(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    typer.echo(f"wrote {path}")
+
+
+@node_app.command("serve")
+def serve(
+    config: ConfigOption = None,
+    ae_title: Annotated[str | None, typer.Option(help="Override dicom.ae_title.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override dicom.port (0: any free).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Override node.data_dir.")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="One JSON object per line.")]
+    = False,
+) -> None:
+    """Run the node until SIGINT/SIGTERM."""
+    from dicom_node.node import Node
+
+    configure_logging(log_level, json_logs)
+    cfg = load_or_exit(config, {"dicom.ae_title": ae_title, "dicom.port": port,
+                                "node.data_dir": str(data_dir) if data_dir else None})
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node = Node(cfg).start()
+    # One machine-readable line so supervisors and tests learn the bound port.
+    print(json.dumps({"event": "listening", "ae_title": cfg.dicom.ae_title,
+                      "host": cfg.dicom.host, "port": node.port}), flush=True)
+    try:
+        stop.wait()
+    finally:
+        node.stop()
+
+
+@node_app.command("status")
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Series by state, outbox by state, dead letters and refusals with reasons."""
+    from dicom_node.status import node_status, render_status
+    from dicom_node.store.db import Database
+
+    cfg = load_or_exit(config)
+    db = Database(cfg.node.resolved_database_url())
+    db.create_schema()
+    try:
+        report = node_status(db)
+    finally:
+        db.dispose()
+    typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))

@@ -1,0 +1,138 @@
+"""Export: deliver a series' outbox items to one destination, at most once each."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.config import NodeConfig
+from dicom_node.dicom.scu import AssociationFailed, OutgoingInstance, is_delivered, send_instances
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.jobs import ClaimedJob, JobQueue
+from dicom_node.store.models import (
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Series,
+    SeriesState,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+EXPORT = "export"
+
+
+class ExportFailed(Exception):
+    pass
+
+
+def queue_export(
+    s: Session, queue: JobQueue, series_uid: str, destination: str,
+    sop_instance_uids: list[str], max_attempts: int,
+) -> int:
+    """Add outbox items for instances not yet queued to ``destination``; enqueue the job."""
+    already = set(s.execute(select(OutboxItem.sop_instance_uid).where(
+        OutboxItem.destination == destination, OutboxItem.series_uid == series_uid,
+    )).scalars())
+    new = [uid for uid in sop_instance_uids if uid not in already]
+    for uid in new:
+        s.add(OutboxItem(destination=destination, sop_instance_uid=uid, series_uid=series_uid,
+                         state=OutboxState.PENDING))
+    if new:
+        queue.enqueue(EXPORT, f"{series_uid}:{destination}",
+                      {"series_uid": series_uid, "destination": destination},
+                      max_attempts=max_attempts, session=s)
+    return len(new)
+
+
+class Exporter:
+    """Job handler for ``export`` jobs."""
+
+    kinds = (EXPORT,)
+
+    def __init__(self, db: Database, files: InstanceFiles, config: NodeConfig) -> None:
+        self.db = db
+        self.files = files
+        self.config = config
+
+    def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
+        series_uid = job.payload["series_uid"]
+        dest_name = job.payload["destination"]
+        destination = self.config.destinations.get(dest_name)
+        if destination is None:
+            raise ExportFailed(f"destination {dest_name!r} is no longer configured")
+        with self.db.session() as s:
+            rows = s.execute(
+                select(OutboxItem.id, Instance.sop_instance_uid, Instance.sop_class_uid,
+                       Instance.transfer_syntax_uid, Instance.path)
+                .join(Instance, Instance.sop_instance_uid == OutboxItem.sop_instance_uid)
+                .where(OutboxItem.series_uid == series_uid,
+                       OutboxItem.destination == dest_name,
+                       OutboxItem.state == OutboxState.PENDING)
+                .order_by(Instance.instance_number, Instance.id)
+            ).all()
+        if not rows:
+            return
+        item_ids = {r.sop_instance_uid: r.id for r in rows}
+        items = [OutgoingInstance(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax_uid,
+                                  self.files.absolute(r.path)) for r in rows]
+        failures: list[str] = []
+        sent = 0
+
+        def on_result(item: OutgoingInstance, status: int | None, error: str | None) -> None:
+            nonlocal sent
+            now = datetime.now(UTC)
+            with self.db.session() as s:
+                if is_delivered(status):
+                    s.execute(update(OutboxItem).where(
+                        OutboxItem.id == item_ids[item.sop_instance_uid])
+                        .values(state=OutboxState.SENT, sent_at=now, last_error=None,
+                                attempts=OutboxItem.attempts + 1))
+                    sent += 1
+                else:
+                    failures.append(f"{item.sop_instance_uid}: {error}")
+                    s.execute(update(OutboxItem).where(
+                        OutboxItem.id == item_ids[item.sop_instance_uid])
+                        .values(last_error=error, attempts=OutboxItem.attempts + 1))
+            if sent % 50 == 0:
+                heartbeat()
+
+        LOGGER.info("export of series %s to %s: %d instance(s)", series_uid, dest_name,
+                    len(items))
+        try:
+            send_instances(destination, self.config.dicom.ae_title, items, on_result,
+                           timeout_s=self.config.export.connect_timeout_s)
+        except AssociationFailed as exc:
+            raise ExportFailed(f"{exc} ({sent}/{len(items)} sent)") from exc
+        if failures:
+            raise ExportFailed(f"{len(failures)} instance(s) not delivered, e.g. {failures[0]}")
+        self._mark_forwarded(series_uid)
+
+    def on_dead(self, job: ClaimedJob, error: str) -> None:
+        """The job gave up: its undelivered items become dead letters."""
+        with self.db.session() as s:
+            s.execute(update(OutboxItem).where(
+                OutboxItem.series_uid == job.payload["series_uid"],
+                OutboxItem.destination == job.payload["destination"],
+                OutboxItem.state == OutboxState.PENDING,
+            ).values(state=OutboxState.DEAD, last_error=error[:2000]))
+
+    def _mark_forwarded(self, series_uid: str) -> None:
+        with self.db.session() as s:
+            pending = s.execute(select(func.count()).select_from(OutboxItem).where(
+                OutboxItem.series_uid == series_uid,
+                OutboxItem.state == OutboxState.PENDING)).scalar_one()
+            other_work = s.execute(select(func.count()).select_from(Job).where(
+                Job.key.startswith(f"{series_uid}:"), Job.kind != EXPORT,
+                Job.state.in_((JobState.PENDING, JobState.RUNNING)))).scalar_one()
+            if pending == 0 and other_work == 0:
+                s.execute(update(Series).where(
+                    Series.series_uid == series_uid, Series.state == SeriesState.QUEUED)
+                    .values(state=SeriesState.FORWARDED))

@@ -1,0 +1,92 @@
+"""What ``tessera node status`` reports: series, outbox, jobs, dead letters, refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from dicom_node.store.db import Database
+from dicom_node.store.models import AuditEvent, Job, JobState, OutboxItem, OutboxState, Series
+
+
+def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
+    with db.session() as s:
+        series = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
+        outbox: dict[str, dict[str, int]] = {}
+        for dest, state, n in s.execute(
+            select(OutboxItem.destination, OutboxItem.state, func.count())
+            .group_by(OutboxItem.destination, OutboxItem.state)
+        ).all():
+            outbox.setdefault(dest, {})[state] = n
+        jobs: dict[str, dict[str, int]] = {}
+        for kind, state, n in s.execute(
+            select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
+        ).all():
+            jobs.setdefault(kind, {})[state] = n
+        dead_jobs = [
+            {"job": j.id, "kind": j.kind, "key": j.key, "attempts": j.attempts,
+             "reason": j.last_error, "at": j.finished_at.isoformat() if j.finished_at else None}
+            for j in s.execute(select(Job).where(Job.state == JobState.DEAD)
+                               .order_by(Job.id.desc()).limit(recent)).scalars()
+        ]
+        dead_items = [
+            {"destination": o.destination, "sop_instance_uid": o.sop_instance_uid,
+             "series_uid": o.series_uid, "attempts": o.attempts, "reason": o.last_error}
+            for o in s.execute(select(OutboxItem).where(OutboxItem.state == OutboxState.DEAD)
+                               .order_by(OutboxItem.id.desc()).limit(recent)).scalars()
+        ]
+        refused_series = [
+            {"series_uid": r.series_uid, "state": r.state, "reason": r.state_reason}
+            for r in s.execute(select(Series).where(Series.state_reason.is_not(None))
+                               .order_by(Series.id.desc()).limit(recent)).scalars()
+        ]
+        refusals = [
+            {"at": e.at.isoformat(), "kind": e.kind, "peer_ae": e.peer_ae,
+             "peer_address": e.peer_address, "sop_instance_uid": e.sop_instance_uid,
+             "status": f"0x{e.status:04X}" if e.status is not None else None,
+             "reason": e.reason, "quarantine": e.quarantine_path}
+            for e in s.execute(select(AuditEvent).order_by(AuditEvent.id.desc())
+                               .limit(recent)).scalars()
+        ]
+        refusal_counts = dict(s.execute(select(AuditEvent.kind, func.count())
+                                        .group_by(AuditEvent.kind)).all())
+    return {
+        "series": series,
+        "outbox": outbox,
+        "jobs": jobs,
+        "dead_letters": {"jobs": dead_jobs, "outbox": dead_items},
+        "refused_series": refused_series,
+        "events": {"counts": refusal_counts, "recent": refusals},
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """Plain-text rendering for the terminal."""
+    lines = ["Series by state:"]
+    lines += [f"  {k:<12} {v}" for k, v in sorted(status["series"].items())] or ["  (none)"]
+    lines.append("Outbox by destination and state:")
+    if not status["outbox"]:
+        lines.append("  (empty)")
+    for dest, states in sorted(status["outbox"].items()):
+        lines.append(f"  {dest:<12} " + ", ".join(f"{k}={v}" for k, v in sorted(states.items())))
+    lines.append("Jobs by kind and state:")
+    if not status["jobs"]:
+        lines.append("  (none)")
+    for kind, states in sorted(status["jobs"].items()):
+        lines.append(f"  {kind:<12} " + ", ".join(f"{k}={v}" for k, v in sorted(states.items())))
+    dead = status["dead_letters"]
+    lines.append(f"Dead letters: {len(dead['jobs'])} job(s), {len(dead['outbox'])} item(s)")
+    for j in dead["jobs"]:
+        lines.append(f"  job {j['job']} {j['kind']} {j['key']}: {j['reason']}")
+    if status["refused_series"]:
+        lines.append("Refused / failed series:")
+        for r in status["refused_series"]:
+            lines.append(f"  {r['series_uid']} [{r['state']}]: {r['reason']}")
+    counts = status["events"]["counts"]
+    lines.append("Refusals and events: " + (", ".join(f"{k}={v}" for k, v in
+                                                     sorted(counts.items())) or "none"))
+    for e in status["events"]["recent"]:
+        who = f"{e['peer_ae'] or '?'}@{e['peer_address'] or '?'}"
+        lines.append(f"  {e['at']} {e['kind']} {who} {e['status'] or ''} {e['reason']}")
+    return "\n".join(lines)

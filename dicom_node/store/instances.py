@@ -1,0 +1,186 @@
+"""The instance store: durable files plus their index rows, and the audit trail.
+
+Duplicate rule: an instance whose SOP Instance UID is already stored is answered as
+stored (Success). Identical bytes change nothing. Different bytes under the same
+UID keep the first version (as most PACS do by default); the newcomer is
+quarantined next to an ``duplicate-conflict`` audit event so nothing is lost.
+A late instance of a series that was already complete reopens it (state back to
+``receiving``), so routing runs again and the outbox sends only what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dicom_node.dicom.parse import InstanceHeader
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.models import AuditEvent, Instance, Series, SeriesState, Study
+
+LOGGER = logging.getLogger(__name__)
+
+
+class IngestOutcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"                  # identical bytes already stored
+    DUPLICATE_CONFLICT = "duplicate-conflict"  # same UID, other bytes: first kept
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    ae_title: str | None = None
+    address: str | None = None
+    called_ae: str | None = None
+
+
+class InstanceStore:
+    """Stores received instances durably and indexes them."""
+
+    def __init__(self, db: Database, files: InstanceFiles) -> None:
+        self.db = db
+        self.files = files
+
+    def ingest(self, data: bytes, header: InstanceHeader, peer: Peer) -> IngestOutcome:
+        """Write ``data`` durably, then index it; returns once both are on disk.
+
+        Raises
+        ------
+        StoreError
+            The file could not be written (the caller answers 0xA700).
+        sqlalchemy.exc.SQLAlchemyError
+            The index could not be updated (the caller answers 0xA700).
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        with self.db.session() as s:
+            existing = s.execute(
+                select(Instance.sha256, Instance.path).where(
+                    Instance.sop_instance_uid == header.sop_instance_uid
+                )
+            ).first()
+        if existing is not None:
+            if existing.sha256 == digest:
+                return IngestOutcome.DUPLICATE
+            self.quarantine(
+                data, "duplicate-conflict",
+                f"SOP Instance UID already stored with other content ({existing.path})",
+                peer, header.sop_instance_uid, header.series_uid, status=0,
+            )
+            return IngestOutcome.DUPLICATE_CONFLICT
+
+        rel = self.files.relative_path(header.study_uid, header.series_uid,
+                                       header.sop_instance_uid)
+        self.files.write(rel, data)
+        now = datetime.now(UTC)
+        with self.db.session() as s:
+            if s.execute(select(Instance.id).where(
+                    Instance.sop_instance_uid == header.sop_instance_uid)).first():
+                return IngestOutcome.DUPLICATE  # a concurrent association won the race
+            series = self._series_for(s, header, peer, now)
+            s.add(Instance(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                series_id=series.id,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                instance_number=header.instance_number,
+                path=rel,
+                size=len(data),
+                sha256=digest,
+                calling_ae=peer.ae_title,
+                received_at=now,
+            ))
+            series.instance_count += 1
+            series.last_received_at = now
+            if series.state != SeriesState.RECEIVING:
+                LOGGER.info("late instance reopens series %s (was %s)",
+                            header.series_uid, series.state)
+                series.state = SeriesState.RECEIVING
+                series.state_reason = None
+        return IngestOutcome.STORED
+
+    def _series_for(self, s: Any, header: InstanceHeader, peer: Peer, now: datetime) -> Series:
+        series = s.execute(
+            select(Series).where(Series.series_uid == header.series_uid)
+        ).scalar_one_or_none()
+        if series is not None:
+            return series
+        study = s.execute(
+            select(Study).where(Study.study_uid == header.study_uid)
+        ).scalar_one_or_none()
+        if study is None:
+            study = Study(study_uid=header.study_uid, study_date=header.study_date)
+            s.add(study)
+            s.flush()
+        series = Series(
+            series_uid=header.series_uid,
+            study_id=study.id,
+            modality=header.modality,
+            body_part=header.body_part,
+            series_description=header.series_description,
+            series_number=header.series_number,
+            sop_class_uid=header.sop_class_uid,
+            calling_ae=peer.ae_title,
+            called_ae=peer.called_ae,
+            state=SeriesState.RECEIVING,
+            instance_count=0,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        s.add(series)
+        s.flush()
+        return series
+
+    def quarantine(
+        self,
+        data: bytes,
+        kind: str,
+        reason: str,
+        peer: Peer,
+        sop_instance_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        status: int | None = None,
+    ) -> Path | None:
+        """Keep a refused payload on disk and record why; never raises."""
+        path: Path | None = None
+        try:
+            path = self.files.quarantine(data, {
+                "kind": kind, "reason": reason, "status": status,
+                "peer_ae": peer.ae_title, "peer_address": peer.address,
+                "sop_instance_uid": sop_instance_uid,
+            })
+        except Exception:
+            LOGGER.exception("could not quarantine a %s payload from %s", kind, peer.address)
+        self.audit(kind, reason, peer, sop_instance_uid, series_uid, status=status,
+                   quarantine_path=str(path) if path else None)
+        return path
+
+    def audit(
+        self,
+        kind: str,
+        reason: str,
+        peer: Peer | None = None,
+        sop_instance_uid: str | None = None,
+        series_uid: str | None = None,
+        *,
+        status: int | None = None,
+        quarantine_path: str | None = None,
+    ) -> None:
+        """Record an event for the operator; never raises."""
+        peer = peer or Peer()
+        try:
+            with self.db.session() as s:
+                s.add(AuditEvent(
+                    kind=kind, reason=reason[:2000], peer_ae=peer.ae_title,
+                    peer_address=peer.address, sop_instance_uid=sop_instance_uid,
+                    series_uid=series_uid, status=status, quarantine_path=quarantine_path,
+                ))
+        except Exception:
+            LOGGER.exception("could not record audit event %s", kind)

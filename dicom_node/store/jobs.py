@@ -1,0 +1,171 @@
+"""The job queue: rows with leases, shared by every worker process of a node.
+
+A worker claims a job (state ``running`` with a lease), heartbeats while it works,
+and completes or fails it. A job whose lease expired (its worker died) is claimed
+again. Failures are retried with exponential backoff up to ``max_attempts``, then
+the job is ``dead`` with its last error (a dead letter). On PostgreSQL claims use
+``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent workers never block on one row;
+on SQLite each transaction begins IMMEDIATE, which serialises claims.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.store.db import Database
+from dicom_node.store.models import Job, JobState
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial_s: float = 2.0
+    max_s: float = 600.0
+
+    def delay(self, attempts: int) -> float:
+        return min(self.max_s, self.initial_s * (2 ** max(0, attempts - 1)))
+
+
+class LeaseLost(Exception):
+    """The worker no longer holds the job's lease (another worker took it over)."""
+
+
+class JobQueue:
+    def __init__(self, db: Database, *, lease_s: float = 60.0) -> None:
+        self.db = db
+        self.lease = timedelta(seconds=lease_s)
+
+    def enqueue(
+        self,
+        kind: str,
+        key: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        max_attempts: int = 5,
+        session: Session | None = None,
+        unique_active: bool = True,
+    ) -> int | None:
+        """Add a job; with ``unique_active`` none is added while one of the same kind
+        and key is pending or running (returns ``None`` then)."""
+        def _add(s: Session) -> int | None:
+            if unique_active:
+                active = s.execute(select(Job.id).where(
+                    Job.kind == kind, Job.key == key,
+                    Job.state.in_((JobState.PENDING, JobState.RUNNING)),
+                )).first()
+                if active is not None:
+                    return None
+            job = Job(kind=kind, key=key, payload=payload or {}, max_attempts=max_attempts,
+                      state=JobState.PENDING, attempts=0, not_before=datetime.now(UTC))
+            s.add(job)
+            s.flush()
+            return job.id
+
+        if session is not None:
+            return _add(session)
+        with self.db.session() as s:
+            return _add(s)
+
+    def claim(self, kinds: Iterable[str], owner: str) -> ClaimedJob | None:
+        """Claim the oldest due job of one of ``kinds``, or one whose lease expired."""
+        now = datetime.now(UTC)
+        kinds = tuple(kinds)
+        with self.db.session() as s:
+            row = s.execute(
+                select(Job)
+                .where(
+                    Job.kind.in_(kinds),
+                    or_(
+                        and_(Job.state == JobState.PENDING, Job.not_before <= now),
+                        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+                    ),
+                )
+                .order_by(Job.not_before, Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).scalar_one_or_none()
+            if row is None:
+                return None
+            if row.state == JobState.RUNNING:
+                LOGGER.warning("job %s (%s) lease of %s expired; taking it over",
+                               row.id, row.kind, row.lease_owner)
+            row.state = JobState.RUNNING
+            row.lease_owner = owner
+            row.lease_expires_at = now + self.lease
+            row.attempts += 1
+            return ClaimedJob(row.id, row.kind, row.key, dict(row.payload or {}),
+                              row.attempts, row.max_attempts)
+
+    def heartbeat(self, job_id: int, owner: str) -> None:
+        """Extend the lease; raises :class:`LeaseLost` if another worker holds it now."""
+        with self.db.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner,
+                       Job.state == JobState.RUNNING)
+                .values(lease_expires_at=datetime.now(UTC) + self.lease)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                raise LeaseLost(f"job {job_id} is no longer leased by {owner}")
+
+    def complete(self, job_id: int, owner: str, session: Session | None = None) -> bool:
+        """Mark done; returns False if the lease was lost (the result must be dropped)."""
+        def _done(s: Session) -> bool:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner,
+                       Job.state == JobState.RUNNING)
+                .values(state=JobState.DONE, finished_at=datetime.now(UTC),
+                        lease_expires_at=None, last_error=None)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+        if session is not None:
+            return _done(session)
+        with self.db.session() as s:
+            return _done(s)
+
+    def fail(self, job_id: int, owner: str, error: str, backoff: Backoff,
+             *, permanent: bool = False) -> str:
+        """Record a failure: retry later, or dead-letter. Returns the new state."""
+        now = datetime.now(UTC)
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.lease_owner != owner or job.state != JobState.RUNNING:
+                return "lost"
+            job.last_error = error[:4000]
+            job.lease_expires_at = None
+            if permanent or job.attempts >= job.max_attempts:
+                job.state = JobState.DEAD
+                job.finished_at = now
+            else:
+                job.state = JobState.PENDING
+                job.not_before = now + timedelta(seconds=backoff.delay(job.attempts))
+            return job.state
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        from sqlalchemy import func
+
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
+            ).all()
+        return {(k, st): n for k, st, n in rows}
