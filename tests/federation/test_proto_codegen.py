@@ -14,9 +14,10 @@ def test_committed_code_matches_fresh_generation(tmp_path: Path) -> None:
         for p in regenerate.PACKAGE_DIR.iterdir()
         if p.name.endswith(regenerate.GENERATED_SUFFIXES)
     }
-    assert sorted(fresh) == sorted(committed), "run python -m federation_grpc._proto.regenerate"
+    hint = "run python -m federation_grpc._proto.regenerate"
+    assert sorted(fresh) == sorted(committed), hint
     stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"stale generated code {stale}: run python -m federation_grpc._proto.regenerate"
+    assert not stale, f"stale generated code {stale}: {hint}"
 
 
 def test_generated_modules_import_as_a_package() -> None:
