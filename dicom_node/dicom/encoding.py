@@ -27,8 +27,11 @@ class EncodingError(InvalidDatasetError):
 
 
 class _Walker:
-    def __init__(self, data: bytes, little: bool, max_value: int) -> None:
+    def __init__(self, data: bytes, little: bool, max_value: int,
+                 wanted: frozenset[int] = frozenset()) -> None:
         self.data = data
+        self.wanted = wanted
+        self.found: dict[int, bytes] = {}
         self.end = len(data)
         self.little = little
         self.max_value = max_value
@@ -75,6 +78,8 @@ class _Walker:
                     f"{label} declares {length} bytes, over the limit of {self.max_value}"
                 )
             self._need(pos, length, f"value of {label}")
+            if depth == 0 and tag in self.wanted:
+                self.found[tag] = self.data[pos : pos + length]
             pos += length
         if in_item:
             raise EncodingError("truncated dataset: item not closed by its delimiter")
@@ -127,8 +132,18 @@ class _Walker:
 
 
 def check_encoding(
-    data: bytes, offset: int, *, implicit: bool, little: bool, max_value: int
-) -> None:
-    """Walk ``data[offset:]`` as one dataset; raise :class:`EncodingError` if malformed."""
-    walker = _Walker(data, little, max_value)
+    data: bytes,
+    offset: int,
+    *,
+    implicit: bool,
+    little: bool,
+    max_value: int,
+    wanted: frozenset[int] = frozenset(),
+) -> dict[int, bytes]:
+    """Walk ``data[offset:]`` as one dataset; raise :class:`EncodingError` if malformed.
+
+    Returns the raw values of the top-level elements whose tags are in ``wanted``.
+    """
+    walker = _Walker(data, little, max_value, wanted)
     walker.dataset(offset, len(data), implicit, 0, in_item=False)
+    return walker.found

@@ -1,14 +1,15 @@
-"""Reading the identifying header of a received instance, with its checks."""
+"""Reading the identifying header of a received dataset, with its checks.
+
+The dataset is walked once by :func:`check_encoding`, which both proves it is
+structurally sound and picks out the few top-level values the index needs; no
+full decode happens on the receive path.
+"""
 
 from __future__ import annotations
 
-import io
-import struct
 import zlib
 from dataclasses import dataclass
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_node.dicom.encoding import EncodingError, check_encoding
@@ -43,44 +44,50 @@ class InstanceHeader:
     study_date: str | None
 
 
-def dataset_offset(data: bytes) -> int:
-    """Offset of the dataset after the preamble and file meta group of a Part 10 file."""
-    if len(data) < 144 or data[128:132] != b"DICM":
-        raise RefusedInstance(Status.CANNOT_UNDERSTAND, "no DICOM file meta information")
-    tag = struct.unpack_from("<HH", data, 132)
-    if tag != (0x0002, 0x0000):
-        raise RefusedInstance(Status.CANNOT_UNDERSTAND, "file meta group length missing")
-    group_length = struct.unpack_from("<I", data, 140)[0]
-    offset = 144 + group_length
-    if offset > len(data):
-        raise RefusedInstance(Status.CANNOT_UNDERSTAND, "file meta group is truncated")
-    return offset
+SOP_CLASS = 0x00080016
+SOP_INSTANCE = 0x00080018
+STUDY_DATE = 0x00080020
+MODALITY = 0x00080060
+SERIES_DESCRIPTION = 0x0008103E
+BODY_PART = 0x00180015
+STUDY_UID = 0x0020000D
+SERIES_UID = 0x0020000E
+SERIES_NUMBER = 0x00200011
+INSTANCE_NUMBER = 0x00200013
+_WANTED = frozenset({SOP_CLASS, SOP_INSTANCE, STUDY_DATE, MODALITY, SERIES_DESCRIPTION,
+                     BODY_PART, STUDY_UID, SERIES_UID, SERIES_NUMBER, INSTANCE_NUMBER})
 
 
-def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
+def _text(raw: bytes | None, limit: int) -> str | None:
+    if not raw:
         return None
-    return str(value).strip()[:limit] or None
-
-
-def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    text = text.strip(" \x00")
+    return text[:limit] or None
+
+
+def _int(raw: bytes | None) -> int | None:
+    text = _text(raw, 16)
+    if text is None:
+        return None
+    try:
+        return int(text.split("\\")[0])
+    except ValueError:
         return None
 
 
 def parse_instance(
-    data: bytes,
+    dataset: bytes,
     *,
     transfer_syntax_uid: str,
     context_sop_class_uid: str | None,
     command_sop_instance_uid: str | None,
     max_bytes: int,
 ) -> InstanceHeader:
-    """Check and read a received Part 10 byte stream.
+    """Check and read a received dataset (without file meta).
 
     Raises
     ------
@@ -90,53 +97,48 @@ def parse_instance(
         presentation context, SOP Instance UID differs from the command, or a required
         UID is missing or invalid.
     """
-    if len(data) > max_bytes:
+    if len(dataset) > max_bytes:
         raise RefusedInstance(
-            Status.OUT_OF_RESOURCES, f"dataset of {len(data)} bytes exceeds {max_bytes}"
+            Status.OUT_OF_RESOURCES, f"dataset of {len(dataset)} bytes exceeds {max_bytes}"
         )
-    offset = dataset_offset(data)
-    body = data
+    if not dataset:
+        raise RefusedInstance(Status.CANNOT_UNDERSTAND, "empty dataset")
+    body = dataset
     if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         try:
-            body = data[:offset] + zlib.decompress(data[offset:], -zlib.MAX_WBITS)
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            body = inflater.decompress(dataset, max_bytes + 1)
         except zlib.error as exc:
             raise RefusedInstance(Status.CANNOT_UNDERSTAND, f"cannot inflate: {exc}") from exc
+        if len(body) > max_bytes:
+            raise RefusedInstance(Status.OUT_OF_RESOURCES, "inflated dataset exceeds the limit")
     try:
-        check_encoding(
+        values = check_encoding(
             body,
-            offset,
+            0,
             implicit=transfer_syntax_uid == ImplicitVRLittleEndian,
             little=transfer_syntax_uid != ExplicitVRBigEndian,
             max_value=max_bytes,
+            wanted=_WANTED,
         )
     except EncodingError as exc:
         raise RefusedInstance(Status.CANNOT_UNDERSTAND, str(exc)) from exc
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        sop_class = ds.get("SOPClassUID")
-        sop_instance = ds.get("SOPInstanceUID")
-        study_uid = ds.get("StudyInstanceUID")
-        series_uid = ds.get("SeriesInstanceUID")
-    except (InvalidDicomError, ValueError, KeyError, EOFError, struct.error, TypeError) as exc:
-        raise RefusedInstance(Status.CANNOT_UNDERSTAND, f"cannot decode dataset: {exc}") from exc
-    try:
         header = InstanceHeader(
-            sop_class_uid=check_uid(sop_class, "SOPClassUID"),
-            sop_instance_uid=check_uid(sop_instance, "SOPInstanceUID"),
-            study_uid=check_uid(study_uid, "StudyInstanceUID"),
-            series_uid=check_uid(series_uid, "SeriesInstanceUID"),
+            sop_class_uid=check_uid(_text(values.get(SOP_CLASS), 80), "SOPClassUID"),
+            sop_instance_uid=check_uid(_text(values.get(SOP_INSTANCE), 80), "SOPInstanceUID"),
+            study_uid=check_uid(_text(values.get(STUDY_UID), 80), "StudyInstanceUID"),
+            series_uid=check_uid(_text(values.get(SERIES_UID), 80), "SeriesInstanceUID"),
             transfer_syntax_uid=transfer_syntax_uid,
-            modality=_text(ds, "Modality", 16),
-            body_part=_text(ds, "BodyPartExamined", 64),
-            series_description=_text(ds, "SeriesDescription", 128),
-            series_number=_int(ds, "SeriesNumber"),
-            instance_number=_int(ds, "InstanceNumber"),
-            study_date=_text(ds, "StudyDate", 8),
+            modality=_text(values.get(MODALITY), 16),
+            body_part=_text(values.get(BODY_PART), 64),
+            series_description=_text(values.get(SERIES_DESCRIPTION), 128),
+            series_number=_int(values.get(SERIES_NUMBER)),
+            instance_number=_int(values.get(INSTANCE_NUMBER)),
+            study_date=_text(values.get(STUDY_DATE), 8),
         )
     except InvalidDatasetError as exc:
         raise RefusedInstance(Status.DATASET_MISMATCH, str(exc)) from exc
-    except (ValueError, TypeError) as exc:
-        raise RefusedInstance(Status.CANNOT_UNDERSTAND, f"cannot decode dataset: {exc}") from exc
     if context_sop_class_uid and header.sop_class_uid != context_sop_class_uid:
         raise RefusedInstance(
             Status.DATASET_MISMATCH,

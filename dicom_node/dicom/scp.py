@@ -19,6 +19,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import DicomSettings
+from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
 from dicom_node.dicom.status import Status
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer
@@ -79,14 +80,14 @@ def handle_store(
     """Store one instance durably before answering; every failure has its status."""
     peer = peer_of(event)
     try:
-        data = event.encoded_dataset(include_meta=True)
+        dataset = event.encoded_dataset(include_meta=False)
     except Exception:
         LOGGER.exception("cannot read C-STORE data from %s@%s", peer.ae_title, peer.address)
         return Status.CANNOT_UNDERSTAND
     context = event.context
     try:
         header = parse_instance(
-            data,
+            dataset,
             transfer_syntax_uid=str(context.transfer_syntax),
             context_sop_class_uid=str(context.abstract_syntax),
             command_sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "") or None,
@@ -95,15 +96,18 @@ def handle_store(
     except RefusedInstance as exc:
         LOGGER.warning("refused instance from %s@%s: 0x%04X %s",
                        peer.ae_title, peer.address, exc.status, exc.reason)
-        store.quarantine(data, "instance-refused", exc.reason, peer,
+        store.quarantine(dataset, "instance-refused", exc.reason, peer,
                          str(event.request.AffectedSOPInstanceUID or "")[:64] or None,
                          status=int(exc.status))
         return int(exc.status)
     except Exception as exc:  # a decoder bug must not take the association down
         LOGGER.exception("unexpected error decoding an instance from %s", peer.address)
-        store.quarantine(data, "instance-refused", f"cannot decode: {exc}", peer,
+        store.quarantine(dataset, "instance-refused", f"cannot decode: {exc}", peer,
                          status=int(Status.CANNOT_UNDERSTAND))
         return Status.CANNOT_UNDERSTAND
+    data = part10(dataset, sop_class_uid=header.sop_class_uid,
+                  sop_instance_uid=header.sop_instance_uid,
+                  transfer_syntax_uid=header.transfer_syntax_uid, source_ae=peer.ae_title)
     try:
         outcome = store.ingest(data, header, peer)
     except Exception as exc:

@@ -61,6 +61,17 @@ def _makedirs_durable(path: Path, stop: Path) -> None:
 
 def write_durable(path: Path, data: bytes, root: Path) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
+    tmp = stage_durable(path, data, root)
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+
+
+def stage_durable(path: Path, data: bytes, root: Path) -> Path:
+    """Write ``data`` fsync'd to a temporary name beside ``path``; returns that name."""
     _makedirs_durable(path.parent, root)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -73,11 +84,10 @@ def write_durable(path: Path, data: bytes, root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+    return tmp
 
 
 class InstanceFiles:
@@ -105,6 +115,18 @@ class InstanceFiles:
         path = self.absolute(relative)
         write_durable(path, data, self.root)
         return path
+
+    def stage(self, relative: str, data: bytes) -> Path:
+        """Write ``data`` durably under a temporary name; :meth:`publish` makes it final."""
+        return stage_durable(self.absolute(relative), data, self.root)
+
+    def publish(self, staged: Path, relative: str) -> None:
+        path = self.absolute(relative)
+        try:
+            os.replace(staged, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot publish {path.name}: {exc.strerror or exc}") from exc
 
     def read(self, relative: str) -> bytes:
         return self.absolute(relative).read_bytes()

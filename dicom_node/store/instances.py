@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node.dicom.parse import InstanceHeader
 from dicom_node.store.db import Database
@@ -59,53 +59,61 @@ class InstanceStore:
             The index could not be updated (the caller answers 0xA700).
         """
         digest = hashlib.sha256(data).hexdigest()
-        with self.db.session() as s:
-            existing = s.execute(
-                select(Instance.sha256, Instance.path).where(
-                    Instance.sop_instance_uid == header.sop_instance_uid
-                )
-            ).first()
-        if existing is not None:
-            if existing.sha256 == digest:
-                return IngestOutcome.DUPLICATE
-            self.quarantine(
-                data, "duplicate-conflict",
-                f"SOP Instance UID already stored with other content ({existing.path})",
-                peer, header.sop_instance_uid, header.series_uid, status=0,
-            )
-            return IngestOutcome.DUPLICATE_CONFLICT
-
         rel = self.files.relative_path(header.study_uid, header.series_uid,
                                        header.sop_instance_uid)
-        self.files.write(rel, data)
-        now = datetime.now(UTC)
-        with self.db.session() as s:
-            if s.execute(select(Instance.id).where(
-                    Instance.sop_instance_uid == header.sop_instance_uid)).first():
-                return IngestOutcome.DUPLICATE  # a concurrent association won the race
-            series = self._series_for(s, header, peer, now)
-            s.add(Instance(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                series_id=series.id,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                instance_number=header.instance_number,
-                path=rel,
-                size=len(data),
-                sha256=digest,
-                calling_ae=peer.ae_title,
-                received_at=now,
-            ))
-            series.instance_count += 1
-            series.last_received_at = now
-            if series.state != SeriesState.RECEIVING:
-                LOGGER.info("late instance reopens series %s (was %s)",
-                            header.series_uid, series.state)
-                series.state = SeriesState.RECEIVING
-                series.state_reason = None
-        return IngestOutcome.STORED
+        # The bytes are on disk (fsync'd) before the index transaction; the rename into
+        # place happens inside it, so an index row never points at a missing file and
+        # a first version is never overwritten by a conflicting duplicate.
+        staged = self.files.stage(rel, data)
+        conflict: str | None = None
+        try:
+            with self.db.session() as s:
+                existing = s.execute(
+                    select(Instance.sha256, Instance.path).where(
+                        Instance.sop_instance_uid == header.sop_instance_uid)
+                ).first()
+                if existing is not None:
+                    if existing.sha256 == digest:
+                        return IngestOutcome.DUPLICATE
+                    conflict = existing.path
+                else:
+                    self.files.publish(staged, rel)
+                    self._index(s, header, peer, rel, len(data), digest)
+                    return IngestOutcome.STORED
+        finally:
+            staged.unlink(missing_ok=True)
+        self.quarantine(
+            data, "duplicate-conflict",
+            f"SOP Instance UID already stored with other content ({conflict})",
+            peer, header.sop_instance_uid, header.series_uid, status=0,
+        )
+        return IngestOutcome.DUPLICATE_CONFLICT
 
-    def _series_for(self, s: Any, header: InstanceHeader, peer: Peer, now: datetime) -> Series:
+    def _index(self, s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
+               digest: str) -> None:
+        now = datetime.now(UTC)
+        series = self._series_for(s, header, peer, now)
+        s.add(Instance(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            series_id=series.id,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            instance_number=header.instance_number,
+            path=rel,
+            size=size,
+            sha256=digest,
+            calling_ae=peer.ae_title,
+            received_at=now,
+        ))
+        series.instance_count += 1
+        series.last_received_at = now
+        if series.state != SeriesState.RECEIVING:
+            LOGGER.info("late instance reopens series %s (was %s)",
+                        header.series_uid, series.state)
+            series.state = SeriesState.RECEIVING
+            series.state_reason = None
+
+    def _series_for(self, s: Session, header: InstanceHeader, peer: Peer, now: datetime) -> Series:
         series = s.execute(
             select(Series).where(Series.series_uid == header.series_uid)
         ).scalar_one_or_none()
