@@ -15,6 +15,8 @@ app = typer.Typer(
 app.add_typer(node_app, name="node")
 
 # Sub-apps owned by other packages are mounted here (one line each).
+from dicom_node.phantom.cli import phantom  # noqa: E402, I001
+app.command("phantom")(phantom)
 
 
 def main() -> None:

@@ -1,0 +1,334 @@
+"""DICOM-SEG: write a label volume aligned to a :class:`Volume`, and read one back.
+
+Writing keeps every frame, empty ones included (``omit_empty_frames=False``): each
+segment has one frame per source slice, each frame references its source instance and
+sits at its position, so viewers (OHIF via dcmjs) never shift or drop slices, and a
+label absent from the volume still yields a valid segment.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from dicom_node import __version__
+from dicom_node.errors import InvalidDatasetError
+from dicom_node.pipeline.volume import Volume
+
+LOGGER = logging.getLogger(__name__)
+
+AI_SERIES_NUMBER = 9001
+GROUND_TRUTH_SERIES_NUMBER = 9000
+_ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
+_POSITION_TOL_MM = 0.05
+
+
+class SegAlgorithmType(enum.StrEnum):
+    """Segment Algorithm Type (0062,0008): who made the segmentation."""
+
+    AUTOMATIC = "AUTOMATIC"
+    SEMIAUTOMATIC = "SEMIAUTOMATIC"
+    MANUAL = "MANUAL"
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """How one model label is written as a segment.
+
+    ``color_lab`` is the recommended display colour as CIELab (L* 0-100, a*/b* -128-127).
+    ``modifier`` is a laterality (SNOMED CT Left 7771000 / Right 24028007) placed in the
+    SegmentedPropertyTypeModifierCodeSequence, as DICOM recommends for paired organs.
+    """
+
+    label: int
+    name: str
+    category: Code
+    property_type: Code
+    color_lab: tuple[float, float, float]
+    modifier: Code | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.label < 65536:
+            raise ValueError(f"SegmentSpec.label must be in 1..65535, got {self.label}")
+        if not self.name or len(self.name) > 64:
+            raise ValueError(f"SegmentSpec.name must be 1-64 characters, got {self.name!r}")
+
+    @classmethod
+    def from_rgb(
+        cls,
+        label: int,
+        name: str,
+        category: Code,
+        property_type: Code,
+        rgb: tuple[int, int, int],
+        modifier: Code | None = None,
+    ) -> SegmentSpec:
+        lab = hd.color.CIELabColor.from_rgb(*rgb)
+        return cls(
+            label, name, category, property_type, (lab.l_star, lab.a_star, lab.b_star), modifier
+        )
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """A segment as found in a SEG being read."""
+
+    number: int
+    label_name: str
+    property_type: Code
+    category: Code
+    modifier: Code | None
+    algorithm_type: str
+
+
+@dataclass(frozen=True)
+class SegAlgorithm:
+    """Who produced the segmentation: a model (name + generation) or a person."""
+
+    name: str
+    generation: int = 0
+    algorithm_type: SegAlgorithmType | str = SegAlgorithmType.AUTOMATIC
+
+    @property
+    def kind(self) -> SegAlgorithmType:
+        return SegAlgorithmType(self.algorithm_type)
+
+
+def seg_uids(source_series_uid: str, model_name: str, generation: int) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SEG of a series by a model generation.
+
+    Deterministic, so a re-run of the same job produces the same object, not a duplicate.
+    """
+    base = [source_series_uid, model_name, str(generation)]
+    return (
+        str(generate_uid(prefix=None, entropy_srcs=[*base, "seg-series"])),
+        str(generate_uid(prefix=None, entropy_srcs=[*base, "seg-instance"])),
+    )
+
+
+def build_seg(
+    volume: Volume,
+    labels: np.ndarray,
+    specs: Sequence[SegmentSpec],
+    algorithm: SegAlgorithm,
+    *,
+    series_number: int | None = None,
+    series_description: str | None = None,
+    manufacturer: str = "Tessera",
+    device_serial_number: str = "tessera-node",
+) -> hd.seg.Segmentation:
+    """Encode ``labels`` (shape ``volume.shape``, values = ``SegmentSpec.label``) as a SEG.
+
+    Segments are numbered 1..N in the order of ``specs``; label values with no spec are
+    written as background.
+
+    Raises
+    ------
+    ValueError
+        ``labels`` does not match the volume's shape; ``specs`` is empty or repeats a
+        label or name.
+    """
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from volume {volume.shape}")
+    if not specs:
+        raise ValueError("specs must name at least one segment")
+    if len({s.label for s in specs}) != len(specs) or len({s.name for s in specs}) != len(specs):
+        raise ValueError("specs must not repeat a label or a name")
+    lut = np.zeros(int(max(int(labels.max(initial=0)), max(s.label for s in specs))) + 1, np.uint8)
+    for number, spec in enumerate(specs, start=1):
+        lut[spec.label] = number
+    segment_map = lut[labels.astype(np.intp, copy=False)]
+
+    kind = algorithm.kind
+    ident = None
+    if kind is not SegAlgorithmType.MANUAL:
+        ident = hd.AlgorithmIdentificationSequence(
+            name=algorithm.name, family=_ALGORITHM_FAMILY, version=str(algorithm.generation)
+        )
+    descriptions = []
+    for number, spec in enumerate(specs, start=1):
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=spec.name,
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.property_type,
+            algorithm_type=kind.value,
+            algorithm_identification=ident,
+            tracking_uid=str(
+                generate_uid(
+                    prefix=None,
+                    entropy_srcs=[
+                        volume.series_instance_uid,
+                        algorithm.name,
+                        str(algorithm.generation),
+                        spec.name,
+                    ],
+                )
+            ),
+            tracking_id=spec.name,
+            display_color=hd.color.CIELabColor(*spec.color_lab),
+        )
+        if spec.modifier is not None:
+            item = desc.SegmentedPropertyTypeCodeSequence[0]
+            item.SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(spec.modifier)
+            ]
+        descriptions.append(desc)
+
+    series_uid, sop_uid = seg_uids(volume.series_instance_uid, algorithm.name, algorithm.generation)
+    if series_number is None:
+        manual = kind is SegAlgorithmType.MANUAL
+        series_number = GROUND_TRUTH_SERIES_NUMBER if manual else AI_SERIES_NUMBER
+    seg = hd.seg.Segmentation(
+        source_images=list(volume.datasets),
+        pixel_array=segment_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=algorithm.name[:64],
+        software_versions=f"tessera {__version__}",
+        device_serial_number=device_serial_number,
+        omit_empty_frames=False,
+        content_label="GROUNDTRUTH" if kind is SegAlgorithmType.MANUAL else "TESSERA",
+        content_description=f"{algorithm.name} generation {algorithm.generation}"[:64],
+    )
+    seg.SeriesDescription = (
+        series_description or f"SEG {algorithm.name} gen {algorithm.generation}"
+    )[:64]
+    LOGGER.info(
+        "SEG %s for series %s: %d segments, %d frames",
+        sop_uid,
+        volume.series_instance_uid,
+        len(specs),
+        int(seg.NumberOfFrames),
+    )
+    return seg
+
+
+def segment_infos(seg: Dataset) -> list[SegmentInfo]:
+    """The segments a SEG declares, in segment-number order."""
+    infos = []
+    for item in seg.SegmentSequence:
+        ptype = item.SegmentedPropertyTypeCodeSequence[0]
+        mods = ptype.get("SegmentedPropertyTypeModifierCodeSequence") or []
+        cat = item.SegmentedPropertyCategoryCodeSequence[0]
+        infos.append(
+            SegmentInfo(
+                number=int(item.SegmentNumber),
+                label_name=str(item.get("SegmentLabel", "")),
+                property_type=_code(ptype),
+                category=_code(cat),
+                modifier=_code(mods[0]) if mods else None,
+                algorithm_type=str(item.get("SegmentAlgorithmType", "")),
+            )
+        )
+    return sorted(infos, key=lambda i: i.number)
+
+
+def _code(item: Dataset) -> Code:
+    return Code(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
+
+
+def _same_code(a: Code | None, b: Code | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.value, a.scheme_designator) == (b.value, b.scheme_designator)
+
+
+def match_segments(infos: Sequence[SegmentInfo], specs: Sequence[SegmentSpec]) -> dict[int, int]:
+    """Map segment numbers to spec labels: by coded property type (+ laterality), then name."""
+    mapping: dict[int, int] = {}
+    for info in infos:
+        found = [
+            s
+            for s in specs
+            if _same_code(s.property_type, info.property_type)
+            and _same_code(s.modifier, info.modifier)
+        ]
+        if len(found) != 1:
+            found = [s for s in specs if s.name.lower() == info.label_name.strip().lower()]
+        if len(found) == 1:
+            mapping[info.number] = found[0].label
+        else:
+            LOGGER.info("segment %d (%s) matches no model label", info.number, info.label_name)
+    return mapping
+
+
+def read_seg_labels(
+    seg: Dataset, volume: Volume, specs: Sequence[SegmentSpec] | None = None
+) -> tuple[np.ndarray, list[SegmentInfo]]:
+    """Read a BINARY/FRACTIONAL SEG into a label volume aligned to ``volume``.
+
+    Voxels take the segment number, or the spec label when ``specs`` are given (segments
+    matching no spec are ignored). Frames are placed by their referenced source
+    instance; a SEG without per-frame references is placed by ImagePositionPatient.
+    Where segments overlap, the higher segment number wins. Frames absent from the SEG
+    (viewers may omit empty ones) are background.
+
+    Raises
+    ------
+    InvalidDatasetError
+        Not a SEG, another frame of reference or frame size, or a frame that falls on
+        no slice of ``volume``.
+    """
+    if str(seg.get("Modality", "")) != "SEG":
+        raise InvalidDatasetError("not a segmentation (Modality is not SEG)")
+    if (int(seg.Rows), int(seg.Columns)) != volume.shape[1:]:
+        raise InvalidDatasetError("SEG frame size differs from the source volume")
+    for_uid = str(seg.get("FrameOfReferenceUID", ""))
+    if for_uid and volume.frame_of_reference_uid and for_uid != volume.frame_of_reference_uid:
+        raise InvalidDatasetError("SEG has another frame of reference than the source volume")
+    infos = segment_infos(seg)
+    mapping = {i.number: i.number for i in infos}
+    if specs is not None:
+        mapping = match_segments(infos, specs)
+    out_dtype = np.uint8 if max(mapping.values(), default=0) < 256 else np.uint16
+    labels = np.zeros(volume.shape, dtype=out_dtype)
+
+    hseg = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
+    uids = set(volume.sop_instance_uids)
+    referenced = {uid for _, _, uid in hseg.get_source_image_uids()}
+    if referenced and referenced <= uids:
+        masks = hseg.get_pixels_by_source_instance(
+            list(volume.sop_instance_uids),
+            segment_numbers=sorted(mapping),
+            assert_missing_frames_are_empty=True,
+            dtype=np.float32,
+        )
+        for i, number in enumerate(sorted(mapping)):
+            labels[masks[..., i] > 0.5] = mapping[number]
+        return labels, infos
+    _place_by_position(hseg, volume, mapping, labels)
+    return labels, infos
+
+
+def _place_by_position(
+    hseg: hd.seg.Segmentation, volume: Volume, mapping: dict[int, int], labels: np.ndarray
+) -> None:
+    shared = hseg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    for n, item in enumerate(hseg.PerFrameFunctionalGroupsSequence):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        if number not in mapping:
+            continue
+        plane = item.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        if not plane:
+            raise InvalidDatasetError(f"SEG frame {n + 1} has no position")
+        ipp = np.asarray([float(v) for v in plane[0].ImagePositionPatient])
+        dist = np.linalg.norm(volume.positions - ipp[None, :], axis=1)
+        k = int(np.argmin(dist))
+        if dist[k] > max(_POSITION_TOL_MM, 0.1 * volume.spacing[0]):
+            raise InvalidDatasetError(f"SEG frame {n + 1} lies on no slice of the source series")
+        frame = np.asarray(hseg.get_frame(n + 1))
+        labels[k][frame > 0] = mapping[number]

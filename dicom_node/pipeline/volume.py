@@ -1,0 +1,217 @@
+"""Series -> volume: sort single-frame slices along the slice normal and check geometry.
+
+A series that cannot be turned into one regular volume is refused with
+:class:`~dicom_node.errors.SeriesRefused` whose message says why, so the reason can be
+shown to the PACS administrator (``tessera node status``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+from dicom_node.errors import SeriesRefused
+
+LOGGER = logging.getLogger(__name__)
+
+# Tolerances: direction cosines are often written with 6 decimals, positions in 0.01 mm.
+COSINE_TOL = 1e-3
+POSITION_TOL_MM = 0.05
+GAP_FACTOR_MISSING = 1.5
+GAP_REL_TOL = 0.1
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A regular stack of slices in modality units (HU for CT).
+
+    ``pixels[k, r, c]`` lies at ``affine @ (k, r, c, 1)`` in patient coordinates (LPS,
+    mm). Slices are ordered by increasing position along ``normal`` (row x column
+    direction); ``datasets`` and ``sop_instance_uids`` follow that order.
+    """
+
+    pixels: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    orientation_cosines: tuple[float, float, float, float, float, float]
+    positions: np.ndarray
+    datasets: tuple[Dataset, ...]
+    sop_instance_uids: tuple[str, ...]
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    modality: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        s = self.pixels.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.asarray(self.affine[:3, 0] / np.linalg.norm(self.affine[:3, 0]))
+
+    def index_of(self, sop_instance_uid: str) -> int:
+        """Slice index of a source instance; ``KeyError`` if it is not in the volume."""
+        return self.sop_instance_uids.index(sop_instance_uid)
+
+
+def _refuse(reason: str, series_uid: str) -> SeriesRefused:
+    LOGGER.warning("series %s refused: %s", series_uid, reason)
+    return SeriesRefused(reason)
+
+
+def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
+    value = ds.get(keyword)
+    if value is None or len(value) != n:
+        return None
+    try:
+        return np.asarray([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+
+
+def build_volume(
+    datasets: Sequence[Dataset], *, allowed_modalities: Collection[str] | None = None
+) -> Volume:
+    """Assemble single-frame datasets of one series into a :class:`Volume`.
+
+    Parameters
+    ----------
+    datasets
+        The instances of one series, in any order.
+    allowed_modalities
+        Modalities the caller can process (e.g. ``{"CT"}``); ``None`` accepts any.
+
+    Raises
+    ------
+    SeriesRefused
+        Empty series; several series mixed; unsupported modality; multi-frame or colour
+        instances; missing ImagePositionPatient/ImageOrientationPatient/PixelSpacing;
+        mixed orientations, frame sizes or pixel spacings; duplicate positions; slices
+        not stacked along the normal (gantry tilt); missing slices (a gap larger than
+        1.5x the median gap); otherwise inconsistent slice spacing; undecodable pixels.
+    """
+    if not datasets:
+        raise SeriesRefused("the series has no instances")
+    series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
+    if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) > 1:
+        raise _refuse("instances of several series were mixed", series_uid)
+    modalities = {str(ds.get("Modality", "")) for ds in datasets}
+    if len(modalities) > 1:
+        raise _refuse(f"mixed modalities {sorted(modalities)}", series_uid)
+    modality = modalities.pop()
+    if allowed_modalities is not None and modality not in allowed_modalities:
+        allowed = ", ".join(sorted(allowed_modalities))
+        raise _refuse(
+            f"unsupported modality {modality or '(none)'}; allowed: {allowed}", series_uid
+        )
+
+    for ds in datasets:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise _refuse("multi-frame instances are not supported", series_uid)
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise _refuse("only single-sample (greyscale) images are supported", series_uid)
+        if "PixelData" not in ds:
+            raise _refuse("an instance has no pixel data", series_uid)
+
+    ipps, iops, spacings, sizes = [], [], [], []
+    for ds in datasets:
+        ipp = _floats(ds, "ImagePositionPatient", 3)
+        iop = _floats(ds, "ImageOrientationPatient", 6)
+        ps = _floats(ds, "PixelSpacing", 2)
+        if ipp is None or iop is None or ps is None:
+            raise _refuse(
+                "missing geometry (ImagePositionPatient, ImageOrientationPatient or "
+                f"PixelSpacing) in instance {ds.get('SOPInstanceUID', '?')}",
+                series_uid,
+            )
+        ipps.append(ipp)
+        iops.append(iop)
+        spacings.append(ps)
+        sizes.append((int(ds.Rows), int(ds.Columns)))
+
+    iop0 = iops[0]
+    if any(np.max(np.abs(iop - iop0)) > COSINE_TOL for iop in iops):
+        raise _refuse("mixed image orientations in one series", series_uid)
+    if len(set(sizes)) > 1:
+        raise _refuse(f"different frame sizes {sorted(set(sizes))}", series_uid)
+    if any(np.max(np.abs(ps - spacings[0])) > 1e-3 for ps in spacings):
+        raise _refuse("different pixel spacings in one series", series_uid)
+    row_cos, col_cos = iop0[:3], iop0[3:]
+    normal = np.cross(row_cos, col_cos)
+    norm = np.linalg.norm(normal)
+    if norm < 0.5 or abs(float(np.dot(row_cos, col_cos))) > 1e-2:
+        raise _refuse("ImageOrientationPatient is not orthonormal", series_uid)
+    normal = normal / norm
+
+    positions = np.asarray(ipps)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    positions, along = positions[order], along[order]
+    slice_spacing = _slice_spacing(datasets[int(order[0])], positions, along, normal, series_uid)
+
+    sorted_ds = tuple(datasets[int(i)] for i in order)
+    try:
+        pixels = np.stack(
+            [
+                np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+                for ds in sorted_ds
+            ]
+        )
+    except Exception as exc:  # any decoder failure is a refusal, not a crash
+        raise _refuse(f"cannot decode pixel data: {exc}", series_uid) from exc
+
+    row_mm, col_mm = float(spacings[0][0]), float(spacings[0][1])
+    affine = np.eye(4)
+    affine[:3, 0] = normal * slice_spacing
+    affine[:3, 1] = col_cos * row_mm
+    affine[:3, 2] = row_cos * col_mm
+    affine[:3, 3] = positions[0]
+    first = sorted_ds[0]
+    LOGGER.debug("series %s: volume %s, spacing %.3f mm", series_uid, pixels.shape, slice_spacing)
+    return Volume(
+        pixels=pixels,
+        affine=affine,
+        spacing=(slice_spacing, row_mm, col_mm),
+        orientation_cosines=tuple(float(v) for v in iop0),  # type: ignore[arg-type]
+        positions=positions,
+        datasets=sorted_ds,
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in sorted_ds),
+        series_instance_uid=series_uid,
+        study_instance_uid=str(first.get("StudyInstanceUID", "")),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        modality=modality,
+    )
+
+
+def _slice_spacing(
+    first: Dataset, positions: np.ndarray, along: np.ndarray, normal: np.ndarray, series_uid: str
+) -> float:
+    if len(along) == 1:
+        return float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    gaps = np.diff(along)
+    if np.any(gaps < POSITION_TOL_MM):
+        raise _refuse("two instances share one slice position", series_uid)
+    # every slice must sit on the line through the first one along the normal
+    offsets = positions - positions[0] - np.outer(along - along[0], normal)
+    if np.max(np.linalg.norm(offsets, axis=1)) > max(POSITION_TOL_MM, 0.01 * float(gaps.min())):
+        raise _refuse("slices are not stacked along the slice normal (gantry tilt)", series_uid)
+    median = float(np.median(gaps))
+    if np.any(gaps > GAP_FACTOR_MISSING * median):
+        k = int(np.argmax(gaps))
+        raise _refuse(
+            f"missing slice(s): gap of {gaps[k]:.2f} mm after slice {k} "
+            f"(median spacing {median:.2f} mm)",
+            series_uid,
+        )
+    if np.any(np.abs(gaps - median) > max(GAP_REL_TOL * median, POSITION_TOL_MM)):
+        raise _refuse(
+            f"inconsistent slice spacing: {gaps.min():.2f}-{gaps.max():.2f} mm", series_uid
+        )
+    return float(np.mean(gaps))
