@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from dicom_node.demo.cli import demo
 from dicom_node.node_cli import node_app
 
 app = typer.Typer(
@@ -13,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(node_app, name="node")
+app.command("demo")(demo)
 
 # Sub-apps owned by other packages are mounted here (one line each).
 from dicom_node.phantom.cli import phantom  # noqa: E402, I001

@@ -1,0 +1,42 @@
+"""``tessera demo``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def demo(
+    subjects: Annotated[int, typer.Option(min=1, max=20, help="Phantom studies to send.")] = 2,
+    site: Annotated[str, typer.Option(help="Phantom site profile.")] = "A",
+    seed: Annotated[int, typer.Option(help="Phantom seed.")] = 1000,
+    work_dir: Annotated[Path | None, typer.Option(help="Keep everything here.")] = None,
+    orthanc: Annotated[bool, typer.Option(help="Use Orthanc as the PACS when installed.")]
+    = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Run a node, a stand-in PACS and phantom studies end to end; print the results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dicom_node.demo.run import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    report = run_demo(subjects=subjects, site=site, seed=seed, workdir=work_dir,
+                      prefer_orthanc=orthanc)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    table = Table(title=f"Tessera demo (PACS: {report.pacs}, node port {report.node_port})")
+    for col in ("site", "subject", "instances", "delivered", "turnaround s"):
+        table.add_column(col)
+    for r in report.studies:
+        table.add_row(r.site, str(r.subject), str(r.instances), str(r.delivered),
+                      "timeout" if r.turnaround_s is None else f"{r.turnaround_s:.1f}")
+    Console().print(table)
+    if any(r.turnaround_s is None for r in report.studies):
+        raise typer.Exit(1)
