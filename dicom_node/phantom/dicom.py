@@ -1,6 +1,6 @@
 """Write a :class:`PhantomSubject` as a DICOM series (CT or MR Image Storage) plus GT SEG.
 
-UIDs are derived from (site, index, seed): the study and the frame of reference are
+UIDs are derived from (modality, site, index, seed): the study and the frame of reference are
 shared by every acquisition plane of a subject (they image the same patient space), the
 series and instances differ per modality and plane. Writing the same subject twice gives
 the same UIDs.
@@ -21,11 +21,16 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    generate_uid,
 )
 
 from dicom_node.phantom.subject import Orientation, PhantomSubject
-from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, SegmentSpec, build_seg
+from dicom_node.pipeline.seg import (
+    SegAlgorithm,
+    SegAlgorithmType,
+    SegmentSpec,
+    build_seg,
+    deterministic_uid,
+)
 from dicom_node.pipeline.volume import build_volume
 
 LOGGER = logging.getLogger(__name__)
@@ -37,15 +42,9 @@ _BASE_DATE = datetime.date(2024, 1, 1)
 
 
 def _uid(subject: PhantomSubject, *parts: object) -> str:
-    srcs = [
-        "tessera-phantom",
-        subject.modality,
-        subject.site,
-        str(subject.index),
-        str(subject.seed),
-        *map(str, parts),
-    ]
-    return str(generate_uid(prefix=None, entropy_srcs=srcs))
+    return deterministic_uid(
+        "tessera-phantom", subject.modality, subject.site, subject.index, subject.seed, *parts
+    )
 
 
 def study_uid(subject: PhantomSubject) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,6 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from dicom_node import __version__
 from dicom_node.errors import InvalidDatasetError
@@ -102,16 +102,25 @@ class SegAlgorithm:
         return SegAlgorithmType(self.algorithm_type)
 
 
+_UID_NAMESPACE = uuid.UUID("5a1d0c3e-7e55-4e2a-9c1b-7e55e2a0d1c0")
+
+
+def deterministic_uid(*parts: object) -> str:
+    """A UUID-derived UID (``2.25.<uuid5>``) that depends only on ``parts``.
+
+    (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the entropy
+    sources and returns a random UUID, so it cannot be used for repeatable UIDs.)
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(map(str, parts))).int}"
+
+
 def seg_uids(source_series_uid: str, model_name: str, generation: int) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the SEG of a series by a model generation.
 
     Deterministic, so a re-run of the same job produces the same object, not a duplicate.
     """
-    base = [source_series_uid, model_name, str(generation)]
-    return (
-        str(generate_uid(prefix=None, entropy_srcs=[*base, "seg-series"])),
-        str(generate_uid(prefix=None, entropy_srcs=[*base, "seg-instance"])),
-    )
+    base = (source_series_uid, model_name, generation)
+    return deterministic_uid(*base, "seg-series"), deterministic_uid(*base, "seg-instance")
 
 
 def build_seg(
@@ -162,16 +171,11 @@ def build_seg(
             segmented_property_type=spec.property_type,
             algorithm_type=kind.value,
             algorithm_identification=ident,
-            tracking_uid=str(
-                generate_uid(
-                    prefix=None,
-                    entropy_srcs=[
-                        volume.series_instance_uid,
-                        algorithm.name,
-                        str(algorithm.generation),
-                        spec.name,
-                    ],
-                )
+            tracking_uid=deterministic_uid(
+                volume.series_instance_uid,
+                algorithm.name,
+                algorithm.generation,
+                spec.name,
             ),
             tracking_id=spec.name,
             display_color=hd.color.CIELabColor(*spec.color_lab),
