@@ -1,0 +1,101 @@
+"""Content-addressed blob directory and the staging area for partial uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Blobs stored once under ``<root>/<sha[:2]>/<sha>``; writes are atomic and fsync'd."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if not _SHA256.match(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def put(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path(sha)
+        if target.exists():
+            return sha
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{sha}.{os.getpid()}.tmp")
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return sha
+
+    def adopt(self, staged: Path, sha256: str) -> None:
+        """Move a verified staged file into the store under its digest."""
+        target = self.path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            staged.unlink(missing_ok=True)
+            return
+        os.replace(staged, target)
+        _fsync_dir(target.parent)
+
+    def get(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+
+class StagingArea:
+    """Partial uploads, one file per update id; the file size is the received offset."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, update_id: str) -> Path:
+        return self.root / f"{update_id}.part"
+
+    def size(self, update_id: str) -> int:
+        try:
+            return self.path(update_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def open_at(self, update_id: str, offset: int) -> int:
+        """Prepare to append at ``offset`` (truncating bytes beyond it); return the fd."""
+        fd = os.open(self.path(update_id), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return fd
+
+    def discard(self, update_id: str) -> None:
+        self.path(update_id).unlink(missing_ok=True)

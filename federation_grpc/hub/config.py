@@ -1,0 +1,189 @@
+"""Hub configuration: one TOML file, read into frozen dataclasses."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federation_grpc.errors import InvalidRequest
+
+EXAMPLE_CONFIG = """\
+# Tessera hub configuration (`tessera hub serve --config hub.toml`).
+
+[hub]
+# Address to listen on. Use 0.0.0.0 only with TLS configured below.
+host = "127.0.0.1"
+port = 50051
+# Directory for the SQLite database, the blob store and partial uploads.
+data_dir = "var/hub"
+# SQLAlchemy URL; empty means sqlite in data_dir (WAL mode).
+# For PostgreSQL: "postgresql+psycopg://tessera:secret@db/tessera"
+database_url = ""
+# Worker threads serving RPCs; every open stream (watch, upload) holds one.
+max_workers = 128
+# sha256 (hex) of the admin token for the Admin RPCs; empty disables them.
+admin_token_sha256 = ""
+
+[tls]
+# Mutual TLS: nodes must present a certificate signed by ca_cert.
+# `tessera hub certs DIR` makes a CA, a hub certificate and node certificates.
+ca_cert = "deploy/tls/out/ca.pem"
+server_cert = "deploy/tls/out/hub.pem"
+server_key = "deploy/tls/out/hub.key"
+
+[limits]
+# Largest update upload accepted (bytes).
+max_update_bytes = 536870912
+# Chunk size of model downloads (bytes).
+download_chunk_bytes = 1048576
+# Lifetime of one-time enrolment tokens (seconds).
+enrolment_token_ttl_s = 86400
+
+[aggregation]
+# fedasync (merge each update, weighted by samples and staleness),
+# fedbuff (buffer K updates, apply their mean delta) or fedavg.
+strategy = "fedasync"
+alpha = 0.8
+sample_halfpoint = 16.0
+staleness_exponent = 0.5
+buffer_size = 3
+server_lr = 1.0
+
+[gate]
+# Largest L2 norm of (update - base) over the trained groups; 0 disables.
+max_update_norm = 0.0
+# Largest norm of (update - base) relative to the base norm; 0 disables.
+max_relative_update_norm = 1.0
+# A candidate may score at most this much below the current generation.
+validation_margin = 0.005
+# Hub validation set: "package.module:attr", an Evaluator (see federation_grpc.hub.gate).
+evaluator = ""
+# Federated evaluation on nodes' held-out cases when no evaluator is set.
+federated_evaluation = false
+min_evaluations = 2
+evaluation_timeout_s = 3600
+"""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_cert: Path | None = None
+    server_cert: Path | None = None
+    server_key: Path | None = None
+
+    @property
+    def configured(self) -> bool:
+        return all((self.ca_cert, self.server_cert, self.server_key))
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_update_bytes: int = 512 * 1024 * 1024
+    download_chunk_bytes: int = 1024 * 1024
+    enrolment_token_ttl_s: int = 86400
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    strategy: str = "fedasync"
+    alpha: float = 0.8
+    sample_halfpoint: float = 16.0
+    staleness_exponent: float = 0.5
+    buffer_size: int = 3
+    server_lr: float = 1.0
+
+    def strategy_options(self) -> dict[str, float | int]:
+        if self.strategy == "fedasync":
+            return {
+                "alpha": self.alpha,
+                "sample_halfpoint": self.sample_halfpoint,
+                "staleness_exponent": self.staleness_exponent,
+            }
+        if self.strategy == "fedbuff":
+            return {
+                "buffer_size": self.buffer_size,
+                "server_lr": self.server_lr,
+                "staleness_exponent": self.staleness_exponent,
+            }
+        return {"round_size": self.buffer_size}
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_update_norm: float = 0.0
+    max_relative_update_norm: float = 1.0
+    validation_margin: float = 0.005
+    evaluator: str = ""
+    federated_evaluation: bool = False
+    min_evaluations: int = 2
+    evaluation_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = Path("var/hub")
+    database_url: str = ""
+    max_workers: int = 128
+    admin_token_sha256: str = ""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: Limits = field(default_factory=Limits)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'hub.db'}"
+
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"[{name}] must be a table")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    known = set(cls.__dataclass_fields__)
+    unknown = set(values) - known
+    if unknown:
+        raise InvalidRequest(f"unknown keys in [{section}]: {sorted(unknown)}")
+    return cls(**values)
+
+
+def load_config(path: Path) -> HubConfig:
+    """Read a hub TOML file; relative paths are taken relative to the working directory.
+
+    Raises
+    ------
+    InvalidRequest
+        When a section is not a table or holds a key the hub does not know.
+    """
+    raw = tomllib.loads(path.read_text())
+    hub = dict(_section(raw, "hub"))
+    if "data_dir" in hub:
+        hub["data_dir"] = Path(hub["data_dir"])
+    tls_raw = {k: (Path(v) if v else None) for k, v in _section(raw, "tls").items()}
+    return _build(
+        HubConfig,
+        {
+            **hub,
+            "tls": _build(TlsConfig, tls_raw, "tls"),
+            "limits": _build(Limits, _section(raw, "limits"), "limits"),
+            "aggregation": _build(AggregationConfig, _section(raw, "aggregation"), "aggregation"),
+            "gate": _build(GateConfig, _section(raw, "gate"), "gate"),
+        },
+        "hub",
+    )

@@ -1,0 +1,555 @@
+"""The hub's decisions: enrolment, authentication, generations, metrics, admin.
+
+Imports no grpc. Upload intake lives in ``uploads``, merging and the gate in ``merging``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import re
+import secrets
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+from sqlalchemy import func, select
+
+from federation_grpc.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub.blobs import BlobStore, StagingArea
+from federation_grpc.hub.config import HubConfig
+from federation_grpc.hub.domain import (
+    Enrolment,
+    EvaluationTaskView,
+    GenerationView,
+    MetricRecord,
+    NodeView,
+    RejectionView,
+)
+from federation_grpc.hub.gate import Evaluator, GatePolicy, UpdateGate, load_evaluator
+from federation_grpc.hub.store import (
+    EnrolmentTokenRow,
+    EvaluationResultRow,
+    EvaluationTaskRow,
+    GenerationRow,
+    GenerationStatus,
+    HubStateRow,
+    HubStore,
+    MetricRow,
+    NodeRow,
+    RejectionRow,
+    UpdateRow,
+    utcnow,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_METRIC_RECORDS = 1000
+MAX_METRIC_VALUES = 256
+_LAST_SEEN_EVERY = timedelta(seconds=30)
+_TENSOR_CACHE_SIZE = 4
+
+
+def hash_token(token: str) -> str:
+    """sha256 hex of a token; tokens are 256-bit random, so a fast hash suffices."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_numbers(values: dict[str, float], what: str) -> dict[str, float]:
+    """Keep de-identified numbers only: short identifier keys, finite float values."""
+    if len(values) > MAX_METRIC_VALUES:
+        raise InvalidRequest(f"{what}: more than {MAX_METRIC_VALUES} values")
+    out = {}
+    for key, value in values.items():
+        if not NAME_PATTERN.match(key):
+            raise InvalidRequest(f"{what}: key {key[:80]!r} is not a short identifier")
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{what}: value of {key!r} is not finite")
+        out[key] = float(value)
+    return out
+
+
+def parse_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes (no code runs; no pickle). Raises InvalidRequest."""
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, TypeError, OverflowError) as exc:
+        raise InvalidRequest(f"not a valid safetensors payload: {exc}") from exc
+
+
+class HubService:
+    """Everything the hub decides, independent of the transport."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        *,
+        evaluator: Evaluator | None = None,
+        strategy: agg.Strategy | None = None,
+    ) -> None:
+        from federation_grpc.hub.merging import Aggregator
+        from federation_grpc.hub.uploads import UploadIntake
+
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = HubStore(config.resolved_database_url)
+        self.blobs = BlobStore(config.data_dir / "blobs")
+        self.staging = StagingArea(config.data_dir / "staging")
+        if evaluator is None and config.gate.evaluator:
+            evaluator = load_evaluator(config.gate.evaluator)
+        self.gate = UpdateGate(
+            GatePolicy(
+                max_update_norm=config.gate.max_update_norm,
+                max_relative_update_norm=config.gate.max_relative_update_norm,
+                validation_margin=config.gate.validation_margin,
+            ),
+            evaluator,
+        )
+        self.strategy = strategy or agg.make_strategy(
+            config.aggregation.strategy, **config.aggregation.strategy_options()
+        )
+        self._changed = threading.Condition()
+        self._cache_lock = threading.Lock()
+        self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._last_seen: dict[str, datetime] = {}
+        self.uploads = UploadIntake(self)
+        self.aggregator = Aggregator(self)
+
+    def close(self) -> None:
+        self.aggregator.stop()
+        with self._changed:
+            self._changed.notify_all()
+        self.store.dispose()
+
+    # --- enrolment and authentication -------------------------------------------------
+
+    def create_enrolment_token(self, ttl_s: int = 0, note: str = "") -> tuple[str, datetime]:
+        token = secrets.token_urlsafe(32)
+        expires = utcnow() + timedelta(seconds=ttl_s or self.config.limits.enrolment_token_ttl_s)
+        with self.store.session() as session:
+            session.add(
+                EnrolmentTokenRow(token_sha256=hash_token(token), expires_at=expires, note=note)
+            )
+        LOGGER.info("enrolment token created, expires %s", expires.isoformat())
+        return token, expires
+
+    def enrol(self, enrolment_token: str, display_name: str = "") -> Enrolment:
+        if not enrolment_token:
+            raise Unauthenticated("an enrolment token is required")
+        if len(display_name) > 200:
+            raise InvalidRequest("display_name is longer than 200 characters")
+        node_token = secrets.token_urlsafe(32)
+        node_id = f"node-{uuid.uuid4().hex[:12]}"
+        with self.store.session() as session:
+            row = session.get(EnrolmentTokenRow, hash_token(enrolment_token), with_for_update=True)
+            if row is None:
+                raise Unauthenticated("unknown enrolment token")
+            if row.used_by is not None:
+                raise PermissionDenied("enrolment token was already used")
+            if _aware(row.expires_at) < utcnow():
+                raise PermissionDenied("enrolment token has expired")
+            row.used_by, row.used_at = node_id, utcnow()
+            session.add(
+                NodeRow(
+                    node_id=node_id, display_name=display_name, token_sha256=hash_token(node_token)
+                )
+            )
+        LOGGER.info("node %s enrolled", node_id)
+        return Enrolment(node_id=node_id, node_token=node_token)
+
+    def authenticate(self, node_token: str) -> str:
+        """Node id for a node token. Raises Unauthenticated or PermissionDenied (revoked)."""
+        if not node_token:
+            raise Unauthenticated("missing node token (metadata 'authorization: Bearer ...')")
+        with self.store.session() as session:
+            row = session.scalar(
+                select(NodeRow).where(NodeRow.token_sha256 == hash_token(node_token))
+            )
+            if row is None:
+                raise Unauthenticated("unknown node token")
+            if row.revoked:
+                raise PermissionDenied(f"node {row.node_id} is revoked")
+            now = utcnow()
+            seen = self._last_seen.get(row.node_id)
+            if seen is None or now - seen > _LAST_SEEN_EVERY:
+                row.last_seen = now
+                self._last_seen[row.node_id] = now
+            return row.node_id
+
+    def check_admin(self, admin_token: str) -> None:
+        expected = self.config.admin_token_sha256
+        if not expected:
+            raise PermissionDenied("admin RPCs are disabled (no admin_token_sha256 configured)")
+        if not admin_token or not hmac.compare_digest(hash_token(admin_token), expected):
+            raise Unauthenticated("bad admin token")
+
+    def list_nodes(self) -> list[NodeView]:
+        with self.store.session() as session:
+            counts = dict(
+                session.execute(
+                    select(UpdateRow.node_id, func.count()).group_by(UpdateRow.node_id)
+                ).all()
+            )
+            rows = session.scalars(select(NodeRow).order_by(NodeRow.enrolled_at)).all()
+            return [_node_view(row, counts.get(row.node_id, 0)) for row in rows]
+
+    def revoke_node(self, node_id: str) -> NodeView:
+        with self.store.session() as session:
+            row = session.get(NodeRow, node_id)
+            if row is None:
+                raise NotFound(f"no node {node_id!r}")
+            row.revoked = True
+            count = session.scalar(select(func.count()).where(UpdateRow.node_id == node_id)) or 0
+            LOGGER.warning("node %s revoked", node_id)
+            return _node_view(row, count)
+
+    # --- generations --------------------------------------------------------------------
+
+    def init_model(self, weights: bytes, config_json: str) -> GenerationView:
+        """Store generation 0 (safetensors weights + JSON config). Only once."""
+        try:
+            config = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"model config is not JSON: {exc}") from exc
+        if not isinstance(config, dict) or "architecture" not in config:
+            raise InvalidRequest("model config must be a JSON object with an 'architecture'")
+        tensors = parse_tensors(weights)
+        if not tensors:
+            raise InvalidRequest("model weights hold no tensors")
+        bad = agg.non_finite_tensors(tensors)
+        if bad:
+            raise InvalidRequest(f"model weights hold non-finite values in {bad[:5]}")
+        sha = self.blobs.put(weights)
+        with self.store.session() as session:
+            if session.scalar(select(func.count()).select_from(GenerationRow)):
+                raise FailedPrecondition("the hub already has generations; use promote/rollback")
+            session.add(
+                GenerationRow(
+                    number=0,
+                    parent=None,
+                    sha256=sha,
+                    size_bytes=len(weights),
+                    config_json=config_json,
+                    strategy="init",
+                    status=GenerationStatus.ACTIVE,
+                )
+            )
+            session.flush()
+            self._set_current(session, 0)
+        self._notify()
+        LOGGER.info("generation 0 stored (%d tensors, %d bytes)", len(tensors), len(weights))
+        return self.generation(0)
+
+    def current_number(self) -> int | None:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            return state.current_generation if state else None
+
+    def state_version(self) -> int:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            return state.version if state else 0
+
+    def current_generation(self) -> GenerationView | None:
+        number = self.current_number()
+        return None if number is None else self.generation(number)
+
+    def require_current(self) -> GenerationView:
+        current = self.current_generation()
+        if current is None:
+            raise FailedPrecondition("the hub has no model yet (tessera hub init-model)")
+        return current
+
+    def generation(self, number: int) -> GenerationView:
+        return self._generation_views([number])[0]
+
+    def list_generations(self) -> list[GenerationView]:
+        with self.store.session() as session:
+            numbers = list(
+                session.scalars(select(GenerationRow.number).order_by(GenerationRow.number))
+            )
+        return self._generation_views(numbers)
+
+    def _generation_views(self, numbers: Sequence[int]) -> list[GenerationView]:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            current = state.current_generation if state else None
+            views = []
+            for number in numbers:
+                row = session.get(GenerationRow, number)
+                if row is None:
+                    raise NotFound(f"no generation {number}")
+                lineage = session.execute(
+                    select(UpdateRow.update_id, UpdateRow.node_id)
+                    .where(
+                        (UpdateRow.merged_into == number)
+                        | (UpdateRow.candidate_generation == number)
+                    )
+                    .order_by(UpdateRow.received_at)
+                ).all()
+                views.append(
+                    GenerationView(
+                        number=row.number,
+                        parent=-1 if row.parent is None else row.parent,
+                        sha256=row.sha256,
+                        size_bytes=row.size_bytes,
+                        config_json=row.config_json,
+                        created_at=_aware(row.created_at),
+                        strategy=row.strategy,
+                        status=row.status,
+                        current=row.number == current,
+                        validation_score=row.validation_score,
+                        update_ids=tuple(u for u, _ in lineage),
+                        node_ids=tuple(sorted({n for _, n in lineage})),
+                    )
+                )
+            return views
+
+    def lineage(self, number: int) -> list[int]:
+        """``number`` and its ancestors, newest first."""
+        with self.store.session() as session:
+            parents = dict(
+                session.execute(select(GenerationRow.number, GenerationRow.parent)).all()
+            )
+        chain = []
+        cursor: int | None = number
+        while cursor is not None and cursor in parents and cursor not in chain:
+            chain.append(cursor)
+            cursor = parents[cursor]
+        return chain
+
+    def generation_tensors(self, number: int) -> dict[str, np.ndarray]:
+        with self._cache_lock:
+            if number in self._tensor_cache:
+                self._tensor_cache.move_to_end(number)
+                return self._tensor_cache[number]
+        view = self.generation(number)
+        tensors = parse_tensors(self.blobs.get(view.sha256))
+        with self._cache_lock:
+            self._tensor_cache[number] = tensors
+            while len(self._tensor_cache) > _TENSOR_CACHE_SIZE:
+                self._tensor_cache.popitem(last=False)
+        return tensors
+
+    def download_source(self, number: int, node_id: str | None) -> tuple[Path, GenerationView]:
+        """Blob path of a generation a node may download (candidates only while evaluated)."""
+        view = self.generation(number)
+        if view.status == GenerationStatus.REJECTED:
+            raise PermissionDenied(f"generation {number} was rejected")
+        if view.status == GenerationStatus.CANDIDATE:
+            with self.store.session() as session:
+                task = session.scalar(
+                    select(EvaluationTaskRow).where(
+                        EvaluationTaskRow.candidate_generation == number, EvaluationTaskRow.open
+                    )
+                )
+            if task is None:
+                raise PermissionDenied(
+                    f"generation {number} is a candidate not open for evaluation"
+                )
+        return self.blobs.path(view.sha256), view
+
+    def promote(self, number: int) -> GenerationView:
+        with self.store.session() as session:
+            row = session.get(GenerationRow, number)
+            if row is None:
+                raise NotFound(f"no generation {number}")
+            if row.status == GenerationStatus.REJECTED:
+                raise FailedPrecondition(f"generation {number} was rejected by the gate")
+            row.status = GenerationStatus.ACTIVE
+            self._set_current(session, number)
+        self._notify()
+        LOGGER.warning("generation %d promoted by the operator", number)
+        return self.generation(number)
+
+    def rollback(self, to_generation: int = -1) -> GenerationView:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            if state is None or state.current_generation is None:
+                raise FailedPrecondition("the hub has no model yet")
+            current = session.get(GenerationRow, state.current_generation)
+            assert current is not None
+            target = current.parent if to_generation < 0 else to_generation
+            if target is None:
+                raise FailedPrecondition(f"generation {current.number} has no parent")
+            row = session.get(GenerationRow, target)
+            if row is None:
+                raise NotFound(f"no generation {target}")
+            if row.status in (GenerationStatus.REJECTED, GenerationStatus.CANDIDATE):
+                raise FailedPrecondition(f"generation {target} is {row.status}")
+            if target != current.number:
+                current.status = GenerationStatus.ROLLED_BACK
+            row.status = GenerationStatus.ACTIVE
+            self._set_current(session, target)
+        self._notify()
+        LOGGER.warning("rolled back to generation %d", target)
+        return self.generation(target)
+
+    def _set_current(self, session, number: int) -> None:  # type: ignore[no-untyped-def]
+        state = session.get(HubStateRow, 1, with_for_update=True)
+        state.current_generation = number
+        state.version += 1
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_change(self, known_version: int, timeout: float) -> int:
+        """Wait until the current generation may have changed; return the state version.
+
+        Changes made in this process wake waiters at once; changes made elsewhere (the
+        CLI, another hub process) are seen by polling at ``timeout``.
+        """
+        version = self.state_version()
+        if version != known_version:
+            return version
+        with self._changed:
+            self._changed.wait(timeout)
+        return self.state_version()
+
+    # --- metrics, rejections, evaluation ------------------------------------------------
+
+    def report_metrics(self, node_id: str, records: Sequence[MetricRecord]) -> int:
+        if len(records) > MAX_METRIC_RECORDS:
+            raise InvalidRequest(f"more than {MAX_METRIC_RECORDS} metric records in one call")
+        rows = []
+        for record in records:
+            if not NAME_PATTERN.match(record.kind):
+                raise InvalidRequest(f"metric kind {record.kind[:80]!r} is not a short identifier")
+            values = check_numbers(record.values, f"metric record {record.kind!r}")
+            rows.append(
+                MetricRow(
+                    node_id=node_id, kind=record.kind, generation=record.generation, values=values
+                )
+            )
+        with self.store.session() as session:
+            session.add_all(rows)
+        return len(rows)
+
+    def metric_records(self, kind: str | None = None) -> list[tuple[str, MetricRecord]]:
+        with self.store.session() as session:
+            query = select(MetricRow).order_by(MetricRow.id)
+            if kind:
+                query = query.where(MetricRow.kind == kind)
+            return [
+                (r.node_id, MetricRecord(r.kind, r.generation, dict(r.values)))
+                for r in session.scalars(query)
+            ]
+
+    def record_rejection(
+        self,
+        session,  # type: ignore[no-untyped-def]
+        update_id: str,
+        node_id: str,
+        stage: str,
+        reasons: Sequence[str],
+        candidate_generation: int | None = None,
+    ) -> None:
+        session.add(
+            RejectionRow(
+                update_id=update_id,
+                node_id=node_id,
+                stage=stage,
+                reasons=list(reasons),
+                candidate_generation=candidate_generation,
+            )
+        )
+        LOGGER.warning(
+            "update %s from %s rejected (%s): %s", update_id, node_id, stage, "; ".join(reasons)
+        )
+
+    def list_rejections(self, limit: int = 100) -> list[RejectionView]:
+        with self.store.session() as session:
+            rows = session.scalars(
+                select(RejectionRow).order_by(RejectionRow.id.desc()).limit(limit or 100)
+            ).all()
+            return [
+                RejectionView(
+                    update_id=r.update_id,
+                    node_id=r.node_id,
+                    stage=r.stage,
+                    reasons=tuple(r.reasons),
+                    created_at=_aware(r.created_at),
+                    candidate_generation=-1
+                    if r.candidate_generation is None
+                    else r.candidate_generation,
+                )
+                for r in rows
+            ]
+
+    def fetch_evaluation_tasks(self, node_id: str) -> list[EvaluationTaskView]:
+        now = utcnow()
+        with self.store.session() as session:
+            done = select(EvaluationResultRow.task_id).where(EvaluationResultRow.node_id == node_id)
+            rows = session.scalars(
+                select(EvaluationTaskRow).where(
+                    EvaluationTaskRow.open, EvaluationTaskRow.task_id.not_in(done)
+                )
+            ).all()
+            return [
+                EvaluationTaskView(
+                    r.task_id, r.candidate_generation, r.reference_generation, _aware(r.deadline)
+                )
+                for r in rows
+                if _aware(r.deadline) > now
+            ]
+
+    def submit_evaluation_result(
+        self, node_id: str, task_id: str, candidate: float, reference: float, num_cases: int
+    ) -> bool:
+        if not (math.isfinite(candidate) and math.isfinite(reference)) or num_cases < 1:
+            raise InvalidRequest("scores must be finite and num_cases at least 1")
+        with self.store.session() as session:
+            task = session.get(EvaluationTaskRow, task_id)
+            if task is None:
+                raise NotFound(f"no evaluation task {task_id!r}")
+            if not task.open:
+                return False
+            if session.get(EvaluationResultRow, (task_id, node_id)) is not None:
+                return False
+            session.add(
+                EvaluationResultRow(
+                    task_id=task_id,
+                    node_id=node_id,
+                    candidate_score=candidate,
+                    reference_score=reference,
+                    num_cases=num_cases,
+                )
+            )
+        self.aggregator.wake()
+        return True
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    from datetime import UTC
+
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _node_view(row: NodeRow, updates: int) -> NodeView:
+    return NodeView(
+        node_id=row.node_id,
+        display_name=row.display_name,
+        enrolled_at=_aware(row.enrolled_at),
+        revoked=row.revoked,
+        last_seen=_aware(row.last_seen) if row.last_seen else None,
+        updates=updates,
+    )

@@ -1,0 +1,198 @@
+"""Hub state in SQL: SQLAlchemy 2.0 typed models; SQLite (WAL) by default, PostgreSQL too."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+LOGGER = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UpdateStatus(enum.StrEnum):
+    PARTIAL = "partial"
+    RECEIVED = "received"
+    EVALUATING = "evaluating"
+    MERGED = "merged"
+    REJECTED = "rejected"
+
+
+class GenerationStatus(enum.StrEnum):
+    ACTIVE = "ACTIVE"
+    CANDIDATE = "CANDIDATE"
+    REJECTED = "REJECTED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    # sha256 hex of the node token; the token itself is never stored.
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class EnrolmentTokenRow(Base):
+    __tablename__ = "enrolment_tokens"
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    note: Mapped[str] = mapped_column(String(200), default="")
+    used_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class GenerationRow(Base):
+    __tablename__ = "generations"
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    parent: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    config_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    strategy: Mapped[str] = mapped_column(String(32), default="")
+    status: Mapped[str] = mapped_column(String(16), default=GenerationStatus.ACTIVE)
+    validation_score: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class HubStateRow(Base):
+    """A single row (id 1) pointing at the generation nodes should serve."""
+
+    __tablename__ = "hub_state"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    current_generation: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # Bumped on every change of the current generation, so watchers in any process notice.
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UpdateRow(Base):
+    __tablename__ = "updates"
+    update_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"), index=True)
+    base_generation: Mapped[int] = mapped_column(BigInteger)
+    num_samples: Mapped[int] = mapped_column(BigInteger)
+    trained_groups: Mapped[list[str]] = mapped_column(JSON)
+    local_metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    merged_into: Mapped[int | None] = mapped_column(BigInteger, default=None, index=True)
+    candidate_generation: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    received_at: Mapped[datetime | None] = mapped_column(default=None)
+    sequence: Mapped[int | None] = mapped_column(BigInteger, default=None, index=True)
+
+
+class RejectionRow(Base):
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    update_id: Mapped[str] = mapped_column(String(36), index=True)
+    node_id: Mapped[str] = mapped_column(String(64), default="")
+    stage: Mapped[str] = mapped_column(String(16))
+    reasons: Mapped[list[str]] = mapped_column(JSON)
+    candidate_generation: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MetricRow(Base):
+    __tablename__ = "metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(BigInteger)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvaluationTaskRow(Base):
+    __tablename__ = "evaluation_tasks"
+    task_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    candidate_generation: Mapped[int] = mapped_column(BigInteger)
+    reference_generation: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline: Mapped[datetime]
+    open: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class EvaluationResultRow(Base):
+    __tablename__ = "evaluation_results"
+    task_id: Mapped[str] = mapped_column(ForeignKey("evaluation_tasks.task_id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    candidate_score: Mapped[float] = mapped_column(Float)
+    reference_score: Mapped[float] = mapped_column(Float)
+    num_cases: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class HubStore:
+    """Engine and sessions for the hub tables; ``session()`` commits or rolls back."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        with self.session() as session:
+            if session.get(HubStateRow, 1) is None:
+                session.add(HubStateRow(id=1, current_generation=None, version=0))
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,318 @@
+"""Update intake: resumable, idempotent uploads checked before anything is kept.
+
+An upload is staged under its update id; the staged file's size is the offset a client
+resumes from. When the declared size has arrived, the bytes are checked (sha256,
+safetensors, tensor names, shapes and dtypes against the base generation, groups as
+declared) and the update alone passes the gate's per-update checks. A malformed upload
+leaves nothing behind but a rejection record; a valid one moves into the blob store
+and waits for the aggregator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import uuid
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import select
+
+from federation_grpc.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+)
+from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub.blobs import sha256_file
+from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
+from federation_grpc.hub.service import check_numbers, parse_tensors
+from federation_grpc.hub.store import (
+    GenerationRow,
+    GenerationStatus,
+    UpdateRow,
+    UpdateStatus,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from federation_grpc.hub.service import HubService
+
+LOGGER = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_STATE = {
+    UpdateStatus.PARTIAL: UploadState.PARTIAL,
+    UpdateStatus.RECEIVED: UploadState.RECEIVED,
+    UpdateStatus.EVALUATING: UploadState.RECEIVED,
+    UpdateStatus.MERGED: UploadState.MERGED,
+    UpdateStatus.REJECTED: UploadState.REJECTED,
+}
+
+
+class UploadInProgress(FailedPrecondition):
+    """Another stream is writing this update right now; retry shortly."""
+
+
+def validate_tensors(
+    update: dict[str, np.ndarray], base: dict[str, np.ndarray], trained_groups: tuple[str, ...]
+) -> None:
+    """Names, shapes, dtypes and groups of an update against its base generation.
+
+    Raises
+    ------
+    InvalidRequest
+        Unknown tensor names, a shape or dtype that differs from the base, a group
+        carried but not declared (or declared but not carried), an incomplete group.
+    """
+    unknown = sorted(set(update) - set(base))
+    if unknown:
+        raise InvalidRequest(f"unknown tensor names: {unknown[:5]}")
+    for name, value in update.items():
+        expected = base[name]
+        if value.shape != expected.shape or value.dtype != expected.dtype:
+            raise InvalidRequest(
+                f"tensor {name!r} is {value.dtype}{list(value.shape)}, "
+                f"expected {expected.dtype}{list(expected.shape)}"
+            )
+    carried = agg.groups_of(update)
+    if set(carried) != set(trained_groups):
+        raise InvalidRequest(
+            f"tensors carry groups {sorted(carried)} "
+            f"but the header declares {sorted(trained_groups)}"
+        )
+    base_groups = agg.groups_of(base)
+    for group, names in carried.items():
+        missing = sorted(set(base_groups[group]) - set(names))
+        if missing:
+            raise InvalidRequest(f"group {group!r} is incomplete; missing {missing[:5]}")
+
+
+class UploadSession:
+    """One stream's writes into the staged file of an update."""
+
+    def __init__(self, intake: UploadIntake, node_id: str, header: UpdateHeader, offset: int):
+        self.intake = intake
+        self.node_id = node_id
+        self.header = header
+        self.received = offset
+        self._fd = intake.service.staging.open_at(header.update_id, offset)
+
+    def write(self, chunk: bytes) -> None:
+        if self.received + len(chunk) > self.header.total_size:
+            self.close()
+            self.intake.discard(
+                self.header, self.node_id, "more bytes than the declared total_size"
+            )
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.received += len(chunk)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.intake.release(self.header.update_id)
+
+    def finish(self) -> UploadStatus:
+        """Check and keep a complete update; report the offset of an incomplete one."""
+        try:
+            if self.received < self.header.total_size:
+                os.fsync(self._fd)
+                return UploadStatus(self.header.update_id, UploadState.PARTIAL, self.received)
+            os.fsync(self._fd)
+            return self.intake.complete(self.node_id, self.header)
+        finally:
+            self.close()
+
+
+class UploadIntake:
+    def __init__(self, service: HubService) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._active: set[str] = set()
+
+    def release(self, update_id: str) -> None:
+        with self._lock:
+            self._active.discard(update_id)
+
+    def status(self, node_id: str, update_id: str) -> UploadStatus:
+        update_id = _canonical_id(update_id)
+        with self.service.store.session() as session:
+            row = session.get(UpdateRow, update_id)
+            if row is None:
+                return UploadStatus(update_id, UploadState.UNKNOWN)
+            if row.node_id != node_id:
+                raise PermissionDenied(f"update {update_id} belongs to another node")
+            return self._status(row)
+
+    def _status(self, row: UpdateRow) -> UploadStatus:
+        received = row.total_size
+        if row.status == UpdateStatus.PARTIAL:
+            received = self.service.staging.size(row.update_id)
+        return UploadStatus(
+            row.update_id,
+            _STATE[UpdateStatus(row.status)],
+            received,
+            -1 if row.merged_into is None else row.merged_into,
+            row.reason,
+        )
+
+    def begin(self, node_id: str, header: UpdateHeader) -> UploadSession | UploadStatus:
+        """Open a session at ``header.offset``, or return the final status of a known update."""
+        header = self._validated(header)
+        with self.service.store.session() as session:
+            row = session.get(UpdateRow, header.update_id)
+            if row is not None:
+                if row.node_id != node_id:
+                    raise PermissionDenied(f"update {header.update_id} belongs to another node")
+                if row.status != UpdateStatus.PARTIAL:
+                    return self._status(row)
+                _check_same(row, header)
+            else:
+                if header.offset != 0:
+                    raise FailedPrecondition(
+                        f"update {header.update_id} is unknown; start at offset 0"
+                    )
+                session.add(
+                    UpdateRow(
+                        update_id=header.update_id,
+                        node_id=node_id,
+                        base_generation=header.base_generation,
+                        num_samples=header.num_samples,
+                        trained_groups=list(header.trained_groups),
+                        local_metrics=header.local_metrics,
+                        total_size=header.total_size,
+                        sha256=header.sha256,
+                        status=UpdateStatus.PARTIAL,
+                    )
+                )
+        staged = self.service.staging.size(header.update_id)
+        if header.offset > staged:
+            raise FailedPrecondition(
+                f"hub holds {staged} bytes of update {header.update_id}; resume from there"
+            )
+        with self._lock:
+            if header.update_id in self._active:
+                raise UploadInProgress(f"update {header.update_id} is being uploaded already")
+            self._active.add(header.update_id)
+        try:
+            return UploadSession(self, node_id, header, header.offset)
+        except BaseException:
+            self.release(header.update_id)
+            raise
+
+    def _validated(self, header: UpdateHeader) -> UpdateHeader:
+        limit = self.service.config.limits.max_update_bytes
+        if header.total_size <= 0:
+            raise InvalidRequest("total_size must be positive")
+        if header.total_size > limit:
+            raise InvalidRequest(f"update of {header.total_size} bytes exceeds the limit {limit}")
+        if not 0 <= header.offset <= header.total_size:
+            raise InvalidRequest("offset must lie within total_size")
+        if not _SHA256.match(header.sha256):
+            raise InvalidRequest("sha256 must be 64 lowercase hex digits")
+        if header.num_samples < 1:
+            raise InvalidRequest("num_samples must be at least 1")
+        if not header.trained_groups or len(set(header.trained_groups)) != len(
+            header.trained_groups
+        ):
+            raise InvalidRequest("trained_groups must be non-empty and without repeats")
+        check_numbers(header.local_metrics, "local_metrics")
+        with self.service.store.session() as session:
+            base = session.get(GenerationRow, header.base_generation)
+            if base is None or base.status in (
+                GenerationStatus.CANDIDATE,
+                GenerationStatus.REJECTED,
+            ):
+                raise InvalidRequest(
+                    f"base_generation {header.base_generation} is not a generation"
+                )
+        return UpdateHeader(
+            update_id=_canonical_id(header.update_id),
+            base_generation=header.base_generation,
+            num_samples=header.num_samples,
+            trained_groups=tuple(header.trained_groups),
+            local_metrics=dict(header.local_metrics),
+            total_size=header.total_size,
+            sha256=header.sha256,
+            offset=header.offset,
+        )
+
+    def discard(self, header: UpdateHeader, node_id: str, reason: str) -> None:
+        """Drop a malformed upload entirely (row and bytes), record why, raise InvalidRequest."""
+        self.service.staging.discard(header.update_id)
+        with self.service.store.session() as session:
+            row = session.get(UpdateRow, header.update_id)
+            if row is not None and row.status == UpdateStatus.PARTIAL:
+                session.delete(row)
+            self.service.record_rejection(
+                session, header.update_id, node_id, "validation", [reason]
+            )
+        raise InvalidRequest(reason)
+
+    def complete(self, node_id: str, header: UpdateHeader) -> UploadStatus:
+        staged = self.service.staging.path(header.update_id)
+        if sha256_file(staged) != header.sha256:
+            self.discard(header, node_id, "sha256 of the received bytes does not match the header")
+        try:
+            update = parse_tensors(staged.read_bytes())
+            base = self.service.generation_tensors(header.base_generation)
+            validate_tensors(update, base, header.trained_groups)
+        except InvalidRequest as exc:
+            self.discard(header, node_id, str(exc))
+        reasons = self.service.gate.check_update(update, base)
+        with self.service.store.session() as session:
+            row = session.get(UpdateRow, header.update_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"update {header.update_id} vanished during upload")
+            if reasons:
+                row.status, row.reason = UpdateStatus.REJECTED, "; ".join(reasons)
+                self.service.record_rejection(session, row.update_id, node_id, "gate", reasons)
+                self.service.staging.discard(header.update_id)
+            else:
+                self.service.blobs.adopt(staged, header.sha256)
+                row.status, row.received_at = UpdateStatus.RECEIVED, utcnow()
+            status = self._status(row)
+        if not reasons:
+            LOGGER.info(
+                "update %s from %s received (%d bytes)",
+                header.update_id,
+                node_id,
+                header.total_size,
+            )
+            self.service.aggregator.wake()
+        return status
+
+    def pending_rows(self) -> list[UpdateRow]:
+        with self.service.store.session() as session:
+            return list(
+                session.scalars(
+                    select(UpdateRow)
+                    .where(UpdateRow.status == UpdateStatus.RECEIVED)
+                    .order_by(UpdateRow.received_at, UpdateRow.update_id)
+                )
+            )
+
+
+def _canonical_id(update_id: str) -> str:
+    try:
+        return str(uuid.UUID(update_id))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise InvalidRequest(f"update_id {update_id[:40]!r} is not a UUID") from exc
+
+
+def _check_same(row: UpdateRow, header: UpdateHeader) -> None:
+    if (
+        row.sha256 != header.sha256
+        or row.total_size != header.total_size
+        or row.base_generation != header.base_generation
+        or row.num_samples != header.num_samples
+        or sorted(row.trained_groups) != sorted(header.trained_groups)
+    ):
+        raise InvalidRequest(f"update {row.update_id} was started with a different header")

@@ -1,0 +1,103 @@
+"""Shared fixtures: a small numpy model, update artifacts, an in-process hub service."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from federation_grpc.hub.config import GateConfig, HubConfig
+from federation_grpc.hub.domain import UpdateHeader
+from federation_grpc.hub.service import HubService
+
+MODEL_CONFIG = json.dumps(
+    {"architecture": "unet2d", "heads": {"liver": ["liver"], "spleen": ["spleen"]}}
+)
+
+
+def small_model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "encoder.conv1.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+        "encoder.conv1.bias": rng.normal(size=(4,)).astype(np.float32),
+        "bottleneck.weight": rng.normal(size=(4, 4)).astype(np.float32),
+        "heads.liver.out.weight": rng.normal(size=(2, 4)).astype(np.float32),
+        "heads.spleen.out.weight": rng.normal(size=(2, 4)).astype(np.float32),
+    }
+
+
+def nudged(
+    base: dict[str, np.ndarray], groups: tuple[str, ...], step: float = 0.01, seed: int = 1
+) -> dict[str, np.ndarray]:
+    """A plausible trained update: the named groups' tensors moved a little."""
+    from federation_grpc.hub.aggregation import group_of
+
+    rng = np.random.default_rng(seed)
+    return {
+        name: (value + step * rng.normal(size=value.shape)).astype(value.dtype)
+        for name, value in base.items()
+        if group_of(name) in groups
+    }
+
+
+def header_for(
+    payload: bytes,
+    groups: tuple[str, ...],
+    base_generation: int = 0,
+    num_samples: int = 8,
+    update_id: str | None = None,
+) -> UpdateHeader:
+    return UpdateHeader(
+        update_id=update_id or str(uuid.uuid4()),
+        base_generation=base_generation,
+        num_samples=num_samples,
+        trained_groups=groups,
+        local_metrics={"dice.liver": 0.9},
+        total_size=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
+
+
+ALL_GROUPS = ("encoder", "bottleneck", "heads.liver")
+
+
+def make_update(base: dict[str, np.ndarray], groups: tuple[str, ...] = ALL_GROUPS, **kw):
+    payload = save(nudged(base, groups, **kw))
+    return payload, header_for(payload, groups)
+
+
+def hub_config(tmp_path: Path, **gate: object) -> HubConfig:
+    return HubConfig(
+        data_dir=tmp_path / "hub",
+        port=0,
+        max_workers=32,
+        gate=replace(GateConfig(), **gate),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[HubService]:
+    svc = HubService(hub_config(tmp_path))
+    svc.init_model(save(small_model()), MODEL_CONFIG)
+    yield svc
+    svc.close()
+
+
+def enrol(svc: HubService, name: str = "site") -> str:
+    token, _ = svc.create_enrolment_token()
+    return svc.enrol(token, name).node_id
+
+
+def upload(svc: HubService, node_id: str, payload: bytes, header: UpdateHeader):
+    session = svc.uploads.begin(node_id, header)
+    if not hasattr(session, "write"):
+        return session
+    session.write(payload[header.offset :])
+    return session.finish()

@@ -1,0 +1,69 @@
+"""The hub service in-process: enrolment, uploads, merging, lineage, rollback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+
+from federation_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from federation_grpc.hub.domain import UploadState
+from federation_grpc.hub.service import HubService
+
+from .conftest import MODEL_CONFIG, enrol, make_update, small_model, upload
+
+
+def test_enrolment_token_is_one_time_and_node_token_stored_hashed(service: HubService) -> None:
+    token, _ = service.create_enrolment_token()
+    enrolment = service.enrol(token, "Hospital A")
+    assert service.authenticate(enrolment.node_token) == enrolment.node_id
+    with pytest.raises(PermissionDenied):
+        service.enrol(token, "again")
+    with pytest.raises(Unauthenticated):
+        service.authenticate("not-a-token")
+    raw = b"".join(p.read_bytes() for p in service.config.data_dir.glob("hub.db*"))
+    assert enrolment.node_token.encode() not in raw
+    service.revoke_node(enrolment.node_id)
+    with pytest.raises(PermissionDenied):
+        service.authenticate(enrolment.node_token)
+
+
+def test_update_merges_into_a_new_generation_with_lineage(service: HubService) -> None:
+    node = enrol(service)
+    payload, header = make_update(small_model())
+    status = upload(service, node, payload, header)
+    assert status.state == UploadState.RECEIVED
+    assert service.aggregator.process_pending() == [1]
+    generation = service.generation(1)
+    assert generation.current and generation.parent == 0
+    assert generation.update_ids == (header.update_id,) and generation.node_ids == (node,)
+    merged = load(service.blobs.get(generation.sha256))
+    assert not np.array_equal(merged["encoder.conv1.weight"], small_model()["encoder.conv1.weight"])
+    np.testing.assert_array_equal(
+        merged["heads.spleen.out.weight"], small_model()["heads.spleen.out.weight"]
+    )
+    again = upload(service, node, payload, header)
+    assert again.state == UploadState.MERGED and again.merged_into == 1
+    assert service.aggregator.process_pending() == []
+
+
+def test_rollback_moves_current_and_refuses_updates_from_the_abandoned_line(
+    service: HubService,
+) -> None:
+    node = enrol(service)
+    payload, header = make_update(small_model())
+    upload(service, node, payload, header)
+    service.aggregator.process_pending()
+    tensors_1 = service.generation_tensors(1)
+    service.rollback()
+    assert service.current_number() == 0
+    assert service.generation(1).status == "ROLLED_BACK"
+    stale_payload, stale_header = make_update(tensors_1)
+    stale_header = type(stale_header)(**{**stale_header.__dict__, "base_generation": 1})
+    upload(service, node, stale_payload, stale_header)
+    assert service.aggregator.process_pending() == []
+    assert "not in the lineage" in service.list_rejections()[0].reasons[0]
+    service.promote(1)
+    assert service.current_number() == 1
+    with pytest.raises(FailedPrecondition):
+        service.init_model(save(small_model()), MODEL_CONFIG)
