@@ -188,6 +188,9 @@ class NodeConfig(_Section):
     export: ExportSettings = ExportSettings()
     destinations: dict[str, Destination] = {}
     rules: tuple[RoutingRule, ...] = ()
+    # Extra models by name -> weights file (safetensors + JSON beside it). The shipped
+    # starter model is always available under its own name.
+    models: dict[str, Path] = {}
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> Self:
@@ -344,6 +347,10 @@ modality = ["CT"]
 # calling_ae = ["PACS"]
 # called_ae = ["TESSERA"]
 # sop_class_uid = ["1.2.840.10008.5.1.4.1.1.2"]
+
+# Extra models by name (the shipped starter "tessera-abdomen-ct" needs no entry):
+# [models]
+# my-model = "/srv/tessera/models/my-model.safetensors"
 
 # [[rules]]
 # name = "forward-mr"

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scp import RunningSCP, start_scp
+from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.pipeline.assembler import SeriesAssembler
 from dicom_node.pipeline.export import Exporter
+from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.segmentation import SegmentationJob
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
@@ -35,6 +38,7 @@ class NodeParts:
     queue: JobQueue
     assembler: SeriesAssembler
     handlers: list[JobHandler] = field(default_factory=list)
+    models: ModelRegistry = field(default_factory=ModelRegistry)
 
     @classmethod
     def build(cls, config: NodeConfig) -> NodeParts:
@@ -46,7 +50,21 @@ class NodeParts:
         parts = cls(config=config, db=db, files=files, store=InstanceStore(db, files),
                     queue=queue, assembler=SeriesAssembler(db, queue, config))
         parts.handlers.append(Exporter(db, files, config))
+        parts.models = ModelRegistry(dict(config.models))
+        parts.check_models()
+        parts.handlers.append(SegmentationJob(db, files, parts.store, queue, config,
+                                              parts.models))
         return parts
+
+    def check_models(self) -> None:
+        """Every model a rule names must load now, not at the first study."""
+        for i, rule in enumerate(self.config.rules):
+            if rule.model is None:
+                continue
+            try:
+                self.models.get(rule.model)
+            except (DicomNodeError, OSError) as exc:
+                raise ConfigError(f"invalid configuration: rules.{i}.model: {exc}") from exc
 
 
 class Node:

@@ -26,7 +26,8 @@ def configure_logging(level: str = "INFO", json_logs: bool = False) -> None:
     fmt = ('{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
            if json_logs else "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def load_or_exit(path: Path | None, overrides: dict[str, object] | None = None) -> NodeConfig:
@@ -70,7 +71,11 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    node = Node(cfg).start()
+    try:
+        node = Node(cfg).start()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     # One machine-readable line so supervisors and tests learn the bound port.
     print(json.dumps({"event": "listening", "ae_title": cfg.dicom.ae_title,
                       "host": cfg.dicom.host, "port": node.port}), flush=True)

@@ -44,3 +44,16 @@ def part10(
     body = b"".join(elements)
     group_length = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body)))
     return b"".join((b"\x00" * 128, b"DICM", group_length, body, dataset))
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where the dataset starts in a Part 10 byte stream (after preamble and meta group).
+
+    Raises
+    ------
+    ValueError
+        No ``DICM`` prefix or no group length element first in the meta group.
+    """
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError("not a DICOM Part 10 stream with a file meta group length")
+    return 144 + int(struct.unpack_from("<I", data, 140)[0])

@@ -48,8 +48,12 @@ class InstanceStore:
         self.db = db
         self.files = files
 
-    def ingest(self, data: bytes, header: InstanceHeader, peer: Peer) -> IngestOutcome:
+    def ingest(self, data: bytes, header: InstanceHeader, peer: Peer,
+               *, produced_here: bool = False) -> IngestOutcome:
         """Write ``data`` durably, then index it; returns once both are on disk.
+
+        ``produced_here`` marks objects the node made itself (its SEGs): their series
+        is complete at once and never routed.
 
         Raises
         ------
@@ -78,7 +82,7 @@ class InstanceStore:
                     conflict = existing.path
                 else:
                     self.files.publish(staged, rel)
-                    self._index(s, header, peer, rel, len(data), digest)
+                    self._index(s, header, peer, rel, len(data), digest, produced_here)
                     return IngestOutcome.STORED
         finally:
             staged.unlink(missing_ok=True)
@@ -90,9 +94,12 @@ class InstanceStore:
         return IngestOutcome.DUPLICATE_CONFLICT
 
     def _index(self, s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
-               digest: str) -> None:
+               digest: str, produced_here: bool) -> None:
         now = datetime.now(UTC)
         series = self._series_for(s, header, peer, now)
+        if produced_here:
+            series.state = SeriesState.COMPLETE
+            series.completed_at = now
         s.add(Instance(
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
@@ -107,7 +114,7 @@ class InstanceStore:
         ))
         series.instance_count += 1
         series.last_received_at = now
-        if series.state != SeriesState.RECEIVING:
+        if not produced_here and series.state != SeriesState.RECEIVING:
             LOGGER.info("late instance reopens series %s (was %s)",
                         header.series_uid, series.state)
             series.state = SeriesState.RECEIVING

@@ -176,3 +176,22 @@ class AuditEvent(Base):
     status: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
     quarantine_path: Mapped[str | None] = mapped_column(String(300))
+
+
+class Segmentation(Base):
+    """An AI segmentation the node produced: which series, model generation, SEG, metrics."""
+
+    __tablename__ = "segmentation"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer)
+    seg_series_uid: Mapped[str] = mapped_column(String(64))
+    seg_sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("series_uid", "model_name", "generation",
+                                       name="uq_segmentation_series_model_gen"),)

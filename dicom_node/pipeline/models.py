@@ -1,0 +1,60 @@
+"""Which model serves a routing rule's model name: the shipped starter or a configured file."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from dicom_node.errors import DicomNodeError
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.weights import load_model
+
+LOGGER = logging.getLogger(__name__)
+
+STARTER_DIR = Path(__file__).resolve().parent.parent / "learning" / "starter"
+
+
+class UnknownModel(DicomNodeError):
+    pass
+
+
+class ModelRegistry:
+    """Loads models by name once and serves them to inference threads.
+
+    ``paths`` maps model names to weight files; the shipped starter model is always
+    known under its own name.
+    """
+
+    def __init__(self, paths: dict[str, Path] | None = None) -> None:
+        self._paths = dict(paths or {})
+        self._loaded: dict[str, tuple[MultiHeadUNet, ModelConfig]] = {}
+        self._lock = threading.Lock()
+        starter = STARTER_DIR / "model.safetensors"
+        if starter.exists():
+            self._starter = starter
+        else:
+            self._starter = None
+
+    def get(self, name: str) -> tuple[MultiHeadUNet, ModelConfig]:
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name]
+            path = self._paths.get(name)
+            if path is None and self._starter is not None:
+                model, config = load_model(self._starter)
+                if config.name == name:
+                    self._loaded[name] = (model, config)
+                    return model, config
+            if path is None:
+                raise UnknownModel(f"no model named {name!r} is installed")
+            model, config = load_model(path)
+            self._loaded[name] = (model, config)
+            LOGGER.info("loaded model %s generation %d from %s", name, config.generation, path)
+            return model, config
+
+    def replace(self, name: str, model: MultiHeadUNet, config: ModelConfig) -> None:
+        """Serve a new version from now on (hot swap; in-flight jobs keep the old one)."""
+        with self._lock:
+            self._loaded[name] = (model, config)
