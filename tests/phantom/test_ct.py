@@ -34,8 +34,14 @@ def test_shape_types_and_label_names(subject_c: ct.PhantomSubject) -> None:
     assert s.image.dtype == np.int16 and s.labels.dtype == np.uint8
     assert s.image.shape == s.labels.shape
     assert 64 <= s.image.shape[0] <= 160 and s.image.shape[1:] == (256, 256)
-    assert LABELS == {0: "background", 1: "body", 2: "liver", 3: "spleen",
-                      4: "kidney_left", 5: "kidney_right"}
+    assert LABELS == {
+        0: "background",
+        1: "body",
+        2: "liver",
+        3: "spleen",
+        4: "kidney_left",
+        5: "kidney_right",
+    }
 
 
 def test_every_organ_present_and_inside_the_body(subject_c: ct.PhantomSubject) -> None:

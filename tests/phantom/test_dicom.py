@@ -28,7 +28,9 @@ def test_hu_survive_rescale_and_geometry_is_consistent(subject) -> None:  # type
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     np.testing.assert_allclose(positions, subject.slice_positions(), atol=1e-5)
     steps = np.diff(positions, axis=0)
-    np.testing.assert_allclose(np.linalg.norm(steps, axis=1), float(datasets[0].SpacingBetweenSlices))
+    np.testing.assert_allclose(
+        np.linalg.norm(steps, axis=1), float(datasets[0].SpacingBetweenSlices)
+    )
     for k in (0, len(datasets) // 2):
         ds = datasets[k]
         hu = apply_modality_lut(ds.pixel_array, ds)
