@@ -31,12 +31,18 @@ def demo(
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
-    table = Table(title=f"Tessera demo (PACS: {report.pacs}, node port {report.node_port})")
-    for col in ("site", "subject", "instances", "delivered", "turnaround s"):
+    labels = list(report.studies[0].dice) if report.studies and report.studies[0].dice else []
+    table = Table(title=f"Tessera demo: {report.model}, PACS {report.pacs}, "
+                        f"node port {report.node_port}")
+    for col in ("site", "subject", "slices", "SEG at PACS", "turnaround s", *labels,
+                "mean Dice"):
         table.add_column(col)
     for r in report.studies:
-        table.add_row(r.site, str(r.subject), str(r.instances), str(r.delivered),
-                      "timeout" if r.turnaround_s is None else f"{r.turnaround_s:.1f}")
+        mean = r.mean_dice
+        table.add_row(r.site, str(r.subject), str(r.slices), "yes" if r.seg_received else "NO",
+                      "timeout" if r.turnaround_s is None else f"{r.turnaround_s:.1f}",
+                      *(f"{r.dice.get(lab, 0):.3f}" for lab in labels),
+                      "-" if mean is None else f"{mean:.3f}")
     Console().print(table)
-    if any(r.turnaround_s is None for r in report.studies):
+    if not all(r.seg_received for r in report.studies):
         raise typer.Exit(1)

@@ -94,11 +94,11 @@ class OrthancPacs:
         import io
 
         out = []
-        for iid in json.loads(self._get("/instances")):
-            tags = json.loads(self._get(f"/instances/{iid}/simplified-tags"))
-            if modality and tags.get("Modality") != modality:
+        for series in json.loads(self._get("/series?expand")):
+            if modality and series["MainDicomTags"].get("Modality") != modality:
                 continue
-            out.append(pydicom.dcmread(io.BytesIO(self._get(f"/instances/{iid}/file"))))
+            for iid in series["Instances"]:
+                out.append(pydicom.dcmread(io.BytesIO(self._get(f"/instances/{iid}/file"))))
         return out
 
     def stop(self) -> None:

@@ -1,4 +1,9 @@
-"""The demo: a node on embedded defaults, a stand-in PACS, phantom studies sent."""
+"""The demo: a node on embedded defaults, a stand-in PACS, phantom studies segmented.
+
+Each phantom study is sent to the node by C-STORE; a segment rule runs the shipped
+starter model and sends the DICOM-SEG to the PACS; the demo reads the SEG back from
+the PACS and scores it against the phantom's ground truth.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import Dataset
 
-from dicom_node.config import NodeConfig, load_config
+from dicom_node.config import Destination, NodeConfig, load_config
 from dicom_node.demo.pacs import Pacs, start_pacs
-from dicom_node.dicom.scu import OutgoingInstance, send_instances
+from dicom_node.dicom.scu import OutgoingInstance, is_delivered, send_instances
+from dicom_node.learning.metrics import dice_per_label
 from dicom_node.node import Node
+from dicom_node.pipeline.models import STARTER_MODEL
+from dicom_node.pipeline.seg import read_seg_labels
+from dicom_node.pipeline.segmentation import segment_specs
+from dicom_node.pipeline.volume import build_volume
 
 LOGGER = logging.getLogger(__name__)
 
@@ -25,23 +36,32 @@ class StudyResult:
     site: str
     subject: int
     series_uid: str
-    instances: int
-    delivered: int
+    slices: int
+    acknowledged: int
+    seg_received: bool
     turnaround_s: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    dice: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_dice(self) -> float | None:
+        return float(np.mean(list(self.dice.values()))) if self.dice else None
 
 
 @dataclass
 class DemoReport:
     pacs: str
     node_port: int
+    model: str
     studies: list[StudyResult]
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for study, result in zip(out["studies"], self.studies, strict=True):
+            study["mean_dice"] = result.mean_dice
+        return out
 
 
-def demo_config(workdir: Path, pacs: Pacs, rules: list[dict[str, Any]]) -> NodeConfig:
+def demo_config(workdir: Path, pacs: Pacs, model: str) -> NodeConfig:
     return load_config(None, env={}, overrides={
         "node.data_dir": str(workdir / "node"),
         "dicom.port": 0,
@@ -50,7 +70,8 @@ def demo_config(workdir: Path, pacs: Pacs, rules: list[dict[str, Any]]) -> NodeC
         "jobs.poll_interval_s": 0.2,
         "destinations": {"pacs": {"ae_title": pacs.ae_title, "host": "127.0.0.1",
                                   "port": pacs.port}},
-        "rules": rules,
+        "rules": [{"name": "segment-ct", "action": "segment", "model": model,
+                   "destinations": ["pacs"], "match": {"modality": ["CT"]}}],
     })
 
 
@@ -66,9 +87,7 @@ def write_study(datasets: list[Dataset], folder: Path) -> list[OutgoingInstance]
 
 
 def send_to_node(node: Node, items: list[OutgoingInstance], calling_ae: str = "DEMOPACS") -> int:
-    from dicom_node.config import Destination
-    from dicom_node.dicom.scu import is_delivered
-
+    """C-STORE ``items`` to the node; returns how many it acknowledged."""
     acked = 0
 
     def on_result(_item: OutgoingInstance, status: int | None, _err: str | None) -> None:
@@ -89,8 +108,17 @@ def wait_for(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.
     return check()
 
 
-def run_demo(*, subjects: int = 2, site: str = "A", seed: int = 0, workdir: Path | None = None,
-             prefer_orthanc: bool = True, timeout_s: float = 120.0) -> DemoReport:
+def _seg_for(pacs: Pacs, series_uid: str) -> Dataset | None:
+    for seg in pacs.instances("SEG"):
+        refs = seg.get("ReferencedSeriesSequence") or []
+        if any(str(r.SeriesInstanceUID) == series_uid for r in refs):
+            return seg
+    return None
+
+
+def run_demo(*, subjects: int = 2, site: str = "A", seed: int = 1000,
+             workdir: Path | None = None, prefer_orthanc: bool = True,
+             timeout_s: float = 300.0) -> DemoReport:
     from dicom_node.phantom.ct import generate_subject
     from dicom_node.phantom.dicom import subject_datasets
 
@@ -98,9 +126,8 @@ def run_demo(*, subjects: int = 2, site: str = "A", seed: int = 0, workdir: Path
     root.mkdir(parents=True, exist_ok=True)
     pacs = start_pacs(root, prefer_orthanc)
     try:
-        rules = [{"name": "forward-ct", "action": "forward", "destinations": ["pacs"],
-                  "match": {"modality": ["CT"]}}]
-        with Node(demo_config(root, pacs, rules)) as node:
+        with Node(demo_config(root, pacs, STARTER_MODEL)) as node:
+            _, mconfig = node.parts.models.get(STARTER_MODEL)
             results = []
             for index in range(subjects):
                 subject = generate_subject(site, index, seed)
@@ -109,16 +136,28 @@ def run_demo(*, subjects: int = 2, site: str = "A", seed: int = 0, workdir: Path
                 items = write_study(datasets, root / "studies" / f"{site}-{index}")
                 acked = send_to_node(node, items)
                 sent_at = time.monotonic()
+                found: list[Dataset] = []
 
-                def delivered(uid: str = series_uid) -> int:
-                    return sum(1 for ds in pacs.instances("CT")
-                               if str(ds.SeriesInstanceUID) == uid)
+                def arrived(uid: str = series_uid, box: list[Dataset] = found) -> bool:
+                    seg = _seg_for(pacs, uid)
+                    if seg is not None:
+                        box.append(seg)
+                    return seg is not None
 
-                ok = wait_for(lambda n=len(items): delivered() >= n, timeout_s, 0.5)
-                results.append(StudyResult(
-                    site=site, subject=index, series_uid=series_uid, instances=acked,
-                    delivered=delivered(),
-                    turnaround_s=round(time.monotonic() - sent_at, 2) if ok else None))
-            return DemoReport(pacs=pacs.kind, node_port=node.port, studies=results)
+                ok = wait_for(arrived, timeout_s, 0.5)
+                result = StudyResult(site=site, subject=index, series_uid=series_uid,
+                                     slices=len(datasets), acknowledged=acked, seg_received=ok,
+                                     turnaround_s=round(time.monotonic() - sent_at, 2)
+                                     if ok else None)
+                if ok:
+                    volume = build_volume(datasets)
+                    labels, _ = read_seg_labels(found[0], volume, segment_specs(mconfig))
+                    # subject_datasets() lists slices along the normal, as build_volume sorts
+                    truth = subject.labels
+                    result.dice = {k: round(v, 4) for k, v in dice_per_label(
+                        labels, truth, mconfig.label_values).items()}
+                results.append(result)
+            return DemoReport(pacs=pacs.kind, node_port=node.port,
+                              model=f"{mconfig.name} gen {mconfig.generation}", studies=results)
     finally:
         pacs.stop()

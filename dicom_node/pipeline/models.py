@@ -14,6 +14,7 @@ from dicom_node.learning.weights import load_model
 LOGGER = logging.getLogger(__name__)
 
 STARTER_DIR = Path(__file__).resolve().parent.parent / "learning" / "starter"
+STARTER_MODEL = "tessera-abdomen-ct"
 
 
 class UnknownModel(DicomNodeError):

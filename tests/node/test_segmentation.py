@@ -1,0 +1,154 @@
+"""Segmentation end to end: storescu -> node -> model -> DICOM-SEG -> Orthanc.
+
+The phantom subjects used here (seed 7000+) were never used to train the starter model.
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from dicom_node.learning.metrics import dice_per_label
+from dicom_node.learning.model_config import abdomen_ct_config
+from dicom_node.learning.network import build_model
+from dicom_node.learning.weights import save_model
+from dicom_node.phantom.ct import generate_subject
+from dicom_node.phantom.dicom import subject_datasets
+from dicom_node.pipeline.models import STARTER_DIR, STARTER_MODEL
+from dicom_node.pipeline.seg import read_seg_labels
+from dicom_node.pipeline.segmentation import segment_specs
+from dicom_node.pipeline.volume import build_volume
+from dicom_node.status import node_status
+from dicom_node.store.models import Segmentation, Series
+from tests.node.conftest import Orthanc, echoscu, node_config_data, storescu, wait_until
+
+
+def write_series(datasets: list[pydicom.Dataset], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def orthanc_segs(orthanc: Orthanc) -> list[pydicom.Dataset]:
+    out = []
+    for series in orthanc.get("/series?expand"):
+        if series["MainDicomTags"].get("Modality") != "SEG":
+            continue
+        for iid in series["Instances"]:
+            url = f"http://127.0.0.1:{orthanc.http_port}/instances/{iid}/file"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                out.append(pydicom.dcmread(io.BytesIO(resp.read())))
+    return out
+
+
+def segment_rule(model: str, *destinations: str, **match: Any) -> dict[str, Any]:
+    return {"name": "segment", "action": "segment", "model": model,
+            "destinations": list(destinations), "match": match or {"modality": ["CT"]}}
+
+
+@pytest.mark.slow
+def test_phantom_series_is_segmented_and_the_seg_arrives_in_orthanc(
+    tmp_path: Path, start_node: Any, orthanc: Orthanc
+) -> None:
+    if not (STARTER_DIR / "model.safetensors").exists():
+        pytest.fail("the starter model is not shipped in dicom_node/learning/starter")
+    data = node_config_data(
+        tmp_path / "node",
+        destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
+                               "port": orthanc.dicom_port}},
+        rules=[segment_rule(STARTER_MODEL, "pacs")])
+    node = start_node(data)
+    subject = generate_subject("A", 0, seed=7001)
+    datasets = subject_datasets(subject)
+    files = write_series(datasets, tmp_path / "series")
+    result = storescu(node.port, *files)
+    assert result.returncode == 0, result.stderr
+
+    segs = wait_until(lambda: orthanc_segs(orthanc), timeout=240, interval=1.0,
+                      what="the SEG in Orthanc")
+    assert len(segs) == 1
+    seg = segs[0]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
+    _, config = node.parts.models.get(STARTER_MODEL)
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == config.name
+    volume = build_volume(datasets)
+    labels, infos = read_seg_labels(seg, volume, segment_specs(config))
+    assert [i.label_name for i in infos] == [s.name for s in segment_specs(config)]
+    scores = dice_per_label(labels, subject.labels, config.label_values)
+    assert np.mean(list(scores.values())) >= 0.9, scores
+
+    with node.parts.db.session() as s:
+        row = s.execute(select(Segmentation)).scalar_one()
+        series = s.execute(select(Series).where(
+            Series.series_uid == str(datasets[0].SeriesInstanceUID))).scalar_one()
+        assert series.state == "segmented"
+        # quality metrics are stored with the result, for the hub's quality model later
+        for key in ("mean_entropy", "uncertain_fraction", "volume_ml.liver",
+                    "components.liver", "slice_consistency.liver"):
+            assert key in row.metrics
+        assert row.metrics["volume_ml.liver"] > 100
+
+
+@pytest.fixture
+def untrained_model(tmp_path: Path) -> Path:
+    """A model that loads but was never trained: refusals happen before inference."""
+    config = abdomen_ct_config(name="untrained-ct")
+    return save_model(build_model(config), config, tmp_path / "untrained.safetensors")
+
+
+def _refusal_node(tmp_path: Path, start_node: Any, model_path: Path, **match: Any) -> Any:
+    data = node_config_data(tmp_path / "node", destinations={
+        "nowhere": {"ae_title": "NOWHERE", "host": "127.0.0.1", "port": 9}},
+        rules=[segment_rule("untrained-ct", "nowhere", **match)])
+    data["models"] = {"untrained-ct": str(model_path)}
+    return start_node(data)
+
+
+def _state(node: Any, series_uid: str) -> tuple[str, str | None]:
+    with node.parts.db.session() as s:
+        row = s.execute(select(Series).where(Series.series_uid == series_uid)).scalar_one()
+        return row.state, row.state_reason
+
+
+@pytest.mark.parametrize("defect", ["missing-slice", "mixed-orientation", "mr-to-ct-model"])
+def test_series_that_cannot_be_segmented_is_refused_with_a_reason(
+    tmp_path: Path, start_node: Any, untrained_model: Path, defect: str
+) -> None:
+    match = {"modality": ["CT", "MR"]} if defect == "mr-to-ct-model" else {}
+    node = _refusal_node(tmp_path, start_node, untrained_model, **match)
+    datasets = subject_datasets(generate_subject("B", 1, seed=7002))[:40]
+    if defect == "missing-slice":
+        del datasets[20]
+    elif defect == "mixed-orientation":
+        datasets[10].ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]
+    else:
+        for ds in datasets:
+            ds.Modality = "MR"
+    files = write_series(datasets, tmp_path / "series")
+    assert storescu(node.port, *files).returncode == 0
+    uid = str(datasets[0].SeriesInstanceUID)
+    wait_until(lambda: _state(node, uid)[0] == "refused", timeout=60,
+               what="the series to be refused")
+    _, reason = _state(node, uid)
+    assert reason
+    expected = {"missing-slice": "slice", "mixed-orientation": "orientation",
+                "mr-to-ct-model": "modality"}[defect]
+    assert expected in reason.lower(), reason
+    status = node_status(node.parts.db)
+    assert any(r["series_uid"] == uid and r["reason"] == reason
+               for r in status["refused_series"])
+    assert status["events"]["counts"].get("series-refused") == 1
+    with node.parts.db.session() as s:
+        assert s.execute(select(Segmentation)).first() is None
+    assert echoscu(node.port).returncode == 0
