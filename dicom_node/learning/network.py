@@ -1,0 +1,128 @@
+"""The 2D U-Net with one shared encoder and named decoder heads.
+
+Parameter names are a contract with the hub: encoder and bottleneck parameters start
+with ``encoder.``, a head's with ``heads.<head name>.``, and there is nothing else (no
+buffers either: GroupNorm keeps no running statistics, so every tensor is a weight
+that merges by averaging and inference does not depend on the batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from dicom_node.learning.errors import ModelConfigError
+from dicom_node.learning.model_config import HeadSpec, ModelConfig
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _conv_block(c_in: int, c_out: int, n_convs: int, groups: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(n_convs):
+        layers += [
+            nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False),
+            nn.GroupNorm(groups, c_out),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Levels of two convolutions; each level after the first halves the resolution."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], groups: int) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList()
+        c_prev = in_channels
+        for c in channels:
+            self.levels.append(_conv_block(c_prev, c, 2, groups))
+            c_prev = c
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for i, level in enumerate(self.levels):
+            if i:
+                x = self.pool(x)
+            x = level(x)
+            features.append(x)
+        return features
+
+
+class DecoderHead(nn.Module):
+    """Upsampling path from the bottleneck with skip connections, ending in logits."""
+
+    def __init__(
+        self, channels: tuple[int, ...], num_classes: int, n_convs: int, groups: int
+    ) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        for deep, shallow in zip(channels[:0:-1], channels[-2::-1], strict=True):
+            self.ups.append(nn.ConvTranspose2d(deep, shallow, 2, stride=2))
+            self.blocks.append(_conv_block(2 * shallow, shallow, n_convs, groups))
+        self.out = nn.Conv2d(channels[0], num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = features[-1]
+        for up, block, skip in zip(self.ups, self.blocks, features[-2::-1], strict=True):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.out(x)
+
+
+class MultiHeadUNet(nn.Module):
+    """``forward(x, heads)`` returns ``{head name: logits (N, classes, H, W)}``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hp = config.hyperparameters
+        self._hp = hp
+        self.encoder = Encoder(config.preprocessing.in_channels, hp.channels, hp.norm_groups)
+        self.heads = nn.ModuleDict(
+            {h.name: self._make_head(h) for h in config.heads}
+        )
+
+    def _make_head(self, head: HeadSpec) -> DecoderHead:
+        hp = self._hp
+        return DecoderHead(hp.channels, head.num_classes, hp.decoder_convs, hp.norm_groups)
+
+    def add_head(self, head: HeadSpec) -> None:
+        """Add a freshly initialised head (continual classes); existing weights untouched."""
+        if head.name in self.heads:
+            raise ModelConfigError(f"heads.{head.name} already exists")
+        device = next(self.encoder.parameters()).device
+        self.heads[head.name] = self._make_head(head).to(device)
+
+    def forward(
+        self, x: torch.Tensor, heads: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        features = self.encoder(x)
+        names = list(self.heads.keys()) if heads is None else list(heads)
+        return {name: self.heads[name](features) for name in names}
+
+
+ARCHITECTURES: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "unet2d-multihead": MultiHeadUNet,
+}
+
+
+def build_model(config: ModelConfig) -> MultiHeadUNet:
+    """Instantiate the registered architecture named by ``config`` (random weights)."""
+    try:
+        factory = ARCHITECTURES[config.architecture]
+    except KeyError:
+        raise ModelConfigError(
+            f"architecture {config.architecture!r} is not registered "
+            f"(known: {sorted(ARCHITECTURES)})"
+        ) from None
+    model = factory(config)
+    assert isinstance(model, MultiHeadUNet)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
