@@ -1,0 +1,168 @@
+"""Turnaround benchmark: last C-STORE response -> DICOM-SEG stored in Orthanc.
+
+A 128-slice 256x256 phantom CT series is sent by dcmtk storescu (TCP_NODELAY=1) to an
+in-process node whose segment rule sends the SEG to a real Orthanc. Five repetitions
+(fresh UIDs each); the median of each stage is printed:
+
+    quiet      last instance received -> series complete (the configured quiet period)
+    pickup     series complete -> inference job running (queue poll, model already loaded)
+    volume     reading the instances and building the volume
+    inference  batched 2D inference
+    encode     quality metrics and DICOM-SEG encoding (highdicom)
+    store      SEG written durably and indexed
+    export     SEG queued -> acknowledged by Orthanc
+    arrival    seen in Orthanc's REST API (includes the benchmark's polling interval)
+
+Run: ``python benchmarks/turnaround.py [--repeats 5] [--quiet 2]``
+Targets (issue 4): total excluding quiet <= 10 s on 2 CPU cores, non-inference work
+<= 20 % of it. Peak RSS is the benchmark process's (the node runs in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicom_node.config import load_config
+from dicom_node.demo.pacs import OrthancPacs
+from dicom_node.node import Node
+from dicom_node.phantom.ct import generate_subject
+from dicom_node.phantom.dicom import subject_datasets
+from dicom_node.pipeline.models import STARTER_MODEL
+from dicom_node.store.models import OutboxItem, Segmentation, Series
+
+SLICES = 128
+
+
+def phantom_series(out: Path, rep: int) -> tuple[str, list[Path]]:
+    """128 slices of a phantom subject with fresh UIDs for this repetition."""
+    index = 0
+    while True:
+        datasets = subject_datasets(generate_subject("A", index, seed=9100))
+        if len(datasets) >= SLICES:
+            break
+        index += 1
+    start = (len(datasets) - SLICES) // 2
+    datasets = datasets[start:start + SLICES]
+    series_uid, study_uid = generate_uid(), generate_uid()
+    folder = out / f"rep{rep}"
+    folder.mkdir(parents=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return str(series_uid), paths
+
+
+def seg_in_orthanc(pacs: OrthancPacs, series_uid: str) -> bool:
+    url = f"http://127.0.0.1:{pacs.http_port}/tools/find"
+    query = json.dumps({"Level": "Series", "Query": {"Modality": "SEG"}, "Expand": True})
+    req = urllib.request.Request(url, data=query.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        found = json.loads(resp.read())
+    for series in found:
+        iid = series["Instances"][0]
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{pacs.http_port}/instances/{iid}/tags?simplify", timeout=10
+        ) as resp:
+            tags = json.loads(resp.read())
+        refs = tags.get("ReferencedSeriesSequence") or []
+        if any(r.get("SeriesInstanceUID") == series_uid for r in refs):
+            return True
+    return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quiet", type=float, default=2.0, help="quiet period, seconds")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="tessera-turnaround-"))
+    pacs = OrthancPacs(work / "pacs")
+    config = load_config(None, env={}, overrides={
+        "node.data_dir": str(work / "node"), "dicom.port": 0,
+        "assembler.quiet_period_s": args.quiet, "assembler.poll_interval_s": 0.1,
+        "jobs.poll_interval_s": 0.1,
+        "destinations": {"pacs": {"ae_title": pacs.ae_title, "host": "127.0.0.1",
+                                  "port": pacs.port}},
+        "rules": [{"name": "segment", "action": "segment", "model": STARTER_MODEL,
+                   "destinations": ["pacs"]}],
+    })
+    stages: dict[str, list[float]] = {k: [] for k in (
+        "quiet", "pickup", "volume", "inference", "encode", "store", "export", "arrival",
+        "total_excl_quiet")}
+    slices_per_s: list[float] = []
+    env = dict(os.environ, TCP_NODELAY="1")
+    try:
+        with Node(config) as node:
+            for rep in range(args.repeats):
+                series_uid, paths = phantom_series(work / "series", rep)
+                subprocess.run(["/usr/bin/storescu", "-aec", config.dicom.ae_title,
+                                "127.0.0.1", str(node.port), *map(str, paths)],
+                               env=env, check=True, capture_output=True)
+                last_ack = time.time()
+                deadline = time.monotonic() + 300
+                while not seg_in_orthanc(pacs, series_uid):
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"no SEG in Orthanc for repetition {rep}")
+                    time.sleep(0.05)
+                arrived = time.time()
+                with node.parts.db.session() as s:
+                    series = s.execute(select(Series).where(
+                        Series.series_uid == series_uid)).scalar_one()
+                    seg = s.execute(select(Segmentation).where(
+                        Segmentation.series_uid == series_uid)).scalar_one()
+                    sent = s.execute(select(OutboxItem).where(
+                        OutboxItem.sop_instance_uid == seg.seg_sop_instance_uid)).scalar_one()
+                    t = seg.timings
+                    completed = series.completed_at.timestamp()
+                    work_s = sum(t.values())
+                    created = seg.created_at.timestamp()
+                    stages["quiet"].append(completed - series.last_received_at.timestamp())
+                    stages["pickup"].append(created - work_s - completed)
+                    for key in ("volume", "inference", "encode", "store"):
+                        stages[key].append(t[f"{key}_s"])
+                    stages["export"].append(sent.sent_at.timestamp() - created)
+                    stages["arrival"].append(arrived - sent.sent_at.timestamp())
+                    stages["total_excl_quiet"].append(
+                        arrived - last_ack - (completed - series.last_received_at.timestamp()))
+                    slices_per_s.append(SLICES / t["inference_s"])
+                print(f"repetition {rep + 1}: total excl. quiet "
+                      f"{stages['total_excl_quiet'][-1]:.2f} s", file=sys.stderr)
+    finally:
+        pacs.stop()
+    med = {k: statistics.median(v) for k, v in stages.items()}
+    print(f"\nTurnaround of a {SLICES}-slice 256x256 CT series, median of {args.repeats} "
+          f"(quiet period {args.quiet:.1f} s):")
+    for key, value in med.items():
+        print(f"  {key:<18} {value:7.3f} s")
+    non_inference = med["total_excl_quiet"] - med["inference"]
+    print(f"  inference          {statistics.median(slices_per_s):7.1f} slices/s")
+    print(f"  non-inference share {100 * non_inference / med['total_excl_quiet']:6.1f} % "
+          f"(target <= 20 %)")
+    print(f"  total excl. quiet   {med['total_excl_quiet']:6.2f} s (target <= 10 s)")
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak RSS            {rss_mb:6.0f} MB (node + benchmark, one process)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
