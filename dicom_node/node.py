@@ -70,7 +70,11 @@ class NodeParts:
 class Node:
     """A running node: SCP, assembler loop and job workers."""
 
-    def __init__(self, config: NodeConfig, *, extra_handlers: Sequence[JobHandler] = ()) -> None:
+    def __init__(self, config: NodeConfig, *, extra_handlers: Sequence[JobHandler] = (),
+                 serve_dicom: bool = True) -> None:
+        """``serve_dicom=False`` runs only the assembler and job workers: a worker process
+        that shares the database (PostgreSQL) and the instance store with others."""
+        self.serve_dicom = serve_dicom
         self.parts = NodeParts.build(config)
         self.parts.handlers.extend(extra_handlers)
         self.config = config
@@ -89,12 +93,16 @@ class Node:
         return self.scp.port
 
     def start(self) -> Node:
-        self.parts.assembler.resume_after_restart()
+        if self.serve_dicom:
+            # Only the process that receives may restart quiet periods; workers that
+            # join a running node must not delay its series.
+            self.parts.assembler.resume_after_restart()
         self.worker.start()
         self._assembler_thread = threading.Thread(target=self._assemble_loop,
                                                   name="series-assembler", daemon=True)
         self._assembler_thread.start()
-        self.scp = start_scp(self.config.dicom, self.parts.store)
+        if self.serve_dicom:
+            self.scp = start_scp(self.config.dicom, self.parts.store)
         return self
 
     def _assemble_loop(self) -> None:

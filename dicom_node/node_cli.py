@@ -7,13 +7,17 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dicom_node.config import EXAMPLE_CONFIG, NodeConfig, load_config
 from dicom_node.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
 
 node_app = typer.Typer(help="The hospital-side DICOM node.", no_args_is_help=True)
 
@@ -36,6 +40,24 @@ def load_or_exit(path: Path | None, overrides: dict[str, object] | None = None) 
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def run_until_signal(make: Callable[[], Node], announce: Callable[[Node], dict[str, object]],
+                     ) -> None:
+    """Start what ``make`` builds, print one JSON line, run until SIGINT/SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        node = make().start()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    print(json.dumps(announce(node)), flush=True)
+    try:
+        stop.wait()
+    finally:
+        node.stop()
 
 
 @node_app.command("init")
@@ -68,21 +90,33 @@ def serve(
     configure_logging(log_level, json_logs)
     cfg = load_or_exit(config, {"dicom.ae_title": ae_title, "dicom.port": port,
                                 "node.data_dir": str(data_dir) if data_dir else None})
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        node = Node(cfg).start()
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    # One machine-readable line so supervisors and tests learn the bound port.
-    print(json.dumps({"event": "listening", "ae_title": cfg.dicom.ae_title,
-                      "host": cfg.dicom.host, "port": node.port}), flush=True)
-    try:
-        stop.wait()
-    finally:
-        node.stop()
+
+    def announce(node: Node) -> dict[str, object]:
+        # One machine-readable line so supervisors and tests learn the bound port.
+        return {"event": "listening", "ae_title": cfg.dicom.ae_title, "host": cfg.dicom.host,
+                "port": node.port}
+
+    run_until_signal(lambda: Node(cfg), announce)
+
+
+@node_app.command("worker")
+def worker(
+    config: ConfigOption = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="One JSON object per line.")]
+    = False,
+) -> None:
+    """Run job workers (assembly, inference, export, training) without the DICOM SCP.
+
+    Start several on several hosts against one PostgreSQL database and a shared
+    ``node.data_dir``; they share one queue (claims use FOR UPDATE SKIP LOCKED).
+    """
+    from dicom_node.node import Node
+
+    configure_logging(log_level, json_logs)
+    cfg = load_or_exit(config)
+    run_until_signal(lambda: Node(cfg, serve_dicom=False),
+                     lambda _node: {"event": "worker-started", "workers": cfg.jobs.workers})
 
 
 @node_app.command("status")
