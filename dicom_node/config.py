@@ -180,6 +180,28 @@ class RoutingRule(_Section):
         return self
 
 
+class LearningSettings(_Section):
+    """Learning from corrections (Dafne: 5 epochs of Adam at 1e-3 on the corrected slices)."""
+
+    enabled: bool = True
+    # Labels this hospital annotates; only their heads train (masked loss). Empty: all.
+    annotated_labels: tuple[str, ...] = ()
+    train_every: int = Field(1, ge=1)          # queue training after every N corrections
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    augment: bool = True
+    time_budget_s: float = Field(60.0, gt=0)
+    threads: int = Field(2, ge=1, le=64)
+    neighbour_slices: int = Field(2, ge=0)      # stored around each touched slice
+    replay_max_slices: int = Field(600, ge=0)   # replay buffer budget (earlier local slices)
+    replay_fraction: float = Field(0.5, ge=0, lt=1)
+    validation_every: int = Field(5, ge=0)      # every Nth correction is held out; 0: none
+    acceptance_margin: float = Field(0.01, ge=0, le=1)
+    max_correction_mb: float = Field(256.0, gt=0)  # larger SEGs are flagged, not read
+    max_correction_frames: int = Field(20000, ge=1)
+
+
 class NodeConfig(_Section):
     node: NodeSettings = NodeSettings()
     dicom: DicomSettings = DicomSettings()
@@ -191,6 +213,7 @@ class NodeConfig(_Section):
     # Extra models by name -> weights file (safetensors + JSON beside it). The shipped
     # starter model is always available under its own name.
     models: dict[str, Path] = {}
+    learning: LearningSettings = LearningSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> Self:
@@ -347,6 +370,18 @@ modality = ["CT"]
 # calling_ae = ["PACS"]
 # called_ae = ["TESSERA"]
 # sop_class_uid = ["1.2.840.10008.5.1.4.1.1.2"]
+
+[learning]
+# Corrected SEGs (C-STORE or STOW-RS) become training samples; a round of local
+# training replaces the serving model only if held-out Dice does not fall by more
+# than acceptance_margin. `tessera model list-versions` / `rollback` manage versions.
+annotated_labels = []     # labels this hospital corrects, e.g. ["liver"]; empty: all
+train_every = 1           # train after every N corrections
+epochs = 5
+learning_rate = 0.001
+time_budget_s = 60
+validation_every = 5      # every 5th correction is held out for evaluation
+acceptance_margin = 0.01
 
 # Extra models by name (the shipped starter "tessera-abdomen-ct" needs no entry):
 # [models]

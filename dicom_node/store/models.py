@@ -10,7 +10,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -195,3 +205,110 @@ class Segmentation(Base):
 
     __table_args__ = (UniqueConstraint("series_uid", "model_name", "generation",
                                        name="uq_segmentation_series_model_gen"),)
+
+
+# -- learning from corrections --------------------------------------------------------------
+
+class CorrectionState(StrEnum):
+    RECORDED = "recorded"   # a usable correction; its sample waits for / went to training
+    ACCEPTED = "accepted"   # the radiologist saved the AI result unchanged
+    FLAGGED = "flagged"     # unusable (reason kept); stored, never trained on
+    IGNORED = "ignored"     # not a correction (the node's own SEG coming back)
+
+
+class Correction(Base):
+    """A SEG from a viewer that corrects an AI segmentation of the node, and what it changed."""
+
+    __tablename__ = "correction"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seg_sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    seg_series_uid: Mapped[str] = mapped_column(String(64))
+    source_series_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    segmentation_id: Mapped[int | None] = mapped_column(ForeignKey("segmentation.id"))
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    ai_generation: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    split: Mapped[str | None] = mapped_column(String(16))  # train / validation
+    dice: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # label -> AI vs corrected
+    changed_slices: Mapped[list[int]] = mapped_column(JSON, default=list)
+    labels: Mapped[list[str]] = mapped_column(JSON, default=list)  # model labels it annotates
+    unknown_segments: Mapped[list[str]] = mapped_column(JSON, default=list)
+    delay_s: Mapped[float | None] = mapped_column(Float)
+    peer_ae: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class SampleState(StrEnum):
+    PENDING = "pending"        # not trained on yet
+    TRAINED = "trained"        # used by a round; now part of the replay buffer
+    HELD_OUT = "held-out"      # validation split: never trained on
+    SUPERSEDED = "superseded"  # a later correction of the same series replaced it
+    EVICTED = "evicted"        # dropped from the replay buffer (size budget)
+
+
+class TrainingSample(Base):
+    """Touched slices (plus neighbours) of one correction, as an npz blob under data_dir."""
+
+    __tablename__ = "training_sample"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    correction_id: Mapped[int] = mapped_column(ForeignKey("correction.id"), unique=True)
+    source_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    split: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    path: Mapped[str] = mapped_column(String(300))  # relative to data_dir
+    slices: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    annotated: Mapped[list[str]] = mapped_column(JSON, default=list)
+    trained_generation: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ModelVersionState(StrEnum):
+    SERVING = "serving"
+    CANDIDATE = "candidate"
+    REJECTED = "rejected"   # held-out Dice fell by more than the margin
+    RETIRED = "retired"     # served before; a rollback target
+
+
+class ModelVersion(Base):
+    """A generation of a model known to this node, with its lineage."""
+
+    __tablename__ = "model_version"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer)
+    parent_generation: Mapped[int | None] = mapped_column(Integer)
+    origin: Mapped[str] = mapped_column(String(16))  # shipped / configured / local / hub
+    path: Mapped[str | None] = mapped_column(String(400))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    update_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    sample_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("name", "generation", name="uq_model_version_gen"),)
+
+
+class UpdateOutboxItem(Base):
+    """A local update (changed parameter groups + metadata) waiting to go to the hub."""
+
+    __tablename__ = "update_outbox"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    update_id: Mapped[str] = mapped_column(String(64), unique=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    base_generation: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(400))  # safetensors; metadata JSON beside it
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
