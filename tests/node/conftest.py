@@ -76,6 +76,32 @@ def dataset_bytes(path: Path | bytes) -> bytes:
     return data[144 + group_length:]
 
 
+def as_storescu_sends(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Make ``ds`` encode to the bytes dcmtk's storescu puts on the wire.
+
+    storescu drops Data Set Trailing Padding (FFFC,FFFC), writes sequences and items
+    with explicit lengths and encapsulated Pixel Data as OB; test files are written
+    that way so that "the node stored the bytes it received" can be checked against
+    the file.
+    """
+    if (0xFFFC, 0xFFFC) in ds:
+        del ds[0xFFFC, 0xFFFC]
+
+    def explicit(dataset: pydicom.Dataset) -> None:
+        for elem in dataset:
+            if elem.VR == "SQ":
+                elem.is_undefined_length = False
+                for item in elem.value:
+                    item.is_undefined_length_sequence_item = False
+                    explicit(item)
+
+    explicit(ds)
+    pixels = ds.data_element("PixelData")
+    if pixels is not None and pixels.is_undefined_length:
+        pixels.VR = "OB"
+    return ds
+
+
 @dataclass
 class SeriesFiles:
     study_uid: str
@@ -91,14 +117,9 @@ class SeriesFiles:
 def make_ct_series(directory: Path, count: int, *, source: str = "CT_small.dcm",
                    description: str = "tessera test", study_uid: str | None = None,
                    ) -> SeriesFiles:
-    """``count`` copies of a pydicom test CT with fresh UIDs, one slice apart.
-
-    Data Set Trailing Padding (FFFC,FFFC) is dropped: dcmtk's storescu never sends it,
-    so with it the file bytes would not be the bytes on the wire.
-    """
-    template = pydicom.dcmread(get_testdata_file(source))
-    if (0xFFFC, 0xFFFC) in template:
-        del template[0xFFFC, 0xFFFC]
+    """``count`` copies of a pydicom test CT with fresh UIDs, one slice apart, encoded
+    as storescu sends them (see :func:`as_storescu_sends`)."""
+    template = as_storescu_sends(pydicom.dcmread(get_testdata_file(source)))
     directory.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
