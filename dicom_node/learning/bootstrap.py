@@ -28,6 +28,8 @@ from dicom_node.learning.training import (
     train,
 )
 from dicom_node.learning.weights import save_model
+from dicom_node.phantom.ct import generate_subject
+from dicom_node.phantom.subject import PhantomSubject
 
 LOGGER = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class BootstrapPlan:
     input_size: int = 128
     epochs: int = 12
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     device: str = "cpu"
 
 
@@ -59,27 +61,43 @@ class BootstrapResult:
     path: Path | None
 
 
-def _generate(site: str, index: int, seed: int):  # noqa: ANN202 - phantom type stays local
-    from dicom_node.phantom.ct import generate_subject
-
+def _generate(site: str, index: int, seed: int) -> PhantomSubject:
     return generate_subject(site, index, seed)
 
 
 def collect_samples(
-    config: ModelConfig, site: str, indexes: Sequence[int], seed: int
+    config: ModelConfig,
+    site: str,
+    indexes: Sequence[int],
+    seed: int,
+    body_only_fraction: float = 0.35,
 ) -> list[SliceSample]:
-    """Every slice that shows the body, from each subject, fully annotated."""
+    """Fully annotated slices: all that show an organ, some that show only the body.
+
+    Slices without organs are easy; keeping a fraction of them spends the time budget
+    where the model still has something to learn, while it still sees organ-free ends.
+    """
     annotated = [lab.name for lab in config.labels]
     samples: list[SliceSample] = []
+    rng = np.random.default_rng(seed)
     for i in indexes:
         subject = _generate(site, i, seed)
-        keep = [k for k in range(subject.labels.shape[0]) if subject.labels[k].any()]
+        keep = [
+            k
+            for k in range(subject.labels.shape[0])
+            if (subject.labels[k] > 1).any()
+            or (subject.labels[k].any() and rng.random() < body_only_fraction)
+        ]
         samples += samples_from_volume(subject.image, subject.labels, annotated, config, keep)
     return samples
 
 
 def evaluate(
-    model: MultiHeadUNet, config: ModelConfig, site: str, indexes: Sequence[int], seed: int,
+    model: MultiHeadUNet,
+    config: ModelConfig,
+    site: str,
+    indexes: Sequence[int],
+    seed: int,
     device: str = "cpu",
 ) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
     """3D Dice per label on fresh phantom subjects: ``(mean per label, per subject)``."""
@@ -88,9 +106,7 @@ def evaluate(
         subject = _generate(site, i, seed)
         result = segment_volume(model, config, subject.image, subject.spacing, device=device)
         per_subject.append(dice_per_label(result.labels, subject.labels, config.label_values))
-    mean = {
-        name: float(np.mean([d[name] for d in per_subject])) for name in config.label_values
-    }
+    mean = {name: float(np.mean([d[name] for d in per_subject])) for name in config.label_values}
     mean["mean"] = float(np.mean(list(mean.values())))
     return mean, tuple(per_subject)
 
@@ -127,5 +143,4 @@ def bootstrap(
     held = range(plan.subjects, plan.subjects + plan.held_out)
     mean, per_subject = evaluate(model, config, plan.site, held, plan.seed, plan.device)
     path = save_model(model, config, out / "model.safetensors") if out is not None else None
-    return BootstrapResult(model, config, report, mean, per_subject,
-                           time.monotonic() - t0, path)
+    return BootstrapResult(model, config, report, mean, per_subject, time.monotonic() - t0, path)

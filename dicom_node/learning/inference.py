@@ -111,8 +111,9 @@ def segment_volume(
             x = prepare_slices(volume[start:stop], pp, mr_range).to(device)
             logits = model(x, head_names)
             stacked = torch.cat([logits[h].float().softmax(dim=1) for h in head_names], dim=1)
-            stacked = F.interpolate(stacked, size=(rows, cols), mode="bilinear",
-                                    align_corners=False).cpu()
+            stacked = F.interpolate(
+                stacked, size=(rows, cols), mode="bilinear", align_corners=False
+            ).cpu()
             probs = dict(zip(head_names, stacked.split(widths, dim=1), strict=True))
             lab, conf = combine_heads(probs, config)
             labels[start:stop] = lab.numpy()

@@ -94,9 +94,7 @@ def slice_consistency(mask: np.ndarray) -> float:
     mask = np.asarray(mask, bool)
     area = mask.reshape(mask.shape[0], -1).sum(axis=1)
     scores = [
-        dice(mask[k], mask[k + 1])
-        for k in range(mask.shape[0] - 1)
-        if area[k] or area[k + 1]
+        dice(mask[k], mask[k + 1]) for k in range(mask.shape[0] - 1) if area[k] or area[k + 1]
     ]
     return float(np.mean(scores)) if scores else 1.0
 

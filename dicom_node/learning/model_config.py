@@ -5,7 +5,8 @@ no code from the network). The JSON layout (``format`` ``tessera-model/1``)::
 
     {"format": "tessera-model/1", "name": "tessera-abdomen-ct", "generation": 0,
      "architecture": "unet2d-multihead",
-     "hyperparameters": {"channels": [16, 32, 64, 128], "decoder_convs": 1, "norm_groups": 8},
+     "hyperparameters": {"channels": [8, 16, 32, 64, 128], "decoder_convs": 1,
+                         "norm_groups": 4},
      "labels": [{"name": "liver", "value": 2, "code": "10200004", "scheme": "SCT",
                  "meaning": "Liver", "enclosing": false}, ...],
      "heads": {"body": ["body"], "liver": ["liver"], ...},
@@ -87,9 +88,9 @@ class HeadSpec:
 class UNetHyperparameters:
     """Channels per encoder level (the last one is the bottleneck) and decoder shape."""
 
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     decoder_convs: int = 1
-    norm_groups: int = 8
+    norm_groups: int = 4
 
     def __post_init__(self) -> None:
         if len(self.channels) < 2:
@@ -265,16 +266,16 @@ class ModelConfig:
         if data.get("format") != FORMAT:
             raise ModelConfigError(f"format must be {FORMAT!r}, got {data.get('format')!r}")
         try:
-            hp = data.get("hyperparameters", {})
-            pp = data.get("preprocessing", {})
+            hp = data["hyperparameters"]
+            pp = data["preprocessing"]
             return cls(
                 name=str(data["name"]),
                 generation=int(data["generation"]),
                 architecture=str(data.get("architecture", "unet2d-multihead")),
                 hyperparameters=UNetHyperparameters(
-                    channels=tuple(int(c) for c in hp.get("channels", (16, 32, 64, 128))),
-                    decoder_convs=int(hp.get("decoder_convs", 1)),
-                    norm_groups=int(hp.get("norm_groups", 8)),
+                    channels=tuple(int(c) for c in hp["channels"]),
+                    decoder_convs=int(hp["decoder_convs"]),
+                    norm_groups=int(hp["norm_groups"]),
                 ),
                 labels=tuple(
                     LabelSpec(

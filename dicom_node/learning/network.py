@@ -82,9 +82,7 @@ class MultiHeadUNet(nn.Module):
         hp = config.hyperparameters
         self._hp = hp
         self.encoder = Encoder(config.preprocessing.in_channels, hp.channels, hp.norm_groups)
-        self.heads = nn.ModuleDict(
-            {h.name: self._make_head(h) for h in config.heads}
-        )
+        self.heads = nn.ModuleDict({h.name: self._make_head(h) for h in config.heads})
 
     def _make_head(self, head: HeadSpec) -> DecoderHead:
         hp = self._hp

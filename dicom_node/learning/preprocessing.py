@@ -19,8 +19,9 @@ def resize_images(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(slices.shape[-2:]) == tuple(size):
         return slices
     antialias = slices.shape[-2] > size[0] or slices.shape[-1] > size[1]
-    return F.interpolate(slices, size=size, mode="bilinear", align_corners=False,
-                         antialias=antialias)
+    return F.interpolate(
+        slices, size=size, mode="bilinear", align_corners=False, antialias=antialias
+    )
 
 
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -49,9 +50,7 @@ def normalise(
         if mr_range is None:
             raise ValueError("MR normalisation needs the volume's percentile range")
         windows = (mr_range,)
-    channels = [
-        ((slices - lo) * (2.0 / (hi - lo)) - 1.0).clamp_(-1.0, 1.0) for lo, hi in windows
-    ]
+    channels = [((slices - lo) * (2.0 / (hi - lo)) - 1.0).clamp_(-1.0, 1.0) for lo, hi in windows]
     return torch.cat(channels, dim=1)
 
 

@@ -145,8 +145,12 @@ def prepare_samples(samples: Sequence[SliceSample], config: ModelConfig) -> Prep
     while start < len(samples):  # resample runs of same-shaped slices together
         shape, rng = samples[start].image.shape, samples[start].mr_range
         stop = start
-        while (stop < len(samples) and samples[stop].image.shape == shape
-               and samples[stop].mr_range == rng and stop - start < 256):
+        while (
+            stop < len(samples)
+            and samples[stop].image.shape == shape
+            and samples[stop].mr_range == rng
+            and stop - start < 256
+        ):
             stop += 1
         chunk = samples[start:stop]
         x = torch.from_numpy(np.stack([s.image for s in chunk]).astype(np.float32))[:, None]
@@ -154,8 +158,9 @@ def prepare_samples(samples: Sequence[SliceSample], config: ModelConfig) -> Prep
         y = torch.from_numpy(np.stack([s.labels for s in chunk]).astype(np.uint8))
         labels.append(_resize_labels(y, size))
         start = stop
-    annotated = torch.tensor([[n in s.annotated for n in names] for s in samples],
-                             dtype=torch.bool).reshape(len(samples), len(names))
+    annotated = torch.tensor(
+        [[n in s.annotated for n in names] for s in samples], dtype=torch.bool
+    ).reshape(len(samples), len(names))
     return PreparedSlices(torch.cat(images), torch.cat(labels), annotated)
 
 
@@ -228,16 +233,22 @@ def augment_batch(
     scale_x, scale_y = uniform(0.88, 1.12), uniform(0.88, 1.12)
     shift_x, shift_y = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
-        torch.stack([cos * scale_x, -sin * scale_x, shift_x], dim=1),
-        torch.stack([sin * scale_y, cos * scale_y, shift_y], dim=1),
-    ], dim=1).to(images.device, images.dtype)
+    theta = torch.stack(
+        [
+            torch.stack([cos * scale_x, -sin * scale_x, shift_x], dim=1),
+            torch.stack([sin * scale_y, cos * scale_y, shift_y], dim=1),
+        ],
+        dim=1,
+    ).to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # sample (x + 1) with zero padding so that outside the slice reads -1 (air)
-    images = F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False) - 1
-    labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest",
-                           padding_mode="zeros", align_corners=False)[:, 0].to(labels.dtype)
+    images = (
+        F.grid_sample(images + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        - 1
+    )
+    labels = F.grid_sample(
+        labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )[:, 0].to(labels.dtype)
     gain = uniform(0.9, 1.1).to(images.device)[:, None, None, None]
     offset = uniform(-0.08, 0.08).to(images.device)[:, None, None, None]
     sigma = uniform(0.0, 0.05).to(images.device)[:, None, None, None]
@@ -257,8 +268,10 @@ def train(
 ) -> TrainingReport:
     """Train ``model`` in place on ``samples`` (plus ``replay``) according to ``policy``."""
     data = samples if isinstance(samples, PreparedSlices) else prepare_samples(samples, config)
-    old = replay if isinstance(replay, PreparedSlices) else (
-        prepare_samples(replay, config) if len(replay) else None
+    old = (
+        replay
+        if isinstance(replay, PreparedSlices)
+        else (prepare_samples(replay, config) if len(replay) else None)
     )
     if len(data) == 0:
         raise TrainingError("no training samples")
@@ -274,8 +287,7 @@ def train(
         model.encoder.requires_grad_(False)
     else:
         params += list(model.encoder.parameters())
-    optimiser = torch.optim.Adam(params, lr=policy.learning_rate,
-                                 weight_decay=policy.weight_decay)
+    optimiser = torch.optim.Adam(params, lr=policy.learning_rate, weight_decay=policy.weight_decay)
     gen = torch.Generator().manual_seed(policy.seed)
     n_replay = round(policy.batch_size * policy.replay_fraction) if old is not None else 0
     n_new = policy.batch_size - n_replay
@@ -292,7 +304,7 @@ def train(
                 if policy.time_budget_s is not None and elapsed >= policy.time_budget_s:
                     stopped = True
                     break
-                idx = order[b * n_new:(b + 1) * n_new]
+                idx = order[b * n_new : (b + 1) * n_new]
                 x, y, ann = data.images[idx], data.labels[idx], data.annotated[idx]
                 if n_replay and old is not None:
                     r = torch.randint(len(old), (n_replay,), generator=gen)
@@ -309,17 +321,23 @@ def train(
                 if loss is not None:
                     running, count = running + loss, count + 1
                 if progress is not None:
-                    progress(TrainingProgress(step, total_steps, epoch + 1, policy.epochs,
-                                              running / max(count, 1),
-                                              time.monotonic() - t0))
+                    progress(
+                        TrainingProgress(
+                            step,
+                            total_steps,
+                            epoch + 1,
+                            policy.epochs,
+                            running / max(count, 1),
+                            time.monotonic() - t0,
+                        )
+                    )
             if count:
                 epoch_losses.append(running / count)
                 LOGGER.info("epoch %d/%d loss %.4f", epoch + 1, policy.epochs, running / count)
             if not stopped:
                 completed += 1
             else:
-                LOGGER.info("time budget %.0f s reached after %d steps", policy.time_budget_s,
-                            step)
+                LOGGER.info("time budget %.0f s reached after %d steps", policy.time_budget_s, step)
                 break
     finally:
         model.encoder.requires_grad_(True)
@@ -337,9 +355,7 @@ def train(
     )
 
 
-def _heads_to_train(
-    config: ModelConfig, data: PreparedSlices, policy: TrainingPolicy
-) -> list[str]:
+def _heads_to_train(config: ModelConfig, data: PreparedSlices, policy: TrainingPolicy) -> list[str]:
     names = [lab.name for lab in config.labels]
     annotated = {names[i] for i in torch.nonzero(data.annotated.any(dim=0)).flatten().tolist()}
     useful = [h.name for h in config.heads if annotated & set(h.labels)]
@@ -353,8 +369,9 @@ def _heads_to_train(
     return useful
 
 
-def _set_lr(optimiser: torch.optim.Optimizer, policy: TrainingPolicy, step: int,
-            total: int, elapsed: float) -> None:
+def _set_lr(
+    optimiser: torch.optim.Optimizer, policy: TrainingPolicy, step: int, total: int, elapsed: float
+) -> None:
     if policy.lr_schedule == "constant":
         return
     frac = step / max(total, 1)
@@ -366,8 +383,13 @@ def _set_lr(optimiser: torch.optim.Optimizer, policy: TrainingPolicy, step: int,
 
 
 def _step(
-    model: MultiHeadUNet, config: ModelConfig, heads: list[str], x: torch.Tensor,
-    y: torch.Tensor, ann: torch.Tensor, policy: TrainingPolicy,
+    model: MultiHeadUNet,
+    config: ModelConfig,
+    heads: list[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ann: torch.Tensor,
+    policy: TrainingPolicy,
     optimiser: torch.optim.Optimizer,
 ) -> float | None:
     targets = head_targets(y, ann, config)

@@ -240,9 +240,7 @@ def apply_groups(
     check_state(arrays, config, model=model, partial=True)
     touched = {group_of(name) for name in arrays}
     state = model.state_dict()
-    incomplete = [
-        name for name in state if group_of(name) in touched and name not in arrays
-    ]
+    incomplete = [name for name in state if group_of(name) in touched and name not in arrays]
     if incomplete:
         raise WeightsError(f"incomplete parameter groups: missing {_few(sorted(incomplete))}")
     not_finite = sorted(k for k, v in arrays.items() if not np.all(np.isfinite(v)))
