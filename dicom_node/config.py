@@ -202,6 +202,34 @@ class LearningSettings(_Section):
     max_correction_frames: int = Field(20000, ge=1)
 
 
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class HttpSettings(_Section):
+    """The node's HTTP port: DICOMweb for viewers (viewer_bridge), /healthz, /status.
+
+    ``tokens`` holds the sha256 hex digests of the bearer tokens that may use it
+    (``tessera node token`` makes one); the tokens themselves are never stored.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8042, ge=0, le=65535)   # 0: any free port
+    tokens: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()        # e.g. ["https://ohif.hospital.example"]
+    max_stow_mb: float = Field(512.0, gt=0)   # larger STOW-RS bodies get 413
+    ohif_dir: Path | None = None              # OHIF's dist/, served at / (same origin)
+    ohif_url: str = ""                        # where status-page links open OHIF
+
+    @field_validator("tokens")
+    @classmethod
+    def _hashed(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for token in v:
+            if not _SHA256_RE.match(token):
+                raise ValueError("each entry must be a sha256 hex digest (`tessera node token`)")
+        return v
+
+
 class NodeConfig(_Section):
     node: NodeSettings = NodeSettings()
     dicom: DicomSettings = DicomSettings()
@@ -214,6 +242,7 @@ class NodeConfig(_Section):
     # starter model is always available under its own name.
     models: dict[str, Path] = {}
     learning: LearningSettings = LearningSettings()
+    http: HttpSettings = HttpSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> Self:
@@ -382,6 +411,17 @@ learning_rate = 0.001
 time_budget_s = 60
 validation_every = 5      # every 5th correction is held out for evaluation
 acceptance_margin = 0.01
+
+[http]
+# DICOMweb (QIDO-RS, WADO-RS, STOW-RS) for OHIF at /dicomweb, /healthz and /status.
+enabled = true
+host = "127.0.0.1"
+port = 8042               # 0: any free port
+# sha256 hex digests of bearer tokens; `tessera node token` prints a new pair.
+tokens = []
+cors_origins = []         # OHIF served from another origin, e.g. ["https://ohif.example"]
+max_stow_mb = 512
+# ohif_dir = "deploy/ohif/vendor/dist"   # serve OHIF at / (deploy/ohif/fetch-ohif.sh)
 
 # Extra models by name (the shipped starter "tessera-abdomen-ct" needs no entry):
 # [models]
