@@ -1,0 +1,173 @@
+"""The job queue contract (claim, lease, heartbeat, complete, retry, dead letter,
+concurrent claims), run against every backend: SQLite file and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from dicom_node.store.db import Database
+from dicom_node.store.jobs import Backoff, JobQueue, LeaseLost
+from dicom_node.store.models import Base, Job, JobState
+from tests.node.conftest import Postgres, wait_until
+
+LONG = Backoff(initial_s=60, max_s=600)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    else:
+        pg: Postgres = request.getfixturevalue("postgres")
+        database = Database(pg.url)
+        Base.metadata.drop_all(database.engine)
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+def _job(db: Database, job_id: int) -> Job:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _make_due(db: Database, job_id: int) -> None:
+    """Let the backoff pass without waiting for it."""
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id)
+                  .values(not_before=datetime.now(UTC) - timedelta(seconds=1)))
+
+
+def test_claim_heartbeat_complete(db: Database) -> None:
+    queue = JobQueue(db, lease_s=30)
+    job_id = queue.enqueue("export", "series-1", {"series_uid": "1.2.3"}, max_attempts=3)
+    assert job_id is not None
+    assert queue.enqueue("export", "series-1") is None, "one active job per kind and key"
+    assert queue.claim(["inference"], "A") is None, "only the kinds asked for"
+
+    job = queue.claim(["export"], "A")
+    assert job is not None
+    assert (job.id, job.kind, job.key, job.attempts, job.max_attempts) == (
+        job_id, "export", "series-1", 1, 3)
+    assert job.payload == {"series_uid": "1.2.3"}
+    assert queue.claim(["export"], "B") is None, "a leased job is not claimed twice"
+
+    first_lease = _job(db, job_id).lease_expires_at
+    assert first_lease is not None
+    time.sleep(0.01)
+    queue.heartbeat(job_id, "A")
+    lease = _job(db, job_id).lease_expires_at
+    assert lease is not None and lease > first_lease
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(job_id, "B")
+
+    assert queue.complete(job_id, "B") is False
+    assert queue.complete(job_id, "A") is True
+    row = _job(db, job_id)
+    assert row.state == JobState.DONE and row.finished_at is not None
+    assert row.lease_expires_at is None
+    assert queue.complete(job_id, "A") is False
+    assert queue.claim(["export"], "B") is None
+    assert queue.enqueue("export", "series-1") is not None, "done jobs are not active"
+
+
+def test_expired_lease_is_taken_over_by_another_owner(db: Database) -> None:
+    queue = JobQueue(db, lease_s=0.5)
+    job_id = queue.enqueue("export", "k")
+    assert queue.claim(["export"], "A") is not None
+    taken = wait_until(lambda: queue.claim(["export"], "B"), timeout=30, interval=0.1,
+                       what="the expired lease to be claimed")
+    assert taken.id == job_id and taken.attempts == 2
+    assert _job(db, job_id).lease_owner == "B"
+    # The first owner learns it lost the job and its result is dropped.
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(job_id, "A")
+    assert queue.complete(job_id, "A") is False
+    assert queue.fail(job_id, "A", "late", LONG) == "lost"
+    assert queue.complete(job_id, "B") is True
+
+
+def test_fail_backs_off_then_dead_letters_after_max_attempts(db: Database) -> None:
+    queue = JobQueue(db, lease_s=30)
+    job_id = queue.enqueue("export", "k", max_attempts=3)
+    assert job_id is not None
+    for attempt in (1, 2):
+        job = queue.claim(["export"], "A")
+        assert job is not None and job.attempts == attempt
+        before = datetime.now(UTC)
+        assert queue.fail(job_id, "A", f"refused {attempt}", LONG) == JobState.PENDING
+        row = _job(db, job_id)
+        assert row.last_error == f"refused {attempt}"
+        assert row.lease_expires_at is None
+        # Not due before its backoff (60 s, then 120 s) is over.
+        expected = LONG.delay(attempt)
+        assert row.not_before >= before + timedelta(seconds=expected - 1)
+        assert queue.claim(["export"], "A") is None
+        _make_due(db, job_id)
+    job = queue.claim(["export"], "A")
+    assert job is not None and job.attempts == 3
+    assert queue.fail(job_id, "A", "refused 3", LONG) == JobState.DEAD
+    row = _job(db, job_id)
+    assert row.state == JobState.DEAD and row.last_error == "refused 3"
+    assert row.finished_at is not None
+    _make_due(db, job_id)
+    assert queue.claim(["export"], "A") is None, "a dead job is never claimed again"
+    assert queue.counts() == {("export", JobState.DEAD): 1}
+
+
+def test_permanent_failure_is_dead_at_once(db: Database) -> None:
+    queue = JobQueue(db)
+    job_id = queue.enqueue("inference", "k", max_attempts=5)
+    assert job_id is not None
+    assert queue.claim(["inference"], "A") is not None
+    assert queue.fail(job_id, "A", "series refused", LONG, permanent=True) == JobState.DEAD
+
+
+def test_backoff_doubles_up_to_the_maximum() -> None:
+    backoff = Backoff(initial_s=2, max_s=20)
+    assert [backoff.delay(n) for n in range(1, 7)] == [2, 4, 8, 16, 20, 20]
+    assert backoff.delay(0) == 2
+
+
+def test_jobs_are_claimed_oldest_first(db: Database) -> None:
+    queue = JobQueue(db)
+    ids = [queue.enqueue("export", f"k{i}") for i in range(3)]
+    claimed = [queue.claim(["export"], "A") for _ in ids]
+    assert [c.id for c in claimed if c] == ids
+
+
+def test_concurrent_claims_never_return_the_same_job(db: Database) -> None:
+    queue = JobQueue(db, lease_s=300)
+    ids = {queue.enqueue("export", f"series-{i}") for i in range(40)}
+    claimed: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def worker(owner: str) -> None:
+        mine: list[int] = []
+        try:
+            start.wait(10)
+            while (job := queue.claim(["export"], owner)) is not None:
+                mine.append(job.id)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        claimed[owner] = mine
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    all_claims = [job_id for mine in claimed.values() for job_id in mine]
+    assert len(all_claims) == len(set(all_claims)), "a job was claimed twice"
+    assert set(all_claims) == ids
