@@ -19,6 +19,8 @@ app.command("demo")(demo)
 # Sub-apps owned by other packages are mounted here (one line each).
 from dicom_node.phantom.cli import phantom  # noqa: E402, I001
 app.command("phantom")(phantom)
+from dicom_node.learning.cli import model_app  # noqa: E402, I001
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:

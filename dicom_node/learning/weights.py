@@ -57,6 +57,25 @@ def read_metadata(data: bytes) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()}
 
 
+def read_file_config(path: Path | str) -> ModelConfig:
+    """The config embedded in a safetensors file, reading only its header."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            data = head + fh.read(min(length, MAX_HEADER_BYTES))
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from exc
+    meta = read_metadata(data)
+    if CONFIG_KEY not in meta:
+        raise WeightsError(f"{path} has no embedded {CONFIG_KEY!r}")
+    try:
+        return ModelConfig.from_json(meta[CONFIG_KEY])
+    except ModelConfigError as exc:
+        raise WeightsError(f"{path}: embedded config is invalid: {exc}") from exc
+
+
 def arrays_to_bytes(
     arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> bytes:

@@ -1,0 +1,143 @@
+"""``tessera model ...``: bootstrap the starter model, list model versions in a directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dicom_node.learning.bootstrap import STARTER_DIR, BootstrapPlan, bootstrap
+from dicom_node.learning.errors import LearningError
+from dicom_node.learning.training import TrainingProgress
+from dicom_node.learning.weights import read_file_config
+
+LOGGER = logging.getLogger(__name__)
+
+model_app = typer.Typer(
+    help="Segmentation models: train the starter model, list model versions.",
+    no_args_is_help=True,
+)
+
+
+@model_app.command("bootstrap")
+def bootstrap_command(
+    site: Annotated[str, typer.Option(help="Phantom site to train on.")] = "A",
+    subjects: Annotated[int, typer.Option(min=1, help="Training subjects (indexes 0..N-1).")] = 16,
+    held_out: Annotated[
+        int, typer.Option(min=1, help="Held-out subjects scored after training.")
+    ] = 3,
+    seed: Annotated[int, typer.Option(help="Phantom and training seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Directory for model.safetensors/.json.")] = STARTER_DIR,
+    time_budget: Annotated[
+        float, typer.Option(min=1.0, help="Training time budget, seconds.")
+    ] = 420.0,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Epochs at most (the budget may stop earlier).")
+    ] = 12,
+    input_size: Annotated[int, typer.Option(help="In-plane size the network sees.")] = 128,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+) -> None:
+    """Train the starter model from phantom subjects and print held-out Dice per label."""
+    console = Console()
+    plan = BootstrapPlan(
+        site=site,
+        subjects=subjects,
+        held_out=held_out,
+        seed=seed,
+        time_budget_s=time_budget,
+        epochs=epochs,
+        input_size=input_size,
+        device=device,
+    )
+    columns = (
+        TextColumn("[bold]training"),
+        BarColumn(),
+        TextColumn("step {task.fields[step]}"),
+        TextColumn("epoch {task.fields[epoch]}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=1.0, step=0, epoch=0, loss=float("nan"))
+
+        def on_progress(p: TrainingProgress) -> None:
+            # the budget or the step count, whichever ends training first
+            done = max(p.step / p.total_steps, p.elapsed_s / time_budget)
+            bar.update(task, completed=min(done, 1.0), step=p.step, epoch=p.epoch, loss=p.loss)
+
+        try:
+            result = bootstrap(plan, out, progress=on_progress, status=console.log)
+        except LearningError as exc:
+            console.print(f"[red]bootstrap failed:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        bar.update(task, completed=1.0)
+
+    table = Table(title=f"held-out Dice, site {site}, {held_out} subjects")
+    table.add_column("label")
+    table.add_column("Dice", justify="right")
+    for name, value in result.held_out_dice.items():
+        style = "bold" if name == "mean" else ""
+        table.add_row(name, f"{value:.4f}", style=style)
+    console.print(table)
+    report = result.report
+    console.print(
+        f"{report.steps} steps, {report.epochs_completed} full epochs on {report.samples} "
+        f"slices in {report.seconds:.0f} s; total {result.seconds:.0f} s; saved {result.path}"
+    )
+
+
+@model_app.command("list")
+def list_command(
+    directory: Annotated[
+        Path, typer.Argument(help="Directory holding *.safetensors.")
+    ] = STARTER_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """List model versions (name, generation, heads) found under a directory."""
+    rows = []
+    for path in sorted(directory.glob("**/*.safetensors")):
+        try:
+            config = read_file_config(path)
+        except LearningError as exc:
+            LOGGER.warning("skipping %s: %s", path, exc)
+            continue
+        rows.append(
+            {
+                "name": config.name,
+                "generation": config.generation,
+                "architecture": config.architecture,
+                "heads": {h.name: list(h.labels) for h in config.heads},
+                "input_size": config.preprocessing.input_size,
+                "modality": config.preprocessing.modality.value,
+                "size_bytes": path.stat().st_size,
+                "path": str(path),
+            }
+        )
+    rows.sort(key=lambda r: (r["name"], r["generation"]))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no models under {directory}")
+        return
+    table = Table(title=f"models in {directory}")
+    for col in ("name", "generation", "heads", "modality", "size", "path"):
+        table.add_column(col)
+    for r in rows:
+        heads = escape(", ".join(f"{h}[{'+'.join(labs)}]" for h, labs in r["heads"].items()))
+        table.add_row(
+            r["name"],
+            str(r["generation"]),
+            heads,
+            f"{r['modality']} {r['input_size']}px",
+            f"{r['size_bytes'] / 1e6:.1f} MB",
+            r["path"],
+        )
+    Console().print(table)
