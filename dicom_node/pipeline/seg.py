@@ -208,6 +208,9 @@ def build_seg(
         content_label="GROUNDTRUTH" if kind is SegAlgorithmType.MANUAL else "TESSERA",
         content_description=f"{algorithm.name} generation {algorithm.generation}"[:64],
     )
+    body_part = volume.datasets[0].get("BodyPartExamined")
+    if body_part:
+        seg.BodyPartExamined = body_part
     seg.SeriesDescription = (
         series_description or f"SEG {algorithm.name} gen {algorithm.generation}"
     )[:64]
