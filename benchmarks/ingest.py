@@ -1,0 +1,299 @@
+"""Ingest benchmark: dcmtk storescu -> the node, dcmtk storescp, Orthanc.
+
+The same instances (CT_small derived, 128x128, fresh UIDs) are sent by
+``/usr/bin/storescu`` (TCP_NODELAY=1, one association) to each receiver, with fresh
+storage every repetition, repetitions interleaved across receivers. Prints the
+median instances/s of each and the ratios node/storescp and node/Orthanc.
+
+    python benchmarks/ingest.py [--count 500] [--repeats 3] [--profile]
+
+``--profile`` also runs the node in-process under cProfile (every thread) for one
+send and prints the functions where the time goes. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+STORESCP = "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
+SEND_TIMEOUT_S = 300.0
+START_TIMEOUT_S = 60.0
+
+
+def peer_env() -> dict[str, str]:
+    return dict(os.environ, TCP_NODELAY="1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(probe: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def echo_ok(port: int, called: str) -> bool:
+    return subprocess.run([ECHOSCU, "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, env=peer_env(), timeout=30).returncode == 0
+
+
+def make_instances(directory: Path, count: int) -> list[Path]:
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study, series = generate_uid(), generate_uid()
+    z0 = float(template.ImagePositionPatient[2])
+    files = []
+    for i in range(count):
+        ds = copy.deepcopy(template)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [*template.ImagePositionPatient[:2], z0 + i]
+        path = directory / f"{i + 1:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def send(port: int, called: str, files: list[Path]) -> float:
+    """Seconds storescu needs to send ``files`` in one association (fails loudly)."""
+    t0 = time.perf_counter()
+    result = subprocess.run([STORESCU, "-aet", "BENCH", "-aec", called, "127.0.0.1",
+                             str(port), *map(str, files)],
+                            capture_output=True, text=True, env=peer_env(),
+                            timeout=SEND_TIMEOUT_S)
+    elapsed = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {called} failed: {result.stdout[-2000:]}"
+                           f"{result.stderr[-2000:]}")
+    return elapsed
+
+
+@dataclass
+class Receiver:
+    name: str
+    called: str
+    port: int
+    proc: subprocess.Popen[Any]
+    count: Callable[[], int]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_node(work: Path) -> Receiver:
+    """``tessera node serve`` with the default (durable) settings, port 0."""
+    data_dir = work / "node"
+    config = work / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data_dir}"\n[dicom]\nport = 0\n')
+    log = (work / "node.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "node", "serve",
+                             "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    line_box: list[str] = []
+    reader = threading.Thread(target=lambda: line_box.append(proc.stdout.readline()),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    reader.join(START_TIMEOUT_S)
+    if not line_box or not line_box[0]:
+        proc.kill()
+        raise RuntimeError("the node printed no listening line; see " + str(work / "node.log"))
+    port = int(json.loads(line_box[0])["port"])
+
+    def count() -> int:
+        import sqlite3
+
+        with sqlite3.connect(data_dir / "node.db", timeout=30) as conn:
+            return int(conn.execute("select count(*) from instance").fetchone()[0])
+
+    return Receiver("node", "TESSERA", port, proc, count)
+
+
+def start_storescp(work: Path) -> Receiver:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([STORESCP, "-aet", "STORESCP", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=peer_env())
+    wait_for(lambda: echo_ok(port, "STORESCP"), START_TIMEOUT_S, "storescp")
+    return Receiver("storescp", "STORESCP", port, proc,
+                    lambda: sum(1 for p in out.iterdir() if p.is_file()))
+
+
+def start_orthanc(work: Path) -> Receiver:
+    directory = work / "orthanc"
+    directory.mkdir()
+    dicom_port, http_port = free_port(), free_port()
+    cfg = directory / "orthanc.json"
+    cfg.write_text(json.dumps({
+        "Name": "Bench", "StorageDirectory": str(directory / "db"),
+        "IndexDirectory": str(directory / "db"), "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+    }))
+    log = (directory / "orthanc.log").open("wb")
+    proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                            env=peer_env())
+
+    def stats() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics",
+                                    timeout=10) as resp:
+            return dict(json.loads(resp.read()))
+
+    def up() -> bool:
+        try:
+            return bool(stats())
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    wait_for(up, START_TIMEOUT_S, "Orthanc")
+    wait_for(lambda: echo_ok(dicom_port, "ORTHANC"), START_TIMEOUT_S, "Orthanc DICOM")
+    return Receiver("orthanc", "ORTHANC", dicom_port, proc,
+                    lambda: int(stats()["CountInstances"]))
+
+
+STARTERS = {"node": start_node, "storescp": start_storescp, "orthanc": start_orthanc}
+
+
+def run_once(name: str, files: list[Path], scratch: Path, rep: int) -> float:
+    work = scratch / f"{name}-{rep}"
+    work.mkdir()
+    receiver = STARTERS[name](work)
+    try:
+        elapsed = send(receiver.port, receiver.called, files)
+        stored = receiver.count()
+        if stored != len(files):
+            raise RuntimeError(f"{name} holds {stored} of {len(files)} instances")
+        return len(files) / elapsed
+    finally:
+        receiver.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def profile_node(files: list[Path], scratch: Path, top: int) -> str:
+    """Run the node in-process with cProfile in every thread; one send."""
+    from dicom_node.config import load_config
+    from dicom_node.node import Node
+
+    profilers: list[cProfile.Profile] = []
+    lock = threading.Lock()
+
+    def hook(*_: Any) -> None:
+        prof = cProfile.Profile()
+        with lock:
+            profilers.append(prof)
+        prof.enable()  # replaces this hook for the rest of the thread
+
+    work = scratch / "profile"
+    work.mkdir()
+    config = work / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{work / "node"}"\n[dicom]\nport = 0\n')
+    node = Node(load_config(config, env={}))
+    threading.setprofile(hook)
+    try:
+        node.start()
+        rate = len(files) / send(node.port, "TESSERA", files)
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+        for prof in profilers:
+            prof.disable()
+        node.stop()
+    out = io.StringIO()
+    stats = pstats.Stats(*profilers, stream=out)  # type: ignore[arg-type]
+    out.write(f"node in-process under cProfile: {rate:.0f} instances/s "
+              f"(profiling overhead included)\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--targets", default="node,storescp,orthanc")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    targets = args.targets.split(",")
+    for exe in (STORESCU, ECHOSCU, *(STORESCP,) * ("storescp" in targets),
+                *(ORTHANC,) * ("orthanc" in targets)):
+        if not os.access(exe, os.X_OK):
+            print(f"missing {exe}", file=sys.stderr)
+            return 2
+
+    scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
+    try:
+        inputs = scratch / "inputs"
+        inputs.mkdir()
+        files = make_instances(inputs, args.count)
+        size = sum(f.stat().st_size for f in files)
+        print(f"{len(files)} instances ({size / len(files) / 1024:.1f} KiB each), "
+              f"{args.repeats} repetitions, storescu with TCP_NODELAY=1", flush=True)
+        rates: dict[str, list[float]] = {t: [] for t in targets}
+        for rep in range(args.repeats):
+            for name in targets:
+                rate = run_once(name, files, scratch, rep)
+                rates[name].append(rate)
+                print(f"  rep {rep + 1} {name:<9} {rate:7.1f} instances/s", flush=True)
+        medians = {t: statistics.median(r) for t, r in rates.items()}
+        print("\nmedian instances/s")
+        for name, value in medians.items():
+            spread = ", ".join(f"{r:.0f}" for r in rates[name])
+            print(f"  {name:<9} {value:7.1f}   ({spread})")
+        if "node" in medians:
+            for peer in ("storescp", "orthanc"):
+                if peer in medians:
+                    print(f"  node/{peer:<9} {medians['node'] / medians[peer]:.2f}")
+        if args.profile:
+            print()
+            print(profile_node(files, scratch, args.top))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
