@@ -67,8 +67,8 @@ class Grid:
         spacing: tuple[float, float, float],
     ) -> None:
         self.shape = shape
-        self.origin = tuple(float(v) for v in origin)
-        self.spacing = tuple(float(v) for v in spacing)
+        self.origin = (float(origin[0]), float(origin[1]), float(origin[2]))
+        self.spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         row = np.asarray(cosines[:3], dtype=float)
         col = np.asarray(cosines[3:6], dtype=float)
         dirs = [np.cross(row, col), col, row]
@@ -149,7 +149,7 @@ class Ellipsoid:
             for i in range(3)
         ]
         b = self.bump
-        return (
+        q = np.asarray(
             u[0] * u[0]
             + u[1] * u[1]
             + u[2] * u[2]
@@ -158,6 +158,7 @@ class Ellipsoid:
             + np.float32(b[2]) * u[0] * u[2]
             + np.float32(b[3]) * u[2] * u[2] * u[2]
         )
+        return q
 
 
 def rotation(rng: np.random.Generator, max_deg: float, about_z: float = 0.0) -> np.ndarray:

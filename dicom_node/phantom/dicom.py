@@ -18,6 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
@@ -72,7 +73,7 @@ def subject_datasets(subject: PhantomSubject) -> list[Dataset]:
     datasets = []
     for k in range(subject.image.shape[0]):
         ds = Dataset()
-        sop = _uid(subject, "instance", subject.orientation.value, k)
+        sop = UID(_uid(subject, "instance", subject.orientation.value, k))
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = sop_class
         ds.file_meta.MediaStorageSOPInstanceUID = sop
