@@ -129,7 +129,7 @@ def list_command(
         return
     table = Table(title=f"models in {directory}")
     for col in ("name", "generation", "heads", "modality", "size", "path"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         heads = escape(", ".join(f"{h}[{'+'.join(labs)}]" for h, labs in r["heads"].items()))
         table.add_row(

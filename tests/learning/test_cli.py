@@ -1,0 +1,62 @@
+"""``tessera model list`` and a very short ``tessera model bootstrap``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from dicom_node.cli import app
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import build_model
+from dicom_node.learning.weights import load_model, save_model
+
+runner = CliRunner()
+
+
+def test_model_list_shows_every_version(tiny_config: ModelConfig, tmp_path: Path) -> None:
+    for gen in (0, 3):
+        cfg = tiny_config.with_generation(gen)
+        save_model(build_model(cfg), cfg, tmp_path / f"gen{gen}" / "model.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a model")
+    result = runner.invoke(app, ["model", "list", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["generation"] for r in rows] == [0, 3]
+    assert rows[0]["heads"]["kidneys"] == ["kidney_left", "kidney_right"]
+    table = runner.invoke(app, ["model", "list", str(tmp_path)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "tessera-abdomen-ct" in table.output
+
+
+def test_model_list_of_an_empty_directory(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["model", "list", str(tmp_path)])
+    assert result.exit_code == 0 and "no models" in result.output
+
+
+def test_bootstrap_trains_saves_and_reports_dice(tmp_path: Path) -> None:
+    args = [
+        "model",
+        "bootstrap",
+        "--subjects",
+        "1",
+        "--held-out",
+        "1",
+        "--time-budget",
+        "3",
+        "--input-size",
+        "32",
+        "--epochs",
+        "1",
+        "--seed",
+        "5",
+        "--out",
+        str(tmp_path),
+    ]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for label in ("body", "liver", "spleen", "kidney_left", "kidney_right", "mean"):
+        assert label in result.output
+    _, config = load_model(tmp_path / "model.safetensors")
+    assert config.generation == 0 and config.preprocessing.input_size == 32
+    assert (tmp_path / "model.json").exists()
