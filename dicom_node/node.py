@@ -10,14 +10,17 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scp import RunningSCP, start_scp
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.pipeline.assembler import SeriesAssembler
+from dicom_node.pipeline.corrections import CorrectionIntake, CorrectionJob
 from dicom_node.pipeline.export import Exporter
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.segmentation import SegmentationJob
+from dicom_node.pipeline.trainer import IncrementalTrainer
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
@@ -39,6 +42,7 @@ class NodeParts:
     assembler: SeriesAssembler
     handlers: list[JobHandler] = field(default_factory=list)
     models: ModelRegistry = field(default_factory=ModelRegistry)
+    corrections: CorrectionIntake | None = None  # also called by the STOW-RS path
 
     @classmethod
     def build(cls, config: NodeConfig) -> NodeParts:
@@ -54,6 +58,9 @@ class NodeParts:
         parts.check_models()
         parts.handlers.append(SegmentationJob(db, files, parts.store, queue, config,
                                               parts.models))
+        parts.corrections = CorrectionIntake(db, files, parts.store, queue, config, parts.models)
+        parts.handlers += [CorrectionJob(parts.corrections),
+                           IncrementalTrainer(db, config, parts.models)]
         return parts
 
     def check_models(self) -> None:
@@ -81,6 +88,7 @@ class Node:
         self._stop = threading.Event()
         self._assembler_thread: threading.Thread | None = None
         self.scp: RunningSCP | None = None
+        self.bridge: Any = None  # viewer_bridge.server.RunningBridge when [http] is on
         self.worker = JobWorker(
             self.parts.queue, self.parts.handlers, threads=config.jobs.workers,
             backoff=Backoff(config.export.backoff_initial_s, config.export.backoff_max_s),
@@ -91,6 +99,11 @@ class Node:
     def port(self) -> int:
         assert self.scp is not None, "node not started"
         return self.scp.port
+
+    @property
+    def http_port(self) -> int:
+        assert self.bridge is not None, "node not started, or [http] not enabled"
+        return int(self.bridge.port)
 
     def start(self) -> Node:
         if self.serve_dicom:
@@ -103,6 +116,12 @@ class Node:
         self._assembler_thread.start()
         if self.serve_dicom:
             self.scp = start_scp(self.config.dicom, self.parts.store)
+            if self.config.http.enabled:
+                # Imported here: viewer_bridge builds on dicom_node, not the reverse.
+                from viewer_bridge.server import start_bridge
+
+                self.bridge = start_bridge(self.config, self.parts.db, self.parts.files,
+                                           self.parts.store)
         return self
 
     def _assemble_loop(self) -> None:
@@ -116,6 +135,8 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.bridge is not None:
+            self.bridge.shutdown()
         if self.scp is not None:
             self.scp.shutdown()
         self.worker.stop()

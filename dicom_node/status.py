@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from dicom_node.pipeline.usage import learning_usage, render_learning
 from dicom_node.store.db import Database
 from dicom_node.store.models import AuditEvent, Job, JobState, OutboxItem, OutboxState, Series
 
@@ -51,6 +52,7 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         ]
         refusal_counts = dict(s.execute(select(AuditEvent.kind, func.count())
                                         .group_by(AuditEvent.kind)).all())
+        learning = learning_usage(s)
     return {
         "series": series,
         "outbox": outbox,
@@ -58,6 +60,7 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         "dead_letters": {"jobs": dead_jobs, "outbox": dead_items},
         "refused_series": refused_series,
         "events": {"counts": refusal_counts, "recent": refusals},
+        "learning": learning,
     }
 
 
@@ -89,4 +92,6 @@ def render_status(status: dict[str, Any]) -> str:
     for e in status["events"]["recent"]:
         who = f"{e['peer_ae'] or '?'}@{e['peer_address'] or '?'}"
         lines.append(f"  {e['at']} {e['kind']} {who} {e['status'] or ''} {e['reason']}")
+    if "learning" in status:
+        lines += render_learning(status["learning"])
     return "\n".join(lines)

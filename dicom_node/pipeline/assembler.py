@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig, RuleAction
+from dicom_node.pipeline.corrections import SEGMENTATION_STORAGE, queue_correction
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.routing import SeriesFacts, matching_rules, quiet_period
 from dicom_node.store.db import Database
@@ -87,6 +88,8 @@ class SeriesAssembler:
     def _route(self, s: Session, series: Series, facts: SeriesFacts) -> None:
         rules = matching_rules(self.config.rules, facts)
         s.refresh(series)
+        if series.sop_class_uid == SEGMENTATION_STORAGE:  # a SEG may correct an AI result
+            queue_correction(s, self.queue, series)
         if not rules:
             LOGGER.info("series %s complete (%d instances); no rule matches: stored only",
                         series.series_uid, series.instance_count)

@@ -1,0 +1,440 @@
+"""Correction intake: a stored SEG that corrects one of the node's AI segmentations.
+
+    SEG stored (C-STORE, or STOW-RS via viewer_bridge) --> CorrectionIntake.ingest(sop uid)
+      --> checks (size, own SEG, referenced series, segmented by the node, geometry)
+      --> label volume aligned to the source --> Dice AI vs corrected, changed slices
+      --> training sample (touched slices + neighbours) --> ``training`` job
+
+A SEG is a correction only if it references a series the node segmented and is not
+the node's own SEG (by SOP/Series UID, or by its algorithm identification). A bad
+correction is already stored (it arrived like any instance); it gets a ``flagged``
+Correction row and an AuditEvent with the reason, and is never trained on. An SEG
+that changes nothing counts as ``accepted``.
+
+Idempotent: one Correction row per SEG SOP Instance UID; re-running returns it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import NodeConfig
+from dicom_node.errors import DicomNodeError, InvalidDatasetError, SeriesRefused
+from dicom_node.learning.incremental import (
+    cut_sample,
+    encode_sample,
+    touched_slices,
+    with_neighbours,
+)
+from dicom_node.learning.metrics import dice
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.seg import (
+    SegmentSpec,
+    _place_by_position,
+    match_segments,
+    read_seg_labels,
+    segment_infos,
+)
+from dicom_node.pipeline.segmentation import segment_specs
+from dicom_node.pipeline.volume import Volume, build_volume
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instances import InstanceStore, Peer
+from dicom_node.store.jobs import ClaimedJob, JobQueue
+from dicom_node.store.models import (
+    Correction,
+    CorrectionState,
+    Instance,
+    Job,
+    JobState,
+    SampleState,
+    Segmentation,
+    Series,
+    TrainingSample,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+CORRECTION = "correction"
+TRAINING = "training"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SAMPLES_DIR = "samples"
+
+
+class NotACorrection(Exception):
+    """Internal: ends the intake with a Correction row in ``state`` with ``reason``."""
+
+    def __init__(self, state: CorrectionState, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CorrectionOutcome:
+    """What the intake decided about one SEG (a snapshot of its Correction row)."""
+
+    correction_id: int
+    state: CorrectionState
+    reason: str | None
+    dice: dict[str, float]
+    changed_slices: tuple[int, ...]
+    training_queued: bool = False
+
+
+class CorrectionIntake:
+    """Turns a stored SEG instance into a Correction (and a training sample).
+
+    Used by the ``correction`` job for C-STORE and callable directly by the DICOMweb
+    STOW-RS path: ``CorrectionIntake(...).ingest(sop_instance_uid)``.
+    """
+
+    def __init__(self, db: Database, files: InstanceFiles, store: InstanceStore,
+                 queue: JobQueue, config: NodeConfig, models: ModelRegistry) -> None:
+        self.db = db
+        self.files = files
+        self.store = store
+        self.queue = queue
+        self.config = config
+        self.models = models
+        self.settings = config.learning
+
+    # -- the entry point ------------------------------------------------------------
+    def ingest(self, sop_instance_uid: str, *,
+               heartbeat: Callable[[], None] | None = None) -> CorrectionOutcome:
+        """Decide about the stored SEG ``sop_instance_uid``.
+
+        Raises
+        ------
+        DicomNodeError
+            No stored instance has this UID.
+        Other exceptions (a database or file error) leave nothing recorded, so a retry
+        starts afresh.
+        """
+        beat = heartbeat or (lambda: None)
+        with self.db.session() as s:
+            done = s.execute(select(Correction).where(
+                Correction.seg_sop_instance_uid == sop_instance_uid)).scalar_one_or_none()
+            if done is not None:
+                return _outcome(done)
+            row = s.execute(select(Instance, Series.series_uid).join(Series).where(
+                Instance.sop_instance_uid == sop_instance_uid)).first()
+        if row is None:
+            raise DicomNodeError(f"no stored instance {sop_instance_uid}")
+        instance, seg_series_uid = row
+        draft = Correction(seg_sop_instance_uid=sop_instance_uid, seg_series_uid=seg_series_uid,
+                           peer_ae=instance.calling_ae, dice={}, changed_slices=[], labels=[],
+                           unknown_segments=[])
+        try:
+            return self._evaluate(draft, instance, beat)
+        except NotACorrection as exc:
+            return self._finish_rejected(draft, exc)
+
+    # -- the checks, in order ---------------------------------------------------------
+    def _evaluate(self, draft: Correction, instance: Instance,
+                  beat: Callable[[], None]) -> CorrectionOutcome:
+        limit = int(self.settings.max_correction_mb * 1024 * 1024)
+        if instance.size > limit:
+            raise _flag(f"SEG of {instance.size} bytes exceeds learning.max_correction_mb "
+                        f"({self.settings.max_correction_mb} MB); not read")
+        path = self.files.absolute(instance.path)
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise _flag(f"SEG cannot be read: {exc}") from exc
+        if str(header.get("Modality", "")) != "SEG" or "SegmentSequence" not in header:
+            raise _flag("not a segmentation (Modality is not SEG or no segments)")
+        frames = int(header.get("NumberOfFrames", 0) or 0)
+        if frames > self.settings.max_correction_frames:
+            raise _flag(f"SEG has {frames} frames, more than learning.max_correction_frames "
+                        f"({self.settings.max_correction_frames}); not read")
+        own = self._own_by_uid(draft)
+        if own:
+            raise NotACorrection(CorrectionState.IGNORED, own)
+        source_uid = _referenced_series(header)
+        if source_uid is None:
+            raise _flag("SEG references no source series (ReferencedSeriesSequence)")
+        draft.source_series_uid = source_uid
+        ai = self._latest_segmentation(source_uid)
+        if ai is None:
+            if not self._series_paths(source_uid):
+                raise _flag(f"referenced series {source_uid} is unknown to the node")
+            raise _flag(f"the node never segmented the referenced series {source_uid}")
+        draft.segmentation_id, draft.model_name = ai.id, ai.model_name
+        draft.ai_generation = ai.generation
+        own = _own_by_algorithm(header, ai)
+        if own:
+            raise NotACorrection(CorrectionState.IGNORED, own)
+        draft.delay_s = max(0.0, (instance.received_at - ai.created_at).total_seconds())
+
+        model_config = self._model_config(ai.model_name)
+        specs = segment_specs(model_config)
+        infos = segment_infos(header)
+        mapping = match_segments(infos, specs)
+        draft.unknown_segments = [f"{i.number}:{i.label_name}" for i in infos
+                                  if i.number not in mapping]
+        if not mapping:
+            raise _flag("no segment matches a model label: "
+                        + ", ".join(draft.unknown_segments))
+        volume = self._source_volume(source_uid, model_config)
+        beat()
+        seg = pydicom.dcmread(path)
+        try:
+            corrected = _read_labels(seg, volume, specs)
+        except (InvalidDatasetError, ValueError, KeyError, AttributeError) as exc:
+            raise _flag(f"SEG does not fit the source series geometry: {exc}") from exc
+        ai_labels = self._ai_labels(ai, volume, specs)
+        beat()
+        by_label = {v: k for k, v in model_config.label_values.items()}
+        values = sorted(set(mapping.values()))
+        draft.labels = [by_label[v] for v in values]
+        if not corrected.any():
+            raise _flag("SEG is empty: no segment marks any voxel")
+        draft.dice = {by_label[v]: round(dice(ai_labels == v, corrected == v), 6)
+                      for v in values}
+        changed = touched_slices(ai_labels, corrected, values)
+        draft.changed_slices = changed
+        if not changed:
+            draft.state = CorrectionState.ACCEPTED
+            draft.reason = "AI segmentation accepted unchanged"
+            return self._finish(draft, None)
+        return self._record(draft, volume, corrected, model_config)
+
+    def _record(self, draft: Correction, volume: Volume, corrected: np.ndarray,
+                model_config: ModelConfig) -> CorrectionOutcome:
+        hospital = set(self.settings.annotated_labels) or set(model_config.label_values)
+        annotated = [n for n in draft.labels if n in hospital]
+        draft.state = CorrectionState.RECORDED
+        if not annotated:
+            draft.reason = "annotates none of learning.annotated_labels; not trained on"
+            return self._finish(draft, None)
+        keep = with_neighbours(draft.changed_slices, self.settings.neighbour_slices,
+                               volume.shape[0])
+        sample = cut_sample(volume.pixels.astype(np.float32), corrected, keep, annotated,
+                            model_config)
+        data = encode_sample(sample)
+        rel = f"{SAMPLES_DIR}/{_safe(draft.seg_sop_instance_uid)}.npz"
+        target = self.config.node.data_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        sample_row = TrainingSample(
+            source_series_uid=draft.source_series_uid or "", model_name=draft.model_name or "",
+            state=SampleState.PENDING, path=rel, slices=len(keep), size=len(data),
+            annotated=annotated, split="train")
+        return self._finish(draft, sample_row)
+
+    # -- recording -------------------------------------------------------------------
+    def _finish(self, draft: Correction, sample: TrainingSample | None) -> CorrectionOutcome:
+        queued = False
+        superseded: list[str] = []
+        with self.db.session() as s:
+            if sample is not None:
+                draft.split = sample.split = self._split(s, draft)
+                if sample.split == "validation":
+                    sample.state = SampleState.HELD_OUT
+                superseded = self._supersede(s, draft.source_series_uid or "")
+            s.add(draft)
+            s.flush()
+            if sample is not None:
+                sample.correction_id = draft.id
+                s.add(sample)
+                if sample.split == "train":
+                    queued = self._maybe_queue_training(s, sample.model_name)
+            outcome = _outcome(draft, queued)
+        for rel in superseded:
+            (self.config.node.data_dir / rel).unlink(missing_ok=True)
+        LOGGER.info("SEG %s: correction %s of series %s (%s); Dice %s; %d changed slices",
+                    draft.seg_sop_instance_uid, draft.state, draft.source_series_uid,
+                    draft.reason or "", draft.dice, len(draft.changed_slices))
+        return outcome
+
+    def _finish_rejected(self, draft: Correction, exc: NotACorrection) -> CorrectionOutcome:
+        draft.state, draft.reason = exc.state, exc.reason
+        with self.db.session() as s:
+            s.add(draft)
+            s.flush()
+            outcome = _outcome(draft)
+        log = LOGGER.warning if exc.state is CorrectionState.FLAGGED else LOGGER.info
+        log("SEG %s from %s: %s: %s", draft.seg_sop_instance_uid, draft.peer_ae,
+            exc.state, exc.reason)
+        if exc.state is CorrectionState.FLAGGED:
+            self.store.audit("correction-flagged", exc.reason, Peer(ae_title=draft.peer_ae),
+                             draft.seg_sop_instance_uid, draft.seg_series_uid)
+        return outcome
+
+    def _split(self, s: Session, draft: Correction) -> str:
+        """Every ``validation_every``-th corrected series is held out; a series keeps its split."""
+        earlier = s.execute(select(Correction.split).where(
+            Correction.source_series_uid == draft.source_series_uid,
+            Correction.split.is_not(None)).order_by(Correction.id.desc())).scalars().first()
+        if earlier:
+            return earlier
+        every = self.settings.validation_every
+        if not every:
+            return "train"
+        n = s.execute(select(func.count(func.distinct(Correction.source_series_uid))).where(
+            Correction.split.is_not(None), Correction.model_name == draft.model_name)
+        ).scalar_one()
+        return "validation" if (int(n) + 1) % every == 0 else "train"
+
+    def _supersede(self, s: Session, source_uid: str) -> list[str]:
+        rows = s.execute(select(TrainingSample).where(
+            TrainingSample.source_series_uid == source_uid,
+            TrainingSample.state != SampleState.SUPERSEDED)).scalars().all()
+        for row in rows:
+            LOGGER.info("sample %d of series %s superseded by a later correction",
+                        row.id, source_uid)
+            row.state = SampleState.SUPERSEDED
+        return [row.path for row in rows]
+
+    def _maybe_queue_training(self, s: Session, model_name: str) -> bool:
+        if not self.settings.enabled:
+            return False
+        pending = s.execute(select(func.count()).select_from(TrainingSample).where(
+            TrainingSample.model_name == model_name,
+            TrainingSample.state == SampleState.PENDING)).scalar_one()
+        if int(pending) < self.settings.train_every:  # autoflush counted this sample
+            return False
+        waiting = s.execute(select(Job.id).where(
+            Job.kind == TRAINING, Job.key == model_name,
+            Job.state == JobState.PENDING)).first()
+        if waiting is not None:
+            return True
+        # A running round does not include this sample: queue the next one beside it.
+        self.queue.enqueue(TRAINING, model_name, {"model": model_name}, max_attempts=3,
+                           session=s, unique_active=False)
+        return True
+
+    # -- lookups ---------------------------------------------------------------------
+    def _own_by_uid(self, draft: Correction) -> str | None:
+        with self.db.session() as s:
+            hit = s.execute(select(Segmentation.id).where(
+                (Segmentation.seg_sop_instance_uid == draft.seg_sop_instance_uid)
+                | (Segmentation.seg_series_uid == draft.seg_series_uid))).first()
+        return "the node's own SEG (SOP/Series Instance UID)" if hit else None
+
+    def _latest_segmentation(self, series_uid: str) -> Segmentation | None:
+        with self.db.session() as s:
+            return s.execute(select(Segmentation).where(Segmentation.series_uid == series_uid)
+                             .order_by(Segmentation.created_at.desc(), Segmentation.id.desc())
+                             ).scalars().first()
+
+    def _series_paths(self, series_uid: str) -> list[str]:
+        with self.db.session() as s:
+            return list(s.execute(select(Instance.path).join(Series).where(
+                Series.series_uid == series_uid)).scalars())
+
+    def _model_config(self, name: str) -> ModelConfig:
+        try:
+            return self.models.get(name)[1]
+        except (DicomNodeError, OSError) as exc:
+            raise _flag(f"model {name!r} that produced the AI result is not installed: "
+                        f"{exc}") from exc
+
+    def _source_volume(self, series_uid: str, config: ModelConfig) -> Volume:
+        paths = self._series_paths(series_uid)
+        try:
+            datasets = [pydicom.dcmread(self.files.absolute(p)) for p in paths]
+            return build_volume(datasets,
+                                allowed_modalities={config.preprocessing.modality.value})
+        except SeriesRefused as exc:
+            raise _flag(f"referenced series {series_uid} cannot be read as a volume: "
+                        f"{exc}") from exc
+
+    def _ai_labels(self, ai: Segmentation, volume: Volume, specs: list[SegmentSpec]
+                   ) -> np.ndarray:
+        with self.db.session() as s:
+            rel = s.execute(select(Instance.path).where(
+                Instance.sop_instance_uid == ai.seg_sop_instance_uid)).scalar_one()
+        return _read_labels(pydicom.dcmread(self.files.absolute(rel)), volume, specs)
+
+
+class CorrectionJob:
+    """Job handler for ``correction`` jobs: every SEG instance of a completed series."""
+
+    kinds = (CORRECTION,)
+
+    def __init__(self, intake: CorrectionIntake) -> None:
+        self.intake = intake
+
+    def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
+        with self.intake.db.session() as s:
+            uids = list(s.execute(select(Instance.sop_instance_uid).join(Series).where(
+                Series.series_uid == job.payload["series_uid"],
+                Instance.sop_class_uid == SEGMENTATION_STORAGE)).scalars())
+        for uid in uids:
+            self.intake.ingest(uid, heartbeat=heartbeat)
+
+    def on_dead(self, job: ClaimedJob, error: str) -> None:
+        self.intake.store.audit("correction-failed", error,
+                                series_uid=job.payload.get("series_uid"))
+
+
+def queue_correction(s: Session, queue: JobQueue, series: Series) -> None:
+    """The assembler's hook: a completed SEG series may hold corrections."""
+    queue.enqueue(CORRECTION, series.series_uid, {"series_uid": series.series_uid},
+                  max_attempts=3, session=s)
+
+
+# -- helpers -------------------------------------------------------------------------
+def _flag(reason: str) -> NotACorrection:
+    return NotACorrection(CorrectionState.FLAGGED, reason)
+
+
+def _read_labels(seg: pydicom.Dataset, volume: Volume, specs: list[SegmentSpec]) -> np.ndarray:
+    """``read_seg_labels``; SEGs that do not declare SpatialLocationsPreserved (dcmqi
+    writes none) cannot be indexed by source frame and are placed by frame position."""
+    try:
+        return read_seg_labels(seg, volume, specs)[0]
+    except RuntimeError as exc:
+        if "spatial locations" not in str(exc):
+            raise
+    hseg = hd.seg.Segmentation.from_dataset(seg)
+    mapping = match_segments(segment_infos(seg), specs)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    _place_by_position(hseg, volume, mapping, labels)
+    return labels
+
+
+def _referenced_series(header: pydicom.Dataset) -> str | None:
+    refs = header.get("ReferencedSeriesSequence") or []
+    if refs and refs[0].get("SeriesInstanceUID"):
+        return str(refs[0].SeriesInstanceUID)
+    return None
+
+
+def _own_by_algorithm(header: pydicom.Dataset, ai: Segmentation) -> str | None:
+    """Every segment AUTOMATIC and identified as the model generation that made ``ai``."""
+    ids = set()
+    for item in header.SegmentSequence:
+        if str(item.get("SegmentAlgorithmType", "")) != "AUTOMATIC":
+            return None
+        algo = (item.get("SegmentationAlgorithmIdentificationSequence") or [None])[0]
+        name = str(item.get("SegmentAlgorithmName", ""))
+        version = str(algo.get("AlgorithmVersion", "")) if algo is not None else ""
+        ids.add((name, version))
+    if ids == {(ai.model_name, str(ai.generation))}:
+        return (f"identified as the node's own model {ai.model_name} generation "
+                f"{ai.generation} (algorithm identification), not a correction")
+    return None
+
+
+def _safe(uid: str) -> str:
+    return "".join(c for c in uid if c.isdigit() or c == ".")[:64]
+
+
+def _outcome(row: Correction, queued: bool = False) -> CorrectionOutcome:
+    return CorrectionOutcome(row.id, CorrectionState(row.state), row.reason, dict(row.dice or {}),
+                             tuple(row.changed_slices or ()), queued)

@@ -1,0 +1,259 @@
+"""The incremental trainer job: pending corrected samples -> candidate -> gate -> serve.
+
+    pending samples + replay buffer --train_round--> candidate (generation g+1)
+      --held-out corrected slices--> accept (Dice falls <= margin) or reject
+      --> ModelVersion row (lineage), weights under data_dir/models,
+          update artifact in the update outbox, ModelRegistry.replace (hot swap)
+
+Nothing is replaced before the new version is committed, so a crash at any point
+leaves the serving model as it was and the job is retried (at-least-once). A retry
+of a round that did commit (same base generation and samples, so the same update id)
+only re-applies its outcome.
+
+Fault injection for tests: ``TESSERA_FAULT_TRAINING_CRASH_ATTEMPTS=N`` makes the first
+``N`` attempts of a training job raise in the middle of the first epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dicom_node.config import NodeConfig
+from dicom_node.learning.incremental import (
+    StoredSample,
+    accept_candidate,
+    decode_sample,
+    evaluate_slices,
+    train_round,
+    trained_groups,
+    update_artifact,
+)
+from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
+from dicom_node.learning.weights import save_model
+from dicom_node.pipeline.corrections import TRAINING
+from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.seg import deterministic_uid
+from dicom_node.pipeline.versions import (
+    ACTIVATE,
+    activate_serving,
+    ensure_base_version,
+    next_generation,
+)
+from dicom_node.store.db import Database
+from dicom_node.store.jobs import ClaimedJob
+from dicom_node.store.models import (
+    ModelVersion,
+    ModelVersionState,
+    SampleState,
+    TrainingSample,
+    UpdateOutboxItem,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+FAULT_ENV = "TESSERA_FAULT_TRAINING_CRASH_ATTEMPTS"
+
+
+class InjectedTrainingFault(RuntimeError):
+    """Raised mid-epoch when the fault-injection variable asks for it (tests only)."""
+
+
+def policy_of(config: NodeConfig) -> TrainingPolicy:
+    lc = config.learning
+    return TrainingPolicy(epochs=lc.epochs, batch_size=lc.batch_size,
+                          learning_rate=lc.learning_rate, augment=lc.augment,
+                          time_budget_s=lc.time_budget_s, replay_fraction=lc.replay_fraction,
+                          num_threads=lc.threads)
+
+
+class IncrementalTrainer:
+    """Job handler for ``training`` (a round) and ``model-activate`` (follow the table)."""
+
+    kinds = (TRAINING, ACTIVATE)
+
+    def __init__(self, db: Database, config: NodeConfig, models: ModelRegistry) -> None:
+        self.db = db
+        self.config = config
+        self.models = models
+        self.data_dir = config.node.data_dir
+        activate_serving(db, models)  # local versions survive a restart
+
+    def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
+        if job.kind == ACTIVATE:
+            activate_serving(self.db, self.models, job.payload["model"])
+            return
+        self.train(job.payload["model"], attempt=job.attempts, heartbeat=heartbeat)
+
+    def on_dead(self, job: ClaimedJob, error: str) -> None:
+        LOGGER.error("%s job for %s given up: %s", job.kind, job.key, error)
+
+    # -- a round ---------------------------------------------------------------------
+    def train(self, name: str, *, attempt: int = 1,
+              heartbeat: Callable[[], None] | None = None) -> ModelVersion | None:
+        beat = heartbeat or (lambda: None)
+        base_model, base_config = self.models.get(name)
+        with self.db.session() as s:
+            ensure_base_version(s, self.config, base_config)
+            new_rows = list(s.execute(select(TrainingSample).where(
+                TrainingSample.model_name == name,
+                TrainingSample.state == SampleState.PENDING).order_by(TrainingSample.id)
+            ).scalars())
+            replay_rows = list(s.execute(select(TrainingSample).where(
+                TrainingSample.model_name == name,
+                TrainingSample.state == SampleState.TRAINED).order_by(TrainingSample.id.desc())
+            ).scalars())
+            held_rows = list(s.execute(select(TrainingSample).where(
+                TrainingSample.model_name == name,
+                TrainingSample.state == SampleState.HELD_OUT)).scalars())
+        if not new_rows:
+            LOGGER.info("training %s: no pending samples", name)
+            return None
+        sample_ids = [r.id for r in new_rows]
+        update_id = deterministic_uid("tessera-update", name, base_config.generation,
+                                      *sample_ids)
+        with self.db.session() as s:
+            done = s.execute(select(ModelVersion).where(
+                ModelVersion.update_id == update_id)).scalar_one_or_none()
+        if done is not None:  # committed before a crash: only re-apply
+            LOGGER.info("round %s already committed as generation %d", update_id,
+                        done.generation)
+            activate_serving(self.db, self.models, name)
+            return done
+
+        new = [x for r in new_rows for x in self._load(r).slice_samples()]
+        replay = self._replay(replay_rows)
+        held = [self._load(r) for r in held_rows]
+        policy = policy_of(self.config)
+        LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
+                    name, base_config.generation, len(new), len(new_rows), len(replay))
+        t0 = time.monotonic()
+        candidate, report = train_round(base_model, base_config, new, replay, policy,
+                                        progress=self._progress(attempt, beat))
+        beat()
+        base_dice = evaluate_slices(base_model, base_config, held) if held else None
+        cand_dice = evaluate_slices(candidate, base_config, held) if held else None
+        accepted, verdict = accept_candidate(base_dice, cand_dice,
+                                             self.config.learning.acceptance_margin)
+        seconds = time.monotonic() - t0
+        beat()
+        return self._commit(name, base_config, candidate, report, sample_ids, update_id,
+                            accepted, verdict, {
+                                "held_out": {"base": base_dice, "candidate": cand_dice,
+                                             "cases": len(held)},
+                                "training": {"slices": len(new), "replay_slices": len(replay),
+                                             "steps": report.steps,
+                                             "epochs": report.epochs_completed,
+                                             "losses": list(report.epoch_losses),
+                                             "stopped_by_time_budget":
+                                                 report.stopped_by_time_budget,
+                                             "seconds": round(seconds, 2)},
+                                "verdict": verdict})
+
+    def _commit(self, name: str, base_config: Any, candidate: Any, report: Any,
+                sample_ids: list[int], update_id: str, accepted: bool, verdict: str,
+                metrics: dict[str, Any]) -> ModelVersion:
+        with self.db.session() as s:
+            generation = next_generation(s, name, base_config.generation)
+        config = base_config.with_generation(generation)
+        path = save_model(candidate, config,
+                          self.data_dir / "models" / name / f"generation-{generation:05d}")
+        groups = trained_groups(report)
+        update_path: Path | None = None
+        meta: dict[str, str] = {}
+        if accepted:
+            data, meta = update_artifact(candidate, groups, {
+                "update_id": update_id, "model": name, "base_generation": base_config.generation,
+                "local_generation": generation, "num_samples": len(sample_ids),
+                "num_slices": metrics["training"]["slices"], "trained_groups": groups,
+                "validation": metrics["held_out"]})
+            update_path = self.data_dir / "updates" / f"{update_id}.safetensors"
+            update_path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic(update_path, data)
+            _atomic(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+        now = datetime.now(UTC)
+        with self.db.session() as s:
+            if accepted:
+                for row in s.execute(select(ModelVersion).where(
+                        ModelVersion.name == name,
+                        ModelVersion.state == ModelVersionState.SERVING)).scalars():
+                    row.state = ModelVersionState.RETIRED
+            version = ModelVersion(
+                name=name, generation=generation, parent_generation=base_config.generation,
+                origin="local", path=str(path), update_id=update_id,
+                state=ModelVersionState.SERVING if accepted else ModelVersionState.REJECTED,
+                samples=len(sample_ids), sample_ids=sample_ids,
+                metrics={**metrics, "trained_groups": groups}, created_at=now,
+                activated_at=now if accepted else None)
+            s.add(version)
+            for row in s.execute(select(TrainingSample).where(
+                    TrainingSample.id.in_(sample_ids))).scalars():
+                row.state, row.trained_generation = SampleState.TRAINED, generation
+            if update_path is not None:
+                s.add(UpdateOutboxItem(update_id=update_id, model_name=name,
+                                       base_generation=base_config.generation,
+                                       path=str(update_path), meta=meta))
+            evicted = self._evict(s, name)
+        for rel in evicted:
+            (self.data_dir / rel).unlink(missing_ok=True)
+        if accepted:
+            self.models.replace(name, candidate, config)
+        LOGGER.info("%s generation %d (from %d) %s: %s", name, generation,
+                    base_config.generation, "serves" if accepted else "rejected", verdict)
+        return version
+
+    # -- samples ---------------------------------------------------------------------
+    def _load(self, row: TrainingSample) -> StoredSample:
+        return decode_sample((self.data_dir / row.path).read_bytes())
+
+    def _replay(self, rows: list[TrainingSample]) -> list[SliceSample]:
+        budget = self.config.learning.replay_max_slices
+        out: list[SliceSample] = []
+        for row in rows:  # newest first
+            if len(out) + row.slices > budget:
+                continue
+            try:
+                out += self._load(row).slice_samples()
+            except OSError as exc:
+                LOGGER.warning("replay sample %d unreadable: %s", row.id, exc)
+        return out
+
+    def _evict(self, s: Any, name: str) -> list[str]:
+        """Keep the replay buffer within ``replay_max_slices`` (newest kept)."""
+        budget = self.config.learning.replay_max_slices
+        used, evicted = 0, []
+        for row in s.execute(select(TrainingSample).where(
+                TrainingSample.model_name == name, TrainingSample.state == SampleState.TRAINED)
+                .order_by(TrainingSample.id.desc())).scalars():
+            used += row.slices
+            if used > budget:
+                row.state = SampleState.EVICTED
+                evicted.append(row.path)
+        return evicted
+
+    def _progress(self, attempt: int, beat: Callable[[], None]
+                  ) -> Callable[[TrainingProgress], None]:
+        crash_attempts = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+        def hook(p: TrainingProgress) -> None:
+            if attempt <= crash_attempts and p.step >= max(1, p.total_steps // (2 * p.epochs)):
+                raise InjectedTrainingFault(
+                    f"injected fault at step {p.step} of attempt {attempt} ({FAULT_ENV})")
+            if p.step % 20 == 0:
+                beat()
+
+        return hook
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -1,0 +1,139 @@
+"""Model versions on the node: which generation serves, lineage, rollback.
+
+The ``model_version`` table is the truth; each node process's :class:`ModelRegistry`
+follows it. A change made outside the serving process (``tessera model rollback``)
+queues a ``model-activate`` job so that a running node swaps without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import NodeConfig
+from dicom_node.errors import DicomNodeError
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.weights import load_model
+from dicom_node.pipeline.models import STARTER_DIR, ModelRegistry
+from dicom_node.store.db import Database
+from dicom_node.store.jobs import JobQueue
+from dicom_node.store.models import ModelVersion, ModelVersionState
+
+LOGGER = logging.getLogger(__name__)
+
+ACTIVATE = "model-activate"
+
+
+class VersionError(DicomNodeError):
+    pass
+
+
+def source_path(config: NodeConfig, name: str) -> Path:
+    """Where the registry loads ``name`` from when no local version serves."""
+    return Path(config.models[name]) if name in config.models else STARTER_DIR / "model.safetensors"
+
+
+def ensure_base_version(s: Session, config: NodeConfig, model_config: ModelConfig) -> ModelVersion:
+    """The row of the generation serving now; created for a shipped or configured model."""
+    row = s.execute(select(ModelVersion).where(
+        ModelVersion.name == model_config.name,
+        ModelVersion.generation == model_config.generation)).scalar_one_or_none()
+    if row is not None:
+        return row
+    origin = "configured" if model_config.name in config.models else "shipped"
+    row = ModelVersion(name=model_config.name, generation=model_config.generation,
+                       parent_generation=None, origin=origin,
+                       path=str(source_path(config, model_config.name)),
+                       state=ModelVersionState.SERVING, samples=0, sample_ids=[], metrics={},
+                       activated_at=datetime.now(UTC))
+    s.add(row)
+    s.flush()
+    return row
+
+
+def serving_version(s: Session, name: str) -> ModelVersion | None:
+    return s.execute(select(ModelVersion).where(
+        ModelVersion.name == name, ModelVersion.state == ModelVersionState.SERVING)
+        .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())).scalars().first()
+
+
+def next_generation(s: Session, name: str, base: int) -> int:
+    known = s.execute(select(ModelVersion.generation).where(ModelVersion.name == name)).scalars()
+    return max([base, *known]) + 1
+
+
+def activate_serving(db: Database, models: ModelRegistry, name: str | None = None) -> list[str]:
+    """Make the registry serve what the table says serves (all models, or ``name``)."""
+    with db.session() as s:
+        q = select(ModelVersion).where(ModelVersion.state == ModelVersionState.SERVING)
+        if name is not None:
+            q = q.where(ModelVersion.name == name)
+        rows = list(s.execute(q.order_by(ModelVersion.id)).scalars())
+    done = []
+    for row in rows:
+        if row.path is None:
+            continue
+        try:
+            model, config = load_model(row.path)
+        except (DicomNodeError, OSError) as exc:
+            LOGGER.error("cannot load serving version %s gen %d from %s: %s", row.name,
+                         row.generation, row.path, exc)
+            continue
+        models.replace(row.name, model, config)
+        done.append(f"{row.name}:{row.generation}")
+        LOGGER.info("serving %s generation %d (%s)", row.name, row.generation, row.origin)
+    return done
+
+
+def list_versions(db: Database, name: str | None = None) -> list[dict[str, Any]]:
+    with db.session() as s:
+        q = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.generation)
+        if name:
+            q = q.where(ModelVersion.name == name)
+        return [
+            {"name": r.name, "generation": r.generation, "parent": r.parent_generation,
+             "state": r.state, "origin": r.origin, "samples": r.samples,
+             "held_out_dice": (r.metrics or {}).get("held_out", {}).get("candidate", {})
+             .get("mean"),
+             "created_at": r.created_at.isoformat(), "path": r.path, "update_id": r.update_id}
+            for r in s.execute(q).scalars()
+        ]
+
+
+def rollback(db: Database, queue: JobQueue, name: str,
+             generation: int | None = None) -> tuple[int, int]:
+    """Serve ``generation`` (default: the parent of the serving one) again.
+
+    Returns ``(from, to)`` generations. A running node swaps when it runs the queued
+    ``model-activate`` job.
+
+    Raises
+    ------
+    VersionError
+        No serving version, no such generation, or its weights file is missing.
+    """
+    with db.session() as s:
+        current = serving_version(s, name)
+        if current is None:
+            raise VersionError(f"no serving version of {name!r} is recorded")
+        target_gen = generation if generation is not None else current.parent_generation
+        if target_gen is None:
+            raise VersionError(f"{name} generation {current.generation} has no parent")
+        target = s.execute(select(ModelVersion).where(
+            ModelVersion.name == name, ModelVersion.generation == target_gen)
+        ).scalar_one_or_none()
+        if target is None:
+            raise VersionError(f"{name} has no generation {target_gen}")
+        if target.path is None or not Path(target.path).exists():
+            raise VersionError(f"weights of {name} generation {target_gen} are missing")
+        if target.id != current.id:
+            current.state = ModelVersionState.RETIRED
+            target.state = ModelVersionState.SERVING
+            target.activated_at = datetime.now(UTC)
+        queue.enqueue(ACTIVATE, name, {"model": name}, session=s, unique_active=False)
+        return current.generation, target.generation
