@@ -117,8 +117,14 @@ class SegmentationJob:
             data[dataset_offset(data):], transfer_syntax_uid=str(seg.file_meta.TransferSyntaxUID),
             context_sop_class_uid=None, command_sop_instance_uid=None,
             max_bytes=int(self.config.dicom.max_instance_mb * 1024 * 1024))
-        self.store.ingest(data, header, Peer(ae_title=self.config.dicom.ae_title),
-                          produced_here=True)
+        # A worker that died after storing the SEG but before recording it left the
+        # same object (same UIDs) behind: keep that one, never a second copy.
+        with self.db.session() as s:
+            stored = s.execute(select(Instance.id).where(
+                Instance.sop_instance_uid == header.sop_instance_uid)).first()
+        if stored is None:
+            self.store.ingest(data, header, Peer(ae_title=self.config.dicom.ae_title),
+                              produced_here=True)
         with self.db.session() as s:
             s.add(Segmentation(
                 series_uid=series_uid, model_name=mconfig.name, generation=mconfig.generation,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from dicom_node.learning.metrics import dice_per_label
 from dicom_node.learning.model_config import abdomen_ct_config
@@ -152,3 +152,44 @@ def test_series_that_cannot_be_segmented_is_refused_with_a_reason(
     with node.parts.db.session() as s:
         assert s.execute(select(Segmentation)).first() is None
     assert echoscu(node.port).returncode == 0
+
+
+def test_rerunning_an_inference_job_makes_no_second_seg(
+    tmp_path: Path, start_node: Any, untrained_model: Path
+) -> None:
+    """At-least-once jobs: a repeated job finds the same SEG (deterministic UIDs)."""
+    from dicom_node.pipeline.segmentation import INFERENCE
+    from dicom_node.store.models import Instance, JobState
+
+    node = _refusal_node(tmp_path, start_node, untrained_model)
+    datasets = subject_datasets(generate_subject("A", 2, seed=7003))[:24]
+    files = write_series(datasets, tmp_path / "series")
+    assert storescu(node.port, *files).returncode == 0
+    uid = str(datasets[0].SeriesInstanceUID)
+    wait_until(lambda: _state(node, uid)[0] == "segmented", timeout=120,
+               what="the series to be segmented")
+    payload = {"series_uid": uid, "rule": "segment", "model": "untrained-ct",
+               "destinations": []}
+    # as if a worker had died after storing the SEG but before recording it, and the
+    # job had been handed out again
+    with node.parts.db.session() as s:
+        s.execute(delete(Segmentation).where(Segmentation.series_uid == uid))
+    node.parts.queue.enqueue(INFERENCE, f"{uid}:rerun", payload)
+    node.worker.wake()
+
+    def rerun_done() -> bool:
+        from dicom_node.store.models import Job
+
+        with node.parts.db.session() as s:
+            job = s.execute(select(Job).where(Job.key == f"{uid}:rerun")).scalar_one()
+            return job.state == JobState.DONE
+
+    wait_until(rerun_done, timeout=120, what="the repeated job")
+    with node.parts.db.session() as s:
+        segs = s.execute(select(Instance).where(
+            Instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4")).scalars().all()
+        rows = s.execute(select(Segmentation)).scalars().all()
+    assert len(segs) == 1
+    assert len(rows) == 1
+    assert rows[0].seg_sop_instance_uid == segs[0].sop_instance_uid
+    assert node_status(node.parts.db)["events"]["counts"].get("duplicate-conflict") is None
