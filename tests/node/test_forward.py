@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -85,8 +86,6 @@ def test_forward_rule_delivers_to_orthanc_and_storescp(
     received = scp.received_sop_uids()
     assert sorted(received) == sorted(ct100.sop_uids)
     for path in scp.received():
-        import pydicom
-
         uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert dataset_bytes(path) == dataset_bytes(by_uid[uid])
 
