@@ -35,8 +35,16 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 StoredCallback = Callable[[str, IngestOutcome], None]
 
 
+# pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (default 1 ms);
+# several such naps fall into every C-STORE round trip. Associations are short-lived,
+# so a shorter poll buys ~50% throughput for a little CPU while one is open.
+DUL_POLL_S = 0.0001
+
+
 def set_nodelay(event: Event) -> None:
-    """Disable Nagle on every association socket (avoids ~40 ms stalls per PDU)."""
+    """Disable Nagle on every association socket (avoids ~40 ms stalls per PDU) and
+    shorten the DUL thread's idle poll."""
+    event.assoc.dul._run_loop_delay = DUL_POLL_S
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         try:

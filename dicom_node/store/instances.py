@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.dicom.parse import InstanceHeader
@@ -95,15 +96,15 @@ class InstanceStore:
 
     def _index(self, s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
                digest: str, produced_here: bool) -> None:
+        # Core statements, not ORM objects: this runs once per received instance.
         now = datetime.now(UTC)
-        series = self._series_for(s, header, peer, now)
-        if produced_here:
-            series.state = SeriesState.COMPLETE
-            series.completed_at = now
-        s.add(Instance(
+        row = s.execute(select(Series.id, Series.state).where(
+            Series.series_uid == header.series_uid)).first()
+        series_id = row.id if row is not None else self._new_series(s, header, peer, now)
+        s.execute(insert(Instance).values(
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
-            series_id=series.id,
+            series_id=series_id,
             transfer_syntax_uid=header.transfer_syntax_uid,
             instance_number=header.instance_number,
             path=rel,
@@ -112,30 +113,27 @@ class InstanceStore:
             calling_ae=peer.ae_title,
             received_at=now,
         ))
-        series.instance_count += 1
-        series.last_received_at = now
-        if not produced_here and series.state != SeriesState.RECEIVING:
-            LOGGER.info("late instance reopens series %s (was %s)",
-                        header.series_uid, series.state)
-            series.state = SeriesState.RECEIVING
-            series.state_reason = None
+        values: dict[str, Any] = {"instance_count": Series.instance_count + 1,
+                                  "last_received_at": now}
+        if produced_here:
+            values.update(state=SeriesState.COMPLETE, completed_at=now)
+        elif row is not None and row.state != SeriesState.RECEIVING:
+            LOGGER.info("late instance reopens series %s (was %s)", header.series_uid,
+                        row.state)
+            values.update(state=SeriesState.RECEIVING, state_reason=None)
+        s.execute(update(Series).where(Series.id == series_id).values(**values))
 
-    def _series_for(self, s: Session, header: InstanceHeader, peer: Peer, now: datetime) -> Series:
-        series = s.execute(
-            select(Series).where(Series.series_uid == header.series_uid)
-        ).scalar_one_or_none()
-        if series is not None:
-            return series
-        study = s.execute(
-            select(Study).where(Study.study_uid == header.study_uid)
-        ).scalar_one_or_none()
-        if study is None:
-            study = Study(study_uid=header.study_uid, study_date=header.study_date)
-            s.add(study)
-            s.flush()
-        series = Series(
+    def _new_series(self, s: Session, header: InstanceHeader, peer: Peer,
+                    now: datetime) -> int:
+        study_id = s.execute(select(Study.id).where(
+            Study.study_uid == header.study_uid)).scalar_one_or_none()
+        if study_id is None:
+            study_id = s.execute(insert(Study).values(
+                study_uid=header.study_uid, study_date=header.study_date, created_at=now,
+            ).returning(Study.id)).scalar_one()
+        return int(s.execute(insert(Series).values(
             series_uid=header.series_uid,
-            study_id=study.id,
+            study_id=study_id,
             modality=header.modality,
             body_part=header.body_part,
             series_description=header.series_description,
@@ -147,10 +145,7 @@ class InstanceStore:
             instance_count=0,
             first_received_at=now,
             last_received_at=now,
-        )
-        s.add(series)
-        s.flush()
-        return series
+        ).returning(Series.id)).scalar_one())
 
     def quarantine(
         self,
