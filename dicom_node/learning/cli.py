@@ -141,3 +141,9 @@ def list_command(
             r["path"],
         )
     Console().print(table)
+
+
+# Node-side model versions (learning from corrections), in their own module.
+from dicom_node.learning import versions_cli  # noqa: E402, I001
+model_app.command("list-versions")(versions_cli.list_versions_command)
+model_app.command("rollback")(versions_cli.rollback_command)

@@ -98,8 +98,8 @@ def list_versions(db: Database, name: str | None = None) -> list[dict[str, Any]]
         return [
             {"name": r.name, "generation": r.generation, "parent": r.parent_generation,
              "state": r.state, "origin": r.origin, "samples": r.samples,
-             "held_out_dice": (r.metrics or {}).get("held_out", {}).get("candidate", {})
-             .get("mean"),
+             "held_out_dice": (((r.metrics or {}).get("held_out") or {}).get("candidate")
+                               or {}).get("mean"),
              "created_at": r.created_at.isoformat(), "path": r.path, "update_id": r.update_id}
             for r in s.execute(q).scalars()
         ]

@@ -95,7 +95,8 @@ class Study:
 
 def radiologist_seg(study: Study, path: Path, labels: np.ndarray | None = None,
                     specs: Sequence[SegmentSpec] | None = None,
-                    volume: Volume | None = None) -> tuple[Path, np.ndarray]:
+                    volume: Volume | None = None, author: str = "ViewerCo Annotate",
+                    ) -> tuple[Path, np.ndarray]:
     """Ground truth as another vendor's MANUAL SEG: reversed segment order, a renamed
     label (matched by code), plus an unknown "lesion" segment.
 
@@ -111,7 +112,7 @@ def radiologist_seg(study: Study, path: Path, labels: np.ndarray | None = None,
         labels[(labels == 2) & (np.indices(labels.shape)[1] % 17 == 0)
                & (np.indices(labels.shape)[2] % 19 == 0)] = TUMOUR.label
     seg = build_seg(volume, labels, specs,
-                    SegAlgorithm("ViewerCo Annotate", 0, SegAlgorithmType.MANUAL),
+                    SegAlgorithm(author, 0, SegAlgorithmType.MANUAL),
                     manufacturer="ViewerCo", device_serial_number="viewer-7",
                     series_description="Corrected segmentation")
     path.parent.mkdir(parents=True, exist_ok=True)

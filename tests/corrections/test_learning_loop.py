@@ -7,6 +7,7 @@ served -> the next study of that site is segmented by it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from tests.corrections.helpers import (
     tiny_model,
     versions,
 )
-from tests.node.conftest import echoscu, node_config_data, storescu, wait_until
+from tests.node.conftest import echoscu, node_config_data, storescu, tessera, wait_until
 
 
 def _node(tmp_path: Path, start_node: Any, **learning: Any) -> Any:
@@ -59,6 +60,12 @@ def _expected_dice(node: Any, study: Study, ai_sop_uid: str, corrected: np.ndarr
     ai, _ = read_seg_labels(stored_dataset(node, ai_sop_uid), study.volume(),
                             segment_specs(config))
     return dice_per_label(ai, corrected, config.label_values)
+
+
+def _cli(*args: str) -> str:
+    result = tessera(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def _algorithm_version(seg: pydicom.Dataset) -> str:
@@ -125,8 +132,21 @@ def test_correction_trains_a_new_version_that_serves_the_next_study(
     for name, value in expected2.items():
         assert corr2.dice[name] == pytest.approx(value, abs=1e-6), name
 
-    listed = list_versions(node.parts.db, TEST_MODEL)
-    assert [v["generation"] for v in listed][:2] == [0, 1]
+    # A second round (with the first sample as replay) serves generation 2; the
+    # operator rolls back with the CLI and the running node follows without a restart.
+    wait_until(lambda: [v for v in versions(node) if v.generation == 2 and v.state == "serving"],
+               timeout=120, what="generation 2 serving")
+    config_file = tmp_path / "node-0.toml"
+    listed = json.loads(_cli("model", "list-versions", "--config", str(config_file), "--json"))
+    assert [(v["generation"], v["state"]) for v in listed] == [
+        (0, "retired"), (1, "retired"), (2, "serving")]
+    assert listed[2]["parent"] == 1 and listed[2]["samples"] == 1
+    assert "generation 1 serves (was 2)" in _cli("model", "rollback", TEST_MODEL,
+                                                 "--config", str(config_file))
+    wait_until(lambda: node.parts.models.get(TEST_MODEL)[1].generation == 1, timeout=30,
+               what="the node to serve generation 1 again")
+    assert [v["state"] for v in list_versions(node.parts.db, TEST_MODEL)] == [
+        "retired", "serving", "retired"]
     status = node_status(node.parts.db)
     learning = status["learning"]
     assert sum(sum(d.values()) for d in learning["corrections_per_day"].values()) == 2

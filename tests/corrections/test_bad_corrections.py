@@ -1,0 +1,151 @@
+"""Bad corrections are stored, flagged with a reason, never trained on; the node goes on.
+
+Also: a crash in the middle of training leaves the serving model untouched and the
+training job is retried.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from dicom_node.phantom.codes import CT_SEGMENTS
+from dicom_node.pipeline.trainer import FAULT_ENV
+from dicom_node.pipeline.volume import build_volume
+from dicom_node.status import node_status
+from dicom_node.store.models import AuditEvent, Correction, Instance, Job, TrainingSample
+from tests.corrections.helpers import (
+    TEST_MODEL,
+    Study,
+    learning_section,
+    radiologist_seg,
+    segment_rule,
+    segmentation_of,
+    tiny_model,
+    versions,
+)
+from tests.node.conftest import echoscu, node_config_data, storescu, wait_until
+
+LIVER = [s for s in CT_SEGMENTS if s.name == "liver"]
+
+
+def _node(tmp_path: Path, start_node: Any, rule: dict[str, Any], **learning: Any) -> Any:
+    data = node_config_data(tmp_path / "node", rules=[rule],
+                            learning=learning_section(**learning))
+    data["models"] = {TEST_MODEL: str(tiny_model(tmp_path))}
+    return start_node(data)
+
+
+def _corrections(node: Any) -> dict[str, Correction]:
+    with node.parts.db.session() as s:
+        return {c.seg_sop_instance_uid: c for c in s.execute(select(Correction)).scalars()}
+
+
+def _downsampled(study: Study) -> list[pydicom.Dataset]:
+    """The same instances (UIDs) at half the matrix: a SEG on them has other frame geometry."""
+    out = []
+    for ds in study.datasets:
+        small = copy.deepcopy(ds)
+        arr = ds.pixel_array[::2, ::2].copy()
+        small.Rows, small.Columns = arr.shape
+        small.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
+        small.PixelData = arr.tobytes()
+        out.append(small)
+    return out
+
+
+@pytest.mark.slow
+def test_bad_corrections_are_flagged_with_reasons_and_never_trained_on(
+    tmp_path: Path, start_node: Any
+) -> None:
+    node = _node(tmp_path, start_node, segment_rule(series_description="(?i)axial"),
+                 max_correction_frames=100)
+    segmented = Study("B", 0, seed=7400)
+    assert storescu(node.port, *segmented.write(tmp_path / "s1")).returncode == 0
+    never = Study("B", 1, seed=7400)
+    for ds in never.datasets:
+        ds.SeriesDescription = "scout"
+    assert storescu(node.port, *never.write(tmp_path / "s2")).returncode == 0
+    wait_until(lambda: segmentation_of(node, segmented.series_uid), timeout=120,
+               what="the AI segmentation")
+
+    truth = segmented.truth_in_volume_order()
+    bad: dict[str, Path] = {}
+    bad["unknown"], _ = radiologist_seg(Study("C", 0, seed=7400), tmp_path / "b" / "1.dcm",
+                                        specs=LIVER, labels=None, author="r1")
+    bad["never segmented"], _ = radiologist_seg(never, tmp_path / "b" / "2.dcm", specs=LIVER,
+                                                labels=never.truth_in_volume_order(),
+                                                author="r2")
+    small = build_volume(_downsampled(segmented))
+    bad["frame size"], _ = radiologist_seg(segmented, tmp_path / "b" / "3.dcm", specs=LIVER,
+                                           labels=truth[:, ::2, ::2], volume=small, author="r3")
+    bad["empty"], _ = radiologist_seg(segmented, tmp_path / "b" / "4.dcm", specs=LIVER,
+                                      labels=np.zeros_like(truth), author="r4")
+    bad["max_correction_frames"], _ = radiologist_seg(segmented, tmp_path / "b" / "5.dcm",
+                                                      specs=CT_SEGMENTS, labels=truth,
+                                                      author="r5")
+    uids = {k: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for k, p in bad.items()}
+    for path in bad.values():  # one association each, as separate viewers would send
+        assert storescu(node.port, path, options=("-R",)).returncode == 0
+
+    found = wait_until(lambda: (lambda c: c if all(u in c for u in uids.values()) else None)(
+        _corrections(node)), timeout=90, what="all five corrections decided")
+    for expected, uid in uids.items():
+        corr = found[uid]
+        assert corr.state == "flagged", (expected, corr.state, corr.reason)
+        assert expected in corr.reason.lower(), (expected, corr.reason)
+    with node.parts.db.session() as s:
+        flagged = s.execute(select(AuditEvent).where(
+            AuditEvent.kind == "correction-flagged")).scalars().all()
+        assert {e.sop_instance_uid for e in flagged} == set(uids.values())
+        stored = set(s.execute(select(Instance.sop_instance_uid)).scalars())
+        assert set(uids.values()) <= stored  # stored, for inspection
+        assert s.execute(select(func.count()).select_from(TrainingSample)).scalar_one() == 0
+        assert s.execute(select(Job).where(Job.kind == "training")).first() is None
+    status = node_status(node.parts.db)
+    day = next(iter(status["learning"]["corrections_per_day"].values()))
+    assert day == {"flagged": 5}
+    assert echoscu(node.port).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_crash_during_training_leaves_the_serving_model_and_the_job_is_retried(
+    tmp_path: Path, start_node: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "1")
+    node = _node(tmp_path, start_node, segment_rule())
+    study = Study("B", 3, seed=7500)
+    assert storescu(node.port, *study.write(tmp_path / "s")).returncode == 0
+    wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
+               what="the AI segmentation")
+    seg, _ = radiologist_seg(study, tmp_path / "corr" / "seg.dcm")
+    assert storescu(node.port, seg, options=("-R",)).returncode == 0
+
+    def failed_once() -> Job | None:
+        with node.parts.db.session() as s:
+            return s.execute(select(Job).where(Job.kind == "training",
+                                               Job.last_error.is_not(None))).scalars().first()
+
+    job = wait_until(failed_once, timeout=90, what="the first training attempt to crash")
+    assert "injected fault" in (job.last_error or "")
+    # the retry is backed off, so the serving model is still generation 0 here
+    assert node.parts.models.get(TEST_MODEL)[1].generation == 0
+    assert not [v for v in versions(node) if v.origin == "local"]
+
+    def job_done() -> Job | None:
+        with node.parts.db.session() as s:
+            row = s.get(Job, job.id)
+            return row if row is not None and row.state == "done" else None
+
+    done = wait_until(job_done, timeout=120, what="the retried round")
+    assert done.attempts == 2
+    gen1 = [v for v in versions(node) if v.generation == 1]
+    assert len(gen1) == 1 and gen1[0].state == "serving"
+    assert node.parts.models.get(TEST_MODEL)[1].generation == 1
