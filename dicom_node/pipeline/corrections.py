@@ -364,7 +364,7 @@ class CorrectionIntake:
 class CorrectionJob:
     """Job handler for ``correction`` jobs: every SEG instance of a completed series."""
 
-    kinds = (CORRECTION,)
+    kinds: tuple[str, ...] = (CORRECTION,)
 
     def __init__(self, intake: CorrectionIntake) -> None:
         self.intake = intake

@@ -78,7 +78,7 @@ def policy_of(config: NodeConfig) -> TrainingPolicy:
 class IncrementalTrainer:
     """Job handler for ``training`` (a round) and ``model-activate`` (follow the table)."""
 
-    kinds = (TRAINING, ACTIVATE)
+    kinds: tuple[str, ...] = (TRAINING, ACTIVATE)
 
     def __init__(self, db: Database, config: NodeConfig, models: ModelRegistry) -> None:
         self.db = db
@@ -194,9 +194,9 @@ class IncrementalTrainer:
                 metrics={**metrics, "trained_groups": groups}, created_at=now,
                 activated_at=now if accepted else None)
             s.add(version)
-            for row in s.execute(select(TrainingSample).where(
+            for sample in s.execute(select(TrainingSample).where(
                     TrainingSample.id.in_(sample_ids))).scalars():
-                row.state, row.trained_generation = SampleState.TRAINED, generation
+                sample.state, sample.trained_generation = SampleState.TRAINED, generation
             if update_path is not None:
                 s.add(UpdateOutboxItem(update_id=update_id, model_name=name,
                                        base_generation=base_config.generation,
