@@ -1,1 +1,22 @@
-"""learning."""
+"""Learning: the segmentation network, its weights, training, inference and metrics.
+
+- :mod:`~dicom_node.learning.model_config`: a model as data (architecture name,
+  hyper-parameters, heads, labels with SNOMED CT codes, preprocessing, generation).
+- :mod:`~dicom_node.learning.network`: 2D U-Net, one shared ``encoder`` and named
+  ``heads``; parameter names are the hub's contract (``encoder.*``, ``heads.<name>.*``).
+- :mod:`~dicom_node.learning.weights`: safetensors + JSON I/O (never unpickles) and the
+  parameter-group extract/apply used by federation.
+- :mod:`~dicom_node.learning.training`: masked (marginal) loss for partial labels,
+  frozen-encoder training of new heads, augmentation, time budget, progress hook.
+- :mod:`~dicom_node.learning.inference`: ``segment_volume`` (batched, deterministic).
+- :mod:`~dicom_node.learning.metrics`: Dice and quality metrics, numpy only.
+- :mod:`~dicom_node.learning.bootstrap` and :mod:`~dicom_node.learning.cli`: the starter
+  model (``tessera model bootstrap|list``), shipped in ``starter/``.
+
+Why one head per organ group (``body``, ``liver``, ``spleen``, ``kidneys``): a hospital
+that annotates only the liver trains only the encoder and ``heads.liver``, so the hub
+can merge each head across exactly the nodes that trained it (partial labels), and a
+new structure is one more head on a frozen encoder (continual classes). Each head is a
+softmax over its labels plus background; heads are combined by confidence, with the
+enclosing ``body`` filling whatever no organ head claims.
+"""

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from dicom_node.learning.bootstrap import STARTER_DIR, BootstrapPlan, bootstrap
 from dicom_node.learning.errors import LearningError
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.training import TrainingProgress
 from dicom_node.learning.weights import read_file_config
 
@@ -101,14 +102,15 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """List model versions (name, generation, heads) found under a directory."""
-    rows = []
+    found: list[tuple[Path, ModelConfig]] = []
     for path in sorted(directory.glob("**/*.safetensors")):
         try:
-            config = read_file_config(path)
+            found.append((path, read_file_config(path)))
         except LearningError as exc:
             LOGGER.warning("skipping %s: %s", path, exc)
-            continue
-        rows.append(
+    found.sort(key=lambda pc: (pc[1].name, pc[1].generation))
+    if as_json:
+        rows = [
             {
                 "name": config.name,
                 "generation": config.generation,
@@ -119,31 +121,32 @@ def list_command(
                 "size_bytes": path.stat().st_size,
                 "path": str(path),
             }
-        )
-    rows.sort(key=lambda r: (r["name"], r["generation"]))
-    if as_json:
+            for path, config in found
+        ]
         typer.echo(json.dumps(rows, indent=2))
         return
-    if not rows:
+    if not found:
         typer.echo(f"no models under {directory}")
         return
     table = Table(title=f"models in {directory}")
     for col in ("name", "generation", "heads", "modality", "size", "path"):
         table.add_column(col, overflow="fold")
-    for r in rows:
-        heads = escape(", ".join(f"{h}[{'+'.join(labs)}]" for h, labs in r["heads"].items()))
+    for path, config in found:
+        heads = ", ".join(f"{h.name}[{'+'.join(h.labels)}]" for h in config.heads)
+        pp = config.preprocessing
         table.add_row(
-            r["name"],
-            str(r["generation"]),
-            heads,
-            f"{r['modality']} {r['input_size']}px",
-            f"{r['size_bytes'] / 1e6:.1f} MB",
-            r["path"],
+            config.name,
+            str(config.generation),
+            escape(heads),
+            f"{pp.modality.value} {pp.input_size}px",
+            f"{path.stat().st_size / 1e6:.1f} MB",
+            str(path),
         )
     Console().print(table)
 
 
 # Node-side model versions (learning from corrections), in their own module.
-from dicom_node.learning import versions_cli  # noqa: E402, I001
+from dicom_node.learning import versions_cli  # noqa: E402
+
 model_app.command("list-versions")(versions_cli.list_versions_command)
 model_app.command("rollback")(versions_cli.rollback_command)
