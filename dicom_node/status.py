@@ -31,6 +31,15 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
             for j in s.execute(select(Job).where(Job.state == JobState.DEAD)
                                .order_by(Job.id.desc()).limit(recent)).scalars()
         ]
+        retrying = [
+            {"job": j.id, "kind": j.kind, "key": j.key, "attempts": j.attempts,
+             "max_attempts": j.max_attempts, "reason": j.last_error,
+             "next_attempt": j.not_before.isoformat()}
+            for j in s.execute(select(Job).where(
+                Job.state.in_((JobState.PENDING, JobState.RUNNING)),
+                Job.last_error.is_not(None))
+                               .order_by(Job.not_before).limit(recent)).scalars()
+        ]
         dead_items = [
             {"destination": o.destination, "sop_instance_uid": o.sop_instance_uid,
              "series_uid": o.series_uid, "attempts": o.attempts, "reason": o.last_error}
@@ -57,6 +66,7 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         "series": series,
         "outbox": outbox,
         "jobs": jobs,
+        "retrying": retrying,
         "dead_letters": {"jobs": dead_jobs, "outbox": dead_items},
         "refused_series": refused_series,
         "events": {"counts": refusal_counts, "recent": refusals},
@@ -78,6 +88,12 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append("  (none)")
     for kind, states in sorted(status["jobs"].items()):
         lines.append(f"  {kind:<12} " + ", ".join(f"{k}={v}" for k, v in sorted(states.items())))
+    if status["retrying"]:
+        lines.append("Retrying:")
+        for j in status["retrying"]:
+            lines.append(f"  job {j['job']} {j['kind']} {j['key']} attempt "
+                         f"{j['attempts']}/{j['max_attempts']}, next {j['next_attempt']}: "
+                         f"{j['reason']}")
     dead = status["dead_letters"]
     lines.append(f"Dead letters: {len(dead['jobs'])} job(s), {len(dead['outbox'])} item(s)")
     for j in dead["jobs"]:

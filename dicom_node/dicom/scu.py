@@ -83,8 +83,9 @@ def send_instances(
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                              evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
-                "unreachable"
+            # pynetdicom reports a refused TCP connection as an abort: only a peer that
+            # answered can have rejected or aborted.
+            why = "rejected" if assoc.is_rejected else "unreachable or aborted"
             raise AssociationFailed(
                 f"association with {destination.ae_title}@{destination.host}:"
                 f"{destination.port} {why}"

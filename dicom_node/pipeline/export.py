@@ -110,6 +110,11 @@ class Exporter:
             send_instances(destination, self.config.dicom.ae_title, items, on_result,
                            timeout_s=self.config.export.connect_timeout_s)
         except AssociationFailed as exc:
+            with self.db.session() as s:
+                s.execute(update(OutboxItem).where(
+                    OutboxItem.id.in_(list(item_ids.values())),
+                    OutboxItem.state == OutboxState.PENDING,
+                ).values(last_error=str(exc), attempts=OutboxItem.attempts + 1))
             raise ExportFailed(f"{exc} ({sent}/{len(items)} sent)") from exc
         if failures:
             raise ExportFailed(f"{len(failures)} instance(s) not delivered, e.g. {failures[0]}")
