@@ -101,3 +101,80 @@ def upload(svc: HubService, node_id: str, payload: bytes, header: UpdateHeader):
         return session
     session.write(payload[header.offset :])
     return session.finish()
+
+
+# --- real-socket hubs with mutual TLS -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory):
+    from federation_grpc.hub.certs import make_ca, make_certs
+
+    root = tmp_path_factory.mktemp("certs")
+    made = make_certs(root / "ok", nodes=("node1",))
+    other_ca = make_ca(root / "other", name="other-ca")
+    from federation_grpc.hub.certs import issue
+
+    made["stranger"] = issue(other_ca, root / "other", "stranger", server=False)
+    return made
+
+
+class RunningHub:
+    def __init__(self, server, certs) -> None:  # type: ignore[no-untyped-def]
+        self.server = server
+        self.service = server.service
+        self.certs = certs
+        self.target = f"127.0.0.1:{server.port}"
+
+    def tls(self, who: str = "node1"):  # type: ignore[no-untyped-def]
+        from federation_grpc.client import ClientTls
+
+        c = self.certs
+        return ClientTls.from_files(c["ca"].cert, c[who].cert, c[who].key)
+
+    def client(self, token: str = "", who: str = "node1", **kw):  # type: ignore[no-untyped-def]
+        from federation_grpc.client import FederationClient, RetryPolicy
+
+        kw.setdefault("retry", RetryPolicy(attempts=4, initial_backoff_s=0.05, max_backoff_s=0.5))
+        return FederationClient(self.target, tls=self.tls(who), node_token=token, **kw)
+
+    def enrolled_client(self, **kw):  # type: ignore[no-untyped-def]
+        token, _ = self.service.create_enrolment_token()
+        client = self.client(**kw)
+        client.enrol(token, "test site")
+        return client
+
+
+def tls_config(tmp_path: Path, certs, **gate: object) -> HubConfig:  # type: ignore[no-untyped-def]
+    from federation_grpc.hub.config import TlsConfig
+
+    return replace(
+        hub_config(tmp_path, **gate),
+        admin_token_sha256=hashlib.sha256(b"admin-secret").hexdigest(),
+        tls=TlsConfig(certs["ca"].cert, certs["hub"].cert, certs["hub"].key),
+    )
+
+
+@pytest.fixture
+def start_hub(tmp_path: Path, certs):  # type: ignore[no-untyped-def]
+    """Factory: a TLS hub on 127.0.0.1 (OS-assigned port) with its own generation 0."""
+    from federation_grpc.hub.server import HubServer
+
+    started: list[tuple[HubServer, HubService]] = []
+
+    def start(model: dict[str, np.ndarray] | None = None, **gate: object) -> RunningHub:
+        svc = HubService(tls_config(tmp_path / f"hub{len(started)}", certs, **gate))
+        svc.init_model(save(model or small_model()), MODEL_CONFIG)
+        server = HubServer(svc.config, svc, watch_poll_s=0.2, keepalive_s=1.0).start()
+        started.append((server, svc))
+        return RunningHub(server, certs)
+
+    yield start
+    for server, svc in started:
+        server.stop(grace=0.5)
+        svc.close()
+
+
+@pytest.fixture
+def hub(start_hub) -> RunningHub:  # type: ignore[no-untyped-def]
+    return start_hub()

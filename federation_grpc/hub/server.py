@@ -1,0 +1,115 @@
+"""Start the hub: gRPC server with mutual TLS, health checking, reflection, aggregator."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from federation_grpc._proto import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
+from federation_grpc.errors import FailedPrecondition
+from federation_grpc.hub.config import HubConfig
+from federation_grpc.hub.service import HubService
+from federation_grpc.hub.servicer import MAX_CHUNK, AdminServicer, FederationServicer
+
+LOGGER = logging.getLogger(__name__)
+
+# One chunk plus protobuf framing must fit in a message.
+MAX_MESSAGE_BYTES = MAX_CHUNK + 1024 * 1024
+SERVICE_NAMES = (
+    federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+def server_credentials(config: HubConfig) -> grpc.ServerCredentials:
+    """Mutual TLS: the hub certificate, and client certificates required from the CA."""
+    tls = config.tls
+    assert tls.ca_cert and tls.server_cert and tls.server_key
+    return grpc.ssl_server_credentials(
+        [(tls.server_key.read_bytes(), tls.server_cert.read_bytes())],
+        root_certificates=tls.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+
+
+class HubServer:
+    """The hub process's server; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        service: HubService | None = None,
+        *,
+        insecure_loopback: bool = False,
+        watch_poll_s: float = 2.0,
+        keepalive_s: float = 15.0,
+    ) -> None:
+        if insecure_loopback and not config.is_loopback():
+            raise FailedPrecondition(
+                f"insecure mode is only allowed on loopback, not on {config.host!r}"
+            )
+        if not insecure_loopback and not config.tls.configured:
+            raise FailedPrecondition(
+                "TLS is not configured ([tls] ca_cert, server_cert, server_key); "
+                "use --insecure-loopback only for local tests"
+            )
+        self.config = config
+        self.service = service or HubService(config)
+        self._owns_service = service is None
+        self._stopping = threading.Event()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hub"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        federation_pb2_grpc.add_FederationServicer_to_server(
+            FederationServicer(
+                self.service,
+                watch_poll_s=watch_poll_s,
+                keepalive_s=keepalive_s,
+                stopping=self._stopping,
+            ),
+            self.server,
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.service), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        address = f"{config.host}:{config.port}"
+        if insecure_loopback:
+            LOGGER.warning("hub listens WITHOUT TLS on %s (loopback only)", address)
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, server_credentials(config))
+        if self.port == 0:
+            raise FailedPrecondition(f"could not bind {address}")
+
+    def start(self) -> HubServer:
+        self.server.start()
+        self.service.aggregator.start()
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        LOGGER.info("hub serving on %s:%d", self.config.host, self.port)
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self._owns_service:
+            self.service.close()
+        else:
+            self.service.aggregator.stop()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
