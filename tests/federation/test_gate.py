@@ -1,0 +1,152 @@
+"""The gate can say no: NaN, huge norm, lower validation score; the generation is kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from federation_grpc.hub.aggregation import FedBuff
+from federation_grpc.hub.domain import UploadState
+from federation_grpc.hub.service import HubService
+
+from .conftest import (
+    ALL_GROUPS,
+    MODEL_CONFIG,
+    enrol,
+    header_for,
+    hub_config,
+    make_update,
+    nudged,
+    small_model,
+    upload,
+)
+from .evaluators import TARGET_SHIFT, target
+
+
+def gated_service(tmp_path: Path, **gate: object) -> HubService:
+    svc = HubService(hub_config(tmp_path, **gate))
+    svc.init_model(save(small_model()), MODEL_CONFIG)
+    return svc
+
+
+def send(svc: HubService, node: str, tensors: dict[str, np.ndarray], groups=ALL_GROUPS):  # type: ignore[no-untyped-def]
+    payload = save(tensors)
+    return upload(svc, node, payload, header_for(payload, groups))
+
+
+def test_nan_update_is_rejected_with_reason(service: HubService) -> None:
+    node = enrol(service)
+    update = nudged(small_model(), ALL_GROUPS)
+    update["encoder.conv1.bias"][1] = np.nan
+    status = send(service, node, update)
+    assert status.state == UploadState.REJECTED
+    assert "non-finite" in status.reason
+    assert service.aggregator.process_pending() == []
+    assert service.current_number() == 0
+    (rejection,) = service.list_rejections()
+    assert rejection.stage == "gate" and "encoder.conv1.bias" in rejection.reasons[0]
+
+
+def test_huge_norm_update_is_rejected_with_reason(tmp_path: Path) -> None:
+    svc = gated_service(tmp_path, max_update_norm=50.0, max_relative_update_norm=0.0)
+    node = enrol(svc)
+    huge = {k: v * 1e6 for k, v in nudged(small_model(), ALL_GROUPS).items()}
+    status = send(svc, node, huge)
+    assert status.state == UploadState.REJECTED
+    assert "update norm" in status.reason and "exceeds the bound 50" in status.reason
+    ok = send(svc, node, nudged(small_model(), ALL_GROUPS))
+    assert ok.state == UploadState.RECEIVED, "a normal update still passes"
+    svc.close()
+
+
+def test_relative_norm_bound_is_on_by_default(service: HubService) -> None:
+    node = enrol(service)
+    status = send(
+        service, node, {k: v * 100 for k, v in small_model().items() if "heads.spleen" not in k}
+    )
+    assert status.state == UploadState.REJECTED and "relative update norm" in status.reason
+
+
+def test_update_that_lowers_validation_score_is_rejected(tmp_path: Path) -> None:
+    svc = gated_service(
+        tmp_path, evaluator="tests.federation.evaluators:TowardsTarget", validation_margin=1e-4
+    )
+    node = enrol(svc)
+    away = {k: v - 0.2 for k, v in small_model().items() if not k.startswith("heads.spleen")}
+    assert send(svc, node, away).state == UploadState.RECEIVED
+    assert svc.aggregator.process_pending() == []
+    assert svc.current_number() == 0
+    (rejection,) = svc.list_rejections()
+    assert (
+        "validation score" in rejection.reasons[0] and "below the current" in rejection.reasons[0]
+    )
+    towards = {k: v for k, v in target().items() if not k.startswith("heads.spleen")}
+    assert send(svc, node, towards).state == UploadState.RECEIVED
+    assert svc.aggregator.process_pending() == [1]
+    generation = svc.generation(1)
+    assert generation.validation_score is not None
+    assert generation.validation_score > -TARGET_SHIFT * 100
+    svc.close()
+
+
+def test_fedbuff_waits_for_k_updates_through_the_service(tmp_path: Path) -> None:
+    svc = HubService(hub_config(tmp_path), strategy=FedBuff(buffer_size=2))
+    svc.init_model(save(small_model()), MODEL_CONFIG)
+    a, b = enrol(svc, "a"), enrol(svc, "b")
+    send(
+        svc,
+        a,
+        nudged(small_model(), ("encoder", "bottleneck", "heads.liver"), seed=1),
+        ("encoder", "bottleneck", "heads.liver"),
+    )
+    assert svc.aggregator.process_pending() == []
+    send(
+        svc,
+        b,
+        nudged(small_model(), ("encoder", "bottleneck", "heads.spleen"), seed=2),
+        ("encoder", "bottleneck", "heads.spleen"),
+    )
+    assert svc.aggregator.process_pending() == [1]
+    assert set(svc.generation(1).node_ids) == {a, b}
+    svc.close()
+
+
+@pytest.mark.parametrize("helpful", [True, False])
+def test_federated_evaluation_on_nodes_decides(tmp_path: Path, helpful: bool) -> None:
+    svc = gated_service(tmp_path, federated_evaluation=True, min_evaluations=2)
+    nodes = [enrol(svc, f"site{i}") for i in range(2)]
+    payload, header = make_update(small_model())
+    upload(svc, nodes[0], payload, header)
+    assert svc.aggregator.process_pending() == []
+    (task,) = svc.fetch_evaluation_tasks(nodes[1])
+    assert svc.generation(task.candidate_generation).status == "CANDIDATE"
+    svc.download_source(task.candidate_generation, nodes[1])  # candidates are downloadable now
+    for node in nodes:
+        delta = 0.02 if helpful else -0.2
+        assert svc.submit_evaluation_result(node, task.task_id, 0.8 + delta, 0.8, 10)
+    assert svc.fetch_evaluation_tasks(nodes[0]) == []
+    svc.aggregator.process_pending()
+    if helpful:
+        assert svc.current_number() == task.candidate_generation
+    else:
+        assert svc.current_number() == 0
+        assert svc.generation(task.candidate_generation).status == "REJECTED"
+        assert "below the current" in svc.list_rejections()[0].reasons[0]
+    svc.close()
+
+
+def test_federated_evaluation_without_enough_results_rejects_at_deadline(tmp_path: Path) -> None:
+    svc = gated_service(
+        tmp_path, federated_evaluation=True, min_evaluations=3, evaluation_timeout_s=0.0
+    )
+    node = enrol(svc)
+    payload, header = make_update(small_model())
+    upload(svc, node, payload, header)
+    svc.aggregator.process_pending()
+    svc.aggregator.process_pending()
+    assert svc.current_number() == 0
+    assert "before the deadline" in svc.list_rejections()[0].reasons[0]
+    svc.close()
