@@ -6,6 +6,7 @@ import typer
 
 from dicom_node.demo.cli import demo
 from dicom_node.node_cli import node_app
+from federation_grpc.hub.cli import hub_app
 
 app = typer.Typer(
     name="tessera",
@@ -17,6 +18,7 @@ app.add_typer(node_app, name="node")
 app.command("demo")(demo)
 
 # Sub-apps owned by other packages are mounted here (one line each).
+app.add_typer(hub_app, name="hub")
 from dicom_node.phantom.cli import phantom  # noqa: E402, I001
 app.command("phantom")(phantom)
 from dicom_node.learning.cli import model_app  # noqa: E402, I001
