@@ -1,0 +1,287 @@
+"""``tessera hub ...``: serve the hub and administer it (nodes, generations, rejections).
+
+Admin commands open the hub's database directly (same config file as ``serve``); a
+running hub notices promotions and rollbacks within its watch poll interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from federation_grpc.errors import FederationError
+from federation_grpc.hub.config import EXAMPLE_CONFIG, HubConfig, load_config
+
+LOGGER = logging.getLogger(__name__)
+
+hub_app = typer.Typer(
+    help="The federation hub: serve, enrol nodes, manage generations.", no_args_is_help=True
+)
+console = Console()
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option(
+        "--config", "-c", envvar="TESSERA_HUB_CONFIG", help="Hub TOML file (tessera hub init)."
+    ),
+]
+DEFAULT_CONFIG = Path("hub.toml")
+
+
+def _config(path: Path) -> HubConfig:
+    if not path.exists():
+        console.print(f"[red]no hub config at {path}[/red]; write one with `tessera hub init`")
+        raise typer.Exit(2)
+    return load_config(path)
+
+
+def _service(path: Path):  # type: ignore[no-untyped-def]
+    from federation_grpc.hub.service import HubService
+
+    return HubService(_config(path))
+
+
+def _fail(error: FederationError) -> None:
+    console.print(f"[red]{type(error).__name__}:[/red] {error}")
+    raise typer.Exit(1)
+
+
+@hub_app.command()
+def serve(
+    config: ConfigOption = DEFAULT_CONFIG,
+    insecure_loopback: Annotated[
+        bool, typer.Option(help="Serve without TLS; refused unless bound to loopback.")
+    ] = False,
+    port: Annotated[int | None, typer.Option(help="Override the configured port (0: any).")] = None,
+) -> None:
+    """Run the hub until SIGTERM/SIGINT."""
+    from dataclasses import replace
+
+    from federation_grpc.hub.server import HubServer
+
+    logging.basicConfig(
+        level=os.environ.get("TESSERA_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = _config(config)
+    if port is not None:
+        settings = replace(settings, port=port)
+    try:
+        server = HubServer(settings, insecure_loopback=insecure_loopback).start()
+    except FederationError as error:
+        _fail(error)
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    # Tests and scripts read the bound port from this line.
+    print(f"hub listening on {settings.host}:{server.port}", flush=True)
+    done.wait()
+    server.stop(grace=5)
+
+
+@hub_app.command()
+def init(
+    path: Annotated[
+        Path, typer.Argument(help="Where to write the example config.")
+    ] = DEFAULT_CONFIG,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented example hub configuration."""
+    if path.exists() and not force:
+        console.print(f"[red]{path} exists[/red]; use --force to overwrite")
+        raise typer.Exit(1)
+    path.write_text(EXAMPLE_CONFIG)
+    console.print(f"wrote {path}")
+
+
+@hub_app.command("init-model")
+def init_model(
+    weights: Annotated[Path, typer.Option(help="Generation 0 weights (.safetensors).")],
+    model_config: Annotated[
+        Path, typer.Option("--config", help="Model JSON config (architecture, heads, labels).")
+    ],
+    hub_config: Annotated[
+        Path, typer.Option("--hub-config", envvar="TESSERA_HUB_CONFIG", help="Hub TOML file.")
+    ] = DEFAULT_CONFIG,
+) -> None:
+    """Store the starter model as generation 0."""
+    service = _service(hub_config)
+    try:
+        view = service.init_model(weights.read_bytes(), model_config.read_text())
+    except FederationError as error:
+        _fail(error)
+    finally:
+        service.close()
+    console.print(f"generation {view.number} stored, sha256 {view.sha256}")
+
+
+@hub_app.command()
+def enrol(
+    config: ConfigOption = DEFAULT_CONFIG,
+    ttl: Annotated[int, typer.Option(help="Seconds until the token expires (0: config).")] = 0,
+    note: Annotated[str, typer.Option(help="Who the token is for (shown to operators).")] = "",
+) -> None:
+    """Print a one-time enrolment token for a new node."""
+    service = _service(config)
+    try:
+        token, expires = service.create_enrolment_token(ttl, note)
+    finally:
+        service.close()
+    print(token)
+    console.print(f"valid until {expires.isoformat()}", style="dim", stderr=True)
+
+
+@hub_app.command("admin-token")
+def admin_token() -> None:
+    """Print a new admin token and the sha256 to put in [hub] admin_token_sha256."""
+    from federation_grpc.hub.service import hash_token
+
+    token = secrets.token_urlsafe(32)
+    print(token)
+    print(f'admin_token_sha256 = "{hash_token(token)}"')
+
+
+@hub_app.command()
+def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """List enrolled nodes."""
+    service = _service(config)
+    try:
+        table = Table("node", "name", "enrolled", "last seen", "updates", "revoked")
+        for n in service.list_nodes():
+            table.add_row(
+                n.node_id,
+                n.display_name,
+                n.enrolled_at.isoformat(timespec="seconds"),
+                n.last_seen.isoformat(timespec="seconds") if n.last_seen else "-",
+                str(n.updates),
+                "yes" if n.revoked else "",
+            )
+        console.print(table)
+    finally:
+        service.close()
+
+
+@hub_app.command()
+def revoke(node_id: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Revoke a node: its token stops working at once."""
+    service = _service(config)
+    try:
+        service.revoke_node(node_id)
+    except FederationError as error:
+        _fail(error)
+    finally:
+        service.close()
+    console.print(f"node {node_id} revoked")
+
+
+@hub_app.command()
+def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """List generations with their lineage (parent, updates, nodes)."""
+    service = _service(config)
+    try:
+        table = Table("gen", "parent", "status", "strategy", "score", "updates", "nodes", "sha256")
+        for g in service.list_generations():
+            table.add_row(
+                f"{g.number}{' *' if g.current else ''}",
+                "-" if g.parent < 0 else str(g.parent),
+                g.status,
+                g.strategy,
+                "-" if g.validation_score is None else f"{g.validation_score:.4f}",
+                str(len(g.update_ids)),
+                ", ".join(g.node_ids),
+                g.sha256[:12],
+            )
+        console.print(table)
+    finally:
+        service.close()
+
+
+@hub_app.command()
+def promote(generation: int, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """Make a generation the current one."""
+    service = _service(config)
+    try:
+        view = service.promote(generation)
+    except FederationError as error:
+        _fail(error)
+    finally:
+        service.close()
+    console.print(f"generation {view.number} is current")
+
+
+@hub_app.command()
+def rollback(
+    config: ConfigOption = DEFAULT_CONFIG,
+    to: Annotated[int, typer.Option(help="Generation to return to (default: parent).")] = -1,
+) -> None:
+    """Return to an earlier generation; nodes watching switch to it."""
+    service = _service(config)
+    try:
+        view = service.rollback(to)
+    except FederationError as error:
+        _fail(error)
+    finally:
+        service.close()
+    console.print(f"rolled back; generation {view.number} is current")
+
+
+@hub_app.command()
+def rejections(
+    config: ConfigOption = DEFAULT_CONFIG,
+    limit: Annotated[int, typer.Option(help="Most recent N.")] = 50,
+) -> None:
+    """List refused updates and candidates with the reasons."""
+    service = _service(config)
+    try:
+        table = Table("when", "update", "node", "stage", "candidate", "reasons")
+        for r in service.list_rejections(limit):
+            table.add_row(
+                r.created_at.isoformat(timespec="seconds"),
+                r.update_id,
+                r.node_id,
+                r.stage,
+                "-" if r.candidate_generation < 0 else str(r.candidate_generation),
+                "; ".join(r.reasons),
+            )
+        console.print(table)
+    finally:
+        service.close()
+
+
+@hub_app.command()
+def certs(
+    out_dir: Annotated[Path, typer.Argument(help="Directory for the PEM files.")],
+    node: Annotated[list[str] | None, typer.Option(help="Node certificate name (repeat).")] = None,
+    host: Annotated[
+        list[str] | None, typer.Option(help="Hub DNS name or IP for its certificate (repeat).")
+    ] = None,
+) -> None:
+    """Make a CA, a hub server certificate and node client certificates."""
+    from federation_grpc.hub.certs import make_certs
+
+    made = make_certs(
+        out_dir,
+        nodes=tuple(node or ["node1"]),
+        hosts=tuple(host or ["localhost", "127.0.0.1"]),
+    )
+    for name, issued in made.items():
+        console.print(f"{name}: {issued.cert} {issued.key}")
+    console.print("keep ca.key offline; give each node ca.pem, its .pem and .key")
+
+
+def main() -> None:  # pragma: no cover - `python -m federation_grpc.hub.cli`
+    hub_app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
