@@ -21,6 +21,8 @@ app.command("demo")(demo)
 app.add_typer(hub_app, name="hub")
 from dicom_node.phantom.cli import phantom  # noqa: E402, I001
 app.command("phantom")(phantom)
+from viewer_bridge.cli import token  # noqa: E402, I001
+node_app.command("token")(token)
 from dicom_node.learning.cli import model_app  # noqa: E402, I001
 app.add_typer(model_app, name="model")
 
