@@ -5,7 +5,7 @@ A starter model trained on phantom site A meets a stream of studies from site B
 is segmented, "corrected" to its ground truth, and one round of incremental training
 runs exactly as the node's trainer runs it (``dicom_node.learning.incremental``:
 touched slices + neighbours, replay buffer, the node's default policy: 5 epochs of
-Adam at 1e-3, augmentation, 60 s budget, 2 threads). After each correction the model
+Adam at 1e-3, augmentation, 50 s step budget, 2 threads). After each correction the model
 is scored (3D Dice, mean over labels) on held-out subjects of B and of A.
 
 Run: ``python benchmarks/learning.py [--corrections 10] [--starter PATH] [--out DIR]``
@@ -96,7 +96,7 @@ def main() -> int:
     ap.add_argument("--bootstrap-subjects", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
-    ap.add_argument("--time-budget", type=float, default=60.0)
+    ap.add_argument("--time-budget", type=float, default=50.0)
     ap.add_argument("--neighbours", type=int, default=2)
     ap.add_argument("--replay-max-slices", type=int, default=600)
     ap.add_argument("--threads", type=int, default=2)

@@ -191,7 +191,7 @@ class LearningSettings(_Section):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     augment: bool = True
-    time_budget_s: float = Field(60.0, gt=0)
+    time_budget_s: float = Field(50.0, gt=0)     # of steps; a whole round stays <= 60 s
     threads: int = Field(2, ge=1, le=64)
     neighbour_slices: int = Field(2, ge=0)      # stored around each touched slice
     replay_max_slices: int = Field(600, ge=0)   # replay buffer budget (earlier local slices)
@@ -408,7 +408,7 @@ annotated_labels = []     # labels this hospital corrects, e.g. ["liver"]; empty
 train_every = 1           # train after every N corrections
 epochs = 5
 learning_rate = 0.001
-time_budget_s = 60
+time_budget_s = 50        # training steps stop here; with preparation a round is <= 60 s
 validation_every = 5      # every 5th correction is held out for evaluation
 acceptance_margin = 0.01
 
