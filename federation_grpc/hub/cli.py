@@ -27,7 +27,12 @@ LOGGER = logging.getLogger(__name__)
 hub_app = typer.Typer(
     help="The federation hub: serve, enrol nodes, manage generations.", no_args_is_help=True
 )
-console = Console()
+
+
+def out() -> Console:
+    """A console made per call, so the width follows the terminal (and COLUMNS) of now."""
+    return Console()
+
 
 ConfigOption = Annotated[
     Path,
@@ -40,7 +45,7 @@ DEFAULT_CONFIG = Path("hub.toml")
 
 def _config(path: Path) -> HubConfig:
     if not path.exists():
-        console.print(f"[red]no hub config at {path}[/red]; write one with `tessera hub init`")
+        out().print(f"[red]no hub config at {path}[/red]; write one with `tessera hub init`")
         raise typer.Exit(2)
     return load_config(path)
 
@@ -52,7 +57,7 @@ def _service(path: Path):  # type: ignore[no-untyped-def]
 
 
 def _fail(error: FederationError) -> None:
-    console.print(f"[red]{type(error).__name__}:[/red] {error}")
+    out().print(f"[red]{type(error).__name__}:[/red] {error}")
     raise typer.Exit(1)
 
 
@@ -98,10 +103,10 @@ def init(
 ) -> None:
     """Write a commented example hub configuration."""
     if path.exists() and not force:
-        console.print(f"[red]{path} exists[/red]; use --force to overwrite")
+        out().print(f"[red]{path} exists[/red]; use --force to overwrite")
         raise typer.Exit(1)
     path.write_text(EXAMPLE_CONFIG)
-    console.print(f"wrote {path}")
+    out().print(f"wrote {path}")
 
 
 @hub_app.command("init-model")
@@ -122,7 +127,7 @@ def init_model(
         _fail(error)
     finally:
         service.close()
-    console.print(f"generation {view.number} stored, sha256 {view.sha256}")
+    out().print(f"generation {view.number} stored, sha256 {view.sha256}")
 
 
 @hub_app.command()
@@ -138,7 +143,7 @@ def enrol(
     finally:
         service.close()
     print(token)
-    console.print(f"valid until {expires.isoformat()}", style="dim", stderr=True)
+    Console(stderr=True).print(f"valid until {expires.isoformat()}", style="dim")
 
 
 @hub_app.command("admin-token")
@@ -166,7 +171,7 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
                 str(n.updates),
                 "yes" if n.revoked else "",
             )
-        console.print(table)
+        out().print(table)
     finally:
         service.close()
 
@@ -181,7 +186,7 @@ def revoke(node_id: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
         _fail(error)
     finally:
         service.close()
-    console.print(f"node {node_id} revoked")
+    out().print(f"node {node_id} revoked")
 
 
 @hub_app.command()
@@ -201,7 +206,7 @@ def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
                 ", ".join(g.node_ids),
                 g.sha256[:12],
             )
-        console.print(table)
+        out().print(table)
     finally:
         service.close()
 
@@ -216,7 +221,7 @@ def promote(generation: int, config: ConfigOption = DEFAULT_CONFIG) -> None:
         _fail(error)
     finally:
         service.close()
-    console.print(f"generation {view.number} is current")
+    out().print(f"generation {view.number} is current")
 
 
 @hub_app.command()
@@ -232,7 +237,7 @@ def rollback(
         _fail(error)
     finally:
         service.close()
-    console.print(f"rolled back; generation {view.number} is current")
+    out().print(f"rolled back; generation {view.number} is current")
 
 
 @hub_app.command()
@@ -253,7 +258,7 @@ def rejections(
                 "-" if r.candidate_generation < 0 else str(r.candidate_generation),
                 "; ".join(r.reasons),
             )
-        console.print(table)
+        out().print(table)
     finally:
         service.close()
 
@@ -275,8 +280,8 @@ def certs(
         hosts=tuple(host or ["localhost", "127.0.0.1"]),
     )
     for name, issued in made.items():
-        console.print(f"{name}: {issued.cert} {issued.key}")
-    console.print("keep ca.key offline; give each node ca.pem, its .pem and .key")
+        out().print(f"{name}: {issued.cert} {issued.key}")
+    out().print("keep ca.key offline; give each node ca.pem, its .pem and .key")
 
 
 def main() -> None:  # pragma: no cover - `python -m federation_grpc.hub.cli`
