@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import func, select
 
 from dicom_node.errors import InvalidDatasetError
 from dicom_node.store.db import Database
@@ -83,8 +83,7 @@ class BridgeIndex:
         return {sid: self.files.absolute(rel) for sid, rel in rows}
 
     def studies(self, study_uids: Sequence[str] = ()) -> list[StudyRow]:
-        q: Select[tuple[int, str, str | None]] = select(Study.id, Study.study_uid,
-                                                        Study.study_date).order_by(Study.id)
+        q = select(Study.id, Study.study_uid, Study.study_date).order_by(Study.id)
         if study_uids:
             q = q.where(Study.study_uid.in_(study_uids))
         with self.db.session() as s:
