@@ -59,13 +59,19 @@ def fedasync_mixing(
     return alpha * sample_weight(num_samples, halfpoint) * staleness_weight(staleness, exponent)
 
 
+def _sum_squares(values: np.ndarray) -> float:
+    # A dot product in the tensor's own precision is fast (BLAS) and exact enough for a
+    # bound; the total is accumulated in Python float (double).
+    flat = values.ravel()
+    return float(np.dot(flat, flat))
+
+
 def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``update - base`` over the floating tensors the update carries."""
     total = 0.0
     for name, value in update.items():
         if np.issubdtype(value.dtype, np.floating):
-            diff = value.astype(np.float64) - base[name].astype(np.float64)
-            total += float(np.dot(diff.ravel(), diff.ravel()))
+            total += _sum_squares(value - base[name])
     return math.sqrt(total)
 
 
@@ -75,8 +81,7 @@ def tensors_norm(tensors: Mapping[str, np.ndarray], names: Sequence[str] | None 
     for name in keys:
         value = tensors[name]
         if np.issubdtype(value.dtype, np.floating):
-            flat = value.astype(np.float64).ravel()
-            total += float(np.dot(flat, flat))
+            total += _sum_squares(value)
     return math.sqrt(total)
 
 
@@ -112,11 +117,17 @@ def _cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 
 def mix(current: np.ndarray, update: np.ndarray, weight: float) -> np.ndarray:
-    """``(1 - w) * current + w * update`` in float64, cast back; non-floats take the update."""
+    """``current + w * (update - current)`` in the tensor's precision.
+
+    Non-floating tensors (counters) take the update's value.
+    """
     if not np.issubdtype(current.dtype, np.floating):
         return update.copy()
-    out = (1.0 - weight) * current.astype(np.float64) + weight * update.astype(np.float64)
-    return _cast_like(out, current)
+    out = update.astype(current.dtype, copy=True)
+    out -= current
+    out *= current.dtype.type(weight)
+    out += current
+    return out
 
 
 def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -209,7 +220,11 @@ class Strategy(Protocol):
     name: str
 
     def batch_size(self) -> int:
-        """How many pending updates one merge consumes (merge waits until that many)."""
+        """How many pending updates a merge needs (the aggregator waits for that many)."""
+        ...
+
+    def max_batch(self) -> int:
+        """The most pending updates one merge may consume."""
         ...
 
     def merge(
@@ -224,10 +239,16 @@ class FedAsync:
     alpha: float = 0.8
     sample_halfpoint: float = 16.0
     staleness_exponent: float = 0.5
+    # Under a burst, fold up to this many waiting updates (one after another, each with
+    # its own weight) into one generation instead of publishing each intermediate.
+    max_pending_fold: int = 8
     name: str = "fedasync"
 
     def batch_size(self) -> int:
         return 1
+
+    def max_batch(self) -> int:
+        return max(1, self.max_pending_fold)
 
     def merge(
         self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
@@ -253,6 +274,9 @@ class FedBuff:
     def batch_size(self) -> int:
         return self.buffer_size
 
+    def max_batch(self) -> int:
+        return self.buffer_size
+
     def merge(
         self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
     ) -> Tensors:
@@ -269,6 +293,9 @@ class FedAvg:
     name: str = "fedavg"
 
     def batch_size(self) -> int:
+        return self.round_size
+
+    def max_batch(self) -> int:
         return self.round_size
 
     def merge(

@@ -94,6 +94,7 @@ class AggregationConfig:
     staleness_exponent: float = 0.5
     buffer_size: int = 3
     server_lr: float = 1.0
+    max_pending_fold: int = 8
 
     def strategy_options(self) -> dict[str, float | int]:
         if self.strategy == "fedasync":
@@ -101,6 +102,7 @@ class AggregationConfig:
                 "alpha": self.alpha,
                 "sample_halfpoint": self.sample_halfpoint,
                 "staleness_exponent": self.staleness_exponent,
+                "max_pending_fold": self.max_pending_fold,
             }
         if self.strategy == "fedbuff":
             return {

@@ -84,10 +84,11 @@ class Aggregator:
                 if self.service.current_number() is None:
                     return made
                 pending = self._pending_in_lineage()
-                size = max(1, self.service.strategy.batch_size())
+                strategy = self.service.strategy
+                size = max(1, strategy.batch_size())
                 if len(pending) < size:
                     return made
-                number = self._merge(pending[:size])
+                number = self._merge(pending[: max(size, strategy.max_batch())])
                 if number == -2:  # a candidate now waits for federated evaluation
                     return made
                 if number >= 0:
@@ -135,6 +136,11 @@ class Aggregator:
             candidate, current.number, current_tensors, current.config_json
         )
         if not verdict.accepted:
+            if len(rows) > 1 and service.strategy.batch_size() == 1:
+                # One harmful update must not sink the others folded with it: retry alone.
+                LOGGER.info("fold of %d updates refused; merging them one by one", len(rows))
+                numbers = [self._merge([row]) for row in rows]
+                return max(numbers)
             self._reject(rows, verdict.reasons, None)
             return -1
         number = self._publish(

@@ -10,6 +10,7 @@ and waits for the aggregator.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -27,7 +28,6 @@ from federation_grpc.errors import (
     PermissionDenied,
 )
 from federation_grpc.hub import aggregation as agg
-from federation_grpc.hub.blobs import sha256_file
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
 from federation_grpc.hub.service import check_numbers, parse_tensors
 from federation_grpc.hub.store import (
@@ -100,6 +100,14 @@ class UploadSession:
         self.header = header
         self.received = offset
         self._fd = intake.service.staging.open_at(header.update_id, offset)
+        # Hash as bytes arrive; a resumed upload first hashes what the hub already holds.
+        self._digest = hashlib.sha256()
+        if offset:
+            with intake.service.staging.path(header.update_id).open("rb") as held:
+                remaining = offset
+                while remaining and (block := held.read(min(remaining, 1 << 20))):
+                    self._digest.update(block)
+                    remaining -= len(block)
 
     def write(self, chunk: bytes) -> None:
         if self.received + len(chunk) > self.header.total_size:
@@ -107,6 +115,7 @@ class UploadSession:
             self.intake.discard(
                 self.header, self.node_id, "more bytes than the declared total_size"
             )
+        self._digest.update(chunk)
         view = memoryview(chunk)
         while view:
             written = os.write(self._fd, view)
@@ -126,7 +135,7 @@ class UploadSession:
                 os.fsync(self._fd)
                 return UploadStatus(self.header.update_id, UploadState.PARTIAL, self.received)
             os.fsync(self._fd)
-            return self.intake.complete(self.node_id, self.header)
+            return self.intake.complete(self.node_id, self.header, self._digest.hexdigest())
         finally:
             self.close()
 
@@ -256,9 +265,9 @@ class UploadIntake:
             )
         raise InvalidRequest(reason)
 
-    def complete(self, node_id: str, header: UpdateHeader) -> UploadStatus:
+    def complete(self, node_id: str, header: UpdateHeader, digest: str) -> UploadStatus:
         staged = self.service.staging.path(header.update_id)
-        if sha256_file(staged) != header.sha256:
+        if digest != header.sha256:
             self.discard(header, node_id, "sha256 of the received bytes does not match the header")
         try:
             update = parse_tensors(staged.read_bytes())

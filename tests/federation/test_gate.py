@@ -150,3 +150,18 @@ def test_federated_evaluation_without_enough_results_rejects_at_deadline(tmp_pat
     assert svc.current_number() == 0
     assert "before the deadline" in svc.list_rejections()[0].reasons[0]
     svc.close()
+
+
+def test_a_refused_fold_is_retried_update_by_update(tmp_path: Path) -> None:
+    svc = gated_service(
+        tmp_path, evaluator="tests.federation.evaluators:TowardsTarget", validation_margin=1e-4
+    )
+    node = enrol(svc)
+    towards = {k: v for k, v in target().items() if not k.startswith("heads.spleen")}
+    away = {k: v - 0.5 for k, v in small_model().items() if not k.startswith("heads.spleen")}
+    good, bad = send(svc, node, towards), send(svc, node, away)
+    assert svc.aggregator.process_pending() == [1]
+    assert svc.generation(1).update_ids == (good.update_id,)
+    (rejection,) = svc.list_rejections()
+    assert rejection.update_id == bad.update_id and "validation score" in rejection.reasons[0]
+    svc.close()

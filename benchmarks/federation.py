@@ -1,0 +1,261 @@
+"""Federation benchmark: N simulated nodes push updates concurrently to a real hub.
+
+Starts ``tessera hub serve`` as its own process on 127.0.0.1 (mutual TLS unless
+``--insecure``), gives it a generation 0 of ``--size-mb`` MB, then N clients (threads,
+one gRPC channel each) each upload one full-size update at once. Prints:
+
+* merged updates/s (first upload start -> last generation published),
+* p50/p95 from the end of an upload to the generation holding it becoming current,
+* the hub's peak RSS (VmHWM),
+* upload throughput against a raw loopback TCP copy of the same bytes, measured in the
+  same run with the same concurrency.
+
+Bounded: one update per client, and ``--timeout`` seconds overall.
+
+    python benchmarks/federation.py --clients 50 --size-mb 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from federation_grpc.client import (  # noqa: E402
+    ClientTls,
+    FederationClient,
+    RetryPolicy,
+    UpdateMetadata,
+    UploadState,
+)
+from federation_grpc.hub.certs import make_certs  # noqa: E402
+from federation_grpc.hub.config import load_config  # noqa: E402
+from federation_grpc.hub.service import HubService  # noqa: E402
+from tests.federation.hubproc import HubProcess  # noqa: E402
+
+HEADS = ("liver", "spleen")
+
+
+def make_model(size_mb: float) -> dict[str, np.ndarray]:
+    floats = int(size_mb * 1024 * 1024 / 4)
+    head = 4096
+    rng = np.random.default_rng(0)
+    model = {"encoder.weight": rng.normal(size=(floats - 2 * head,)).astype(np.float32)}
+    for name in HEADS:
+        model[f"heads.{name}.weight"] = rng.normal(size=(head,)).astype(np.float32)
+    return model
+
+
+def make_update(model: dict[str, np.ndarray], seed: int) -> tuple[bytes, tuple[str, ...]]:
+    head = HEADS[seed % len(HEADS)]
+    groups = ("encoder", f"heads.{head}")
+    rng = np.random.default_rng(seed)
+    tensors = {
+        k: v + np.float32(0.01) * rng.standard_normal(v.shape, dtype=np.float32)
+        for k, v in model.items()
+        if k.startswith("encoder.") or k.startswith(f"heads.{head}.")
+    }
+    return save(tensors), groups
+
+
+def raw_loopback_mb_s(payloads: list[bytes]) -> float:
+    """Same bytes, same concurrency, plain TCP on 127.0.0.1: the ceiling to compare with."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=len(payloads))
+    port = listener.getsockname()[1]
+    received = [0] * len(payloads)
+
+    def serve_one(index: int) -> None:
+        conn, _ = listener.accept()
+        buffer = bytearray(1 << 20)
+        with conn:
+            while n := conn.recv_into(buffer):
+                received[index] += n
+
+    servers = [threading.Thread(target=serve_one, args=(i,)) for i in range(len(payloads))]
+    for thread in servers:
+        thread.start()
+
+    def send(payload: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(payload)
+
+    senders = [threading.Thread(target=send, args=(p,)) for p in payloads]
+    start = time.perf_counter()
+    for thread in senders:
+        thread.start()
+    for thread in senders + servers:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    listener.close()
+    assert sum(received) == sum(map(len, payloads))
+    return sum(received) / elapsed / 1e6
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_config(path: Path, data: Path, certs: dict, strategy: str, buffer: int) -> None:  # type: ignore[type-arg]
+    path.write_text(
+        f"""
+[hub]
+host = "127.0.0.1"
+port = 0
+data_dir = "{data}"
+max_workers = 160
+
+[tls]
+ca_cert = "{certs["ca"].cert}"
+server_cert = "{certs["hub"].cert}"
+server_key = "{certs["hub"].key}"
+
+[limits]
+max_update_bytes = 268435456
+
+[aggregation]
+strategy = "{strategy}"
+buffer_size = {buffer}
+"""
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--size-mb", type=float, default=10.0)
+    parser.add_argument("--strategy", default="fedasync", choices=["fedasync", "fedbuff", "fedavg"])
+    parser.add_argument("--buffer-size", type=int, default=10)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--json", action="store_true", help="print figures as JSON too")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tessera-fedbench-"))
+    certs = make_certs(work / "tls", nodes=("bench-node",))
+    config_path = work / "hub.toml"
+    write_config(config_path, work / "data", certs, args.strategy, args.buffer_size)
+    model = make_model(args.size_mb)
+    setup = HubService(load_config(config_path))
+    setup.init_model(save(model), json.dumps({"architecture": "bench"}))
+    tokens = [setup.create_enrolment_token()[0] for _ in range(args.clients)]
+    setup.close()
+    print(f"preparing {args.clients} updates of {args.size_mb:g} MB ...", flush=True)
+    updates = [make_update(model, i) for i in range(args.clients)]
+    raw = raw_loopback_mb_s([u[0] for u in updates])
+
+    hub = HubProcess(config_path, work / "hub.log")
+    target = f"127.0.0.1:{hub.port}"
+    tls = ClientTls.from_files(certs["ca"].cert, certs["bench-node"].cert, certs["bench-node"].key)
+    retry = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
+    clients = [
+        FederationClient(target, tls=tls, retry=retry, timeout_s=args.timeout) for _ in tokens
+    ]
+    for client, token in zip(clients, tokens, strict=True):
+        client.enrol(token, "bench")
+
+    published: dict[int, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        for generation in clients[0].watch(known_generation=0, stop=stop):
+            published[generation.number] = time.perf_counter()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    ids = [str(uuid.uuid4()) for _ in updates]
+    ended: dict[str, float] = {}
+    results: dict[str, object] = {}
+    go = threading.Barrier(len(clients) + 1)
+
+    def push(index: int) -> None:
+        payload, groups = updates[index]
+        meta = UpdateMetadata(ids[index], 0, 20, groups, {"dice": 0.8})
+        go.wait()
+        results[ids[index]] = clients[index].upload(payload, meta)
+        ended[ids[index]] = time.perf_counter()
+
+    pushers = [threading.Thread(target=push, args=(i,)) for i in range(len(clients))]
+    for thread in pushers:
+        thread.start()
+    go.wait()
+    start = time.perf_counter()
+    for thread in pushers:
+        thread.join(args.timeout)
+    uploads_done = time.perf_counter()
+    deadline = start + args.timeout
+    merged_into: dict[str, int] = {}
+    while time.perf_counter() < deadline and len(merged_into) < len(ids):
+        for client, update_id in zip(clients, ids, strict=True):
+            if update_id not in merged_into:
+                status = client.upload_status(update_id)
+                if status.state == UploadState.MERGED:
+                    merged_into[update_id] = status.merged_into
+                elif status.state == UploadState.REJECTED:
+                    merged_into[update_id] = -1
+        time.sleep(0.1)
+    time.sleep(0.3)  # let the watcher see the last generation
+    stop.set()
+    rss = peak_rss_mb(hub.proc.pid)
+    hub.stop()
+    for client in clients:
+        client.close()
+
+    merged = {u: g for u, g in merged_into.items() if g >= 0}
+    latencies = sorted(
+        published[g] - ended[u] for u, g in merged.items() if g in published and u in ended
+    )
+    last_generation = max(
+        (published[g] for g in set(merged.values()) if g in published), default=start
+    )
+    total_bytes = sum(len(u[0]) for u in updates)
+    grpc_mb_s = total_bytes / (uploads_done - start) / 1e6
+    figures = {
+        "clients": args.clients,
+        "update_mb": round(total_bytes / len(updates) / 1e6, 2),
+        "strategy": args.strategy,
+        "uploaded": len(ended),
+        "merged": len(merged),
+        "rejected": len(merged_into) - len(merged),
+        "lost": len(ids) - len(merged_into),
+        "generations": len(set(merged.values())),
+        "merged_updates_per_s": round(len(merged) / (last_generation - start), 2),
+        "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3)
+        if latencies
+        else None,
+        "hub_peak_rss_mb": round(rss, 1),
+        "grpc_upload_mb_s": round(grpc_mb_s, 1),
+        "raw_loopback_mb_s": round(raw, 1),
+        "grpc_vs_raw": round(grpc_mb_s / raw, 3),
+        "tls": True,
+        "cpus": os.cpu_count(),
+    }
+    print()
+    for key, value in figures.items():
+        print(f"{key:>22}: {value}")
+    if args.json:
+        print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
