@@ -124,6 +124,7 @@ def main() -> int:
           f"{'train s':>8} {'epochs':>6}", flush=True)
     print(f"{0:>3} {rows[0]['B']['mean']:8.4f} {rows[0]['A']['mean']:8.4f}", flush=True)
     replay: list[list[SliceSample]] = []
+    summary: dict = {}
     for n in range(1, args.corrections + 1):
         case = phantom_case("B", n - 1, args.seed)
         ai = segment_volume(model, config, case.image, case.spacing).labels
@@ -146,15 +147,22 @@ def main() -> int:
         print(f"{n:>3} {row['B']['mean']:8.4f} {row['A']['mean']:8.4f} "
               f"{np.mean(list(ai_dice.values())):9.4f} {len(sample):>7} {seconds:8.1f} "
               f"{report.epochs_completed:>6}", flush=True)
+        summary = write_outputs(args.out, origin, policy, rows, args.corrections)
 
-    summary = summarise(rows, args.corrections)
     print(json.dumps(summary, indent=2))
-    (args.out / "learning.json").write_text(json.dumps(
-        {"starter": origin, "policy": vars(policy), "rows": rows, "summary": summary},
-        indent=2, default=str))
-    plot(rows, args.out / "learning.png", origin)
     print(f"wrote {args.out / 'learning.json'} and {args.out / 'learning.png'}")
     return 0
+
+
+def write_outputs(out: Path, origin: str, policy: TrainingPolicy, rows: list[dict],
+                  n: int) -> dict:
+    """Written after every correction, so an interrupted run still leaves its figures."""
+    summary = summarise(rows, n)
+    (out / "learning.json").write_text(json.dumps(
+        {"starter": origin, "policy": vars(policy), "rows": rows, "summary": summary},
+        indent=2, default=str))
+    plot(rows, out / "learning.png", origin)
+    return summary
 
 
 def _within_budget(replay: list[list[SliceSample]], budget: int) -> list[SliceSample]:
