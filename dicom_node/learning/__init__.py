@@ -20,3 +20,11 @@ new structure is one more head on a frozen encoder (continual classes). Each hea
 softmax over its labels plus background; heads are combined by confidence, with the
 enclosing ``body`` filling whatever no organ head claims.
 """
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning. On a machine whose cores are shared
+# (a hospital VM running the SCP, the database and the trainer), spinning threads make
+# two-thread training up to ten times slower than one thread. libgomp reads this when
+# torch is first imported, which importing any learning module triggers after this line.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

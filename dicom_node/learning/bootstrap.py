@@ -45,8 +45,8 @@ class BootstrapPlan:
     time_budget_s: float = 420.0
     input_size: int = 128
     epochs: int = 12
-    batch_size: int = 16
-    learning_rate: float = 3e-3
+    batch_size: int = 8
+    learning_rate: float = 2e-3
     device: str = "cpu"
 
 

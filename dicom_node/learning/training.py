@@ -278,6 +278,7 @@ def train(
     heads = _heads_to_train(config, data, policy)
     device = torch.device(policy.device)
     threads_before = torch.get_num_threads()
+    tuner = ThreadTuner(threads_before) if device.type == "cpu" and not policy.num_threads else None
     if policy.num_threads:
         torch.set_num_threads(policy.num_threads)
     origin = next(model.parameters()).device
@@ -316,7 +317,12 @@ def train(
                     x, y = augment_batch(x, y, gen)
                 x, y, ann = x.to(device), y.to(device), ann.to(device)
                 _set_lr(optimiser, policy, step, total_steps, elapsed)
+                if tuner is not None:
+                    tuner.before_step(step)
+                t_step = time.monotonic()
                 loss = _step(model, config, heads, x, y, ann, policy, optimiser)
+                if tuner is not None:
+                    tuner.after_step(time.monotonic() - t_step)
                 step += 1
                 if loss is not None:
                     running, count = running + loss, count + 1
@@ -353,6 +359,46 @@ def train(
         trained_heads=tuple(heads),
         encoder_frozen=policy.freeze_encoder,
     )
+
+
+class ThreadTuner:
+    """Picks the intra-op thread count that trains fastest right now, and keeps checking.
+
+    On shared cores, one thread can beat all of them (other processes hold the rest);
+    on an idle machine all threads win. Steps alternate between one thread and
+    ``max_threads`` at the start and for a few steps every ``recheck`` steps; the
+    faster median wins. Costs nothing when there is a single core.
+    """
+
+    def __init__(self, max_threads: int, probe: int = 3, recheck: int = 100) -> None:
+        self.options = sorted({1, max(1, max_threads)})
+        self.probe, self.recheck = probe, recheck
+        self.times: dict[int, list[float]] = {n: [] for n in self.options}
+        self.current = self.options[-1]
+        self._probing = len(self.options) > 1
+
+    def before_step(self, step: int) -> None:
+        if len(self.options) == 1:
+            return
+        if step and step % self.recheck == 0:
+            self.times = {n: [] for n in self.options}
+            self._probing = True
+        if self._probing:
+            self.current = self.options[step % len(self.options)]
+        torch.set_num_threads(self.current)
+
+    def after_step(self, seconds: float) -> None:
+        if not self._probing:
+            return
+        self.times[self.current].append(seconds)
+        if all(len(t) > self.probe for t in self.times.values()):
+            # the first sample of each is a warm-up (allocations, thread start)
+            medians = {n: float(np.median(t[1:])) for n, t in self.times.items()}
+            best = min(medians, key=lambda n: medians[n])
+            if best != self.current or self._probing:
+                LOGGER.info("training with %d thread(s): step medians %s", best, medians)
+            self.current, self._probing = best, False
+            torch.set_num_threads(best)
 
 
 def _heads_to_train(config: ModelConfig, data: PreparedSlices, policy: TrainingPolicy) -> list[str]:

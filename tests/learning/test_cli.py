@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
+from dicom_node.learning import bootstrap as bootstrap_module
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.weights import load_model, save_model
+
+from .conftest import toy_volume
 
 runner = CliRunner()
 
@@ -34,6 +39,38 @@ def test_model_list_of_an_empty_directory(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "no models" in result.output
 
 
+def _toy_subject(site: str, index: int, seed: int) -> SimpleNamespace:
+    image, labels = toy_volume(seed=1000 * seed + index, slices=4, rows=40, cols=40)
+    return SimpleNamespace(image=image, labels=labels, spacing=(3.0, 1.5, 1.5))
+
+
+def test_bootstrap_command_on_toy_subjects(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bootstrap_module, "_generate", _toy_subject)
+    args = [
+        "model",
+        "bootstrap",
+        "--subjects",
+        "2",
+        "--held-out",
+        "1",
+        "--time-budget",
+        "60",
+        "--input-size",
+        "32",
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "held-out Dice" in result.output and "kidney_right" in result.output
+    assert "2 full epochs on 8 slices" in result.output
+    _, config = load_model(tmp_path / "model.safetensors")
+    assert config.preprocessing.input_size == 32
+
+
+@pytest.mark.slow
 def test_bootstrap_trains_saves_and_reports_dice(tmp_path: Path) -> None:
     args = [
         "model",
