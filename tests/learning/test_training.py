@@ -12,6 +12,7 @@ from dicom_node.learning.metrics import dice_per_label
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.training import (
+    ThreadTuner,
     TrainingPolicy,
     augment_batch,
     head_targets,
@@ -172,3 +173,22 @@ def test_augmentation_never_mirrors_left_and_right() -> None:
         # patient left stays on image right
         assert (left * cols).sum() / left.sum() > (right * cols).sum() / right.sum()
     assert not torch.equal(ay, y)  # it did transform
+
+
+def test_thread_tuner_follows_the_faster_thread_count() -> None:
+    before = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(max_threads=2, probe=2, recheck=10)
+        slow_threads = 2
+        for step in range(20):
+            if step == 10:
+                slow_threads = 1  # the machine got quiet: now all threads pay off
+            tuner.before_step(step)
+            assert torch.get_num_threads() == tuner.current
+            tuner.after_step(1.0 if tuner.current == slow_threads else 0.2)
+            if step == 9:
+                assert tuner.current == 1
+        assert tuner.current == 2
+        assert ThreadTuner(max_threads=1).options == [1]
+    finally:
+        torch.set_num_threads(before)
