@@ -106,7 +106,7 @@ def raw_loopback_mb_s(payloads: list[bytes]) -> float:
 
 
 def percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -147,6 +147,10 @@ def main() -> None:
     parser.add_argument("--strategy", default="fedasync", choices=["fedasync", "fedbuff", "fedavg"])
     parser.add_argument("--buffer-size", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--chunk-mb", type=float, default=1.0, help="upload chunk size")
+    parser.add_argument(
+        "--insecure", action="store_true", help="no TLS (hub --insecure-loopback), to see TLS cost"
+    )
     parser.add_argument("--json", action="store_true", help="print figures as JSON too")
     args = parser.parse_args()
 
@@ -163,12 +167,20 @@ def main() -> None:
     updates = [make_update(model, i) for i in range(args.clients)]
     raw = raw_loopback_mb_s([u[0] for u in updates])
 
-    hub = HubProcess(config_path, work / "hub.log")
+    hub = HubProcess(config_path, work / "hub.log", insecure=args.insecure)
     target = f"127.0.0.1:{hub.port}"
     tls = ClientTls.from_files(certs["ca"].cert, certs["bench-node"].cert, certs["bench-node"].key)
     retry = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     clients = [
-        FederationClient(target, tls=tls, retry=retry, timeout_s=args.timeout) for _ in tokens
+        FederationClient(
+            target,
+            tls=None if args.insecure else tls,
+            insecure=args.insecure,
+            retry=retry,
+            timeout_s=args.timeout,
+            chunk_size=int(args.chunk_mb * 1024 * 1024),
+        )
+        for _ in tokens
     ]
     for client, token in zip(clients, tokens, strict=True):
         client.enrol(token, "bench")
@@ -247,7 +259,8 @@ def main() -> None:
         "grpc_upload_mb_s": round(grpc_mb_s, 1),
         "raw_loopback_mb_s": round(raw, 1),
         "grpc_vs_raw": round(grpc_mb_s / raw, 3),
-        "tls": True,
+        "tls": not args.insecure,
+        "chunk_mb": args.chunk_mb,
         "cpus": os.cpu_count(),
     }
     print()

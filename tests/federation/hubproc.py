@@ -33,7 +33,7 @@ server_key = "{certs["hub"].key}"
 class HubProcess:
     """``python -m federation_grpc.hub.cli serve``; ``port`` is read from its first line."""
 
-    def __init__(self, config: Path, log: Path, port: int = 0) -> None:
+    def __init__(self, config: Path, log: Path, port: int = 0, insecure: bool = False) -> None:
         self.log = log.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -45,6 +45,7 @@ class HubProcess:
                 str(config),
                 "--port",
                 str(port),
+                *(["--insecure-loopback"] if insecure else []),
             ],
             cwd=REPO,
             stdout=subprocess.PIPE,
