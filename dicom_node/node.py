@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scp import RunningSCP, start_scp
@@ -87,6 +88,7 @@ class Node:
         self._stop = threading.Event()
         self._assembler_thread: threading.Thread | None = None
         self.scp: RunningSCP | None = None
+        self.bridge: Any = None  # viewer_bridge.server.RunningBridge when [http] is on
         self.worker = JobWorker(
             self.parts.queue, self.parts.handlers, threads=config.jobs.workers,
             backoff=Backoff(config.export.backoff_initial_s, config.export.backoff_max_s),
@@ -97,6 +99,11 @@ class Node:
     def port(self) -> int:
         assert self.scp is not None, "node not started"
         return self.scp.port
+
+    @property
+    def http_port(self) -> int:
+        assert self.bridge is not None, "node not started, or [http] not enabled"
+        return int(self.bridge.port)
 
     def start(self) -> Node:
         if self.serve_dicom:
@@ -109,6 +116,12 @@ class Node:
         self._assembler_thread.start()
         if self.serve_dicom:
             self.scp = start_scp(self.config.dicom, self.parts.store)
+            if self.config.http.enabled:
+                # Imported here: viewer_bridge builds on dicom_node, not the reverse.
+                from viewer_bridge.server import start_bridge
+
+                self.bridge = start_bridge(self.config, self.parts.db, self.parts.files,
+                                           self.parts.store)
         return self
 
     def _assemble_loop(self) -> None:
@@ -122,6 +135,8 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.bridge is not None:
+            self.bridge.shutdown()
         if self.scp is not None:
             self.scp.shutdown()
         self.worker.stop()
