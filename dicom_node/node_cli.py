@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,8 @@ from dicom_node.errors import ConfigError
 if TYPE_CHECKING:
     from dicom_node.node import Node
 
+LOGGER = logging.getLogger(__name__)
+
 node_app = typer.Typer(help="The hospital-side DICOM node.", no_args_is_help=True)
 
 ConfigOption = Annotated[
@@ -27,11 +28,9 @@ ConfigOption = Annotated[
 
 
 def configure_logging(level: str = "INFO", json_logs: bool = False) -> None:
-    fmt = ('{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-           if json_logs else "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from federation_grpc.jsonlog import configure_logging as configure
+
+    configure(level, json_logs, quiet=("pynetdicom", "highdicom"))
 
 
 def load_or_exit(path: Path | None, overrides: dict[str, object] | None = None) -> NodeConfig:
@@ -136,3 +135,25 @@ def status(
     finally:
         db.dispose()
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))
+
+
+@node_app.command("migrate")
+def migrate(
+    config: ConfigOption = None,
+    revision: Annotated[str, typer.Option(help="Alembic revision to reach.")] = "head",
+) -> None:
+    """Bring the node database schema to ``revision`` with the Alembic scripts.
+
+    Run it once before starting a new version of the node (or its workers) against
+    PostgreSQL; ``serve``/``worker`` also create an empty schema themselves.
+    """
+    from dicom_node.store.db import Database
+
+    cfg = load_or_exit(config)
+    cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(cfg.node.resolved_database_url())
+    try:
+        before, after = db.migrate(revision)
+    finally:
+        db.dispose()
+    typer.echo(json.dumps({"event": "migrated", "from": before, "to": after}))

@@ -15,6 +15,8 @@ from dicom_node.store.models import Base
 
 LOGGER = logging.getLogger(__name__)
 
+MIGRATIONS = "dicom_node.store:migrations"
+
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # The driver must not open transactions on its own; the "begin" hook does.
@@ -56,7 +58,17 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Make the schema ready: ``create_all`` + Alembic stamp on an empty database,
+        an upgrade of a stamped one (see :mod:`federation_grpc.schema`)."""
+        from federation_grpc.schema import ensure_schema
+
+        ensure_schema(self.engine, Base.metadata, MIGRATIONS)
+
+    def migrate(self, revision: str = "head") -> tuple[str | None, str | None]:
+        """Run the Alembic revision scripts (``tessera node migrate``)."""
+        from federation_grpc.schema import migrate
+
+        return migrate(self.engine, MIGRATIONS, revision)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -95,6 +95,29 @@ def serve(
 
 
 @hub_app.command()
+def migrate(
+    config: ConfigOption = DEFAULT_CONFIG,
+    revision: Annotated[str, typer.Option(help="Alembic revision to reach.")] = "head",
+) -> None:
+    """Bring the hub database schema to ``revision`` with the Alembic scripts."""
+    import json
+
+    from sqlalchemy import create_engine
+
+    from federation_grpc.hub.store import MIGRATIONS
+    from federation_grpc.schema import migrate as run_migrations
+
+    settings = _config(config)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        before, after = run_migrations(engine, MIGRATIONS, revision)
+    finally:
+        engine.dispose()
+    print(json.dumps({"event": "migrated", "from": before, "to": after}))
+
+
+@hub_app.command()
 def init(
     path: Annotated[
         Path, typer.Argument(help="Where to write the example config.")

@@ -25,7 +25,11 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from federation_grpc.schema import ensure_schema
+
 LOGGER = logging.getLogger(__name__)
+
+MIGRATIONS = "federation_grpc.hub:migrations"
 
 
 def utcnow() -> datetime:
@@ -176,7 +180,7 @@ class HubStore:
         self.engine: Engine = create_engine(url, **kwargs)
         if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        ensure_schema(self.engine, Base.metadata, MIGRATIONS)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         with self.session() as session:
             if session.get(HubStateRow, 1) is None:
