@@ -50,7 +50,7 @@ def _argmax_classes(p: torch.Tensor) -> torch.Tensor:
     that took most of the inference time; a few elementwise passes over contiguous
     planes are many times faster for the 2-3 classes a head has.
     """
-    best = torch.zeros(p.shape[0], *p.shape[2:], dtype=torch.long)
+    best = torch.zeros(p.shape[0], *p.shape[2:], dtype=torch.long, device=p.device)
     value = p[:, 0]
     for j in range(1, p.shape[1]):
         better = p[:, j] > value
@@ -69,8 +69,8 @@ def combine_heads(
     background.
     """
     first = next(iter(probs.values()))
-    labels = torch.zeros(first.shape[0], *first.shape[2:], dtype=torch.uint8)
-    confidence = torch.ones(labels.shape, dtype=first.dtype)
+    labels = torch.zeros(first.shape[0], *first.shape[2:], dtype=torch.uint8, device=first.device)
+    confidence = torch.ones(labels.shape, dtype=first.dtype, device=first.device)
     for enclosing in (False, True):
         scores, values = [], []
         for head in config.heads:
@@ -86,7 +86,7 @@ def combine_heads(
         if not scores:
             continue
         best_score, idx = torch.stack(scores).max(dim=0)
-        lut = torch.tensor(values, dtype=torch.uint8)
+        lut = torch.tensor(values, dtype=torch.uint8, device=first.device)
         claim = (best_score > 0) & (labels == 0)
         labels = torch.where(claim, lut[idx], labels)
         confidence = torch.where(claim, best_score, confidence)
