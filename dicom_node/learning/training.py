@@ -34,7 +34,15 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainingPolicy:
-    """How a round of training runs (Dafne: 5 epochs of Adam at 1e-3)."""
+    """How a round of training runs (Dafne: 5 epochs of Adam at 1e-3).
+
+    ``heads`` limits training to those heads (``None``: every head whose labels the
+    samples annotate); ``freeze_encoder`` trains heads only (continual classes).
+    ``replay_fraction`` of each batch is drawn from the replay samples.
+    ``time_budget_s`` stops training at the first step boundary past it; with
+    ``lr_schedule="cosine"`` the rate decays over steps or budget, whichever ends first.
+    ``num_threads=None`` lets a :class:`ThreadTuner` pick 1 or all threads on CPU.
+    """
 
     epochs: int = 5
     batch_size: int = 16

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from dicom_node.learning.bootstrap import STARTER_DIR, evaluate
 from dicom_node.learning.weights import load_model
@@ -22,7 +21,6 @@ def test_starter_files_are_small_and_describe_themselves() -> None:
     assert config.label("kidney_right").code == "9846003"
 
 
-@pytest.mark.slow
 def test_starter_reaches_dice_090_on_fresh_site_a_subjects() -> None:
     model, config = load_model(STARTER_DIR / "model.safetensors")
     mean, per_subject = evaluate(model, config, "A", [0, 1], seed=FRESH_SEED)
