@@ -6,10 +6,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from dicom_node.metrics import observe_job
 from dicom_node.store.jobs import Backoff, ClaimedJob, JobQueue, LeaseLost
 
 LOGGER = logging.getLogger(__name__)
@@ -102,10 +104,12 @@ class JobWorker:
 
         ticker = threading.Thread(target=beat_loop, name=f"heartbeat-{job.id}", daemon=True)
         ticker.start()
+        started = time.monotonic()
         try:
             handler.run(job, beat)
         except LeaseLost:
             LOGGER.warning("job %s (%s) lost its lease; result dropped", job.id, job.kind)
+            observe_job(job.kind, "lost", time.monotonic() - started)
             return True
         except Exception as exc:
             permanent = isinstance(exc, PermanentJobError)
@@ -114,11 +118,17 @@ class JobWorker:
             log = LOGGER.error if state == "dead" else LOGGER.warning
             log("job %s (%s %s) attempt %d failed -> %s: %s", job.id, job.kind, job.key,
                 job.attempts, state, error)
+            observe_job(job.kind, "dead" if state == "dead" else "retry",
+                        time.monotonic() - started)
             if state == "dead":
                 handler.on_dead(job, error)
             return True
         finally:
             done.set()
+        elapsed = time.monotonic() - started
         if not self.queue.complete(job.id, owner):
             LOGGER.warning("job %s finished after losing its lease", job.id)
+            observe_job(job.kind, "lost", elapsed)
+        else:
+            observe_job(job.kind, "done", elapsed)
         return True

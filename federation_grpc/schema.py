@@ -88,6 +88,7 @@ def migrate(
         before = current_revision(conn)
         if before is None and inspect(conn).get_table_names():
             base = _scripts(script_location).get_base()
+            assert base is not None, f"no revisions under {script_location}"
             LOGGER.warning("unversioned schema with tables; stamping base revision %s", base)
             MigrationContext.configure(conn).stamp(_scripts(script_location), base)
         command.upgrade(alembic_config(script_location, conn), revision)

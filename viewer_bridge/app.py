@@ -16,6 +16,8 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_node.config import NodeConfig
+from dicom_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dicom_node.metrics import render as render_metrics
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
@@ -78,6 +80,10 @@ def create_app(config: NodeConfig, db: Database, files: InstanceFiles,
             return JSONResponse({"status": "unhealthy", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    async def metrics(request: Request) -> Response:
+        body = await run_in_threadpool(render_metrics, db)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
+
     async def status_json(request: Request) -> Response:
         data: dict[str, Any] = await run_in_threadpool(status_data, db)
         return Response(json.dumps(data, default=str), media_type="application/json")
@@ -89,6 +95,7 @@ def create_app(config: NodeConfig, db: Database, files: InstanceFiles,
     login_form, login = login_routes(tokens, secure_cookie=False)
     routes: list[Any] = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/status", status_html, methods=["GET"]),
         Route("/status.json", status_json, methods=["GET"]),
         Route("/login", login_form, methods=["GET"]),

@@ -20,6 +20,7 @@ import pydicom
 from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
 from dicom_node.dicom.status import Status
+from dicom_node.metrics import count_received, count_refused
 from dicom_node.store.files import check_uid
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer
 from viewer_bridge.multipart import Part
@@ -117,6 +118,7 @@ class StowService:
                 sop_class: str | None = None, sop: str | None = None) -> None:
         LOGGER.warning("STOW-RS part refused from %s: 0x%04X %s", peer.address, status, reason)
         self.store.quarantine(data, "stow-refused", reason, peer, sop, status=status)
+        count_refused("stow", status)
         result.failed.append((sop_class, sop, status, reason))
 
     def _store_one(self, number: int, part: Part, study_uid: str | None, peer: Peer,
@@ -175,3 +177,4 @@ class StowService:
         LOGGER.info("STOW-RS stored %s from %s (%s)", header.sop_instance_uid, peer.address,
                     outcome)
         result.stored.append((header.sop_class_uid, header.sop_instance_uid))
+        count_received("stow")

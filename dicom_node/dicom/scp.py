@@ -22,6 +22,7 @@ from dicom_node.config import DicomSettings
 from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
 from dicom_node.dicom.status import Status
+from dicom_node.metrics import count_received, count_refused
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer
 
 LOGGER = logging.getLogger(__name__)
@@ -86,6 +87,16 @@ def handle_store(
     on_stored: StoredCallback | None = None,
 ) -> int:
     """Store one instance durably before answering; every failure has its status."""
+    status = _store(event, store, max_bytes, on_stored)
+    if status == Status.SUCCESS:
+        count_received("dicom")
+    else:
+        count_refused("dicom", int(status))
+    return status
+
+
+def _store(event: Event, store: InstanceStore, max_bytes: int,
+           on_stored: StoredCallback | None) -> int:
     peer = peer_of(event)
     try:
         dataset = event.encoded_dataset(include_meta=False)

@@ -68,16 +68,17 @@ def serve(
         bool, typer.Option(help="Serve without TLS; refused unless bound to loopback.")
     ] = False,
     port: Annotated[int | None, typer.Option(help="Override the configured port (0: any).")] = None,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="One JSON object per line.")]
+    = False,
 ) -> None:
     """Run the hub until SIGTERM/SIGINT."""
     from dataclasses import replace
 
+    from federation_grpc.hub.metrics import MetricsServer
     from federation_grpc.hub.server import HubServer
+    from federation_grpc.jsonlog import configure_logging
 
-    logging.basicConfig(
-        level=os.environ.get("TESSERA_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(os.environ.get("TESSERA_LOG_LEVEL", "INFO"), json_logs)
     settings = _config(config)
     if port is not None:
         settings = replace(settings, port=port)
@@ -85,12 +86,20 @@ def serve(
         server = HubServer(settings, insecure_loopback=insecure_loopback).start()
     except FederationError as error:
         _fail(error)
+    metrics = None
+    if settings.metrics.enabled:
+        metrics = MetricsServer(server.service.store, settings.metrics.host,
+                                settings.metrics.port).start()
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
-    # Tests and scripts read the bound port from this line.
+    # Tests and scripts read the bound port from this line (and the metrics port next).
     print(f"hub listening on {settings.host}:{server.port}", flush=True)
+    if metrics is not None:
+        print(f"hub metrics on {metrics.host}:{metrics.port}", flush=True)
     done.wait()
+    if metrics is not None:
+        metrics.stop()
     server.stop(grace=5)
 
 

@@ -65,6 +65,12 @@ evaluator = ""
 federated_evaluation = false
 min_evaluations = 2
 evaluation_timeout_s = 3600
+
+[metrics]
+# Prometheus /metrics and /healthz over plain HTTP (keep it on an internal network).
+enabled = false
+host = "127.0.0.1"
+port = 9464
 """
 
 
@@ -125,6 +131,13 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464  # 0: any free port
+
+
+@dataclass(frozen=True)
 class HubConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -136,6 +149,7 @@ class HubConfig:
     limits: Limits = field(default_factory=Limits)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def resolved_database_url(self) -> str:
@@ -186,6 +200,7 @@ def load_config(path: Path) -> HubConfig:
             "limits": _build(Limits, _section(raw, "limits"), "limits"),
             "aggregation": _build(AggregationConfig, _section(raw, "aggregation"), "aggregation"),
             "gate": _build(GateConfig, _section(raw, "gate"), "gate"),
+            "metrics": _build(MetricsConfig, _section(raw, "metrics"), "metrics"),
         },
         "hub",
     )

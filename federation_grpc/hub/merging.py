@@ -1,6 +1,7 @@
 """The aggregator: pending updates -> strategy merge -> gate -> new generation (or not).
 
-One aggregator thread per hub process merges; a merge and the bookkeeping of its updates
+One aggregator thread per hub process merges, and replicas sharing a database take
+turns (:mod:`federation_grpc.hub.merge_lock`); a merge and the bookkeeping of its updates
 commit in one transaction, so an update is merged exactly once even if the hub dies
 half-way (it stays RECEIVED and is merged after the restart).
 """
@@ -19,6 +20,7 @@ from sqlalchemy import func, select
 
 from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.gate import compare_scores, paired_mean
+from federation_grpc.hub.merge_lock import merge_lock
 from federation_grpc.hub.service import parse_tensors
 from federation_grpc.hub.store import (
     EvaluationResultRow,
@@ -77,7 +79,8 @@ class Aggregator:
     def process_pending(self) -> list[int]:
         """Merge while enough updates wait; return the numbers of new current generations."""
         made: list[int] = []
-        with self._lock:
+        # The database lock makes replicas sharing one database merge one at a time.
+        with self._lock, merge_lock(self.service.store.engine, self.service.config.data_dir):
             if self._decide_open_candidate():
                 return made
             while True:

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the node.
+
+Counters and the job latency histogram live in the process that does the work
+(prometheus_client's default registry: the ``serve`` process counts ingest, every
+process counts its own jobs). Queue depths, outbox states and the serving generation
+are read from the database at scrape time, so any process shows the whole node (all
+workers on one PostgreSQL included).
+
+Series names: ``tessera_node_instances_received_total{source}``,
+``tessera_node_instances_refused_total{source,status}``,
+``tessera_node_jobs{kind,state}``, ``tessera_node_job_seconds{kind,outcome}``,
+``tessera_node_jobs_finished_total{kind,outcome}`` (kind ``export`` gives the export
+outcomes), ``tessera_node_outbox_items{destination,state}``,
+``tessera_node_serving_generation{model}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from dicom_node.store.db import Database
+from dicom_node.store.models import Job, ModelVersion, ModelVersionState, OutboxItem
+
+LOGGER = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+INSTANCES_RECEIVED = Counter(
+    "tessera_node_instances_received", "Instances stored and acknowledged.", ["source"])
+INSTANCES_REFUSED = Counter(
+    "tessera_node_instances_refused", "Instances refused, by DICOM status (hex).",
+    ["source", "status"])
+JOB_SECONDS = Histogram(
+    "tessera_node_job_seconds", "Time a handler took for one job attempt.",
+    ["kind", "outcome"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
+JOBS_FINISHED = Counter(
+    "tessera_node_jobs_finished", "Job attempts by outcome (done, retry, dead, lost).",
+    ["kind", "outcome"])
+
+
+def count_received(source: str) -> None:
+    INSTANCES_RECEIVED.labels(source).inc()
+
+
+def count_refused(source: str, status: int) -> None:
+    INSTANCES_REFUSED.labels(source, f"0x{status:04X}").inc()
+
+
+def observe_job(kind: str, outcome: str, seconds: float) -> None:
+    JOB_SECONDS.labels(kind, outcome).observe(seconds)
+    JOBS_FINISHED.labels(kind, outcome).inc()
+
+
+class NodeStateCollector(Collector):
+    """Gauges read from the node database when Prometheus scrapes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("tessera_node_jobs", "Jobs in the queue by kind and state.",
+                                 labels=["kind", "state"])
+        outbox = GaugeMetricFamily("tessera_node_outbox_items",
+                                   "Outbox items by destination and state.",
+                                   labels=["destination", "state"])
+        serving = GaugeMetricFamily("tessera_node_serving_generation",
+                                    "Generation of each model the node serves.",
+                                    labels=["model"])
+        try:
+            with self.db.session() as s:
+                for kind, state, n in s.execute(
+                        select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)):
+                    jobs.add_metric([kind, state], n)
+                for dest, state, n in s.execute(
+                        select(OutboxItem.destination, OutboxItem.state, func.count())
+                        .group_by(OutboxItem.destination, OutboxItem.state)):
+                    outbox.add_metric([dest, state], n)
+                for name, gen in s.execute(
+                        select(ModelVersion.name, func.max(ModelVersion.generation))
+                        .where(ModelVersion.state == ModelVersionState.SERVING)
+                        .group_by(ModelVersion.name)):
+                    serving.add_metric([name], gen)
+        except Exception:
+            LOGGER.exception("cannot read node state for /metrics")
+        yield jobs
+        yield outbox
+        yield serving
+
+
+def render(db: Database) -> bytes:
+    """The Prometheus text exposition: this process's counters plus the database gauges."""
+    state = CollectorRegistry(auto_describe=False)
+    state.register(NodeStateCollector(db))
+    return generate_latest(REGISTRY) + generate_latest(state)
