@@ -9,7 +9,7 @@ import torch
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.metrics import dice_per_label
-from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.training import (
     ThreadTuner,
@@ -192,3 +192,56 @@ def test_thread_tuner_follows_the_faster_thread_count() -> None:
         assert ThreadTuner(max_threads=1).options == [1]
     finally:
         torch.set_num_threads(before)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _unchanged(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_partial_labels_train_the_encoder_and_only_the_annotated_head(
+    tiny_config: ModelConfig,
+) -> None:
+    """SegViz: a hospital that annotates only the liver changes encoder + heads.liver."""
+    model = build_model(tiny_config)
+    before = {h: _state(model.heads[h]) for h in tiny_config.head_names}
+    encoder = _state(model.encoder)
+    image, labels = toy_volume(slices=4)
+    labels = np.where(labels == LIVER, LIVER, 0).astype(np.uint8)  # only the liver drawn
+    samples = samples_from_volume(image, labels, {"liver"}, tiny_config)
+    report = train(model, tiny_config, samples, TrainingPolicy(epochs=1, batch_size=2))
+    assert report.trained_heads == ("liver",)
+    assert not _unchanged(model.encoder, encoder)
+    assert not _unchanged(model.heads["liver"], before["liver"])
+    for head in ("body", "spleen", "kidneys"):
+        assert _unchanged(model.heads[head], before[head]), head
+
+
+def test_a_new_head_on_a_frozen_encoder_leaves_old_predictions_alone(
+    tiny_config: ModelConfig,
+) -> None:
+    """Continual classes: add a head, train it alone; old heads' outputs are bit-identical."""
+    model = build_model(tiny_config)
+    image, labels = toy_volume(slices=4)
+    config = tiny_config.with_head(
+        HeadSpec("pancreas", ("pancreas",)), [LabelSpec("pancreas", 6, "15776009", "Pancreas")]
+    )
+    model.add_head(config.head("pancreas"))
+    x = prepare_samples(samples_from_volume(image, labels, ALL, config), config).images.float()
+    with torch.inference_mode():
+        old = model(x, tiny_config.head_names)
+    new_labels = labels.copy()
+    new_labels[:, 30:34, 20:28] = 6  # the new structure, drawn at a new site
+    samples = samples_from_volume(image, new_labels, {"pancreas"}, config)
+    policy = TrainingPolicy(epochs=2, batch_size=2, freeze_encoder=True, heads=("pancreas",))
+    report = train(model, config, samples, policy)
+    assert report.trained_heads == ("pancreas",)
+    with torch.inference_mode():
+        again = model(x, tiny_config.head_names)
+    for head in tiny_config.head_names:
+        assert torch.equal(old[head], again[head]), head
+    result = segment_volume(model, config, image)
+    assert result.labels.shape == image.shape and "pancreas" in result.entropy
