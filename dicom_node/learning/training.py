@@ -299,6 +299,7 @@ def train(
     optimiser = torch.optim.Adam(params, lr=policy.learning_rate, weight_decay=policy.weight_decay)
     gen = torch.Generator().manual_seed(policy.seed)
     n_replay = round(policy.batch_size * policy.replay_fraction) if old is not None else 0
+    n_replay = min(n_replay, policy.batch_size - 1)  # every batch keeps a new sample
     n_new = policy.batch_size - n_replay
     steps_per_epoch = math.ceil(len(data) / n_new)
     total_steps = steps_per_epoch * policy.epochs
