@@ -74,8 +74,21 @@ class DicomSettings(_Section):
     network_timeout_s: float = Field(60.0, gt=0)
     max_instance_mb: float = Field(1024.0, gt=0)
     allow: tuple[PeerAllow, ...] = (PeerAllow(),)
+    # DICOM TLS (optional): the SCP's certificate and key (PEM); with tls_ca, peers must
+    # present a certificate that CA signed (mutual TLS). The allowlist applies as well.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     _ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
 
     def allows(self, ae_title: str, address: str) -> bool:
         return any(entry.allows(ae_title, address) for entry in self.allow)
@@ -358,6 +371,11 @@ port = 11112
 max_associations = 10
 network_timeout_s = 60
 max_instance_mb = 1024    # larger datasets are refused with 0xA700
+# DICOM TLS (optional; deploy/tls/make-certs.sh with DICOM_SERVER=... makes a pair).
+# With tls_ca, peers must present a certificate signed by that CA.
+# tls_cert = "deploy/tls/out/node1-dicom.pem"
+# tls_key = "deploy/tls/out/node1-dicom.key"
+# tls_ca = "deploy/tls/out/ca.pem"
 
 # Who may associate: an AE title ("*" for any) from one of the networks.
 # Nothing else gets in. This example allows loopback only.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,6 +171,19 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
+def server_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+    """The SCP's TLS context when ``tls_cert``/``tls_key`` are set (TLS 1.2 or later)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca is not None:
+        context.load_verify_locations(settings.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def start_scp(
     settings: DicomSettings,
     store: InstanceStore,
@@ -184,9 +198,10 @@ def start_scp(
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store, max_bytes, on_stored]),
     ]
+    context = server_ssl_context(settings)
     server = ae.start_server((settings.host, settings.port), block=False,
-                             evt_handlers=handlers)
+                             evt_handlers=handlers, ssl_context=context)
     assert server is not None
-    LOGGER.info("DICOM SCP %s listening on %s:%s", settings.ae_title, settings.host,
-                server.server_address[1])
+    LOGGER.info("DICOM SCP %s listening on %s:%s%s", settings.ae_title, settings.host,
+                server.server_address[1], " (TLS)" if context else "")
     return RunningSCP(ae, server)
