@@ -35,7 +35,7 @@ def demo(
     table = Table(title=f"Tessera demo: {report.model}, PACS {report.pacs}, "
                         f"node port {report.node_port}")
     for col in ("site", "subject", "slices", "SEG at PACS", "turnaround s", *labels,
-                "mean Dice"):
+                "mean Dice"):  # Dice columns: one per label, vs the phantom's ground truth
         table.add_column(col)
     for r in report.studies:
         mean = r.mean_dice
@@ -43,6 +43,8 @@ def demo(
                       "timeout" if r.turnaround_s is None else f"{r.turnaround_s:.1f}",
                       *(f"{r.dice.get(lab, 0):.3f}" for lab in labels),
                       "-" if mean is None else f"{mean:.3f}")
-    Console().print(table)
+    console = Console()
+    # rich folds to 80 columns when stdout is not a terminal; keep the table readable.
+    Console(width=max(console.width, 132)).print(table)
     if not all(r.seg_received for r in report.studies):
         raise typer.Exit(1)
