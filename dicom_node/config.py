@@ -243,6 +243,54 @@ class HttpSettings(_Section):
         return v
 
 
+class FederationSettings(_Section):
+    """The node's link to the federation hub (off unless ``enabled``).
+
+    Credentials: mutual TLS (``ca_cert``, ``cert``, ``key``, from ``tessera hub certs``)
+    plus a node token. The first start trades ``enrolment_token`` (``tessera hub enrol``)
+    for a node id and token, kept in ``credentials_path`` (mode 0600); later starts use
+    that file and ignore the enrolment token. ``insecure_loopback`` drops TLS and is
+    refused unless the hub address is a loopback one (tests and the demo only).
+    """
+
+    enabled: bool = False
+    hub: str = ""                        # host:port of `tessera hub serve`
+    server_name: str = ""                # TLS name to check instead of the host in `hub`
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure_loopback: bool = False
+    enrolment_token: str = ""
+    credentials_path: Path | None = None  # default: <data_dir>/federation/credentials.json
+    display_name: str = ""
+    model: str = "tessera-abdomen-ct"    # the model this hub federates
+    watch: bool = True                   # follow hub generations and serve them
+    upload_interval_s: float = Field(30.0, gt=0)
+    upload_backoff_max_s: float = Field(600.0, gt=0)
+    metrics_interval_s: float = Field(300.0, gt=0)
+    chunk_kb: int = Field(1024, ge=1, le=4096)
+    rpc_timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Self:
+        if not self.enabled:
+            return self
+        if not self.hub or ":" not in self.hub:
+            raise ValueError("hub must be host:port when federation is enabled")
+        if self.insecure_loopback:
+            host = self.hub.rsplit(":", 1)[0].strip("[]")
+            try:
+                loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError("insecure_loopback needs a loopback hub address")
+        elif None in (self.ca_cert, self.cert, self.key):
+            raise ValueError("ca_cert, cert and key are required (or insecure_loopback "
+                             "for a loopback test hub)")
+        return self
+
+
 class NodeConfig(_Section):
     node: NodeSettings = NodeSettings()
     dicom: DicomSettings = DicomSettings()
@@ -256,6 +304,7 @@ class NodeConfig(_Section):
     models: dict[str, Path] = {}
     learning: LearningSettings = LearningSettings()
     http: HttpSettings = HttpSettings()
+    federation: FederationSettings = FederationSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> Self:
@@ -440,6 +489,19 @@ tokens = []
 cors_origins = []         # OHIF served from another origin, e.g. ["https://ohif.example"]
 max_stow_mb = 512
 # ohif_dir = "deploy/ohif/vendor/dist"   # serve OHIF at / (deploy/ohif/fetch-ohif.sh)
+
+[federation]
+# Share what this node learns (weights only) with a hub; follow its generations.
+enabled = false
+hub = "hub.example:50051"
+ca_cert = "deploy/tls/out/ca.pem"
+cert = "deploy/tls/out/node1.pem"
+key = "deploy/tls/out/node1.key"
+enrolment_token = ""      # `tessera hub enrol`; used once, then credentials_path serves
+# credentials_path = "var/node/federation/credentials.json"
+model = "tessera-abdomen-ct"
+upload_interval_s = 30    # pending updates are retried with backoff, never dropped
+metrics_interval_s = 300  # de-identified quality figures and correction Dice
 
 # Extra models by name (the shipped starter "tessera-abdomen-ct" needs no entry):
 # [models]

@@ -43,6 +43,7 @@ class NodeParts:
     handlers: list[JobHandler] = field(default_factory=list)
     models: ModelRegistry = field(default_factory=ModelRegistry)
     corrections: CorrectionIntake | None = None  # also called by the STOW-RS path
+    federation: Any = None  # dicom_node.federation.FederationAgent when [federation] is on
 
     @classmethod
     def build(cls, config: NodeConfig) -> NodeParts:
@@ -61,6 +62,11 @@ class NodeParts:
         parts.corrections = CorrectionIntake(db, files, parts.store, queue, config, parts.models)
         parts.handlers += [CorrectionJob(parts.corrections),
                            IncrementalTrainer(db, config, parts.models)]
+        if config.federation.enabled:
+            # Imported here: a node without a hub never loads the gRPC client.
+            from dicom_node.federation import FederationAgent
+
+            parts.federation = FederationAgent(config, db, parts.models)
         return parts
 
     def check_models(self) -> None:
@@ -122,6 +128,8 @@ class Node:
 
                 self.bridge = start_bridge(self.config, self.parts.db, self.parts.files,
                                            self.parts.store)
+            if self.parts.federation is not None:
+                self.parts.federation.start()
         return self
 
     def _assemble_loop(self) -> None:
@@ -135,6 +143,8 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.parts.federation is not None:
+            self.parts.federation.stop()
         if self.bridge is not None:
             self.bridge.shutdown()
         if self.scp is not None:

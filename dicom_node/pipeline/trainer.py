@@ -44,6 +44,7 @@ from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import deterministic_uid
 from dicom_node.pipeline.versions import (
     ACTIVATE,
+    LOCAL_FLOOR,
     activate_serving,
     ensure_base_version,
     next_generation,
@@ -162,7 +163,9 @@ class IncrementalTrainer:
                 sample_ids: list[int], update_id: str, accepted: bool, verdict: str,
                 metrics: dict[str, Any]) -> ModelVersion:
         with self.db.session() as s:
-            generation = next_generation(s, name, base_config.generation)
+            generation = next_generation(
+                s, name, base_config.generation,
+                local_floor=LOCAL_FLOOR if self.config.federation.enabled else 0)
         config = base_config.with_generation(generation)
         path = save_model(candidate, config,
                           self.data_dir / "models" / name / f"generation-{generation:05d}")

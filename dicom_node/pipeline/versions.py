@@ -62,9 +62,37 @@ def serving_version(s: Session, name: str) -> ModelVersion | None:
         .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())).scalars().first()
 
 
-def next_generation(s: Session, name: str, base: int) -> int:
+# On a federated node generation numbers below LOCAL_FLOOR are the hub's; a local
+# round is numbered LOCAL_FLOOR + k (k counts local rounds on this node), so the hub's
+# next generation can never collide with one trained here. A local version's hub base
+# is found by following parent_generation down to a number below LOCAL_FLOOR.
+LOCAL_FLOOR = 1_000_000
+
+
+def next_generation(s: Session, name: str, base: int, *, local_floor: int = 0) -> int:
+    """The number of a new local version: ``base + 1`` style on a standalone node,
+    the next one above ``local_floor`` on a federated node (pass ``LOCAL_FLOOR``)."""
     known = s.execute(select(ModelVersion.generation).where(ModelVersion.name == name)).scalars()
+    if local_floor:
+        return max([local_floor, *(g for g in known if g >= local_floor)]) + 1
     return max([base, *known]) + 1
+
+
+def is_local_generation(generation: int) -> bool:
+    return generation >= LOCAL_FLOOR
+
+
+def hub_base_generation(s: Session, name: str, generation: int) -> int:
+    """The hub generation a (possibly local) version descends from."""
+    seen = set()
+    while generation >= LOCAL_FLOOR and generation not in seen:
+        seen.add(generation)
+        parent = s.execute(select(ModelVersion.parent_generation).where(
+            ModelVersion.name == name, ModelVersion.generation == generation)).scalar()
+        if parent is None:
+            break
+        generation = parent
+    return generation
 
 
 def activate_serving(db: Database, models: ModelRegistry, name: str | None = None) -> list[str]:

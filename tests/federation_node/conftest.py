@@ -1,0 +1,200 @@
+"""Fixtures of the node <-> hub tests: a tiny model at the hub and nodes, mTLS certs,
+hubs in-process or as processes, nodes configured for federation, recorded wire."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from dicom_node.learning.weights import arrays_to_bytes, load_model
+from dicom_node.store.db import Database
+from dicom_node.store.models import ModelVersion, UpdateOutboxItem
+from tests.corrections.helpers import TEST_MODEL, learning_section, segment_rule, tiny_model
+from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
+from tests.node.conftest import node_config_data, start_node  # noqa: F401 - fixtures
+
+__all__ = ["TEST_MODEL"]
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny test model every hub and node of a test starts from (generation 0)."""
+    return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+def model_json(model_file: Path) -> str:
+    return model_file.with_suffix(".json").read_text()
+
+
+# -- hubs -------------------------------------------------------------------------------
+class InProcessHub:
+    def __init__(self, server: Any, service: Any) -> None:
+        self.server = server
+        self.service = service
+        self.target = f"127.0.0.1:{server.port}"
+
+    def token(self) -> str:
+        return str(self.service.create_enrolment_token()[0])
+
+    def current(self) -> int:
+        return int(self.service.require_current().number)
+
+
+@pytest.fixture
+def start_hub(tmp_path: Path, certs: Any,  # noqa: F811
+              model_file: Path) -> Iterator[Callable[..., InProcessHub]]:
+    from federation_grpc.hub.config import HubConfig, TlsConfig
+    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.service import HubService
+
+    started: list[InProcessHub] = []
+
+    def start(**limits: Any) -> InProcessHub:
+        config = HubConfig(data_dir=tmp_path / f"hub{len(started)}", port=0, max_workers=16,
+                           tls=TlsConfig(certs["ca"].cert, certs["hub"].cert, certs["hub"].key))
+        if limits:
+            config = replace(config, limits=replace(config.limits, **limits))
+        svc = HubService(config)
+        svc.init_model(model_file.read_bytes(), model_json(model_file))
+        server = HubServer(config, svc, watch_poll_s=0.2, keepalive_s=1.0).start()
+        started.append(InProcessHub(server, svc))
+        return started[-1]
+
+    yield start
+    for hub in started:
+        hub.server.stop(grace=0.5)
+        hub.service.close()
+
+
+# -- nodes ------------------------------------------------------------------------------
+def federated_node_data(data_dir: Path, model_file: Path, hub: str, *, token: str = "",
+                        tls: tuple[Path, Path, Path] | None = None, insecure: bool = False,
+                        **federation: Any) -> dict[str, Any]:
+    """A test node: the tiny model, segmentation of CT, quick learning, fast federation."""
+    data = node_config_data(data_dir, rules=[segment_rule()], learning=learning_section())
+    data["models"] = {TEST_MODEL: str(model_file)}
+    section: dict[str, Any] = {
+        "enabled": True, "hub": hub, "model": TEST_MODEL, "enrolment_token": token,
+        "upload_interval_s": 0.3, "upload_backoff_max_s": 1.0, "metrics_interval_s": 0.5,
+        "rpc_timeout_s": 20, "display_name": data_dir.name,
+    }
+    if insecure:
+        section["insecure_loopback"] = True
+    else:
+        assert tls is not None
+        section.update(ca_cert=str(tls[0]), cert=str(tls[1]), key=str(tls[2]))
+    section.update(federation)
+    data["federation"] = section
+    return data
+
+
+def node_tls(certs: Any, who: str = "node1") -> tuple[Path, Path, Path]:  # noqa: F811
+    return certs["ca"].cert, certs[who].cert, certs[who].key
+
+
+def seed_update(db_url: str, model_file: Path, data_dir: Path, *, base: int = 0,
+                seed: int = 0, step: float = 0.01) -> str:
+    """Put an update in a node's outbox as a training round would (encoder nudged)."""
+    model, _ = load_model(model_file)
+    rng = np.random.default_rng(seed)
+    arrays = {name: (t.detach().numpy() + step * rng.normal(size=t.shape)).astype(np.float32)
+              for name, t in model.state_dict().items() if name.startswith("encoder.")}
+    update_id = f"2.25.{uuid.uuid4().int}"
+    meta = {"format": "tessera-update/1", "update_id": update_id, "model": TEST_MODEL,
+            "base_generation": str(base), "num_samples": "4", "num_slices": "12",
+            "trained_groups": '["encoder"]',
+            "validation": '{"base": {"mean": 0.5}, "candidate": {"mean": 0.52}, "cases": 1}'}
+    path = data_dir / "updates" / f"{update_id}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(arrays_to_bytes(arrays, meta))
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            s.add(UpdateOutboxItem(update_id=update_id, model_name=TEST_MODEL,
+                                   base_generation=base, path=str(path), meta=meta))
+    finally:
+        db.dispose()
+    return update_id
+
+
+def serving(db_url: str) -> tuple[int, str] | None:
+    """(generation, origin) of the version a node's table says serves."""
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            row = s.execute(select(ModelVersion).where(ModelVersion.state == "serving")
+                            .order_by(ModelVersion.activated_at.desc())).scalars().first()
+            return None if row is None else (row.generation, row.origin)
+    finally:
+        db.dispose()
+
+
+def outbox(db_url: str) -> list[tuple[str, str, int, str | None]]:
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            return [(r.update_id, r.state, r.attempts, r.last_error) for r in s.execute(
+                select(UpdateOutboxItem).order_by(UpdateOutboxItem.id)).scalars()]
+    finally:
+        db.dispose()
+
+
+# -- the wire -----------------------------------------------------------------------------
+class WireRecorder(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Keeps the serialised bytes of every request message and the call metadata."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes, bytes]] = []
+        self._lock = threading.Lock()
+
+    def _keep(self, details: Any, message: Any) -> None:
+        data = message.SerializeToString()
+        meta = b"".join(f"{k}={v}".encode() for k, v in (details.metadata or ()))
+        with self._lock:
+            self.calls.append((details.method, data, meta))
+
+    def _stream(self, details: Any, iterator: Any) -> Any:
+        for message in iterator:
+            self._keep(details, message)
+            yield message
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self._keep(details, request)
+        return continuation(details, request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        self._keep(details, request)
+        return continuation(details, request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, iterator: Any) -> Any:
+        return continuation(details, self._stream(details, iterator))
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, iterator: Any) -> Any:
+        return continuation(details, self._stream(details, iterator))
+
+    def methods(self) -> set[str]:
+        with self._lock:
+            return {m.rsplit("/", 1)[-1] for m, _, _ in self.calls}
+
+    def everything(self) -> bytes:
+        with self._lock:
+            return b"".join(data + meta for _, data, meta in self.calls)
+
+    def requests(self, method: str) -> list[bytes]:
+        with self._lock:
+            return [d for m, d, _ in self.calls if m.endswith("/" + method)]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

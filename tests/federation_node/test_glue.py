@@ -1,0 +1,141 @@
+"""The node's federation glue against a real mTLS hub in this process: enrol once,
+upload from the outbox, serve the hub's generation without a restart, keep local
+version numbers apart from the hub's, resume an interrupted download by offset."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.config import load_config
+from dicom_node.federation import FederationAgent, hub_update_id
+from dicom_node.node import Node
+from dicom_node.pipeline.versions import LOCAL_FLOOR, next_generation
+from dicom_node.store.models import ModelVersion
+from federation_grpc._proto import federation_pb2 as pb
+from tests.node.conftest import wait_until, write_node_config
+
+from .conftest import (
+    TEST_MODEL,
+    WireRecorder,
+    federated_node_data,
+    node_tls,
+    outbox,
+    seed_update,
+    serving,
+)
+
+
+def _node(tmp_path: Path, data: dict[str, Any], name: str = "node") -> Node:
+    return Node(load_config(write_node_config(tmp_path / f"{name}.toml", data), env={}))
+
+
+def test_node_enrols_once_uploads_and_serves_the_new_hub_generation(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+) -> None:
+    hub = start_hub()
+    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
+                               tls=node_tls(certs))
+    node = _node(tmp_path, data).start()
+    url = node.config.node.resolved_database_url()
+    try:
+        update = seed_update(url, model_file, node.config.node.data_dir)
+        wait_until(lambda: hub.current() >= 1, timeout=60, what="hub generation 1")
+        wait_until(lambda: serving(url) == (1, "hub"), timeout=60,
+                   what="the node to serve hub generation 1")
+        assert node.parts.models.get(TEST_MODEL)[1].generation == 1  # hot swapped
+        [(uid, state, attempts, error)] = outbox(url)
+        assert (uid, state, attempts, error) == (update, "sent", 1, None)
+        generation = hub.service.list_generations()[-1]
+        assert generation.update_ids == (hub_update_id(update),)
+
+        creds = node.parts.federation.credentials.path
+        assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+        node_id = node.parts.federation.node_id
+    finally:
+        node.stop()
+
+    # A restart uses the stored credentials (the one-time token is spent) and serves
+    # generation 1 from its table before it hears from the hub.
+    again = _node(tmp_path, data, "again")
+    assert again.parts.models.get(TEST_MODEL)[1].generation == 1
+    again.start()
+    try:
+        seed_update(url, model_file, again.config.node.data_dir, base=1, seed=3)
+        wait_until(lambda: serving(url) == (2, "hub"), timeout=60, what="hub generation 2")
+        assert again.parts.federation.node_id == node_id
+        assert [n.node_id for n in hub.service.list_nodes()] == [node_id]
+    finally:
+        again.stop()
+
+
+def test_local_versions_are_numbered_apart_from_hub_generations(
+    tmp_path: Path, certs: Any, model_file: Path
+) -> None:
+    data = federated_node_data(tmp_path / "site", model_file, "127.0.0.1:1", insecure=True)
+    node = _node(tmp_path, data)
+    try:
+        with node.parts.db.session() as s:
+            s.add(ModelVersion(name=TEST_MODEL, generation=3, origin="hub", state="serving"))
+            s.flush()
+            first = next_generation(s, TEST_MODEL, 3, local_floor=LOCAL_FLOOR)
+            s.add(ModelVersion(name=TEST_MODEL, generation=first, parent_generation=3,
+                               origin="local", state="serving"))
+            s.flush()
+            second = next_generation(s, TEST_MODEL, first, local_floor=LOCAL_FLOOR)
+            from dicom_node.pipeline.versions import hub_base_generation
+
+            s.add(ModelVersion(name=TEST_MODEL, generation=second, parent_generation=first,
+                               origin="local", state="serving"))
+            s.flush()
+            base = hub_base_generation(s, TEST_MODEL, second)
+        assert (first, second, base) == (LOCAL_FLOOR + 1, LOCAL_FLOOR + 2, 3)
+    finally:
+        node.parts.db.dispose()
+
+
+def test_interrupted_download_resumes_by_offset(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+) -> None:
+    hub = start_hub()
+    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
+                               tls=node_tls(certs), chunk_kb=8, watch=False)
+    node = _node(tmp_path, data)
+    url = node.config.node.resolved_database_url()
+    seed_update(url, model_file, node.config.node.data_dir)
+    agent: FederationAgent = node.parts.federation
+    assert agent.upload_pending() == 1
+    wait_until(lambda: hub.current() == 1, timeout=60, what="hub generation 1")
+    generation = next(g for g in agent.client().watch(0) if g.number == 1)
+
+    class Crash(BaseException):
+        """Stands in for the process dying: nothing below catches it."""
+
+    def crash_at_half(received: int) -> None:
+        if received >= generation.size_bytes // 2:
+            raise Crash
+
+    part = (agent.dir / "downloads" /
+            f"{TEST_MODEL}-generation-00001.safetensors.part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(Crash):
+        agent.client().download_to(1, part.with_suffix(""), on_chunk=crash_at_half)
+    held = part.stat().st_size
+    assert 0 < held < generation.size_bytes
+    node.stop()
+
+    # A new process: fresh agent and channel, the .part file on disk.
+    resumed = _node(tmp_path, data, "resumed")
+    wire = WireRecorder()
+    resumed.parts.federation.interceptors.append(wire)
+    resumed.parts.federation.apply(generation)
+    assert serving(url) == (1, "hub")
+    assert resumed.parts.models.get(TEST_MODEL)[1].generation == 1
+    offsets = [pb.DownloadGenerationRequest.FromString(r).offset
+               for r in wire.requests("DownloadGeneration")]
+    assert offsets == [held]
+    assert not part.exists()
+    resumed.parts.db.dispose()
