@@ -8,7 +8,15 @@ from sqlalchemy import func, select
 
 from dicom_node.pipeline.usage import learning_usage, render_learning
 from dicom_node.store.db import Database
-from dicom_node.store.models import AuditEvent, Job, JobState, OutboxItem, OutboxState, Series
+from dicom_node.store.models import (
+    AuditEvent,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Series,
+    UpdateOutboxItem,
+)
 
 
 def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
@@ -62,6 +70,15 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         refusal_counts = dict(s.execute(select(AuditEvent.kind, func.count())
                                         .group_by(AuditEvent.kind)).all())
         learning = learning_usage(s)
+        updates = dict(s.execute(select(UpdateOutboxItem.state, func.count())
+                                 .group_by(UpdateOutboxItem.state)).all())
+        undelivered = [
+            {"update_id": u.update_id, "base_generation": u.base_generation,
+             "attempts": u.attempts, "reason": u.last_error}
+            for u in s.execute(select(UpdateOutboxItem).where(
+                UpdateOutboxItem.state != OutboxState.SENT)
+                .order_by(UpdateOutboxItem.id.desc()).limit(recent)).scalars()
+        ]
     return {
         "series": series,
         "outbox": outbox,
@@ -71,6 +88,7 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         "refused_series": refused_series,
         "events": {"counts": refusal_counts, "recent": refusals},
         "learning": learning,
+        "update_outbox": {"counts": updates, "undelivered": undelivered},
     }
 
 

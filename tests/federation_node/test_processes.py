@@ -1,0 +1,146 @@
+"""A hub and three nodes as real processes (`tessera hub serve`, `tessera node serve`)
+on loopback with mutual TLS: updates -> generations -> every node serves the new one;
+the hub down while updates are produced -> they wait, then arrive exactly once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from federation_grpc.hub.config import load_config
+from federation_grpc.hub.service import HubService
+from tests.federation.hubproc import REPO, HubProcess, write_config
+from tests.node.conftest import node_process, status_json, wait_until, write_node_config  # noqa: F401
+
+from .conftest import federated_node_data, model_json, outbox, seed_update, serving
+
+
+def _hub_cli(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "federation_grpc.hub.cli", *args],
+                            capture_output=True, text=True, timeout=60, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _certs(folder: Path, nodes: int) -> dict[str, Any]:
+    _hub_cli("certs", str(folder), *[a for i in range(nodes) for a in ("--node", f"site{i}")])
+    made: dict[str, Any] = {"ca": folder / "ca.pem"}
+    for name in ("hub", *(f"site{i}" for i in range(nodes))):
+        made[name] = (folder / f"{name}.pem", folder / f"{name}.key")
+    assert all(p.exists() for v in made.values() for p in (v if isinstance(v, tuple) else (v,)))
+    return made
+
+
+class _Certs(dict):  # type: ignore[type-arg]
+    """The shape hubproc.write_config expects: certs["ca"].cert, certs["hub"].key."""
+
+    class Pair:
+        def __init__(self, cert: Path, key: Path | None = None) -> None:
+            self.cert, self.key = cert, key
+
+
+def _hub(tmp_path: Path, certs: dict[str, Any], model_file: Path) -> tuple[Path, HubService]:
+    shaped = _Certs(ca=_Certs.Pair(certs["ca"]), hub=_Certs.Pair(*certs["hub"]))
+    config = write_config(tmp_path / "hub.toml", tmp_path / "hubdata", shaped)
+    (tmp_path / "model.json").write_text(model_json(model_file))
+    _hub_cli("init-model", "--weights", str(model_file), "--config",
+             str(tmp_path / "model.json"), "--hub-config", str(config))
+    return config, HubService(load_config(config))
+
+
+def _generation_updates(svc: HubService) -> list[str]:
+    return [u for g in svc.list_generations() for u in g.update_ids]
+
+
+def test_three_node_processes_follow_the_hub_generations(
+    tmp_path: Path, node_process: Any, model_file: Path  # noqa: F811
+) -> None:
+    certs = _certs(tmp_path / "certs", 3)
+    config, svc = _hub(tmp_path, certs, model_file)
+    hub = HubProcess(config, tmp_path / "hub.log")
+    sites = []
+    try:
+        for i in range(3):
+            token = _hub_cli("enrol", "--config", str(config)).strip()
+            data_dir = tmp_path / f"site{i}"
+            data = federated_node_data(data_dir, model_file, f"127.0.0.1:{hub.port}",
+                                       token=token,
+                                       tls=(certs["ca"], *certs[f"site{i}"]))
+            path = write_node_config(tmp_path / f"site{i}.toml", data)
+            sites.append((path, data_dir, f"sqlite:///{(data_dir / 'node.db').resolve()}"))
+        for path, _, _ in sites:
+            node_process(path)
+        assert len(_hub_cli("nodes", "--config", str(config)).split("site")) > 1
+
+        # Site 0 learns something: generation 1, served by all three.
+        seed_update(sites[0][2], model_file, sites[0][1], seed=1)
+        wait_until(lambda: svc.require_current().number == 1, timeout=60,
+                   what="hub generation 1")
+        for _, _, url in sites:
+            wait_until(lambda u=url: serving(u) == (1, "hub"), timeout=60,
+                       what="every node serving generation 1")
+
+        # Sites 1 and 2 learn from generation 1; the hub merges both; all follow.
+        ids = [seed_update(url, model_file, d, base=1, seed=10 + k)
+               for k, (_, d, url) in enumerate(sites[1:])]
+        wait_until(lambda: len(_generation_updates(svc)) == 3, timeout=90,
+                   what="all three updates merged")
+        current = svc.require_current().number
+        assert current >= 2
+        for _, _, url in sites:
+            wait_until(lambda u=url: serving(u) == (current, "hub"), timeout=60,
+                       what=f"every node serving generation {current}")
+        status = status_json(sites[1][0])
+        assert status["update_outbox"]["counts"] == {"sent": 1}
+        serving_rows = [v for v in status["learning"]["model_versions"]
+                        if v["state"] == "serving"]
+        assert [(v["generation"], v["origin"]) for v in serving_rows] == [(current, "hub")]
+        assert len(ids) == 2 and all(o[1] == "sent" for _, _, u in sites for o in outbox(u))
+    finally:
+        hub.stop()
+        svc.close()
+
+
+def test_updates_made_while_the_hub_is_down_arrive_once_it_is_back(
+    tmp_path: Path, node_process: Any, model_file: Path  # noqa: F811
+) -> None:
+    certs = _certs(tmp_path / "certs", 1)
+    config, svc = _hub(tmp_path, certs, model_file)
+    hub = HubProcess(config, tmp_path / "hub.log")
+    port = hub.port
+    token = _hub_cli("enrol", "--config", str(config)).strip()
+    data_dir = tmp_path / "site0"
+    url = f"sqlite:///{(data_dir / 'node.db').resolve()}"
+    data = federated_node_data(data_dir, model_file, f"127.0.0.1:{port}", token=token,
+                               tls=(certs["ca"], *certs["site0"]))
+    node_process(write_node_config(tmp_path / "site0.toml", data))
+    try:
+        wait_until(lambda: (data_dir / "federation" / "credentials.json").exists(),
+                   timeout=60, what="enrolment")
+        hub.kill()
+        ids = [seed_update(url, model_file, data_dir, seed=20 + k) for k in range(2)]
+        # Offline: the rows stay pending, each attempt recorded with its error.
+        rows = wait_until(lambda: [r for r in outbox(url) if r[2] >= 2 and r[3]],
+                          timeout=60, what="failed delivery attempts")
+        assert all(state == "pending" for _, state, _, _ in outbox(url)), rows
+        assert any("unreachable" in (r[3] or "") or "UNAVAILABLE" in (r[3] or "")
+                   for r in rows), rows
+        hub = HubProcess(config, tmp_path / "hub.log", port=port)
+        wait_until(lambda: all(r[1] == "sent" for r in outbox(url)), timeout=90,
+                   what="delivery after the hub came back")
+        wait_until(lambda: len(_generation_updates(svc)) == 2, timeout=60,
+                   what="both updates merged")
+        from dicom_node.federation import hub_update_id
+
+        merged = _generation_updates(svc)
+        assert sorted(merged) == sorted(hub_update_id(u) for u in ids)  # each exactly once
+        assert len(set(merged)) == len(merged)
+        wait_until(lambda: serving(url) == (svc.require_current().number, "hub"), timeout=60,
+                   what="the node serving the newest generation")
+    finally:
+        hub.stop()
+        svc.close()
