@@ -125,12 +125,12 @@ class SegmentationJob:
         if stored is None:
             self.store.ingest(data, header, Peer(ae_title=self.config.dicom.ae_title),
                               produced_here=True)
+        timings["store_s"] = time.perf_counter() - t3
         with self.db.session() as s:
             s.add(Segmentation(
                 series_uid=series_uid, model_name=mconfig.name, generation=mconfig.generation,
                 seg_series_uid=header.series_uid, seg_sop_instance_uid=header.sop_instance_uid,
                 metrics=metrics, timings=timings, created_at=datetime.now(UTC)))
-        timings["store_s"] = time.perf_counter() - t3
         self._export(header.series_uid, header.sop_instance_uid, destinations)
         self._set_state(series_uid, SeriesState.SEGMENTED, None)
         LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
