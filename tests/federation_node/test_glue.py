@@ -139,3 +139,49 @@ def test_interrupted_download_resumes_by_offset(
     assert offsets == [held]
     assert not part.exists()
     resumed.parts.db.dispose()
+
+
+def test_node_process_killed_mid_download_resumes_by_offset(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dicom_node.federation import FAULT_DOWNLOAD_ENV
+
+    hub = start_hub()
+    helper = federated_node_data(tmp_path / "helper", model_file, hub.target,
+                                 token=hub.token(), tls=node_tls(certs))
+    seeder = _node(tmp_path, helper, "helper")
+    seed_update(seeder.config.node.resolved_database_url(), model_file,
+                seeder.config.node.data_dir)
+    assert seeder.parts.federation.upload_pending() == 1
+    seeder.parts.db.dispose()
+    wait_until(lambda: hub.current() == 1, timeout=60, what="hub generation 1")
+    size = hub.service.list_generations()[-1].size_bytes
+
+    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
+                               tls=node_tls(certs), chunk_kb=8)
+    config = write_node_config(tmp_path / "site.toml", data)
+    command = [sys.executable, "-m", "dicom_node.cli", "node", "serve", "--config", str(config)]
+    log = tmp_path / "site.log"
+    with log.open("ab") as err:
+        crashed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=err, timeout=120,
+                                 env={**os.environ, FAULT_DOWNLOAD_ENV: str(size // 2)})
+    assert crashed.returncode == 137
+    part = next((tmp_path / "site" / "federation" / "downloads").glob("*.part"))
+    held = part.stat().st_size
+    assert size // 2 <= held < size
+
+    with log.open("ab") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        url = f"sqlite:///{(tmp_path / 'site' / 'node.db').resolve()}"
+        wait_until(lambda: serving(url) == (1, "hub"), timeout=90,
+                   what="the restarted node serving generation 1")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert f"resuming download of generation 1 at byte {held}" in log.read_text()
+    assert not part.exists()
