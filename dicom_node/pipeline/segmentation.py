@@ -103,8 +103,6 @@ class SegmentationJob:
         heartbeat()
 
         t2 = time.perf_counter()
-        metrics = quality_metrics(result.labels, result.confidence, result.entropy,
-                                  result.spacing, mconfig.label_values)
         seg = build_seg(volume, result.labels, segment_specs(mconfig),
                         SegAlgorithm(mconfig.name, mconfig.generation))
         buffer = io.BytesIO()
@@ -130,8 +128,17 @@ class SegmentationJob:
             s.add(Segmentation(
                 series_uid=series_uid, model_name=mconfig.name, generation=mconfig.generation,
                 seg_series_uid=header.series_uid, seg_sop_instance_uid=header.sop_instance_uid,
-                metrics=metrics, timings=timings, created_at=datetime.now(UTC)))
+                metrics={}, timings=timings, created_at=datetime.now(UTC)))
         self._export(header.series_uid, header.sop_instance_uid, destinations)
+        # Quality metrics feed monitoring, not the SEG: computed once it is on its way.
+        t4 = time.perf_counter()
+        metrics = quality_metrics(result.labels, result.confidence, result.entropy,
+                                  result.spacing, mconfig.label_values)
+        timings["metrics_s"] = time.perf_counter() - t4
+        with self.db.session() as s:
+            s.execute(update(Segmentation).where(
+                Segmentation.seg_sop_instance_uid == header.sop_instance_uid,
+            ).values(metrics=metrics, timings=timings))
         self._set_state(series_uid, SeriesState.SEGMENTED, None)
         LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
                     series_uid, mconfig.name, mconfig.generation, volume.shape[0],
