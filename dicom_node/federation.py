@@ -61,9 +61,13 @@ FAULT_DOWNLOAD_ENV = "TESSERA_FAULT_DOWNLOAD_EXIT_AT_BYTES"
 Interceptor = Any  # a grpc.*ClientInterceptor
 
 
-def hub_update_id(update_id: str) -> str:
-    """The hub-side id of a node update: a UUID derived from it (same id, same UUID)."""
-    return str(uuid.uuid5(_UPDATE_NAMESPACE, update_id))
+def hub_update_id(node_id: str, update_id: str) -> str:
+    """The hub-side id of a node update: a UUID derived from the node and the round.
+
+    A round's own id is deterministic within one node (same base, same samples), so
+    two sites can hold the same one; the node id keeps them apart at the hub, and a
+    retry of one node's round keeps its id (idempotent upload)."""
+    return str(uuid.uuid5(_UPDATE_NAMESPACE, f"{node_id}/{update_id}"))
 
 
 # -- credentials ----------------------------------------------------------------------
@@ -261,8 +265,10 @@ class FederationAgent:
                 payload = Path(path).read_bytes()
                 with self.db.session() as s:
                     hub_base = hub_base_generation(s, model, base)
-                status = self.client().upload(payload, _update_metadata(update_id, hub_base,
-                                                                        meta))
+                client = self.client()
+                assert self.node_id is not None
+                status = client.upload(payload, _update_metadata(
+                    hub_update_id(self.node_id, update_id), hub_base, meta))
             except InvalidRequest as exc:
                 self._finish(row_id, OutboxState.DEAD, f"hub refused the update: {exc}")
                 continue
@@ -279,8 +285,7 @@ class FederationAgent:
                 continue
             self._finish(row_id, OutboxState.SENT, note)
             sent += 1
-            LOGGER.info("update %s delivered to the hub as %s (%s)", update_id,
-                        hub_update_id(update_id), status.state)
+            LOGGER.info("update %s delivered to the hub (%s)", update_id, status.state)
         return sent
 
     def _retry_later(self, row_id: int, attempts: int, error: str) -> None:
@@ -365,7 +370,7 @@ def _numbers(values: Any) -> dict[str, float]:
     return out
 
 
-def _update_metadata(update_id: str, hub_base: int, meta: dict[str, Any]) -> UpdateMetadata:
+def _update_metadata(hub_id: str, hub_base: int, meta: dict[str, Any]) -> UpdateMetadata:
     groups = json.loads(meta.get("trained_groups", "[]"))
     validation = json.loads(meta.get("validation", "null")) or {}
     local: dict[str, float] = {}
@@ -378,7 +383,7 @@ def _update_metadata(update_id: str, hub_base: int, meta: dict[str, Any]) -> Upd
     if str(meta.get("num_slices", "")).isdigit():
         local["num_slices"] = float(meta["num_slices"])
     return UpdateMetadata(
-        update_id=hub_update_id(update_id), base_generation=hub_base,
+        update_id=hub_id, base_generation=hub_base,
         num_samples=int(meta.get("num_samples", "1")), trained_groups=tuple(groups),
         local_metrics={k: v for k, v in local.items() if math.isfinite(v)})
 

@@ -50,11 +50,11 @@ def test_node_enrols_once_uploads_and_serves_the_new_hub_generation(
         [(uid, state, attempts, error)] = outbox(url)
         assert (uid, state, attempts, error) == (update, "sent", 1, None)
         generation = hub.service.list_generations()[-1]
-        assert generation.update_ids == (hub_update_id(update),)
+        node_id = node.parts.federation.node_id
+        assert generation.update_ids == (hub_update_id(node_id, update),)
 
         creds = node.parts.federation.credentials.path
         assert stat.S_IMODE(creds.stat().st_mode) == 0o600
-        node_id = node.parts.federation.node_id
     finally:
         node.stop()
 

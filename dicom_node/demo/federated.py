@@ -1,0 +1,207 @@
+"""``tessera demo --sites N``: a hub and N nodes on loopback learning together.
+
+Each round, every site receives one phantom study of its own profile (noise, contrast,
+field of view differ per site); the node segments it with the generation it serves,
+the demo scores that SEG against the phantom's ground truth, then sends the ground
+truth back as a radiologist's corrected SEG. The correction trains a local update,
+the node uploads it, the hub merges it into a new generation, and every node serves
+that generation before the next round. The hub runs without TLS on loopback (the
+demo only; tests use mutual TLS).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.config import load_config
+from dicom_node.demo.run import send_to_node, wait_for, write_study
+from dicom_node.learning.metrics import dice_per_label
+from dicom_node.node import Node
+from dicom_node.pipeline.models import STARTER_DIR, STARTER_MODEL
+from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, build_seg, read_seg_labels
+from dicom_node.pipeline.segmentation import segment_specs
+from dicom_node.pipeline.volume import build_volume
+from dicom_node.store.models import Instance, OutboxState, Segmentation, UpdateOutboxItem
+
+LOGGER = logging.getLogger(__name__)
+
+SITE_PROFILES = ("A", "B", "C")
+
+
+@dataclass
+class SiteRound:
+    site: str
+    round: int
+    generation: int  # the generation that segmented the study (a hub number)
+    dice: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.dice.values()) / len(self.dice) if self.dice else None
+
+
+@dataclass
+class FederatedReport:
+    sites: list[str]
+    results: list[SiteRound]
+    generations: list[dict[str, Any]]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sites": self.sites, "seconds": round(self.seconds, 1),
+                "generations": self.generations,
+                "results": [{"site": r.site, "round": r.round, "generation": r.generation,
+                             "dice": r.dice, "mean_dice": r.mean} for r in self.results]}
+
+
+def _start_hub(root: Path) -> tuple[Any, Any]:
+    from federation_grpc.hub.config import HubConfig
+    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.service import HubService
+
+    service = HubService(HubConfig(data_dir=root / "hub", port=0, max_workers=16))
+    service.init_model((STARTER_DIR / "model.safetensors").read_bytes(),
+                       (STARTER_DIR / "model.json").read_text())
+    server = HubServer(service.config, service, insecure_loopback=True, watch_poll_s=0.2,
+                       keepalive_s=5.0).start()
+    return service, server
+
+
+def _node(root: Path, site: str, hub_port: int, token: str, budget_s: float) -> Node:
+    config = load_config(None, env={}, overrides={
+        "node.data_dir": str(root / f"site-{site}"),
+        "dicom.port": 0,
+        "assembler.quiet_period_s": 1.0,
+        "assembler.poll_interval_s": 0.2,
+        "jobs.poll_interval_s": 0.2,
+        "jobs.workers": 1,
+        "rules": [{"name": "segment-ct", "action": "segment", "model": STARTER_MODEL,
+                   "destinations": [], "match": {"modality": ["CT"]}}],
+        "learning": {"epochs": 2, "time_budget_s": budget_s, "threads": 1,
+                     "validation_every": 0, "neighbour_slices": 1},
+        "federation": {"enabled": True, "hub": f"127.0.0.1:{hub_port}",
+                       "insecure_loopback": True, "enrolment_token": token,
+                       "display_name": f"site {site}", "model": STARTER_MODEL,
+                       "upload_interval_s": 0.5, "upload_backoff_max_s": 2.0,
+                       "metrics_interval_s": 2.0},
+    })
+    return Node(config).start()
+
+
+def _segmentation(node: Node, series_uid: str) -> Segmentation | None:
+    with node.parts.db.session() as s:
+        return s.execute(select(Segmentation).where(
+            Segmentation.series_uid == series_uid)).scalars().first()
+
+
+def _sent_updates(node: Node) -> int:
+    with node.parts.db.session() as s:
+        return len(list(s.execute(select(UpdateOutboxItem.id).where(
+            UpdateOutboxItem.state == OutboxState.SENT)).scalars()))
+
+
+def _serves(node: Node, generation: int) -> bool:
+    return node.parts.models.get(STARTER_MODEL)[1].generation == generation
+
+
+def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
+                       workdir: Path | None = None, budget_s: float = 8.0,
+                       timeout_s: float = 180.0) -> FederatedReport:
+    """Run ``rounds`` of study -> SEG -> correction -> update -> generation at each site,
+    then one last round of studies scored with the final generation."""
+    from dicom_node.phantom.ct import generate_subject
+    from dicom_node.phantom.dicom import subject_datasets
+
+    started = time.monotonic()
+    names = list(SITE_PROFILES[:sites])
+    root = workdir or Path(tempfile.mkdtemp(prefix="tessera-fed-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    service, server = _start_hub(root)
+    nodes: dict[str, Node] = {}
+    results: list[SiteRound] = []
+    try:
+        for site in names:
+            token, _ = service.create_enrolment_token(0, f"demo site {site}")
+            nodes[site] = _node(root, site, server.port, token, budget_s)
+        for rnd in range(rounds + 1):
+            learn = rnd < rounds
+            expected = service.require_current().number
+            for site, node in nodes.items():
+                results.append(_one_study(node, site, rnd, seed, root, learn, timeout_s,
+                                          generate_subject, subject_datasets))
+            if not learn:
+                break
+            # Every site's update reached the hub; wait for the merges and the swap.
+            wait_for(lambda r=rnd: all(_sent_updates(n) >= r + 1 for n in nodes.values()),
+                     timeout_s, 0.5)
+            wait_for(lambda r=rnd: _merged(service) >= len(nodes) * (r + 1), 60, 0.5)
+            current = service.require_current().number
+            if current == expected:
+                LOGGER.warning("round %d: the hub made no new generation", rnd)
+            wait_for(lambda c=current: all(_serves(n, c) for n in nodes.values()), 60, 0.5)
+            for site, node in nodes.items():
+                if not _serves(node, current):  # its update was refused: take the hub's
+                    LOGGER.warning("site %s still serves a local version", site)
+        generations = [{"generation": g.number, "parent": g.parent, "updates": len(g.update_ids),
+                        "nodes": len(set(g.node_ids))} for g in service.list_generations()]
+        return FederatedReport(names, results, generations, time.monotonic() - started)
+    finally:
+        for node in nodes.values():
+            node.stop()
+        server.stop(grace=1)
+        service.close()
+
+
+def _merged(service: Any) -> int:
+    merged = sum(len(g.update_ids) for g in service.list_generations())
+    return merged + len(service.list_rejections(1000))
+
+
+def _one_study(node: Node, site: str, rnd: int, seed: int, root: Path, learn: bool,
+               timeout_s: float, generate_subject: Any, subject_datasets: Any) -> SiteRound:
+    subject = generate_subject(site, rnd, seed)
+    datasets = subject_datasets(subject)
+    series_uid = str(datasets[0].SeriesInstanceUID)
+    send_to_node(node, write_study(datasets, root / "studies" / f"{site}-{rnd}"))
+    found: list[Segmentation] = []
+
+    def segmented() -> bool:
+        row = _segmentation(node, series_uid)
+        if row is not None:
+            found.append(row)
+        return row is not None
+
+    if not wait_for(segmented, timeout_s, 0.5):
+        LOGGER.error("site %s round %d: no segmentation within %.0f s", site, rnd, timeout_s)
+        return SiteRound(site, rnd, -1)
+    row = found[0]
+    _, mconfig = node.parts.models.get(STARTER_MODEL)
+    with node.parts.db.session() as s:
+        rel = s.execute(select(Instance.path).where(
+            Instance.sop_instance_uid == row.seg_sop_instance_uid)).scalar_one()
+    volume = build_volume(datasets)
+    specs = segment_specs(mconfig)
+    labels, _ = read_seg_labels(dcmread(node.parts.files.absolute(rel)), volume, specs)
+    dice = {k: round(v, 4) for k, v in
+            dice_per_label(labels, subject.labels, mconfig.label_values).items()}
+    result = SiteRound(site, rnd, row.generation, dice)
+    if learn:
+        # The radiologist's corrected SEG is the ground truth (another author, MANUAL).
+        seg = build_seg(volume, subject.labels, specs,
+                        SegAlgorithm("Demo Radiologist", 0, SegAlgorithmType.MANUAL),
+                        manufacturer="DemoViewer", device_serial_number="viewer-1",
+                        series_description="Corrected segmentation")
+        path = root / "corrections" / f"{site}-{rnd}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seg.save_as(path)
+        send_to_node(node, write_study([dcmread(path)], path.parent / f"{site}-{rnd}"),
+                     calling_ae="DEMOVIEWER")
+    return result
