@@ -15,6 +15,7 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +141,12 @@ def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
             if not learn:
                 break
             # Every site's update reached the hub; wait for the merges and the swap.
-            wait_for(lambda r=rnd: all(_sent_updates(n) >= r + 1 for n in nodes.values()),
-                     timeout_s, 0.5)
-            wait_for(lambda r=rnd: _merged(service) >= len(nodes) * (r + 1), 60, 0.5)
-            current = service.require_current().number
+            wait_for(partial(_delivered, list(nodes.values()), rnd + 1), timeout_s, 0.5)
+            wait_for(partial(_decided, service, len(nodes) * (rnd + 1)), 60, 0.5)
+            current = int(service.require_current().number)
             if current == expected:
                 LOGGER.warning("round %d: the hub made no new generation", rnd)
-            wait_for(lambda c=current: all(_serves(n, c) for n in nodes.values()), 60, 0.5)
+            wait_for(partial(_swapped, list(nodes.values()), current), 60, 0.5)
             for site, node in nodes.items():
                 if not _serves(node, current):  # its update was refused: take the hub's
                     LOGGER.warning("site %s still serves a local version", site)
@@ -158,6 +158,18 @@ def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
             node.stop()
         server.stop(grace=1)
         service.close()
+
+
+def _delivered(nodes: list[Node], wanted: int) -> bool:
+    return all(_sent_updates(n) >= wanted for n in nodes)
+
+
+def _decided(service: Any, wanted: int) -> bool:
+    return _merged(service) >= wanted
+
+
+def _swapped(nodes: list[Node], generation: int) -> bool:
+    return all(_serves(n, generation) for n in nodes)
 
 
 def _merged(service: Any) -> int:
