@@ -186,14 +186,20 @@ class DicomWebRoutes:
         too_big = error(413, f"the request body exceeds the limit of {limit} bytes")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _drain(request, limit + _DRAIN_BYTES)
             return too_big
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
+            if size > limit + _DRAIN_BYTES:
                 return too_big
+            if size > limit:
+                chunks.clear()  # keep reading (and dropping) so the client gets the 413
+                continue
             chunks.append(chunk)
+        if size > limit:
+            return too_big
         body = b"".join(chunks)
         del chunks
         try:
@@ -252,3 +258,20 @@ def _instance_bytes(ref: InstanceRef, transfer_syntax: str) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+# A client that is still sending when the 413 goes out sees a reset instead of the
+# answer; read (and drop) this much more so ordinary clients get the reason.
+_DRAIN_BYTES = 64 * 1024 * 1024
+
+
+async def _drain(request: Request, budget: int) -> None:
+    """Read and discard up to ``budget`` bytes of a body that will not be stored."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > budget:
+                return
+    except Exception:  # the client gave up first: nothing to answer then
+        return

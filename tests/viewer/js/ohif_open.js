@@ -41,6 +41,7 @@ async function main() {
     // OHIF may ask before it loads a SEG into the viewport ("hydrate"): say yes.
     const deadline = Date.now() + (opt.timeoutMs || 60000);
     const pending = new Set(opt.labels);
+    let lastPanelTry = 0;
     while (pending.size && Date.now() < deadline) {
       // First-visit tour and notice cover the viewport; then the SEG prompt.
       for (const name of ['Skip all', 'Confirm and hide', 'Yes', 'LOAD']) {
@@ -51,19 +52,22 @@ async function main() {
           await page.waitForTimeout(300);
         }
       }
-      // The segment list lives in the right panel's segmentation tab.
+      // The segment list lives in the right panel's segmentation tab. On a slow machine a
+      // late tour or a second LOAD prompt can collapse the panel again, so keep trying
+      // (at most every 5 s) until a label shows.
       const hydrated = out.steps.some(s => s === 'clicked Yes' || s === 'clicked LOAD');
-      const header = page.locator('[data-cy="side-panel-header-right"]');
-      if (hydrated && !out.steps.includes('expanded right panel') && await header.count()) {
-        await header.first().click({ timeout: 2000 }).catch(() => {});
-        out.steps.push('expanded right panel');
+      if (hydrated && out.labelsFound.length === 0 && Date.now() - lastPanelTry > 5000) {
+        lastPanelTry = Date.now();
+        const tab = page.locator('[data-cy^="panelSegmentation"][data-cy$="-btn"]');
+        const header = page.locator('[data-cy="side-panel-header-right"]');
+        if (await tab.count() && await tab.first().isVisible()) {
+          await tab.first().click({ timeout: 2000 }).catch(() => {});
+          out.steps.push('opened segmentation panel');
+        } else if (await header.count()) {
+          await header.first().click({ timeout: 2000 }).catch(() => {});
+          out.steps.push('expanded right panel');
+        }
         await page.waitForTimeout(500);
-      }
-      const tab = page.locator('[data-cy^="panelSegmentation"][data-cy$="-btn"]');
-      if (hydrated && !out.steps.includes('opened segmentation panel') && await tab.count()
-          && await tab.first().isVisible()) {
-        await tab.first().click({ timeout: 2000 }).catch(() => {});
-        out.steps.push('opened segmentation panel');
       }
       for (const label of [...pending]) {
         const hit = page.getByText(label, { exact: true });
