@@ -5,7 +5,10 @@ A starter model trained on phantom site A meets a stream of studies from site B
 is segmented, "corrected" to its ground truth, and one round of incremental training
 runs exactly as the node's trainer runs it (``dicom_node.learning.incremental``:
 touched slices + neighbours, replay buffer, the node's default policy: 5 epochs of
-Adam at 1e-3, augmentation, 50 s step budget, 2 threads). After each correction the model
+Adam at 1e-3, augmentation, 50 s step budget, 2 threads, and the anti-forgetting
+options of ``[learning]``: encoder at 0.01x the rate, distillation toward the round's
+starting model; ``--encoder-lr-scale``, ``--distill-weight``, ``--l2sp-alpha`` vary them).
+After each correction the model
 is scored (3D Dice, mean over labels) on held-out subjects of B and of A.
 
 Run: ``python benchmarks/learning.py [--corrections 10] [--starter PATH] [--out DIR]``
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicom_node.config import LearningSettings
 from dicom_node.learning.bootstrap import BootstrapPlan, bootstrap
 from dicom_node.learning.incremental import (
     cut_sample,
@@ -46,6 +50,7 @@ from dicom_node.phantom.ct import generate_subject
 from dicom_node.pipeline.models import STARTER_DIR
 
 LOGGER = logging.getLogger("benchmarks.learning")
+NODE = LearningSettings()  # the node's defaults
 
 
 @dataclass
@@ -104,6 +109,12 @@ def main() -> int:
     ap.add_argument("--neighbours", type=int, default=2)
     ap.add_argument("--replay-max-slices", type=int, default=600)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--l2sp-alpha", type=float, default=NODE.l2sp_alpha,
+                    help="L2-SP pull toward the round's starting weights (default: the node's)")
+    ap.add_argument("--distill-weight", type=float, default=NODE.distill_weight,
+                    help="learning-without-forgetting KL weight (default: the node's)")
+    ap.add_argument("--encoder-lr-scale", type=float, default=NODE.encoder_lr_scale,
+                    help="encoder learning rate / heads' (default: the node's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/learning"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -116,7 +127,9 @@ def main() -> int:
     names = list(config.label_values)
     policy = TrainingPolicy(epochs=args.epochs, batch_size=16, learning_rate=args.learning_rate,
                             augment=True, time_budget_s=args.time_budget, replay_fraction=0.5,
-                            num_threads=args.threads)
+                            num_threads=args.threads, l2sp_alpha=args.l2sp_alpha,
+                            encoder_lr_scale=args.encoder_lr_scale,
+                            distill_weight=args.distill_weight)
     t0 = time.monotonic()
     held_b = [phantom_case(args.shifted_site, 1000 + i, args.seed)
               for i in range(args.held_out)]

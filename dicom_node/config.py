@@ -209,6 +209,15 @@ class LearningSettings(_Section):
     neighbour_slices: int = Field(2, ge=0)      # stored around each touched slice
     replay_max_slices: int = Field(600, ge=0)   # replay buffer budget (earlier local slices)
     replay_fraction: float = Field(0.5, ge=0, lt=1)
+    # Against forgetting what the model knew before local training, without any of the
+    # data it came from (TrainingPolicy documents each): the encoder learns at
+    # encoder_lr_scale x learning_rate, distill_weight keeps the trained heads close to
+    # the round's starting model where it agreed with the labels (learning without
+    # forgetting), l2sp_alpha pulls weights toward the round's start (L2-SP; off: it did
+    # not help in benchmarks/learning.py).
+    encoder_lr_scale: float = Field(0.01, gt=0, le=1)
+    distill_weight: float = Field(10.0, ge=0)
+    l2sp_alpha: float = Field(0.0, ge=0)
     validation_every: int = Field(5, ge=0)      # every Nth correction is held out; 0: none
     acceptance_margin: float = Field(0.01, ge=0, le=1)
     max_correction_mb: float = Field(256.0, gt=0)  # larger SEGs are flagged, not read
@@ -476,6 +485,10 @@ train_every = 1           # train after every N corrections
 epochs = 5
 learning_rate = 0.001
 time_budget_s = 50        # training steps stop here; with preparation a round is <= 60 s
+# Against forgetting what the model already knew (no foreign data needed):
+encoder_lr_scale = 0.01   # encoder learns at this fraction of learning_rate (heads: 1x)
+distill_weight = 10.0     # keep heads close to the round's start where it was right
+l2sp_alpha = 0.0          # L2-SP pull toward the round's starting weights (0: off)
 validation_every = 5      # every 5th correction is held out for evaluation
 acceptance_margin = 0.01
 

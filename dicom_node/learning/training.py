@@ -13,6 +13,7 @@ shift and noise. There is no flipping: left and right kidney are lateral labels.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -42,6 +43,16 @@ class TrainingPolicy:
     ``time_budget_s`` stops training at the first step boundary past it; with
     ``lr_schedule="cosine"`` the rate decays over steps or budget, whichever ends first.
     ``num_threads=None`` lets a :class:`ThreadTuner` pick 1 or all threads on CPU.
+
+    Against forgetting what the model knew before the round (a node only has its own
+    corrections, never the data the model came from): ``l2sp_alpha`` adds the L2-SP
+    penalty ``alpha/2 * ||w - w0||^2`` toward the weights the round started from, on
+    every trained parameter (Li et al. 2018, "Explicit inductive bias for transfer
+    learning"); ``encoder_lr_scale`` multiplies the encoder's learning rate (heads keep
+    ``learning_rate``). ``distill_weight`` adds learning without forgetting (Li & Hoiem
+    2016): a KL term keeping the trained heads' softmax close to the round's starting
+    model on the voxels where that model already agreed with the labels (what the
+    correction did not change). 0, 0 and 1 turn them off.
     """
 
     epochs: int = 5
@@ -58,6 +69,9 @@ class TrainingPolicy:
     dice_weight: float = 1.0
     num_threads: int | None = None
     seed: int = 0
+    l2sp_alpha: float = 0.0
+    encoder_lr_scale: float = 1.0
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -68,6 +82,12 @@ class TrainingPolicy:
             raise TrainingError("lr_schedule must be 'constant' or 'cosine'")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise TrainingError("time_budget_s must be positive")
+        if self.l2sp_alpha < 0:
+            raise TrainingError("l2sp_alpha must be >= 0")
+        if self.distill_weight < 0:
+            raise TrainingError("distill_weight must be >= 0")
+        if self.encoder_lr_scale <= 0:
+            raise TrainingError("encoder_lr_scale must be positive")
 
 
 @dataclass(frozen=True)
@@ -228,6 +248,31 @@ def masked_loss(
     return total
 
 
+def distillation_loss(
+    logits: dict[str, torch.Tensor],
+    teacher: dict[str, torch.Tensor],
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """KL(teacher || student) per voxel, mean over voxels where the teacher was right.
+
+    "Right": the teacher's argmax is the target, or the target is background and the
+    argmax a label the sample does not annotate (nothing is known against it).
+    """
+    total = torch.zeros(())
+    for name, z in logits.items():
+        target, ann = targets[name]
+        t = teacher[name].float()
+        logp_t = F.log_softmax(t, dim=1)
+        pred = t.argmax(dim=1)
+        merged = torch.cat([torch.ones_like(ann[:, :1]), ~ann], dim=1)  # (N, K+1)
+        unannotated = merged.gather(1, pred.flatten(1)).view_as(pred)
+        agree = (pred == target) | ((target == 0) & unannotated)
+        kl = (logp_t.exp() * (logp_t - F.log_softmax(z.float(), dim=1))).sum(dim=1)
+        m = agree.to(kl.dtype)
+        total = total + (kl * m).sum() / m.sum().clamp(min=1.0)
+    return total
+
+
 def augment_batch(
     images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,11 +337,21 @@ def train(
     origin = next(model.parameters()).device
     model.to(device).train()
     params = [p for h in heads for p in model.heads[h].parameters()]
+    groups: list[dict] = [{"params": params, "lr_scale": 1.0}]
     if policy.freeze_encoder:
         model.encoder.requires_grad_(False)
     else:
-        params += list(model.encoder.parameters())
-    optimiser = torch.optim.Adam(params, lr=policy.learning_rate, weight_decay=policy.weight_decay)
+        groups.append({"params": list(model.encoder.parameters()),
+                       "lr_scale": policy.encoder_lr_scale})
+    for group in groups:
+        group["lr"] = policy.learning_rate * group["lr_scale"]
+    optimiser = torch.optim.Adam(groups, lr=policy.learning_rate,
+                                 weight_decay=policy.weight_decay)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if policy.distill_weight else None
+    anchor = (
+        [(p, p.detach().clone()) for g in groups for p in g["params"]]
+        if policy.l2sp_alpha > 0 else []
+    )
     gen = torch.Generator().manual_seed(policy.seed)
     n_replay = round(policy.batch_size * policy.replay_fraction) if old is not None else 0
     n_replay = min(n_replay, policy.batch_size - 1)  # every batch keeps a new sample
@@ -329,7 +384,8 @@ def train(
                 if tuner is not None:
                     tuner.before_step(step)
                 t_step = time.monotonic()
-                loss = _step(model, config, heads, x, y, ann, policy, optimiser)
+                loss = _step(model, config, heads, x, y, ann, policy, optimiser, anchor,
+                             teacher)
                 if tuner is not None:
                     tuner.after_step(time.monotonic() - t_step)
                 step += 1
@@ -434,7 +490,7 @@ def _set_lr(
         frac = max(frac, elapsed / policy.time_budget_s)
     lr = policy.learning_rate * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
     for group in optimiser.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def _step(
@@ -446,6 +502,8 @@ def _step(
     ann: torch.Tensor,
     policy: TrainingPolicy,
     optimiser: torch.optim.Optimizer,
+    anchor: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    teacher: MultiHeadUNet | None = None,
 ) -> float | None:
     targets = head_targets(y, ann, config)
     if policy.freeze_encoder:
@@ -457,7 +515,15 @@ def _step(
     loss = masked_loss(logits, targets, policy.dice_weight)
     if loss is None:  # this batch annotates nothing the trained heads own
         return None
+    if teacher is not None:
+        with torch.no_grad():
+            old = teacher(x, heads)
+        loss = loss + policy.distill_weight * distillation_loss(logits, old, targets)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
+    with torch.no_grad():  # L2-SP: the gradient of alpha/2 * ||w - w0||^2 is alpha * (w - w0)
+        for p, p0 in anchor:
+            if p.grad is not None:
+                p.grad.add_(p - p0, alpha=policy.l2sp_alpha)
     optimiser.step()
     return float(loss.detach())

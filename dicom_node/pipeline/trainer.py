@@ -73,7 +73,9 @@ def policy_of(config: NodeConfig) -> TrainingPolicy:
     return TrainingPolicy(epochs=lc.epochs, batch_size=lc.batch_size,
                           learning_rate=lc.learning_rate, augment=lc.augment,
                           time_budget_s=lc.time_budget_s, replay_fraction=lc.replay_fraction,
-                          num_threads=lc.threads)
+                          num_threads=lc.threads, l2sp_alpha=lc.l2sp_alpha,
+                          encoder_lr_scale=lc.encoder_lr_scale,
+                          distill_weight=lc.distill_weight)
 
 
 class IncrementalTrainer:

@@ -15,6 +15,7 @@ from dicom_node.learning.training import (
     ThreadTuner,
     TrainingPolicy,
     augment_batch,
+    distillation_loss,
     head_targets,
     masked_loss,
     prepare_samples,
@@ -245,3 +246,39 @@ def test_a_new_head_on_a_frozen_encoder_leaves_old_predictions_alone(
         assert torch.equal(old[head], again[head]), head
     result = segment_volume(model, config, image)
     assert result.labels.shape == image.shape and "pancreas" in result.entropy
+
+
+def test_anti_forgetting_options_are_validated() -> None:
+    for bad in ({"l2sp_alpha": -1.0}, {"distill_weight": -1.0}, {"encoder_lr_scale": 0.0}):
+        with pytest.raises(TrainingError):
+            TrainingPolicy(**bad)
+
+
+def test_distillation_is_zero_for_the_teacher_itself_and_ignores_its_mistakes() -> None:
+    z = torch.randn(2, 3, 4, 4)
+    target = z.argmax(dim=1)
+    ann = torch.ones(2, 2, dtype=torch.bool)
+    assert float(distillation_loss({"h": z}, {"h": z.clone()}, {"h": (target, ann)})) == 0.0
+    other = torch.randn(2, 3, 4, 4)
+    assert float(distillation_loss({"h": other}, {"h": z}, {"h": (target, ann)})) > 0.0
+    wrong = (target + 1) % 3  # the teacher is wrong everywhere: nothing to keep
+    assert float(distillation_loss({"h": other}, {"h": z}, {"h": (wrong, ann)})) == 0.0
+
+
+def test_encoder_lr_scale_and_anchors_limit_the_encoders_drift(tiny_config: ModelConfig) -> None:
+    image, labels = toy_volume(slices=4)
+    samples = samples_from_volume(image, labels, {"liver"}, tiny_config)
+
+    def encoder_drift(**options: float) -> float:
+        torch.manual_seed(0)
+        model = build_model(tiny_config)
+        start = [p.detach().clone() for p in model.encoder.parameters()]
+        policy = TrainingPolicy(epochs=3, batch_size=2, augment=False, **options)
+        train(model, tiny_config, samples, policy)
+        return sum(float((p.detach() - q).abs().sum())
+                   for p, q in zip(model.encoder.parameters(), start,
+                                   strict=True))
+
+    free = encoder_drift()
+    assert encoder_drift(encoder_lr_scale=0.01) < 0.1 * free
+    assert encoder_drift(distill_weight=10.0, l2sp_alpha=10.0) > 0.0  # runs, still learns
