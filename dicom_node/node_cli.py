@@ -6,7 +6,8 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,6 +18,7 @@ from dicom_node.errors import ConfigError
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
+    from dicom_node.store.db import Database
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +33,21 @@ def configure_logging(level: str = "INFO", json_logs: bool = False) -> None:
     from federation_grpc.jsonlog import configure_logging as configure
 
     configure(level, json_logs, quiet=("pynetdicom", "highdicom"))
+
+
+@contextmanager
+def open_node_database(path: Path | None) -> Iterator[Database]:
+    """The node database the configuration at ``path`` names, schema ensured; disposed
+    on exit. A bad configuration exits like every other command."""
+    from dicom_node.store.db import Database
+
+    cfg = load_or_exit(path)
+    db = Database(cfg.node.resolved_database_url())
+    db.create_schema()
+    try:
+        yield db
+    finally:
+        db.dispose()
 
 
 def load_or_exit(path: Path | None, overrides: dict[str, object] | None = None) -> NodeConfig:
@@ -125,15 +142,9 @@ def status(
 ) -> None:
     """Series by state, outbox by state, dead letters and refusals with reasons."""
     from dicom_node.status import node_status, render_status
-    from dicom_node.store.db import Database
 
-    cfg = load_or_exit(config)
-    db = Database(cfg.node.resolved_database_url())
-    db.create_schema()
-    try:
+    with open_node_database(config) as db:
         report = node_status(db)
-    finally:
-        db.dispose()
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))
 
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from dicom_node.node_cli import load_or_exit
+from dicom_node.node_cli import open_node_database
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="Node TOML configuration file.")
@@ -27,15 +27,9 @@ def list_versions_command(
 ) -> None:
     """Model versions known to the node: generation, parent, state, samples, held-out Dice."""
     from dicom_node.pipeline.versions import list_versions
-    from dicom_node.store.db import Database
 
-    cfg = load_or_exit(config)
-    db = Database(cfg.node.resolved_database_url())
-    db.create_schema()
-    try:
+    with open_node_database(config) as db:
         rows = list_versions(db, name)
-    finally:
-        db.dispose()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -60,17 +54,12 @@ def rollback_command(
 ) -> None:
     """Serve an earlier generation again; a running node swaps without a restart."""
     from dicom_node.pipeline.versions import VersionError, rollback
-    from dicom_node.store.db import Database
     from dicom_node.store.jobs import JobQueue
 
-    cfg = load_or_exit(config)
-    db = Database(cfg.node.resolved_database_url())
-    db.create_schema()
-    try:
-        before, after = rollback(db, JobQueue(db), name, generation)
-    except VersionError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        db.dispose()
+    with open_node_database(config) as db:
+        try:
+            before, after = rollback(db, JobQueue(db), name, generation)
+        except VersionError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
     typer.echo(f"{name}: generation {after} serves (was {before})")
