@@ -316,6 +316,13 @@ def certs(
     out().print("keep ca.key offline; give each node ca.pem, its .pem and .key")
 
 
+# Commands kept in their own modules (they import this one, so register at the end).
+from federation_grpc.hub import heads_cli, quality_cli  # noqa: E402
+
+heads_cli.register(hub_app)
+quality_cli.register(hub_app)
+
+
 def main() -> None:  # pragma: no cover - `python -m federation_grpc.hub.cli`
     hub_app()
 
