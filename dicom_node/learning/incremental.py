@@ -153,7 +153,7 @@ def evaluate_slices(
     inter: dict[str, int] = {}
     total: dict[str, int] = {}
     pp = config.preprocessing
-    heads = list(config.head_names)
+    heads = list(config.active_head_names)
     widths = [config.head(h).num_classes for h in heads]
     model.eval()
     with torch.inference_mode():

@@ -66,7 +66,7 @@ def combine_heads(
 
     A voxel gets the non-enclosing label whose head has it as argmax with the highest
     probability; unclaimed voxels get an enclosing label (body) claimed by its head, else
-    background.
+    background. Heads absent from ``probs`` (pending added heads) take no part.
     """
     first = next(iter(probs.values()))
     labels = torch.zeros(first.shape[0], *first.shape[2:], dtype=torch.uint8, device=first.device)
@@ -116,7 +116,7 @@ def segment_volume(
     model = model.to(device).eval()
     pp = config.preprocessing
     mr_range = intensity_range(volume, pp)
-    head_names = list(config.head_names)
+    head_names = list(config.active_head_names)  # pending added heads never run
     widths = [config.head(h).num_classes for h in head_names]
     labels = np.zeros(volume.shape, dtype=np.uint8)
     confidence = np.zeros(volume.shape, dtype=np.float32)

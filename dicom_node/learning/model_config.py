@@ -11,7 +11,11 @@ no code from the network). The JSON layout (``format`` ``tessera-model/1``)::
                  "meaning": "Liver", "enclosing": false}, ...],
      "heads": {"body": ["body"], "liver": ["liver"], ...},
      "preprocessing": {"modality": "CT", "input_size": 128,
-                       "ct_windows": [[-1000, 1000], [-160, 240]], "mr_percentiles": [1, 99]}}
+                       "ct_windows": [[-1000, 1000], [-160, 240]], "mr_percentiles": [1, 99]},
+     "added_heads": {"kidneys": {"init_seed": 81234, "added_in": 3, "trained": false}}}
+
+``added_heads`` is present only once ``tessera hub add-head`` has added a head
+(continual classes, see :mod:`dicom_node.learning.continual`).
 
 Heads
 -----
@@ -141,6 +145,26 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class AddedHead:
+    """A head added to a running model (continual classes): ``tessera hub add-head``.
+
+    ``init_seed`` makes every node initialise the head identically until trained
+    weights exist; ``trained`` turns true once they do (a hub merge or a local round
+    carried the head). An untrained head is *pending*: it is not run at inference and
+    its labels are not written to SEG objects, so it never emits random output.
+    """
+
+    name: str
+    init_seed: int
+    added_in: int = 0
+    trained: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.init_seed < 2**63:
+            raise ModelConfigError(f"added_heads.{self.name}.init_seed must be 0..2**63-1")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model from its weights; validated when built."""
 
@@ -151,6 +175,7 @@ class ModelConfig:
     architecture: str = "unet2d-multihead"
     hyperparameters: UNetHyperparameters = field(default_factory=UNetHyperparameters)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    added_heads: tuple[AddedHead, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 64:
@@ -173,6 +198,10 @@ class ModelConfig:
                         f"heads.{head.name}: label {lab!r} is already owned by {owned[lab]!r}"
                     )
                 owned[lab] = head.name
+        _unique("added_heads: name", [a.name for a in self.added_heads])
+        for added in self.added_heads:
+            if added.name not in {h.name for h in self.heads}:
+                raise ModelConfigError(f"added_heads.{added.name} is not a head")
         orphans = known - owned.keys()
         if orphans:
             raise ModelConfigError(f"labels {sorted(orphans)} are owned by no head")
@@ -214,6 +243,34 @@ class ModelConfig:
         """Groups the hub merges separately: ``encoder`` and ``heads.<name>``."""
         return ("encoder", *(f"heads.{h.name}" for h in self.heads))
 
+    @property
+    def pending_heads(self) -> tuple[str, ...]:
+        """Added heads without trained weights yet: not run, not written to SEG."""
+        return tuple(a.name for a in self.added_heads if not a.trained)
+
+    @property
+    def continual_heads(self) -> tuple[str, ...]:
+        """Heads added to the running model; they train on the frozen encoder only."""
+        return tuple(a.name for a in self.added_heads)
+
+    @property
+    def active_head_names(self) -> tuple[str, ...]:
+        """Heads that inference runs: every head but the pending ones."""
+        pending = set(self.pending_heads)
+        return tuple(h.name for h in self.heads if h.name not in pending)
+
+    @property
+    def active_labels(self) -> tuple[LabelSpec, ...]:
+        """Labels of the active heads (what a SEG of this model can contain)."""
+        pending = {lab for h in self.heads if h.name in self.pending_heads for lab in h.labels}
+        return tuple(lab for lab in self.labels if lab.name not in pending)
+
+    def added_head(self, name: str) -> AddedHead:
+        for added in self.added_heads:
+            if added.name == name:
+                return added
+        raise KeyError(name)
+
     # -- derived configurations ----------------------------------------------------
     def with_generation(self, generation: int) -> ModelConfig:
         return replace(self, generation=generation)
@@ -221,6 +278,19 @@ class ModelConfig:
     def with_head(self, head: HeadSpec, labels: Iterable[LabelSpec] = ()) -> ModelConfig:
         """A new configuration with one more head (continual classes) and its new labels."""
         return replace(self, labels=(*self.labels, *labels), heads=(*self.heads, head))
+
+    def with_added_head(
+        self, head: HeadSpec, labels: Iterable[LabelSpec], *, init_seed: int, added_in: int = 0
+    ) -> ModelConfig:
+        """:meth:`with_head` recorded as a pending added head (what ``add-head`` does)."""
+        added = AddedHead(head.name, init_seed, added_in, trained=False)
+        return replace(self.with_head(head, labels), added_heads=(*self.added_heads, added))
+
+    def with_trained_heads(self, names: Iterable[str]) -> ModelConfig:
+        """Mark added heads as trained (their weights now come from training)."""
+        wanted = set(names)
+        return replace(self, added_heads=tuple(
+            replace(a, trained=True) if a.name in wanted else a for a in self.added_heads))
 
     # -- JSON ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -253,6 +323,9 @@ class ModelConfig:
                 "ct_windows": [list(w) for w in pp.ct_windows],
                 "mr_percentiles": list(pp.mr_percentiles),
             },
+            **({"added_heads": {
+                a.name: {"init_seed": a.init_seed, "added_in": a.added_in, "trained": a.trained}
+                for a in self.added_heads}} if self.added_heads else {}),
         }
 
     def to_json(self) -> str:
@@ -301,6 +374,15 @@ class ModelConfig:
                     ),
                     mr_percentiles=tuple(float(p) for p in pp.get("mr_percentiles", (1, 99))),  # type: ignore[arg-type]
                 ),
+                added_heads=tuple(
+                    AddedHead(
+                        name=str(name),
+                        init_seed=int(rec["init_seed"]),
+                        added_in=int(rec.get("added_in", 0)),
+                        trained=_strict_bool(rec.get("trained", False), f"added_heads.{name}"),
+                    )
+                    for name, rec in dict(data.get("added_heads") or {}).items()
+                ),
             )
         except ModelConfigError:
             raise
@@ -316,6 +398,12 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ModelConfigError(f"model config is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _strict_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ModelConfigError(f"{what}.trained must be true or false, got {value!r}")
+    return value
 
 
 def _unique(what: str, items: list[Any]) -> None:

@@ -24,6 +24,7 @@ from safetensors.numpy import save as np_save
 from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 
+from dicom_node.learning.continual import pending_init_state
 from dicom_node.learning.errors import ModelConfigError, WeightsError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, build_model
@@ -108,6 +109,9 @@ def model_from_bytes(
 ) -> tuple[MultiHeadUNet, ModelConfig]:
     """Rebuild a model from safetensors bytes; the config defaults to the embedded one.
 
+    Pending added heads missing from ``data`` are initialised from their seed
+    (:mod:`dicom_node.learning.continual`).
+
     Raises
     ------
     WeightsError
@@ -127,6 +131,9 @@ def model_from_bytes(
     except (SafetensorError, ValueError) as exc:
         raise WeightsError(f"cannot read safetensors: {exc}") from exc
     model = build_model(config)
+    # A pending added head has no trained weights anywhere yet: every node makes the
+    # same ones from the config's seed (continual classes).
+    state = {**state, **pending_init_state(model, config, state)}
     check_state(state, config, model=model)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.eval()

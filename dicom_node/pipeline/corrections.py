@@ -178,7 +178,7 @@ class CorrectionIntake:
         draft.delay_s = max(0.0, (instance.received_at - ai.created_at).total_seconds())
 
         model_config = self._model_config(ai.model_name)
-        specs = segment_specs(model_config)
+        specs = segment_specs(model_config, include_pending=True)  # a new structure
         infos = segment_infos(header)
         mapping = match_segments(infos, specs)
         draft.unknown_segments = [f"{i.number}:{i.label_name}" for i in infos

@@ -44,10 +44,15 @@ _PALETTE = [(177, 122, 101), (221, 130, 101), (157, 108, 162), (185, 102, 83),
             (212, 126, 151), (144, 238, 144), (111, 184, 210), (250, 250, 210)]
 
 
-def segment_specs(config: ModelConfig) -> list[SegmentSpec]:
-    """One SEG segment per model label, coded as the model's config says."""
+def segment_specs(config: ModelConfig, *, include_pending: bool = False) -> list[SegmentSpec]:
+    """One SEG segment per model label, coded as the model's config says.
+
+    Labels of pending added heads (no trained weights yet) are left out of what the
+    node writes; ``include_pending`` keeps them, to read corrections that add them.
+    """
     specs = []
-    for label in sorted(config.labels, key=lambda lab: lab.value):
+    labels = config.labels if include_pending else config.active_labels
+    for label in sorted(labels, key=lambda lab: lab.value):
         prop = Code(label.code, label.scheme, label.meaning)
         rgb = _PALETTE[(label.value - 1) % len(_PALETTE)]
         specs.append(SegmentSpec.from_rgb(label.value, label.name,

@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
+from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.incremental import (
     StoredSample,
     accept_candidate,
@@ -135,20 +136,24 @@ class IncrementalTrainer:
         new = [x for r in new_rows for x in self._load(r).slice_samples()]
         replay = self._replay(replay_rows)
         held = [self._load(r) for r in held_rows]
-        policy = policy_of(self.config)
+        # Labels of an added head: train that head alone on the frozen encoder.
+        policy = continual_policy(base_config, {n for x in new for n in x.annotated},
+                                  policy_of(self.config))
         LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
                     name, base_config.generation, len(new), len(new_rows), len(replay))
         t0 = time.monotonic()
         candidate, report = train_round(base_model, base_config, new, replay, policy,
                                         progress=self._progress(attempt, beat))
         beat()
+        cand_config = after_round(base_config, report)  # a pending head it trained is active
         base_dice = evaluate_slices(base_model, base_config, held) if held else None
-        cand_dice = evaluate_slices(candidate, base_config, held) if held else None
+        cand_dice = evaluate_slices(candidate, cand_config, held) if held else None
         accepted, verdict = accept_candidate(base_dice, cand_dice,
                                              self.config.learning.acceptance_margin)
         seconds = time.monotonic() - t0
         beat()
-        return self._commit(name, base_config, candidate, report, sample_ids, update_id,
+        return self._commit(name, base_config, cand_config, candidate, report, sample_ids,
+                            update_id,
                             accepted, verdict, {
                                 "held_out": {"base": base_dice, "candidate": cand_dice,
                                              "cases": len(held)},
@@ -161,14 +166,15 @@ class IncrementalTrainer:
                                              "seconds": round(seconds, 2)},
                                 "verdict": verdict})
 
-    def _commit(self, name: str, base_config: Any, candidate: Any, report: Any,
+    def _commit(self, name: str, base_config: Any, cand_config: Any, candidate: Any,
+                report: Any,
                 sample_ids: list[int], update_id: str, accepted: bool, verdict: str,
                 metrics: dict[str, Any]) -> ModelVersion:
         with self.db.session() as s:
             generation = next_generation(
                 s, name, base_config.generation,
                 local_floor=LOCAL_FLOOR if self.config.federation.enabled else 0)
-        config = base_config.with_generation(generation)
+        config = cand_config.with_generation(generation)
         path = save_model(candidate, config,
                           self.data_dir / "models" / name / f"generation-{generation:05d}")
         groups = trained_groups(report)

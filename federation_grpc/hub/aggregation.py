@@ -5,6 +5,10 @@ group ``heads.<head>``; every other name belongs to the group named by its first
 component (``encoder``, ``bottleneck``, …). Groups merge separately: a group changes
 only with the updates that carry it, so a head moves only with the nodes that trained it
 (partial labels) while the shared groups move with every update.
+
+A group that the current generation does not hold yet (the first weights of a head
+added by ``tessera hub add-head``) has no prior to mix with: every strategy takes the
+updates that carry it, averaged by sample count and staleness (:func:`adopt_new`).
 """
 
 from __future__ import annotations
@@ -141,6 +145,21 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     return acc
 
 
+def adopt_new(
+    merged: Tensors, contributions: Sequence[Contribution], exponent: float = 0.5
+) -> Tensors:
+    """Add tensors no generation held before: the mean of the updates carrying them,
+    weighted by ``num_samples`` and staleness (one update: its values as they are)."""
+    for name in sorted({n for c in contributions for n in c.tensors} - set(merged)):
+        carriers = [c for c in contributions if name in c.tensors]
+        weights = [max(1, c.num_samples) * staleness_weight(c.staleness, exponent)
+                   for c in carriers]
+        like = carriers[0].tensors[name]
+        merged[name] = _cast_like(weighted_mean([c.tensors[name] for c in carriers], weights),
+                                  like)
+    return merged
+
+
 def fedasync_merge(
     current: Mapping[str, np.ndarray],
     contributions: Sequence[Contribution],
@@ -150,7 +169,8 @@ def fedasync_merge(
     exponent: float,
 ) -> Tensors:
     """Fold updates one after another into ``current``, each group only where carried."""
-    merged: Tensors = dict(current)
+    merged: Tensors = adopt_new(dict(current), contributions, exponent)
+    fresh = set(merged) - set(current)
     for contribution in contributions:
         weight = fedasync_mixing(
             contribution.num_samples,
@@ -160,7 +180,8 @@ def fedasync_merge(
             exponent=exponent,
         )
         for name, value in contribution.tensors.items():
-            merged[name] = mix(merged[name], value, weight)
+            if name not in fresh:
+                merged[name] = mix(merged[name], value, weight)
     return merged
 
 
@@ -185,13 +206,16 @@ def fedbuff_merge(
         if not np.issubdtype(value.dtype, np.floating):
             merged[name] = carriers[-1].tensors[name].copy()
             continue
-        deltas = [c.tensors[name].astype(np.float64) - c.base[name] for c in carriers]
+        # An update from before its head existed at the hub: its delta is taken against
+        # the current value (it started from the same seeded weights as the first one).
+        deltas = [c.tensors[name].astype(np.float64) - c.base.get(name, value)
+                  for c in carriers]
         weights = [
             max(1, c.num_samples) * staleness_weight(c.staleness, exponent) for c in carriers
         ]
         step = weighted_mean(deltas, weights)
         merged[name] = _cast_like(value.astype(np.float64) + server_lr * step, value)
-    return merged
+    return adopt_new(merged, contributions, exponent)
 
 
 def fedavg_merge(
@@ -211,7 +235,7 @@ def fedavg_merge(
             [c.tensors[name] for c in carriers], [max(1, c.num_samples) for c in carriers]
         )
         merged[name] = _cast_like(mean, value)
-    return merged
+    return adopt_new(merged, contributions, 0.0)
 
 
 class Strategy(Protocol):

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.gate import compare_scores, paired_mean
+from federation_grpc.hub.heads import mark_trained
 from federation_grpc.hub.merge_lock import merge_lock
 from federation_grpc.hub.service import parse_tensors
 from federation_grpc.hub.store import (
@@ -163,6 +164,7 @@ class Aggregator:
     ) -> int:
         data = save_safetensors(candidate)
         sha = self.service.blobs.put(data)
+        config_json = mark_trained(config_json, candidate)  # a new head's first weights
         number = (session.scalar(select(func.max(GenerationRow.number))) or 0) + 1
         session.add(
             GenerationRow(

@@ -29,6 +29,7 @@ from federation_grpc.errors import (
 )
 from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
+from federation_grpc.hub.heads import new_head_tensors
 from federation_grpc.hub.service import check_numbers, parse_tensors
 from federation_grpc.hub.store import (
     GenerationRow,
@@ -272,10 +273,14 @@ class UploadIntake:
         try:
             update = parse_tensors(staged.read_bytes())
             base = self.service.generation_tensors(header.base_generation)
-            validate_tensors(update, base, header.trained_groups)
+            # The first weights of an added head have no base: checked against the config.
+            fresh = new_head_tensors(update, base, self.service.generation(
+                header.base_generation).config_json)
+            validate_tensors(update, {**base, **fresh}, header.trained_groups)
         except InvalidRequest as exc:
             self.discard(header, node_id, str(exc))
-        reasons = self.service.gate.check_update(update, base)
+        reasons = self.service.gate.check_update(
+            {k: v for k, v in update.items() if k not in fresh}, base)
         with self.service.store.session() as session:
             row = session.get(UpdateRow, header.update_id, with_for_update=True)
             if row is None:
