@@ -100,6 +100,7 @@ class Node:
             backoff=Backoff(config.export.backoff_initial_s, config.export.backoff_max_s),
             poll_interval_s=config.jobs.poll_interval_s, heartbeat_s=config.jobs.heartbeat_s,
         )
+        self.parts.queue.add_listener(self.worker.wake)
 
     @property
     def port(self) -> int:

@@ -11,12 +11,12 @@ on SQLite each transaction begins IMMEDIATE, which serialises claims.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, event, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.store.db import Database
@@ -52,6 +52,28 @@ class JobQueue:
     def __init__(self, db: Database, *, lease_s: float = 60.0) -> None:
         self.db = db
         self.lease = timedelta(seconds=lease_s)
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each commit that added a job (in this process).
+
+        Workers in the same process use it to skip their poll wait, so a job queued by
+        another job (export after inference) starts at once; workers in other processes
+        still find it by polling.
+        """
+        self._listeners.append(listener)
+
+    def _notify_after_commit(self, s: Session) -> None:
+        if not self._listeners or s.info.get("tessera.jobs.notify"):
+            return
+        s.info["tessera.jobs.notify"] = True
+
+        def committed(session: Session) -> None:
+            session.info.pop("tessera.jobs.notify", None)
+            for listener in self._listeners:
+                listener()
+
+        event.listen(s, "after_commit", committed, once=True)
 
     def enqueue(
         self,
@@ -77,6 +99,7 @@ class JobQueue:
                       state=JobState.PENDING, attempts=0, not_before=datetime.now(UTC))
             s.add(job)
             s.flush()
+            self._notify_after_commit(s)
             return job.id
 
         if session is not None:

@@ -171,3 +171,27 @@ def test_concurrent_claims_never_return_the_same_job(db: Database) -> None:
     all_claims = [job_id for mine in claimed.values() for job_id in mine]
     assert len(all_claims) == len(set(all_claims)), "a job was claimed twice"
     assert set(all_claims) == ids
+
+
+def test_listeners_hear_of_a_job_only_once_it_is_committed(db: Database) -> None:
+    """In-process workers are woken after the commit that made a job visible, never
+    before it (they would find nothing and sleep a poll interval) and never for a
+    transaction that rolled back."""
+    queue = JobQueue(db, lease_s=30)
+    seen: list[int | None] = []
+    queue.add_listener(lambda: seen.append(
+        (queue.claim(["export"], "listener") or None) and 1))
+
+    with db.session() as s:
+        queue.enqueue("export", "a", session=s)
+        queue.enqueue("export", "b", session=s)
+        assert seen == [], "no call inside the transaction"
+    assert seen == [1], "one call per commit, and the job is claimable by then"
+
+    with pytest.raises(RuntimeError), db.session() as s:
+        queue.enqueue("export", "c", session=s)
+        raise RuntimeError("roll back")
+    assert seen == [1], "a rolled-back job wakes nobody"
+
+    queue.enqueue("export", "d")
+    assert seen == [1, 1]

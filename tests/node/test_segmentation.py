@@ -88,12 +88,17 @@ def test_phantom_series_is_segmented_and_the_seg_arrives_in_orthanc(
     scores = dice_per_label(labels, subject.labels, config.label_values)
     assert np.mean(list(scores.values())) >= 0.9, scores
 
+    def stored_segmentation() -> Segmentation | None:
+        with node.parts.db.session() as s:
+            row = s.execute(select(Segmentation)).scalar_one()
+            return row if row.metrics else None
+
+    # quality metrics follow the SEG's delivery, for the hub's quality model later
+    row = wait_until(stored_segmentation, timeout=60, what="the quality metrics")
     with node.parts.db.session() as s:
-        row = s.execute(select(Segmentation)).scalar_one()
         series = s.execute(select(Series).where(
             Series.series_uid == str(datasets[0].SeriesInstanceUID))).scalar_one()
         assert series.state == "segmented"
-        # quality metrics are stored with the result, for the hub's quality model later
         for key in ("mean_entropy", "uncertain_fraction", "volume_ml.liver",
                     "components.liver", "slice_consistency.liver"):
             assert key in row.metrics
