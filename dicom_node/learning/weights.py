@@ -39,7 +39,10 @@ _FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 # -- raw safetensors ---------------------------------------------------------------------
 def read_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob; refuses anything else (pickles, zips)."""
-    if data[:1] == b"\x80" or data[:2] == b"PK":
+    # A header length of 0x..80 makes safetensors start with the byte a pickle starts
+    # with, so the refusal applies only to what is not shaped like safetensors.
+    shaped = len(data) >= 9 and data[8:9] == b"{"
+    if not shaped and (data[:1] == b"\x80" or data[:2] == b"PK"):
         raise WeightsError(
             "refusing a pickle/torch.save file: weights must be safetensors (no code is loaded)"
         )

@@ -136,6 +136,18 @@ def test_non_safetensors_bytes_are_refused(payload: bytes) -> None:
         model_from_bytes(payload)
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle_are_read() -> None:
+    # a header of 0x580 bytes: the file starts b"\x80\x05", the signature of pickle 5
+    for pad in range(1200, 1500):
+        data = arrays_to_bytes({"w": np.zeros(2, np.float32)}, {"pad": "x" * pad})
+        if data[:2] == b"\x80\x05":
+            break
+    else:
+        pytest.fail("no padding gives a 0x580-byte header")
+    arrays, meta = arrays_from_bytes(data)
+    assert meta["pad"] == "x" * pad and arrays["w"].shape == (2,)
+
+
 def test_oversized_header_length_is_refused() -> None:
     with pytest.raises(WeightsError, match="header"):
         model_from_bytes(struct.pack("<Q", 10**12) + b"{}")
