@@ -55,6 +55,8 @@ LOGGER = logging.getLogger(__name__)
 # Update ids on the hub are UUIDs; the node's are deterministic UIDs of the round.
 _UPDATE_NAMESPACE = uuid.UUID("5b0c8f1e-7a43-4c7e-9d1e-2f6a9c1b7d30")
 _METRIC_BATCH = 200
+_MAX_VALUES = 256  # the hub refuses records with more values
+_METRICS_WAIT_S = 600.0
 _METRIC_KEY_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
 FAULT_DOWNLOAD_ENV = "TESSERA_FAULT_DOWNLOAD_EXIT_AT_BYTES"
 
@@ -331,6 +333,10 @@ class FederationAgent:
         return accepted
 
     def _metric_records(self, cursor: dict[str, int]) -> tuple[list[MetricRecord], int, int]:
+        """Segmentation records (metrics) and correction records (the metrics of the
+        segmentation corrected plus its Dice), both carrying ``segmentation_seq``, the
+        local row id, so that the hub can pair them; no UID leaves. A segmentation whose
+        metrics are still being computed holds the cursor back (for a while)."""
         name = self.settings.model
         records: list[MetricRecord] = []
         seg_last, corr_last = int(cursor["segmentation"]), int(cursor["correction"])
@@ -338,23 +344,50 @@ class FederationAgent:
             for seg in s.execute(select(Segmentation).where(
                     Segmentation.id > seg_last, Segmentation.model_name == name)
                     .order_by(Segmentation.id)).scalars():
+                if _metrics_pending(seg):
+                    break
                 seg_last = seg.id
-                values = _numbers(seg.metrics)
+                values = _segmentation_values(seg)
                 base = hub_base_generation(s, name, seg.generation)
                 values["local_version"] = 1.0 if seg.generation >= LOCAL_FLOOR else 0.0
                 records.append(MetricRecord("segmentation", base, values))
             for corr in s.execute(select(Correction).where(
                     Correction.id > corr_last).order_by(Correction.id)).scalars():
-                corr_last = corr.id
                 if corr.model_name != name or corr.ai_generation is None:
+                    corr_last = corr.id
                     continue
-                values = {f"dice.{k}": v for k, v in _numbers(corr.dice).items()}
-                if not values:
+                dice = {f"dice.{k}": v for k, v in _numbers(corr.dice).items()}
+                if not dice:
+                    corr_last = corr.id
                     continue
+                seg = (s.get(Segmentation, corr.segmentation_id)
+                       if corr.segmentation_id is not None else None)
+                if seg is not None and _metrics_pending(seg):
+                    break
+                corr_last = corr.id
+                values = _segmentation_values(seg) if seg is not None else {}
+                # Dice first: it is what makes the record worth having if space runs out.
+                values = dict(list(dice.items())
+                              + list(values.items())[:_MAX_VALUES - len(dice) - 1])
                 values["local_version"] = 1.0 if corr.ai_generation >= LOCAL_FLOOR else 0.0
                 records.append(MetricRecord(
                     "correction", hub_base_generation(s, name, corr.ai_generation), values))
         return records, seg_last, corr_last
+
+
+def _metrics_pending(seg: Segmentation) -> bool:
+    """Metrics are computed after the SEG is delivered: wait for them, but not forever
+    (a failure there must not stop reporting)."""
+    if seg.metrics:
+        return False
+    created = seg.created_at if seg.created_at.tzinfo else seg.created_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - created).total_seconds() < _METRICS_WAIT_S
+
+
+def _segmentation_values(seg: Segmentation) -> dict[str, float]:
+    values = {"segmentation_seq": float(seg.id)}
+    values.update(list(_numbers(seg.metrics).items())[:_MAX_VALUES - 8])
+    return values
 
 
 def _numbers(values: Any) -> dict[str, float]:

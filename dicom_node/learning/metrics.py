@@ -111,6 +111,8 @@ def quality_metrics(
     """Cheap per-segmentation quality figures for the hub's quality model.
 
     Keys: ``volume_ml.<label>``, ``components.<label>``, ``slice_consistency.<label>``,
+    ``confidence.<label>`` (mean confidence over the label's voxels, 0 when it is empty),
+    ``uncertain_fraction.<label>`` (its voxels with confidence below ``uncertain_below``),
     ``entropy.<head>`` (mean normalised entropy over the foreground), ``mean_entropy``,
     ``uncertain_fraction`` (foreground voxels with confidence below ``uncertain_below``)
     and ``foreground_ml``.
@@ -123,6 +125,11 @@ def quality_metrics(
         mask = labels == value
         out[f"components.{name}"] = float(count_components(mask))
         out[f"slice_consistency.{name}"] = slice_consistency(mask)
+        # Per label, not only pooled: one organ gone wrong hides in the foreground mean.
+        conf = confidence[mask]
+        out[f"confidence.{name}"] = float(conf.astype(np.float64).mean()) if conf.size else 0.0
+        out[f"uncertain_fraction.{name}"] = (
+            float(np.count_nonzero(conf < uncertain_below)) / conf.size if conf.size else 0.0)
     n_fg = int(foreground.sum())
     head_means = []
     for head, ent in entropy.items():

@@ -95,3 +95,6 @@ def test_quality_metrics_are_plain_floats() -> None:
     assert out["mean_entropy"] == pytest.approx(0.125)
     assert out["slice_consistency.liver"] == 0.0
     assert out["foreground_ml"] == pytest.approx(0.008)
+    assert out["confidence.liver"] == pytest.approx(0.5)
+    assert out["uncertain_fraction.liver"] == 1.0 and out["uncertain_fraction.body"] == 0.0
+    assert out["confidence.body"] == pytest.approx(0.9)
