@@ -25,6 +25,7 @@ from dicom_node.errors import ConfigError
 
 ENV_PREFIX = "TESSERA_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # model label names
 
 
 class _Section(BaseModel):
@@ -222,6 +223,19 @@ class LearningSettings(_Section):
     acceptance_margin: float = Field(0.01, ge=0, le=1)
     max_correction_mb: float = Field(256.0, gt=0)  # larger SEGs are flagged, not read
     max_correction_frames: int = Field(20000, ge=1)
+
+    @field_validator("annotated_labels")
+    @classmethod
+    def _label_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # Whether each is a label of a served model is checked when the models load.
+        for name in v:
+            if not _LABEL_RE.match(name):
+                raise ValueError(f"{name!r} is not a label name (a model label such as "
+                                 f"'liver': {_LABEL_RE.pattern})")
+        repeated = sorted({n for n in v if v.count(n) > 1})
+        if repeated:
+            raise ValueError(f"labels repeat: {repeated}")
+        return v
 
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -15,6 +15,8 @@ from typing import Any
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scp import RunningSCP, start_scp
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.learning.errors import ModelConfigError
+from dicom_node.learning.partial_labels import check_annotated_labels
 from dicom_node.pipeline.assembler import SeriesAssembler
 from dicom_node.pipeline.corrections import CorrectionIntake, CorrectionJob
 from dicom_node.pipeline.export import Exporter
@@ -78,6 +80,23 @@ class NodeParts:
                 self.models.get(rule.model)
             except (DicomNodeError, OSError) as exc:
                 raise ConfigError(f"invalid configuration: rules.{i}.model: {exc}") from exc
+        self.check_annotated_labels()
+
+    def check_annotated_labels(self) -> None:
+        """``learning.annotated_labels`` must name labels of the models the node serves."""
+        names = {r.model for r in self.config.rules if r.model is not None}
+        if self.config.federation.enabled:
+            names.add(self.config.federation.model)
+        configs = []
+        for name in sorted(names):
+            try:
+                configs.append(self.models.get(name)[1])
+            except (DicomNodeError, OSError):
+                continue  # a federated model may arrive from the hub later
+        try:
+            check_annotated_labels(self.config.learning.annotated_labels, configs)
+        except ModelConfigError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from exc
 
 
 class Node:

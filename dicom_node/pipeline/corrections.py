@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import highdicom as hd
 import numpy as np
@@ -37,6 +37,7 @@ from dicom_node.learning.incremental import (
 )
 from dicom_node.learning.metrics import dice
 from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.partial_labels import fill_enclosing
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import (
     SegmentSpec,
@@ -222,6 +223,8 @@ class CorrectionIntake:
                                volume.shape[0])
         sample = cut_sample(volume.pixels.astype(np.float32), corrected, keep, annotated,
                             model_config)
+        # A body segment cut around organs this hospital does not annotate leaves holes.
+        sample = replace(sample, labels=fill_enclosing(sample.labels, annotated, model_config))
         data = encode_sample(sample)
         rel = f"{SAMPLES_DIR}/{_safe(draft.seg_sop_instance_uid)}.npz"
         target = self.config.node.data_dir / rel

@@ -193,7 +193,12 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """List enrolled nodes."""
     service = _service(config)
     try:
-        table = Table("node", "name", "enrolled", "last seen", "updates", "revoked")
+        from federation_grpc.hub.partial_labels import describe_heads, head_labels
+
+        current = service.current_generation()
+        labels = head_labels(current.config_json) if current is not None else {}
+        table = Table("node", "name", "enrolled", "last seen", "updates", "heads (labels)",
+                      "revoked")
         for n in service.list_nodes():
             table.add_row(
                 n.node_id,
@@ -201,6 +206,7 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
                 n.enrolled_at.isoformat(timespec="seconds"),
                 n.last_seen.isoformat(timespec="seconds") if n.last_seen else "-",
                 str(n.updates),
+                describe_heads(n.trained_heads, labels) or "-",
                 "yes" if n.revoked else "",
             )
         out().print(table)

@@ -60,6 +60,8 @@ class NodeView:
     revoked: bool
     last_seen: datetime | None
     updates: int
+    # Heads of the updates the hub took from this node (partial labels: what it trains).
+    trained_heads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

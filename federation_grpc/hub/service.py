@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from federation_grpc.hub.domain import (
     RejectionView,
 )
 from federation_grpc.hub.gate import Evaluator, GatePolicy, UpdateGate, load_evaluator
+from federation_grpc.hub.partial_labels import trained_heads
 from federation_grpc.hub.store import (
     EnrolmentTokenRow,
     EvaluationResultRow,
@@ -55,6 +57,7 @@ from federation_grpc.hub.store import (
     NodeRow,
     RejectionRow,
     UpdateRow,
+    UpdateStatus,
     utcnow,
 )
 
@@ -207,8 +210,17 @@ class HubService:
                     select(UpdateRow.node_id, func.count()).group_by(UpdateRow.node_id)
                 ).all()
             )
+            taken = (UpdateStatus.RECEIVED, UpdateStatus.EVALUATING, UpdateStatus.MERGED)
+            groups: dict[str, list[list[str]]] = {}
+            for node_id, trained in session.execute(
+                select(UpdateRow.node_id, UpdateRow.trained_groups).where(
+                    UpdateRow.status.in_(taken))
+            ):
+                groups.setdefault(node_id, []).append(list(trained or []))
             rows = session.scalars(select(NodeRow).order_by(NodeRow.enrolled_at)).all()
-            return [_node_view(row, counts.get(row.node_id, 0)) for row in rows]
+            return [replace(_node_view(row, counts.get(row.node_id, 0)),
+                            trained_heads=trained_heads(groups.get(row.node_id, [])))
+                    for row in rows]
 
     def revoke_node(self, node_id: str) -> NodeView:
         with self.store.session() as session:

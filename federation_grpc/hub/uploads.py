@@ -30,6 +30,7 @@ from federation_grpc.errors import (
 from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
 from federation_grpc.hub.heads import new_head_tensors
+from federation_grpc.hub.partial_labels import check_trained_groups, generation_groups
 from federation_grpc.hub.service import check_numbers, parse_tensors
 from federation_grpc.hub.store import (
     GenerationRow,
@@ -176,6 +177,7 @@ class UploadIntake:
     def begin(self, node_id: str, header: UpdateHeader) -> UploadSession | UploadStatus:
         """Open a session at ``header.offset``, or return the final status of a known update."""
         header = self._validated(header)
+        self._check_groups(node_id, header)
         with self.service.store.session() as session:
             row = session.get(UpdateRow, header.update_id)
             if row is not None:
@@ -215,6 +217,20 @@ class UploadIntake:
             return UploadSession(self, node_id, header, header.offset)
         except BaseException:
             self.release(header.update_id)
+            raise
+
+    def _check_groups(self, node_id: str, header: UpdateHeader) -> None:
+        """Partial labels: a declared group must exist in the base generation (or be a
+        pending added head); refused before any byte is taken, and recorded."""
+        base = self.service.generation(header.base_generation)
+        known = generation_groups(self.service.generation_tensors(base.number), base.config_json)
+        try:
+            check_trained_groups(header.trained_groups, known, base.number)
+        except InvalidRequest as exc:
+            with self.service.store.session() as session:
+                self.service.record_rejection(
+                    session, header.update_id, node_id, "validation", [str(exc)]
+                )
             raise
 
     def _validated(self, header: UpdateHeader) -> UpdateHeader:
