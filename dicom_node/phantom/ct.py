@@ -91,19 +91,21 @@ def subject_rng(kind: str, site: str, index: int, seed: int, stream: int) -> np.
 
 
 def generate_subject(
-    site: str, index: int, seed: int = 0, *, orientation: str | Orientation = "axial"
+    site: str, index: int, seed: int = 0, *, orientation: str | Orientation = "axial",
+    profile: SiteProfile | None = None,
 ) -> PhantomSubject:
     """Generate subject ``index`` of ``site`` as an int16 HU volume with organ labels.
 
     Same arguments give the same bytes. The anatomy depends on ``(site, index, seed)``
-    only; ``orientation`` changes the acquisition grid, not the patient.
+    only; ``orientation`` changes the acquisition grid, not the patient. ``profile``
+    renders with other scanner settings than the site's (benchmarks vary them per case).
 
     Raises
     ------
     ValueError
         Unknown site or orientation, or a negative index.
     """
-    profile = site_profile(site)
+    profile = profile or site_profile(site)
     plane = Orientation(orientation)
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")

@@ -154,3 +154,7 @@ def test_nothing_identifying_leaves_the_node(
     # The check can fail: the correction's Dice did go, as plain numbers.
     corrections = [r for _, r in hub.service.metric_records("correction")]
     assert corrections and all(np.isfinite(v) for r in corrections for v in r.values.values())
+    # ... paired with the segmentation's metrics by the node's opaque sequence number.
+    seqs = {r.values.get("segmentation_seq") for _, r in hub.service.metric_records("segmentation")}
+    assert all(r.values["segmentation_seq"] in seqs and "mean_entropy" in r.values
+               for r in corrections)

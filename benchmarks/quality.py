@@ -1,0 +1,264 @@
+"""Federated CT quality control: does the hub's linear model flag bad segmentations on
+an out-of-distribution site?
+
+The shipped starter model (trained on phantom site A) segments phantom CT studies; the
+node's own code computes the quality metrics (``segment_volume`` then
+``quality_metrics``, as ``pipeline/segmentation.py`` does) and the true Dice against the
+phantom's ground truth (mean over the model's labels, what a full correction would
+report). Records are built as the node reports them (``dicom_node.federation``):
+corrections carry the metrics plus ``dice.<label>``, segmentations the metrics only.
+
+- fitting set (in-distribution, "corrections"): sites A and B, each case rendered with
+  scanner settings jittered around the site's (noise, contrast phase, HU offset,
+  sharpness) so that Dice spreads;
+- OOD sites (scored, never fitted on): C (thick slices, wide field of view, weak
+  contrast) and D (noisy, strong contrast, thin slices), jittered the same way.
+
+The hub's code (``federation_grpc.hub.quality``: ridge on standardised metrics, threshold
+from leave-one-out predictions at ``--target-fp``) fits on the corrections and flags
+OOD segmentations. Target (issue 8, seed paper > 70%): on the OOD site(s), flag >= 70%
+of segmentations with true Dice < 0.8 at <= 20% false positives (good segmentations
+flagged). A one-feature baseline (mean entropy alone, same threshold rule) is shown for
+comparison.
+
+Run: ``nice python benchmarks/quality.py [--fit-cases 60] [--ood-cases 40] [--out DIR]``
+Cases are cached in ``DIR/cases.jsonl`` (delete it to regenerate); writes
+``quality.json`` and ``quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from federation_grpc.hub.quality import (
+    CORRECTION,
+    SEGMENTATION,
+    Case,
+    QualityPolicy,
+    assess,
+    fit_model,
+)
+from federation_grpc.hub.service import check_numbers
+
+LOGGER = logging.getLogger("benchmarks.quality")
+FIT_SITES = ("A", "B")
+OOD_SITES = ("C", "D")
+
+
+def jittered_profile(site: str, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    from dicom_node.phantom.ct import site_profile
+
+    base = site_profile(site)
+    return replace(
+        base,
+        name=f"{site}~",
+        noise_hu=base.noise_hu * float(rng.uniform(0.7, 3.0)),
+        enhancement=float(np.clip(base.enhancement * rng.uniform(0.35, 1.3), 0.0, 1.5)),
+        hu_offset=base.hu_offset + float(rng.normal(0, 25)),
+        blur_px=float(np.clip(base.blur_px * rng.uniform(0.5, 2.0), 0.0, 2.0)),
+    )
+
+
+def run_case(model, config, site: str, index: int, seed: int) -> dict:  # type: ignore[no-untyped-def]
+    from dicom_node.learning.inference import segment_volume
+    from dicom_node.learning.metrics import dice_per_label, quality_metrics
+    from dicom_node.phantom.ct import generate_subject, subject_rng
+
+    rng = subject_rng("quality-benchmark", site, index, seed, 7)
+    profile = jittered_profile(site, rng)
+    subject = generate_subject(site, index, seed, profile=profile)
+    result = segment_volume(model, config, subject.image.astype(np.float32), subject.spacing)
+    metrics = quality_metrics(result.labels, result.confidence, result.entropy,
+                              result.spacing, config.label_values)
+    dice = dice_per_label(result.labels, subject.labels, config.label_values)
+    return {"site": site, "index": index, "metrics": metrics, "dice": dice,
+            "profile": {"noise_hu": profile.noise_hu, "enhancement": profile.enhancement,
+                        "hu_offset": profile.hu_offset, "blur_px": profile.blur_px}}
+
+
+def collect(args: argparse.Namespace, cache: Path) -> list[dict]:
+    rows: dict[tuple[str, int], dict] = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            row = json.loads(line)
+            rows[(row["site"], row["index"])] = row
+    wanted = [(s, i) for i in range(args.fit_cases // len(FIT_SITES)) for s in FIT_SITES]
+    wanted += [(s, 1000 + i) for i in range(args.ood_cases // len(OOD_SITES))
+               for s in OOD_SITES]
+    missing = [w for w in wanted if w not in rows]
+    if missing:
+        import torch
+
+        from dicom_node.learning.weights import load_model
+        from dicom_node.pipeline.models import STARTER_DIR
+
+        torch.set_num_threads(args.threads)
+        model, config = load_model(STARTER_DIR / "model.safetensors")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with cache.open("a") as f:
+            for k, (site, index) in enumerate(missing, start=1):
+                row = run_case(model, config, site, index, args.seed)
+                rows[(site, index)] = row
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                mean = np.mean(list(row["dice"].values()))
+                print(f"[{k}/{len(missing)}] site {site} #{index}: Dice {mean:.3f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return [rows[w] for w in wanted]
+
+
+def as_case(row: dict, kind: str, seq: int) -> Case:
+    """The record the node would send (same keys, same intake check at the hub)."""
+    values = {"segmentation_seq": float(seq), **row["metrics"]}
+    if kind == CORRECTION:
+        values.update({f"dice.{k}": v for k, v in row["dice"].items()})
+    values = check_numbers(values, kind)
+    return Case(f"site-{row['site']}", kind, 0, values, seq)
+
+
+def true_dice(row: dict) -> float:
+    return float(np.mean(list(row["dice"].values())))
+
+
+def rates(flagged: np.ndarray, dice: np.ndarray, low: float) -> dict:
+    bad = dice < low
+    return {"n": int(dice.size), "low": int(bad.sum()),
+            "recall": float(flagged[bad].mean()) if bad.any() else None,
+            "false_positive_rate": float(flagged[~bad].mean()) if (~bad).any() else None,
+            "flagged": int(flagged.sum())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fit-cases", type=int, default=60)
+    parser.add_argument("--ood-cases", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--target-fp", type=float, default=0.1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    rows = collect(args, args.out / "cases.jsonl")
+    policy = QualityPolicy(target_fp_rate=args.target_fp)
+    fit_rows = [r for r in rows if r["site"] in FIT_SITES]
+    train = [as_case(r, CORRECTION, i) for i, r in enumerate(fit_rows, start=1)]
+    model, message = fit_model(train, policy)
+    if model is None:
+        print(f"cannot fit: {message}")
+        return 1
+    y_fit = np.array([true_dice(r) for r in fit_rows])
+    loo = np.clip(model.fit.loo_predictions, 0, 1)
+    results: dict = {
+        "policy": {"low_dice": policy.low_dice, "target_fp_rate": policy.target_fp_rate},
+        "model": {"n": model.n, "r2": model.fit.r2, "loo_r2": model.fit.loo_r2,
+                  "alpha": model.fit.alpha, "threshold": model.threshold,
+                  "features": len(model.features),
+                  "top_coefficients": dict(sorted(
+                      zip(model.features, map(float, model.fit.coef), strict=True),
+                      key=lambda kv: -abs(kv[1]))[:8])},
+        "fit_set_loo": rates(loo < model.threshold, y_fit, policy.low_dice),
+        "ood": {},
+    }
+    baseline, _ = fit_model([Case(c.node_id, c.kind, 0, {
+        "mean_entropy": c.values["mean_entropy"],
+        **{k: v for k, v in c.values.items() if k.startswith("dice.")}}) for c in train],
+        policy)
+    assert baseline is not None
+    plot_sets = {"fit (leave-one-out)": (y_fit, loo)}
+    ood_cases, ood_y, ood_pred = [], [], []
+    for site in OOD_SITES:
+        site_rows = [r for r in rows if r["site"] == site]
+        cases = [as_case(r, SEGMENTATION, 10_000 + i) for i, r in enumerate(site_rows)]
+        y = np.array([true_dice(r) for r in site_rows])
+        pred = model.predict(cases)
+        base_pred = baseline.predict(cases)
+        results["ood"][site] = {
+            "model": rates(pred < model.threshold, y, policy.low_dice),
+            "baseline_mean_entropy": rates(base_pred < baseline.threshold, y, policy.low_dice),
+            "mean_true_dice": float(y.mean()), "mean_predicted_dice": float(pred.mean()),
+            "mae": float(np.abs(pred - y).mean()),
+        }
+        plot_sets[f"OOD site {site}"] = (y, pred)
+        ood_cases += cases
+        ood_y.append(y)
+        ood_pred.append(pred)
+    y_all, p_all = np.concatenate(ood_y), np.concatenate(ood_pred)
+    base_all = baseline.predict(ood_cases)
+    results["ood"]["pooled"] = {
+        "model": rates(p_all < model.threshold, y_all, policy.low_dice),
+        "baseline_mean_entropy": rates(base_all < baseline.threshold, y_all, policy.low_dice),
+        "mae": float(np.abs(p_all - y_all).mean()),
+    }
+    # The hub's whole report on these records, as `tessera hub quality` would show it.
+    report = assess(train + ood_cases, policy).as_dict()
+    results["hub_report_groups"] = report["groups"]
+    results["hub_report_drift"] = [{k: d[k] for k in ("node", "mean_predicted_dice",
+                                                      "dice_drop", "mean_abs_shift_sd",
+                                                      "drifting")} for d in report["drift"]]
+    results["cases"] = [{"site": r["site"], "index": r["index"], "dice": true_dice(r),
+                         "profile": r["profile"]} for r in rows]
+    pooled = results["ood"]["pooled"]["model"]
+    results["target_met"] = bool(pooled["recall"] is not None and pooled["recall"] >= 0.7
+                                 and (pooled["false_positive_rate"] or 0.0) <= 0.2)
+
+    m = results["model"]
+    print(f"\nfit on {m['n']} corrections (sites {', '.join(FIT_SITES)}): R² {m['r2']:.3f}, "
+          f"leave-one-out R² {m['loo_r2']:.3f}, {m['features']} features, alpha "
+          f"{m['alpha']:g}, flag when predicted Dice < {m['threshold']:.3f}")
+    f = results["fit_set_loo"]
+    print(f"fit set (leave-one-out): {f['low']}/{f['n']} low, recall {_pct(f['recall'])}, "
+          f"false positives {_pct(f['false_positive_rate'])}")
+    for site, r in results["ood"].items():
+        mm, bb = r["model"], r["baseline_mean_entropy"]
+        print(f"OOD {site:>6}: {mm['low']}/{mm['n']} with Dice < {policy.low_dice}: recall "
+              f"{_pct(mm['recall'])} at {_pct(mm['false_positive_rate'])} false positives "
+              f"(mean-entropy baseline: {_pct(bb['recall'])} at "
+              f"{_pct(bb['false_positive_rate'])}); MAE {r['mae']:.3f}")
+    print(f"target (recall >= 70% at <= 20% FP on OOD, pooled): "
+          f"{'met' if results['target_met'] else 'NOT met'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(results, indent=2))
+    plot(plot_sets, model.threshold, policy.low_dice, args.out / "quality.png")
+    print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.png'}")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def plot(sets: dict, threshold: float, low: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for (label, (y, p)), marker in zip(sets.items(), "o^sv", strict=False):
+        ax.scatter(y, p, label=label, marker=marker, alpha=0.7, s=22)
+    ax.axvline(low, color="grey", ls="--", lw=1, label=f"low quality: true Dice < {low}")
+    ax.axhline(threshold, color="red", ls=":", lw=1, label=f"flag: predicted < {threshold:.3f}")
+    ax.plot([0, 1], [0, 1], color="black", lw=0.5)
+    ax.set_xlabel("true Dice (phantom ground truth, mean over labels)")
+    ax.set_ylabel("predicted Dice (hub linear model)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Quality monitoring: starter model on phantom CT")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
