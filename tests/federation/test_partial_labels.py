@@ -163,3 +163,31 @@ def _wait_generation(svc: HubService, number: int, timeout: float = 30.0) -> int
             return current
         time.sleep(0.1)
     raise AssertionError(f"no generation {number} within {timeout} s")
+
+
+def test_hub_nodes_shows_the_heads_each_node_trains(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from federation_grpc.hub.cli import hub_app
+    from federation_grpc.hub.config import load_config
+
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[hub]\ndata_dir = "{tmp_path / "data"}"\n')
+    svc = HubService(load_config(config))
+    try:
+        svc.init_model(save(small_model()), MODEL_CONFIG)
+        for name, groups in (("Liver Hospital", LIVER), ("Spleen Hospital", SPLEEN),
+                             ("Quiet Hospital", None)):
+            node = enrol(svc, name)
+            if groups is not None:
+                payload = save(nudged(small_model(), groups))
+                upload(svc, node, payload, header_for(payload, groups))
+    finally:
+        svc.close()
+    output = CliRunner(env={"COLUMNS": "300"}).invoke(
+        hub_app, ["nodes", "--config", str(config)]).output
+    lines = {line.split("│")[2].strip(): line for line in output.splitlines()
+             if "Hospital" in line}
+    assert "liver (liver)" in lines["Liver Hospital"] and "spleen" not in lines["Liver Hospital"]
+    assert "spleen (spleen)" in lines["Spleen Hospital"]
+    assert "liver" not in lines["Quiet Hospital"] and "spleen" not in lines["Quiet Hospital"]
