@@ -25,6 +25,7 @@ from dicom_node.errors import ConfigError
 
 ENV_PREFIX = "TESSERA_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_PHANTOM_SITES = ("A", "B", "C", "D")  # dicom_node.phantom.ct.SITES (MR atlas: A-C)
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # model label names
 
 
@@ -221,6 +222,15 @@ class LearningSettings(_Section):
     l2sp_alpha: float = Field(0.0, ge=0)
     validation_every: int = Field(5, ge=0)      # every Nth correction is held out; 0: none
     acceptance_margin: float = Field(0.01, ge=0, le=1)
+    # Rehearsal (dicom_node.learning.rehearsal): anchor slices of phantom site
+    # rehearsal_site (the starter's origin; "" turns it off), made on the node, fill
+    # rehearsal_fraction of each batch; a round whose anchor Dice falls by more than
+    # rehearsal_margin from its base model's is refused.
+    rehearsal_site: str = "A"
+    rehearsal_subjects: int = Field(4, ge=1, le=64)
+    rehearsal_seed: int = Field(1, ge=0)
+    rehearsal_fraction: float = Field(0.25, ge=0, lt=1)
+    rehearsal_margin: float = Field(0.02, ge=0, le=1)
     max_correction_mb: float = Field(256.0, gt=0)  # larger SEGs are flagged, not read
     max_correction_frames: int = Field(20000, ge=1)
 
@@ -236,6 +246,22 @@ class LearningSettings(_Section):
         if repeated:
             raise ValueError(f"labels repeat: {repeated}")
         return v
+
+    @field_validator("rehearsal_site")
+    @classmethod
+    def _phantom_site(cls, v: str) -> str:
+        if v not in ("", *_PHANTOM_SITES):
+            raise ValueError(f"must be a phantom site ({', '.join(_PHANTOM_SITES)}) or \"\" "
+                             f"(rehearsal off), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_has_new_samples(self) -> Self:
+        if self.replay_fraction + self.rehearsal_fraction >= 1:
+            raise ValueError(f"replay_fraction + rehearsal_fraction must be < 1 (a batch "
+                             f"needs new samples), got {self.replay_fraction} + "
+                             f"{self.rehearsal_fraction}")
+        return self
 
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -503,6 +529,12 @@ time_budget_s = 50        # training steps stop here; with preparation a round i
 encoder_lr_scale = 0.01   # encoder learns at this fraction of learning_rate (heads: 1x)
 distill_weight = 10.0     # keep heads close to the round's start where it was right
 l2sp_alpha = 0.0          # L2-SP pull toward the round's starting weights (0: off)
+# Rehearsal: anchor slices of this phantom site (the starter's origin), made on the node
+# (no patient data), fill rehearsal_fraction of each batch; a round whose anchor Dice
+# falls by more than rehearsal_margin is refused. "" turns it off.
+rehearsal_site = "A"
+rehearsal_fraction = 0.25
+rehearsal_margin = 0.02
 validation_every = 5      # every 5th correction is held out for evaluation
 acceptance_margin = 0.01
 

@@ -131,13 +131,20 @@ def train_round(
     replay: Sequence[SliceSample],
     policy: TrainingPolicy,
     *,
+    anchors: Sequence[SliceSample] = (),
     progress: ProgressHook | None = None,
 ) -> tuple[MultiHeadUNet, TrainingReport]:
-    """Train a copy of ``model`` on ``new`` plus ``replay``; the original is untouched."""
+    """Train a copy of ``model`` on ``new`` plus ``replay`` (and rehearsal ``anchors``).
+
+    The original is untouched.
+    """
     candidate = copy_model(model, config)
     if not replay:
         policy = replace(policy, replay_fraction=0.0)
-    report = train(candidate, config, new, policy, replay=replay, progress=progress)
+    if not anchors:
+        policy = replace(policy, anchor_fraction=0.0)
+    report = train(candidate, config, new, policy, replay=replay, anchors=anchors,
+                   progress=progress)
     return candidate, report
 
 

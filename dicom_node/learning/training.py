@@ -53,6 +53,11 @@ class TrainingPolicy:
     2016): a KL term keeping the trained heads' softmax close to the round's starting
     model on the voxels where that model already agreed with the labels (what the
     correction did not change). 0, 0 and 1 turn them off.
+
+    ``anchor_fraction`` of each batch is drawn from the ``anchors`` passed to
+    :func:`train` (rehearsal: slices like the data the model came from, with their
+    labels, see :mod:`dicom_node.learning.rehearsal`); replay, anchors and new
+    samples share the batch, and every batch keeps at least one new sample.
     """
 
     epochs: int = 5
@@ -72,12 +77,18 @@ class TrainingPolicy:
     l2sp_alpha: float = 0.0
     encoder_lr_scale: float = 1.0
     distill_weight: float = 0.0
+    anchor_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise TrainingError("epochs and batch_size must be >= 1")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise TrainingError("replay_fraction must be in [0, 1)")
+        if not 0.0 <= self.anchor_fraction < 1.0:
+            raise TrainingError("anchor_fraction must be in [0, 1)")
+        if self.replay_fraction + self.anchor_fraction >= 1.0:
+            raise TrainingError("replay_fraction + anchor_fraction must be < 1 "
+                                "(a batch needs new samples)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise TrainingError("lr_schedule must be 'constant' or 'cosine'")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
@@ -317,15 +328,13 @@ def train(
     policy: TrainingPolicy,
     *,
     replay: Sequence[SliceSample] | PreparedSlices = (),
+    anchors: Sequence[SliceSample] | PreparedSlices = (),
     progress: ProgressHook | None = None,
 ) -> TrainingReport:
-    """Train ``model`` in place on ``samples`` (plus ``replay``) according to ``policy``."""
+    """Train ``model`` in place on ``samples`` (plus ``replay`` and ``anchors``)."""
     data = samples if isinstance(samples, PreparedSlices) else prepare_samples(samples, config)
-    old = (
-        replay
-        if isinstance(replay, PreparedSlices)
-        else (prepare_samples(replay, config) if len(replay) else None)
-    )
+    old = _prepared(replay, config)
+    anc = _prepared(anchors, config)
     if len(data) == 0:
         raise TrainingError("no training samples")
     heads = _heads_to_train(config, data, policy)
@@ -353,9 +362,11 @@ def train(
         if policy.l2sp_alpha > 0 else []
     )
     gen = torch.Generator().manual_seed(policy.seed)
+    n_anchor = round(policy.batch_size * policy.anchor_fraction) if anc is not None else 0
+    n_anchor = min(n_anchor, policy.batch_size - 1)  # every batch keeps a new sample
     n_replay = round(policy.batch_size * policy.replay_fraction) if old is not None else 0
-    n_replay = min(n_replay, policy.batch_size - 1)  # every batch keeps a new sample
-    n_new = policy.batch_size - n_replay
+    n_replay = min(n_replay, policy.batch_size - 1 - n_anchor)
+    n_new = policy.batch_size - n_replay - n_anchor
     steps_per_epoch = math.ceil(len(data) / n_new)
     total_steps = steps_per_epoch * policy.epochs
     step, stopped, completed, epoch_losses = 0, False, 0, []
@@ -376,6 +387,11 @@ def train(
                     x = torch.cat([x, old.images[r]])
                     y = torch.cat([y, old.labels[r]])
                     ann = torch.cat([ann, old.annotated[r]])
+                if n_anchor and anc is not None:
+                    r = torch.randint(len(anc), (n_anchor,), generator=gen)
+                    x = torch.cat([x, anc.images[r]])
+                    y = torch.cat([y, anc.labels[r]])
+                    ann = torch.cat([ann, anc.annotated[r]])
                 x = x.float()
                 if policy.augment:
                     x, y = augment_batch(x, y, gen)
@@ -424,6 +440,14 @@ def train(
         trained_heads=tuple(heads),
         encoder_frozen=policy.freeze_encoder,
     )
+
+
+def _prepared(
+    samples: Sequence[SliceSample] | PreparedSlices, config: ModelConfig
+) -> PreparedSlices | None:
+    if isinstance(samples, PreparedSlices):
+        return samples if len(samples) else None
+    return prepare_samples(samples, config) if len(samples) else None
 
 
 class ThreadTuner:

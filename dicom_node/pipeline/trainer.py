@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
+from dicom_node.errors import DicomNodeError
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.incremental import (
     StoredSample,
@@ -38,6 +39,7 @@ from dicom_node.learning.incremental import (
     trained_groups,
     update_artifact,
 )
+from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
 from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.corrections import TRAINING
@@ -76,7 +78,15 @@ def policy_of(config: NodeConfig) -> TrainingPolicy:
                           time_budget_s=lc.time_budget_s, replay_fraction=lc.replay_fraction,
                           num_threads=lc.threads, l2sp_alpha=lc.l2sp_alpha,
                           encoder_lr_scale=lc.encoder_lr_scale,
-                          distill_weight=lc.distill_weight)
+                          distill_weight=lc.distill_weight,
+                          anchor_fraction=lc.rehearsal_fraction if lc.rehearsal_site else 0.0)
+
+
+def rehearsal_of(config: NodeConfig) -> RehearsalPlan:
+    lc = config.learning
+    return RehearsalPlan(site=lc.rehearsal_site, subjects=lc.rehearsal_subjects,
+                         seed=lc.rehearsal_seed, fraction=lc.rehearsal_fraction,
+                         margin=lc.rehearsal_margin)
 
 
 class IncrementalTrainer:
@@ -89,6 +99,7 @@ class IncrementalTrainer:
         self.config = config
         self.models = models
         self.data_dir = config.node.data_dir
+        self._gates: dict[tuple[object, ...], AnchorGate] = {}
         activate_serving(db, models)  # local versions survive a restart
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
@@ -142,14 +153,18 @@ class IncrementalTrainer:
         LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
                     name, base_config.generation, len(new), len(new_rows), len(replay))
         t0 = time.monotonic()
+        anchors, gate = self._rehearsal(base_config)
         candidate, report = train_round(base_model, base_config, new, replay, policy,
-                                        progress=self._progress(attempt, beat))
+                                        anchors=anchors, progress=self._progress(attempt, beat))
         beat()
         cand_config = after_round(base_config, report)  # a pending head it trained is active
         base_dice = evaluate_slices(base_model, base_config, held) if held else None
         cand_dice = evaluate_slices(candidate, cand_config, held) if held else None
         accepted, verdict = accept_candidate(base_dice, cand_dice,
                                              self.config.learning.acceptance_margin)
+        check = gate.check(base_model, base_config, candidate, cand_config) if gate else None
+        if check is not None:  # a round that forgets the anchors is not served
+            accepted, verdict = accepted and check.accepted, f"{verdict}; {check.verdict}"
         seconds = time.monotonic() - t0
         beat()
         return self._commit(name, base_config, cand_config, candidate, report, sample_ids,
@@ -157,6 +172,9 @@ class IncrementalTrainer:
                             accepted, verdict, {
                                 "held_out": {"base": base_dice, "candidate": cand_dice,
                                              "cases": len(held)},
+                                "anchors": None if check is None else {
+                                    "base": check.base, "candidate": check.candidate,
+                                    "slices": len(anchors)},
                                 "training": {"slices": len(new), "replay_slices": len(replay),
                                              "steps": report.steps,
                                              "epochs": report.epochs_completed,
@@ -222,6 +240,21 @@ class IncrementalTrainer:
         return version
 
     # -- samples ---------------------------------------------------------------------
+    def _rehearsal(self, config: Any) -> tuple[list[SliceSample], AnchorGate | None]:
+        """Anchor slices for ``config``'s labels and the gate scoring them (none if off)."""
+        plan = rehearsal_of(self.config)
+        if not plan.enabled:
+            return [], None
+        try:
+            anchors = anchor_set(config, plan)
+        except (DicomNodeError, OSError) as exc:  # e.g. the MR atlas package is missing
+            LOGGER.warning("rehearsal off for %s: %s", config.name, exc)
+            return [], None
+        key = (config.name, config.preprocessing, tuple(config.labels), plan)
+        if key not in self._gates:
+            self._gates[key] = AnchorGate(anchors, plan.margin)
+        return anchor_slices(anchors), self._gates[key]
+
     def _load(self, row: TrainingSample) -> StoredSample:
         return decode_sample((self.data_dir / row.path).read_bytes())
 
