@@ -8,7 +8,11 @@ one gRPC channel each) each upload one full-size update at once. Prints:
 * p50/p95 from the end of an upload to the generation holding it becoming current,
 * the hub's peak RSS (VmHWM),
 * upload throughput against a raw loopback TCP copy of the same bytes, measured in the
-  same run with the same concurrency.
+  same run with the same concurrency; and against a *durable* raw copy (the receiver
+  also hashes each stream and writes it to a file fsync'd at the end), which is the
+  least an upload the hub acknowledges as received must cost,
+* CPU seconds per GB uploaded (hub and nodes together) against the raw copy's: unlike
+  throughput, this barely moves when other work shares the cores.
 
 Bounded: one update per client, and ``--timeout`` seconds overall.
 
@@ -18,8 +22,10 @@ Bounded: one update per client, and ``--timeout`` seconds overall.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -72,8 +78,12 @@ def make_update(model: dict[str, np.ndarray], seed: int) -> tuple[bytes, tuple[s
     return save(tensors), groups
 
 
-def raw_loopback_mb_s(payloads: list[bytes]) -> float:
-    """Same bytes, same concurrency, plain TCP on 127.0.0.1: the ceiling to compare with."""
+def raw_loopback(payloads: list[bytes], sink: Path | None = None) -> tuple[float, float]:
+    """Same bytes, same concurrency, plain TCP on 127.0.0.1: the ceiling to compare with.
+
+    With ``sink`` each stream is also hashed and written to a file there, fsync'd at its
+    end. Returns ``(MB/s, CPU seconds of this process per GB)``.
+    """
     listener = socket.create_server(("127.0.0.1", 0), backlog=len(payloads))
     port = listener.getsockname()[1]
     received = [0] * len(payloads)
@@ -81,9 +91,20 @@ def raw_loopback_mb_s(payloads: list[bytes]) -> float:
     def serve_one(index: int) -> None:
         conn, _ = listener.accept()
         buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        digest = hashlib.sha256()
+        fd = -1
+        if sink is not None:
+            fd = os.open(sink / f"{index}.part", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with conn:
             while n := conn.recv_into(buffer):
                 received[index] += n
+                if fd >= 0:
+                    digest.update(view[:n])
+                    os.write(fd, view[:n])
+        if fd >= 0:
+            os.fsync(fd)
+            os.close(fd)
 
     servers = [threading.Thread(target=serve_one, args=(i,)) for i in range(len(payloads))]
     for thread in servers:
@@ -94,15 +115,21 @@ def raw_loopback_mb_s(payloads: list[bytes]) -> float:
             conn.sendall(payload)
 
     senders = [threading.Thread(target=send, args=(p,)) for p in payloads]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for thread in senders:
         thread.start()
     for thread in senders + servers:
         thread.join()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     listener.close()
     assert sum(received) == sum(map(len, payloads))
-    return sum(received) / elapsed / 1e6
+    return sum(received) / elapsed / 1e6, cpu / (sum(received) / 1e9)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -165,7 +192,11 @@ def main() -> None:
     setup.close()
     print(f"preparing {args.clients} updates of {args.size_mb:g} MB ...", flush=True)
     updates = [make_update(model, i) for i in range(args.clients)]
-    raw = raw_loopback_mb_s([u[0] for u in updates])
+    payloads = [u[0] for u in updates]
+    raw, raw_cpu = raw_loopback(payloads)
+    (work / "raw").mkdir()
+    durable, durable_cpu = raw_loopback(payloads, work / "raw")
+    shutil.rmtree(work / "raw")
 
     hub = HubProcess(config_path, work / "hub.log", insecure=args.insecure)
     target = f"127.0.0.1:{hub.port}"
@@ -211,9 +242,11 @@ def main() -> None:
         thread.start()
     go.wait()
     start = time.perf_counter()
+    nodes_cpu, hub_cpu = time.process_time(), cpu_seconds(hub.proc.pid)
     for thread in pushers:
         thread.join(args.timeout)
     uploads_done = time.perf_counter()
+    nodes_cpu, hub_cpu = time.process_time() - nodes_cpu, cpu_seconds(hub.proc.pid) - hub_cpu
     deadline = start + args.timeout
     merged_into: dict[str, int] = {}
     while time.perf_counter() < deadline and len(merged_into) < len(ids):
@@ -241,6 +274,7 @@ def main() -> None:
     )
     total_bytes = sum(len(u[0]) for u in updates)
     grpc_mb_s = total_bytes / (uploads_done - start) / 1e6
+    per_gb = total_bytes / 1e9
     figures = {
         "clients": args.clients,
         "update_mb": round(total_bytes / len(updates) / 1e6, 2),
@@ -259,6 +293,14 @@ def main() -> None:
         "grpc_upload_mb_s": round(grpc_mb_s, 1),
         "raw_loopback_mb_s": round(raw, 1),
         "grpc_vs_raw": round(grpc_mb_s / raw, 3),
+        "durable_raw_mb_s": round(durable, 1),
+        "grpc_vs_durable_raw": round(grpc_mb_s / durable, 3),
+        "grpc_cpu_s_per_gb": round((hub_cpu + nodes_cpu) / per_gb, 2),
+        "hub_cpu_s_per_gb": round(hub_cpu / per_gb, 2),
+        "nodes_cpu_s_per_gb": round(nodes_cpu / per_gb, 2),
+        "raw_cpu_s_per_gb": round(raw_cpu, 2),
+        "durable_raw_cpu_s_per_gb": round(durable_cpu, 2),
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "tls": not args.insecure,
         "chunk_mb": args.chunk_mb,
         "cpus": os.cpu_count(),

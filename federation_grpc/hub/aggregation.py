@@ -265,7 +265,7 @@ class FedAsync:
     staleness_exponent: float = 0.5
     # Under a burst, fold up to this many waiting updates (one after another, each with
     # its own weight) into one generation instead of publishing each intermediate.
-    max_pending_fold: int = 8
+    max_pending_fold: int = 32
     name: str = "fedasync"
 
     def batch_size(self) -> int:

@@ -6,7 +6,13 @@ import hashlib
 import logging
 import os
 import re
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
+
+from federation_grpc.hub.tensorfile import write_tensors
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,6 +65,17 @@ class BlobStore:
         os.replace(tmp, target)
         _fsync_dir(target.parent)
         return sha
+
+    def put_tensors(self, tensors: Mapping[str, np.ndarray]) -> tuple[str, int]:
+        """Store ``tensors`` as a safetensors blob, streamed from the arrays; ``(sha, size)``."""
+        tmp = self.root / f".incoming-{uuid.uuid4().hex}.tmp"
+        try:
+            sha, size = write_tensors(tmp, tensors)
+            self.adopt(tmp, sha)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return sha, size
 
     def adopt(self, staged: Path, sha256: str) -> None:
         """Move a verified staged file into the store under its digest."""

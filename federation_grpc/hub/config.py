@@ -51,6 +51,9 @@ sample_halfpoint = 16.0
 staleness_exponent = 0.5
 buffer_size = 3
 server_lr = 1.0
+# fedasync under a burst: fold up to this many waiting updates (each with its own
+# weight) into one generation, so the hub catches up instead of saving every step.
+max_pending_fold = 32
 
 [gate]
 # Largest L2 norm of (update - base) over the trained groups; 0 disables.
@@ -100,7 +103,7 @@ class AggregationConfig:
     staleness_exponent: float = 0.5
     buffer_size: int = 3
     server_lr: float = 1.0
-    max_pending_fold: int = 8
+    max_pending_fold: int = 32
 
     def strategy_options(self) -> dict[str, float | int]:
         if self.strategy == "fedasync":

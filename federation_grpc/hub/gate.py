@@ -72,12 +72,15 @@ def check_update(
     update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], policy: GatePolicy
 ) -> list[str]:
     """Reasons to refuse one update on its own (empty when it may be merged)."""
-    bad = agg.non_finite_tensors(update)
-    if bad:
-        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        return [f"non-finite values in {len(bad)} tensor(s): {shown}"]
-    reasons = []
+    # The base is finite, so a NaN or infinity in the update makes the norm non-finite:
+    # the per-tensor scan runs only then (it also names the tensors).
     norm = agg.update_norm(update, base)
+    if not math.isfinite(norm):
+        bad = agg.non_finite_tensors(update)
+        if bad:
+            shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            return [f"non-finite values in {len(bad)} tensor(s): {shown}"]
+    reasons = []
     if policy.max_update_norm > 0 and norm > policy.max_update_norm:
         reasons.append(f"update norm {norm:.4g} exceeds the bound {policy.max_update_norm:.4g}")
     if policy.max_relative_update_norm > 0:

@@ -15,14 +15,12 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from safetensors.numpy import save as save_safetensors
 from sqlalchemy import func, select
 
 from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.gate import compare_scores, paired_mean
 from federation_grpc.hub.heads import mark_trained
 from federation_grpc.hub.merge_lock import merge_lock
-from federation_grpc.hub.service import parse_tensors
 from federation_grpc.hub.store import (
     EvaluationResultRow,
     EvaluationTaskRow,
@@ -32,6 +30,7 @@ from federation_grpc.hub.store import (
     UpdateStatus,
     utcnow,
 )
+from federation_grpc.hub.tensorfile import read_tensors
 
 if TYPE_CHECKING:
     from federation_grpc.hub.service import HubService
@@ -121,7 +120,7 @@ class Aggregator:
         current_tensors = service.generation_tensors(current.number)
         contributions = [
             agg.Contribution(
-                tensors=parse_tensors(service.blobs.get(row.sha256)),
+                tensors=read_tensors(service.blobs.path(row.sha256)),
                 base=service.generation_tensors(row.base_generation),
                 num_samples=row.num_samples,
                 staleness=lineage.index(row.base_generation),
@@ -162,8 +161,7 @@ class Aggregator:
         status: GenerationStatus,
         score: float | None,
     ) -> int:
-        data = save_safetensors(candidate)
-        sha = self.service.blobs.put(data)
+        sha, size = self.service.blobs.put_tensors(candidate)
         config_json = mark_trained(config_json, candidate)  # a new head's first weights
         number = (session.scalar(select(func.max(GenerationRow.number))) or 0) + 1
         session.add(
@@ -171,7 +169,7 @@ class Aggregator:
                 number=number,
                 parent=parent,
                 sha256=sha,
-                size_bytes=len(data),
+                size_bytes=size,
                 config_json=config_json,
                 strategy=self.service.strategy.name,
                 status=status,

@@ -60,6 +60,7 @@ from federation_grpc.hub.store import (
     UpdateStatus,
     utcnow,
 )
+from federation_grpc.hub.tensorfile import read_tensors
 
 LOGGER = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class HubService:
         self._changed = threading.Condition()
         self._cache_lock = threading.Lock()
         self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._configs: dict[int, str] = {}
         self._last_seen: dict[str, datetime] = {}
         self.uploads = UploadIntake(self)
         self.aggregator = Aggregator(self)
@@ -347,13 +349,28 @@ class HubService:
             cursor = parents[cursor]
         return chain
 
+    def generation_config(self, number: int) -> str:
+        """The JSON config of a generation (fixed once the generation is stored)."""
+        with self._cache_lock:
+            if number in self._configs:
+                return self._configs[number]
+        with self.store.session() as session:
+            config_json = session.scalar(
+                select(GenerationRow.config_json).where(GenerationRow.number == number)
+            )
+        if config_json is None:
+            raise NotFound(f"no generation {number}")
+        with self._cache_lock:
+            self._configs[number] = config_json
+        return config_json
+
     def generation_tensors(self, number: int) -> dict[str, np.ndarray]:
         with self._cache_lock:
             if number in self._tensor_cache:
                 self._tensor_cache.move_to_end(number)
                 return self._tensor_cache[number]
         view = self.generation(number)
-        tensors = parse_tensors(self.blobs.get(view.sha256))
+        tensors = read_tensors(self.blobs.path(view.sha256))
         with self._cache_lock:
             self._tensor_cache[number] = tensors
             while len(self._tensor_cache) > _TENSOR_CACHE_SIZE:

@@ -176,7 +176,14 @@ class HubStore:
         is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            # A file on this host: no connection to go stale, so no ping per checkout;
+            # and enough connections that a burst of uploads does not queue on the pool
+            # (SQLite itself serialises the writes).
+            kwargs = {
+                "connect_args": {"check_same_thread": False, "timeout": 30},
+                "pool_size": 16,
+                "max_overflow": 112,
+            }
         self.engine: Engine = create_engine(url, **kwargs)
         if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -31,7 +31,7 @@ from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
 from federation_grpc.hub.heads import new_head_tensors
 from federation_grpc.hub.partial_labels import check_trained_groups, generation_groups
-from federation_grpc.hub.service import check_numbers, parse_tensors
+from federation_grpc.hub.service import check_numbers
 from federation_grpc.hub.store import (
     GenerationRow,
     GenerationStatus,
@@ -39,6 +39,7 @@ from federation_grpc.hub.store import (
     UpdateStatus,
     utcnow,
 )
+from federation_grpc.hub.tensorfile import read_tensors
 
 if TYPE_CHECKING:
     from federation_grpc.hub.service import HubService
@@ -222,10 +223,12 @@ class UploadIntake:
     def _check_groups(self, node_id: str, header: UpdateHeader) -> None:
         """Partial labels: a declared group must exist in the base generation (or be a
         pending added head); refused before any byte is taken, and recorded."""
-        base = self.service.generation(header.base_generation)
-        known = generation_groups(self.service.generation_tensors(base.number), base.config_json)
+        number = header.base_generation
+        known = generation_groups(
+            self.service.generation_tensors(number), self.service.generation_config(number)
+        )
         try:
-            check_trained_groups(header.trained_groups, known, base.number)
+            check_trained_groups(header.trained_groups, known, number)
         except InvalidRequest as exc:
             with self.service.store.session() as session:
                 self.service.record_rejection(
@@ -287,11 +290,12 @@ class UploadIntake:
         if digest != header.sha256:
             self.discard(header, node_id, "sha256 of the received bytes does not match the header")
         try:
-            update = parse_tensors(staged.read_bytes())
+            update = read_tensors(staged)
             base = self.service.generation_tensors(header.base_generation)
             # The first weights of an added head have no base: checked against the config.
-            fresh = new_head_tensors(update, base, self.service.generation(
-                header.base_generation).config_json)
+            fresh = new_head_tensors(
+                update, base, self.service.generation_config(header.base_generation)
+            )
             validate_tensors(update, {**base, **fresh}, header.trained_groups)
         except InvalidRequest as exc:
             self.discard(header, node_id, str(exc))
