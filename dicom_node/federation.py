@@ -13,6 +13,13 @@ number. No UIDs, names or pixels (invariant 3; tests/federation_node checks the 
 Offline is normal: a row the hub did not take stays ``pending`` with its last error
 and is retried with backoff for as long as it takes. Only a refusal of the update
 itself (``INVALID_ARGUMENT``) dead-letters it.
+
+A refusal of the node itself (``UNAUTHENTICATED``: unknown token; ``PERMISSION_DENIED``:
+revoked node, spent or expired enrolment token) is not retried: it is logged as an
+error, recorded as a ``hub-refused`` audit event that ``tessera node status`` shows,
+and federation stops until the node is enrolled again and restarted; the outbox keeps
+its updates. A ``PERMISSION_DENIED`` of one request (a generation no longer offered)
+is told apart by a probe that needs nothing but valid credentials.
 """
 
 from __future__ import annotations
@@ -37,7 +44,13 @@ from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.versions import LOCAL_FLOOR, hub_base_generation
 from dicom_node.store.db import Database
-from dicom_node.store.models import Correction, OutboxState, Segmentation, UpdateOutboxItem
+from dicom_node.store.models import (
+    AuditEvent,
+    Correction,
+    OutboxState,
+    Segmentation,
+    UpdateOutboxItem,
+)
 from federation_grpc._proto import federation_pb2_grpc
 from federation_grpc.client import (
     ClientTls,
@@ -48,7 +61,12 @@ from federation_grpc.client import (
     UpdateMetadata,
     UploadState,
 )
-from federation_grpc.errors import FederationError, InvalidRequest
+from federation_grpc.errors import (
+    FederationError,
+    InvalidRequest,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,6 +77,9 @@ _MAX_VALUES = 256  # the hub refuses records with more values
 _METRICS_WAIT_S = 600.0
 _METRIC_KEY_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
 FAULT_DOWNLOAD_ENV = "TESSERA_FAULT_DOWNLOAD_EXIT_AT_BYTES"
+REFUSED_EVENT = "hub-refused"
+ENROLLED_EVENT = "hub-enrolled"
+_CREDENTIAL_ERRORS = (PermissionDenied, Unauthenticated)
 
 Interceptor = Any  # a grpc.*ClientInterceptor
 
@@ -138,10 +159,12 @@ class FederationAgent:
         self._threads: list[threading.Thread] = []
         self._next_try: dict[int, float] = {}
         self.generation_applied = threading.Event()
+        self.refused: str | None = None  # why the hub refuses this node, once it does
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> FederationAgent:
         self._stop.clear()
+        self.refused = None
         targets: list[tuple[str, Callable[[], None]]] = [("federation-upload", self._upload_loop)]
         if self.settings.watch:
             targets.append(("federation-watch", self._watch_loop))
@@ -187,11 +210,50 @@ class FederationAgent:
                     raise
                 self.credentials.save(node_id, token, self.settings.hub)
                 LOGGER.info("enrolled with hub %s as node %s", self.settings.hub, node_id)
+                self._audit(ENROLLED_EVENT, f"enrolled as {node_id}")
                 client.close()
                 stored = (node_id, token)
             self.node_id = stored[0]
             self._client = make_client(self.settings, stored[1], self.interceptors)
             return self._client
+
+    # -- refusals --------------------------------------------------------------------------
+    def refused_by_hub(self, exc: BaseException) -> bool:
+        """Whether ``exc`` refuses this node itself rather than one request; if it does,
+        log it, record it for ``tessera node status`` and stop federating (no retries)."""
+        if self.refused is not None:
+            return True
+        if not isinstance(exc, _CREDENTIAL_ERRORS):
+            return False
+        if isinstance(exc, PermissionDenied) and not self._credentials_refused():
+            return False
+        self.refused = f"{type(exc).__name__}: {exc}"
+        LOGGER.error(
+            "hub %s refuses this node (%s); federation stops (updates stay in the outbox) "
+            "until the node is enrolled again: set a new [federation] enrolment_token, "
+            "remove %s and restart", self.settings.hub, self.refused, self.credentials.path)
+        try:
+            self._audit(REFUSED_EVENT, self.refused)
+        except Exception:  # the refusal is logged; the database may be what is failing
+            LOGGER.exception("could not record the hub's refusal")
+        self._stop.set()
+        self._wake.set()
+        return True
+
+    def _credentials_refused(self) -> bool:
+        """Probe with a call that needs nothing but valid credentials (the status of an
+        update id nobody used)."""
+        try:
+            self.client().upload_status(str(uuid.uuid4()))
+        except _CREDENTIAL_ERRORS:
+            return True
+        except (FederationError, OSError, grpc.RpcError):
+            return False  # unreachable or unclear: treat as transient
+        return False
+
+    def _audit(self, kind: str, reason: str) -> None:
+        with self.db.session() as s:
+            s.add(AuditEvent(kind=kind, peer_address=self.settings.hub[:64], reason=reason))
 
     def _pause(self, failures: int) -> None:
         self._stop.wait(min(self.settings.upload_backoff_max_s, 0.5 * 2 ** min(failures, 12)))
@@ -207,7 +269,7 @@ class FederationAgent:
                     self.apply(generation)
                     failures = 0
             except Exception as exc:  # the hub, the disk or a bad generation: retry later
-                if self._stop.is_set():
+                if self._stop.is_set() or self.refused_by_hub(exc):
                     return
                 failures += 1
                 LOGGER.warning("following hub generations failed (%s: %s); retrying",
@@ -239,11 +301,15 @@ class FederationAgent:
         while not self._stop.is_set():
             try:
                 self.upload_pending()
+                if self._stop.is_set():
+                    return
                 if time.monotonic() >= next_metrics:
                     self.report_metrics()
                     next_metrics = time.monotonic() + self.settings.metrics_interval_s
                 failures = 0
             except Exception as exc:
+                if self.refused_by_hub(exc):
+                    return
                 failures += 1
                 LOGGER.warning("federation upload/metrics round failed (%s: %s)",
                                type(exc).__name__, exc)
@@ -272,6 +338,12 @@ class FederationAgent:
                 status = client.upload(payload, _update_metadata(
                     hub_update_id(self.node_id, update_id), hub_base, meta))
             except InvalidRequest as exc:
+                self._finish(row_id, OutboxState.DEAD, f"hub refused the update: {exc}")
+                continue
+            except _CREDENTIAL_ERRORS as exc:
+                if self.refused_by_hub(exc):
+                    self._retry_later(row_id, attempts, f"hub refuses this node: {exc}")
+                    return sent
                 self._finish(row_id, OutboxState.DEAD, f"hub refused the update: {exc}")
                 continue
             except (FederationError, OSError, grpc.RpcError) as exc:

@@ -22,6 +22,7 @@ from dicom_node.pipeline.corrections import CorrectionIntake, CorrectionJob
 from dicom_node.pipeline.export import Exporter
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.segmentation import SegmentationJob
+from dicom_node.pipeline.serving import ServingFollower
 from dicom_node.pipeline.trainer import IncrementalTrainer
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
@@ -120,6 +121,9 @@ class Node:
             poll_interval_s=config.jobs.poll_interval_s, heartbeat_s=config.jobs.heartbeat_s,
         )
         self.parts.queue.add_listener(self.worker.wake)
+        # Workers (and this process after a rollback from the CLI) follow the table.
+        self.follower = ServingFollower(self.parts.db, self.parts.models,
+                                        max(1.0, config.jobs.poll_interval_s))
 
     @property
     def port(self) -> int:
@@ -137,6 +141,7 @@ class Node:
             # join a running node must not delay its series.
             self.parts.assembler.resume_after_restart()
         self.worker.start()
+        self.follower.start()
         self._assembler_thread = threading.Thread(target=self._assemble_loop,
                                                   name="series-assembler", daemon=True)
         self._assembler_thread.start()
@@ -169,6 +174,7 @@ class Node:
             self.bridge.shutdown()
         if self.scp is not None:
             self.scp.shutdown()
+        self.follower.stop()
         self.worker.stop()
         if self._assembler_thread is not None:
             self._assembler_thread.join(5)

@@ -70,6 +70,14 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         refusal_counts = dict(s.execute(select(AuditEvent.kind, func.count())
                                         .group_by(AuditEvent.kind)).all())
         learning = learning_usage(s)
+        # The latest of the hub's refusal and a (re-)enrolment says where federation stands.
+        hub_event = s.execute(select(AuditEvent).where(
+            AuditEvent.kind.in_(("hub-refused", "hub-enrolled")))
+            .order_by(AuditEvent.id.desc()).limit(1)).scalars().first()
+        federation: dict[str, Any] = {"refused": None}
+        if hub_event is not None and hub_event.kind == "hub-refused":
+            federation["refused"] = {"at": hub_event.at.isoformat(), "hub": hub_event.peer_address,
+                                     "reason": hub_event.reason}
         updates = dict(s.execute(select(UpdateOutboxItem.state, func.count())
                                  .group_by(UpdateOutboxItem.state)).all())
         undelivered = [
@@ -89,6 +97,7 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         "events": {"counts": refusal_counts, "recent": refusals},
         "learning": learning,
         "update_outbox": {"counts": updates, "undelivered": undelivered},
+        "federation": federation,
     }
 
 
@@ -126,6 +135,12 @@ def render_status(status: dict[str, Any]) -> str:
     for e in status["events"]["recent"]:
         who = f"{e['peer_ae'] or '?'}@{e['peer_address'] or '?'}"
         lines.append(f"  {e['at']} {e['kind']} {who} {e['status'] or ''} {e['reason']}")
+    refused = (status.get("federation") or {}).get("refused")
+    if refused:
+        lines.append(f"Federation: REFUSED by hub {refused['hub']} since {refused['at']}: "
+                     f"{refused['reason']}")
+        lines.append("  no retries; updates stay in the outbox. Enrol again: new "
+                     "[federation] enrolment_token, remove the credentials file, restart.")
     if "learning" in status:
         lines += render_learning(status["learning"])
     return "\n".join(lines)

@@ -55,6 +55,12 @@ class ModelRegistry:
             LOGGER.info("loaded model %s generation %d from %s", name, config.generation, path)
             return model, config
 
+    def loaded_generation(self, name: str) -> int | None:
+        """The generation this registry serves for ``name``; None before its first use."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+            return None if loaded is None else loaded[1].generation
+
     def replace(self, name: str, model: MultiHeadUNet, config: ModelConfig) -> None:
         """Serve a new version from now on (hot swap; in-flight jobs keep the old one)."""
         with self._lock:
