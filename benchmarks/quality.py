@@ -21,8 +21,14 @@ of segmentations with true Dice < 0.8 at <= 20% false positives (good segmentati
 flagged). A one-feature baseline (mean entropy alone, same threshold rule) is shown for
 comparison.
 
-Run: ``nice python benchmarks/quality.py [--fit-cases 60] [--ood-cases 40] [--out DIR]``
-Cases are cached in ``DIR/cases.jsonl`` (delete it to regenerate); writes
+``--data mr``: real anatomy (Colin27 + AAL from Debian's mricron-data,
+``dicom_node.phantom.mr_atlas``). An MR starter is bootstrapped from MR site A as
+``benchmarks/learning.py --data mr`` does (cached in ``--out``); the fit set is MR sites
+A and C, the OOD site is B (1.5 T: other gamma, stronger bias field, 3 mm slices),
+each case jittered (noise, gamma, bias field).
+
+Run: ``nice python benchmarks/quality.py [--data ct|mr] [--fit-cases 60] [--ood-cases 40]
+[--out DIR]``. Cases are cached in ``DIR/cases.jsonl`` (delete it to regenerate); writes
 ``quality.json`` and ``quality.png``.
 """
 
@@ -49,11 +55,19 @@ from federation_grpc.hub.quality import (
 from federation_grpc.hub.service import check_numbers
 
 LOGGER = logging.getLogger("benchmarks.quality")
-FIT_SITES = ("A", "B")
-OOD_SITES = ("C", "D")
+SITES = {"ct": (("A", "B"), ("C", "D")), "mr": (("A", "C"), ("B",))}  # (fit, OOD)
+FIT_SITES, OOD_SITES = SITES["ct"]
 
 
-def jittered_profile(site: str, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+def jittered_profile(data: str, site: str, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """The site's scanner settings, varied per case so that Dice spreads."""
+    if data == "mr":
+        from dicom_node.phantom import mr_atlas
+
+        mr = mr_atlas.SITES[site]
+        return replace(mr, name=f"{site}~", noise=mr.noise * float(rng.uniform(0.7, 4.0)),
+                       gamma=mr.gamma * float(rng.uniform(0.8, 1.25)),
+                       bias=float(np.clip(mr.bias * rng.uniform(0.5, 3.0), 0.0, 0.8)))
     from dicom_node.phantom.ct import site_profile
 
     base = site_profile(site)
@@ -67,21 +81,46 @@ def jittered_profile(site: str, rng: np.random.Generator):  # type: ignore[no-un
     )
 
 
-def run_case(model, config, site: str, index: int, seed: int) -> dict:  # type: ignore[no-untyped-def]
+def run_case(model, config, data: str, site: str, index: int, seed: int) -> dict:  # type: ignore[no-untyped-def]
+    """Segment one jittered subject with the node's code; metrics and true Dice."""
+    from dataclasses import asdict
+
     from dicom_node.learning.inference import segment_volume
     from dicom_node.learning.metrics import dice_per_label, quality_metrics
-    from dicom_node.phantom.ct import generate_subject, subject_rng
+    from dicom_node.phantom import ct, mr_atlas
 
-    rng = subject_rng("quality-benchmark", site, index, seed, 7)
-    profile = jittered_profile(site, rng)
-    subject = generate_subject(site, index, seed, profile=profile)
+    rng = ct.subject_rng("quality-benchmark", site, index, seed, 7)
+    profile = jittered_profile(data, site, rng)
+    generate = mr_atlas.generate_subject if data == "mr" else ct.generate_subject
+    subject = generate(site, index, seed, profile=profile)
     result = segment_volume(model, config, subject.image.astype(np.float32), subject.spacing)
     metrics = quality_metrics(result.labels, result.confidence, result.entropy,
                               result.spacing, config.label_values)
     dice = dice_per_label(result.labels, subject.labels, config.label_values)
     return {"site": site, "index": index, "metrics": metrics, "dice": dice,
-            "profile": {"noise_hu": profile.noise_hu, "enhancement": profile.enhancement,
-                        "hu_offset": profile.hu_offset, "blur_px": profile.blur_px}}
+            "profile": {k: v for k, v in asdict(profile).items()
+                        if isinstance(v, float)}}
+
+
+def load_starter(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.data == "mr":
+        # The MR starter of benchmarks/learning.py (same recipe, cached under --out).
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "bench_learning", Path(__file__).with_name("learning.py"))
+        assert spec is not None and spec.loader is not None
+        learning = importlib.util.module_from_spec(spec)
+        sys.modules["bench_learning"] = learning
+        spec.loader.exec_module(learning)
+        model, config, _ = learning.mr_starter(argparse.Namespace(
+            out=args.out, bootstrap_subjects=args.bootstrap_subjects,
+            bootstrap_budget=args.bootstrap_budget, threads=args.threads))
+        return model, config
+    from dicom_node.learning.weights import load_model
+    from dicom_node.pipeline.models import STARTER_DIR
+
+    return load_model(STARTER_DIR / "model.safetensors")
 
 
 def collect(args: argparse.Namespace, cache: Path) -> list[dict]:
@@ -97,16 +136,13 @@ def collect(args: argparse.Namespace, cache: Path) -> list[dict]:
     if missing:
         import torch
 
-        from dicom_node.learning.weights import load_model
-        from dicom_node.pipeline.models import STARTER_DIR
-
         torch.set_num_threads(args.threads)
-        model, config = load_model(STARTER_DIR / "model.safetensors")
+        model, config = load_starter(args)
         cache.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with cache.open("a") as f:
             for k, (site, index) in enumerate(missing, start=1):
-                row = run_case(model, config, site, index, args.seed)
+                row = run_case(model, config, args.data, site, index, args.seed)
                 rows[(site, index)] = row
                 f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -144,8 +180,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--target-fp", type=float, default=0.1)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/quality"))
+    parser.add_argument("--data", choices=("ct", "mr"), default="ct",
+                        help="ct: the CT phantom; mr: real anatomy (MR atlas)")
+    parser.add_argument("--bootstrap-subjects", type=int, default=10, help="MR starter")
+    parser.add_argument("--bootstrap-budget", type=float, default=300.0, help="MR starter, s")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/out/quality (ct) or quality-mr")
     args = parser.parse_args()
+    args.out = args.out or Path("benchmarks/out/quality" + ("-mr" if args.data == "mr" else ""))
+    global FIT_SITES, OOD_SITES
+    FIT_SITES, OOD_SITES = SITES[args.data]
     logging.basicConfig(level=logging.WARNING)
 
     rows = collect(args, args.out / "cases.jsonl")
@@ -159,6 +203,7 @@ def main() -> int:
     y_fit = np.array([true_dice(r) for r in fit_rows])
     loo = np.clip(model.fit.loo_predictions, 0, 1)
     results: dict = {
+        "data": args.data, "fit_sites": FIT_SITES, "ood_sites": OOD_SITES,
         "policy": {"low_dice": policy.low_dice, "target_fp_rate": policy.target_fp_rate},
         "model": {"n": model.n, "r2": model.fit.r2, "loo_r2": model.fit.loo_r2,
                   "alpha": model.fit.alpha, "threshold": model.threshold,
@@ -228,7 +273,8 @@ def main() -> int:
           f"{'met' if results['target_met'] else 'NOT met'}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(results, indent=2))
-    plot(plot_sets, model.threshold, policy.low_dice, args.out / "quality.png")
+    title = "MR atlas (real anatomy)" if args.data == "mr" else "phantom CT"
+    plot(plot_sets, model.threshold, policy.low_dice, args.out / "quality.png", title)
     print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.png'}")
     return 0
 
@@ -237,7 +283,7 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
-def plot(sets: dict, threshold: float, low: float, path: Path) -> None:
+def plot(sets: dict, threshold: float, low: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,7 +300,7 @@ def plot(sets: dict, threshold: float, low: float, path: Path) -> None:
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("Quality monitoring: starter model on phantom CT")
+    ax.set_title(f"Quality monitoring: starter model on {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -148,9 +148,12 @@ def load_atlas() -> Atlas:
 
 
 def generate_subject(
-    site: str, index: int, seed: int = 0, *, orientation: str | Orientation = "axial"
+    site: str, index: int, seed: int = 0, *, orientation: str | Orientation = "axial",
+    profile: MRSite | None = None,
 ) -> PhantomSubject:
     """A deformed Colin27 head acquired by an MR ``site``; labels are :data:`MR_LABELS`.
+
+    ``profile`` acquires with other settings than the site's (benchmarks vary them).
 
     Raises
     ------
@@ -161,7 +164,7 @@ def generate_subject(
     """
     if site not in SITES:
         raise ValueError(f"unknown MR site {site!r}; known sites: {', '.join(SITES)}")
-    profile = SITES[site]
+    profile = profile or SITES[site]
     plane = Orientation(orientation)
     atlas = load_atlas()
     rng = subject_rng("mr", site, index, seed, 0)

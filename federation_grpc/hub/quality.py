@@ -9,9 +9,9 @@ Nodes report two kinds of metric records (numbers only, never images or UIDs):
   ``dice.<label>`` of the AI result against the correction.
 
 The hub fits ridge regression of the mean correction Dice on standardised metrics over
-every node's corrections, picks a threshold on the predicted Dice from the
-leave-one-out predictions (so that at most ``target_fp_rate`` of good training cases
-would be flagged), then flags segmentations whose predicted Dice falls below it, per
+every node's corrections, picks a threshold on the predicted Dice (``low_dice``,
+lowered if the leave-one-out predictions say it would flag more than ``target_fp_rate``
+of good training cases), then flags segmentations whose predicted Dice falls below it, per
 node and generation. Drift compares each node and generation with the training cases:
 the drop of the mean predicted Dice and the mean feature shift in training standard
 deviations. numpy only; the hub never imports torch.
@@ -148,19 +148,24 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = (1.0,)) ->
 
 def calibrate_threshold(predicted: np.ndarray, truth: np.ndarray, low_dice: float,
                         target_fp_rate: float) -> tuple[float, str]:
-    """Largest threshold on predicted Dice that flags at most ``target_fp_rate`` of the
-    good cases (true Dice >= ``low_dice``); ``low_dice`` itself when there is nothing to
-    calibrate on. Returns the threshold and how it was chosen."""
+    """Threshold on predicted Dice: ``low_dice`` itself (flag what the model predicts to be
+    low), lowered when that would flag more than ``target_fp_rate`` of the good training
+    cases (true Dice >= ``low_dice``). Never raised above ``low_dice``: a segmentation
+    predicted good is not flagged, however slack the false-positive budget. Returns the
+    threshold and how it was chosen."""
     good = truth >= low_dice
-    if good.all() or not good.any():
-        return low_dice, "no low and good training cases both: threshold = low_dice"
+    if not good.any():
+        return low_dice, "no good training cases to calibrate on: threshold = low_dice"
     good_pred = np.sort(predicted[good])
     allowed = math.floor(target_fp_rate * good_pred.size)
     # Flagged means predicted < threshold, so the (allowed+1)-th smallest good prediction
     # is the largest threshold that flags no more than ``allowed`` good cases.
-    threshold = float(good_pred[allowed])
-    return threshold, (f"largest threshold flagging <= {target_fp_rate:.0%} of good training "
-                       "cases (leave-one-out predictions)")
+    ceiling = float(good_pred[allowed])
+    if ceiling >= low_dice:
+        return low_dice, (f"low_dice; it flags <= {target_fp_rate:.0%} of good training "
+                          "cases (leave-one-out predictions)")
+    return ceiling, (f"lowered from low_dice to flag <= {target_fp_rate:.0%} of good "
+                     "training cases (leave-one-out predictions)")
 
 
 def transform(key: str, value: float) -> float:
