@@ -232,7 +232,7 @@ def config_with_head(
     existing = [lab for lab in config["labels"] if isinstance(lab, dict)]
     for new in head.labels:
         for old in existing:
-            where = f"label {old.get('name')!r} of head {owner.get(old.get('name'), '?')!r}"
+            where = f"label {old.get('name')!r} of head {owner.get(str(old.get('name')), '?')!r}"
             if old.get("name") == new.name:
                 raise InvalidRequest(f"label {new.name!r} already exists: it is {where}")
             if old.get("value") == new.value:
