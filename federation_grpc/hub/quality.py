@@ -185,7 +185,8 @@ class Case:
     @property
     def seq(self) -> int | None:
         v = self.values.get(SEQ_KEY)
-        return int(v) if v is not None else None
+        ok = isinstance(v, int | float) and math.isfinite(v) and abs(v) < 2**53
+        return int(v) if ok else None  # type: ignore[arg-type]
 
     @property
     def dice(self) -> float | None:
@@ -366,7 +367,9 @@ def _per_group(segs: Sequence[Case], corrections: Sequence[Case], model: Quality
     reference = None
     if model is not None:
         reference = float(np.clip(model.fit.intercept, 0, 1))  # mean training Dice
-    groups, flagged_rows, drift = [], [], []
+    groups: list[dict[str, Any]] = []
+    flagged_rows: list[dict[str, Any]] = []
+    drift: list[dict[str, Any]] = []
     for key in sorted(set(by_group) | set(corr_by_group)):
         node, generation = key
         members, corr = by_group.get(key, []), corr_by_group.get(key, [])

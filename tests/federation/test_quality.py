@@ -99,6 +99,7 @@ def test_flags_follow_the_fitted_model_and_hostile_records_are_ignored() -> None
         Case("x", "correction", 0, {"mean_entropy": 0.1, "dice.liver": float("nan")}),
         Case("x", "surprise", 0, {"mean_entropy": 0.1}),
         Case("x", "segmentation", 0, {"volume_ml.liver": -3.0}),
+        Case("x", "segmentation", 0, {"segmentation_seq": float("inf"), "mean_entropy": 0.1}),
     ]
     report = assess(train + good_site + bad_site + hostile)
     m = report.model
@@ -110,7 +111,7 @@ def test_flags_follow_the_fitted_model_and_hostile_records_are_ignored() -> None
     drift = {(d["node"], d["generation"]): d for d in report.drift}
     assert drift[("c", 2)]["drifting"] and not drift[("b", 0)]["drifting"]
     assert "mean_entropy" in drift[("c", 2)]["top_shifts"]
-    assert report.records["ignored"] == 5 and ("x", 0) not in rows
+    assert report.records["ignored"] == 6 and ("x", 0) not in rows
     reasons = " | ".join(e["reason"] for e in report.ignored["examples"])
     for expected in ("> 1e+07", "outside [0, 1]", "not a finite", "unknown kind", "negative"):
         assert expected in reasons
