@@ -350,9 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"Dice on held-out site {task.test_site} ({args.test_subjects} subjects, "
           f"{args.data.upper()}, input {args.input_size})")
-    print(f"{'model':<12}" + "".join(f"{lab:>12}" for lab in labels))
+    w = max(12, *(len(lab) + 2 for lab in labels))
+    print(f"{'model':<12}" + "".join(f"{lab:>{w}}" for lab in labels))
     for name, dice in results.items():
-        print(f"{name:<12}" + "".join(f"{dice[lab]:>12.4f}" if lab in dice else f"{'-':>12}"
+        print(f"{name:<12}" + "".join(f"{dice[lab]:>{w}.4f}" if lab in dice else f"{'-':>{w}}"
                                       for lab in labels))
     for lab in labels:
         best = max(d[lab] for n, d in results.items() if n != "federated" and lab in d)
