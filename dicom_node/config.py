@@ -317,6 +317,10 @@ class FederationSettings(_Section):
     upload_interval_s: float = Field(30.0, gt=0)
     upload_backoff_max_s: float = Field(600.0, gt=0)
     metrics_interval_s: float = Field(300.0, gt=0)
+    # Answer the hub's federated evaluation tasks (score candidate generations on this
+    # node's held-out corrected cases; two numbers go back), checked this often.
+    evaluate: bool = True
+    evaluation_interval_s: float = Field(60.0, gt=0)
     chunk_kb: int = Field(1024, ge=1, le=4096)
     rpc_timeout_s: float = Field(120.0, gt=0)
 
@@ -561,6 +565,7 @@ enrolment_token = ""      # `tessera hub enrol`; used once, then credentials_pat
 model = "tessera-abdomen-ct"
 upload_interval_s = 30    # pending updates are retried with backoff, never dropped
 metrics_interval_s = 300  # de-identified quality figures and correction Dice
+evaluate = true           # score the hub's candidates on held-out corrected cases
 
 # Extra models by name (the shipped starter "tessera-abdomen-ct" needs no entry):
 # [models]

@@ -4,6 +4,8 @@
     watch thread:   hub generation g --download (resumable, sha256)--> serve (hot swap)
     upload thread:  update_outbox rows --upload (resumable, idempotent by id)--> hub
                     quality metrics + correction Dice (numbers only) --> hub
+                    evaluation tasks: candidate vs reference Dice on held-out
+                    corrected cases (two numbers and a count) --> hub
 
 What crosses to the hub is limited to: the enrolment token and display name, update
 weights (safetensors of trained parameter groups) with sample counts and held-out
@@ -40,6 +42,7 @@ import grpc
 from sqlalchemy import select
 
 from dicom_node.config import FederationSettings, NodeConfig
+from dicom_node.pipeline.federated_evaluation import EvaluationResponder
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.versions import LOCAL_FLOOR, hub_base_generation
@@ -159,6 +162,8 @@ class FederationAgent:
         self._threads: list[threading.Thread] = []
         self._next_try: dict[int, float] = {}
         self.generation_applied = threading.Event()
+        self.evaluations = EvaluationResponder(db, models, config.node.data_dir,
+                                               self.settings.model)
         self.refused: str | None = None  # why the hub refuses this node, once it does
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -297,7 +302,7 @@ class FederationAgent:
     # -- updates and metrics ------------------------------------------------------------
     def _upload_loop(self) -> None:
         failures = 0
-        next_metrics = 0.0
+        next_metrics = next_evaluation = 0.0
         while not self._stop.is_set():
             try:
                 self.upload_pending()
@@ -306,6 +311,9 @@ class FederationAgent:
                 if time.monotonic() >= next_metrics:
                     self.report_metrics()
                     next_metrics = time.monotonic() + self.settings.metrics_interval_s
+                if self.settings.evaluate and time.monotonic() >= next_evaluation:
+                    self.evaluations.answer(self.client(), self.refused_by_hub)
+                    next_evaluation = time.monotonic() + self.settings.evaluation_interval_s
                 failures = 0
             except Exception as exc:
                 if self.refused_by_hub(exc):

@@ -1,0 +1,123 @@
+"""Federated evaluation: the hub asks, the node scores, two numbers go back.
+
+When the hub's gate has no validation set of its own (``[gate] federated_evaluation``),
+a candidate generation waits for nodes to score it. This node answers each open task
+by scoring the candidate and the task's reference generation on its held-out corrected
+cases (the ``held-out`` training samples: every ``validation_every``-th correction,
+never trained on) with the same pooled Dice its own acceptance gate uses
+(``evaluate_slices``), and submits the two means with the number of cases. Nothing
+else leaves: no slices, no UIDs.
+
+A node without held-out cases does not answer (it has nothing to say); a task the hub
+closed meanwhile, or a generation it no longer offers, is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dicom_node.learning.incremental import StoredSample, decode_sample, evaluate_slices
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.weights import model_from_bytes
+from dicom_node.pipeline.hub_generations import hub_config_for
+from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.store.db import Database
+from dicom_node.store.models import SampleState, TrainingSample
+from federation_grpc.client import FederationClient
+from federation_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    task_id: str
+    candidate: float
+    reference: float
+    cases: int
+
+
+class EvaluationResponder:
+    """Answers the hub's evaluation tasks for one model from this node's held-out cases."""
+
+    def __init__(self, db: Database, models: ModelRegistry, data_dir: Path, name: str) -> None:
+        self.db = db
+        self.models = models
+        self.data_dir = data_dir
+        self.name = name
+        self._settled: set[str] = set()  # answered or skipped for good
+        self.rounds = 0  # answer() calls, for status and tests
+
+    def held_out(self) -> list[StoredSample]:
+        with self.db.session() as s:
+            paths = list(s.execute(select(TrainingSample.path).where(
+                TrainingSample.model_name == self.name,
+                TrainingSample.state == SampleState.HELD_OUT).order_by(TrainingSample.id)
+            ).scalars())
+        samples = []
+        for path in paths:
+            try:
+                samples.append(decode_sample((self.data_dir / path).read_bytes()))
+            except (OSError, ValueError, KeyError) as exc:
+                LOGGER.warning("held-out sample %s unreadable, left out: %s", path, exc)
+        return samples
+
+    def answer(self, client: FederationClient,
+               refused: Callable[[BaseException], bool] = lambda exc: False) -> list[Answer]:
+        """Score and submit every open task not answered yet; returns what was sent.
+
+        ``refused(exc)`` tells a refusal of the node itself (re-raised) from a refusal of
+        one generation (the task is skipped).
+        """
+        self.rounds += 1
+        tasks = [t for t in client.fetch_evaluation_tasks() if t.task_id not in self._settled]
+        if not tasks:
+            return []
+        held = self.held_out()
+        if not held:
+            LOGGER.info("%d evaluation task(s) open; no held-out corrected cases to score "
+                        "them on", len(tasks))
+            return []
+        answers = []
+        for task in tasks:
+            try:
+                candidate = self._score(client, task.candidate_generation, held)
+                reference = self._score(client, task.reference_generation, held)
+                if candidate is None or reference is None:
+                    LOGGER.info("evaluation task %s: the held-out cases annotate no label of "
+                                "the model; not answered", task.task_id)
+                    self._settled.add(task.task_id)
+                    continue
+                accepted = client.submit_evaluation_result(task.task_id, candidate,
+                                                           reference, len(held))
+            except (NotFound, FailedPrecondition, PermissionDenied) as exc:
+                # closed meanwhile, or a generation no longer offered: nothing to answer
+                if isinstance(exc, PermissionDenied) and refused(exc):
+                    raise
+                LOGGER.info("evaluation task %s skipped: %s", task.task_id, exc)
+                self._settled.add(task.task_id)
+                continue
+            self._settled.add(task.task_id)
+            answers.append(Answer(task.task_id, candidate, reference, len(held)))
+            LOGGER.info("evaluation task %s: candidate %d scores %.4f, reference %d %.4f on "
+                        "%d held-out cases (%s)", task.task_id, task.candidate_generation,
+                        candidate, task.reference_generation, reference, len(held),
+                        "taken" if accepted else "no longer wanted")
+        return answers
+
+    def _score(self, client: FederationClient, generation: int,
+               held: list[StoredSample]) -> float | None:
+        model, config = self._model(client.download(generation), generation)
+        mean = evaluate_slices(model, config, held).get("mean")
+        return mean if mean is not None and math.isfinite(mean) else None
+
+    def _model(self, data: bytes, generation: int) -> tuple[MultiHeadUNet, ModelConfig]:
+        _, current = self.models.get(self.name)
+        return model_from_bytes(data, hub_config_for("", current, generation))

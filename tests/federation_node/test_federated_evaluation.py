@@ -1,0 +1,144 @@
+"""Federated evaluation against a real mTLS hub in this process: a candidate generation
+waits for nodes' scores; the node scores candidate and reference on its held-out
+corrected cases and answers with the same pooled Dice its own gate uses; the hub then
+publishes (or rejects) the candidate and the node serves it. A node without held-out
+cases does not answer, and the candidate stays waiting."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from dicom_node.config import load_config
+from dicom_node.learning.incremental import cut_sample, encode_sample, evaluate_slices
+from dicom_node.learning.weights import model_from_bytes
+from dicom_node.node import Node
+from dicom_node.pipeline.hub_generations import hub_config_for
+from dicom_node.store.models import Correction, SampleState, TrainingSample
+from federation_grpc.hub.store import EvaluationResultRow, EvaluationTaskRow, GenerationRow
+from tests.corrections.helpers import Study
+from tests.node.conftest import wait_until, write_node_config
+
+from .conftest import TEST_MODEL, federated_node_data, node_tls, seed_update, serving
+
+GATE = {"federated_evaluation": True, "min_evaluations": 1, "evaluation_timeout_s": 120.0}
+
+
+def _node(tmp_path: Path, data: dict[str, Any]) -> Node:
+    return Node(load_config(write_node_config(tmp_path / "node.toml", data), env={}))
+
+
+def _held_out_case(node: Node, study: Study) -> None:
+    """A held-out corrected case as the correction intake keeps it (every
+    validation_every-th correction; never trained on)."""
+    _, config = node.parts.models.get(TEST_MODEL)
+    volume = study.volume()
+    truth = study.truth_in_volume_order()
+    sample = cut_sample(volume.pixels, truth, range(0, truth.shape[0], 4),
+                        ("body", "liver", "spleen", "kidney_left", "kidney_right"), config)
+    rel = f"samples/{uuid.uuid4().hex}.npz"
+    data = encode_sample(sample)
+    (node.config.node.data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    (node.config.node.data_dir / rel).write_bytes(data)
+    with node.parts.db.session() as s:
+        correction = Correction(seg_sop_instance_uid=f"2.25.{uuid.uuid4().int}",
+                                seg_series_uid=f"2.25.{uuid.uuid4().int}",
+                                source_series_uid=study.series_uid, model_name=TEST_MODEL,
+                                ai_generation=0, state="recorded", split="validation",
+                                dice={"liver": 0.5}, changed_slices=[], labels=[],
+                                unknown_segments=[])
+        s.add(correction)
+        s.flush()
+        s.add(TrainingSample(correction_id=correction.id, source_series_uid=study.series_uid,
+                             model_name=TEST_MODEL, split="validation",
+                             state=SampleState.HELD_OUT, path=rel,
+                             slices=int(sample.image.shape[0]), size=len(data),
+                             annotated=list(sample.annotated)))
+
+
+def _results(hub: Any) -> list[EvaluationResultRow]:
+    with hub.service.store.session() as s:
+        rows = list(s.execute(select(EvaluationResultRow)).scalars())
+        s.expunge_all()
+        return rows
+
+
+def _status(hub: Any, number: int) -> str | None:
+    with hub.service.store.session() as s:
+        row = s.get(GenerationRow, number)
+        return None if row is None else str(row.status)
+
+
+def test_node_scores_a_candidate_on_its_held_out_cases_and_the_hub_publishes_it(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+) -> None:
+    hub = start_hub(gate=GATE)
+    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
+                               tls=node_tls(certs), evaluation_interval_s=0.3)
+    node = _node(tmp_path, data)
+    _held_out_case(node, Study("A", 0, 7, slices=24))
+    node.start()
+    url = node.config.node.resolved_database_url()
+    try:
+        seed_update(url, model_file, node.config.node.data_dir)
+        wait_until(lambda: _results(hub), timeout=90, what="the node's evaluation result")
+        wait_until(lambda: serving(url) == (1, "hub"), timeout=60,
+                   what="the node to serve the evaluated generation 1")
+        (result,) = _results(hub)
+        assert result.node_id == node.parts.federation.node_id
+        assert result.num_cases == 1
+
+        # The two numbers are the node's own gate measure of both generations.
+        held = node.parts.federation.evaluations.held_out()
+        _, current = node.parts.models.get(TEST_MODEL)
+        expected = {}
+        for number in (0, 1):
+            blob = hub.service.blobs.path(hub.service.generation(number).sha256).read_bytes()
+            model, config = model_from_bytes(blob, hub_config_for("", current, number))
+            expected[number] = evaluate_slices(model, config, held)["mean"]
+        assert expected[0] != expected[1]  # the update changed what the model segments
+        assert np.isclose(result.candidate_score, expected[1], atol=1e-6)
+        assert np.isclose(result.reference_score, expected[0], atol=1e-6)
+        assert _status(hub, 1) == "ACTIVE"
+        with hub.service.store.session() as s:
+            (task,) = s.execute(select(EvaluationTaskRow)).scalars()
+            assert not task.open and task.candidate_generation == 1
+    finally:
+        node.stop()
+
+
+def test_a_node_without_held_out_cases_does_not_answer(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+) -> None:
+    hub = start_hub(gate=GATE)
+    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
+                               tls=node_tls(certs), evaluation_interval_s=0.2)
+    node = _node(tmp_path, data).start()
+    url = node.config.node.resolved_database_url()
+    try:
+        seed_update(url, model_file, node.config.node.data_dir)
+        wait_until(lambda: _status(hub, 1) == "CANDIDATE" and _open_tasks(hub),
+                   timeout=60, what="candidate 1 waiting for federated evaluation")
+        # several evaluation rounds of the node pass: it fetches the task, has nothing
+        # to score it on, and says nothing
+        calls = node.parts.federation.evaluations
+        wait_until(lambda: _fetches(calls) >= 3, timeout=30, what="three evaluation rounds")
+        assert _results(hub) == []
+        assert _status(hub, 1) == "CANDIDATE"
+        assert serving(url) in (None, (0, "hub"), (0, "local"))
+    finally:
+        node.stop()
+
+
+def _open_tasks(hub: Any) -> bool:
+    with hub.service.store.session() as s:
+        return s.execute(select(EvaluationTaskRow).where(EvaluationTaskRow.open)).first() \
+            is not None
+
+
+def _fetches(responder: Any) -> int:
+    return int(getattr(responder, "rounds", 0))
