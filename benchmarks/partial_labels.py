@@ -299,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--negatives", type=float, default=0.3,
                    help="fraction of slices without the label kept as negatives")
     p.add_argument("--epochs", type=int, default=30, help="per site, in every set-up")
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=30,
+                   help="federated rounds (epochs // rounds local epochs each); MR: 30 "
+                        "rounds cut the shortfall from ~0.12 to ~0.02 vs 6, CT unchanged")
     p.add_argument("--strategy", choices=("fedavg", "fedbuff", "fedasync"), default="fedavg")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=2e-3)
