@@ -21,15 +21,12 @@ import json
 import os
 import pstats
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,22 +36,19 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from dicom_node.demo.orthanc import ORTHANC_BINARIES, free_port
+from dicom_node.demo.orthanc import start_orthanc as launch_orthanc
+
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 STORESCP = "/usr/bin/storescp"
-ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC = ORTHANC_BINARIES[0]
 SEND_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 60.0
 
 
 def peer_env() -> dict[str, str]:
     return dict(os.environ, TCP_NODELAY="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(probe: Callable[[], bool], timeout: float, what: str) -> None:
@@ -161,36 +155,11 @@ def start_storescp(work: Path) -> Receiver:
 
 
 def start_orthanc(work: Path) -> Receiver:
-    directory = work / "orthanc"
-    directory.mkdir()
-    dicom_port, http_port = free_port(), free_port()
-    cfg = directory / "orthanc.json"
-    cfg.write_text(json.dumps({
-        "Name": "Bench", "StorageDirectory": str(directory / "db"),
-        "IndexDirectory": str(directory / "db"), "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-    }))
-    log = (directory / "orthanc.log").open("wb")
-    proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            env=peer_env())
-
-    def stats() -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics",
-                                    timeout=10) as resp:
-            return dict(json.loads(resp.read()))
-
-    def up() -> bool:
-        try:
-            return bool(stats())
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-
-    wait_for(up, START_TIMEOUT_S, "Orthanc")
-    wait_for(lambda: echo_ok(dicom_port, "ORTHANC"), START_TIMEOUT_S, "Orthanc DICOM")
-    return Receiver("orthanc", "ORTHANC", dicom_port, proc,
-                    lambda: int(stats()["CountInstances"]))
+    orthanc = launch_orthanc(work / "orthanc", name="Bench", timeout_s=START_TIMEOUT_S)
+    wait_for(lambda: echo_ok(orthanc.dicom_port, orthanc.ae_title), START_TIMEOUT_S,
+             "Orthanc DICOM")
+    return Receiver("orthanc", orthanc.ae_title, orthanc.dicom_port, orthanc.proc,
+                    lambda: int(orthanc.get("/statistics")["CountInstances"]))
 
 
 STARTERS = {"node": start_node, "storescp": start_storescp, "orthanc": start_orthanc}

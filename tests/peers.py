@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from dicom_node.demo.orthanc import free_port
+
+__all__ = ["IN_CI", "free_port", "missing", "peer_env", "require_binary", "require_file"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -46,8 +49,3 @@ def peer_env() -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A loopback TCP port the OS considers free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import io
 import logging
-import os
-import shutil
-import socket
-import subprocess
 import threading
-import time
-import urllib.request
 from pathlib import Path
 from typing import Protocol
 
@@ -21,20 +15,12 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.demo.orthanc import orthanc_binary, start_orthanc
 from dicom_node.dicom.meta import part10
 from dicom_node.dicom.scp import set_nodelay
 from dicom_node.errors import DicomNodeError
 
 LOGGER = logging.getLogger(__name__)
-
-ORTHANC_BINARIES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 class Pacs(Protocol):
     ae_title: str
@@ -52,63 +38,24 @@ class OrthancPacs:
     kind = "orthanc"
 
     def __init__(self, workdir: Path, ae_title: str = "ORTHANC") -> None:
-        binary = next((b for b in ORTHANC_BINARIES if os.access(b, os.X_OK)), None)
-        if binary is None:
-            raise DicomNodeError("Orthanc is not installed (Debian package 'orthanc')")
+        self.orthanc = start_orthanc(workdir / "orthanc", ae_title=ae_title,
+                                     name="TesseraDemoPACS", timeout_s=30)
         self.ae_title = ae_title
-        self.port = free_port()
-        self.http_port = free_port()
-        storage = workdir / "orthanc"
-        storage.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "TesseraDemoPACS", "StorageDirectory": str(storage),
-            "IndexDirectory": str(storage), "DicomAet": ae_title, "DicomPort": self.port,
-            "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True, "HttpBindAddress": "127.0.0.1",
-        }
-        cfg_path = workdir / "orthanc.json"
-        cfg_path.write_text(json.dumps(config))
-        env = dict(os.environ, TCP_NODELAY="1")
-        self._log = (workdir / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen([binary, str(cfg_path)], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self._get("/system")
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.2)
-        self.stop()
-        raise DicomNodeError(f"Orthanc did not start; see {workdir / 'orthanc.log'}")
-
-    def _get(self, path: str) -> bytes:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return bytes(resp.read())
+        self.port = self.orthanc.dicom_port
+        self.http_port = self.orthanc.http_port
 
     def instances(self, modality: str | None = None) -> list[pydicom.Dataset]:
-        import io
-
         out = []
-        for series in json.loads(self._get("/series?expand")):
+        for series in self.orthanc.get("/series?expand"):
             if modality and series["MainDicomTags"].get("Modality") != modality:
                 continue
             for iid in series["Instances"]:
-                out.append(pydicom.dcmread(io.BytesIO(self._get(f"/instances/{iid}/file"))))
+                data = self.orthanc.get_bytes(f"/instances/{iid}/file")
+                out.append(pydicom.dcmread(io.BytesIO(data)))
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
+        self.orthanc.stop()
 
 
 class InProcessPacs:
@@ -153,7 +100,7 @@ class InProcessPacs:
 
 
 def start_pacs(workdir: Path, prefer_orthanc: bool = True) -> Pacs:
-    if prefer_orthanc and any(shutil.which(b) or os.access(b, os.X_OK) for b in ORTHANC_BINARIES):
+    if prefer_orthanc and orthanc_binary() is not None:
         try:
             return OrthancPacs(workdir)
         except DicomNodeError as exc:

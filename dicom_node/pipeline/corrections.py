@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import LearningSettings
 from dicom_node.errors import DicomNodeError, InvalidDatasetError, SeriesRefused
 from dicom_node.learning.incremental import (
     cut_sample,
@@ -38,7 +38,6 @@ from dicom_node.learning.incremental import (
 from dicom_node.learning.metrics import dice
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.partial_labels import fill_enclosing
-from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import (
     SegmentSpec,
     _place_by_position,
@@ -47,10 +46,9 @@ from dicom_node.pipeline.seg import (
     segment_infos,
 )
 from dicom_node.pipeline.segmentation import segment_specs
+from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
-from dicom_node.store.db import Database
-from dicom_node.store.files import InstanceFiles
-from dicom_node.store.instances import InstanceStore, Peer
+from dicom_node.store.instances import Peer
 from dicom_node.store.jobs import ClaimedJob, JobQueue
 from dicom_node.store.models import (
     Correction,
@@ -93,22 +91,16 @@ class CorrectionOutcome:
     training_queued: bool = False
 
 
-class CorrectionIntake:
+class CorrectionIntake(SeriesStage):
     """Turns a stored SEG instance into a Correction (and a training sample).
 
     Used by the ``correction`` job for C-STORE and callable directly by the DICOMweb
     STOW-RS path: ``CorrectionIntake(...).ingest(sop_instance_uid)``.
     """
 
-    def __init__(self, db: Database, files: InstanceFiles, store: InstanceStore,
-                 queue: JobQueue, config: NodeConfig, models: ModelRegistry) -> None:
-        self.db = db
-        self.files = files
-        self.store = store
-        self.queue = queue
-        self.config = config
-        self.models = models
-        self.settings = config.learning
+    @property
+    def settings(self) -> LearningSettings:
+        return self.config.learning
 
     # -- the entry point ------------------------------------------------------------
     def ingest(self, sop_instance_uid: str, *,

@@ -21,7 +21,6 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from sqlalchemy import func, select, update
 
-from dicom_node.config import NodeConfig
 from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import parse_instance
 from dicom_node.errors import SeriesRefused
@@ -29,14 +28,12 @@ from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.metrics import quality_metrics
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.pipeline.export import EXPORT, queue_export
-from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
 from dicom_node.pipeline.seg_template import SegTemplate, TemplateMismatch
+from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
-from dicom_node.store.db import Database
-from dicom_node.store.files import InstanceFiles
-from dicom_node.store.instances import InstanceStore, Peer
-from dicom_node.store.jobs import ClaimedJob, JobQueue
+from dicom_node.store.instances import Peer
+from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import (
     Instance,
     Job,
@@ -115,19 +112,10 @@ def _encode(template: Future[SegTemplate], volume: Volume, labels: np.ndarray,
     return buffer.getvalue(), str(seg.file_meta.TransferSyntaxUID)
 
 
-class SegmentationJob:
+class SegmentationJob(SeriesStage):
     """Job handler for ``inference`` jobs queued by segment rules."""
 
     kinds = (INFERENCE,)
-
-    def __init__(self, db: Database, files: InstanceFiles, store: InstanceStore,
-                 queue: JobQueue, config: NodeConfig, models: ModelRegistry) -> None:
-        self.db = db
-        self.files = files
-        self.store = store
-        self.queue = queue
-        self.config = config
-        self.models = models
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         series_uid = job.payload["series_uid"]

@@ -16,8 +16,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from dicom_node.config import load_config
+from dicom_node.demo.orthanc import OrthancError, OrthancProcess, start_orthanc
 from dicom_node.node import Node
 from dicom_node.store.db import Database
 from dicom_node.store.models import AuditEvent, Instance, Series
@@ -41,7 +40,6 @@ STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -477,68 +475,19 @@ def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
 
 # --------------------------------------------------------------------------- Orthanc
 
-@dataclass
-class Orthanc:
-    dicom_port: int
-    http_port: int
-    directory: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}",
-                                    timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def up(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail("Orthanc exited: " + self.log.read_text(errors="replace")[-3000:])
-        try:
-            return bool(self.get("/system"))
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-
-
-def start_orthanc(directory: Path) -> Orthanc:
-    exe = require_binary(ORTHANC)
-    directory.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
-    config: dict[str, Any] = {
-        "Name": "TestPACS", "StorageDirectory": str(directory / "storage"),
-        "IndexDirectory": str(directory / "index"),
-        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-    }
-    if os.path.exists(DICOMWEB_PLUGIN):
-        config["Plugins"] = [DICOMWEB_PLUGIN]
-        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
-    cfg = directory / "orthanc.json"
-    cfg.write_text(json.dumps(config))
-    log = directory / "orthanc.log"
-    with log.open("ab") as log_file:
-        proc = subprocess.Popen([exe, str(cfg)], stdout=log_file, stderr=subprocess.STDOUT,
-                                env=peer_env())
-    orthanc = Orthanc(dicom_port, http_port, directory, proc, log)
-    wait_until(orthanc.up, timeout=60, interval=0.2, what="Orthanc /system")
-    return orthanc
-
-
-def stop_orthanc(orthanc: Orthanc) -> None:
-    if orthanc.proc.poll() is None:
-        orthanc.proc.terminate()
-        try:
-            orthanc.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            orthanc.proc.kill()
-            orthanc.proc.wait(10)
+Orthanc = OrthancProcess
 
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    instance = start_orthanc(tmp_path / "orthanc")
+    """A real Orthanc (with the DICOMweb plug-in when installed) on loopback ports."""
+    require_binary(ORTHANC)
+    try:
+        instance = start_orthanc(tmp_path / "orthanc", name="TestPACS", dicomweb=True)
+    except OrthancError as exc:
+        pytest.fail(str(exc), pytrace=False)
     yield instance
-    stop_orthanc(instance)
+    instance.stop()
 
 
 # --------------------------------------------------------------------------- PostgreSQL

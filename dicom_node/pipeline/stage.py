@@ -1,0 +1,25 @@
+"""What a pipeline stage that works on stored series needs, in one constructor."""
+
+from __future__ import annotations
+
+from dicom_node.config import NodeConfig
+from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instances import InstanceStore
+from dicom_node.store.jobs import JobQueue
+
+
+class SeriesStage:
+    """Base of the stages that read stored series, store results and queue jobs
+    (segmentation, correction intake): the index, the files, the instance store, the
+    job queue, the node's config and its models."""
+
+    def __init__(self, db: Database, files: InstanceFiles, store: InstanceStore,
+                 queue: JobQueue, config: NodeConfig, models: ModelRegistry) -> None:
+        self.db = db
+        self.files = files
+        self.store = store
+        self.queue = queue
+        self.config = config
+        self.models = models
