@@ -332,7 +332,9 @@ def main() -> int:
     ap.add_argument("--kidney-epochs", type=int, default=80,
                     help="epochs of the added head (kidneys, or deep_grey for --data mr); "
                          "head-only steps on the frozen encoder are cheap (CT: 80 epochs "
-                         "~40 s), and 20 left the right kidney undertrained (Dice 0.44)")
+                         "~40 s), and 20 left the right kidney undertrained (Dice 0.44); "
+                         "MR has 103 deep_grey slices: 80 epochs gave 92.2%% of joint, "
+                         "200 gave 94.7%%")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
