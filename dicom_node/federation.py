@@ -440,12 +440,12 @@ class FederationAgent:
                 if not dice:
                     corr_last = corr.id
                     continue
-                seg = (s.get(Segmentation, corr.segmentation_id)
-                       if corr.segmentation_id is not None else None)
-                if seg is not None and _metrics_pending(seg):
+                linked = (s.get(Segmentation, corr.segmentation_id)
+                          if corr.segmentation_id is not None else None)
+                if linked is not None and _metrics_pending(linked):
                     break
                 corr_last = corr.id
-                values = _segmentation_values(seg) if seg is not None else {}
+                values = _segmentation_values(linked) if linked is not None else {}
                 # Dice first: it is what makes the record worth having if space runs out.
                 values = dict(list(dice.items())
                               + list(values.items())[:_MAX_VALUES - len(dice) - 1])

@@ -45,7 +45,7 @@ class OrthancPacs:
         self.http_port = self.orthanc.http_port
 
     def instances(self, modality: str | None = None) -> list[pydicom.Dataset]:
-        out = []
+        out: list[pydicom.Dataset] = []
         for series in self.orthanc.get("/series?expand"):
             if modality and series["MainDicomTags"].get("Modality") != modality:
                 continue
@@ -71,10 +71,13 @@ class InProcessPacs:
         ae = AE(ae_title=ae_title)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
         self.ae = ae
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
             (evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_C_STORE, self._store)])
+        assert server is not None  # block=False always returns the server
+        self.server = server
         self.port = int(self.server.server_address[1])
 
     def _store(self, event: Event) -> int:
@@ -87,7 +90,7 @@ class InProcessPacs:
         return 0x0000
 
     def instances(self, modality: str | None = None) -> list[pydicom.Dataset]:
-        out = []
+        out: list[pydicom.Dataset] = []
         for f in sorted(self.dir.glob("*.dcm")):
             ds = pydicom.dcmread(f)
             if modality is None or ds.get("Modality") == modality:

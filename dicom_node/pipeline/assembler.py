@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig, RuleAction
@@ -75,10 +76,11 @@ class SeriesAssembler:
                                      self.config.assembler.quiet_period_s)
                 if seen > now - timedelta(seconds=quiet):
                     continue
-                won = s.execute(update(Series).where(
+                result = cast(CursorResult[Any], s.execute(update(Series).where(
                     Series.id == series_id, Series.state == SeriesState.RECEIVING,
                     Series.last_received_at == seen,
-                ).values(state=SeriesState.COMPLETE, completed_at=now)).rowcount
+                ).values(state=SeriesState.COMPLETE, completed_at=now)))
+                won = result.rowcount
                 if won != 1:
                     continue  # a late instance arrived, or another process completed it
                 self._route(s, series, facts)

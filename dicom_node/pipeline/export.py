@@ -55,7 +55,7 @@ def queue_export(
 class Exporter:
     """Job handler for ``export`` jobs."""
 
-    kinds = (EXPORT,)
+    kinds: tuple[str, ...] = (EXPORT,)
 
     def __init__(self, db: Database, files: InstanceFiles, config: NodeConfig) -> None:
         self.db = db

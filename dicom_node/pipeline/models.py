@@ -33,10 +33,7 @@ class ModelRegistry:
         self._loaded: dict[str, tuple[MultiHeadUNet, ModelConfig]] = {}
         self._lock = threading.Lock()
         starter = STARTER_DIR / "model.safetensors"
-        if starter.exists():
-            self._starter = starter
-        else:
-            self._starter = None
+        self._starter: Path | None = starter if starter.exists() else None
 
     def get(self, name: str) -> tuple[MultiHeadUNet, ModelConfig]:
         with self._lock:

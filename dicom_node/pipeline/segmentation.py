@@ -115,7 +115,7 @@ def _encode(template: Future[SegTemplate], volume: Volume, labels: np.ndarray,
 class SegmentationJob(SeriesStage):
     """Job handler for ``inference`` jobs queued by segment rules."""
 
-    kinds = (INFERENCE,)
+    kinds: tuple[str, ...] = (INFERENCE,)
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         series_uid = job.payload["series_uid"]

@@ -10,7 +10,6 @@ import logging
 import os
 import secrets
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -334,4 +333,4 @@ def main() -> None:  # pragma: no cover - `python -m federation_grpc.hub.cli`
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
-    known = set(cls.__dataclass_fields__)
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
         raise InvalidRequest(f"unknown keys in [{section}]: {sorted(unknown)}")
