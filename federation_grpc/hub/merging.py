@@ -202,7 +202,7 @@ class Aggregator:
 
     def _mark_merged(self, session, rows: Sequence[UpdateRow], number: int) -> None:  # type: ignore[no-untyped-def]
         for stale in rows:
-            row = session.get(UpdateRow, stale.update_id, with_for_update=True)
+            row = _locked_update(session, stale.update_id)
             row.status, row.merged_into = UpdateStatus.MERGED, number
 
     def _reject(
@@ -210,7 +210,7 @@ class Aggregator:
     ) -> None:
         with self.service.store.session() as session:
             for stale in rows:
-                row = session.get(UpdateRow, stale.update_id, with_for_update=True)
+                row = _locked_update(session, stale.update_id)
                 row.status, row.reason = UpdateStatus.REJECTED, "; ".join(reasons)
                 self.service.record_rejection(
                     session, row.update_id, row.node_id, "gate", reasons, candidate
@@ -231,7 +231,7 @@ class Aggregator:
                 session, candidate, reference, config_json, GenerationStatus.CANDIDATE, None
             )
             for stale in rows:
-                row = session.get(UpdateRow, stale.update_id, with_for_update=True)
+                row = _locked_update(session, stale.update_id)
                 row.status, row.candidate_generation = UpdateStatus.EVALUATING, number
             session.add(
                 EvaluationTaskRow(
@@ -298,3 +298,12 @@ class Aggregator:
             service._notify()
             LOGGER.info("candidate %d accepted by federated evaluation", number)
         return False
+
+
+def _locked_update(session, update_id: str) -> UpdateRow:  # type: ignore[no-untyped-def]
+    """The update's row, locked for this transaction (it was read moments ago: a
+    missing row means the store changed under the merge, which must stop it)."""
+    row = session.get(UpdateRow, update_id, with_for_update=True)
+    if row is None:
+        raise RuntimeError(f"update {update_id} vanished from the hub store during a merge")
+    return row

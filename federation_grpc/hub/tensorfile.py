@@ -28,6 +28,7 @@ import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 
@@ -135,7 +136,7 @@ def _entries(raw: bytes) -> list[tuple[int, int, str, np.dtype, tuple[int, ...]]
     return entries
 
 
-def _ints(value: object) -> bool:
+def _ints(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
     )
@@ -175,7 +176,7 @@ def write_tensors(path: Path, tensors: Mapping[str, np.ndarray]) -> tuple[str, i
         for array in layout:
             if array.nbytes == 0:
                 continue
-            flat = memoryview(array.reshape(-1).view(np.uint8))
+            flat = memoryview(array.reshape(-1).view(np.uint8).data)
             for block in range(0, len(flat), _WRITE_BLOCK):
                 piece = flat[block : block + _WRITE_BLOCK]
                 digest.update(piece)
