@@ -11,6 +11,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
@@ -65,7 +66,8 @@ def peer_of(event: Event) -> Peer:
 def handle_requested(event: Event, settings: DicomSettings, store: InstanceStore) -> None:
     """Reject an association from a peer not on the allowlist (A-ASSOCIATE-RJ)."""
     assoc = event.assoc
-    calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
+    primitive = assoc.requestor.primitive
+    calling = ((primitive.calling_ae_title if primitive is not None else "") or "").strip()
     address = assoc.requestor.address
     if settings.allows(calling, address):
         return
@@ -105,19 +107,21 @@ def _store(event: Event, store: InstanceStore, max_bytes: int,
         LOGGER.exception("cannot read C-STORE data from %s@%s", peer.ae_title, peer.address)
         return Status.CANNOT_UNDERSTAND
     context = event.context
+    # The C-STORE-RQ's Affected SOP Instance UID (the event's request is a C-STORE).
+    affected_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     try:
         header = parse_instance(
             dataset,
             transfer_syntax_uid=str(context.transfer_syntax),
             context_sop_class_uid=str(context.abstract_syntax),
-            command_sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "") or None,
+            command_sop_instance_uid=affected_uid or None,
             max_bytes=max_bytes,
         )
     except RefusedInstance as exc:
         LOGGER.warning("refused instance from %s@%s: 0x%04X %s",
                        peer.ae_title, peer.address, exc.status, exc.reason)
         store.quarantine(dataset, "instance-refused", exc.reason, peer,
-                         str(event.request.AffectedSOPInstanceUID or "")[:64] or None,
+                         affected_uid[:64] or None,
                          status=int(exc.status))
         return int(exc.status)
     except Exception as exc:  # a decoder bug must not take the association down
@@ -167,7 +171,8 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.dimse_timeout = settings.network_timeout_s
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
     return ae
 
 
@@ -192,7 +197,7 @@ def start_scp(
     """Start the SCP in background threads; ``settings.port`` 0 lets the OS pick."""
     ae = build_ae(settings)
     max_bytes = int(settings.max_instance_mb * 1024 * 1024)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, set_nodelay),
         (evt.EVT_REQUESTED, handle_requested, [settings, store]),
         (evt.EVT_C_ECHO, handle_echo),
