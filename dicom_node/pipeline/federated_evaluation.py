@@ -20,16 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
-
 from dicom_node.learning.incremental import StoredSample, decode_sample, evaluate_slices
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.weights import model_from_bytes
 from dicom_node.pipeline.hub_generations import hub_config_for
 from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.trainer import held_out_rows
 from dicom_node.store.db import Database
-from dicom_node.store.models import SampleState, TrainingSample
 from federation_grpc.client import FederationClient
 from federation_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
 
@@ -57,10 +55,7 @@ class EvaluationResponder:
 
     def held_out(self) -> list[StoredSample]:
         with self.db.session() as s:
-            paths = list(s.execute(select(TrainingSample.path).where(
-                TrainingSample.model_name == self.name,
-                TrainingSample.state == SampleState.HELD_OUT).order_by(TrainingSample.id)
-            ).scalars())
+            paths = [row.path for row in held_out_rows(s, self.name)]
         samples = []
         for path in paths:
             try:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
@@ -89,6 +90,15 @@ def rehearsal_of(config: NodeConfig) -> RehearsalPlan:
                          margin=lc.rehearsal_margin)
 
 
+def held_out_rows(s: Session, name: str) -> list[TrainingSample]:
+    """The model's held-out corrected cases (never trained on), oldest first: what the
+    node's acceptance gate scores a candidate on, and what it answers the hub's
+    federated evaluation tasks with."""
+    return list(s.execute(select(TrainingSample).where(
+        TrainingSample.model_name == name, TrainingSample.state == SampleState.HELD_OUT
+    ).order_by(TrainingSample.id)).scalars())
+
+
 class IncrementalTrainer:
     """Job handler for ``training`` (a round) and ``model-activate`` (follow the table)."""
 
@@ -126,9 +136,7 @@ class IncrementalTrainer:
                 TrainingSample.model_name == name,
                 TrainingSample.state == SampleState.TRAINED).order_by(TrainingSample.id.desc())
             ).scalars())
-            held_rows = list(s.execute(select(TrainingSample).where(
-                TrainingSample.model_name == name,
-                TrainingSample.state == SampleState.HELD_OUT)).scalars())
+            held_rows = held_out_rows(s, name)
         if not new_rows:
             LOGGER.info("training %s: no pending samples", name)
             return None
