@@ -32,6 +32,20 @@ def _node(tmp_path: Path, data: dict[str, Any]) -> Node:
     return Node(load_config(write_node_config(tmp_path / "node.toml", data), env={}))
 
 
+def _evaluating_node(tmp_path: Path, hub: Any, certs: Any, model_file: Path,
+                     interval_s: float, held_out: Study | None = None) -> tuple[Node, str]:
+    """A started node enrolled at ``hub`` answering evaluation tasks every
+    ``interval_s``, with ``held_out`` as its one held-out case (none if ``None``);
+    returns the node and its database URL."""
+    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
+                               tls=node_tls(certs), evaluation_interval_s=interval_s)
+    node = _node(tmp_path, data)
+    if held_out is not None:
+        _held_out_case(node, held_out)
+    node.start()
+    return node, node.config.node.resolved_database_url()
+
+
 def _held_out_case(node: Node, study: Study) -> None:
     """A held-out corrected case as the correction intake keeps it (every
     validation_every-th correction; never trained on)."""
@@ -77,12 +91,8 @@ def test_node_scores_a_candidate_on_its_held_out_cases_and_the_hub_publishes_it(
     tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
 ) -> None:
     hub = start_hub(gate=GATE)
-    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
-                               tls=node_tls(certs), evaluation_interval_s=0.3)
-    node = _node(tmp_path, data)
-    _held_out_case(node, Study("A", 0, 7, slices=24))
-    node.start()
-    url = node.config.node.resolved_database_url()
+    node, url = _evaluating_node(tmp_path, hub, certs, model_file, 0.3,
+                                 held_out=Study("A", 0, 7, slices=24))
     try:
         seed_update(url, model_file, node.config.node.data_dir)
         wait_until(lambda: _results(hub), timeout=90, what="the node's evaluation result")
@@ -115,10 +125,7 @@ def test_a_node_without_held_out_cases_does_not_answer(
     tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
 ) -> None:
     hub = start_hub(gate=GATE)
-    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
-                               tls=node_tls(certs), evaluation_interval_s=0.2)
-    node = _node(tmp_path, data).start()
-    url = node.config.node.resolved_database_url()
+    node, url = _evaluating_node(tmp_path, hub, certs, model_file, 0.2)
     try:
         seed_update(url, model_file, node.config.node.data_dir)
         wait_until(lambda: _status(hub, 1) == "CANDIDATE" and _open_tasks(hub),
