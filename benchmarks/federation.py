@@ -11,6 +11,10 @@ one gRPC channel each) each upload one full-size update at once. Prints:
   same run with the same concurrency; and against a *durable* raw copy (the receiver
   also hashes each stream and writes it to a file fsync'd at the end), which is the
   least an upload the hub acknowledges as received must cost,
+* and against a *bare gRPC* server (``benchmarks/grpc_floor.py``: same concurrency,
+  chunks and mutual TLS, raw-bytes messages hashed and fsync'd, nothing else): the
+  ceiling of grpcio itself, so ``grpc_vs_bare_grpc`` is the share the hub's own code
+  leaves of what the transport can carry,
 * CPU seconds per GB uploaded (hub and nodes together) against the raw copy's: unlike
   throughput, this barely moves when other work shares the cores.
 
@@ -41,6 +45,7 @@ from safetensors.numpy import save
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import grpc_floor  # noqa: E402
 from federation_grpc.client import (  # noqa: E402
     ClientTls,
     FederationClient,
@@ -197,6 +202,18 @@ def main() -> None:
     (work / "raw").mkdir()
     durable, durable_cpu = raw_loopback(payloads, work / "raw")
     shutil.rmtree(work / "raw")
+    chunk_size = int(args.chunk_mb * 1024 * 1024)
+    bare, bare_cpu = grpc_floor.measure(
+        payloads,
+        work / "bare",
+        chunk_size,
+        server_tls=None if args.insecure else (
+            certs["ca"].cert, certs["hub"].cert, certs["hub"].key),
+        client_tls=None if args.insecure else (
+            certs["ca"].cert.read_bytes(), certs["bench-node"].key.read_bytes(),
+            certs["bench-node"].cert.read_bytes()),
+    )
+    shutil.rmtree(work / "bare")
 
     hub = HubProcess(config_path, work / "hub.log", insecure=args.insecure)
     target = f"127.0.0.1:{hub.port}"
@@ -209,7 +226,7 @@ def main() -> None:
             insecure=args.insecure,
             retry=retry,
             timeout_s=args.timeout,
-            chunk_size=int(args.chunk_mb * 1024 * 1024),
+            chunk_size=chunk_size,
         )
         for _ in tokens
     ]
@@ -295,11 +312,15 @@ def main() -> None:
         "grpc_vs_raw": round(grpc_mb_s / raw, 3),
         "durable_raw_mb_s": round(durable, 1),
         "grpc_vs_durable_raw": round(grpc_mb_s / durable, 3),
+        "bare_grpc_mb_s": round(bare, 1),
+        "bare_grpc_vs_raw": round(bare / raw, 3),
+        "grpc_vs_bare_grpc": round(grpc_mb_s / bare, 3),
         "grpc_cpu_s_per_gb": round((hub_cpu + nodes_cpu) / per_gb, 2),
         "hub_cpu_s_per_gb": round(hub_cpu / per_gb, 2),
         "nodes_cpu_s_per_gb": round(nodes_cpu / per_gb, 2),
         "raw_cpu_s_per_gb": round(raw_cpu, 2),
         "durable_raw_cpu_s_per_gb": round(durable_cpu, 2),
+        "bare_grpc_cpu_s_per_gb": round(bare_cpu, 2),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "tls": not args.insecure,
         "chunk_mb": args.chunk_mb,
