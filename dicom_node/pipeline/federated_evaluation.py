@@ -81,10 +81,17 @@ class EvaluationResponder:
                         "them on", len(tasks))
             return []
         answers = []
+        scores: dict[int, float | None] = {}  # tasks of one round share their reference
+
+        def score(generation: int) -> float | None:
+            if generation not in scores:
+                scores[generation] = self._score(client, generation, held)
+            return scores[generation]
+
         for task in tasks:
             try:
-                candidate = self._score(client, task.candidate_generation, held)
-                reference = self._score(client, task.reference_generation, held)
+                candidate = score(task.candidate_generation)
+                reference = score(task.reference_generation)
                 if candidate is None or reference is None:
                     LOGGER.info("evaluation task %s: the held-out cases annotate no label of "
                                 "the model; not answered", task.task_id)

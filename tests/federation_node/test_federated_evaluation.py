@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from dicom_node.config import load_config
 from dicom_node.learning.incremental import cut_sample, encode_sample, evaluate_slices
 from dicom_node.learning.weights import model_from_bytes
 from dicom_node.node import Node
+from dicom_node.pipeline.federated_evaluation import EvaluationResponder
 from dicom_node.pipeline.hub_generations import hub_config_for
 from dicom_node.store.models import Correction, SampleState, TrainingSample
 from federation_grpc.hub.store import EvaluationResultRow, EvaluationTaskRow, GenerationRow
@@ -149,3 +151,24 @@ def _open_tasks(hub: Any) -> bool:
 
 def _fetches(responder: Any) -> int:
     return int(getattr(responder, "rounds", 0))
+
+
+def test_tasks_of_one_round_score_each_generation_once() -> None:
+    """Two open tasks against the same reference: the reference is downloaded and scored
+    once per round, and each task still gets its own answer."""
+    tasks = [SimpleNamespace(task_id="t1", candidate_generation=1, reference_generation=0),
+             SimpleNamespace(task_id="t2", candidate_generation=2, reference_generation=0)]
+    sent: list[tuple[str, float, float, int]] = []
+    client = SimpleNamespace(
+        fetch_evaluation_tasks=lambda: tasks,
+        submit_evaluation_result=lambda *answer: sent.append(answer) or True)
+    responder = EvaluationResponder(None, None, Path("."), TEST_MODEL)  # type: ignore[arg-type]
+    scored: list[int] = []
+    responder.held_out = lambda: ["case"]  # type: ignore[method-assign,list-item,return-value]
+    responder._score = lambda _c, generation, _h: scored.append(generation) or generation / 10  # type: ignore[method-assign]
+    answers = responder.answer(client)  # type: ignore[arg-type]
+    assert sorted(scored) == [0, 1, 2]
+    assert sent == [("t1", 0.1, 0.0, 1), ("t2", 0.2, 0.0, 1)]
+    assert [a.task_id for a in answers] == ["t1", "t2"]
+    assert responder.answer(client) == []  # settled: not scored again
+    assert sorted(scored) == [0, 1, 2]
