@@ -216,9 +216,12 @@ class LearningSettings(_Section):
     # encoder_lr_scale x learning_rate, distill_weight keeps the trained heads close to
     # the round's starting model where it agreed with the labels (learning without
     # forgetting), l2sp_alpha pulls weights toward the round's start (L2-SP; off: it did
-    # not help in benchmarks/learning.py).
+    # not help in benchmarks/learning.py). distill_other_heads keeps the heads a round
+    # does not train (labels this hospital does not annotate) as the round's starting
+    # model had them, through the encoder (ConDistFL; benchmarks/partial_labels.py).
     encoder_lr_scale: float = Field(0.01, gt=0, le=1)
     distill_weight: float = Field(10.0, ge=0)
+    distill_other_heads: float = Field(1.0, ge=0)
     l2sp_alpha: float = Field(0.0, ge=0)
     validation_every: int = Field(5, ge=0)      # every Nth correction is held out; 0: none
     acceptance_margin: float = Field(0.01, ge=0, le=1)
@@ -532,6 +535,7 @@ time_budget_s = 50        # training steps stop here; with preparation a round i
 # Against forgetting what the model already knew (no foreign data needed):
 encoder_lr_scale = 0.01   # encoder learns at this fraction of learning_rate (heads: 1x)
 distill_weight = 10.0     # keep heads close to the round's start where it was right
+distill_other_heads = 1.0 # heads this site does not train keep their outputs (0: off)
 l2sp_alpha = 0.0          # L2-SP pull toward the round's starting weights (0: off)
 # Rehearsal: anchor slices of this phantom site (the starter's origin), made on the node
 # (no patient data), fill rehearsal_fraction of each batch; a round whose anchor Dice

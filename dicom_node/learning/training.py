@@ -54,6 +54,13 @@ class TrainingPolicy:
     model on the voxels where that model already agreed with the labels (what the
     correction did not change). 0, 0 and 1 turn them off.
 
+    Against a shared encoder drifting away from heads a site does not train (partial
+    labels across sites): ``distill_other_heads`` adds conditional distillation
+    (ConDistFL, Wang et al. 2024): every active head this round does not train stays
+    frozen, and on the voxels where the trained heads' labels say background, its
+    softmax is kept close to the round's starting model by a KL term whose gradient
+    reaches only the encoder. 0 turns it off; it does nothing with ``freeze_encoder``.
+
     ``anchor_fraction`` of each batch is drawn from the ``anchors`` passed to
     :func:`train` (rehearsal: slices like the data the model came from, with their
     labels, see :mod:`dicom_node.learning.rehearsal`); replay, anchors and new
@@ -77,6 +84,7 @@ class TrainingPolicy:
     l2sp_alpha: float = 0.0
     encoder_lr_scale: float = 1.0
     distill_weight: float = 0.0
+    distill_other_heads: float = 0.0
     anchor_fraction: float = 0.0
 
     def __post_init__(self) -> None:
@@ -97,6 +105,8 @@ class TrainingPolicy:
             raise TrainingError("l2sp_alpha must be >= 0")
         if self.distill_weight < 0:
             raise TrainingError("distill_weight must be >= 0")
+        if self.distill_other_heads < 0:
+            raise TrainingError("distill_other_heads must be >= 0")
         if self.encoder_lr_scale <= 0:
             raise TrainingError("encoder_lr_scale must be positive")
 
@@ -284,6 +294,19 @@ def distillation_loss(
     return total
 
 
+def conditional_distillation_loss(
+    logits: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], where: torch.Tensor
+) -> torch.Tensor:
+    """KL(teacher || student) per voxel of each head in ``logits``, mean over ``where``."""
+    total = torch.zeros(())
+    m = where.to(torch.float32)
+    for name, z in logits.items():
+        logp_t = F.log_softmax(teacher[name].float(), dim=1)
+        kl = (logp_t.exp() * (logp_t - F.log_softmax(z.float(), dim=1))).sum(dim=1)
+        total = total + (kl * m).sum() / m.sum().clamp(min=1.0)
+    return total
+
+
 def augment_batch(
     images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,7 +379,12 @@ def train(
         group["lr"] = policy.learning_rate * group["lr_scale"]
     optimiser = torch.optim.Adam(groups, lr=policy.learning_rate,
                                  weight_decay=policy.weight_decay)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if policy.distill_weight else None
+    others = [] if policy.freeze_encoder or not policy.distill_other_heads else [
+        h for h in config.active_head_names if h not in heads]
+    for name in others:  # frozen: only the encoder learns from their distillation
+        model.heads[name].requires_grad_(False)
+    teacher = (copy.deepcopy(model).eval().requires_grad_(False)
+               if policy.distill_weight or others else None)
     anchor = (
         [(p, p.detach().clone()) for g in groups for p in g["params"]]
         if policy.l2sp_alpha > 0 else []
@@ -401,7 +429,7 @@ def train(
                     tuner.before_step(step)
                 t_step = time.monotonic()
                 loss = _step(model, config, heads, x, y, ann, policy, optimiser, anchor,
-                             teacher)
+                             teacher, others)
                 if tuner is not None:
                     tuner.after_step(time.monotonic() - t_step)
                 step += 1
@@ -428,6 +456,8 @@ def train(
                 break
     finally:
         model.encoder.requires_grad_(True)
+        for name in others:
+            model.heads[name].requires_grad_(True)
         model.to(origin).eval()
         torch.set_num_threads(threads_before)
     return TrainingReport(
@@ -528,21 +558,25 @@ def _step(
     optimiser: torch.optim.Optimizer,
     anchor: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     teacher: MultiHeadUNet | None = None,
+    others: Sequence[str] = (),
 ) -> float | None:
     targets = head_targets(y, ann, config)
-    if policy.freeze_encoder:
-        with torch.no_grad():
-            features = model.encoder(x)
-        logits = {h: model.heads[h](features) for h in heads}
-    else:
-        logits = model(x, heads)
+    with torch.set_grad_enabled(not policy.freeze_encoder):
+        features = model.encoder(x)
+    logits = {h: model.heads[h](features) for h in heads}
     loss = masked_loss(logits, targets, policy.dice_weight)
     if loss is None:  # this batch annotates nothing the trained heads own
         return None
     if teacher is not None:
         with torch.no_grad():
-            old = teacher(x, heads)
-        loss = loss + policy.distill_weight * distillation_loss(logits, old, targets)
+            old = teacher(x, [*(heads if policy.distill_weight else []), *others])
+        if policy.distill_weight:
+            loss = loss + policy.distill_weight * distillation_loss(logits, old, targets)
+        if others:
+            background = torch.stack([targets[h][0] == 0 for h in heads]).all(dim=0)
+            student = {h: model.heads[h](features) for h in others}
+            loss = loss + policy.distill_other_heads * conditional_distillation_loss(
+                student, old, background)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     with torch.no_grad():  # L2-SP: the gradient of alpha/2 * ||w - w0||^2 is alpha * (w - w0)

@@ -80,6 +80,7 @@ def policy_of(config: NodeConfig) -> TrainingPolicy:
                           num_threads=lc.threads, l2sp_alpha=lc.l2sp_alpha,
                           encoder_lr_scale=lc.encoder_lr_scale,
                           distill_weight=lc.distill_weight,
+                          distill_other_heads=lc.distill_other_heads,
                           anchor_fraction=lc.rehearsal_fraction if lc.rehearsal_site else 0.0)
 
 

@@ -169,6 +169,14 @@ def test_the_nodes_defaults_turn_rehearsal_on_and_policy_follows() -> None:
     assert not rehearsal_of(off).enabled and policy_of(off).anchor_fraction == 0.0
 
 
+def test_distillation_of_other_heads_is_on_by_default_and_configurable() -> None:
+    assert policy_of(NodeConfig()).distill_other_heads == 1.0
+    off = NodeConfig.model_validate({"learning": {"distill_other_heads": 0}})
+    assert policy_of(off).distill_other_heads == 0.0
+    with pytest.raises(ValueError, match="distill_other_heads"):
+        NodeConfig.model_validate({"learning": {"distill_other_heads": -1}})
+
+
 @pytest.mark.parametrize(("toml", "match"), [
     ('rehearsal_site = "E"', r"learning\.rehearsal_site.*phantom site"),
     ("rehearsal_subjects = 0", r"learning\.rehearsal_subjects"),
