@@ -233,11 +233,16 @@ def upload(hub: HubService, node_id: str, payload: bytes, groups: list[str], bas
 
 
 def federate(init: MultiHeadUNet, config: ModelConfig, data: dict[str, PreparedSlices],
-             args: argparse.Namespace, seed: int, log: Callable[[str], None]
-             ) -> tuple[MultiHeadUNet, list[dict]]:
-    """``--rounds`` rounds through the real hub; returns the final global model."""
+             heads: Sequence[str], args: argparse.Namespace, seed: int,
+             log: Callable[[str], None]) -> tuple[MultiHeadUNet, list[dict]]:
+    """``--rounds`` rounds through the real hub (the sites train ``heads`` between them);
+    returns the final global model."""
     epochs = max(1, args.epochs // args.rounds)
     rounds: list[dict] = []
+    # Heads no site trains keep random weights: sites see them as pending, as a node
+    # sees a head without weights, so no distillation pulls toward them.
+    site_config = replace(config, added_heads=tuple(
+        AddedHead(h, 0) for h in config.head_names if h not in heads))
     with tempfile.TemporaryDirectory(prefix="tessera-partial-") as tmp:
         hub = hub_service(Path(tmp) / "hub", args.strategy)
         try:
@@ -250,7 +255,7 @@ def federate(init: MultiHeadUNet, config: ModelConfig, data: dict[str, PreparedS
                 sent = {}
                 for i, (site, slices) in enumerate(data.items()):
                     t0 = time.monotonic()
-                    candidate, report = local_round(model, config, slices, epochs, args,
+                    candidate, report = local_round(model, site_config, slices, epochs, args,
                                                     seed=seed + 1000 * r + i,
                                                     distill_other_heads=args.distill_other_heads)
                     groups = trained_groups(report)
@@ -373,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{time.monotonic() - t0:.0f} s, Dice on {task.test_site} "
                 f"{fmt(results[f'{site}-only'])}")
         t0 = time.monotonic()
-        federated, rounds = federate(init, config, data, args, seed, log)
+        federated, rounds = federate(init, config, data, all_heads, args, seed, log)
         results["federated"] = score(federated, config, all_heads, cases)
         log(f"seed {seed} federated: {args.rounds} rounds in {time.monotonic() - t0:.0f} s, "
             f"Dice on {task.test_site} {fmt(results['federated'])}")
