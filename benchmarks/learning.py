@@ -243,6 +243,7 @@ def main() -> int:
     print(f"{0:>3} {rows[0]['B']['mean']:8.4f} {rows[0]['A']['mean']:8.4f}", flush=True)
     replay: list[list[SliceSample]] = []
     summary: dict = {}
+    moments = {} if lc.keep_optimiser_state else None  # Adam's, kept by served rounds
     for n in range(1, args.corrections + 1):
         case = phantom_case(shifted, n - 1, args.seed, args.data)
         ai = segment_volume(model, config, case.image, case.spacing).labels
@@ -254,13 +255,14 @@ def main() -> int:
         load_before = load()
         t1 = time.monotonic()
         candidate, report = train_round(model, config, sample, old, replace(policy, seed=n),
-                                        anchors=slices)
+                                        anchors=slices, optimiser_state=moments)
         train_s = time.monotonic() - t1
         check = gate.check(model, config, candidate, config) if gate else None
         seconds = time.monotonic() - t1
         served = check is None or check.accepted
         if served:  # a refused round leaves the serving model as it was (the node's gate)
             model, config = candidate, config.with_generation(config.generation + 1)
+            moments = report.optimiser_state
         replay.insert(0, sample)
         row = {"corrections": n, "B": score(model, config, held_b),
                "A": score(model, config, held_a), "ai_vs_corrected": ai_dice,

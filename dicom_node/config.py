@@ -222,6 +222,11 @@ class LearningSettings(_Section):
     encoder_lr_scale: float = Field(0.01, gt=0, le=1)
     distill_weight: float = Field(10.0, ge=0)
     distill_other_heads: float = Field(1.0, ge=0)
+    # Adam's moments are kept from one round to the next (data_dir/optimiser/<model>),
+    # as a federated client keeps its optimiser while weights come from the hub: a
+    # fresh Adam's first steps are full-size whatever the gradient, and rounds are
+    # short (benchmarks/partial_labels.py). They never leave the node.
+    keep_optimiser_state: bool = True
     l2sp_alpha: float = Field(0.0, ge=0)
     validation_every: int = Field(5, ge=0)      # every Nth correction is held out; 0: none
     acceptance_margin: float = Field(0.01, ge=0, le=1)
@@ -536,6 +541,7 @@ time_budget_s = 50        # training steps stop here; with preparation a round i
 encoder_lr_scale = 0.01   # encoder learns at this fraction of learning_rate (heads: 1x)
 distill_weight = 10.0     # keep heads close to the round's start where it was right
 distill_other_heads = 1.0 # heads this site does not train keep their outputs (0: off)
+keep_optimiser_state = true # Adam's moments carry over between rounds (stay local)
 l2sp_alpha = 0.0          # L2-SP pull toward the round's starting weights (0: off)
 # Rehearsal: anchor slices of this phantom site (the starter's origin), made on the node
 # (no patient data), fill rehearsal_fraction of each batch; a round whose anchor Dice

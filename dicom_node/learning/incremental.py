@@ -133,8 +133,10 @@ def train_round(
     *,
     anchors: Sequence[SliceSample] = (),
     progress: ProgressHook | None = None,
+    optimiser_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[MultiHeadUNet, TrainingReport]:
-    """Train a copy of ``model`` on ``new`` plus ``replay`` (and rehearsal ``anchors``).
+    """Train a copy of ``model`` on ``new`` plus ``replay`` (and rehearsal ``anchors``),
+    continuing Adam from ``optimiser_state`` if given (see :func:`train`).
 
     The original is untouched.
     """
@@ -144,7 +146,7 @@ def train_round(
     if not anchors:
         policy = replace(policy, anchor_fraction=0.0)
     report = train(candidate, config, new, policy, replay=replay, anchors=anchors,
-                   progress=progress)
+                   progress=progress, optimiser_state=optimiser_state)
     return candidate, report
 
 

@@ -17,8 +17,8 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.optimiser_state import OptimiserState
+from dicom_node.learning.optimiser_state import capture as capture_optimiser
+from dicom_node.learning.optimiser_state import restore as restore_optimiser
 from dicom_node.learning.preprocessing import intensity_range, normalise, resize_images
 from dicom_node.learning.preprocessing import resize_labels as _resize_labels
 
@@ -146,6 +149,9 @@ class TrainingReport:
     epoch_losses: tuple[float, ...]
     trained_heads: tuple[str, ...]
     encoder_frozen: bool
+    # Adam's moments after the round (see optimiser_state); only when train() was
+    # given a state to continue from ({} for a first round)
+    optimiser_state: OptimiserState | None = field(default=None, repr=False, compare=False)
 
 
 ProgressHook = Callable[[TrainingProgress], None]
@@ -353,8 +359,15 @@ def train(
     replay: Sequence[SliceSample] | PreparedSlices = (),
     anchors: Sequence[SliceSample] | PreparedSlices = (),
     progress: ProgressHook | None = None,
+    optimiser_state: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainingReport:
-    """Train ``model`` in place on ``samples`` (plus ``replay`` and ``anchors``)."""
+    """Train ``model`` in place on ``samples`` (plus ``replay`` and ``anchors``).
+
+    ``optimiser_state`` (from the previous round's report, ``{}`` for a first round)
+    seeds Adam's moments of the parameters it fits, and the report then carries the
+    moments after this round (:mod:`dicom_node.learning.optimiser_state`); ``None``
+    starts afresh and keeps nothing.
+    """
     data = samples if isinstance(samples, PreparedSlices) else prepare_samples(samples, config)
     old = _prepared(replay, config)
     anc = _prepared(anchors, config)
@@ -379,6 +392,9 @@ def train(
         group["lr"] = policy.learning_rate * group["lr_scale"]
     optimiser = torch.optim.Adam(groups, lr=policy.learning_rate,
                                  weight_decay=policy.weight_decay)
+    if optimiser_state:
+        restored = restore_optimiser(model, optimiser, optimiser_state)
+        LOGGER.info("optimiser state continued for %d parameter tensors", restored)
     others = [] if policy.freeze_encoder or not policy.distill_other_heads else [
         h for h in config.active_head_names if h not in heads]
     for name in others:  # frozen: only the encoder learns from their distillation
@@ -469,6 +485,7 @@ def train(
         epoch_losses=tuple(epoch_losses),
         trained_heads=tuple(heads),
         encoder_frozen=policy.freeze_encoder,
+        optimiser_state=None if optimiser_state is None else capture_optimiser(model, optimiser),
     )
 
 

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
+from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.incremental import (
     StoredSample,
@@ -163,8 +164,11 @@ class IncrementalTrainer:
                     name, base_config.generation, len(new), len(new_rows), len(replay))
         t0 = time.monotonic()
         anchors, gate = self._rehearsal(base_config)
+        moments = (optimiser_state.load(self._moments_path(name))
+                   if self.config.learning.keep_optimiser_state else None)
         candidate, report = train_round(base_model, base_config, new, replay, policy,
-                                        anchors=anchors, progress=self._progress(attempt, beat))
+                                        anchors=anchors, progress=self._progress(attempt, beat),
+                                        optimiser_state=moments)
         beat()
         cand_config = after_round(base_config, report)  # a pending head it trained is active
         base_dice = evaluate_slices(base_model, base_config, held) if held else None
@@ -244,9 +248,16 @@ class IncrementalTrainer:
             (self.data_dir / rel).unlink(missing_ok=True)
         if accepted:
             self.models.replace(name, candidate, config)
+            if report.optimiser_state is not None:  # a refused round's moments are dropped
+                optimiser_state.save(self._moments_path(name), report.optimiser_state,
+                                     {"model": name, "generation": str(generation)})
         LOGGER.info("%s generation %d (from %d) %s: %s", name, generation,
                     base_config.generation, "serves" if accepted else "rejected", verdict)
         return version
+
+    def _moments_path(self, name: str) -> Path:
+        """Adam's moments after the last served round of ``name`` (local only)."""
+        return self.data_dir / "optimiser" / f"{name}.safetensors"
 
     # -- samples ---------------------------------------------------------------------
     def _rehearsal(self, config: Any) -> tuple[list[SliceSample], AnchorGate | None]:

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from dicom_node.learning import optimiser_state
 from dicom_node.phantom.codes import CT_SEGMENTS
 from dicom_node.pipeline.trainer import FAULT_ENV
 from dicom_node.pipeline.volume import build_volume
@@ -121,6 +122,10 @@ def test_a_crash_during_training_leaves_the_serving_model_and_the_job_is_retried
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, "1")
     node = _node(tmp_path, start_node, segment_rule())
+    # a damaged file of Adam's moments costs a warm-up, never the round
+    moments = tmp_path / "node" / "optimiser" / f"{TEST_MODEL}.safetensors"
+    moments.parent.mkdir(parents=True)
+    moments.write_bytes(b"\x80\x04damaged")
     study = Study("B", 3, seed=7500)
     assert storescu(node.port, *study.write(tmp_path / "s")).returncode == 0
     wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
@@ -138,6 +143,7 @@ def test_a_crash_during_training_leaves_the_serving_model_and_the_job_is_retried
     # the retry is backed off, so the serving model is still generation 0 here
     assert node.parts.models.get(TEST_MODEL)[1].generation == 0
     assert not [v for v in versions(node) if v.origin == "local"]
+    assert moments.read_bytes() == b"\x80\x04damaged"  # a crashed round keeps nothing
 
     def job_done() -> Job | None:
         with node.parts.db.session() as s:
@@ -149,3 +155,5 @@ def test_a_crash_during_training_leaves_the_serving_model_and_the_job_is_retried
     gen1 = [v for v in versions(node) if v.generation == 1]
     assert len(gen1) == 1 and gen1[0].state == "serving"
     assert node.parts.models.get(TEST_MODEL)[1].generation == 1
+    wait_until(lambda: optimiser_state.load(moments), timeout=30,
+               what="the served round's moments in place of the damaged file")

@@ -16,8 +16,9 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from dicom_node.learning import optimiser_state
 from dicom_node.learning.metrics import dice_per_label
-from dicom_node.learning.weights import arrays_from_bytes
+from dicom_node.learning.weights import arrays_from_bytes, read_metadata
 from dicom_node.pipeline.seg import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.versions import list_versions
@@ -73,6 +74,12 @@ def _algorithm_version(seg: pydicom.Dataset) -> str:
     return str(item.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion)
 
 
+def _moments_generation(path: Path) -> str | None:
+    """The generation whose round wrote the node's Adam moments (written after the
+    version row commits)."""
+    return read_metadata(path.read_bytes()).get("generation") if path.exists() else None
+
+
 @pytest.mark.slow
 def test_correction_trains_a_new_version_that_serves_the_next_study(
     tmp_path: Path, start_node: Any
@@ -113,6 +120,14 @@ def test_correction_trains_a_new_version_that_serves_the_next_study(
     assert meta["base_generation"] == "0" and meta["num_samples"] == "1"
     assert any(k.startswith("encoder.") for k in arrays)
     assert Path(item.path).with_suffix(".json").exists()
+    # Adam's moments stay on the node for the next round (never in the update)
+    moments_file = tmp_path / "node" / "optimiser" / f"{TEST_MODEL}.safetensors"
+    wait_until(lambda: _moments_generation(moments_file) == "1", timeout=30,
+               what="the moments of generation 1")
+    first_moments = optimiser_state.load(moments_file)
+    step_key = next(k for k in first_moments if k.startswith("encoder.") and k.endswith("::step"))
+    assert float(first_moments[step_key]) == gen1.metrics["training"]["steps"]
+    assert not any("::" in k for k in arrays)
 
     # The next study of that site is segmented by the new version, without a restart.
     second = Study("B", 1, seed=7300)
@@ -134,8 +149,15 @@ def test_correction_trains_a_new_version_that_serves_the_next_study(
 
     # A second round (with the first sample as replay) serves generation 2; the
     # operator rolls back with the CLI and the running node follows without a restart.
-    wait_until(lambda: [v for v in versions(node) if v.generation == 2 and v.state == "serving"],
-               timeout=120, what="generation 2 serving")
+    gen2 = wait_until(lambda: [v for v in versions(node)
+                               if v.generation == 2 and v.state == "serving"],
+                      timeout=120, what="generation 2 serving")[0]
+    # the second round continued the first round's moments
+    wait_until(lambda: _moments_generation(moments_file) == "2", timeout=30,
+               what="the moments of generation 2")
+    second_moments = optimiser_state.load(moments_file)
+    assert float(second_moments[step_key]) == (float(first_moments[step_key])
+                                               + gen2.metrics["training"]["steps"])
     config_file = tmp_path / "node-0.toml"
     listed = json.loads(_cli("model", "list-versions", "--config", str(config_file), "--json"))
     assert [(v["generation"], v["state"]) for v in listed] == [
