@@ -8,7 +8,8 @@ training runs exactly as the node's trainer runs it: ``dicom_node.learning.incre
 1e-3, augmentation, 50 s step budget, 2 threads, encoder at 0.01x the rate,
 distillation toward the round's starting model, and rehearsal on anchor slices of
 phantom site A made locally (``dicom_node.learning.rehearsal``), whose gate refuses a
-round that forgets them (the model then stays as it was, as on the node). After each
+round that forgets them (the model then stays as it was, as on the node); Adam's
+moments carry over from one served round to the next (``keep_optimiser_state``). After each
 correction the model is scored (3D Dice, mean over labels) on held-out subjects of the
 shifted site and of A.
 
@@ -172,7 +173,7 @@ def node_learning(args: argparse.Namespace) -> LearningSettings:
     overrides = {k: getattr(args, k) for k in (
         "epochs", "learning_rate", "time_budget_s", "replay_max_slices", "replay_fraction",
         "threads", "l2sp_alpha", "distill_weight", "encoder_lr_scale", "rehearsal_site",
-        "rehearsal_subjects", "rehearsal_fraction", "rehearsal_margin")
+        "rehearsal_subjects", "rehearsal_fraction", "rehearsal_margin", "keep_optimiser_state")
         if getattr(args, k) is not None}
     return LearningSettings.model_validate({**NODE.model_dump(), **overrides})
 
@@ -205,6 +206,8 @@ def main() -> int:
     ap.add_argument("--rehearsal-subjects", type=int)
     ap.add_argument("--rehearsal-fraction", type=float)
     ap.add_argument("--rehearsal-margin", type=float)
+    ap.add_argument("--keep-optimiser-state", action=argparse.BooleanOptionalAction,
+                    default=None, help="Adam's moments carry over between served rounds")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/out/learning (ct) or benchmarks/out/learning-mr")
     args = ap.parse_args()
