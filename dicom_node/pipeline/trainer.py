@@ -249,8 +249,11 @@ class IncrementalTrainer:
         if accepted:
             self.models.replace(name, candidate, config)
             if report.optimiser_state is not None:  # a refused round's moments are dropped
-                optimiser_state.save(self._moments_path(name), report.optimiser_state,
-                                     {"model": name, "generation": str(generation)})
+                try:
+                    optimiser_state.save(self._moments_path(name), report.optimiser_state,
+                                         {"model": name, "generation": str(generation)})
+                except OSError as exc:  # the round is committed; moments are only a head start
+                    LOGGER.warning("optimiser state of %s not kept: %s", name, exc)
         LOGGER.info("%s generation %d (from %d) %s: %s", name, generation,
                     base_config.generation, "serves" if accepted else "rejected", verdict)
         return version

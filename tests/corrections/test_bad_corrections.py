@@ -157,3 +157,32 @@ def test_a_crash_during_training_leaves_the_serving_model_and_the_job_is_retried
     assert node.parts.models.get(TEST_MODEL)[1].generation == 1
     wait_until(lambda: optimiser_state.load(moments), timeout=30,
                what="the served round's moments in place of the damaged file")
+
+
+@pytest.mark.slow
+def test_a_round_serves_even_when_its_moments_cannot_be_written(
+    tmp_path: Path, start_node: Any
+) -> None:
+    node = _node(tmp_path, start_node, segment_rule())
+    blocker = tmp_path / "node" / "optimiser"  # a file where the folder belongs
+    blocker.write_bytes(b"not a folder")
+    study = Study("B", 4, seed=7600)
+    assert storescu(node.port, *study.write(tmp_path / "s")).returncode == 0
+    wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
+               what="the AI segmentation")
+    seg, _ = radiologist_seg(study, tmp_path / "corr" / "seg.dcm")
+    assert storescu(node.port, seg, options=("-R",)).returncode == 0
+    wait_until(lambda: node.parts.models.get(TEST_MODEL)[1].generation == 1, timeout=120,
+               what="generation 1 serving")
+    gen1 = [v for v in versions(node) if v.generation == 1]
+    assert len(gen1) == 1 and gen1[0].state == "serving"
+
+    def training_jobs() -> list[tuple[str, int]]:
+        with node.parts.db.session() as s:
+            return [(j.state, j.attempts) for j in
+                    s.execute(select(Job).where(Job.kind == "training")).scalars()]
+
+    # the job finished on its first attempt; nothing is retried
+    wait_until(lambda: training_jobs() == [("done", 1)] or None, timeout=30,
+               what=f"the training job done at once (now {training_jobs()})")
+    assert blocker.read_bytes() == b"not a folder"
