@@ -34,6 +34,7 @@ from dicom_node.phantom.dicom import subject_datasets
 from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, SegmentSpec, build_seg
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.store.models import Correction, Instance, ModelVersion, Segmentation
+from tests.node.conftest import storescu, wait_until
 from tests.peers import require_binary
 
 TEST_MODEL = "tessera-test-ct"
@@ -121,6 +122,20 @@ def radiologist_seg(study: Study, path: Path, labels: np.ndarray | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
     return path, labels
+
+
+def send_corrected_study(node: Any, study: Study, folder: Path) -> Path:
+    """Study in by C-STORE, the node's AI SEG awaited, then the radiologist's SEG
+    (:func:`radiologist_seg`: every organ drawn) sent back with ``storescu -R``.
+
+    Writes ``folder/study`` and ``folder/seg.dcm``; returns the SEG file.
+    """
+    assert storescu(node.port, *study.write(folder / "study")).returncode == 0
+    wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
+               what="the AI segmentation")
+    seg_path, _ = radiologist_seg(study, folder / "seg.dcm")
+    assert storescu(node.port, seg_path, options=("-R",)).returncode == 0
+    return seg_path
 
 
 # -- dcmqi ----------------------------------------------------------------------------

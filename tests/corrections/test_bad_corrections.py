@@ -28,6 +28,7 @@ from tests.corrections.helpers import (
     radiologist_seg,
     segment_rule,
     segmentation_of,
+    send_corrected_study,
     tiny_model,
     versions,
 )
@@ -126,12 +127,7 @@ def test_a_crash_during_training_leaves_the_serving_model_and_the_job_is_retried
     moments = tmp_path / "node" / "optimiser" / f"{TEST_MODEL}.safetensors"
     moments.parent.mkdir(parents=True)
     moments.write_bytes(b"\x80\x04damaged")
-    study = Study("B", 3, seed=7500)
-    assert storescu(node.port, *study.write(tmp_path / "s")).returncode == 0
-    wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
-               what="the AI segmentation")
-    seg, _ = radiologist_seg(study, tmp_path / "corr" / "seg.dcm")
-    assert storescu(node.port, seg, options=("-R",)).returncode == 0
+    send_corrected_study(node, Study("B", 3, seed=7500), tmp_path / "corr")
 
     def failed_once() -> Job | None:
         with node.parts.db.session() as s:
@@ -166,12 +162,7 @@ def test_a_round_serves_even_when_its_moments_cannot_be_written(
     node = _node(tmp_path, start_node, segment_rule())
     blocker = tmp_path / "node" / "optimiser"  # a file where the folder belongs
     blocker.write_bytes(b"not a folder")
-    study = Study("B", 4, seed=7600)
-    assert storescu(node.port, *study.write(tmp_path / "s")).returncode == 0
-    wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
-               what="the AI segmentation")
-    seg, _ = radiologist_seg(study, tmp_path / "corr" / "seg.dcm")
-    assert storescu(node.port, seg, options=("-R",)).returncode == 0
+    send_corrected_study(node, Study("B", 4, seed=7600), tmp_path / "corr")
     wait_until(lambda: node.parts.models.get(TEST_MODEL)[1].generation == 1, timeout=120,
                what="generation 1 serving")
     gen1 = [v for v in versions(node) if v.generation == 1]

@@ -22,8 +22,8 @@ from dicom_node.learning.weights import arrays_from_bytes
 from dicom_node.node import Node
 from dicom_node.store.models import TrainingSample, UpdateOutboxItem
 from federation_grpc.hub import aggregation as agg
-from tests.corrections.helpers import Study, correction_for, radiologist_seg, segmentation_of
-from tests.node.conftest import storescu, wait_until, write_node_config
+from tests.corrections.helpers import Study, correction_for, send_corrected_study
+from tests.node.conftest import wait_until, write_node_config
 
 from .conftest import federated_node_data, model_json, node_tls
 
@@ -99,11 +99,7 @@ def test_liver_site_and_spleen_site_build_one_model_head_by_head(
 
 def _correct_one_study(node: Node, study: Study, folder: Path) -> None:
     """Study in, AI SEG out, the radiologist's SEG (every organ drawn) back in."""
-    assert storescu(node.port, *study.write(folder / "study")).returncode == 0
-    wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
-               what="the AI segmentation")
-    seg_path, _ = radiologist_seg(study, folder / "seg.dcm")
-    assert storescu(node.port, seg_path, options=("-R",)).returncode == 0
+    seg_path = send_corrected_study(node, study, folder)
     import pydicom
 
     uid = str(pydicom.dcmread(seg_path, stop_before_pixels=True).SOPInstanceUID)

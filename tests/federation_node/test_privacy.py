@@ -16,8 +16,8 @@ import pytest
 
 from dicom_node.config import load_config
 from dicom_node.node import Node
-from tests.corrections.helpers import Study, correction_for, radiologist_seg, segmentation_of
-from tests.node.conftest import storescu, wait_until, write_node_config
+from tests.corrections.helpers import Study, correction_for, send_corrected_study
+from tests.node.conftest import wait_until, write_node_config
 
 from .conftest import WireRecorder, federated_node_data, node_tls, outbox, serving
 
@@ -115,11 +115,7 @@ def test_nothing_identifying_leaves_the_node(
     url = node.config.node.resolved_database_url()
     try:
         study = Study("B", 0, seed=7300)
-        assert storescu(node.port, *study.write(tmp_path / "study")).returncode == 0
-        wait_until(lambda: segmentation_of(node, study.series_uid), timeout=120,
-                   what="the AI segmentation")
-        seg_path, _ = radiologist_seg(study, tmp_path / "corr" / "seg.dcm")
-        assert storescu(node.port, seg_path, options=("-R",)).returncode == 0
+        seg_path = send_corrected_study(node, study, tmp_path / "corr")
         sop = str(pydicom.dcmread(seg_path).SOPInstanceUID)
         wait_until(lambda: correction_for(node, sop), timeout=60, what="the correction")
         wait_until(lambda: [r for r in outbox(url) if r[1] == "sent"], timeout=180,
