@@ -116,10 +116,10 @@ def from_bytes(data: bytes) -> OptimiserState:
 def save(path: Path, state: Mapping[str, torch.Tensor],
          metadata: Mapping[str, str] | None = None) -> None:
     """Write atomically (a crash leaves the previous state or none, never half a file)."""
+    from dicom_node.learning.weights import atomic_write  # weights -> training -> here
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(to_bytes(state, metadata))
-    tmp.replace(path)
+    atomic_write(path, to_bytes(state, metadata))
 
 
 def load(path: Path) -> OptimiserState:

@@ -150,8 +150,8 @@ def save_model(model: MultiHeadUNet, config: ModelConfig, path: Path | str) -> P
         path = path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = model_to_bytes(model, config)
-    _atomic_write(path, data)
-    _atomic_write(path.with_suffix(".json"), (config.to_json() + "\n").encode())
+    atomic_write(path, data)
+    atomic_write(path.with_suffix(".json"), (config.to_json() + "\n").encode())
     LOGGER.info("saved model %s generation %d to %s", config.name, config.generation, path)
     return path
 
@@ -178,7 +178,8 @@ def load_model(path: Path | str) -> tuple[MultiHeadUNet, ModelConfig]:
     return model_from_bytes(data, config)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write beside ``path`` and rename: a crash leaves the old file or none, never half."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)

@@ -43,7 +43,7 @@ from dicom_node.learning.incremental import (
 )
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
 from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
-from dicom_node.learning.weights import save_model
+from dicom_node.learning.weights import atomic_write, save_model
 from dicom_node.pipeline.corrections import TRAINING
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import deterministic_uid
@@ -219,8 +219,8 @@ class IncrementalTrainer:
                 "validation": metrics["held_out"]})
             update_path = self.data_dir / "updates" / f"{update_id}.safetensors"
             update_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic(update_path, data)
-            _atomic(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+            atomic_write(update_path, data)
+            atomic_write(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
         now = datetime.now(UTC)
         with self.db.session() as s:
             if accepted:
@@ -318,9 +318,3 @@ class IncrementalTrainer:
                 beat()
 
         return hook
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

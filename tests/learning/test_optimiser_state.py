@@ -16,6 +16,7 @@ from dicom_node.learning.incremental import copy_model
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.training import (
+    PreparedSlices,
     TrainingPolicy,
     prepare_samples,
     samples_from_volume,
@@ -29,7 +30,7 @@ ALL = {"body", "liver", "spleen", "kidney_left", "kidney_right"}
 FULL_BATCH = TrainingPolicy(epochs=1, batch_size=4, learning_rate=3e-3, augment=False)
 
 
-def _data(config: ModelConfig, annotated: set[str] = ALL):  # type: ignore[no-untyped-def]
+def _data(config: ModelConfig, annotated: set[str] = ALL) -> PreparedSlices:
     image, labels = toy_volume(seed=3, slices=4)
     return prepare_samples(samples_from_volume(image, labels, annotated, config), config)
 
