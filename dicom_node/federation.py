@@ -191,6 +191,11 @@ class FederationAgent:
         with self._client_lock:
             self._client = None
 
+    @property
+    def running(self) -> bool:
+        """Whether a federation thread still runs (none does after the hub refused the node)."""
+        return any(t.is_alive() for t in self._threads)
+
     def wake(self) -> None:
         """Try pending uploads now (e.g. after a training round committed one)."""
         self._wake.set()

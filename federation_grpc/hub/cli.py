@@ -307,15 +307,26 @@ def certs(
     host: Annotated[
         list[str] | None, typer.Option(help="Hub DNS name or IP for its certificate (repeat).")
     ] = None,
+    dicom_server: Annotated[
+        str | None,
+        typer.Option(help="Also issue a server certificate NAME for a node's DICOM TLS."),
+    ] = None,
+    dicom_host: Annotated[
+        list[str] | None,
+        typer.Option(help="DNS name or IP for the DICOM TLS certificate (repeat)."),
+    ] = None,
 ) -> None:
     """Make a CA, a hub server certificate and node client certificates."""
-    from federation_grpc.hub.certs import make_certs
+    from federation_grpc.hub.certs import issue, make_certs
 
     made = make_certs(
         out_dir,
         nodes=tuple(node or ["node1"]),
         hosts=tuple(host or ["localhost", "127.0.0.1"]),
     )
+    if dicom_server:
+        made[dicom_server] = issue(made["ca"], out_dir, dicom_server, server=True,
+                                   hosts=tuple(dicom_host or ["localhost", "127.0.0.1"]))
     for name, issued in made.items():
         out().print(f"{name}: {issued.cert} {issued.key}")
     out().print("keep ca.key offline; give each node ca.pem, its .pem and .key")

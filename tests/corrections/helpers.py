@@ -35,7 +35,7 @@ from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, SegmentSpec,
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.store.models import Correction, Instance, ModelVersion, Segmentation
 from tests.node.conftest import storescu, wait_until
-from tests.peers import require_binary
+from tests.peers import venv_tool
 
 TEST_MODEL = "tessera-test-ct"
 TUMOUR = SegmentSpec.from_rgb(9, "lesion", codes.SCT.MorphologicallyAbnormalStructure,
@@ -164,7 +164,7 @@ def write_nifti(path: Path, data_ijk: np.ndarray, affine_ras: np.ndarray) -> Non
 
 def dcmqi_seg(study: Study, series_dir: Path, out: Path) -> Path:
     """The study's ground truth written by dcmqi's itkimage2segimage."""
-    exe = require_binary("itkimage2segimage")
+    exe = venv_tool("itkimage2segimage")
     volume = study.volume()
     labels = study.truth_in_volume_order()  # (k, r, c)
     data_ijk = np.transpose(labels, (2, 1, 0))  # i = column, j = row, k = slice

@@ -421,10 +421,11 @@ class StoreSCP:
         exe = require_binary(STORESCP)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log.open("ab")
-        # -uf: unique file names, so a second delivery of an instance is a second file.
+        # +uf: unique file names, so a second delivery of an instance is a second file
+        # (-uf, the default, names files by SOP Instance UID and overwrites a duplicate).
         # +xa: accept every transfer syntax (compressed ones stay as received).
         self.proc = subprocess.Popen(
-            [exe, "-v", "-uf", "+xa", "-aet", "STORESCP", "-od", str(self.directory),
+            [exe, "-v", "+uf", "+xa", "-aet", "STORESCP", "-od", str(self.directory),
              str(self.port)],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=peer_env())
         wait_until(self._listening, timeout=20, what=f"storescp on port {self.port}")
