@@ -14,8 +14,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.node import Node
 from tests.deploy.conftest import REPO, subprocess_env
-from tests.peers import venv_tool
 from tests.node.conftest import node_config_data, start_node  # noqa: F401  (fixture)
+from tests.peers import venv_tool
 
 
 @pytest.fixture(scope="module")
