@@ -42,8 +42,9 @@ from dicom_node.learning.incremental import (
     update_artifact,
 )
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
+from dicom_node.learning.safetensors_io import atomic_write
 from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
-from dicom_node.learning.weights import atomic_write, save_model
+from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.corrections import TRAINING
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import deterministic_uid
