@@ -42,6 +42,9 @@ max_update_bytes = 536870912
 download_chunk_bytes = 1048576
 # Lifetime of one-time enrolment tokens (seconds).
 enrolment_token_ttl_s = 86400
+# Largest num_samples an update may declare; above it (or below 1) the upload is refused
+# with INVALID_ARGUMENT and recorded in `tessera hub rejections`.
+max_num_samples = 100000
 
 [aggregation]
 # fedasync (merge each update, weighted by samples and staleness),
@@ -55,6 +58,17 @@ server_lr = 1.0
 # fedasync under a burst: fold up to this many waiting updates (each with its own
 # weight) into one generation, so the hub catches up instead of saving every step.
 max_pending_fold = 32
+# Robust weighting. No single update makes more than this share of a merge: fedasync
+# caps its mixing weight (merged = (1-w) current + w update, w <= share); fedbuff and
+# fedavg cap each update's normalised weight and renormalise the others (with fewer
+# than 1/share updates in a group, they get equal shares). 1 disables the cap.
+max_update_share = 0.5
+# Clip each update's change from its base generation to this L2 norm before merging
+# (every strategy); 0 disables. The gate's max_update_norm refuses instead of clipping.
+clip_norm = 0.0
+# fedbuff/fedavg: per coordinate, drop this fraction of the highest and of the lowest
+# values before averaging (unweighted); 0 disables. 0.34 with buffer_size 3 is the median.
+trim_fraction = 0.0
 
 [gate]
 # Largest L2 norm of (update - base) over the trained groups; 0 disables.
@@ -94,6 +108,11 @@ class Limits:
     max_update_bytes: int = 512 * 1024 * 1024
     download_chunk_bytes: int = 1024 * 1024
     enrolment_token_ttl_s: int = 86400
+    max_num_samples: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.max_num_samples < 1:
+            raise InvalidRequest("[limits] max_num_samples must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,17 @@ class AggregationConfig:
     buffer_size: int = 3
     server_lr: float = 1.0
     max_pending_fold: int = 32
+    max_update_share: float = 0.5
+    clip_norm: float = 0.0
+    trim_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_update_share <= 1:
+            raise InvalidRequest("[aggregation] max_update_share must be in (0, 1]")
+        if self.clip_norm < 0:
+            raise InvalidRequest("[aggregation] clip_norm must not be negative")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise InvalidRequest("[aggregation] trim_fraction must be in [0, 0.5)")
 
     def strategy_options(self) -> dict[str, float | int]:
         if self.strategy == "fedasync":
@@ -113,14 +143,17 @@ class AggregationConfig:
                 "sample_halfpoint": self.sample_halfpoint,
                 "staleness_exponent": self.staleness_exponent,
                 "max_pending_fold": self.max_pending_fold,
+                "max_update_share": self.max_update_share,
             }
+        robust = {"max_update_share": self.max_update_share, "trim_fraction": self.trim_fraction}
         if self.strategy == "fedbuff":
             return {
                 "buffer_size": self.buffer_size,
                 "server_lr": self.server_lr,
                 "staleness_exponent": self.staleness_exponent,
+                **robust,
             }
-        return {"round_size": self.buffer_size}
+        return {"round_size": self.buffer_size, **robust}
 
 
 @dataclass(frozen=True)
