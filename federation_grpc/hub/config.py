@@ -45,6 +45,10 @@ enrolment_token_ttl_s = 86400
 # Largest num_samples an update may declare; above it (or below 1) the upload is refused
 # with INVALID_ARGUMENT and recorded in `tessera hub rejections`.
 max_num_samples = 100000
+# Concurrent RPCs and open streams (watch, upload, download) per node, counted by client
+# certificate; the extra ones get RESOURCE_EXHAUSTED. Keep it well below max_workers so
+# one node cannot starve the others. 0 disables.
+max_calls_per_node = 16
 
 [aggregation]
 # fedasync (merge each update, weighted by samples and staleness),
@@ -109,10 +113,13 @@ class Limits:
     download_chunk_bytes: int = 1024 * 1024
     enrolment_token_ttl_s: int = 86400
     max_num_samples: int = 100_000
+    max_calls_per_node: int = 16
 
     def __post_init__(self) -> None:
         if self.max_num_samples < 1:
             raise InvalidRequest("[limits] max_num_samples must be at least 1")
+        if self.max_calls_per_node < 0:
+            raise InvalidRequest("[limits] max_calls_per_node must not be negative")
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,11 @@ class HubService:
         LOGGER.info("enrolment token created, expires %s", expires.isoformat())
         return token, expires
 
-    def enrol(self, enrolment_token: str, display_name: str = "") -> Enrolment:
+    def enrol(
+        self, enrolment_token: str, display_name: str = "", cert_sha256: str = ""
+    ) -> Enrolment:
+        """A node id and token for a one-time enrolment token; the token is bound to the
+        client certificate ``cert_sha256`` (sha256 of its DER bytes; "" without TLS)."""
         if not enrolment_token:
             raise Unauthenticated("an enrolment token is required")
         if len(display_name) > 200:
@@ -173,14 +177,29 @@ class HubService:
             row.used_by, row.used_at = node_id, utcnow()
             session.add(
                 NodeRow(
-                    node_id=node_id, display_name=display_name, token_sha256=hash_token(node_token)
+                    node_id=node_id,
+                    display_name=display_name,
+                    token_sha256=hash_token(node_token),
+                    cert_sha256=cert_sha256 or None,
                 )
             )
-        LOGGER.info("node %s enrolled", node_id)
+        LOGGER.info("node %s enrolled (certificate %s)", node_id, cert_sha256[:16] or "none")
         return Enrolment(node_id=node_id, node_token=node_token)
 
-    def authenticate(self, node_token: str) -> str:
-        """Node id for a node token. Raises Unauthenticated or PermissionDenied (revoked)."""
+    def authenticate(self, node_token: str, cert_sha256: str = "") -> str:
+        """Node id for a node token presented over the client certificate ``cert_sha256``.
+
+        A token is bound to the certificate it was enrolled over; a node enrolled without
+        one (before binding existed, or in process) is bound to the certificate of its
+        first call over TLS.
+
+        Raises
+        ------
+        Unauthenticated
+            No token, or an unknown one.
+        PermissionDenied
+            The node is revoked, or the token comes over another certificate.
+        """
         if not node_token:
             raise Unauthenticated("missing node token (metadata 'authorization: Bearer ...')")
         with self.store.session() as session:
@@ -191,6 +210,18 @@ class HubService:
                 raise Unauthenticated("unknown node token")
             if row.revoked:
                 raise PermissionDenied(f"node {row.node_id} is revoked")
+            if row.cert_sha256 is None and cert_sha256:
+                row.cert_sha256 = cert_sha256
+                LOGGER.warning("node %s bound to certificate %s at first use",
+                               row.node_id, cert_sha256[:16])
+            elif (row.cert_sha256 or "") != cert_sha256:
+                LOGGER.warning("node %s token presented over certificate %s, bound to %s",
+                               row.node_id, cert_sha256[:16] or "none",
+                               (row.cert_sha256 or "none")[:16])
+                raise PermissionDenied(
+                    f"the token of node {row.node_id} is bound to another client certificate "
+                    "(a renewed certificate needs `tessera hub rebind`)"
+                )
             now = utcnow()
             seen = self._last_seen.get(row.node_id)
             if seen is None or now - seen > _LAST_SEEN_EVERY:
@@ -223,6 +254,21 @@ class HubService:
             return [replace(_node_view(row, counts.get(row.node_id, 0)),
                             trained_heads=trained_heads(groups.get(row.node_id, [])))
                     for row in rows]
+
+    def rebind_node(self, node_id: str, cert_sha256: str) -> NodeView:
+        """Bind a node's token to a new client certificate (a renewed one); the old
+        certificate stops working at once."""
+        if not re.fullmatch(r"[0-9a-f]{64}", cert_sha256):
+            raise InvalidRequest("a certificate fingerprint is 64 lowercase hex digits")
+        with self.store.session() as session:
+            row = session.get(NodeRow, node_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no node {node_id!r}")
+            previous, row.cert_sha256 = row.cert_sha256, cert_sha256
+            count = session.scalar(select(func.count()).where(UpdateRow.node_id == node_id)) or 0
+            LOGGER.warning("node %s rebound from certificate %s to %s", node_id,
+                           (previous or "none")[:16], cert_sha256[:16])
+            return _node_view(row, count)
 
     def revoke_node(self, node_id: str) -> NodeView:
         with self.store.session() as session:
@@ -581,4 +627,5 @@ def _node_view(row: NodeRow, updates: int) -> NodeView:
         revoked=row.revoked,
         last_seen=_aware(row.last_seen) if row.last_seen else None,
         updates=updates,
+        cert_sha256=row.cert_sha256 or "",
     )

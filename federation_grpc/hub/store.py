@@ -64,6 +64,9 @@ class NodeRow(Base):
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    # sha256 of the DER client certificate the token is bound to (NULL: bound at the
+    # node's next call over TLS).
+    cert_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class EnrolmentTokenRow(Base):

@@ -1,0 +1,171 @@
+"""Hub limits and identity over mTLS (issue 22 item 5): a per-node cap on calls in
+flight, and node tokens bound to the client certificate they were enrolled over."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from typer.testing import CliRunner
+
+from federation_grpc._proto import federation_pb2 as pb
+from federation_grpc.hub.admission import certificate_sha256
+from federation_grpc.hub.cli import hub_app
+
+from .conftest import RunningHub
+from .test_security import raw_stub
+
+
+def auth(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def status_request() -> pb.GetUploadStatusRequest:
+    return pb.GetUploadStatusRequest(update_id=str(uuid.uuid4()))
+
+
+def open_watch(stub, token: str):  # type: ignore[no-untyped-def]
+    """A WatchGenerations stream that the hub has started serving (generation 0 seen)."""
+    call = stub.WatchGenerations(
+        pb.WatchGenerationsRequest(known_generation=-1), metadata=auth(token), timeout=60
+    )
+    assert next(call).generation.number == 0
+    return call
+
+
+def test_one_node_cannot_hold_more_than_its_cap_of_streams(start_hub) -> None:  # type: ignore[no-untyped-def]
+    hub: RunningHub = start_hub(limits={"max_calls_per_node": 4})
+    node1 = hub.enrolled_client(who="node1")
+    node2 = hub.enrolled_client(who="node2")
+    stub1, stub2 = raw_stub(hub, "node1"), raw_stub(hub, "node2")
+    streams = [open_watch(stub1, node1.node_token) for _ in range(4)]
+
+    extra = stub1.WatchGenerations(
+        pb.WatchGenerationsRequest(known_generation=-1), metadata=auth(node1.node_token),
+        timeout=10,
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        next(extra)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_calls_per_node" in (refused.value.details() or "")
+    # Plain RPCs count too: node1 is at its cap ...
+    with pytest.raises(grpc.RpcError) as also:
+        stub1.GetUploadStatus(status_request(), metadata=auth(node1.node_token), timeout=10)
+    assert also.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # ... while another node is served as usual, streams included.
+    answer = stub2.GetUploadStatus(status_request(), metadata=auth(node2.node_token), timeout=10)
+    assert answer.state == pb.UPDATE_STATE_UNKNOWN
+    other = open_watch(stub2, node2.node_token)
+
+    # A closed stream gives its slot back.
+    streams.pop().cancel()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            stub1.GetUploadStatus(status_request(), metadata=auth(node1.node_token), timeout=10)
+            break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline, "the cancelled stream's slot never came back"
+            time.sleep(0.05)
+    for call in [*streams, other]:
+        call.cancel()
+    node1.close()
+    node2.close()
+
+
+def test_a_token_over_another_nodes_certificate_is_refused(hub: RunningHub) -> None:
+    node1 = hub.enrolled_client(who="node1")
+    node2 = hub.enrolled_client(who="node2")
+    stub1, stub2 = raw_stub(hub, "node1"), raw_stub(hub, "node2")
+    assert stub1.GetUploadStatus(
+        status_request(), metadata=auth(node1.node_token), timeout=10
+    ).state == pb.UPDATE_STATE_UNKNOWN
+    with pytest.raises(grpc.RpcError) as refused:
+        stub2.GetUploadStatus(status_request(), metadata=auth(node1.node_token), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "bound to another client certificate" in (refused.value.details() or "")
+    with pytest.raises(grpc.RpcError) as stream_refused:
+        next(stub2.WatchGenerations(pb.WatchGenerationsRequest(known_generation=-1),
+                                    metadata=auth(node1.node_token), timeout=10))
+    assert stream_refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    fingerprints = {n.node_id: n.cert_sha256 for n in hub.service.list_nodes()}
+    assert set(fingerprints.values()) == {
+        certificate_sha256(hub.certs[who].cert.read_bytes()) for who in ("node1", "node2")
+    }
+    node1.close()
+    node2.close()
+
+
+def test_a_node_enrolled_without_a_certificate_is_bound_at_its_first_call(
+    hub: RunningHub,
+) -> None:
+    token, _ = hub.service.create_enrolment_token()
+    enrolment = hub.service.enrol(token, "enrolled in process")  # as before the binding
+    stub1, stub2 = raw_stub(hub, "node1"), raw_stub(hub, "node2")
+    stub1.GetUploadStatus(status_request(), metadata=auth(enrolment.node_token), timeout=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub2.GetUploadStatus(status_request(), metadata=auth(enrolment.node_token), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_rebind_moves_a_node_to_its_renewed_certificate(hub: RunningHub, tmp_path: Path) -> None:
+    node1 = hub.enrolled_client(who="node1")
+    node_id = hub.service.list_nodes()[0].node_id
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[hub]\ndata_dir = "{hub.service.config.data_dir}"\n')
+    runner = CliRunner(env={"COLUMNS": "300"})
+    # node2's certificate stands in for node1's renewed one.
+    renewed = hub.certs["node2"].cert
+    result = runner.invoke(hub_app, ["rebind", node_id, "--cert", str(renewed),
+                                     "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert certificate_sha256(renewed.read_bytes()) in result.output
+    old, new = raw_stub(hub, "node1"), raw_stub(hub, "node2")
+    assert new.GetUploadStatus(status_request(), metadata=auth(node1.node_token),
+                               timeout=10).state == pb.UPDATE_STATE_UNKNOWN
+    with pytest.raises(grpc.RpcError) as refused:
+        old.GetUploadStatus(status_request(), metadata=auth(node1.node_token), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    listed = runner.invoke(hub_app, ["nodes", "--config", str(config)])
+    assert certificate_sha256(renewed.read_bytes())[:16] in listed.output
+    bad = runner.invoke(hub_app, ["rebind", node_id, "--cert", str(config),
+                                  "--config", str(config)])
+    assert bad.exit_code == 2 and "not a PEM certificate" in bad.output
+    node1.close()
+
+
+def test_a_database_from_before_the_binding_is_upgraded_and_binds_at_first_use(
+    tmp_path: Path,
+) -> None:
+    from sqlalchemy import create_engine, text
+
+    from federation_grpc.errors import PermissionDenied
+    from federation_grpc.hub.service import HubService, hash_token
+    from federation_grpc.hub.store import MIGRATIONS
+    from federation_grpc.schema import migrate
+
+    from .conftest import hub_config
+
+    config = hub_config(tmp_path)
+    config.data_dir.mkdir(parents=True)
+    engine = create_engine(config.resolved_database_url)
+    assert migrate(engine, MIGRATIONS, "0001")[1] == "0001"
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (node_id, display_name, token_sha256, enrolled_at, revoked) "
+            "VALUES ('node-old', 'old site', :t, '2026-11-01 00:00:00', 0)"),
+            {"t": hash_token("old-token")})
+    engine.dispose()
+    service = HubService(config)  # upgrades the schema to the head
+    try:
+        assert service.list_nodes()[0].cert_sha256 == ""
+        assert service.authenticate("old-token", "ab" * 32) == "node-old"
+        assert service.list_nodes()[0].cert_sha256 == "ab" * 32
+        with pytest.raises(PermissionDenied, match="another client certificate"):
+            service.authenticate("old-token", "cd" * 32)
+    finally:
+        service.close()
