@@ -112,11 +112,13 @@ def migrate(
 
     from sqlalchemy import create_engine
 
+    from federation_grpc.hub.private import prepare_sqlite_file, private_dir
     from federation_grpc.hub.store import MIGRATIONS
     from federation_grpc.schema import migrate as run_migrations
 
     settings = _config(config)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
+    prepare_sqlite_file(settings.resolved_database_url)
     engine = create_engine(settings.resolved_database_url)
     try:
         before, after = run_migrations(engine, MIGRATIONS, revision)

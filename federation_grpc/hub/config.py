@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from federation_grpc.errors import InvalidRequest
+
+# Overrides [hub] database_url (keeps a database password out of the config file).
+DATABASE_URL_ENV = "TESSERA_HUB_DATABASE_URL"
 
 EXAMPLE_CONFIG = """\
 # Tessera hub configuration (`tessera hub serve --config hub.toml`).
@@ -21,7 +26,8 @@ port = 50051
 # Directory for the SQLite database, the blob store and partial uploads.
 data_dir = "var/hub"
 # SQLAlchemy URL; empty means sqlite in data_dir (WAL mode).
-# For PostgreSQL: "postgresql+psycopg://tessera:secret@db/tessera"
+# For PostgreSQL: "postgresql+psycopg://tessera:PASSWORD@db/tessera", or leave it empty
+# here and set TESSERA_HUB_DATABASE_URL in the environment (it takes precedence).
 database_url = ""
 # Worker threads serving RPCs; every open stream (watch, upload) holds one.
 max_workers = 128
@@ -89,7 +95,8 @@ min_evaluations = 2
 evaluation_timeout_s = 3600
 
 [metrics]
-# Prometheus /metrics and /healthz over plain HTTP (keep it on an internal network).
+# Prometheus /metrics and /healthz over plain HTTP, without authentication: loopback by
+# default; bind another address only on a network reserved to monitoring.
 enabled = false
 host = "127.0.0.1"
 port = 9464
@@ -223,8 +230,12 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**values)
 
 
-def load_config(path: Path) -> HubConfig:
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> HubConfig:
     """Read a hub TOML file; relative paths are taken relative to the working directory.
+
+    ``TESSERA_HUB_DATABASE_URL`` in ``env`` (default: the process environment), when set
+    and not empty, replaces ``[hub] database_url``, so a password need not be written
+    into the file.
 
     Raises
     ------
@@ -233,6 +244,9 @@ def load_config(path: Path) -> HubConfig:
     """
     raw = tomllib.loads(path.read_text())
     hub = dict(_section(raw, "hub"))
+    database_url = (os.environ if env is None else env).get(DATABASE_URL_ENV, "")
+    if database_url:
+        hub["database_url"] = database_url
     if "data_dir" in hub:
         hub["data_dir"] = Path(hub["data_dir"])
     tls_raw = {k: (Path(v) if v else None) for k, v in _section(raw, "tls").items()}

@@ -45,6 +45,7 @@ from federation_grpc.hub.domain import (
 )
 from federation_grpc.hub.gate import Evaluator, GatePolicy, UpdateGate, load_evaluator
 from federation_grpc.hub.partial_labels import trained_heads
+from federation_grpc.hub.private import private_dir, warn_if_shared
 from federation_grpc.hub.store import (
     EnrolmentTokenRow,
     EvaluationResultRow,
@@ -112,7 +113,7 @@ class HubService:
         from federation_grpc.hub.uploads import UploadIntake
 
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        warn_if_shared(private_dir(config.data_dir))
         self.store = HubStore(config.resolved_database_url)
         self.blobs = BlobStore(config.data_dir / "blobs")
         self.staging = StagingArea(config.data_dir / "staging")

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from federation_grpc.hub.private import prepare_sqlite_file
 from federation_grpc.schema import ensure_schema
 
 LOGGER = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ class HubStore:
     def __init__(self, url: str) -> None:
         self.url = url
         is_sqlite = url.startswith("sqlite")
+        if is_sqlite:
+            prepare_sqlite_file(url)
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if is_sqlite:
             # A file on this host: no connection to go stale, so no ping per checkout;
