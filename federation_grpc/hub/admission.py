@@ -9,7 +9,7 @@ the calls in flight per caller and answers RESOURCE_EXHAUSTED beyond
 
 The caller is its client certificate (sha256 of the DER bytes), which mutual TLS has
 verified before any RPC runs and which costs nothing to read; on an insecure loopback
-hub (tests) it is the peer's address.
+hub (tests, the demo) it is the node token, or the peer's address for calls without one.
 """
 
 from __future__ import annotations
@@ -51,11 +51,14 @@ def peer_certificate_sha256(context: grpc.ServicerContext) -> str:
 
 
 def caller_key(context: grpc.ServicerContext) -> str:
-    """The certificate fingerprint, or the peer's address (without its port) when the
-    hub runs without TLS."""
+    """The certificate fingerprint; without TLS (loopback tests and demos, where every
+    node shares one address) the hash of the bearer token, else the peer's address."""
     fingerprint = peer_certificate_sha256(context)
     if fingerprint:
         return fingerprint
+    for key, value in context.invocation_metadata():
+        if key == "authorization" and isinstance(value, str):
+            return "token:" + hashlib.sha256(value.encode()).hexdigest()
     return context.peer().rsplit(":", 1)[0]
 
 

@@ -169,3 +169,40 @@ def test_a_database_from_before_the_binding_is_upgraded_and_binds_at_first_use(
             service.authenticate("old-token", "cd" * 32)
     finally:
         service.close()
+
+
+def test_without_tls_the_cap_counts_per_node_token(tmp_path: Path) -> None:
+    """On an insecure loopback hub (tests, the demo) every node has the same address."""
+    from dataclasses import replace
+
+    from safetensors.numpy import save
+
+    from federation_grpc._proto import federation_pb2_grpc
+    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.service import HubService
+
+    from .conftest import MODEL_CONFIG, enrol, hub_config, small_model
+
+    config = hub_config(tmp_path)
+    config = replace(config, limits=replace(config.limits, max_calls_per_node=2))
+    service = HubService(config)
+    service.init_model(save(small_model()), MODEL_CONFIG)
+    server = HubServer(config, service, insecure_loopback=True, watch_poll_s=0.2).start()
+    try:
+        stub = federation_pb2_grpc.FederationStub(
+            grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        tokens = []
+        for name in ("a", "b"):
+            token, _ = service.create_enrolment_token()
+            tokens.append(service.enrol(token, name).node_token)
+        streams = [open_watch(stub, token) for token in tokens for _ in range(2)]
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.WatchGenerations(pb.WatchGenerationsRequest(known_generation=-1),
+                                       metadata=auth(tokens[0]), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in streams:
+            call.cancel()
+        assert enrol(service)  # the service itself is unaffected
+    finally:
+        server.stop(grace=0.5)
+        service.close()
