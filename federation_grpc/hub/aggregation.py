@@ -396,6 +396,28 @@ class FedAvg:
         )
 
 
+def capped_shares_report(
+    strategy: Strategy, contributions: Sequence[Contribution]
+) -> list[tuple[float, float]]:
+    """For each update, the share of the merge its declared weight asks for and the share
+    ``max_update_share`` leaves it, over the whole batch (a group carried by fewer
+    updates may differ): FedAsync's mixing weight, FedBuff's and FedAvg's normalised
+    weight. For the hub's log: a capped update is named with both figures."""
+    cap = float(getattr(strategy, "max_update_share", 1.0))
+    if isinstance(strategy, FedAsync):
+        asked = [
+            fedasync_mixing(c.num_samples, c.staleness, alpha=strategy.alpha,
+                            halfpoint=strategy.sample_halfpoint,
+                            exponent=strategy.staleness_exponent)
+            for c in contributions
+        ]
+        return [(a, min(a, cap)) for a in asked]
+    weights = _weights(contributions, float(getattr(strategy, "staleness_exponent", 0.0)))
+    total = sum(weights)
+    given = capped_shares(weights, cap)
+    return [(w / total, float(g)) for w, g in zip(weights, given, strict=True)]
+
+
 def make_strategy(name: str, **options: float | int) -> Strategy:
     """Build a strategy by its configured name (``fedasync``, ``fedbuff``, ``fedavg``)."""
     factories: dict[str, type] = {"fedasync": FedAsync, "fedbuff": FedBuff, "fedavg": FedAvg}

@@ -128,6 +128,15 @@ class Aggregator:
             )
             for row in rows
         ]
+        for row, (asked, given) in zip(
+            rows, agg.capped_shares_report(service.strategy, contributions), strict=True
+        ):
+            if given < asked - 1e-9:
+                LOGGER.info(
+                    "update %s from %s (num_samples %d): merge share %.4f capped to %.4f "
+                    "([aggregation] max_update_share)",
+                    row.update_id, row.node_id, row.num_samples, asked, given,
+                )
         candidate = service.strategy.merge(current_tensors, contributions)
         if service.gate.evaluator is None and service.config.gate.federated_evaluation:
             bad = agg.non_finite_tensors(candidate)

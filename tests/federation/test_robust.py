@@ -115,3 +115,16 @@ def test_config_passes_the_robust_options_and_checks_their_ranges() -> None:
     for bad in ({"max_update_share": 0.0}, {"clip_norm": -1.0}, {"trim_fraction": 0.5}):
         with pytest.raises(InvalidRequest):
             AggregationConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_the_share_report_names_what_the_cap_took() -> None:
+    current = model(0.0)
+    liar = agg.Contribution(model(10.0), current, num_samples=100_000, staleness=0)
+    honest = [agg.Contribution(model(1.0), current, 8, 0) for _ in range(2)]
+    report = agg.capped_shares_report(agg.FedAvg(3, max_update_share=0.5), [liar, *honest])
+    assert report[0][0] == pytest.approx(100_000 / 100_016)
+    assert [given for _, given in report] == pytest.approx([0.5, 0.25, 0.25])
+    fedasync = agg.capped_shares_report(agg.FedAsync(max_update_share=0.5), [liar])
+    assert fedasync[0] == pytest.approx((0.8 * 100_000 / 100_016, 0.5))
+    few = agg.capped_shares_report(agg.FedAsync(max_update_share=0.5), [honest[0]])
+    assert few[0][0] == few[0][1] == pytest.approx(0.8 * 8 / 24)

@@ -9,6 +9,7 @@ training is not run here (it needs torch, which the hub tests must not import).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -130,7 +131,10 @@ def test_max_num_samples_is_configurable(start_hub) -> None:  # type: ignore[no-
 
 
 @pytest.mark.parametrize("cap", [0.5, 1.0])
-def test_a_lying_node_takes_at_most_its_share_of_a_fedavg_round(start_hub, cap: float) -> None:  # type: ignore[no-untyped-def]
+def test_a_lying_node_takes_at_most_its_share_of_a_fedavg_round(  # type: ignore[no-untyped-def]
+    start_hub, cap: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="federation_grpc.hub.merging")
     base = starter()
     hub = start_hub(
         base,
@@ -153,6 +157,8 @@ def test_a_lying_node_takes_at_most_its_share_of_a_fedavg_round(start_hub, cap: 
     )
     if cap < 1:
         assert share == pytest.approx(0.5, abs=1e-3), "the liar takes at most half"
+        assert any("num_samples 100000): merge share 0.9998 capped to 0.5000" in r.message
+                   for r in caplog.records), "the hub's log says why"
     else:
         assert share > 0.99, "without the cap the liar would take (almost) everything"
     for client in clients:
