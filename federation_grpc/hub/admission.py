@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,8 +96,11 @@ class CallCounter:
 class PerNodeCallLimit(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuse a caller's call beyond ``limit`` in flight with RESOURCE_EXHAUSTED."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, log_every_s: float = 60.0) -> None:
         self.counter = CallCounter(limit)
+        self.log_every_s = log_every_s
+        self._logged: dict[str, tuple[float, int]] = {}  # key -> (last log, refused since)
+        self._log_lock = threading.Lock()
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
@@ -124,8 +129,7 @@ class PerNodeCallLimit(grpc.ServerInterceptor):  # type: ignore[misc]
         """Count the call in, or abort it; returns the release (safe to call twice)."""
         key = caller_key(context)
         if not self.counter.acquire(key):
-            LOGGER.warning("%s refused: %d calls in flight from %s (max_calls_per_node)",
-                           method, self.counter.limit, key[:16])
+            self._log_refusal(method, key)
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this node already has {self.counter.limit} calls or streams open "
@@ -140,6 +144,20 @@ class PerNodeCallLimit(grpc.ServerInterceptor):  # type: ignore[misc]
         # Runs when the RPC ends however it ends (a cancelled stream too).
         context.add_callback(release)
         return release
+
+    def _log_refusal(self, method: str, key: str) -> None:
+        """One line per caller per ``log_every_s``, counting the refusals in between (a
+        node retrying, or a hostile one, must not flood the log)."""
+        now = time.monotonic()
+        with self._log_lock:
+            last, refused = self._logged.get(key, (-math.inf, 0))
+            if now - last < self.log_every_s:
+                self._logged[key] = (last, refused + 1)
+                return
+            self._logged[key] = (now, 0)
+        LOGGER.warning("%s refused: %d calls in flight from %s (max_calls_per_node); "
+                       "%d more refused since the last such line",
+                       method, self.counter.limit, key[:22], refused)
 
     def _unary(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:

@@ -3,6 +3,7 @@ flight, and node tokens bound to the client certificate they were enrolled over.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -36,7 +37,10 @@ def open_watch(stub, token: str):  # type: ignore[no-untyped-def]
     return call
 
 
-def test_one_node_cannot_hold_more_than_its_cap_of_streams(start_hub) -> None:  # type: ignore[no-untyped-def]
+def test_one_node_cannot_hold_more_than_its_cap_of_streams(  # type: ignore[no-untyped-def]
+    start_hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="federation_grpc.hub.admission")
     hub: RunningHub = start_hub(limits={"max_calls_per_node": 4})
     node1 = hub.enrolled_client(who="node1")
     node2 = hub.enrolled_client(who="node2")
@@ -55,6 +59,8 @@ def test_one_node_cannot_hold_more_than_its_cap_of_streams(start_hub) -> None:  
     with pytest.raises(grpc.RpcError) as also:
         stub1.GetUploadStatus(status_request(), metadata=auth(node1.node_token), timeout=10)
     assert also.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    refusals = [r for r in caplog.records if "max_calls_per_node" in r.message]
+    assert len(refusals) == 1, "refusals are logged, one line per node per minute"
     # ... while another node is served as usual, streams included.
     answer = stub2.GetUploadStatus(status_request(), metadata=auth(node2.node_token), timeout=10)
     assert answer.state == pb.UPDATE_STATE_UNKNOWN
