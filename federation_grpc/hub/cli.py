@@ -182,7 +182,7 @@ def enrol(
 @hub_app.command("admin-token")
 def admin_token() -> None:
     """Print a new admin token and the sha256 to put in [hub] admin_token_sha256."""
-    from federation_grpc.hub.service import hash_token
+    from federation_grpc.hub.nodes import hash_token
 
     token = secrets.token_urlsafe(32)
     print(token)

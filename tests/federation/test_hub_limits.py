@@ -150,7 +150,8 @@ def test_a_database_from_before_the_binding_is_upgraded_and_binds_at_first_use(
     from sqlalchemy import create_engine, text
 
     from federation_grpc.errors import PermissionDenied
-    from federation_grpc.hub.service import HubService, hash_token
+    from federation_grpc.hub.nodes import hash_token
+    from federation_grpc.hub.service import HubService
     from federation_grpc.hub.store import MIGRATIONS
     from federation_grpc.schema import migrate
 
