@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: setup demo test peers js lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build; any other torch version pulls gigabytes of CUDA packages.
