@@ -173,7 +173,7 @@ class CorrectionIntake(SeriesStage):
                         f"{str(exc)[:200]}") from exc
         mapping = match_segments(infos, specs)
         draft.unknown_segments = [f"{i.number}:{_printable(i.label_name)}" for i in infos
-                                  if i.number not in mapping]
+                                  if i.number not in mapping and not i.background]
         if not mapping:
             raise _flag("no segment matches a model label: "
                         + ", ".join(draft.unknown_segments))

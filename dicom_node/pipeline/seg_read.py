@@ -111,10 +111,11 @@ def _check_label_values(hseg: hd.seg.Segmentation, declared: set[int]) -> None:
     stray = sorted(values - declared)
     if stray:
         shown = ", ".join(map(str, stray[:8])) + (" ..." if len(stray) > 8 else "")
+        segments = sorted(declared - {0})
         raise InvalidDatasetError(
             f"Label Map SEG has pixel values ({shown}) that are no declared segment "
-            f"(it declares {len(declared)} segment(s): "
-            f"{', '.join(map(str, sorted(declared)[:8]))})")
+            f"(it declares {len(segments)} segment(s): "
+            f"{', '.join(map(str, segments[:8]))})")
 
 
 def _frame_sources(item: Dataset) -> list[str]:
@@ -156,7 +157,11 @@ def _place_by_position(
         if kind is SegType.LABELMAP:
             numbers = sorted(mapping)
         else:
-            number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            ident = (item.get("SegmentIdentificationSequence")
+                     or shared.get("SegmentIdentificationSequence"))
+            if not ident:
+                raise InvalidDatasetError(f"SEG frame {n + 1} names no segment")
+            number = int(ident[0].ReferencedSegmentNumber)
             if number not in mapping:
                 continue
             numbers = [number]

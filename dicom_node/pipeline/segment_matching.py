@@ -32,6 +32,7 @@ LOGGER = logging.getLogger(__name__)
 # retired for SCT in 2019 but still written), SNOMED 3 (SNM3). Numeric values are
 # SNOMED CT concept ids whichever of these carries them.
 SNOMED_DESIGNATORS = frozenset({"SCT", "SRT", "SNM3"})
+BACKGROUND = Code("125040", "DCM", "Background")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class SegmentInfo:
     category: Code
     modifier: Code | None
     algorithm_type: str
+
+    @property
+    def background(self) -> bool:
+        """A label map's segment 0 or a segment coded Background (DCM 125040), as
+        highdicom writes in every Label Map SEG: nothing to map."""
+        return self.number == 0 or same_concept(self.property_type, BACKGROUND)
 
 
 def segment_infos(seg: Dataset) -> list[SegmentInfo]:
@@ -113,6 +120,8 @@ def match_segments(infos: Sequence[SegmentInfo], specs: Sequence[SegmentSpec]) -
     keys = {spec.label: set().union(*(text_keys(n) for n in _names(spec))) for spec in specs}
     mapping: dict[int, int] = {}
     for info in infos:
+        if info.background:
+            continue
         found = {s.label for s in specs
                  if any(same_concept(p, info.property_type) and same_concept(m, info.modifier)
                         for p, m in _codings(s))}

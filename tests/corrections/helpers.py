@@ -11,6 +11,7 @@ import gzip
 import json
 import struct
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,20 @@ def write_nifti(path: Path, data_ijk: np.ndarray, affine_ras: np.ndarray) -> Non
     path.write_bytes(gzip.compress(body))
 
 
-def dcmqi_seg(study: Study, series_dir: Path, out: Path) -> Path:
-    """The study's ground truth written by dcmqi's itkimage2segimage."""
-    exe = require_binary("itkimage2segimage")
+def dcmqi_binary(name: str) -> str:
+    """A dcmqi tool: installed into the virtual environment next to the interpreter."""
+    return require_binary(str(Path(sys.executable).with_name(name)))
+
+
+def dcmqi_seg(study: Study, series_dir: Path, out: Path, *, segmentation_type: str = "binary",
+              generic_labels: bool = False) -> Path:
+    """The study's ground truth written by dcmqi's itkimage2segimage.
+
+    Kidneys are coded as Kidney + laterality modifier, as dcmqi and 3D Slicer do.
+    ``segmentation_type`` "labelmap" writes a Label Map SEG; ``generic_labels`` names
+    every segment "Segment_<n>" (Slicer's default), so only the codes say what it is.
+    """
+    exe = dcmqi_binary("itkimage2segimage")
     volume = study.volume()
     labels = study.truth_in_volume_order()  # (k, r, c)
     data_ijk = np.transpose(labels, (2, 1, 0))  # i = column, j = row, k = slice
@@ -183,6 +195,7 @@ def dcmqi_seg(study: Study, series_dir: Path, out: Path) -> Path:
     for spec in sorted(CT_SEGMENTS, key=lambda s: -s.label):
         item: dict[str, Any] = {
             "labelID": spec.label, "SegmentDescription": spec.name,
+            "SegmentLabel": f"Segment_{spec.label}" if generic_labels else spec.name,
             "SegmentAlgorithmType": "MANUAL",
             "SegmentedPropertyCategoryCodeSequence": _code(spec.category),
             "SegmentedPropertyTypeCodeSequence": _code(spec.property_type),
@@ -199,7 +212,8 @@ def dcmqi_seg(study: Study, series_dir: Path, out: Path) -> Path:
     meta_path.write_text(json.dumps(meta))
     result = subprocess.run(
         [exe, "--inputImageList", str(nifti), "--inputDICOMDirectory", str(series_dir),
-         "--outputDICOM", str(out), "--inputMetadata", str(meta_path)],
+         "--outputDICOM", str(out), "--inputMetadata", str(meta_path),
+         "--segmentationType", segmentation_type],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out
