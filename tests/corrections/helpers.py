@@ -8,6 +8,7 @@ one label renamed, one segment the model does not know) and dcmqi's
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node.learning.model_config import (
@@ -125,6 +127,37 @@ def radiologist_seg(study: Study, path: Path, labels: np.ndarray | None = None,
     return path, labels
 
 
+def highdicom_seg(volume: Volume, pixels: np.ndarray, specs: Sequence[SegmentSpec], kind: str,
+                  transfer_syntax: str = ExplicitVRLittleEndian, **extra: Any,
+                  ) -> pydicom.Dataset:
+    """A MANUAL SEG of ``kind`` (BINARY, FRACTIONAL, LABELMAP) written by highdicom, as
+    read back from its bytes. Segments are numbered 1..N in ``specs`` order (a label
+    map's pixel values are those numbers); modifiers go into the property type."""
+    import highdicom as hd
+
+    descriptions = []
+    for number, spec in enumerate(specs, start=1):
+        desc = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=spec.name,
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.property_type, algorithm_type="MANUAL")
+        if spec.modifier is not None:
+            desc.SegmentedPropertyTypeCodeSequence[0]\
+                .SegmentedPropertyTypeModifierCodeSequence = [
+                    hd.sr.CodedConcept.from_code(spec.modifier)]
+        descriptions.append(desc)
+    seg = hd.seg.Segmentation(
+        source_images=list(volume.datasets), pixel_array=pixels, segmentation_type=kind,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(),
+        series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="ViewerCo", manufacturer_model_name="Annotate", software_versions="1",
+        device_serial_number="7", transfer_syntax_uid=transfer_syntax, **extra)
+    buf = io.BytesIO()
+    seg.save_as(buf)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
 def send_corrected_study(node: Any, study: Study, folder: Path) -> Path:
     """Study in by C-STORE, the node's AI SEG awaited, then the radiologist's SEG
     (:func:`radiologist_seg`: every organ drawn) sent back with ``storescu -R``.
@@ -137,6 +170,25 @@ def send_corrected_study(node: Any, study: Study, folder: Path) -> Path:
     seg_path, _ = radiologist_seg(study, folder / "seg.dcm")
     assert storescu(node.port, seg_path, options=("-R",)).returncode == 0
     return seg_path
+
+
+def store_with_pynetdicom(port: int, *paths: Path, called_ae: str = "TESSERA") -> list[int]:
+    """C-STORE files with a pynetdicom AE, one presentation context per SOP class and
+    transfer syntax of the files (dcmtk 3.6.7 cannot send Label Map SEG). Returns the
+    status of each C-STORE."""
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title="VIEWER")
+    for context in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                           for ds in datasets}):
+        ae.add_requested_context(*context)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assert assoc.is_established, "the node refused the association"
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
 
 
 # -- dcmqi ----------------------------------------------------------------------------

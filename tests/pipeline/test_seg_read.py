@@ -3,11 +3,8 @@ position, and the malformed ones refused with a reason."""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -17,14 +14,12 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from dicom_node.errors import InvalidDatasetError
 from dicom_node.learning.model_config import abdomen_ct_config
 from dicom_node.phantom.codes import CT_SEGMENTS
-from dicom_node.pipeline.seg import SegmentSpec
 from dicom_node.pipeline.seg_read import (
     LABEL_MAP_SEGMENTATION_STORAGE,
     read_seg_labels,
 )
 from dicom_node.pipeline.segmentation import segment_specs
-from dicom_node.pipeline.volume import Volume
-from tests.corrections.helpers import Study, dcmqi_seg
+from tests.corrections.helpers import Study, dcmqi_seg, highdicom_seg
 
 MODEL_SPECS = segment_specs(abdomen_ct_config())
 LIVER = next(s for s in CT_SEGMENTS if s.name == "liver")
@@ -33,35 +28,6 @@ LIVER = next(s for s in CT_SEGMENTS if s.name == "liver")
 @pytest.fixture(scope="module")
 def study() -> Study:
     return Study("B", 0, seed=7300, slices=8)
-
-
-def _descriptions(specs: Sequence[SegmentSpec]) -> list[hd.seg.SegmentDescription]:
-    out = []
-    for number, spec in enumerate(specs, start=1):
-        desc = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=spec.name,
-            segmented_property_category=spec.category,
-            segmented_property_type=spec.property_type, algorithm_type="MANUAL")
-        if spec.modifier is not None:
-            desc.SegmentedPropertyTypeCodeSequence[0]\
-                .SegmentedPropertyTypeModifierCodeSequence = [
-                    hd.sr.CodedConcept.from_code(spec.modifier)]
-        out.append(desc)
-    return out
-
-
-def _hd_seg(volume: Volume, pixels: np.ndarray, specs: Sequence[SegmentSpec], kind: str,
-            transfer_syntax: str = ExplicitVRLittleEndian, **extra: object) -> Dataset:
-    seg = hd.seg.Segmentation(
-        source_images=list(volume.datasets), pixel_array=pixels, segmentation_type=kind,
-        segment_descriptions=_descriptions(specs), series_instance_uid=hd.UID(),
-        series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="ViewerCo", manufacturer_model_name="Annotate", software_versions="1",
-        device_serial_number="7", transfer_syntax_uid=transfer_syntax, **extra)
-    buf = io.BytesIO()
-    seg.save_as(buf)
-    buf.seek(0)
-    return pydicom.dcmread(buf)
 
 
 def _by_position(seg: Dataset) -> Dataset:
@@ -79,7 +45,7 @@ PLACEMENTS = {"reference": lambda ds: ds, "position": _by_position}
 def test_label_map_seg_reads_into_the_model_labels(study: Study, syntax: str,
                                                    placement: str) -> None:
     volume, truth = study.volume(), study.truth_in_volume_order()
-    seg = PLACEMENTS[placement](_hd_seg(volume, truth, CT_SEGMENTS, "LABELMAP", syntax))
+    seg = PLACEMENTS[placement](highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP", syntax))
     assert seg.SOPClassUID == LABEL_MAP_SEGMENTATION_STORAGE
     assert seg.file_meta.TransferSyntaxUID == syntax
     labels, infos = read_seg_labels(seg, volume, MODEL_SPECS)
@@ -109,7 +75,7 @@ def test_fractional_seg_is_inside_at_half_the_maximum_however_it_is_placed(
 ) -> None:
     volume, truth = study.volume(), study.truth_in_volume_order()
     fractions, expected = _fractional_liver(truth)
-    seg = PLACEMENTS[placement](_hd_seg(volume, fractions, [LIVER], "FRACTIONAL",
+    seg = PLACEMENTS[placement](highdicom_seg(volume, fractions, [LIVER], "FRACTIONAL",
                                         max_fractional_value=200))
     labels, _ = read_seg_labels(seg, volume, MODEL_SPECS)
     np.testing.assert_array_equal(labels == LIVER.label, expected)
@@ -118,7 +84,7 @@ def test_fractional_seg_is_inside_at_half_the_maximum_however_it_is_placed(
 
 def test_label_map_with_values_above_its_segment_count_is_refused(study: Study) -> None:
     volume, truth = study.volume(), study.truth_in_volume_order()
-    seg = _hd_seg(volume, truth, CT_SEGMENTS, "LABELMAP")
+    seg = highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP")
     pixels = seg.pixel_array.copy()
     pixels[0, :4, :4] = 9
     pixels[1, :4, :4] = 12
@@ -129,11 +95,11 @@ def test_label_map_with_values_above_its_segment_count_is_refused(study: Study) 
 
 def test_frames_that_point_at_unknown_source_instances_are_refused(study: Study) -> None:
     volume, truth = study.volume(), study.truth_in_volume_order()
-    seg = _hd_seg(volume, truth, CT_SEGMENTS, "LABELMAP")
+    seg = highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP")
     for item in seg.PerFrameFunctionalGroupsSequence[:2]:
         item.DerivationImageSequence[0].SourceImageSequence[0]\
             .ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.10.999.77"
-    with pytest.raises(InvalidDatasetError, match="2 SEG frame.*not in series"):
+    with pytest.raises(InvalidDatasetError, match=r"2 SEG frame.*not in series"):
         read_seg_labels(seg, volume, MODEL_SPECS)
 
 
