@@ -176,6 +176,10 @@ def build_seg(
     if series_number is None:
         manual = kind is SegAlgorithmType.MANUAL
         series_number = GROUND_TRUTH_SERIES_NUMBER if manual else AI_SERIES_NUMBER
+    if volume.frame_numbers:  # one multi-frame source: SEG frames in source frame order
+        in_source_order = np.zeros_like(segment_map)
+        in_source_order[np.asarray(volume.frame_numbers) - 1] = segment_map
+        segment_map = in_source_order
     seg = hd.seg.Segmentation(
         source_images=list(volume.datasets),
         pixel_array=segment_map,

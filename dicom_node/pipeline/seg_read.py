@@ -88,13 +88,16 @@ def read_seg_labels(
         return labels, infos
     if _referenced_frames(hseg, volume):
         try:
-            masks = hseg.get_pixels_by_source_instance(
-                list(volume.sop_instance_uids),
-                segment_numbers=numbers,
-                assert_missing_frames_are_empty=True,
-                rescale_fractional=False,
-                dtype=np.float32,
-            )
+            if volume.frame_numbers:  # the frames of one multi-frame source
+                masks = hseg.get_pixels_by_source_frame(
+                    volume.sop_instance_uids[0], list(volume.frame_numbers),
+                    segment_numbers=numbers, assert_missing_frames_are_empty=True,
+                    rescale_fractional=False, dtype=np.float32)
+            else:
+                masks = hseg.get_pixels_by_source_instance(
+                    list(volume.sop_instance_uids),
+                    segment_numbers=numbers, assert_missing_frames_are_empty=True,
+                    rescale_fractional=False, dtype=np.float32)
         except RuntimeError as exc:  # spatial locations not declared preserved
             LOGGER.debug("SEG %s placed by frame position: %s", seg.get("SOPInstanceUID"), exc)
         else:
@@ -118,8 +121,10 @@ def _check_label_values(hseg: hd.seg.Segmentation, declared: set[int]) -> None:
             f"{', '.join(map(str, segments[:8]))})")
 
 
-def _frame_sources(item: Dataset) -> list[str]:
-    return [str(src.ReferencedSOPInstanceUID)
+def _frame_sources(item: Dataset, multi_frame: bool) -> list[tuple[str, int]]:
+    """(SOP Instance UID, frame number or 0) of each source a SEG frame names."""
+    return [(str(src.ReferencedSOPInstanceUID),
+             int(src.get("ReferencedFrameNumber", 0) or 0) if multi_frame else 0)
             for der in item.get("DerivationImageSequence") or []
             for src in der.get("SourceImageSequence") or []
             if "ReferencedSOPInstanceUID" in src]
@@ -128,11 +133,11 @@ def _frame_sources(item: Dataset) -> list[str]:
 def _referenced_frames(hseg: hd.seg.Segmentation, volume: Volume) -> bool:
     """Whether every frame names its source instance (then frames can be placed by
     reference). Frames that name instances not in ``volume`` are refused."""
-    known = set(volume.sop_instance_uids)
-    unknown: set[str] = set()
+    known = set(volume.source_frames)
+    unknown: set[tuple[str, int]] = set()
     frames = stray = 0
     for item in hseg.get("PerFrameFunctionalGroupsSequence") or []:
-        sources = set(_frame_sources(item))
+        sources = set(_frame_sources(item, bool(volume.frame_numbers)))
         frames += bool(sources)
         if sources - known:
             stray += 1
@@ -140,8 +145,13 @@ def _referenced_frames(hseg: hd.seg.Segmentation, volume: Volume) -> bool:
     if unknown:
         raise InvalidDatasetError(
             f"{stray} SEG frame(s) reference {len(unknown)} source instance(s) that are "
-            f"not in series {volume.series_instance_uid} (e.g. {sorted(unknown)[0][:64]})")
+            f"not in series {volume.series_instance_uid} (e.g. {_named(min(unknown))})")
     return frames > 0 and frames == int(hseg.get("NumberOfFrames", 0) or 0)
+
+
+def _named(source: tuple[str, int]) -> str:
+    uid, frame = source
+    return uid[:64] + (f" frame {frame}" if frame else "")
 
 
 def _place_by_position(
