@@ -5,7 +5,9 @@ each frame references when the SEG says spatial locations are preserved, otherwi
 (dcmqi writes no SpatialLocationsPreserved; some viewers write no per-frame
 references) by each frame's ImagePositionPatient. Both ways apply the same rule to
 a segment's values (:func:`inside`): a voxel belongs to a segment at >= 0.5 of
-MaximumFractionalValue (BINARY: value 1; LABELMAP: the segment's number).
+MaximumFractionalValue (BINARY: value 1; LABELMAP: the segment's number). One
+exception, for a writer's quirk: a FRACTIONAL SEG holding only 0 and 1 is binary
+(:func:`_fractional_maximum`).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def read_seg_labels(
     kind = SegType(str(hseg.SegmentationType))
     if kind is SegType.LABELMAP:
         _check_label_values(hseg, {i.number for i in infos})
-    maximum = float(hseg.get("MaximumFractionalValue", 1)) if kind is SegType.FRACTIONAL else 1.0
+    maximum = _fractional_maximum(hseg) if kind is SegType.FRACTIONAL else 1.0
     numbers = sorted(mapping)
     if not numbers:
         return labels, infos
@@ -106,6 +108,22 @@ def read_seg_labels(
             return labels, infos
     _place_by_position(hseg, kind, maximum, volume, mapping, labels)
     return labels, infos
+
+
+def _fractional_maximum(hseg: hd.seg.Segmentation) -> float:
+    """MaximumFractionalValue, except for a FRACTIONAL SEG whose values are all 0 or 1.
+
+    dcmjs's RLE writer (OHIF's Cornerstone adapter, ``rleEncode``) declares FRACTIONAL
+    with MaximumFractionalValue 255 but stores 1 for "inside": a binary SEG in
+    disguise. A real probability map never holds only 0 and 1/255, so such a SEG is
+    read as binary instead of as empty.
+    """
+    declared = float(hseg.get("MaximumFractionalValue", 1) or 1)
+    if declared > 1 and int(np.max(hseg.pixel_array, initial=0)) <= 1:
+        LOGGER.info("SEG %s: FRACTIONAL with values 0/1 only (max %g declared): read as "
+                    "binary", hseg.get("SOPInstanceUID"), declared)
+        return 1.0
+    return declared
 
 
 def _check_label_values(hseg: hd.seg.Segmentation, declared: set[int]) -> None:

@@ -38,7 +38,7 @@ from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, SegmentSpec,
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.store.models import Correction, Instance, ModelVersion, Segmentation
 from tests.node.conftest import storescu, wait_until
-from tests.peers import require_binary
+from tests.peers import missing, require_binary
 
 TEST_MODEL = "tessera-test-ct"
 TUMOUR = SegmentSpec.from_rgb(9, "lesion", codes.SCT.MorphologicallyAbnormalStructure,
@@ -189,6 +189,35 @@ def store_with_pynetdicom(port: int, *paths: Path, called_ae: str = "TESSERA") -
         return [int(assoc.send_c_store(ds).Status) for ds in datasets]
     finally:
         assoc.release()
+
+
+# -- dcmjs -----------------------------------------------------------------------------
+JS_DIR = Path(__file__).resolve().parents[1] / "js"
+
+
+def dcmjs_seg(study: Study, sources: Sequence[Path], labels: np.ndarray,
+              segment_labels: Sequence[str], out: Path) -> Path:
+    """A SEG written by dcmjs's Cornerstone adapter as OHIF saves one: every segment
+    "Tissue" (SRT T-D0050) with a typed label, RLE Lossless (tests/js/write_seg.js).
+
+    ``sources`` are the files of ``study.datasets`` (in that order), ``labels`` the label
+    volume in volume order with pixel value n for ``segment_labels[n - 1]``.
+    """
+    node = require_binary("node")
+    if not (JS_DIR / "node_modules" / "dcmjs").is_dir():
+        missing("dcmjs is not installed: run `make js`")
+    volume = study.volume()
+    order = [volume.index_of(str(ds.SOPInstanceUID)) for ds in study.datasets]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = out.with_suffix(".labels.raw")
+    raw.write_bytes(np.ascontiguousarray(labels[order], dtype=np.uint8).tobytes())
+    spec = out.with_suffix(".json")
+    spec.write_text(json.dumps({"sources": [str(p) for p in sources], "labels": str(raw),
+                                "segments": list(segment_labels)}))
+    result = subprocess.run([node, str(JS_DIR / "write_seg.js"), str(spec), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and out.exists(), result.stderr[-2000:]
+    return out
 
 
 # -- dcmqi ----------------------------------------------------------------------------

@@ -5,9 +5,11 @@ study; then, by C-STORE from a pynetdicom AE (dcmtk 3.6.7 cannot send Label Map 
 and by DICOMweb STOW-RS:
 
 - a Label Map SEG in RLE Lossless (highdicom), kidneys coded Kidney + laterality;
-- a Label Map SEG as OHIF writes it: every segment "Tissue" (SRT T-D0050) with a typed
-  label, RLE Lossless, one typed label ("lesion") that is no model label. (Written by
-  highdicom: writing a SEG with dcmjs needs OHIF's adapters, which tests/js lacks);
+- a Label Map SEG coded as OHIF codes it: every segment "Tissue" (SRT T-D0050) with a
+  typed label, RLE Lossless, one typed label ("lesion") that is no model label (written
+  by highdicom: OHIF 3.12's label map writer is @cornerstonejs/adapters, not in tests/js);
+- a SEG written by dcmjs's Cornerstone adapter (OHIF's older save path) with the same
+  "Tissue" coding, RLE (FRACTIONAL with 0/1 values, as dcmjs writes it);
 - dcmqi's ``itkimage2segimage --segmentationType labelmap`` with Kidney + laterality
   codes and Slicer's generic segment names;
 - malformed: a label map with pixel values above its segment count, frames that point
@@ -41,6 +43,7 @@ from dicom_node.store.models import Correction, Instance
 from tests.corrections.helpers import (
     TEST_MODEL,
     Study,
+    dcmjs_seg,
     dcmqi_seg,
     highdicom_seg,
     segment_rule,
@@ -83,7 +86,8 @@ def test_viewer_segs_are_corrections_or_flagged_with_a_reason(
     node = bridge.node
     try:
         study = Study("B", 2, seed=7700, slices=24)
-        assert storescu(node.port, *study.write(tmp_path / "study")).returncode == 0
+        sources = study.write(tmp_path / "study")
+        assert storescu(node.port, *sources).returncode == 0
         ai = wait_until(lambda: ai_segmentation(node, study.series_uid), timeout=120,
                         what="the AI segmentation")
         volume, truth = study.volume(), study.truth_in_volume_order()
@@ -94,6 +98,8 @@ def test_viewer_segs_are_corrections_or_flagged_with_a_reason(
         ohif = truth.copy()
         ohif[(truth == 2) & (np.indices(truth.shape)[1] % 9 == 0)] = LESION
         ohif_seg = highdicom_seg(volume, ohif, _ohif_specs(), "LABELMAP", RLELossless)
+        segs["dcmjs rle"] = dcmjs_seg(study, sources, truth, [s.name for s in _ohif_specs()],
+                                      tmp_path / "dcmjs.dcm")
         segs["dcmqi labelmap"] = dcmqi_seg(study, tmp_path / "study", tmp_path / "dcmqi.dcm",
                                            segmentation_type="labelmap", generic_labels=True)
         bad = highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP")
@@ -127,6 +133,7 @@ def test_viewer_segs_are_corrections_or_flagged_with_a_reason(
                                        volume, specs)
         values = {s.name: s.label for s in specs}
         for name, corrected in (("labelmap rle", truth), ("dcmqi labelmap", truth),
+                                ("dcmjs rle", truth),
                                 ("ohif stow", np.where(ohif == LESION, 0, ohif))):
             c = corr[name]
             assert c.state == "recorded", (name, c.reason)
@@ -138,6 +145,7 @@ def test_viewer_segs_are_corrections_or_flagged_with_a_reason(
         assert corr["ohif stow"].unknown_segments == ["6:lesion"]
         assert corr["labelmap rle"].unknown_segments == []
         assert corr["dcmqi labelmap"].unknown_segments == []
+        assert corr["dcmjs rle"].unknown_segments == ["6:lesion"]  # declared, never drawn
 
         # unusable: flagged, with the reason
         reasons = {"values above": "pixel values (9)", "unknown instances": "not in series",

@@ -19,7 +19,7 @@ from dicom_node.pipeline.seg_read import (
     read_seg_labels,
 )
 from dicom_node.pipeline.segmentation import segment_specs
-from tests.corrections.helpers import Study, dcmqi_seg, highdicom_seg
+from tests.corrections.helpers import Study, dcmjs_seg, dcmqi_seg, highdicom_seg
 
 MODEL_SPECS = segment_specs(abdomen_ct_config())
 LIVER = next(s for s in CT_SEGMENTS if s.name == "liver")
@@ -119,3 +119,21 @@ def test_dcmqi_seg_with_kidney_laterality_codes_reads_into_the_model_labels(
         f"Segment_{s.label}" for s in CT_SEGMENTS}
     labels, _ = read_seg_labels(seg, study.volume(), MODEL_SPECS)
     np.testing.assert_array_equal(labels, study.truth_in_volume_order())
+
+
+def test_dcmjs_rle_seg_with_ohif_tissue_codes_reads_into_the_model_labels(
+    study: Study, tmp_path: Path
+) -> None:
+    """dcmjs's RLE SEG: FRACTIONAL, MaximumFractionalValue 255, but 1 stored for inside;
+    every segment "Tissue", only the typed labels say what they are."""
+    sources = study.write(tmp_path / "series")
+    typed = ["Body", "Liver", "spleen", "Left kidney", "Kidney_Right"]
+    truth = study.truth_in_volume_order()
+    path = dcmjs_seg(study, sources, truth, typed, tmp_path / "dcmjs.dcm")
+    seg = pydicom.dcmread(path)
+    assert seg.file_meta.TransferSyntaxUID == RLELossless
+    assert (seg.SegmentationType, int(seg.MaximumFractionalValue)) == ("FRACTIONAL", 255)
+    assert {str(i.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+            for i in seg.SegmentSequence} == {"T-D0050"}
+    labels, _ = read_seg_labels(seg, study.volume(), MODEL_SPECS)
+    np.testing.assert_array_equal(labels, truth)
