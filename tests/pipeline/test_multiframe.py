@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import random
 import subprocess
 from pathlib import Path
@@ -19,12 +20,13 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import SeriesRefused
 from dicom_node.phantom.codes import CT_SEGMENTS
+from dicom_node.phantom.nifti import read_nifti
 from dicom_node.pipeline.seg import SegAlgorithm, build_seg
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.seg_template import SegTemplate
 from dicom_node.pipeline.volume import build_volume
-from tests.corrections.helpers import Study
-from tests.peers import require_binary
+from tests.corrections.helpers import JS_DIR, Study, dcmqi_binary
+from tests.peers import missing, require_binary
 
 MODEL = SegAlgorithm("tessera-abdomen-unet", generation=3)
 
@@ -129,3 +131,27 @@ def test_frames_that_are_no_regular_grid_are_refused(enhanced: Dataset, how: str
                                                       reason: str) -> None:
     with pytest.raises(SeriesRefused, match=reason):
         build_volume([_broken(enhanced, how)])
+
+
+def test_dcmqi_and_dcmjs_read_the_seg_of_a_multi_frame_source(
+    study: Study, enhanced: Dataset, tmp_path: Path
+) -> None:
+    volume = build_volume([enhanced])
+    labels = study.truth_in_volume_order()
+    path = tmp_path / "seg.dcm"
+    build_seg(volume, labels, CT_SEGMENTS, MODEL).save_as(path, enforce_file_format=True)
+    subprocess.run([dcmqi_binary("segimage2itkimage"), "--inputDICOM", str(path),
+                    "--outputDirectory", str(tmp_path), "--outputType", "nifti"],
+                   capture_output=True, text=True, check=True)
+    for number, spec in enumerate(CT_SEGMENTS, start=1):
+        mask = read_nifti(tmp_path / f"{number}.nii.gz").data > 0
+        assert int(mask.sum()) == int((labels == spec.label).sum()), spec.name
+    node = require_binary("node")
+    if not (JS_DIR / "node_modules" / "dcmjs").is_dir():
+        missing("dcmjs is not installed: run `make js`")
+    parsed = json.loads(subprocess.run([node, str(JS_DIR / "parse_seg.js"), str(path)],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert {f["referencedSOPInstanceUID"] for f in parsed["frames"]} == {
+        str(enhanced.SOPInstanceUID)}
+    for number, spec in enumerate(CT_SEGMENTS, start=1):
+        assert parsed["voxelsPerSegment"][str(number)] == int((labels == spec.label).sum())
