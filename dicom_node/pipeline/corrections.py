@@ -180,7 +180,7 @@ class CorrectionIntake(SeriesStage):
         volume = self._source_volume(source_uid, model_config)
         beat()
         try:
-            corrected = _read_labels(pydicom.dcmread(path), volume, specs)
+            corrected = read_seg_labels(pydicom.dcmread(path), volume, specs)[0]
         except InvalidDatasetError as exc:
             raise _flag(f"SEG cannot be used: {exc}") from exc
         except Exception as exc:  # a SEG a peer wrote must never fail the job in a loop
@@ -355,7 +355,7 @@ class CorrectionIntake(SeriesStage):
         with self.db.session() as s:
             rel = s.execute(select(Instance.path).where(
                 Instance.sop_instance_uid == ai.seg_sop_instance_uid)).scalar_one()
-        return _read_labels(pydicom.dcmread(self.files.absolute(rel)), volume, specs)
+        return read_seg_labels(pydicom.dcmread(self.files.absolute(rel)), volume, specs)[0]
 
 
 class CorrectionJob:
@@ -388,10 +388,6 @@ def queue_correction(s: Session, queue: JobQueue, series: Series) -> None:
 # -- helpers -------------------------------------------------------------------------
 def _flag(reason: str) -> NotACorrection:
     return NotACorrection(CorrectionState.FLAGGED, reason)
-
-
-def _read_labels(seg: pydicom.Dataset, volume: Volume, specs: list[SegmentSpec]) -> np.ndarray:
-    return read_seg_labels(seg, volume, specs)[0]
 
 
 def _referenced_series(header: pydicom.Dataset) -> str | None:

@@ -13,7 +13,8 @@ and by DICOMweb STOW-RS:
 - dcmqi's ``itkimage2segimage --segmentationType labelmap`` with Kidney + laterality
   codes and Slicer's generic segment names;
 - malformed: a label map with pixel values above its segment count, frames that point
-  at unknown source instances, a label map of a series the node does not know.
+  at unknown source instances, a label map of a series the node does not know, RLE
+  frames that do not decode.
 
 Each usable one is recorded with per-label Dice against the AI result; each unusable
 one is flagged with its reason, in ``tessera node status`` (text and JSON) and in the
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, generate_fragmented_frames
 from pydicom.sr.coding import Code
 from pydicom.uid import RLELossless, generate_uid
 from sqlalchemy import select
@@ -114,6 +116,12 @@ def test_viewer_segs_are_corrections_or_flagged_with_a_reason(
         other = highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP")
         other.ReferencedSeriesSequence[0].SeriesInstanceUID = generate_uid()
         segs["unknown series"] = _save(other, tmp_path / "bad-series.dcm")
+        broken = highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP", RLELossless)
+        frames = [b"".join(f) for f in generate_fragmented_frames(
+            broken.PixelData, number_of_frames=int(broken.NumberOfFrames))]
+        frames[2] = frames[2][:64] + bytes(len(frames[2]) - 64)  # RLE segments lie
+        broken.PixelData = encapsulate(frames)
+        segs["unreadable"] = _save(broken, tmp_path / "bad-pixels.dcm")
         uids = {k: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                 for k, p in segs.items()}
         uids["ohif stow"] = str(ohif_seg.SOPInstanceUID)
@@ -149,7 +157,8 @@ def test_viewer_segs_are_corrections_or_flagged_with_a_reason(
 
         # unusable: flagged, with the reason
         reasons = {"values above": "pixel values (9)", "unknown instances": "not in series",
-                   "unknown series": "unknown to the node"}
+                   "unknown series": "unknown to the node",
+                   "unreadable": "pixel data cannot be read"}
         for name, words in reasons.items():
             assert corr[name].state == "flagged", (name, corr[name].state)
             assert words in (corr[name].reason or ""), (name, corr[name].reason)
