@@ -12,7 +12,6 @@ import io
 import json
 import struct
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, SegmentSpec,
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.store.models import Correction, Instance, ModelVersion, Segmentation
 from tests.node.conftest import storescu, wait_until
-from tests.peers import missing, require_binary
+from tests.peers import missing, require_binary, venv_tool
 
 TEST_MODEL = "tessera-test-ct"
 TUMOUR = SegmentSpec.from_rgb(9, "lesion", codes.SCT.MorphologicallyAbnormalStructure,
@@ -244,11 +243,6 @@ def write_nifti(path: Path, data_ijk: np.ndarray, affine_ras: np.ndarray) -> Non
     path.write_bytes(gzip.compress(body))
 
 
-def dcmqi_binary(name: str) -> str:
-    """A dcmqi tool: installed into the virtual environment next to the interpreter."""
-    return require_binary(str(Path(sys.executable).with_name(name)))
-
-
 def dcmqi_seg(study: Study, series_dir: Path, out: Path, *, segmentation_type: str = "binary",
               generic_labels: bool = False) -> Path:
     """The study's ground truth written by dcmqi's itkimage2segimage.
@@ -257,7 +251,7 @@ def dcmqi_seg(study: Study, series_dir: Path, out: Path, *, segmentation_type: s
     ``segmentation_type`` "labelmap" writes a Label Map SEG; ``generic_labels`` names
     every segment "Segment_<n>" (Slicer's default), so only the codes say what it is.
     """
-    exe = dcmqi_binary("itkimage2segimage")
+    exe = venv_tool("itkimage2segimage")
     volume = study.volume()
     labels = study.truth_in_volume_order()  # (k, r, c)
     data_ijk = np.transpose(labels, (2, 1, 0))  # i = column, j = row, k = slice

@@ -25,8 +25,8 @@ from dicom_node.pipeline.seg import SegAlgorithm, build_seg
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.seg_template import SegTemplate
 from dicom_node.pipeline.volume import build_volume
-from tests.corrections.helpers import JS_DIR, Study, dcmqi_binary
-from tests.peers import missing, require_binary
+from tests.corrections.helpers import JS_DIR, Study
+from tests.peers import missing, require_binary, venv_tool
 
 MODEL = SegAlgorithm("tessera-abdomen-unet", generation=3)
 
@@ -140,7 +140,7 @@ def test_dcmqi_and_dcmjs_read_the_seg_of_a_multi_frame_source(
     labels = study.truth_in_volume_order()
     path = tmp_path / "seg.dcm"
     build_seg(volume, labels, CT_SEGMENTS, MODEL).save_as(path, enforce_file_format=True)
-    subprocess.run([dcmqi_binary("segimage2itkimage"), "--inputDICOM", str(path),
+    subprocess.run([venv_tool("segimage2itkimage"), "--inputDICOM", str(path),
                     "--outputDirectory", str(tmp_path), "--outputType", "nifti"],
                    capture_output=True, text=True, check=True)
     for number, spec in enumerate(CT_SEGMENTS, start=1):
