@@ -22,9 +22,9 @@ from dicom_node.pipeline.seg import (
     AI_SERIES_NUMBER,
     SegAlgorithm,
     build_seg,
-    read_seg_labels,
     seg_uids,
 )
+from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.volume import Volume, build_volume
 from tests.peers import missing, require_binary, venv_tool
 from tests.pipeline.conftest import PLANES
