@@ -34,16 +34,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, select
 
 from federation_grpc.errors import FailedPrecondition, InvalidRequest
 from federation_grpc.hub import aggregation as agg
-from federation_grpc.hub.merge_lock import merge_lock
-from federation_grpc.hub.store import GenerationRow, GenerationStatus
+from federation_grpc.hub.generations import NewGeneration
 
 if TYPE_CHECKING:
     from federation_grpc.hub.domain import GenerationView
-    from federation_grpc.hub.service import HubService
+    from federation_grpc.hub.generations import GenerationLedger
 
 LOGGER = logging.getLogger(__name__)
 
@@ -350,7 +348,7 @@ def _check_like_template(
 
 
 # -- the admin operation ---------------------------------------------------------------------
-def add_head(service: HubService, head: NewHead, *, init_seed: int | None = None,
+def add_head(ledger: GenerationLedger, head: NewHead, *, init_seed: int | None = None,
              dry_run: bool = False) -> tuple[GenerationView | None, str]:
     """Publish a generation that adds ``head`` (pending) on top of the current one.
 
@@ -365,13 +363,10 @@ def add_head(service: HubService, head: NewHead, *, init_seed: int | None = None
         No model yet, a candidate under federated evaluation (it would drop the head
         when promoted), or a config that is not a Tessera model.
     """
-    store = service.store
-    with merge_lock(store.engine, service.config.data_dir):
-        current = service.require_current()
-        with store.session() as session:
-            evaluating = session.scalar(select(GenerationRow.number).where(
-                GenerationRow.status == GenerationStatus.CANDIDATE))
-            number = (session.scalar(select(func.max(GenerationRow.number))) or 0) + 1
+    with ledger.merge_lock():
+        current = ledger.require_current()
+        evaluating = ledger.candidate_number()
+        number = ledger.next_number()
         if evaluating is not None:
             raise FailedPrecondition(f"candidate generation {evaluating} is under federated "
                                      "evaluation; add the head once it is settled")
@@ -381,14 +376,10 @@ def add_head(service: HubService, head: NewHead, *, init_seed: int | None = None
                                        added_in=number)
         if dry_run:
             return None, config_json
-        with store.session() as session:
-            session.add(GenerationRow(
-                number=number, parent=current.number, sha256=current.sha256,
-                size_bytes=current.size_bytes, config_json=config_json,
-                strategy=ADD_HEAD_STRATEGY, status=GenerationStatus.ACTIVE))
-            session.flush()
-            service._set_current(session, number)
-    service._notify()
+        new = NewGeneration(current.number, current.sha256, current.size_bytes, config_json,
+                            ADD_HEAD_STRATEGY)
+        with ledger.store.session() as session:
+            number = ledger.publish(session, new)
     LOGGER.warning("head %s (%s) added as generation %d on top of %d", head.name,
                    ", ".join(lab.name for lab in head.labels), number, current.number)
-    return service.generation(number), config_json
+    return ledger.generation(number), config_json

@@ -60,7 +60,7 @@ def add_head(
         _fail(error)
     service = _service(hub_config)
     try:
-        view, config_json = heads.add_head(service, head, init_seed=seed, dry_run=dry_run)
+        view, config_json = heads.add_head(service.ledger, head, init_seed=seed, dry_run=dry_run)
     except FederationError as error:
         _fail(error)
     finally:
