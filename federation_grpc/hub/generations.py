@@ -28,10 +28,10 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from federation_grpc.errors import FailedPrecondition, InvalidRequest, NotFound
-from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.blobs import BlobStore
 from federation_grpc.hub.domain import GenerationView
 from federation_grpc.hub.merge_lock import merge_lock
+from federation_grpc.hub.parameters import non_finite_tensors
 from federation_grpc.hub.store import (
     GenerationRow,
     GenerationStatus,
@@ -152,7 +152,7 @@ class GenerationLedger:
         tensors = parse_tensors(weights)
         if not tensors:
             raise InvalidRequest("model weights hold no tensors")
-        bad = agg.non_finite_tensors(tensors)
+        bad = non_finite_tensors(tensors)
         if bad:
             raise InvalidRequest(f"model weights hold non-finite values in {bad[:5]}")
         sha = self.blobs.put(weights)

@@ -36,8 +36,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from federation_grpc.errors import FailedPrecondition, InvalidRequest
-from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.generations import NewGeneration
+from federation_grpc.hub.parameters import (
+    HEADS_PREFIX,
+    groups_of,
+    is_head_group,
+    non_finite_tensors,
+)
 
 if TYPE_CHECKING:
     from federation_grpc.hub.domain import GenerationView
@@ -275,7 +280,7 @@ def head_classes(config_json: str) -> dict[str, int]:
 def mark_trained(config_json: str, tensors: Mapping[str, np.ndarray]) -> str:
     """``config_json`` with every pending head that ``tensors`` now carry marked trained."""
     pending = pending_heads(config_json)
-    carried = {g[len(agg.HEADS_PREFIX):] for g in agg.groups_of(tensors) if agg.is_head_group(g)}
+    carried = {g[len(HEADS_PREFIX):] for g in groups_of(tensors) if is_head_group(g)}
     now_trained = sorted(set(pending) & carried)
     if not now_trained:
         return config_json
@@ -301,27 +306,27 @@ def new_head_tensors(
         A new group that is no pending head, tensor names or shapes that do not follow
         the template head, a dtype other than the base's, non-finite values.
     """
-    base_groups = agg.groups_of(base)
-    fresh_groups = {g: names for g, names in agg.groups_of(update).items()
+    base_groups = groups_of(base)
+    fresh_groups = {g: names for g, names in groups_of(update).items()
                     if g not in base_groups}
     if not fresh_groups:
         return {}
     pending = pending_heads(config_json)
     classes = head_classes(config_json)
-    template = next((g for g in base_groups if agg.is_head_group(g)
-                     and g[len(agg.HEADS_PREFIX):] in classes), None)
+    template = next((g for g in base_groups if is_head_group(g)
+                     and g[len(HEADS_PREFIX):] in classes), None)
     out: dict[str, np.ndarray] = {}
     for group, names in fresh_groups.items():
-        head = group[len(agg.HEADS_PREFIX):] if agg.is_head_group(group) else None
+        head = group[len(HEADS_PREFIX):] if is_head_group(group) else None
         if head is None or head not in pending:
             raise InvalidRequest(f"unknown tensor names: {names[:5]} (group {group!r} is not "
                                  "in the base generation nor a pending added head)")
         if template is None:
             raise InvalidRequest(f"no existing head to check {group!r} against")
         _check_like_template(update, group, names, base, template,
-                             classes[template[len(agg.HEADS_PREFIX):]], pending[head])
+                             classes[template[len(HEADS_PREFIX):]], pending[head])
         out.update({name: update[name] for name in names})
-    bad = agg.non_finite_tensors(out)
+    bad = non_finite_tensors(out)
     if bad:
         raise InvalidRequest(f"non-finite values in new head tensors {bad[:5]}")
     return out

@@ -21,6 +21,7 @@ from federation_grpc.hub.evaluations import EvaluationTasks
 from federation_grpc.hub.gate import UpdateGate, compare_scores, paired_mean
 from federation_grpc.hub.generations import GenerationLedger, NewGeneration
 from federation_grpc.hub.heads import mark_trained
+from federation_grpc.hub.parameters import non_finite_tensors
 from federation_grpc.hub.rejections import RejectionLog
 from federation_grpc.hub.robust import clip_delta
 from federation_grpc.hub.store import (
@@ -164,7 +165,7 @@ class Aggregator:
                 )
         candidate = self.strategy.merge(current_tensors, contributions)
         if self.gate.evaluator is None and self.config.gate.federated_evaluation:
-            bad = agg.non_finite_tensors(candidate)
+            bad = non_finite_tensors(candidate)
             if bad:
                 self._reject(rows, [f"merged candidate has non-finite values in {bad[:5]}"])
                 return -1

@@ -26,13 +26,13 @@ from federation_grpc.errors import (
     NotFound,
     PermissionDenied,
 )
-from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.blobs import BlobStore, StagingArea
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
 from federation_grpc.hub.gate import UpdateGate
 from federation_grpc.hub.generations import GenerationLedger
 from federation_grpc.hub.heads import new_head_tensors
+from federation_grpc.hub.parameters import groups_of
 from federation_grpc.hub.partial_labels import check_trained_groups, generation_groups
 from federation_grpc.hub.rejections import RejectionLog
 from federation_grpc.hub.reports import check_numbers
@@ -83,13 +83,13 @@ def validate_tensors(
                 f"tensor {name!r} is {value.dtype}{list(value.shape)}, "
                 f"expected {expected.dtype}{list(expected.shape)}"
             )
-    carried = agg.groups_of(update)
+    carried = groups_of(update)
     if set(carried) != set(trained_groups):
         raise InvalidRequest(
             f"tensors carry groups {sorted(carried)} "
             f"but the header declares {sorted(trained_groups)}"
         )
-    base_groups = agg.groups_of(base)
+    base_groups = groups_of(base)
     for group, names in carried.items():
         missing = sorted(set(base_groups[group]) - set(names))
         if missing:
