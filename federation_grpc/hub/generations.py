@@ -91,8 +91,19 @@ class GenerationLedger:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def record(self, session: Session, new: NewGeneration, status: GenerationStatus) -> int:
-        """Store ``new`` under the next number with ``status``; the pointer stays."""
+    def record(
+        self,
+        session: Session,
+        new: NewGeneration,
+        status: GenerationStatus,
+        *,
+        evaluated: Sequence[str] = (),
+    ) -> int:
+        """Store ``new`` under the next number with ``status``; the pointer stays.
+
+        ``evaluated``: the updates a candidate was merged from; they wait (EVALUATING)
+        for the nodes' verdict and are its lineage meanwhile.
+        """
         latest = session.scalar(select(func.max(GenerationRow.number)))
         number = 0 if latest is None else latest + 1
         session.add(
@@ -108,7 +119,32 @@ class GenerationLedger:
             )
         )
         session.flush()
+        for update_id in evaluated:
+            update = locked_update(session, update_id)
+            update.status, update.candidate_generation = UpdateStatus.EVALUATING, number
         return number
+
+    @staticmethod
+    def evaluated_updates(session: Session, candidate: int) -> list[UpdateRow]:
+        """The updates a candidate generation was merged from."""
+        return list(
+            session.scalars(select(UpdateRow).where(UpdateRow.candidate_generation == candidate))
+        )
+
+    def settle(
+        self, session: Session, candidate: int, score: float | None, accepted: bool
+    ) -> None:
+        """Record the nodes' verdict on a candidate: published with the updates it was
+        merged from, or REJECTED (its updates are the caller's to reject)."""
+        row = session.get(GenerationRow, candidate)
+        if row is None:
+            raise NotFound(f"no generation {candidate}")
+        row.validation_score = score
+        if accepted:
+            updates = self.evaluated_updates(session, candidate)
+            self.publish(session, candidate, merged=[u.update_id for u in updates])
+        else:
+            row.status = GenerationStatus.REJECTED
 
     def publish(
         self,

@@ -25,11 +25,11 @@ from federation_grpc.hub.parameters import non_finite_tensors
 from federation_grpc.hub.rejections import RejectionLog
 from federation_grpc.hub.robust import clip_delta
 from federation_grpc.hub.store import (
-    GenerationRow,
     GenerationStatus,
     HubStore,
     UpdateRow,
     UpdateStatus,
+    as_utc,
     locked_update,
     utcnow,
 )
@@ -235,10 +235,9 @@ class Aggregator:
     ) -> None:
         new = self._new_generation(candidate, reference, config_json, None)
         with self.store.session() as session:
-            number = self.ledger.record(session, new, GenerationStatus.CANDIDATE)
-            for stale in rows:
-                row = locked_update(session, stale.update_id)
-                row.status, row.candidate_generation = UpdateStatus.EVALUATING, number
+            number = self.ledger.record(
+                session, new, GenerationStatus.CANDIDATE, evaluated=[r.update_id for r in rows]
+            )
             self.evaluations.open(
                 session, number, reference, self.config.gate.evaluation_timeout_s
             )
@@ -252,19 +251,9 @@ class Aggregator:
             if task is None:
                 return False
             results = self.evaluations.results(session, task.task_id)
-            deadline = (
-                task.deadline
-                if task.deadline.tzinfo
-                else task.deadline.replace(tzinfo=utcnow().tzinfo)
-            )
-            if len(results) < gate.min_evaluations and deadline > utcnow():
+            if len(results) < gate.min_evaluations and as_utc(task.deadline) > utcnow():
                 return True
             number = task.candidate_generation
-            rows = session.scalars(
-                select(UpdateRow).where(UpdateRow.candidate_generation == number)
-            ).all()
-            generation = session.get(GenerationRow, number)
-            assert generation is not None
             if len(results) < gate.min_evaluations:
                 reasons = [
                     f"federated evaluation got {len(results)} of {gate.min_evaluations} "
@@ -279,13 +268,10 @@ class Aggregator:
                 )
                 reasons = compare_scores(score, reference, gate.validation_margin)
             task.open = False
-            generation.validation_score = score
             if reasons:
-                generation.status = GenerationStatus.REJECTED
-                for row in rows:
+                for row in self.ledger.evaluated_updates(session, number):
                     self.rejections.reject(session, row, "gate", reasons, number)
-            else:
-                self.ledger.publish(session, number, merged=[row.update_id for row in rows])
+            self.ledger.settle(session, number, score, accepted=not reasons)
         if not reasons:
             LOGGER.info("candidate %d accepted by federated evaluation", number)
         return False

@@ -62,12 +62,15 @@ def test_generation_zero_is_published_once(tmp_path: Path) -> None:
         service.close()
 
 
-def test_only_the_ledger_moves_the_current_pointer() -> None:
-    writers = []
+def test_only_the_ledger_moves_the_current_pointer_and_stores_generations() -> None:
+    writers, makers = [], []
     for path in sorted((REPO / "federation_grpc").rglob("*.py")):
         if "_proto" in path.parts or "migrations" in path.parts:
             continue
+        where = path.relative_to(REPO).as_posix()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "GenerationRow":
+                makers.append(where)
             targets = (
                 node.targets if isinstance(node, ast.Assign)
                 else [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else []
@@ -75,5 +78,6 @@ def test_only_the_ledger_moves_the_current_pointer() -> None:
             for target in targets:
                 for part in ast.walk(target):
                     if isinstance(part, ast.Attribute) and part.attr == "current_generation":
-                        writers.append(path.relative_to(REPO).as_posix())
+                        writers.append(where)
     assert writers == ["federation_grpc/hub/generations.py"]
+    assert makers == ["federation_grpc/hub/generations.py"]
