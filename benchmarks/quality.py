@@ -56,7 +56,7 @@ from federation_grpc.hub.quality import (
     assess,
     fit_model,
 )
-from federation_grpc.hub.service import check_numbers
+from federation_grpc.hub.reports import check_numbers
 
 LOGGER = logging.getLogger("benchmarks.quality")
 SITES = {"ct": (("A", "B"), ("C", "D")), "mr": (("A", "C"), ("B",))}  # (fit, OOD)

@@ -14,12 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("dicom_node", "federation_grpc", "viewer_bridge")
 SKIP = ("_proto", "migrations")
 
-# Issue 19 (hub redesign) removes these; nothing may join them.
-KNOWN = {
-    frozenset({"federation_grpc.hub.service", "federation_grpc.hub.uploads"}),
-    frozenset({"federation_grpc.hub.cli", "federation_grpc.hub.heads_cli",
-               "federation_grpc.hub.quality_cli"}),
-}
+# None left (issue 19 removed the two hub circles); nothing may join this set.
+KNOWN: set[frozenset[str]] = set()
 
 
 def modules() -> dict[str, Path]:

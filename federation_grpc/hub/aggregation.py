@@ -1,10 +1,8 @@
 """Aggregation: pure functions over numpy arrays, behind one ``Strategy`` interface.
 
-Tensor names follow the node network's convention: ``heads.<head>.…`` belongs to the
-group ``heads.<head>``; every other name belongs to the group named by its first dotted
-component (``encoder``, ``bottleneck``, …). Groups merge separately: a group changes
-only with the updates that carry it, so a head moves only with the nodes that trained it
-(partial labels) while the shared groups move with every update.
+Tensors merge by parameter group (:mod:`federation_grpc.hub.parameters`): a group
+changes only with the updates that carry it, so a head moves only with the nodes that
+trained it (partial labels) while the shared groups move with every update.
 
 A group that the current generation does not hold yet (the first weights of a head
 added by ``tessera hub add-head``) has no prior to mix with: every strategy takes the
@@ -18,39 +16,16 @@ take a coordinate-wise trimmed mean instead of the weighted mean (:func:`trimmed
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from federation_grpc.hub.parameters import group_of
 from federation_grpc.hub.robust import capped_shares, trim_count, trimmed_mean
 
 Tensors = dict[str, np.ndarray]
-
-HEADS_PREFIX = "heads."
-
-
-def group_of(name: str) -> str:
-    """Parameter group of a tensor name: ``heads.<head>`` or the first dotted component."""
-    parts = name.split(".")
-    if parts[0] == "heads" and len(parts) >= 3:
-        return f"heads.{parts[1]}"
-    return parts[0]
-
-
-def is_head_group(group: str) -> bool:
-    return group.startswith(HEADS_PREFIX)
-
-
-def groups_of(names: Sequence[str] | Mapping[str, object]) -> dict[str, list[str]]:
-    """Map each group to the sorted tensor names in it."""
-    out: dict[str, list[str]] = {}
-    for name in sorted(names):
-        out.setdefault(group_of(name), []).append(name)
-    return out
-
 
 def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
     """FedAsync polynomial staleness discount ``(1 + s) ** -a``; ``s`` below 0 counts as 0."""
@@ -76,41 +51,6 @@ def fedasync_mixing(
     ``max_share``: the merged tensor is ``(1 - w) * current + w * update``."""
     weight = alpha * sample_weight(num_samples, halfpoint) * staleness_weight(staleness, exponent)
     return min(weight, max_share)
-
-
-def _sum_squares(values: np.ndarray) -> float:
-    # A dot product in the tensor's own precision is fast (BLAS) and exact enough for a
-    # bound; the total is accumulated in Python float (double).
-    flat = values.ravel()
-    return float(np.dot(flat, flat))
-
-
-def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of ``update - base`` over the floating tensors the update carries."""
-    total = 0.0
-    for name, value in update.items():
-        if np.issubdtype(value.dtype, np.floating):
-            total += _sum_squares(value - base[name])
-    return math.sqrt(total)
-
-
-def tensors_norm(tensors: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> float:
-    keys = names if names is not None else list(tensors)
-    total = 0.0
-    for name in keys:
-        value = tensors[name]
-        if np.issubdtype(value.dtype, np.floating):
-            total += _sum_squares(value)
-    return math.sqrt(total)
-
-
-def non_finite_tensors(tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """Names of floating tensors holding NaN or infinity."""
-    return sorted(
-        name
-        for name, value in tensors.items()
-        if np.issubdtype(value.dtype, np.floating) and not bool(np.isfinite(value).all())
-    )
 
 
 @dataclass(frozen=True)

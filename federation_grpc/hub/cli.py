@@ -19,45 +19,22 @@ from rich.console import Console
 from rich.table import Table
 
 from federation_grpc.errors import FederationError
-from federation_grpc.hub.config import EXAMPLE_CONFIG, HubConfig, load_config
+from federation_grpc.hub import heads_cli, quality_cli
+from federation_grpc.hub.cli_common import (
+    DEFAULT_CONFIG,
+    ConfigOption,
+    config_at,
+    fail,
+    open_service,
+    out,
+)
+from federation_grpc.hub.config import EXAMPLE_CONFIG
 
 LOGGER = logging.getLogger(__name__)
 
 hub_app = typer.Typer(
     help="The federation hub: serve, enrol nodes, manage generations.", no_args_is_help=True
 )
-
-
-def out() -> Console:
-    """A console made per call, so the width follows the terminal (and COLUMNS) of now."""
-    return Console()
-
-
-ConfigOption = Annotated[
-    Path,
-    typer.Option(
-        "--config", "-c", envvar="TESSERA_HUB_CONFIG", help="Hub TOML file (tessera hub init)."
-    ),
-]
-DEFAULT_CONFIG = Path("hub.toml")
-
-
-def _config(path: Path) -> HubConfig:
-    if not path.exists():
-        out().print(f"[red]no hub config at {path}[/red]; write one with `tessera hub init`")
-        raise typer.Exit(2)
-    return load_config(path)
-
-
-def _service(path: Path):  # type: ignore[no-untyped-def]
-    from federation_grpc.hub.service import HubService
-
-    return HubService(_config(path))
-
-
-def _fail(error: FederationError) -> None:
-    out().print(f"[red]{type(error).__name__}:[/red] {error}")
-    raise typer.Exit(1)
 
 
 @hub_app.command()
@@ -78,13 +55,13 @@ def serve(
     from federation_grpc.jsonlog import configure_logging
 
     configure_logging(os.environ.get("TESSERA_LOG_LEVEL", "INFO"), json_logs)
-    settings = _config(config)
+    settings = config_at(config)
     if port is not None:
         settings = replace(settings, port=port)
     try:
         server = HubServer(settings, insecure_loopback=insecure_loopback).start()
     except FederationError as error:
-        _fail(error)
+        fail(error)
     metrics = None
     if settings.metrics.enabled:
         metrics = MetricsServer(server.service.store, settings.metrics.host,
@@ -116,7 +93,7 @@ def migrate(
     from federation_grpc.hub.store import MIGRATIONS
     from federation_grpc.schema import migrate as run_migrations
 
-    settings = _config(config)
+    settings = config_at(config)
     private_dir(settings.data_dir)
     prepare_sqlite_file(settings.resolved_database_url)
     engine = create_engine(settings.resolved_database_url)
@@ -153,11 +130,11 @@ def init_model(
     ] = DEFAULT_CONFIG,
 ) -> None:
     """Store the starter model as generation 0."""
-    service = _service(hub_config)
+    service = open_service(hub_config)
     try:
         view = service.init_model(weights.read_bytes(), model_config.read_text())
     except FederationError as error:
-        _fail(error)
+        fail(error)
     finally:
         service.close()
     out().print(f"generation {view.number} stored, sha256 {view.sha256}")
@@ -170,7 +147,7 @@ def enrol(
     note: Annotated[str, typer.Option(help="Who the token is for (shown to operators).")] = "",
 ) -> None:
     """Print a one-time enrolment token for a new node."""
-    service = _service(config)
+    service = open_service(config)
     try:
         token, expires = service.create_enrolment_token(ttl, note)
     finally:
@@ -192,7 +169,7 @@ def admin_token() -> None:
 @hub_app.command()
 def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """List enrolled nodes."""
-    service = _service(config)
+    service = open_service(config)
     try:
         from federation_grpc.hub.partial_labels import describe_heads, head_labels
 
@@ -219,11 +196,11 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
 @hub_app.command()
 def revoke(node_id: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Revoke a node: its token stops working at once."""
-    service = _service(config)
+    service = open_service(config)
     try:
         service.revoke_node(node_id)
     except FederationError as error:
-        _fail(error)
+        fail(error)
     finally:
         service.close()
     out().print(f"node {node_id} revoked")
@@ -245,11 +222,11 @@ def rebind(
     except (OSError, ValueError) as error:
         out().print(f"[red]cannot read a certificate from {cert}:[/red] {error}")
         raise typer.Exit(2) from error
-    service = _service(config)
+    service = open_service(config)
     try:
         service.rebind_node(node_id, fingerprint)
     except FederationError as error:
-        _fail(error)
+        fail(error)
     finally:
         service.close()
     out().print(f"node {node_id} bound to certificate sha256 {fingerprint}")
@@ -258,7 +235,7 @@ def rebind(
 @hub_app.command()
 def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """List generations with their lineage (parent, updates, nodes)."""
-    service = _service(config)
+    service = open_service(config)
     try:
         table = Table("gen", "parent", "status", "strategy", "score", "updates", "nodes", "sha256")
         for g in service.list_generations():
@@ -280,11 +257,11 @@ def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
 @hub_app.command()
 def promote(generation: int, config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Make a generation the current one."""
-    service = _service(config)
+    service = open_service(config)
     try:
         view = service.promote(generation)
     except FederationError as error:
-        _fail(error)
+        fail(error)
     finally:
         service.close()
     out().print(f"generation {view.number} is current")
@@ -296,11 +273,11 @@ def rollback(
     to: Annotated[int, typer.Option(help="Generation to return to (default: parent).")] = -1,
 ) -> None:
     """Return to an earlier generation; nodes watching switch to it."""
-    service = _service(config)
+    service = open_service(config)
     try:
         view = service.rollback(to)
     except FederationError as error:
-        _fail(error)
+        fail(error)
     finally:
         service.close()
     out().print(f"rolled back; generation {view.number} is current")
@@ -312,7 +289,7 @@ def rejections(
     limit: Annotated[int, typer.Option(help="Most recent N.")] = 50,
 ) -> None:
     """List refused updates and candidates with the reasons."""
-    service = _service(config)
+    service = open_service(config)
     try:
         table = Table("when", "update", "node", "stage", "candidate", "reasons")
         for r in service.list_rejections(limit):
@@ -361,9 +338,7 @@ def certs(
     out().print("keep ca.key offline; give each node ca.pem, its .pem and .key")
 
 
-# Commands kept in their own modules (they import this one, so register at the end).
-from federation_grpc.hub import heads_cli, quality_cli  # noqa: E402
-
+# Commands kept in their own modules.
 heads_cli.register(hub_app)
 quality_cli.register(hub_app)
 

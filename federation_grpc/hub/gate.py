@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub.parameters import non_finite_tensors, tensors_norm, update_norm
 
 LOGGER = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def check_update(
     """Reasons to refuse one update on its own (empty when it may be merged)."""
     # The base is finite, so a NaN or infinity in the update makes the norm non-finite:
     # the per-tensor scan runs only then (it also names the tensors).
-    norm = agg.update_norm(update, base)
+    norm = update_norm(update, base)
     if not math.isfinite(norm):
-        bad = agg.non_finite_tensors(update)
+        bad = non_finite_tensors(update)
         if bad:
             shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
             return [f"non-finite values in {len(bad)} tensor(s): {shown}"]
@@ -84,7 +84,7 @@ def check_update(
     if policy.max_update_norm > 0 and norm > policy.max_update_norm:
         reasons.append(f"update norm {norm:.4g} exceeds the bound {policy.max_update_norm:.4g}")
     if policy.max_relative_update_norm > 0:
-        base_norm = agg.tensors_norm(base, list(update))
+        base_norm = tensors_norm(base, list(update))
         relative = norm / base_norm if base_norm > 0 else (math.inf if norm > 0 else 0.0)
         if relative > policy.max_relative_update_norm:
             reasons.append(
@@ -143,7 +143,7 @@ class UpdateGate:
         current: Mapping[str, np.ndarray],
         config_json: str,
     ) -> Verdict:
-        bad = agg.non_finite_tensors(candidate)
+        bad = non_finite_tensors(candidate)
         if bad:
             return Verdict(False, [f"merged candidate has non-finite values in {bad[:5]}"])
         if self.evaluator is None:

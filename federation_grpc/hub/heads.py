@@ -34,16 +34,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func, select
 
 from federation_grpc.errors import FailedPrecondition, InvalidRequest
-from federation_grpc.hub import aggregation as agg
-from federation_grpc.hub.merge_lock import merge_lock
-from federation_grpc.hub.store import GenerationRow, GenerationStatus
+from federation_grpc.hub.generations import NewGeneration
+from federation_grpc.hub.parameters import (
+    HEADS_PREFIX,
+    groups_of,
+    is_head_group,
+    non_finite_tensors,
+)
 
 if TYPE_CHECKING:
     from federation_grpc.hub.domain import GenerationView
-    from federation_grpc.hub.service import HubService
+    from federation_grpc.hub.generations import GenerationLedger
 
 LOGGER = logging.getLogger(__name__)
 
@@ -277,7 +280,7 @@ def head_classes(config_json: str) -> dict[str, int]:
 def mark_trained(config_json: str, tensors: Mapping[str, np.ndarray]) -> str:
     """``config_json`` with every pending head that ``tensors`` now carry marked trained."""
     pending = pending_heads(config_json)
-    carried = {g[len(agg.HEADS_PREFIX):] for g in agg.groups_of(tensors) if agg.is_head_group(g)}
+    carried = {g[len(HEADS_PREFIX):] for g in groups_of(tensors) if is_head_group(g)}
     now_trained = sorted(set(pending) & carried)
     if not now_trained:
         return config_json
@@ -303,27 +306,27 @@ def new_head_tensors(
         A new group that is no pending head, tensor names or shapes that do not follow
         the template head, a dtype other than the base's, non-finite values.
     """
-    base_groups = agg.groups_of(base)
-    fresh_groups = {g: names for g, names in agg.groups_of(update).items()
+    base_groups = groups_of(base)
+    fresh_groups = {g: names for g, names in groups_of(update).items()
                     if g not in base_groups}
     if not fresh_groups:
         return {}
     pending = pending_heads(config_json)
     classes = head_classes(config_json)
-    template = next((g for g in base_groups if agg.is_head_group(g)
-                     and g[len(agg.HEADS_PREFIX):] in classes), None)
+    template = next((g for g in base_groups if is_head_group(g)
+                     and g[len(HEADS_PREFIX):] in classes), None)
     out: dict[str, np.ndarray] = {}
     for group, names in fresh_groups.items():
-        head = group[len(agg.HEADS_PREFIX):] if agg.is_head_group(group) else None
+        head = group[len(HEADS_PREFIX):] if is_head_group(group) else None
         if head is None or head not in pending:
             raise InvalidRequest(f"unknown tensor names: {names[:5]} (group {group!r} is not "
                                  "in the base generation nor a pending added head)")
         if template is None:
             raise InvalidRequest(f"no existing head to check {group!r} against")
         _check_like_template(update, group, names, base, template,
-                             classes[template[len(agg.HEADS_PREFIX):]], pending[head])
+                             classes[template[len(HEADS_PREFIX):]], pending[head])
         out.update({name: update[name] for name in names})
-    bad = agg.non_finite_tensors(out)
+    bad = non_finite_tensors(out)
     if bad:
         raise InvalidRequest(f"non-finite values in new head tensors {bad[:5]}")
     return out
@@ -350,7 +353,7 @@ def _check_like_template(
 
 
 # -- the admin operation ---------------------------------------------------------------------
-def add_head(service: HubService, head: NewHead, *, init_seed: int | None = None,
+def add_head(ledger: GenerationLedger, head: NewHead, *, init_seed: int | None = None,
              dry_run: bool = False) -> tuple[GenerationView | None, str]:
     """Publish a generation that adds ``head`` (pending) on top of the current one.
 
@@ -365,13 +368,10 @@ def add_head(service: HubService, head: NewHead, *, init_seed: int | None = None
         No model yet, a candidate under federated evaluation (it would drop the head
         when promoted), or a config that is not a Tessera model.
     """
-    store = service.store
-    with merge_lock(store.engine, service.config.data_dir):
-        current = service.require_current()
-        with store.session() as session:
-            evaluating = session.scalar(select(GenerationRow.number).where(
-                GenerationRow.status == GenerationStatus.CANDIDATE))
-            number = (session.scalar(select(func.max(GenerationRow.number))) or 0) + 1
+    with ledger.merge_lock():
+        current = ledger.require_current()
+        evaluating = ledger.candidate_number()
+        number = ledger.next_number()
         if evaluating is not None:
             raise FailedPrecondition(f"candidate generation {evaluating} is under federated "
                                      "evaluation; add the head once it is settled")
@@ -381,14 +381,10 @@ def add_head(service: HubService, head: NewHead, *, init_seed: int | None = None
                                        added_in=number)
         if dry_run:
             return None, config_json
-        with store.session() as session:
-            session.add(GenerationRow(
-                number=number, parent=current.number, sha256=current.sha256,
-                size_bytes=current.size_bytes, config_json=config_json,
-                strategy=ADD_HEAD_STRATEGY, status=GenerationStatus.ACTIVE))
-            session.flush()
-            service._set_current(session, number)
-    service._notify()
+        new = NewGeneration(current.number, current.sha256, current.size_bytes, config_json,
+                            ADD_HEAD_STRATEGY)
+        with ledger.store.session() as session:
+            number = ledger.publish(session, new)
     LOGGER.warning("head %s (%s) added as generation %d on top of %d", head.name,
                    ", ".join(lab.name for lab in head.labels), number, current.number)
-    return service.generation(number), config_json
+    return ledger.generation(number), config_json

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from federation_grpc.errors import FederationError
+from federation_grpc.hub.cli_common import fail, open_service, out
 
 
 def _labels_text(value: str) -> str:
@@ -52,17 +53,16 @@ def add_head(
     it is used for segmentation once a merged update has trained it.
     """
     from federation_grpc.hub import heads
-    from federation_grpc.hub.cli import _fail, _service, out
 
     try:
         head = heads.NewHead(name, heads.parse_labels(_labels_text(labels)))
     except FederationError as error:
-        _fail(error)
-    service = _service(hub_config)
+        fail(error)
+    service = open_service(hub_config)
     try:
-        view, config_json = heads.add_head(service, head, init_seed=seed, dry_run=dry_run)
+        view, config_json = heads.add_head(service.ledger, head, init_seed=seed, dry_run=dry_run)
     except FederationError as error:
-        _fail(error)
+        fail(error)
     finally:
         service.close()
     if view is None:

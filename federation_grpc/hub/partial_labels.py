@@ -18,14 +18,14 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from federation_grpc.errors import InvalidRequest
-from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.heads import pending_heads
+from federation_grpc.hub.parameters import HEADS_PREFIX, groups_of, is_head_group
 
 
 def generation_groups(tensor_names: Iterable[str], config_json: str) -> set[str]:
     """Groups an update trained from this generation may carry."""
-    groups = set(agg.groups_of(list(tensor_names)))
-    return groups | {f"{agg.HEADS_PREFIX}{h}" for h in pending_heads(config_json)}
+    groups = set(groups_of(list(tensor_names)))
+    return groups | {f"{HEADS_PREFIX}{h}" for h in pending_heads(config_json)}
 
 
 def check_trained_groups(trained_groups: Sequence[str], known: set[str],
@@ -59,8 +59,8 @@ def head_labels(config_json: str) -> dict[str, tuple[str, ...]]:
 
 def trained_heads(group_lists: Iterable[Sequence[str]]) -> tuple[str, ...]:
     """Sorted head names over several updates' ``trained_groups``."""
-    return tuple(sorted({g[len(agg.HEADS_PREFIX):] for groups in group_lists for g in groups
-                         if agg.is_head_group(g)}))
+    return tuple(sorted({g[len(HEADS_PREFIX):] for groups in group_lists for g in groups
+                         if is_head_group(g)}))
 
 
 def describe_heads(heads: Sequence[str], labels: Mapping[str, Sequence[str]]) -> str:

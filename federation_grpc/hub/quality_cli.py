@@ -16,14 +16,14 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from federation_grpc.hub.cli_common import config_at, out
+
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from federation_grpc.hub.cli import out
-
     console = out()
     m = report["model"]
     r = report["records"]
@@ -86,7 +86,6 @@ def quality(
 ) -> None:
     """Quality monitoring: fit Dice ~ metrics, flag segmentations per node and generation,
     show drift."""
-    from federation_grpc.hub.cli import _config
     from federation_grpc.hub.quality import QualityPolicy, report_for_store
     from federation_grpc.hub.store import HubStore
 
@@ -95,7 +94,7 @@ def quality(
                                min_cases=min_cases)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    settings = _config(config)
+    settings = config_at(config)
     store = HubStore(settings.resolved_database_url)
     try:
         report = report_for_store(store, policy)

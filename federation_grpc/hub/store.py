@@ -218,3 +218,12 @@ class HubStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def locked_update(session: Session, update_id: str) -> UpdateRow:
+    """The update's row, locked for this transaction (it was read moments ago: a
+    missing row means the store changed under the merge, which must stop it)."""
+    row = session.get(UpdateRow, update_id, with_for_update=True)
+    if row is None:
+        raise RuntimeError(f"update {update_id} vanished from the hub store during a merge")
+    return row

@@ -16,10 +16,9 @@ import os
 import re
 import threading
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import numpy as np
-from sqlalchemy import select
 
 from federation_grpc.errors import (
     FailedPrecondition,
@@ -27,22 +26,25 @@ from federation_grpc.errors import (
     NotFound,
     PermissionDenied,
 )
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub.blobs import BlobStore, StagingArea
+from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
+from federation_grpc.hub.gate import UpdateGate
+from federation_grpc.hub.generations import GenerationLedger
 from federation_grpc.hub.heads import new_head_tensors
+from federation_grpc.hub.parameters import groups_of
 from federation_grpc.hub.partial_labels import check_trained_groups, generation_groups
-from federation_grpc.hub.service import check_numbers
+from federation_grpc.hub.rejections import RejectionLog
+from federation_grpc.hub.reports import check_numbers
 from federation_grpc.hub.store import (
     GenerationRow,
     GenerationStatus,
+    HubStore,
     UpdateRow,
     UpdateStatus,
     utcnow,
 )
 from federation_grpc.hub.tensorfile import read_tensors
-
-if TYPE_CHECKING:
-    from federation_grpc.hub.service import HubService
 
 LOGGER = logging.getLogger(__name__)
 
@@ -81,13 +83,13 @@ def validate_tensors(
                 f"tensor {name!r} is {value.dtype}{list(value.shape)}, "
                 f"expected {expected.dtype}{list(expected.shape)}"
             )
-    carried = agg.groups_of(update)
+    carried = groups_of(update)
     if set(carried) != set(trained_groups):
         raise InvalidRequest(
             f"tensors carry groups {sorted(carried)} "
             f"but the header declares {sorted(trained_groups)}"
         )
-    base_groups = agg.groups_of(base)
+    base_groups = groups_of(base)
     for group, names in carried.items():
         missing = sorted(set(base_groups[group]) - set(names))
         if missing:
@@ -102,11 +104,11 @@ class UploadSession:
         self.node_id = node_id
         self.header = header
         self.received = offset
-        self._fd = intake.service.staging.open_at(header.update_id, offset)
+        self._fd = intake.staging.open_at(header.update_id, offset)
         # Hash as bytes arrive; a resumed upload first hashes what the hub already holds.
         self._digest = hashlib.sha256()
         if offset:
-            with intake.service.staging.path(header.update_id).open("rb") as held:
+            with intake.staging.path(header.update_id).open("rb") as held:
                 remaining = offset
                 while remaining and (block := held.read(min(remaining, 1 << 20))):
                     self._digest.update(block)
@@ -144,8 +146,29 @@ class UploadSession:
 
 
 class UploadIntake:
-    def __init__(self, service: HubService) -> None:
-        self.service = service
+    """Uploads from nodes, checked against their base generation before anything is kept;
+    ``on_received`` is called after a valid update has been stored."""
+
+    def __init__(
+        self,
+        *,
+        store: HubStore,
+        ledger: GenerationLedger,
+        rejections: RejectionLog,
+        staging: StagingArea,
+        blobs: BlobStore,
+        config: HubConfig,
+        gate: UpdateGate,
+        on_received: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.rejections = rejections
+        self.staging = staging
+        self.blobs = blobs
+        self.config = config
+        self.gate = gate
+        self.on_received = on_received
         self._lock = threading.Lock()
         self._active: set[str] = set()
 
@@ -155,7 +178,7 @@ class UploadIntake:
 
     def status(self, node_id: str, update_id: str) -> UploadStatus:
         update_id = _canonical_id(update_id)
-        with self.service.store.session() as session:
+        with self.store.session() as session:
             row = session.get(UpdateRow, update_id)
             if row is None:
                 return UploadStatus(update_id, UploadState.UNKNOWN)
@@ -166,7 +189,7 @@ class UploadIntake:
     def _status(self, row: UpdateRow) -> UploadStatus:
         received = row.total_size
         if row.status == UpdateStatus.PARTIAL:
-            received = self.service.staging.size(row.update_id)
+            received = self.staging.size(row.update_id)
         return UploadStatus(
             row.update_id,
             _STATE[UpdateStatus(row.status)],
@@ -180,7 +203,7 @@ class UploadIntake:
         header = self._validated(header)
         self._check_samples(node_id, header)
         self._check_groups(node_id, header)
-        with self.service.store.session() as session:
+        with self.store.session() as session:
             row = session.get(UpdateRow, header.update_id)
             if row is not None:
                 if row.node_id != node_id:
@@ -206,7 +229,7 @@ class UploadIntake:
                         status=UpdateStatus.PARTIAL,
                     )
                 )
-        staged = self.service.staging.size(header.update_id)
+        staged = self.staging.size(header.update_id)
         if header.offset > staged:
             raise FailedPrecondition(
                 f"hub holds {staged} bytes of update {header.update_id}; resume from there"
@@ -224,15 +247,15 @@ class UploadIntake:
     def _check_samples(self, node_id: str, header: UpdateHeader) -> None:
         """``num_samples`` weighs an update in the merge: a value outside
         1..``max_num_samples`` is refused before any byte is taken, and recorded."""
-        limit = self.service.config.limits.max_num_samples
+        limit = self.config.limits.max_num_samples
         if 1 <= header.num_samples <= limit:
             return
         reason = (
             f"num_samples {header.num_samples} is outside 1..{limit} "
             "([limits] max_num_samples)"
         )
-        with self.service.store.session() as session:
-            self.service.record_rejection(
+        with self.store.session() as session:
+            self.rejections.record(
                 session, header.update_id, node_id, "validation", [reason]
             )
         raise InvalidRequest(reason)
@@ -242,19 +265,19 @@ class UploadIntake:
         pending added head); refused before any byte is taken, and recorded."""
         number = header.base_generation
         known = generation_groups(
-            self.service.generation_tensors(number), self.service.generation_config(number)
+            self.ledger.generation_tensors(number), self.ledger.generation_config(number)
         )
         try:
             check_trained_groups(header.trained_groups, known, number)
         except InvalidRequest as exc:
-            with self.service.store.session() as session:
-                self.service.record_rejection(
+            with self.store.session() as session:
+                self.rejections.record(
                     session, header.update_id, node_id, "validation", [str(exc)]
                 )
             raise
 
     def _validated(self, header: UpdateHeader) -> UpdateHeader:
-        limit = self.service.config.limits.max_update_bytes
+        limit = self.config.limits.max_update_bytes
         if header.total_size <= 0:
             raise InvalidRequest("total_size must be positive")
         if header.total_size > limit:
@@ -268,7 +291,7 @@ class UploadIntake:
         ):
             raise InvalidRequest("trained_groups must be non-empty and without repeats")
         check_numbers(header.local_metrics, "local_metrics")
-        with self.service.store.session() as session:
+        with self.store.session() as session:
             base = session.get(GenerationRow, header.base_generation)
             if base is None or base.status in (
                 GenerationStatus.CANDIDATE,
@@ -290,42 +313,41 @@ class UploadIntake:
 
     def discard(self, header: UpdateHeader, node_id: str, reason: str) -> None:
         """Drop a malformed upload entirely (row and bytes), record why, raise InvalidRequest."""
-        self.service.staging.discard(header.update_id)
-        with self.service.store.session() as session:
+        self.staging.discard(header.update_id)
+        with self.store.session() as session:
             row = session.get(UpdateRow, header.update_id)
             if row is not None and row.status == UpdateStatus.PARTIAL:
                 session.delete(row)
-            self.service.record_rejection(
+            self.rejections.record(
                 session, header.update_id, node_id, "validation", [reason]
             )
         raise InvalidRequest(reason)
 
     def complete(self, node_id: str, header: UpdateHeader, digest: str) -> UploadStatus:
-        staged = self.service.staging.path(header.update_id)
+        staged = self.staging.path(header.update_id)
         if digest != header.sha256:
             self.discard(header, node_id, "sha256 of the received bytes does not match the header")
         try:
             update = read_tensors(staged)
-            base = self.service.generation_tensors(header.base_generation)
+            base = self.ledger.generation_tensors(header.base_generation)
             # The first weights of an added head have no base: checked against the config.
             fresh = new_head_tensors(
-                update, base, self.service.generation_config(header.base_generation)
+                update, base, self.ledger.generation_config(header.base_generation)
             )
             validate_tensors(update, {**base, **fresh}, header.trained_groups)
         except InvalidRequest as exc:
             self.discard(header, node_id, str(exc))
-        reasons = self.service.gate.check_update(
+        reasons = self.gate.check_update(
             {k: v for k, v in update.items() if k not in fresh}, base)
-        with self.service.store.session() as session:
+        with self.store.session() as session:
             row = session.get(UpdateRow, header.update_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"update {header.update_id} vanished during upload")
             if reasons:
-                row.status, row.reason = UpdateStatus.REJECTED, "; ".join(reasons)
-                self.service.record_rejection(session, row.update_id, node_id, "gate", reasons)
-                self.service.staging.discard(header.update_id)
+                self.rejections.reject(session, row, "gate", reasons)
+                self.staging.discard(header.update_id)
             else:
-                self.service.blobs.adopt(staged, header.sha256)
+                self.blobs.adopt(staged, header.sha256)
                 row.status, row.received_at = UpdateStatus.RECEIVED, utcnow()
             status = self._status(row)
         if not reasons:
@@ -335,18 +357,8 @@ class UploadIntake:
                 node_id,
                 header.total_size,
             )
-            self.service.aggregator.wake()
+            self.on_received()
         return status
-
-    def pending_rows(self) -> list[UpdateRow]:
-        with self.service.store.session() as session:
-            return list(
-                session.scalars(
-                    select(UpdateRow)
-                    .where(UpdateRow.status == UpdateStatus.RECEIVED)
-                    .order_by(UpdateRow.received_at, UpdateRow.update_id)
-                )
-            )
 
 
 def _canonical_id(update_id: str) -> str:

@@ -37,7 +37,7 @@ def nudged(
     base: dict[str, np.ndarray], groups: tuple[str, ...], step: float = 0.01, seed: int = 1
 ) -> dict[str, np.ndarray]:
     """A plausible trained update: the named groups' tensors moved a little."""
-    from federation_grpc.hub.aggregation import group_of
+    from federation_grpc.hub.parameters import group_of
 
     rng = np.random.default_rng(seed)
     return {

@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 
 from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub.parameters import (
+    group_of,
+    groups_of,
+    is_head_group,
+    non_finite_tensors,
+    update_norm,
+)
 
 
 def model(value: float) -> dict[str, np.ndarray]:
@@ -20,15 +27,15 @@ def model(value: float) -> dict[str, np.ndarray]:
 
 
 def only(tensors: dict[str, np.ndarray], *groups: str) -> dict[str, np.ndarray]:
-    return {k: v for k, v in tensors.items() if agg.group_of(k) in groups}
+    return {k: v for k, v in tensors.items() if group_of(k) in groups}
 
 
 def test_group_names_follow_the_network_convention() -> None:
-    assert agg.group_of("encoder.block1.conv.weight") == "encoder"
-    assert agg.group_of("bottleneck.weight") == "bottleneck"
-    assert agg.group_of("heads.liver.out.bias") == "heads.liver"
-    assert agg.is_head_group("heads.liver") and not agg.is_head_group("encoder")
-    assert set(agg.groups_of(model(0))) == {"encoder", "bottleneck", "heads.liver", "heads.spleen"}
+    assert group_of("encoder.block1.conv.weight") == "encoder"
+    assert group_of("bottleneck.weight") == "bottleneck"
+    assert group_of("heads.liver.out.bias") == "heads.liver"
+    assert is_head_group("heads.liver") and not is_head_group("encoder")
+    assert set(groups_of(model(0))) == {"encoder", "bottleneck", "heads.liver", "heads.spleen"}
 
 
 def test_staleness_discount_shrinks_with_age_and_samples_saturate() -> None:
@@ -114,10 +121,10 @@ def test_non_float_tensors_take_the_latest_value() -> None:
 def test_norms_and_finiteness() -> None:
     base = model(0.0)
     update = model(1.0)
-    assert agg.update_norm(update, base) == pytest.approx(np.sqrt(4 + 3 + 2 + 2))
+    assert update_norm(update, base) == pytest.approx(np.sqrt(4 + 3 + 2 + 2))
     bad = dict(update, **{"heads.liver.out.weight": np.array([np.nan, 1.0], dtype=np.float32)})
-    assert agg.non_finite_tensors(bad) == ["heads.liver.out.weight"]
-    assert agg.non_finite_tensors(update) == []
+    assert non_finite_tensors(bad) == ["heads.liver.out.weight"]
+    assert non_finite_tensors(update) == []
 
 
 def test_make_strategy_by_name() -> None:

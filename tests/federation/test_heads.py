@@ -286,6 +286,6 @@ def test_add_head_waits_for_no_one_but_refuses_while_a_candidate_is_evaluated(
                                       size_bytes=1, config_json="{}",
                                       status=GenerationStatus.CANDIDATE))
         with pytest.raises(FailedPrecondition, match="candidate generation 1"):
-            heads.add_head(service, kidneys())
+            heads.add_head(service.ledger, kidneys())
     finally:
         service.close()

@@ -9,6 +9,7 @@ import pytest
 from federation_grpc.errors import InvalidRequest
 from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.config import AggregationConfig
+from federation_grpc.hub.parameters import update_norm
 from federation_grpc.hub.robust import capped_shares, clip_delta, trim_count, trimmed_mean
 
 
@@ -49,7 +50,7 @@ def test_clip_delta_scales_the_change_to_the_bound_and_keeps_new_tensors() -> No
     norm = np.sqrt(4 + 3)
     clipped, measured = clip_delta(update, base, 1.0)
     assert measured == pytest.approx(norm)
-    assert agg.update_norm({k: clipped[k] for k in base}, base) == pytest.approx(1.0, rel=1e-5)
+    assert update_norm({k: clipped[k] for k in base}, base) == pytest.approx(1.0, rel=1e-5)
     assert np.allclose(clipped["encoder.conv.weight"], 1.0 / norm)
     assert clipped["encoder.conv.weight"].dtype == np.float32
     assert np.array_equal(clipped["heads.new.out.weight"], update["heads.new.out.weight"])

@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from federation_grpc._proto import federation_pb2 as pb
 from federation_grpc.client import UpdateMetadata
 from federation_grpc.errors import InvalidRequest
-from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.cli import hub_app
+from federation_grpc.hub.parameters import group_of, update_norm
 
 from .conftest import ALL_GROUPS, RunningHub, nudged, small_model
 from .hubproc import REPO
@@ -46,7 +46,7 @@ def honest(base: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for name, value in base.items():
-        if agg.group_of(name) in TRAINED:
+        if group_of(name) in TRAINED:
             scale = 0.01 * (float(value.std()) or float(np.abs(value).mean()) or 1e-3)
             out[name] = (value + scale * rng.normal(size=value.shape)).astype(value.dtype)
     return out
@@ -175,11 +175,11 @@ def test_a_clipped_outlier_moves_the_model_by_at_most_the_clip(start_hub) -> Non
     )
     client = hub.enrolled_client()
     outlier = swapped_labels(base)
-    assert agg.update_norm(outlier, base) > 10, "the corrupted update moves far"
+    assert update_norm(outlier, base) > 10, "the corrupted update moves far"
     upload(hub, client, outlier, samples=64)
     wait_for_generation(hub, 1)
     merged = load(client.download(1))
-    moved = agg.update_norm({n: merged[n] for n in outlier}, base)
+    moved = update_norm({n: merged[n] for n in outlier}, base)
     # FedAsync mixes at most max_update_share (0.5) of a delta clipped to 0.5.
     assert 0.1 < moved <= 0.5 * 0.5 + 1e-4
     client.close()

@@ -22,6 +22,7 @@ from dicom_node.learning.weights import arrays_from_bytes
 from dicom_node.node import Node
 from dicom_node.store.models import TrainingSample, UpdateOutboxItem
 from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub.parameters import group_of
 from tests.corrections.helpers import Study, correction_for, send_corrected_study
 from tests.node.conftest import wait_until, write_node_config
 
@@ -81,15 +82,15 @@ def test_liver_site_and_spleen_site_build_one_model_head_by_head(
     for site, label in sites.items():
         arrays, meta = updates[site]
         assert meta["trained_groups"] == f'["encoder", "heads.{label}"]'
-        assert {agg.group_of(name) for name in arrays} == {"encoder", f"heads.{label}"}
+        assert {group_of(name) for name in arrays} == {"encoder", f"heads.{label}"}
         # The head comes from its one trainer, untouched by the other site.
-        for name in (n for n in merged if agg.group_of(n) == f"heads.{label}"):
+        for name in (n for n in merged if group_of(n) == f"heads.{label}"):
             np.testing.assert_array_equal(merged[name], arrays[name])
-    for name in (n for n in merged if agg.group_of(n) in ("heads.body", "heads.kidneys")):
+    for name in (n for n in merged if group_of(n) in ("heads.body", "heads.kidneys")):
         np.testing.assert_array_equal(merged[name], base[name])  # nobody trained them
     a, b = updates["A"][0], updates["B"][0]
     na, nb = (int(updates[s][1]["num_samples"]) for s in "AB")
-    for name in (n for n in merged if agg.group_of(n) == "encoder"):
+    for name in (n for n in merged if group_of(n) == "encoder"):
         np.testing.assert_allclose(merged[name], (na * a[name] + nb * b[name]) / (na + nb),
                                    rtol=1e-5, atol=1e-6)
     assert set(generation.update_ids) == {

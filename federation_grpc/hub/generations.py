@@ -1,0 +1,376 @@
+"""The generation ledger: generations, their lineage, the current pointer, change notices.
+
+Only this module moves the current pointer and wakes the watchers. Every way a
+generation becomes current (generation 0, a merge, a candidate accepted by federated
+evaluation, an added head, an operator's promote or rollback) goes through
+:meth:`GenerationLedger.publish`, inside the caller's transaction; watchers wake once
+that transaction has committed, so they never read a pointer that is not there yet.
+
+A generation's lineage is its chain of parents and the updates merged into it (or
+evaluated as it, while it is a candidate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
+
+from federation_grpc.errors import FailedPrecondition, InvalidRequest, NotFound
+from federation_grpc.hub.blobs import BlobStore
+from federation_grpc.hub.domain import GenerationView
+from federation_grpc.hub.merge_lock import merge_lock
+from federation_grpc.hub.parameters import non_finite_tensors
+from federation_grpc.hub.store import (
+    GenerationRow,
+    GenerationStatus,
+    HubStateRow,
+    HubStore,
+    UpdateRow,
+    UpdateStatus,
+    as_utc,
+    locked_update,
+)
+from federation_grpc.hub.tensorfile import read_tensors
+
+LOGGER = logging.getLogger(__name__)
+
+TENSOR_CACHE_SIZE = 4
+
+
+@dataclass(frozen=True)
+class NewGeneration:
+    """A generation to store; it takes the next number (0 for the first)."""
+
+    parent: int | None
+    sha256: str
+    size_bytes: int
+    config_json: str
+    strategy: str
+    validation_score: float | None = None
+
+
+def parse_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes (no code runs; no pickle). Raises InvalidRequest."""
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, TypeError, OverflowError) as exc:
+        raise InvalidRequest(f"not a valid safetensors payload: {exc}") from exc
+
+
+class GenerationLedger:
+    """The hub's generations in its store, their blobs, and who waits for a change."""
+
+    def __init__(self, store: HubStore, blobs: BlobStore, data_dir: Path) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.data_dir = data_dir
+        self._changed = threading.Condition()
+        self._cache_lock = threading.Lock()
+        self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._configs: dict[int, str] = {}
+
+    def close(self) -> None:
+        """Wake every watcher (the hub is stopping)."""
+        self._notify()
+
+    def merge_lock(self) -> AbstractContextManager[None]:
+        """One publisher of new generations at a time, across replicas sharing the store."""
+        return merge_lock(self.store.engine, self.data_dir)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def record(
+        self,
+        session: Session,
+        new: NewGeneration,
+        status: GenerationStatus,
+        *,
+        evaluated: Sequence[str] = (),
+    ) -> int:
+        """Store ``new`` under the next number with ``status``; the pointer stays.
+
+        ``evaluated``: the updates a candidate was merged from; they wait (EVALUATING)
+        for the nodes' verdict and are its lineage meanwhile.
+        """
+        latest = session.scalar(select(func.max(GenerationRow.number)))
+        number = 0 if latest is None else latest + 1
+        session.add(
+            GenerationRow(
+                number=number,
+                parent=new.parent,
+                sha256=new.sha256,
+                size_bytes=new.size_bytes,
+                config_json=new.config_json,
+                strategy=new.strategy,
+                status=status,
+                validation_score=new.validation_score,
+            )
+        )
+        session.flush()
+        for update_id in evaluated:
+            update = locked_update(session, update_id)
+            update.status, update.candidate_generation = UpdateStatus.EVALUATING, number
+        return number
+
+    @staticmethod
+    def evaluated_updates(session: Session, candidate: int) -> list[UpdateRow]:
+        """The updates a candidate generation was merged from."""
+        return list(
+            session.scalars(select(UpdateRow).where(UpdateRow.candidate_generation == candidate))
+        )
+
+    def settle(
+        self, session: Session, candidate: int, score: float | None, accepted: bool
+    ) -> None:
+        """Record the nodes' verdict on a candidate: published with the updates it was
+        merged from, or REJECTED (its updates are the caller's to reject)."""
+        row = session.get(GenerationRow, candidate)
+        if row is None:
+            raise NotFound(f"no generation {candidate}")
+        row.validation_score = score
+        if accepted:
+            updates = self.evaluated_updates(session, candidate)
+            self.publish(session, candidate, merged=[u.update_id for u in updates])
+        else:
+            row.status = GenerationStatus.REJECTED
+
+    def publish(
+        self,
+        session: Session,
+        generation: NewGeneration | int,
+        *,
+        merged: Sequence[str] = (),
+    ) -> int:
+        """Make a generation current, in the caller's transaction; return its number.
+
+        A :class:`NewGeneration` is stored first; a number names a stored one, which
+        becomes ACTIVE. The updates ``merged`` are marked merged into it (its lineage).
+        Watchers wake when the transaction commits (not at all if it rolls back).
+        """
+        if isinstance(generation, NewGeneration):
+            number = self.record(session, generation, GenerationStatus.ACTIVE)
+        else:
+            number = generation
+            row = session.get(GenerationRow, number)
+            if row is None:
+                raise NotFound(f"no generation {number}")
+            row.status = GenerationStatus.ACTIVE
+        for update_id in merged:
+            update = locked_update(session, update_id)
+            update.status, update.merged_into = UpdateStatus.MERGED, number
+        state = session.get(HubStateRow, 1, with_for_update=True)
+        assert state is not None, "the hub store has no state row"
+        state.current_generation = number
+        state.version += 1
+        event.listen(session, "after_commit", lambda _: self._notify(), once=True)
+        return number
+
+    def init(self, weights: bytes, config_json: str) -> GenerationView:
+        """Store generation 0 (safetensors weights + JSON config). Only once."""
+        try:
+            config = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"model config is not JSON: {exc}") from exc
+        if not isinstance(config, dict) or "architecture" not in config:
+            raise InvalidRequest("model config must be a JSON object with an 'architecture'")
+        tensors = parse_tensors(weights)
+        if not tensors:
+            raise InvalidRequest("model weights hold no tensors")
+        bad = non_finite_tensors(tensors)
+        if bad:
+            raise InvalidRequest(f"model weights hold non-finite values in {bad[:5]}")
+        sha = self.blobs.put(weights)
+        with self.store.session() as session:
+            if session.scalar(select(func.count()).select_from(GenerationRow)):
+                raise FailedPrecondition("the hub already has generations; use promote/rollback")
+            number = self.publish(
+                session, NewGeneration(None, sha, len(weights), config_json, "init")
+            )
+        LOGGER.info("generation 0 stored (%d tensors, %d bytes)", len(tensors), len(weights))
+        return self.generation(number)
+
+    def promote(self, number: int) -> GenerationView:
+        with self.store.session() as session:
+            row = session.get(GenerationRow, number)
+            if row is None:
+                raise NotFound(f"no generation {number}")
+            if row.status == GenerationStatus.REJECTED:
+                raise FailedPrecondition(f"generation {number} was rejected by the gate")
+            self.publish(session, number)
+        LOGGER.warning("generation %d promoted by the operator", number)
+        return self.generation(number)
+
+    def rollback(self, to_generation: int = -1) -> GenerationView:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            if state is None or state.current_generation is None:
+                raise FailedPrecondition("the hub has no model yet")
+            current = session.get(GenerationRow, state.current_generation)
+            assert current is not None
+            target = current.parent if to_generation < 0 else to_generation
+            if target is None:
+                raise FailedPrecondition(f"generation {current.number} has no parent")
+            row = session.get(GenerationRow, target)
+            if row is None:
+                raise NotFound(f"no generation {target}")
+            if row.status in (GenerationStatus.REJECTED, GenerationStatus.CANDIDATE):
+                raise FailedPrecondition(f"generation {target} is {row.status}")
+            if target != current.number:
+                current.status = GenerationStatus.ROLLED_BACK
+            self.publish(session, target)
+        LOGGER.warning("rolled back to generation %d", target)
+        return self.generation(target)
+
+    # --- change notices ---------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_change(self, known_version: int, timeout: float) -> int:
+        """Wait until the current generation may have changed; return the state version.
+
+        Changes made in this process wake waiters at once; changes made elsewhere (the
+        CLI, another hub process) are seen by polling at ``timeout``.
+        """
+        version = self.state_version()
+        if version != known_version:
+            return version
+        with self._changed:
+            self._changed.wait(timeout)
+        return self.state_version()
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def current_number(self) -> int | None:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            return state.current_generation if state else None
+
+    def state_version(self) -> int:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            return state.version if state else 0
+
+    def current_generation(self) -> GenerationView | None:
+        number = self.current_number()
+        return None if number is None else self.generation(number)
+
+    def require_current(self) -> GenerationView:
+        current = self.current_generation()
+        if current is None:
+            raise FailedPrecondition("the hub has no model yet (tessera hub init-model)")
+        return current
+
+    def next_number(self) -> int:
+        with self.store.session() as session:
+            return (session.scalar(select(func.max(GenerationRow.number))) or 0) + 1
+
+    def candidate_number(self) -> int | None:
+        """The candidate generation under federated evaluation, if any."""
+        with self.store.session() as session:
+            return session.scalar(
+                select(GenerationRow.number).where(
+                    GenerationRow.status == GenerationStatus.CANDIDATE
+                )
+            )
+
+    def generation(self, number: int) -> GenerationView:
+        return self._views([number])[0]
+
+    def list_generations(self) -> list[GenerationView]:
+        with self.store.session() as session:
+            numbers = list(
+                session.scalars(select(GenerationRow.number).order_by(GenerationRow.number))
+            )
+        return self._views(numbers)
+
+    def _views(self, numbers: Sequence[int]) -> list[GenerationView]:
+        with self.store.session() as session:
+            state = session.get(HubStateRow, 1)
+            current = state.current_generation if state else None
+            return [self._view(session, number, current) for number in numbers]
+
+    @staticmethod
+    def _view(session: Session, number: int, current: int | None) -> GenerationView:
+        row = session.get(GenerationRow, number)
+        if row is None:
+            raise NotFound(f"no generation {number}")
+        lineage = session.execute(
+            select(UpdateRow.update_id, UpdateRow.node_id)
+            .where((UpdateRow.merged_into == number) | (UpdateRow.candidate_generation == number))
+            .order_by(UpdateRow.received_at)
+        ).all()
+        return GenerationView(
+            number=row.number,
+            parent=-1 if row.parent is None else row.parent,
+            sha256=row.sha256,
+            size_bytes=row.size_bytes,
+            config_json=row.config_json,
+            created_at=as_utc(row.created_at),
+            strategy=row.strategy,
+            status=row.status,
+            current=row.number == current,
+            validation_score=row.validation_score,
+            update_ids=tuple(u for u, _ in lineage),
+            node_ids=tuple(sorted({n for _, n in lineage})),
+        )
+
+    def lineage(self, number: int) -> list[int]:
+        """``number`` and its ancestors, newest first."""
+        with self.store.session() as session:
+            parents = dict(
+                session.execute(select(GenerationRow.number, GenerationRow.parent)).all()
+            )
+        chain = []
+        cursor: int | None = number
+        while cursor is not None and cursor in parents and cursor not in chain:
+            chain.append(cursor)
+            cursor = parents[cursor]
+        return chain
+
+    def generation_config(self, number: int) -> str:
+        """The JSON config of a generation (fixed once the generation is stored)."""
+        with self._cache_lock:
+            if number in self._configs:
+                return self._configs[number]
+        with self.store.session() as session:
+            config_json = session.scalar(
+                select(GenerationRow.config_json).where(GenerationRow.number == number)
+            )
+        if config_json is None:
+            raise NotFound(f"no generation {number}")
+        with self._cache_lock:
+            self._configs[number] = config_json
+        return config_json
+
+    def generation_tensors(self, number: int) -> dict[str, np.ndarray]:
+        """A generation's tensors, the last few kept in memory."""
+        with self._cache_lock:
+            if number in self._tensor_cache:
+                self._tensor_cache.move_to_end(number)
+                return self._tensor_cache[number]
+        view = self.generation(number)
+        tensors = read_tensors(self.blobs.path(view.sha256))
+        with self._cache_lock:
+            self._tensor_cache[number] = tensors
+            while len(self._tensor_cache) > TENSOR_CACHE_SIZE:
+                self._tensor_cache.popitem(last=False)
+        return tensors
+
+    def blob_of(self, number: int) -> tuple[Path, GenerationView]:
+        view = self.generation(number)
+        return self.blobs.path(view.sha256), view
+

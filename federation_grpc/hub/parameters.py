@@ -1,0 +1,72 @@
+"""Parameter groups and checks over named tensors (pure functions on numpy arrays).
+
+Tensor names follow the node network's convention: ``heads.<head>.…`` belongs to the
+group ``heads.<head>``; every other name belongs to the group named by its first dotted
+component (``encoder``, ``bottleneck``, …). A node declares the groups it trained
+(partial labels), merges go group by group (:mod:`aggregation`), and the gate and the
+intake measure and check updates with the norms and finiteness checks here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+HEADS_PREFIX = "heads."
+
+
+def group_of(name: str) -> str:
+    """Parameter group of a tensor name: ``heads.<head>`` or the first dotted component."""
+    parts = name.split(".")
+    if parts[0] == "heads" and len(parts) >= 3:
+        return f"heads.{parts[1]}"
+    return parts[0]
+
+
+def is_head_group(group: str) -> bool:
+    return group.startswith(HEADS_PREFIX)
+
+
+def groups_of(names: Sequence[str] | Mapping[str, object]) -> dict[str, list[str]]:
+    """Map each group to the sorted tensor names in it."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(names):
+        out.setdefault(group_of(name), []).append(name)
+    return out
+
+
+def _sum_squares(values: np.ndarray) -> float:
+    # A dot product in the tensor's own precision is fast (BLAS) and exact enough for a
+    # bound; the total is accumulated in Python float (double).
+    flat = values.ravel()
+    return float(np.dot(flat, flat))
+
+
+def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``update - base`` over the floating tensors the update carries."""
+    total = 0.0
+    for name, value in update.items():
+        if np.issubdtype(value.dtype, np.floating):
+            total += _sum_squares(value - base[name])
+    return math.sqrt(total)
+
+
+def tensors_norm(tensors: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> float:
+    keys = names if names is not None else list(tensors)
+    total = 0.0
+    for name in keys:
+        value = tensors[name]
+        if np.issubdtype(value.dtype, np.floating):
+            total += _sum_squares(value)
+    return math.sqrt(total)
+
+
+def non_finite_tensors(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of floating tensors holding NaN or infinity."""
+    return sorted(
+        name
+        for name, value in tensors.items()
+        if np.issubdtype(value.dtype, np.floating) and not bool(np.isfinite(value).all())
+    )
