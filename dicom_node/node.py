@@ -1,7 +1,24 @@
 """The node's composition root: one readable place that wires the pipeline.
 
-    PACS --C-STORE--> SCP --> InstanceStore (file + index) --> SeriesAssembler
-         (quiet period, routing rules) --> jobs: export (outbox) / inference --> PACS
+Every arrow below is a row in the database: a stage writes rows and queues the next job
+in the same transaction, and any worker process that shares the database runs it
+(``dicom_node/pipeline/flow.py`` lists each job kind, its payload, who queues it and
+who handles it).
+
+    PACS --C-STORE--> SCP ----+--> InstanceStore (file fsync'd + index row) --> SeriesAssembler
+    viewer --STOW-RS--> bridge+        (quiet period, then routing rules)
+                                         |
+         forward rule --> export job ----+---------------------------------> PACS
+         segment rule --> inference job (SegmentationJob: volume -> model -> DICOM-SEG,
+                          stored like any instance) --> export job ----------> PACS
+         a completed SEG series --> correction job (CorrectionIntake: a SEG that corrects
+                          one of our AI results becomes a training sample; one that
+                          cannot is flagged with its reason)
+         train_every samples --> training job (IncrementalTrainer: candidate, gate,
+                          serve) --> update outbox --> FederationAgent --gRPC--> hub
+    hub generation --watch--> FederationAgent --> ModelVersion row (serving) --> every
+                          process swaps it in (ServingFollower polls the table; a CLI
+                          rollback also queues an activate job)
 """
 
 from __future__ import annotations
@@ -45,7 +62,7 @@ class NodeParts:
     assembler: SeriesAssembler
     handlers: list[JobHandler] = field(default_factory=list)
     models: ModelRegistry = field(default_factory=ModelRegistry)
-    corrections: CorrectionIntake | None = None  # also called by the STOW-RS path
+    corrections: CorrectionIntake | None = None  # run by the correction job
     federation: Any = None  # dicom_node.federation.FederationAgent when [federation] is on
 
     @classmethod

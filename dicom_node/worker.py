@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from dicom_node.metrics import observe_job
+from dicom_node.pipeline.flow import JobKind
 from dicom_node.store.jobs import Backoff, ClaimedJob, JobQueue, LeaseLost
 
 LOGGER = logging.getLogger(__name__)
 
 
 class JobHandler(Protocol):
-    kinds: tuple[str, ...]
+    kinds: tuple[JobKind, ...]
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         """Do the work; raise to fail the attempt (it is retried with backoff)."""
@@ -41,7 +42,7 @@ class JobWorker:
     def __init__(self, queue: JobQueue, handlers: Sequence[JobHandler], *, threads: int,
                  backoff: Backoff, poll_interval_s: float, heartbeat_s: float) -> None:
         self.queue = queue
-        self.by_kind = {kind: h for h in handlers for kind in h.kinds}
+        self.by_kind: dict[str, JobHandler] = {kind: h for h in handlers for kind in h.kinds}
         self.threads = threads
         self.backoff = backoff
         self.poll = poll_interval_s

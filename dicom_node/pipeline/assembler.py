@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from dicom_node.config import NodeConfig, RuleAction
 from dicom_node.pipeline.corrections import queue_correction
 from dicom_node.pipeline.export import queue_export
+from dicom_node.pipeline.flow import InferencePayload, enqueue
 from dicom_node.pipeline.routing import SeriesFacts, matching_rules, quiet_period
 from dicom_node.pipeline.seg_read import SEG_SOP_CLASSES
 from dicom_node.store.db import Database
@@ -25,7 +26,6 @@ from dicom_node.store.models import Instance, Series, SeriesState
 
 LOGGER = logging.getLogger(__name__)
 
-INFERENCE = "inference"
 
 
 def facts_of(series: Series) -> SeriesFacts:
@@ -107,11 +107,10 @@ class SeriesAssembler:
                     queue_export(s, self.queue, series.series_uid, dest, sop_uids,
                                  self.config.export.max_attempts)
             else:
-                self.queue.enqueue(
-                    INFERENCE, f"{series.series_uid}:{rule.name}",
-                    {"series_uid": series.series_uid, "rule": rule.name,
-                     "model": rule.model, "destinations": list(rule.destinations)},
-                    max_attempts=3, session=s)
+                assert rule.model is not None  # the config refuses a segment rule without one
+                enqueue(self.queue, InferencePayload(
+                    series.series_uid, rule.name, rule.model, tuple(rule.destinations)),
+                    session=s)
         series.state = SeriesState.QUEUED
         LOGGER.info("series %s complete (%d instances); rules: %s", series.series_uid,
                     series.instance_count, ", ".join(r.name for r in rules))

@@ -1,6 +1,7 @@
 """Correction intake: a stored SEG that corrects one of the node's AI segmentations.
 
-    SEG stored (C-STORE, or STOW-RS via viewer_bridge) --> CorrectionIntake.ingest(sop uid)
+    SEG stored (C-STORE, or STOW-RS via viewer_bridge: both only store it)
+      --> its series completes --> ``correction`` job --> CorrectionIntake.ingest(sop uid)
       --> checks (size, own SEG, referenced series, segmented by the node, geometry)
       --> label volume aligned to the source --> Dice AI vs corrected, changed slices
       --> training sample (touched slices + neighbours) --> ``training`` job
@@ -37,6 +38,7 @@ from dicom_node.learning.incremental import (
 from dicom_node.learning.metrics import dice
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.partial_labels import fill_enclosing
+from dicom_node.pipeline.flow import CorrectionPayload, JobKind, TrainingPayload, enqueue
 from dicom_node.pipeline.seg import SegmentSpec
 from dicom_node.pipeline.seg_read import SEG_SOP_CLASSES, read_seg_labels
 from dicom_node.pipeline.segment_matching import match_segments, segment_infos
@@ -59,8 +61,6 @@ from dicom_node.store.models import (
 
 LOGGER = logging.getLogger(__name__)
 
-CORRECTION = "correction"
-TRAINING = "training"
 SAMPLES_DIR = "samples"
 
 
@@ -88,8 +88,8 @@ class CorrectionOutcome:
 class CorrectionIntake(SeriesStage):
     """Turns a stored SEG instance into a Correction (and a training sample).
 
-    Used by the ``correction`` job for C-STORE and callable directly by the DICOMweb
-    STOW-RS path: ``CorrectionIntake(...).ingest(sop_instance_uid)``.
+    Run by the ``correction`` job that the assembler queues when a SEG series completes,
+    whichever way its instances arrived (C-STORE or STOW-RS).
     """
 
     @property
@@ -305,13 +305,12 @@ class CorrectionIntake(SeriesStage):
         if int(pending) < self.settings.train_every:  # autoflush counted this sample
             return False
         waiting = s.execute(select(Job.id).where(
-            Job.kind == TRAINING, Job.key == model_name,
+            Job.kind == JobKind.TRAINING, Job.key == model_name,
             Job.state == JobState.PENDING)).first()
         if waiting is not None:
             return True
         # A running round does not include this sample: queue the next one beside it.
-        self.queue.enqueue(TRAINING, model_name, {"model": model_name}, max_attempts=3,
-                           session=s, unique_active=False)
+        enqueue(self.queue, TrainingPayload(model_name), session=s, unique_active=False)
         return True
 
     # -- lookups ---------------------------------------------------------------------
@@ -361,7 +360,7 @@ class CorrectionIntake(SeriesStage):
 class CorrectionJob:
     """Job handler for ``correction`` jobs: every SEG instance of a completed series."""
 
-    kinds: tuple[str, ...] = (CORRECTION,)
+    kinds: tuple[JobKind, ...] = (JobKind.CORRECTION,)
 
     def __init__(self, intake: CorrectionIntake) -> None:
         self.intake = intake
@@ -369,20 +368,19 @@ class CorrectionJob:
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         with self.intake.db.session() as s:
             uids = list(s.execute(select(Instance.sop_instance_uid).join(Series).where(
-                Series.series_uid == job.payload["series_uid"],
+                Series.series_uid == CorrectionPayload.of(job).series_uid,
                 Instance.sop_class_uid.in_(SEG_SOP_CLASSES))).scalars())
         for uid in uids:
             self.intake.ingest(uid, heartbeat=heartbeat)
 
     def on_dead(self, job: ClaimedJob, error: str) -> None:
         self.intake.store.audit("correction-failed", error,
-                                series_uid=job.payload.get("series_uid"))
+                                series_uid=CorrectionPayload.of(job).series_uid)
 
 
 def queue_correction(s: Session, queue: JobQueue, series: Series) -> None:
     """The assembler's hook: a completed SEG series may hold corrections."""
-    queue.enqueue(CORRECTION, series.series_uid, {"series_uid": series.series_uid},
-                  max_attempts=3, session=s)
+    enqueue(queue, CorrectionPayload(series.series_uid), session=s)
 
 
 # -- helpers -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scu import AssociationFailed, OutgoingInstance, is_delivered, send_instances
+from dicom_node.pipeline.flow import ExportPayload, JobKind, enqueue
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.jobs import ClaimedJob, JobQueue
@@ -25,9 +26,6 @@ from dicom_node.store.models import (
 )
 
 LOGGER = logging.getLogger(__name__)
-
-EXPORT = "export"
-
 
 class ExportFailed(Exception):
     pass
@@ -46,16 +44,15 @@ def queue_export(
         s.add(OutboxItem(destination=destination, sop_instance_uid=uid, series_uid=series_uid,
                          state=OutboxState.PENDING))
     if new:
-        queue.enqueue(EXPORT, f"{series_uid}:{destination}",
-                      {"series_uid": series_uid, "destination": destination},
-                      max_attempts=max_attempts, session=s)
+        enqueue(queue, ExportPayload(series_uid, destination), session=s,
+                max_attempts=max_attempts)
     return len(new)
 
 
 class Exporter:
     """Job handler for ``export`` jobs."""
 
-    kinds: tuple[str, ...] = (EXPORT,)
+    kinds: tuple[JobKind, ...] = (JobKind.EXPORT,)
 
     def __init__(self, db: Database, files: InstanceFiles, config: NodeConfig) -> None:
         self.db = db
@@ -63,8 +60,8 @@ class Exporter:
         self.config = config
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
-        series_uid = job.payload["series_uid"]
-        dest_name = job.payload["destination"]
+        payload = ExportPayload.of(job)
+        series_uid, dest_name = payload.series_uid, payload.destination
         destination = self.config.destinations.get(dest_name)
         if destination is None:
             raise ExportFailed(f"destination {dest_name!r} is no longer configured")
@@ -122,10 +119,11 @@ class Exporter:
 
     def on_dead(self, job: ClaimedJob, error: str) -> None:
         """The job gave up: its undelivered items become dead letters."""
+        payload = ExportPayload.of(job)
         with self.db.session() as s:
             s.execute(update(OutboxItem).where(
-                OutboxItem.series_uid == job.payload["series_uid"],
-                OutboxItem.destination == job.payload["destination"],
+                OutboxItem.series_uid == payload.series_uid,
+                OutboxItem.destination == payload.destination,
                 OutboxItem.state == OutboxState.PENDING,
             ).values(state=OutboxState.DEAD, last_error=error[:2000]))
 
@@ -135,7 +133,7 @@ class Exporter:
                 OutboxItem.series_uid == series_uid,
                 OutboxItem.state == OutboxState.PENDING)).scalar_one()
             other_work = s.execute(select(func.count()).select_from(Job).where(
-                Job.key.startswith(f"{series_uid}:"), Job.kind != EXPORT,
+                Job.key.startswith(f"{series_uid}:"), Job.kind != JobKind.EXPORT,
                 Job.state.in_((JobState.PENDING, JobState.RUNNING)))).scalar_one()
             if pending == 0 and other_work == 0:
                 s.execute(update(Series).where(

@@ -27,7 +27,8 @@ from dicom_node.errors import SeriesRefused
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.metrics import quality_metrics
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.pipeline.export import EXPORT, queue_export
+from dicom_node.pipeline.export import queue_export
+from dicom_node.pipeline.flow import InferencePayload, JobKind
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
 from dicom_node.pipeline.seg_template import SegTemplate, TemplateMismatch
 from dicom_node.pipeline.stage import SeriesStage
@@ -47,7 +48,6 @@ from dicom_node.store.models import (
 
 LOGGER = logging.getLogger(__name__)
 
-INFERENCE = "inference"
 
 # Display colours (RGB) by label value; stable across generations.
 _PALETTE = [(177, 122, 101), (221, 130, 101), (157, 108, 162), (185, 102, 83),
@@ -115,12 +115,12 @@ def _encode(template: Future[SegTemplate], volume: Volume, labels: np.ndarray,
 class SegmentationJob(SeriesStage):
     """Job handler for ``inference`` jobs queued by segment rules."""
 
-    kinds: tuple[str, ...] = (INFERENCE,)
+    kinds: tuple[JobKind, ...] = (JobKind.INFERENCE,)
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
-        series_uid = job.payload["series_uid"]
-        destinations = list(job.payload.get("destinations", []))
-        model, mconfig = self.models.get(job.payload["model"])
+        payload = InferencePayload.of(job)
+        series_uid, destinations = payload.series_uid, list(payload.destinations)
+        model, mconfig = self.models.get(payload.model)
         existing = self._existing(series_uid, mconfig)
         if existing is not None:
             LOGGER.info("series %s already segmented by %s gen %d; re-queueing export",
@@ -196,7 +196,7 @@ class SegmentationJob(SeriesStage):
                     time.perf_counter() - t0, timings["inference_s"])
 
     def on_dead(self, job: ClaimedJob, error: str) -> None:
-        self._set_state(job.payload["series_uid"], SeriesState.FAILED, error)
+        self._set_state(InferencePayload.of(job).series_uid, SeriesState.FAILED, error)
 
     def _existing(self, series_uid: str, mconfig: ModelConfig) -> Segmentation | None:
         with self.db.session() as s:
@@ -234,7 +234,7 @@ class SegmentationJob(SeriesStage):
                     OutboxItem.sop_instance_uid == seg_sop_uid,
                     OutboxItem.state == OutboxState.PENDING, OutboxItem.attempts == 0))
                 unclaimed = s.scalar(select(func.count()).select_from(Job).where(
-                    Job.kind == EXPORT, Job.key.in_(keys), Job.state == JobState.PENDING))
+                    Job.kind == JobKind.EXPORT, Job.key.in_(keys), Job.state == JobState.PENDING))
             if not undelivered or (unclaimed and time.monotonic() > grace):
                 return
             time.sleep(0.05)

@@ -41,11 +41,10 @@ from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set,
 from dicom_node.learning.safetensors_io import atomic_write
 from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
 from dicom_node.learning.weights import save_model
-from dicom_node.pipeline.corrections import TRAINING
+from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import deterministic_uid
 from dicom_node.pipeline.versions import (
-    ACTIVATE,
     LOCAL_FLOOR,
     activate_serving,
     ensure_base_version,
@@ -94,7 +93,7 @@ def held_out_rows(s: Session, name: str) -> list[TrainingSample]:
 class IncrementalTrainer:
     """Job handler for ``training`` (a round) and ``model-activate`` (follow the table)."""
 
-    kinds: tuple[str, ...] = (TRAINING, ACTIVATE)
+    kinds: tuple[JobKind, ...] = (JobKind.TRAINING, JobKind.ACTIVATE)
 
     def __init__(self, db: Database, config: NodeConfig, models: ModelRegistry) -> None:
         self.db = db
@@ -107,10 +106,10 @@ class IncrementalTrainer:
         activate_serving(db, models)  # local versions survive a restart
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
-        if job.kind == ACTIVATE:
-            activate_serving(self.db, self.models, job.payload["model"])
+        if job.kind == JobKind.ACTIVATE:
+            activate_serving(self.db, self.models, ActivatePayload.of(job).model)
             return
-        self.train(job.payload["model"], attempt=job.attempts, heartbeat=heartbeat)
+        self.train(TrainingPayload.of(job).model, attempt=job.attempts, heartbeat=heartbeat)
 
     def on_dead(self, job: ClaimedJob, error: str) -> None:
         LOGGER.error("%s job for %s given up: %s", job.kind, job.key, error)

@@ -19,6 +19,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import load_model
+from dicom_node.pipeline.flow import ActivatePayload, enqueue
 from dicom_node.pipeline.models import STARTER_DIR, ModelRegistry
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue
@@ -26,7 +27,6 @@ from dicom_node.store.models import ModelVersion, ModelVersionState
 
 LOGGER = logging.getLogger(__name__)
 
-ACTIVATE = "model-activate"
 
 
 class VersionError(DicomNodeError):
@@ -163,5 +163,5 @@ def rollback(db: Database, queue: JobQueue, name: str,
             current.state = ModelVersionState.RETIRED
             target.state = ModelVersionState.SERVING
             target.activated_at = datetime.now(UTC)
-        queue.enqueue(ACTIVATE, name, {"model": name}, session=s, unique_active=False)
+        enqueue(queue, ActivatePayload(name), session=s, unique_active=False)
         return current.generation, target.generation

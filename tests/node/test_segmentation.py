@@ -163,7 +163,7 @@ def test_rerunning_an_inference_job_makes_no_second_seg(
     tmp_path: Path, start_node: Any, untrained_model: Path
 ) -> None:
     """At-least-once jobs: a repeated job finds the same SEG (deterministic UIDs)."""
-    from dicom_node.pipeline.segmentation import INFERENCE
+    from dicom_node.pipeline.flow import InferencePayload, enqueue
     from dicom_node.store.models import Instance, JobState
 
     node = _refusal_node(tmp_path, start_node, untrained_model)
@@ -173,13 +173,11 @@ def test_rerunning_an_inference_job_makes_no_second_seg(
     uid = str(datasets[0].SeriesInstanceUID)
     wait_until(lambda: _state(node, uid)[0] == "segmented", timeout=120,
                what="the series to be segmented")
-    payload = {"series_uid": uid, "rule": "segment", "model": "untrained-ct",
-               "destinations": []}
     # as if a worker had died after storing the SEG but before recording it, and the
     # job had been handed out again
     with node.parts.db.session() as s:
         s.execute(delete(Segmentation).where(Segmentation.series_uid == uid))
-    node.parts.queue.enqueue(INFERENCE, f"{uid}:rerun", payload)
+    enqueue(node.parts.queue, InferencePayload(uid, "rerun", "untrained-ct"))
     node.worker.wake()
 
     def rerun_done() -> bool:
