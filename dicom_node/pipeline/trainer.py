@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,16 @@ from dicom_node.learning.incremental import (
     trained_groups,
     update_artifact,
 )
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
 from dicom_node.learning.safetensors_io import atomic_write
-from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
+from dicom_node.learning.training import (
+    SliceSample,
+    TrainingPolicy,
+    TrainingProgress,
+    TrainingReport,
+)
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
 from dicom_node.pipeline.models import ModelRegistry
@@ -88,6 +96,22 @@ def held_out_rows(s: Session, name: str) -> list[TrainingSample]:
     return list(s.execute(select(TrainingSample).where(
         TrainingSample.model_name == name, TrainingSample.state == SampleState.HELD_OUT
     ).order_by(TrainingSample.id)).scalars())
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A trained round, judged, before anything is written."""
+
+    name: str
+    base_config: ModelConfig  # the generation the round started from
+    config: ModelConfig  # the candidate's (a pending head it trained is active)
+    model: MultiHeadUNet
+    report: TrainingReport
+    sample_ids: tuple[int, ...]
+    update_id: str
+    accepted: bool
+    verdict: str
+    metrics: dict[str, Any]
 
 
 class IncrementalTrainer:
@@ -171,32 +195,31 @@ class IncrementalTrainer:
             accepted, verdict = accepted and check.accepted, f"{verdict}; {check.verdict}"
         seconds = time.monotonic() - t0
         beat()
-        return self._commit(name, base_config, cand_config, candidate, report, sample_ids,
-                            update_id,
-                            accepted, verdict, {
-                                "held_out": {"base": base_dice, "candidate": cand_dice,
-                                             "cases": len(held)},
-                                "anchors": None if check is None else {
-                                    "base": check.base, "candidate": check.candidate,
-                                    "slices": len(anchors)},
-                                "training": {"slices": len(new), "replay_slices": len(replay),
-                                             "steps": report.steps,
-                                             "epochs": report.epochs_completed,
-                                             "losses": list(report.epoch_losses),
-                                             "stopped_by_time_budget":
-                                                 report.stopped_by_time_budget,
-                                             "seconds": round(seconds, 2)},
-                                "verdict": verdict})
+        return self._commit(RoundOutcome(
+            name=name, base_config=base_config, config=cand_config, model=candidate,
+            report=report, sample_ids=tuple(sample_ids), update_id=update_id,
+            accepted=accepted, verdict=verdict, metrics={
+                "held_out": {"base": base_dice, "candidate": cand_dice, "cases": len(held)},
+                "anchors": None if check is None else {
+                    "base": check.base, "candidate": check.candidate, "slices": len(anchors)},
+                "training": {"slices": len(new), "replay_slices": len(replay),
+                             "steps": report.steps, "epochs": report.epochs_completed,
+                             "losses": list(report.epoch_losses),
+                             "stopped_by_time_budget": report.stopped_by_time_budget,
+                             "seconds": round(seconds, 2)},
+                "verdict": verdict}))
 
-    def _commit(self, name: str, base_config: Any, cand_config: Any, candidate: Any,
-                report: Any,
-                sample_ids: list[int], update_id: str, accepted: bool, verdict: str,
-                metrics: dict[str, Any]) -> ModelVersion:
+    def _commit(self, outcome: RoundOutcome) -> ModelVersion:
+        """Record the round: weights, the version row, the update (if served), the samples
+        trained, and the hot swap last (a crash before it leaves the old model serving)."""
+        name, base_config, candidate = outcome.name, outcome.base_config, outcome.model
+        report, accepted, metrics = outcome.report, outcome.accepted, outcome.metrics
+        sample_ids, update_id = list(outcome.sample_ids), outcome.update_id
         with self.db.session() as s:
             generation = next_generation(
                 s, name, base_config.generation,
                 local_floor=LOCAL_FLOOR if self.config.federation.enabled else 0)
-        config = cand_config.with_generation(generation)
+        config = outcome.config.with_generation(generation)
         path = save_model(candidate, config,
                           self.data_dir / "models" / name / f"generation-{generation:05d}")
         groups = trained_groups(report)
@@ -246,7 +269,7 @@ class IncrementalTrainer:
                 except OSError as exc:  # the round is committed; moments are only a head start
                     LOGGER.warning("optimiser state of %s not kept: %s", name, exc)
         LOGGER.info("%s generation %d (from %d) %s: %s", name, generation,
-                    base_config.generation, "serves" if accepted else "rejected", verdict)
+                    base_config.generation, "serves" if accepted else "rejected", outcome.verdict)
         return version
 
     def _moments_path(self, name: str) -> Path:
@@ -254,7 +277,7 @@ class IncrementalTrainer:
         return self.data_dir / "optimiser" / f"{name}.safetensors"
 
     # -- samples ---------------------------------------------------------------------
-    def _rehearsal(self, config: Any) -> tuple[list[SliceSample], AnchorGate | None]:
+    def _rehearsal(self, config: ModelConfig) -> tuple[list[SliceSample], AnchorGate | None]:
         """Anchor slices for ``config``'s labels and the gate scoring them (none if off)."""
         plan = rehearsal_of(self.config)
         if not plan.enabled:
@@ -284,7 +307,7 @@ class IncrementalTrainer:
                 LOGGER.warning("replay sample %d unreadable: %s", row.id, exc)
         return out
 
-    def _evict(self, s: Any, name: str) -> list[str]:
+    def _evict(self, s: Session, name: str) -> list[str]:
         """Keep the replay buffer within ``replay_max_slices`` (newest kept)."""
         budget = self.config.learning.replay_max_slices
         used, evicted = 0, []
