@@ -1,7 +1,12 @@
 """Error root of the node; every error the node raises on purpose derives from it."""
 
+from federation_grpc.errors import TesseraError
 
-class DicomNodeError(Exception):
+__all__ = ["ConfigError", "DicomNodeError", "InvalidDatasetError", "SeriesRefused",
+           "StoreError", "TesseraError"]
+
+
+class DicomNodeError(TesseraError):
     """Root of all errors raised by :mod:`dicom_node`."""
 
 

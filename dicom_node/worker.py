@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import observe_job
 from dicom_node.pipeline.flow import JobKind
 from dicom_node.store.jobs import Backoff, ClaimedJob, JobQueue, LeaseLost
@@ -28,7 +29,7 @@ class JobHandler(Protocol):
         """Called once when the job is given up (dead-lettered)."""
 
 
-class PermanentJobError(Exception):
+class PermanentJobError(DicomNodeError):
     """Retrying cannot help (e.g. a refused series): dead-letter at once."""
 
 

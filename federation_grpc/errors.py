@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 
-class FederationError(Exception):
+class TesseraError(Exception):
+    """Root of every error Tessera raises on purpose: the node's (:class:`DicomNodeError`),
+    the federation's (:class:`FederationError`) and the viewer bridge's. It lives here
+    because this is the one package every other may import (never the reverse)."""
+
+
+class FederationError(TesseraError):
     """Root of every error the federation package raises on purpose."""
 
 

@@ -12,12 +12,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
+from viewer_bridge.errors import BridgeError
 from viewer_bridge.negotiation import NATIVE
 
 LOGGER = logging.getLogger(__name__)
 
 
-class NoSuchFrame(LookupError):
+class NoSuchFrame(BridgeError, LookupError):
     """A frame number outside 1..NumberOfFrames, or no pixel data (answered 404)."""
 
 

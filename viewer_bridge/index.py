@@ -17,11 +17,12 @@ from dicom_node.errors import InvalidDatasetError
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles, check_uid
 from dicom_node.store.models import Instance, Series, Study
+from viewer_bridge.errors import BridgeError
 
 LOGGER = logging.getLogger(__name__)
 
 
-class BadUid(ValueError):
+class BadUid(BridgeError, ValueError):
     """A UID in the request is not a valid DICOM UID (answered 400)."""
 
 

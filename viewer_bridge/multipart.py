@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
+from viewer_bridge.errors import BridgeError
+
 LOGGER = logging.getLogger(__name__)
 
 CRLF = b"\r\n"
 
 
-class MultipartError(ValueError):
+class MultipartError(BridgeError, ValueError):
     """The body is not a well-formed multipart message; the message says why."""
 
 

@@ -9,6 +9,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from viewer_bridge.errors import BridgeError
 from viewer_bridge.multipart import media_type
 
 NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
@@ -27,7 +28,7 @@ IMAGE_MEDIA: dict[str, str] = {
 }
 
 
-class NotAcceptable(ValueError):
+class NotAcceptable(BridgeError, ValueError):
     """No representation the client accepts can be produced (answered 406)."""
 
 

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
+from viewer_bridge.errors import BridgeError
 from viewer_bridge.headers import HeaderCache
 from viewer_bridge.index import BridgeIndex, InstanceRef, SeriesRow, StudyRow, valid_uid
 
@@ -52,7 +53,7 @@ _COMPUTED = {"ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRe
              "NumberOfSeriesRelatedInstances", "InstanceAvailability"}
 
 
-class QueryError(ValueError):
+class QueryError(BridgeError, ValueError):
     """A query parameter is invalid (answered 400 with this message)."""
 
 

@@ -11,6 +11,7 @@ from pynetdicom import AE, _config, evt
 
 from dicom_node.config import Destination
 from dicom_node.dicom.scp import set_nodelay
+from dicom_node.errors import DicomNodeError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class OutgoingInstance:
     path: Path
 
 
-class AssociationFailed(Exception):
+class AssociationFailed(DicomNodeError):
     """The destination could not be reached or refused/aborted the association."""
 
 

@@ -64,7 +64,7 @@ LOGGER = logging.getLogger(__name__)
 SAMPLES_DIR = "samples"
 
 
-class NotACorrection(Exception):
+class NotACorrection(DicomNodeError):
     """Internal: ends the intake with a Correction row in ``state`` with ``reason``."""
 
     def __init__(self, state: CorrectionState, reason: str) -> None:

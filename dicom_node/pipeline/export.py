@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scu import AssociationFailed, OutgoingInstance, is_delivered, send_instances
+from dicom_node.errors import DicomNodeError
 from dicom_node.pipeline.flow import ExportPayload, JobKind, enqueue
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
@@ -27,7 +28,7 @@ from dicom_node.store.models import (
 
 LOGGER = logging.getLogger(__name__)
 
-class ExportFailed(Exception):
+class ExportFailed(DicomNodeError):
     pass
 
 

@@ -19,8 +19,10 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node.errors import DicomNodeError
 
-class FrameGeometryError(ValueError):
+
+class FrameGeometryError(DicomNodeError, ValueError):
     """A frame's geometry is missing or unreadable; the message says which frame."""
 
 

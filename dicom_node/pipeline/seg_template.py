@@ -24,6 +24,7 @@ import numpy as np
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
 from dicom_node.pipeline.volume import Volume
 
@@ -31,7 +32,7 @@ from dicom_node.pipeline.volume import Volume
 _PIXEL_DATA_TAG = struct.pack("<HH", 0x7FE0, 0x0010) + b"OB\x00\x00"
 
 
-class TemplateMismatch(RuntimeError):
+class TemplateMismatch(DicomNodeError, RuntimeError):
     """The encoded template is not laid out as filling in requires; build the SEG whole."""
 
 

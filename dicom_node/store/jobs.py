@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import and_, event, or_, select, update
 from sqlalchemy.orm import Session
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.store.db import Database
 from dicom_node.store.models import Job, JobState
 
@@ -44,7 +45,7 @@ class Backoff:
         return min(self.max_s, self.initial_s * (2 ** max(0, attempts - 1)))
 
 
-class LeaseLost(Exception):
+class LeaseLost(DicomNodeError):
     """The worker no longer holds the job's lease (another worker took it over)."""
 
 
