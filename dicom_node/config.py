@@ -61,6 +61,9 @@ class PeerAllow(_Section):
     def allows(self, ae_title: str, address: str) -> bool:
         if self.ae_title not in ("*", ae_title.strip()):
             return False
+        return self.allows_address(address)
+
+    def allows_address(self, address: str) -> bool:
         try:
             addr = ipaddress.ip_address(address)
         except ValueError:
@@ -75,6 +78,17 @@ class DicomSettings(_Section):
     max_associations: int = Field(10, ge=1, le=1000)
     network_timeout_s: float = Field(60.0, gt=0)
     max_instance_mb: float = Field(1024.0, gt=0)
+    # Connection hygiene (dicom_node.dicom.connections): a connection that has not sent
+    # its whole A-ASSOCIATE-RQ within association_timeout_s is closed; one address holds
+    # at most max_connections_per_address connections; an association request (or any
+    # PDU but P-DATA-TF on an established association, which the negotiated maximum
+    # bounds) over max_association_request_kb is aborted before it is read. Refusals
+    # are logged and audited at most once per kind and address per limit_report_interval_s.
+    association_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_connections_per_address: int = Field(16, ge=1, le=10000)
+    listen_backlog: int = Field(128, ge=128, le=65535)
+    max_association_request_kb: int = Field(256, ge=16, le=65536)
+    limit_report_interval_s: float = Field(60.0, ge=0)
     allow: tuple[PeerAllow, ...] = (PeerAllow(),)
     # DICOM TLS (optional): the SCP's certificate and key (PEM); with tls_ca, peers must
     # present a certificate that CA signed (mutual TLS). The allowlist applies as well.
@@ -94,6 +108,10 @@ class DicomSettings(_Section):
 
     def allows(self, ae_title: str, address: str) -> bool:
         return any(entry.allows(ae_title, address) for entry in self.allow)
+
+    def allows_address(self, address: str) -> bool:
+        """Whether some entry's networks contain ``address`` (whatever the AE title)."""
+        return any(entry.allows_address(address) for entry in self.allow)
 
 
 class NodeSettings(_Section):
@@ -481,6 +499,16 @@ port = 11112
 max_associations = 10
 network_timeout_s = 60
 max_instance_mb = 1024    # larger datasets are refused with 0xA700
+# Hostile or broken peers: a connection must send its whole association request within
+# association_timeout_s (then it is closed); at most max_connections_per_address at once
+# from one address; an association request over max_association_request_kb, or a
+# P-DATA-TF PDU over the negotiated maximum, is aborted before it is read. Refusals are
+# logged and audited at most once per kind and address per limit_report_interval_s.
+association_timeout_s = 10
+max_connections_per_address = 16
+listen_backlog = 128
+max_association_request_kb = 256
+limit_report_interval_s = 60
 # DICOM TLS (optional; deploy/tls/make-certs.sh with DICOM_SERVER=... makes a pair).
 # With tls_ca, peers must present a certificate signed by that CA.
 # tls_cert = "deploy/tls/out/node1-dicom.pem"

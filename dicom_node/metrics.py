@@ -8,6 +8,7 @@ workers on one PostgreSQL included).
 
 Series names: ``tessera_node_instances_received_total{source}``,
 ``tessera_node_instances_refused_total{source,status}``,
+``tessera_node_dicom_connections_refused_total{kind}``,
 ``tessera_node_jobs{kind,state}``, ``tessera_node_job_seconds{kind,outcome}``,
 ``tessera_node_jobs_finished_total{kind,outcome}`` (kind ``export`` gives the export
 outcomes), ``tessera_node_outbox_items{destination,state}``,
@@ -36,6 +37,10 @@ INSTANCES_RECEIVED = Counter(
 INSTANCES_REFUSED = Counter(
     "tessera_node_instances_refused", "Instances refused, by DICOM status (hex).",
     ["source", "status"])
+CONNECTIONS_REFUSED = Counter(
+    "tessera_node_dicom_connections_refused",
+    "DICOM connections refused or closed at a limit, by kind (every one, not rate-limited).",
+    ["kind"])
 JOB_SECONDS = Histogram(
     "tessera_node_job_seconds", "Time a handler took for one job attempt.",
     ["kind", "outcome"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
@@ -50,6 +55,10 @@ def count_received(source: str) -> None:
 
 def count_refused(source: str, status: int) -> None:
     INSTANCES_REFUSED.labels(source, f"0x{status:04X}").inc()
+
+
+def count_connection_refused(kind: str) -> None:
+    CONNECTIONS_REFUSED.labels(kind).inc()
 
 
 def observe_job(kind: str, outcome: str, seconds: float) -> None:
