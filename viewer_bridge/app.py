@@ -16,6 +16,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_node.config import NodeConfig
+from dicom_node.dicom.peer_text import escaped
 from dicom_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dicom_node.metrics import render as render_metrics
 from dicom_node.store.db import Database
@@ -47,8 +48,9 @@ class BearerAuth:
             request = Request(scope)
             if not self.tokens.from_headers(request.headers.get("authorization"),
                                             request.cookies.get(COOKIE)):
-                LOGGER.warning("refused %s %s from %s: no valid token", scope["method"],
-                               scope["path"][:80], (scope.get("client") or ("?",))[0])
+                LOGGER.warning("refused %s %s from %s: no valid token",
+                               escaped(scope["method"], 16), escaped(scope["path"], 80),
+                               escaped((scope.get("client") or ("?",))[0]))
                 body = json.dumps({"error": "a valid bearer token is required"}).encode()
                 response = Response(body, status_code=401, media_type="application/json",
                                     headers={"WWW-Authenticate": 'Bearer realm="tessera"'})

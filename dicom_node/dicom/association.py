@@ -52,6 +52,7 @@ _COMMAND_UIDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "RequestedSOPC
                  "RequestedSOPInstanceUID")
 C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+PENDING_POLL_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,9 @@ class GuardedDUL(DULServiceProvider):
         super().__init__(assoc)
         self._limits = limits
         self._hooks = hooks
+        # Until the association is accepted (the SCP then shortens it), an idle DUL
+        # naps 10 ms, not pynetdicom's 1 ms: many silent connections must not spin.
+        self._run_loop_delay = PENDING_POLL_S
 
     def pdu_limit(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF and self.assoc.is_established:

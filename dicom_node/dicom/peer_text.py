@@ -7,6 +7,8 @@ would flood it. Every such value goes through :func:`escaped` before it is logge
 
 from __future__ import annotations
 
+import logging
+
 DEFAULT_LIMIT = 64
 
 
@@ -28,3 +30,36 @@ def escaped(value: object, limit: int = DEFAULT_LIMIT) -> str:
     if len(text) > limit:
         out += f"...(+{len(text) - limit})"
     return out
+
+
+class EscapedMessages(logging.Filter):
+    """Rewrites a record's message through :func:`escaped` (for libraries' loggers)."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is left for logging to report
+            return True
+        record.msg = escaped(message, self.limit)
+        record.args = None
+        return True
+
+
+def escape_library_logs(prefix: str = "pynetdicom") -> None:
+    """Escape every message of the loggers under ``prefix`` (idempotent).
+
+    pynetdicom logs what peers send (an invalid AE title, a UID) verbatim; logger
+    filters are not inherited, so each of its module loggers gets one.
+    """
+    import pynetdicom  # noqa: F401  (its module loggers exist once it is imported)
+
+    for name in [prefix, *logging.Logger.manager.loggerDict]:
+        if name != prefix and not name.startswith(prefix + "."):
+            continue
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, EscapedMessages) for f in logger.filters):
+            logger.addFilter(EscapedMessages())

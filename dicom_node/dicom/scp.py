@@ -28,7 +28,7 @@ from dicom_node.dicom.association import AssociationHooks, AssociationLimits, No
 from dicom_node.dicom.connections import ConnectionGuard, ConnectionLimits, LimitReporter
 from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
-from dicom_node.dicom.peer_text import escaped
+from dicom_node.dicom.peer_text import escape_library_logs, escaped
 from dicom_node.dicom.server import GuardedAssociationServer
 from dicom_node.dicom.status import Status
 from dicom_node.metrics import count_received, count_refused
@@ -53,15 +53,19 @@ DUL_POLL_S = 0.0001
 
 
 def set_nodelay(event: Event) -> None:
-    """Disable Nagle on every association socket (avoids ~40 ms stalls per PDU) and
-    shorten the DUL thread's idle poll."""
-    event.assoc.dul._run_loop_delay = DUL_POLL_S
+    """Disable Nagle on every association socket (avoids ~40 ms stalls per PDU)."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             LOGGER.debug("could not set TCP_NODELAY", exc_info=True)
+
+
+def poll_fast(event: Event) -> None:
+    """Shorten the DUL thread's idle poll once the association is accepted (not before:
+    a crowd of connections that never associate must not spin)."""
+    event.assoc.dul._run_loop_delay = DUL_POLL_S
 
 
 def peer_of(event: Event) -> Peer:
@@ -228,10 +232,12 @@ def start_scp(
     on_stored: StoredCallback | None = None,
 ) -> RunningSCP:
     """Start the SCP in background threads; ``settings.port`` 0 lets the OS pick."""
+    escape_library_logs("pynetdicom")
     ae = build_ae(settings)
     max_bytes = int(settings.max_instance_mb * 1024 * 1024)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_ACCEPTED, poll_fast),
         (evt.EVT_REQUESTED, handle_requested, [settings, store]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store, max_bytes, on_stored]),

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicom_node.dicom.peer_text import escaped
 from dicom_node.errors import InvalidDatasetError, StoreError
 
 LOGGER = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def check_uid(value: object, name: str) -> str:
     """
     text = str(value).strip().rstrip("\x00") if value is not None else ""
     if not text or len(text) > 64 or not _UID_RE.match(text):
-        raise InvalidDatasetError(f"{name} is missing or not a valid UID: {text[:80]!r}")
+        raise InvalidDatasetError(f"{name} is missing or not a valid UID: {escaped(text)}")
     return text
 
 
