@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -36,10 +38,17 @@ pytestmark = [pytest.mark.peers, pytest.mark.filterwarnings("ignore:Invalid valu
 @pytest.fixture
 def chunked_send_without_uid_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The test's SCU sends file bytes as they are and lets any UID into its command
-    (pynetdicom's own checks would refuse to send a 300-digit UID). The node does not
-    rely on these process-wide settings: it checks command UIDs itself."""
+    (pynetdicom's own checks would refuse to send a 300-digit UID). Only the test's
+    thread skips the UID check: the node, serving from its own threads, keeps it."""
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda value: (True, ""))
+    check_ui = _config.VALIDATORS["UI"]
+
+    def lax_in_the_test_thread(value: Any) -> tuple[bool, str]:
+        if threading.current_thread() is threading.main_thread():
+            return True, ""
+        return check_ui(value)
+
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lax_in_the_test_thread)
     yield
 
 
