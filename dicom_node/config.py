@@ -117,6 +117,14 @@ class DicomSettings(_Section):
 class NodeSettings(_Section):
     data_dir: Path = Path("var/node")
     database_url: str = ""  # empty: SQLite file in data_dir
+    # Bounded disk use (dicom_node.store.quarantine, dicom_node.store.space): the
+    # quarantine keeps at most this many entries and megabytes, dropping the oldest;
+    # below min_free_mb or min_free_percent free on the instance store's file system,
+    # new instances get 0xA700 (C-STORE) or 503 (STOW-RS).
+    quarantine_max_files: int = Field(1000, ge=1)
+    quarantine_max_mb: float = Field(2048.0, gt=0)
+    min_free_mb: float = Field(512.0, ge=0)
+    min_free_percent: float = Field(1.0, ge=0, lt=100)
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -306,6 +314,10 @@ class HttpSettings(_Section):
     tokens: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()        # e.g. ["https://ohif.hospital.example"]
     max_stow_mb: float = Field(512.0, gt=0)   # larger STOW-RS bodies get 413
+    # A connection must complete its request head within header_timeout_s; beyond
+    # max_connections open ones a new connection is closed (requests at it get 503).
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_connections: int = Field(64, ge=1, le=10000)
     ohif_dir: Path | None = None              # OHIF's dist/, served at / (same origin)
     ohif_url: str = ""                        # where status-page links open OHIF
 
@@ -491,6 +503,14 @@ data_dir = "var/node"
 # Empty: SQLite (WAL) in data_dir. For several workers on several hosts use PostgreSQL:
 # database_url = "postgresql+psycopg://tessera:secret@db.example/tessera"
 database_url = ""
+# The quarantine (refused payloads, kept for inspection) keeps at most this many
+# entries and megabytes; the oldest are dropped (counted in `tessera node status`).
+quarantine_max_files = 1000
+quarantine_max_mb = 2048
+# Disk watermark: with less free space than this on the instance store's file system,
+# new instances are refused (0xA700 over DICOM, 503 over STOW-RS) before the disk is full.
+min_free_mb = 512
+min_free_percent = 1
 
 [dicom]
 ae_title = "TESSERA"
@@ -589,6 +609,8 @@ port = 8042               # 0: any free port
 tokens = []
 cors_origins = []         # OHIF served from another origin, e.g. ["https://ohif.example"]
 max_stow_mb = 512
+header_timeout_s = 10     # a request head must arrive within this, or the connection closes
+max_connections = 64      # open HTTP connections at most; requests at the limit get 503
 # ohif_dir = "deploy/ohif/vendor/dist"   # serve OHIF at / (deploy/ohif/fetch-ohif.sh)
 
 [federation]

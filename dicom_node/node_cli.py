@@ -142,9 +142,13 @@ def status(
 ) -> None:
     """Series by state, outbox by state, dead letters and refusals with reasons."""
     from dicom_node.status import node_status, render_status
+    from dicom_node.store.quarantine import Quarantine
 
+    cfg = load_or_exit(config)
+    quarantine = Quarantine(cfg.quarantine_dir, cfg.node.quarantine_max_files,
+                            int(cfg.node.quarantine_max_mb * 2**20))
     with open_node_database(config) as db:
-        report = node_status(db)
+        report = node_status(db, quarantine=quarantine)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))
 
 

@@ -83,7 +83,7 @@ def create_app(config: NodeConfig, db: Database, files: InstanceFiles,
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        body = await run_in_threadpool(render_metrics, db)
+        body = await run_in_threadpool(render_metrics, db, files.kept)
         return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     async def status_json(request: Request) -> Response:

@@ -182,6 +182,11 @@ class DicomWebRoutes:
         boundary = params.get("boundary", "")
         if not boundary:
             return error(400, "the multipart/related content type has no boundary")
+        low = self.stow.store.space_refusal()
+        if low is not None:
+            await _drain(request, _DRAIN_BYTES)
+            return error(503, f"the node is not accepting instances now: {low}",
+                         headers={"Retry-After": "300"})
         limit = self.max_stow_bytes
         too_big = error(413, f"the request body exceeds the limit of {limit} bytes")
         declared = request.headers.get("content-length")

@@ -118,6 +118,8 @@ def handle_store(
 def _store(event: Event, store: InstanceStore, max_bytes: int,
            on_stored: StoredCallback | None) -> int:
     peer = peer_of(event)
+    if store.space_refusal() is not None:  # logged and audited once per change
+        return Status.OUT_OF_RESOURCES
     try:
         dataset = event.encoded_dataset(include_meta=False)
     except Exception:

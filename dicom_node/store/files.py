@@ -6,12 +6,10 @@ before they become path components, so a hostile UID cannot escape the root.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +92,14 @@ def stage_durable(path: Path, data: bytes, root: Path) -> Path:
 class InstanceFiles:
     """Where instance files and quarantined payloads live."""
 
-    def __init__(self, root: Path, quarantine: Path) -> None:
+    def __init__(self, root: Path, quarantine: Path, *, quarantine_max_files: int = 1000,
+                 quarantine_max_bytes: int = 2 << 30) -> None:
+        from dicom_node.store.quarantine import Quarantine
+
         self.root = root.resolve()
-        self.quarantine_root = quarantine.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.kept = Quarantine(quarantine, quarantine_max_files, quarantine_max_bytes)
+        self.quarantine_root = self.kept.root
         self.quarantine_root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -133,11 +135,6 @@ class InstanceFiles:
         return self.absolute(relative).read_bytes()
 
     def quarantine(self, data: bytes, details: dict[str, Any]) -> Path:
-        """Keep a refused payload and why, for inspection; returns the payload's path."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        name = f"{stamp}-{uuid.uuid4().hex[:12]}"
-        payload = self.quarantine_root / f"{name}.bin"
-        write_durable(payload, data, self.quarantine_root)
-        meta = json.dumps(details, indent=2, default=str).encode()
-        write_durable(self.quarantine_root / f"{name}.json", meta, self.quarantine_root)
-        return payload
+        """Keep a refused payload and why, for inspection (within the quarantine's cap);
+        returns the payload's path."""
+        return self.kept.keep(data, details)

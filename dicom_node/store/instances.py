@@ -29,6 +29,7 @@ from dicom_node.errors import StoreError
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.models import AuditEvent, Instance, Series, SeriesState, Study
+from dicom_node.store.space import DiskWatermark
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,9 +60,15 @@ class Peer:
 class InstanceStore:
     """Stores received instances durably and indexes them."""
 
-    def __init__(self, db: Database, files: InstanceFiles) -> None:
+    def __init__(self, db: Database, files: InstanceFiles,
+                 space: DiskWatermark | None = None) -> None:
         self.db = db
         self.files = files
+        self.space = space
+
+    def space_refusal(self) -> str | None:
+        """Why new instances are refused for lack of disk space now, or ``None``."""
+        return self.space.refusal() if self.space is not None else None
 
     def ingest(self, data: bytes, header: InstanceHeader, peer: Peer,
                *, produced_here: bool = False) -> IngestOutcome:
@@ -182,12 +189,16 @@ class InstanceStore:
     ) -> Path | None:
         """Keep a refused payload on disk and record why; never raises."""
         path: Path | None = None
+        low = self.space_refusal()
+        if low is not None:  # the room left is for the index and acknowledged instances
+            reason += f" (payload not kept: {low})"
         try:
-            path = self.files.quarantine(data, {
-                "kind": kind, "reason": reason, "status": status,
-                "peer_ae": peer.ae_title, "peer_address": peer.address,
-                "sop_instance_uid": sop_instance_uid,
-            })
+            if low is None:
+                path = self.files.quarantine(data, {
+                    "kind": kind, "reason": reason, "status": status,
+                    "peer_ae": peer.ae_title, "peer_address": peer.address,
+                    "sop_instance_uid": sop_instance_uid,
+                })
         except Exception:
             LOGGER.exception("could not quarantine a %s payload from %s", kind, peer.address)
         self.audit(kind, reason, peer, sop_instance_uid, series_uid, status=status,
