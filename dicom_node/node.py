@@ -29,6 +29,7 @@ from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
 from dicom_node.store.jobs import Backoff, JobQueue
+from dicom_node.store.private import private_dir
 from dicom_node.store.space import DiskWatermark
 from dicom_node.worker import JobHandler, JobWorker
 
@@ -52,7 +53,7 @@ class NodeParts:
 
     @classmethod
     def build(cls, config: NodeConfig) -> NodeParts:
-        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.node.data_dir)
         db = Database(config.node.resolved_database_url())
         db.create_schema()
         node = config.node

@@ -163,9 +163,10 @@ def migrate(
     PostgreSQL; ``serve``/``worker`` also create an empty schema themselves.
     """
     from dicom_node.store.db import Database
+    from dicom_node.store.private import private_dir
 
     cfg = load_or_exit(config)
-    cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.node.data_dir)
     db = Database(cfg.node.resolved_database_url())
     try:
         before, after = db.migrate(revision)

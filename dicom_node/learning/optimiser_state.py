@@ -32,6 +32,7 @@ from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 
 from dicom_node.learning.errors import WeightsError
+from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def save(path: Path, state: Mapping[str, torch.Tensor],
     """Write atomically (a crash leaves the previous state or none, never half a file)."""
     from dicom_node.learning.weights import atomic_write  # weights -> training -> here
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     atomic_write(path, to_bytes(state, metadata))
 
 

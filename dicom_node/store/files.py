@@ -15,6 +15,7 @@ from typing import Any
 
 from dicom_node.dicom.peer_text import escaped
 from dicom_node.errors import InvalidDatasetError, StoreError
+from dicom_node.store.private import PRIVATE_DIR, private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -52,9 +53,10 @@ def _makedirs_durable(path: Path, stop: Path) -> None:
         p = p.parent
     for d in reversed(missing):
         try:
-            d.mkdir()
+            d.mkdir(mode=PRIVATE_DIR)
         except FileExistsError:
             continue
+        os.chmod(d, PRIVATE_DIR)  # not masked by the umask
         fsync_dir(d.parent)
 
 
@@ -96,11 +98,9 @@ class InstanceFiles:
                  quarantine_max_bytes: int = 2 << 30) -> None:
         from dicom_node.store.quarantine import Quarantine
 
-        self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root.resolve())
         self.kept = Quarantine(quarantine, quarantine_max_files, quarantine_max_bytes)
-        self.quarantine_root = self.kept.root
-        self.quarantine_root.mkdir(parents=True, exist_ok=True)
+        self.quarantine_root = private_dir(self.kept.root)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         for value, name in ((study_uid, "StudyInstanceUID"), (series_uid, "SeriesInstanceUID"),

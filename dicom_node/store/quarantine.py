@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.store.files import write_durable
+from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Quarantine:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         name = f"{stamp}-{uuid.uuid4().hex[:12]}"
         payload = self.root / f"{name}.bin"
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         with self._lock:
             write_durable(payload, data, self.root)
             meta = json.dumps(details, indent=2, default=str).encode()
