@@ -61,6 +61,19 @@ def test_compose_services_volumes_and_health(compose: dict[str, Any]) -> None:
     assert any("DICOM_WEB__ENABLE" in k for k in services["orthanc"]["environment"])
 
 
+def test_compose_publishes_ports_on_loopback_unless_the_operator_opts_in(
+    compose: dict[str, Any],
+) -> None:
+    published = [(name, port) for name, service in compose["services"].items()
+                 for port in service.get("ports", [])]
+    assert published
+    for name, port in published:
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    raw = (DEPLOY / "compose.yaml").read_text()
+    assert raw.count("${TESSERA_BIND:-127.0.0.1}:") == len(published), \
+        "every published port takes the TESSERA_BIND opt-in"
+
+
 def test_compose_node_environment_overrides_are_real_keys(compose: dict[str, Any]) -> None:
     """Every TESSERA_<SECTION>__<KEY> the compose file sets is a key the node accepts."""
     node_toml = DEPLOY / "compose" / "node.toml"
