@@ -30,6 +30,7 @@ from dicom_node.store.instances import Peer
 LOGGER = logging.getLogger(__name__)
 
 AuditSink = Callable[[str, str, Peer], None]
+MAX_TRACKED = 10_000  # (kind, address) pairs the reporter remembers
 
 
 class LimitReporter:
@@ -54,6 +55,8 @@ class LimitReporter:
             if last is not None and now - last < self._interval:
                 self._suppressed[key] += 1
                 return
+            if len(self._last) >= MAX_TRACKED:  # many addresses: forget the quiet ones
+                self._forget_before(now - self._interval)
             self._last[key] = now
             left_out = self._suppressed.pop(key, 0)
         if left_out:
@@ -62,6 +65,11 @@ class LimitReporter:
         if self._audit is not None:
             self._audit(kind, reason, Peer(ae_title=escaped(ae_title, 16) if ae_title else None,
                                            address=address))
+
+    def _forget_before(self, cutoff: float) -> None:
+        for key in [k for k, t in self._last.items() if t < cutoff]:
+            del self._last[key]
+            self._suppressed.pop(key, None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,7 @@ def escape_library_logs(prefix: str = "pynetdicom") -> None:
     """
     import pynetdicom  # noqa: F401  (its module loggers exist once it is imported)
 
-    for name in [prefix, *logging.Logger.manager.loggerDict]:
+    for name in [prefix, *logging.Logger.manager.loggerDict.copy()]:
         if name != prefix and not name.startswith(prefix + "."):
             continue
         logger = logging.getLogger(name)

@@ -39,10 +39,10 @@ def private_file(path: Path) -> Path:
     """Make sure ``path`` exists with mode 0600 (created empty when missing, tightened
     when it is ours and looser); returns ``path``."""
     private_dir(Path(path).parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE)
-    try:
-        with contextlib.suppress(PermissionError):  # someone else's file: leave it
-            os.fchmod(fd, PRIVATE_FILE)
-    finally:
-        os.close(fd)
+    # Never open an existing file: closing any descriptor of a SQLite database drops
+    # every POSIX lock this process holds on it (a running node's, in tests).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    with contextlib.suppress(PermissionError):  # someone else's file: leave it
+        os.chmod(path, PRIVATE_FILE)
     return Path(path)
