@@ -22,6 +22,7 @@ from dicom_node.metrics import render as render_metrics
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
+from dicom_node.store.private import private_dir
 from viewer_bridge.auth import COOKIE, TokenCheck
 from viewer_bridge.dicomweb import PREFIX, DicomWebRoutes
 from viewer_bridge.headers import HeaderCache
@@ -67,7 +68,8 @@ def create_app(config: NodeConfig, db: Database, files: InstanceFiles,
     index = BridgeIndex(db, files)
     headers = HeaderCache()
     stow = StowService(store, int(config.dicom.max_instance_mb * 1024 * 1024))
-    dicomweb = DicomWebRoutes(index, headers, stow, int(http.max_stow_mb * 1024 * 1024))
+    dicomweb = DicomWebRoutes(index, headers, stow, int(http.max_stow_mb * 1024 * 1024),
+                              spool_dir=private_dir(config.node.data_dir / "spool"))
     ohif_base = http.ohif_url or ("/" if http.ohif_dir else "")
 
     async def healthz(request: Request) -> Response:
