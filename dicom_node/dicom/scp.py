@@ -96,6 +96,22 @@ def handle_requested(event: Event, settings: DicomSettings, store: InstanceStore
     assoc.kill()
 
 
+LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)  # A-ASSOCIATE-RJ source and reason pynetdicom sends
+
+
+def handle_rejected(event: Event, reporter: LimitReporter, max_associations: int) -> None:
+    """Report an association rejected at ``max_associations`` (rate-limited)."""
+    primitive = event.assoc.acceptor.primitive
+    if primitive is None or (primitive.result_source, primitive.diagnostic) != \
+            LOCAL_LIMIT_EXCEEDED:
+        return
+    peer = peer_of_association(event.assoc)
+    reporter.report("association-limit",
+                    f"{max_associations} associations already open "
+                    "(dicom.max_associations); rejected, local limit exceeded",
+                    peer.address, peer.ae_title)
+
+
 def handle_echo(event: Event) -> int:
     return Status.SUCCESS
 
@@ -246,6 +262,7 @@ def start_scp(
     ]
     context = server_ssl_context(settings)
     reporter = LimitReporter(store.audit, settings.limit_report_interval_s)
+    handlers.append((evt.EVT_REJECTED, handle_rejected, [reporter, settings.max_associations]))
     guard = ConnectionGuard(
         ConnectionLimits(settings.association_timeout_s, settings.max_connections_per_address),
         reporter, settings.allows_address)

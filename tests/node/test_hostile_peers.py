@@ -177,3 +177,22 @@ def test_oversized_p_data_on_an_established_association_is_aborted(
     events = open_index(data_dir).audit("pdu-oversized")
     assert len(events) == 1 and "P-DATA-TF" in events[0].reason, [e.reason for e in events]
     assert echoscu(node.port).returncode == 0
+
+
+def test_rejections_at_max_associations_are_audited_once(
+    tmp_path: Path, start_node: Callable[..., Node], open_index: Callable[[Path], Index],
+) -> None:
+    data_dir = tmp_path / "node"
+    node = start_node(node_config_data(data_dir, dicom={"max_associations": 1}))
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert held.is_established
+    try:
+        for _ in range(3):
+            assert echoscu(node.port).returncode != 0
+    finally:
+        held.release()
+    events = open_index(data_dir).audit("association-limit")
+    assert len(events) == 1, [e.reason for e in events]
+    assert "max_associations" in events[0].reason and events[0].peer_ae == "ECHOSCU"
