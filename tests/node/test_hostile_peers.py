@@ -63,10 +63,15 @@ def test_slowloris_does_not_lock_the_pacs_out(
     for sock in loris:
         sock.sendall(b"\x01\x00")
     started = time.monotonic()
-    wait_until(lambda: echoscu(node.port, timeout=20).returncode == 0,
-               timeout=timeout_s + 15, interval=0.2, what="echoscu under slowloris")
+    attempts = []
+
+    def echo() -> bool:
+        attempts.append(echoscu(node.port, timeout=20).returncode)
+        return attempts[-1] == 0
+
+    wait_until(echo, timeout=timeout_s + 15, interval=0.2, what="echoscu under slowloris")
     print(f"\nechoscu succeeded {time.monotonic() - started:.2f} s after 10 slowloris "
-          f"sockets (association_timeout_s={timeout_s})")
+          f"sockets (association_timeout_s={timeout_s}), attempt {len(attempts)}")
     for sock in loris:
         assert _closed_by_peer(sock, timeout_s + 10), "a silent connection stayed open"
         sock.close()
