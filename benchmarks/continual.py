@@ -40,8 +40,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+
+matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
+import matplotlib.pyplot as plt
 
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.inference import segment_volume
@@ -295,11 +299,6 @@ def _fmt(d: dict[str, float]) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:  # type: ignore[type-arg]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     old = list(summary["starter"]["dice"])
     new = list(summary["continual"]["dice_new"])
     names = old + new

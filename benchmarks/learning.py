@@ -40,8 +40,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+
+matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
+import matplotlib.pyplot as plt
 
 from dicom_node.config import LearningSettings, NodeConfig
 from dicom_node.learning.bootstrap import BootstrapPlan, bootstrap
@@ -333,11 +337,6 @@ def summarise(rows: list[dict], n: int) -> dict:
 
 
 def plot(rows: list[dict], path: Path, origin: str, run: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = [r["corrections"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(n, [r["B"]["mean"] for r in rows], "o-",

@@ -67,8 +67,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
+
+matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
+import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -296,11 +300,6 @@ def fmt(dice: dict[str, float]) -> str:
 
 def plot(results: dict[str, dict[str, float]], labels: Sequence[str], path: Path,
          title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     width = 0.8 / len(results)
     for i, (name, dice) in enumerate(results.items()):

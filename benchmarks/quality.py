@@ -42,7 +42,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
+import matplotlib.pyplot as plt
 
 from federation_grpc.hub.quality import (
     CORRECTION,
@@ -288,11 +292,6 @@ def _pct(value: float | None) -> str:
 
 
 def plot(sets: dict, threshold: float, low: float, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for (label, (y, p)), marker in zip(sets.items(), "o^sv", strict=False):
         ax.scatter(y, p, label=label, marker=marker, alpha=0.7, s=22)

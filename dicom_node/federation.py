@@ -80,7 +80,6 @@ _METRIC_BATCH = 200
 _MAX_VALUES = 256  # the hub refuses records with more values
 _METRICS_WAIT_S = 600.0
 _METRIC_KEY_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
-FAULT_DOWNLOAD_ENV = "TESSERA_FAULT_DOWNLOAD_EXIT_AT_BYTES"
 REFUSED_EVENT = "hub-refused"
 ENROLLED_EVENT = "hub-enrolled"
 _CREDENTIAL_ERRORS = (PermissionDenied, Unauthenticated)
@@ -155,6 +154,8 @@ class FederationAgent:
         self.credentials = Credentials(self.settings.credentials_path
                                        or self.dir / "credentials.json")
         self.interceptors: list[Interceptor] = []  # tests record the wire here
+        # Called with the bytes of a generation on disk after each chunk (tests crash here).
+        self.download_hooks: list[Callable[[int], None]] = []
         self.node_id: str | None = None
         self._client: FederationClient | None = None
         self._client_lock = threading.Lock()
@@ -191,6 +192,11 @@ class FederationAgent:
         self._threads.clear()
         with self._client_lock:
             self._client = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a federation thread still runs (none does after the hub refused the node)."""
+        return any(t.is_alive() for t in self._threads)
 
     def wake(self) -> None:
         """Try pending uploads now (e.g. after a training round committed one)."""
@@ -292,13 +298,18 @@ class FederationAgent:
         if part.exists() and part.stat().st_size:
             LOGGER.info("resuming download of generation %d at byte %d", generation.number,
                         part.stat().st_size)
-        self.client().download_to(generation.number, target, on_chunk=_fault_hook())
+        self.client().download_to(generation.number, target, on_chunk=self._downloaded
+                                  if self.download_hooks else None)
         serve_hub_generation(self.db, self.models, name, target.read_bytes(),
                              generation=generation.number, parent=generation.parent,
                              config_json=generation.config_json,
                              models_dir=self.config.node.data_dir / "models")
         target.unlink(missing_ok=True)
         self.generation_applied.set()
+
+    def _downloaded(self, received: int) -> None:
+        for hook in self.download_hooks:
+            hook(received)
 
     # -- updates and metrics ------------------------------------------------------------
     def _upload_loop(self) -> None:
@@ -500,18 +511,3 @@ def _update_metadata(hub_id: str, hub_base: int, meta: dict[str, Any]) -> Update
         update_id=hub_id, base_generation=hub_base,
         num_samples=int(meta.get("num_samples", "1")), trained_groups=tuple(groups),
         local_metrics={k: v for k, v in local.items() if math.isfinite(v)})
-
-
-def _fault_hook() -> Callable[[int], None] | None:
-    """Tests: ``TESSERA_FAULT_DOWNLOAD_EXIT_AT_BYTES=N`` kills the process (no clean-up)
-    once N bytes of a generation are on disk, as a crash would."""
-    limit = int(os.environ.get(FAULT_DOWNLOAD_ENV, "0") or 0)
-    if not limit:
-        return None
-
-    def hook(received: int) -> None:
-        if received >= limit:
-            LOGGER.error("fault injection: exiting at %d downloaded bytes", received)
-            os._exit(137)
-
-    return hook

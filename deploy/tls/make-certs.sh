@@ -8,24 +8,29 @@
 # certificate NAME.pem/NAME.key for the hosts in DICOM_HOSTS (default: localhost
 # 127.0.0.1), signed by the same CA; put them in [dicom] tls_cert/tls_key and, to
 # require client certificates from PACS and viewers, tls_ca = ca.pem.
+#
+# The work is done by the `tessera` CLI: $TESSERA when set, else the one installed in
+# this checkout's .venv (what `make demo` / `make test` create), else `tessera` on PATH.
 set -eu
+here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
+if [ -z "${TESSERA:-}" ]; then
+    if [ -x "$here/../../.venv/bin/tessera" ]; then
+        TESSERA="$here/../../.venv/bin/tessera"
+    elif command -v tessera >/dev/null 2>&1; then
+        TESSERA=tessera
+    else
+        echo "make-certs.sh: no tessera CLI: run 'make demo' (creates .venv) or set TESSERA" >&2
+        exit 2
+    fi
+fi
 out="${1:-deploy/tls/out}"
 [ "$#" -gt 0 ] && shift
-nodes=""
-for n in "${@:-node1}"; do nodes="$nodes --node $n"; done
-hosts=""
-for h in ${HUB_HOSTS:-localhost 127.0.0.1}; do hosts="$hosts --host $h"; done
-# shellcheck disable=SC2086
-python -m federation_grpc.hub.cli certs "$out" $nodes $hosts
+args=""
+for n in "${@:-node1}"; do args="$args --node $n"; done
+for h in ${HUB_HOSTS:-localhost 127.0.0.1}; do args="$args --host $h"; done
 if [ -n "${DICOM_SERVER:-}" ]; then
-    python - "$out" "$DICOM_SERVER" ${DICOM_HOSTS:-localhost 127.0.0.1} <<'PY'
-import sys
-from pathlib import Path
-
-from federation_grpc.hub.certs import Issued, issue
-
-out, name, hosts = Path(sys.argv[1]), sys.argv[2], tuple(sys.argv[3:])
-made = issue(Issued(out / "ca.pem", out / "ca.key"), out, name, server=True, hosts=hosts)
-print(f"{name}: {made.cert} {made.key} (DICOM TLS server)")
-PY
+    args="$args --dicom-server $DICOM_SERVER"
+    for h in ${DICOM_HOSTS:-localhost 127.0.0.1}; do args="$args --dicom-host $h"; done
 fi
+# shellcheck disable=SC2086
+"$TESSERA" hub certs "$out" $args

@@ -27,7 +27,8 @@ from dicom_node.demo.run import send_to_node, wait_for, write_study
 from dicom_node.learning.metrics import dice_per_label
 from dicom_node.node import Node
 from dicom_node.pipeline.models import STARTER_DIR, STARTER_MODEL
-from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, build_seg, read_seg_labels
+from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, build_seg
+from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.volume import build_volume
 from dicom_node.store.models import Instance, OutboxState, Segmentation, UpdateOutboxItem

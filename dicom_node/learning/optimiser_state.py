@@ -32,6 +32,7 @@ from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 
 from dicom_node.learning.errors import WeightsError
+from dicom_node.learning.safetensors_io import atomic_write, read_metadata
 from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
@@ -99,7 +100,6 @@ def to_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
 
 def from_bytes(data: bytes) -> OptimiserState:
     """Parse a stored state; :class:`ValueError` if it is not one."""
-    from dicom_node.learning.weights import read_metadata  # weights -> training -> here
 
     try:
         fmt = read_metadata(data).get("format")  # refuses pickles before anything parses
@@ -117,8 +117,6 @@ def from_bytes(data: bytes) -> OptimiserState:
 def save(path: Path, state: Mapping[str, torch.Tensor],
          metadata: Mapping[str, str] | None = None) -> None:
     """Write atomically (a crash leaves the previous state or none, never half a file)."""
-    from dicom_node.learning.weights import atomic_write  # weights -> training -> here
-
     private_dir(path.parent)
     atomic_write(path, to_bytes(state, metadata))
 

@@ -10,7 +10,6 @@ dicts; :func:`extract_groups` and :func:`apply_groups` are the federation bounda
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from collections.abc import Iterable, Mapping
@@ -28,37 +27,12 @@ from dicom_node.learning.continual import pending_init_state
 from dicom_node.learning.errors import ModelConfigError, WeightsError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.safetensors_io import MAX_HEADER_BYTES, atomic_write, read_metadata
 
 LOGGER = logging.getLogger(__name__)
 
 CONFIG_KEY = "tessera.config"
-MAX_HEADER_BYTES = 16 * 1024 * 1024
 _FLOAT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-
-
-# -- raw safetensors ---------------------------------------------------------------------
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob; refuses anything else (pickles, zips)."""
-    # A header length of 0x..80 makes safetensors start with the byte a pickle starts
-    # with, so the refusal applies only to what is not shaped like safetensors.
-    shaped = len(data) >= 9 and data[8:9] == b"{"
-    if not shaped and (data[:1] == b"\x80" or data[:2] == b"PK"):
-        raise WeightsError(
-            "refusing a pickle/torch.save file: weights must be safetensors (no code is loaded)"
-        )
-    if len(data) < 8:
-        raise WeightsError("not a safetensors file: shorter than its 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(MAX_HEADER_BYTES, len(data) - 8) or data[8:9] != b"{":
-        raise WeightsError("not a safetensors file: bad header length or header")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"not a safetensors file: header is not JSON ({exc})") from exc
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise WeightsError("safetensors __metadata__ must be an object")
-    return {str(k): str(v) for k, v in meta.items()}
 
 
 def read_file_config(path: Path | str) -> ModelConfig:
@@ -176,13 +150,6 @@ def load_model(path: Path | str) -> tuple[MultiHeadUNet, ModelConfig]:
         if embedded is not None and ModelConfig.from_json(embedded) != config:
             raise WeightsError(f"{sidecar} does not match the config embedded in {path.name}")
     return model_from_bytes(data, config)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write beside ``path`` and rename: a crash leaves the old file or none, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 # -- validation --------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig, RuleAction
-from dicom_node.pipeline.corrections import SEGMENTATION_STORAGE, queue_correction
+from dicom_node.pipeline.corrections import queue_correction
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.routing import SeriesFacts, matching_rules, quiet_period
+from dicom_node.pipeline.seg_read import SEG_SOP_CLASSES
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import Instance, Series, SeriesState
@@ -90,11 +91,13 @@ class SeriesAssembler:
     def _route(self, s: Session, series: Series, facts: SeriesFacts) -> None:
         rules = matching_rules(self.config.rules, facts)
         s.refresh(series)
-        if series.sop_class_uid == SEGMENTATION_STORAGE:  # a SEG may correct an AI result
+        seg = series.sop_class_uid in SEG_SOP_CLASSES
+        if seg:  # a SEG (binary, fractional or label map) may correct an AI result
             queue_correction(s, self.queue, series)
         if not rules:
-            LOGGER.info("series %s complete (%d instances); no rule matches: stored only",
-                        series.series_uid, series.instance_count)
+            LOGGER.info("series %s complete (%d instances); no rule matches: %s",
+                        series.series_uid, series.instance_count,
+                        "queued for the correction intake" if seg else "stored only")
             return
         sop_uids = list(s.execute(select(Instance.sop_instance_uid)
                                   .where(Instance.series_id == series.id)).scalars())

@@ -20,7 +20,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -38,13 +37,9 @@ from dicom_node.learning.incremental import (
 from dicom_node.learning.metrics import dice
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.partial_labels import fill_enclosing
-from dicom_node.pipeline.seg import (
-    SegmentSpec,
-    _place_by_position,
-    match_segments,
-    read_seg_labels,
-    segment_infos,
-)
+from dicom_node.pipeline.seg import SegmentSpec
+from dicom_node.pipeline.seg_read import SEG_SOP_CLASSES, read_seg_labels
+from dicom_node.pipeline.segment_matching import match_segments, segment_infos
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
@@ -67,7 +62,6 @@ LOGGER = logging.getLogger(__name__)
 
 CORRECTION = "correction"
 TRAINING = "training"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SAMPLES_DIR = "samples"
 
 
@@ -173,20 +167,28 @@ class CorrectionIntake(SeriesStage):
 
         model_config = self._model_config(ai.model_name)
         specs = segment_specs(model_config, include_pending=True)  # a new structure
-        infos = segment_infos(header)
+        try:
+            infos = segment_infos(header)
+        except (AttributeError, IndexError, KeyError, ValueError, TypeError) as exc:
+            raise _flag(f"SEG segments cannot be read: {type(exc).__name__}: "
+                        f"{str(exc)[:200]}") from exc
         mapping = match_segments(infos, specs)
-        draft.unknown_segments = [f"{i.number}:{i.label_name}" for i in infos
-                                  if i.number not in mapping]
+        draft.unknown_segments = [f"{i.number}:{_printable(i.label_name)}" for i in infos
+                                  if i.number not in mapping and not i.background]
         if not mapping:
             raise _flag("no segment matches a model label: "
                         + ", ".join(draft.unknown_segments))
         volume = self._source_volume(source_uid, model_config)
         beat()
-        seg = pydicom.dcmread(path)
         try:
-            corrected = _read_labels(seg, volume, specs)
-        except (InvalidDatasetError, ValueError, KeyError, AttributeError) as exc:
-            raise _flag(f"SEG does not fit the source series geometry: {exc}") from exc
+            corrected = read_seg_labels(pydicom.dcmread(path), volume, specs)[0]
+        except InvalidDatasetError as exc:
+            raise _flag(f"SEG cannot be used: {exc}") from exc
+        except Exception as exc:  # a SEG a peer wrote must never fail the job in a loop
+            LOGGER.warning("SEG %s: pixel data cannot be read", draft.seg_sop_instance_uid,
+                           exc_info=True)
+            raise _flag(f"SEG pixel data cannot be read: {type(exc).__name__}: "
+                        f"{str(exc)[:200]}") from exc
         ai_labels = self._ai_labels(ai, volume, specs)
         beat()
         by_label = {v: k for k, v in model_config.label_values.items()}
@@ -354,7 +356,7 @@ class CorrectionIntake(SeriesStage):
         with self.db.session() as s:
             rel = s.execute(select(Instance.path).where(
                 Instance.sop_instance_uid == ai.seg_sop_instance_uid)).scalar_one()
-        return _read_labels(pydicom.dcmread(self.files.absolute(rel)), volume, specs)
+        return read_seg_labels(pydicom.dcmread(self.files.absolute(rel)), volume, specs)[0]
 
 
 class CorrectionJob:
@@ -369,7 +371,7 @@ class CorrectionJob:
         with self.intake.db.session() as s:
             uids = list(s.execute(select(Instance.sop_instance_uid).join(Series).where(
                 Series.series_uid == job.payload["series_uid"],
-                Instance.sop_class_uid == SEGMENTATION_STORAGE)).scalars())
+                Instance.sop_class_uid.in_(SEG_SOP_CLASSES))).scalars())
         for uid in uids:
             self.intake.ingest(uid, heartbeat=heartbeat)
 
@@ -387,21 +389,6 @@ def queue_correction(s: Session, queue: JobQueue, series: Series) -> None:
 # -- helpers -------------------------------------------------------------------------
 def _flag(reason: str) -> NotACorrection:
     return NotACorrection(CorrectionState.FLAGGED, reason)
-
-
-def _read_labels(seg: pydicom.Dataset, volume: Volume, specs: list[SegmentSpec]) -> np.ndarray:
-    """``read_seg_labels``; SEGs that do not declare SpatialLocationsPreserved (dcmqi
-    writes none) cannot be indexed by source frame and are placed by frame position."""
-    try:
-        return read_seg_labels(seg, volume, specs)[0]
-    except RuntimeError as exc:
-        if "spatial locations" not in str(exc):
-            raise
-    hseg = hd.seg.Segmentation.from_dataset(seg)
-    mapping = match_segments(segment_infos(seg), specs)
-    labels = np.zeros(volume.shape, dtype=np.uint8)
-    _place_by_position(hseg, volume, mapping, labels)
-    return labels
 
 
 def _referenced_series(header: pydicom.Dataset) -> str | None:
@@ -425,6 +412,11 @@ def _own_by_algorithm(header: pydicom.Dataset, ai: Segmentation) -> str | None:
         return (f"identified as the node's own model {ai.model_name} generation "
                 f"{ai.generation} (algorithm identification), not a correction")
     return None
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A peer's label text as shown in status: truncated, control characters escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit])
 
 
 def _safe(uid: str) -> str:

@@ -1,4 +1,4 @@
-"""DICOM-SEG: write a label volume aligned to a :class:`Volume`, and read one back.
+"""DICOM-SEG: write a label volume aligned to a :class:`Volume` (reading: ``seg_read``).
 
 Writing keeps every frame, empty ones included (``omit_empty_frames=False``): each
 segment has one frame per source slice, each frame references its source instance and
@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from dicom_node import __version__
-from dicom_node.errors import InvalidDatasetError
 from dicom_node.pipeline.volume import Volume
 
 LOGGER = logging.getLogger(__name__)
@@ -28,7 +26,6 @@ LOGGER = logging.getLogger(__name__)
 AI_SERIES_NUMBER = 9001
 GROUND_TRUTH_SERIES_NUMBER = 9000
 _ALGORITHM_FAMILY = Code("123110", "DCM", "Artificial Intelligence")
-_POSITION_TOL_MM = 0.05
 
 
 class SegAlgorithmType(enum.StrEnum):
@@ -75,18 +72,6 @@ class SegmentSpec:
         return cls(
             label, name, category, property_type, (lab.l_star, lab.a_star, lab.b_star), modifier
         )
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    """A segment as found in a SEG being read."""
-
-    number: int
-    label_name: str
-    property_type: Code
-    category: Code
-    modifier: Code | None
-    algorithm_type: str
 
 
 @dataclass(frozen=True)
@@ -191,6 +176,10 @@ def build_seg(
     if series_number is None:
         manual = kind is SegAlgorithmType.MANUAL
         series_number = GROUND_TRUTH_SERIES_NUMBER if manual else AI_SERIES_NUMBER
+    if volume.frame_numbers:  # one multi-frame source: SEG frames in source frame order
+        in_source_order = np.zeros_like(segment_map)
+        in_source_order[np.asarray(volume.frame_numbers) - 1] = segment_map
+        segment_map = in_source_order
     seg = hd.seg.Segmentation(
         source_images=list(volume.datasets),
         pixel_array=segment_map,
@@ -222,120 +211,3 @@ def build_seg(
         int(seg.NumberOfFrames),
     )
     return seg
-
-
-def segment_infos(seg: Dataset) -> list[SegmentInfo]:
-    """The segments a SEG declares, in segment-number order."""
-    infos = []
-    for item in seg.SegmentSequence:
-        ptype = item.SegmentedPropertyTypeCodeSequence[0]
-        mods = ptype.get("SegmentedPropertyTypeModifierCodeSequence") or []
-        cat = item.SegmentedPropertyCategoryCodeSequence[0]
-        infos.append(
-            SegmentInfo(
-                number=int(item.SegmentNumber),
-                label_name=str(item.get("SegmentLabel", "")),
-                property_type=_code(ptype),
-                category=_code(cat),
-                modifier=_code(mods[0]) if mods else None,
-                algorithm_type=str(item.get("SegmentAlgorithmType", "")),
-            )
-        )
-    return sorted(infos, key=lambda i: i.number)
-
-
-def _code(item: Dataset) -> Code:
-    return Code(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
-
-
-def _same_code(a: Code | None, b: Code | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return (a.value, a.scheme_designator) == (b.value, b.scheme_designator)
-
-
-def match_segments(infos: Sequence[SegmentInfo], specs: Sequence[SegmentSpec]) -> dict[int, int]:
-    """Map segment numbers to spec labels: by coded property type (+ laterality), then name."""
-    mapping: dict[int, int] = {}
-    for info in infos:
-        found = [
-            s
-            for s in specs
-            if _same_code(s.property_type, info.property_type)
-            and _same_code(s.modifier, info.modifier)
-        ]
-        if len(found) != 1:
-            found = [s for s in specs if s.name.lower() == info.label_name.strip().lower()]
-        if len(found) == 1:
-            mapping[info.number] = found[0].label
-        else:
-            LOGGER.info("segment %d (%s) matches no model label", info.number, info.label_name)
-    return mapping
-
-
-def read_seg_labels(
-    seg: Dataset, volume: Volume, specs: Sequence[SegmentSpec] | None = None
-) -> tuple[np.ndarray, list[SegmentInfo]]:
-    """Read a BINARY/FRACTIONAL SEG into a label volume aligned to ``volume``.
-
-    Voxels take the segment number, or the spec label when ``specs`` are given (segments
-    matching no spec are ignored). Frames are placed by their referenced source
-    instance; a SEG without per-frame references is placed by ImagePositionPatient.
-    Where segments overlap, the higher segment number wins. Frames absent from the SEG
-    (viewers may omit empty ones) are background.
-
-    Raises
-    ------
-    InvalidDatasetError
-        Not a SEG, another frame of reference or frame size, or a frame that falls on
-        no slice of ``volume``.
-    """
-    if str(seg.get("Modality", "")) != "SEG":
-        raise InvalidDatasetError("not a segmentation (Modality is not SEG)")
-    if (int(seg.Rows), int(seg.Columns)) != volume.shape[1:]:
-        raise InvalidDatasetError("SEG frame size differs from the source volume")
-    for_uid = str(seg.get("FrameOfReferenceUID", ""))
-    if for_uid and volume.frame_of_reference_uid and for_uid != volume.frame_of_reference_uid:
-        raise InvalidDatasetError("SEG has another frame of reference than the source volume")
-    infos = segment_infos(seg)
-    mapping = {i.number: i.number for i in infos}
-    if specs is not None:
-        mapping = match_segments(infos, specs)
-    out_dtype = np.uint8 if max(mapping.values(), default=0) < 256 else np.uint16
-    labels = np.zeros(volume.shape, dtype=out_dtype)
-
-    hseg = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
-    uids = set(volume.sop_instance_uids)
-    referenced = {uid for _, _, uid in hseg.get_source_image_uids()}
-    if referenced and referenced <= uids:
-        masks = hseg.get_pixels_by_source_instance(
-            list(volume.sop_instance_uids),
-            segment_numbers=sorted(mapping),
-            assert_missing_frames_are_empty=True,
-            dtype=np.float32,
-        )
-        for i, number in enumerate(sorted(mapping)):
-            labels[masks[..., i] > 0.5] = mapping[number]
-        return labels, infos
-    _place_by_position(hseg, volume, mapping, labels)
-    return labels, infos
-
-
-def _place_by_position(
-    hseg: hd.seg.Segmentation, volume: Volume, mapping: dict[int, int], labels: np.ndarray
-) -> None:
-    shared = hseg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
-    for n, item in enumerate(hseg.PerFrameFunctionalGroupsSequence):
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        if number not in mapping:
-            continue
-        plane = item.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
-        if not plane:
-            raise InvalidDatasetError(f"SEG frame {n + 1} has no position")
-        ipp = np.asarray([float(v) for v in plane[0].ImagePositionPatient])
-        dist = np.linalg.norm(volume.positions - ipp[None, :], axis=1)
-        k = int(np.argmin(dist))
-        if dist[k] > max(_POSITION_TOL_MM, 0.1 * volume.spacing[0]):
-            raise InvalidDatasetError(f"SEG frame {n + 1} lies on no slice of the source series")
-        frame = np.asarray(hseg.get_frame(n + 1))
-        labels[k][frame > 0] = mapping[number]

@@ -65,12 +65,13 @@ class SegTemplate:
         syntax = str(seg.file_meta.TransferSyntaxUID)
         if syntax != ExplicitVRLittleEndian or int(seg.BitsAllocated) != 1:
             raise TemplateMismatch(f"SEG written as {syntax}, {seg.BitsAllocated} bits")
-        slice_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(volume.datasets)}
+        slice_of = {ref: k for k, ref in enumerate(volume.source_frames)}
         segments, slices = [], []
         for item in seg.PerFrameFunctionalGroupsSequence:
             source = item.DerivationImageSequence[0].SourceImageSequence[0]
             segments.append(int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
-            slices.append(slice_of[str(source.ReferencedSOPInstanceUID)])
+            frame = int(source.get("ReferencedFrameNumber", 0) or 0) if volume.frame_numbers else 0
+            slices.append(slice_of[(str(source.ReferencedSOPInstanceUID), frame)])
         buffer = io.BytesIO()
         seg.save_as(buffer, enforce_file_format=True)
         encoded = buffer.getvalue()

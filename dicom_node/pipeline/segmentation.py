@@ -241,8 +241,9 @@ class SegmentationJob(SeriesStage):
 
     def _refuse(self, series_uid: str, reason: str) -> None:
         LOGGER.warning("series %s refused: %s", series_uid, reason)
-        self._set_state(series_uid, SeriesState.REFUSED, reason)
+        # The event first: whoever sees the series refused (status, a test) finds its event.
         self.store.audit("series-refused", reason, series_uid=series_uid)
+        self._set_state(series_uid, SeriesState.REFUSED, reason)
 
     def _set_state(self, series_uid: str, state: SeriesState, reason: str | None) -> None:
         with self.db.session() as s:

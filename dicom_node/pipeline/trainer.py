@@ -9,16 +9,12 @@ Nothing is replaced before the new version is committed, so a crash at any point
 leaves the serving model as it was and the job is retried (at-least-once). A retry
 of a round that did commit (same base generation and samples, so the same update id)
 only re-applies its outcome.
-
-Fault injection for tests: ``TESSERA_FAULT_TRAINING_CRASH_ATTEMPTS=N`` makes the first
-``N`` attempts of a training job raise in the middle of the first epoch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -42,8 +38,9 @@ from dicom_node.learning.incremental import (
     update_artifact,
 )
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
+from dicom_node.learning.safetensors_io import atomic_write
 from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
-from dicom_node.learning.weights import atomic_write, save_model
+from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.corrections import TRAINING
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.seg import deterministic_uid
@@ -66,13 +63,6 @@ from dicom_node.store.models import (
 from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
-
-FAULT_ENV = "TESSERA_FAULT_TRAINING_CRASH_ATTEMPTS"
-
-
-class InjectedTrainingFault(RuntimeError):
-    """Raised mid-epoch when the fault-injection variable asks for it (tests only)."""
-
 
 def policy_of(config: NodeConfig) -> TrainingPolicy:
     lc = config.learning
@@ -113,6 +103,8 @@ class IncrementalTrainer:
         self.models = models
         self.data_dir = config.node.data_dir
         self._gates: dict[tuple[object, ...], AnchorGate] = {}
+        # Called with (attempt, progress) at every training step (tests inject crashes here).
+        self.step_hooks: list[Callable[[int, TrainingProgress], None]] = []
         activate_serving(db, models)  # local versions survive a restart
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
@@ -309,12 +301,9 @@ class IncrementalTrainer:
 
     def _progress(self, attempt: int, beat: Callable[[], None]
                   ) -> Callable[[TrainingProgress], None]:
-        crash_attempts = int(os.environ.get(FAULT_ENV, "0") or 0)
-
         def hook(p: TrainingProgress) -> None:
-            if attempt <= crash_attempts and p.step >= max(1, p.total_steps // (2 * p.epochs)):
-                raise InjectedTrainingFault(
-                    f"injected fault at step {p.step} of attempt {attempt} ({FAULT_ENV})")
+            for step_hook in self.step_hooks:
+                step_hook(attempt, p)
             if p.step % 20 == 0:
                 beat()
 

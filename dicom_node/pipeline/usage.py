@@ -69,6 +69,9 @@ def render_learning(usage: dict[str, Any]) -> list[str]:
     for c in usage["recent_corrections"]:
         if c["state"] in ("flagged", "ignored"):
             lines.append(f"  {c['at']} {c['state']}: {c['reason']}")
+        elif c["unknown_segments"]:
+            lines.append(f"  {c['at']} {c['state']}: segments matching no model label "
+                         f"(not trained on): {', '.join(c['unknown_segments'])}")
     if usage["model_versions"]:
         lines.append("Model versions:")
         for v in usage["model_versions"]:

@@ -1,4 +1,8 @@
-"""Series -> volume: sort single-frame slices along the slice normal and check geometry.
+"""Series -> volume: sort slices along the slice normal and check geometry.
+
+Slices are single-frame instances, or the frames of one enhanced multi-frame instance
+(Enhanced CT/MR, Legacy Converted Enhanced; geometry from its functional groups, see
+:mod:`dicom_node.pipeline.multiframe`); both pass the same checks.
 
 A series that cannot be turned into one regular volume is refused with
 :class:`~dicom_node.errors.SeriesRefused` whose message says why, so the reason can be
@@ -16,6 +20,12 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from dicom_node.errors import SeriesRefused
+from dicom_node.pipeline.multiframe import (
+    FrameGeometryError,
+    frame_geometry,
+    frame_pixels,
+    is_multi_frame,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -33,6 +43,10 @@ class Volume:
     ``pixels[k, r, c]`` lies at ``affine @ (k, r, c, 1)`` in patient coordinates (LPS,
     mm). Slices are ordered by increasing position along ``normal`` (row x column
     direction); ``datasets`` and ``sop_instance_uids`` follow that order.
+
+    A volume of one multi-frame instance has that one dataset in ``datasets``; its
+    SOP Instance UID is repeated in ``sop_instance_uids`` and ``frame_numbers`` gives
+    each slice's (1-based) frame. Single-frame volumes have no ``frame_numbers``.
     """
 
     pixels: np.ndarray
@@ -46,6 +60,7 @@ class Volume:
     study_instance_uid: str
     frame_of_reference_uid: str
     modality: str
+    frame_numbers: tuple[int, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,6 +70,12 @@ class Volume:
     @property
     def normal(self) -> np.ndarray:
         return np.asarray(self.affine[:3, 0] / np.linalg.norm(self.affine[:3, 0]))
+
+    @property
+    def source_frames(self) -> tuple[tuple[str, int], ...]:
+        """Per slice: (SOP Instance UID, frame number; 0 for a single-frame instance)."""
+        frames = self.frame_numbers or (0,) * len(self.sop_instance_uids)
+        return tuple(zip(self.sop_instance_uids, frames, strict=True))
 
     def index_of(self, sop_instance_uid: str) -> int:
         """Slice index of a source instance; ``KeyError`` if it is not in the volume."""
@@ -91,8 +112,10 @@ def build_volume(
     Raises
     ------
     SeriesRefused
-        Empty series; several series mixed; unsupported modality; multi-frame or colour
-        instances; missing ImagePositionPatient/ImageOrientationPatient/PixelSpacing;
+        Empty series; several series mixed; unsupported modality; a multi-frame
+        instance that is not alone in its series, or whose frames lack geometry in
+        their functional groups; colour instances; missing
+        ImagePositionPatient/ImageOrientationPatient/PixelSpacing;
         mixed orientations, frame sizes or pixel spacings; duplicate positions; slices
         not stacked along the normal (gantry tilt); missing slices (a gap larger than
         1.5x the median gap); otherwise inconsistent slice spacing; undecodable pixels.
@@ -112,16 +135,30 @@ def build_volume(
             f"unsupported modality {modality or '(none)'}; allowed: {allowed}", series_uid
         )
 
+    multi = [ds for ds in datasets if is_multi_frame(ds)]
+    if multi and len(datasets) > 1:
+        raise _refuse("a multi-frame instance must be the only instance of its series "
+                      f"({len(datasets)} instances, {len(multi)} multi-frame)", series_uid)
     for ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise _refuse("multi-frame instances are not supported", series_uid)
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise _refuse("only single-sample (greyscale) images are supported", series_uid)
         if "PixelData" not in ds:
             raise _refuse("an instance has no pixel data", series_uid)
 
     ipps, iops, spacings, sizes = [], [], [], []
-    for ds in datasets:
+    frame_numbers: list[int] = []
+    if multi:
+        try:
+            frames = frame_geometry(multi[0])
+        except FrameGeometryError as exc:
+            raise _refuse(f"multi-frame instance: {exc}", series_uid) from exc
+        for frame in frames:
+            ipps.append(frame.position)
+            iops.append(frame.orientation)
+            spacings.append(frame.pixel_spacing)
+            sizes.append((int(multi[0].Rows), int(multi[0].Columns)))
+            frame_numbers.append(frame.frame_number)
+    for ds in datasets if not multi else ():
         ipp = _floats(ds, "ImagePositionPatient", 3)
         iop = _floats(ds, "ImageOrientationPatient", 6)
         ps = _floats(ds, "PixelSpacing", 2)
@@ -154,16 +191,22 @@ def build_volume(
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     positions, along = positions[order], along[order]
-    slice_spacing = _slice_spacing(datasets[int(order[0])], positions, along, normal, series_uid)
+    unit = "frames" if multi else "instances"
+    first = datasets[0] if multi else datasets[int(order[0])]
+    slice_spacing = _slice_spacing(first, positions, along, normal, series_uid, unit)
 
-    sorted_ds = tuple(datasets[int(i)] for i in order)
+    sorted_frames = tuple(frame_numbers[int(i)] for i in order) if multi else ()
+    sorted_ds = tuple(multi) if multi else tuple(datasets[int(i)] for i in order)
     try:
-        pixels = np.stack(
-            [
-                np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
-                for ds in sorted_ds
-            ]
-        )
+        if multi:
+            pixels = frame_pixels(multi[0], sorted_frames)
+        else:
+            pixels = np.stack(
+                [
+                    np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+                    for ds in sorted_ds
+                ]
+            )
     except Exception as exc:  # any decoder failure is a refusal, not a crash
         raise _refuse(f"cannot decode pixel data: {exc}", series_uid) from exc
 
@@ -174,6 +217,7 @@ def build_volume(
     affine[:3, 2] = row_cos * col_mm
     affine[:3, 3] = positions[0]
     first = sorted_ds[0]
+    uids = tuple(str(ds.SOPInstanceUID) for ds in sorted_ds)
     LOGGER.debug("series %s: volume %s, spacing %.3f mm", series_uid, pixels.shape, slice_spacing)
     return Volume(
         pixels=pixels,
@@ -182,22 +226,24 @@ def build_volume(
         orientation_cosines=tuple(float(v) for v in iop0),  # type: ignore[arg-type]
         positions=positions,
         datasets=sorted_ds,
-        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in sorted_ds),
+        sop_instance_uids=uids * len(sorted_frames) if multi else uids,
         series_instance_uid=series_uid,
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         modality=modality,
+        frame_numbers=sorted_frames,
     )
 
 
 def _slice_spacing(
-    first: Dataset, positions: np.ndarray, along: np.ndarray, normal: np.ndarray, series_uid: str
+    first: Dataset, positions: np.ndarray, along: np.ndarray, normal: np.ndarray, series_uid: str,
+    unit: str = "instances",
 ) -> float:
     if len(along) == 1:
         return float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
     gaps = np.diff(along)
     if np.any(gaps < POSITION_TOL_MM):
-        raise _refuse("two instances share one slice position", series_uid)
+        raise _refuse(f"two {unit} share one slice position", series_uid)
     # every slice must sit on the line through the first one along the normal
     offsets = positions - positions[0] - np.outer(along - along[0], normal)
     if np.max(np.linalg.norm(offsets, axis=1)) > max(POSITION_TOL_MM, 0.01 * float(gaps.min())):

@@ -9,6 +9,11 @@ only with the updates that carry it, so a head moves only with the nodes that tr
 A group that the current generation does not hold yet (the first weights of a head
 added by ``tessera hub add-head``) has no prior to mix with: every strategy takes the
 updates that carry it, averaged by sample count and staleness (:func:`adopt_new`).
+
+Robust weighting (issue 21): no single update may make more than ``max_update_share`` of
+a merge (:func:`capped_shares`, and the FedAsync mixing weight is capped the same way);
+an update's delta may be clipped to a norm (:func:`clip_delta`); FedBuff and FedAvg may
+take a coordinate-wise trimmed mean instead of the weighted mean (:func:`trimmed_mean`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from federation_grpc.hub.robust import capped_shares, trim_count, trimmed_mean
 
 Tensors = dict[str, np.ndarray]
 
@@ -57,10 +64,18 @@ def sample_weight(num_samples: int, halfpoint: float) -> float:
 
 
 def fedasync_mixing(
-    num_samples: int, staleness: int, *, alpha: float, halfpoint: float, exponent: float
+    num_samples: int,
+    staleness: int,
+    *,
+    alpha: float,
+    halfpoint: float,
+    exponent: float,
+    max_share: float = 1.0,
 ) -> float:
-    """Mixing weight of one update into the current generation (FedAsync)."""
-    return alpha * sample_weight(num_samples, halfpoint) * staleness_weight(staleness, exponent)
+    """Mixing weight of one update into the current generation (FedAsync), at most
+    ``max_share``: the merged tensor is ``(1 - w) * current + w * update``."""
+    weight = alpha * sample_weight(num_samples, halfpoint) * staleness_weight(staleness, exponent)
+    return min(weight, max_share)
 
 
 def _sum_squares(values: np.ndarray) -> float:
@@ -134,30 +149,53 @@ def mix(current: np.ndarray, update: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
-def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Weighted mean in float64 (weights need not sum to one; their sum must be positive)."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("weights must have a positive sum")
+def weighted_mean(
+    arrays: Sequence[np.ndarray], weights: Sequence[float], max_share: float = 1.0
+) -> np.ndarray:
+    """Weighted mean in float64 (weights need not sum to one; their sum must be positive),
+    no array's share above ``max_share`` (:func:`capped_shares`)."""
+    shares = capped_shares(weights, max_share)
     acc = np.zeros(arrays[0].shape, dtype=np.float64)
-    for array, weight in zip(arrays, weights, strict=True):
-        acc += (weight / total) * array.astype(np.float64)
+    for array, share in zip(arrays, shares, strict=True):
+        acc += float(share) * array.astype(np.float64)
     return acc
 
 
 def adopt_new(
-    merged: Tensors, contributions: Sequence[Contribution], exponent: float = 0.5
+    merged: Tensors,
+    contributions: Sequence[Contribution],
+    exponent: float = 0.5,
+    max_share: float = 1.0,
 ) -> Tensors:
     """Add tensors no generation held before: the mean of the updates carrying them,
-    weighted by ``num_samples`` and staleness (one update: its values as they are)."""
+    weighted by ``num_samples`` and staleness, none above ``max_share`` (one update: its
+    values as they are)."""
     for name in sorted({n for c in contributions for n in c.tensors} - set(merged)):
         carriers = [c for c in contributions if name in c.tensors]
-        weights = [max(1, c.num_samples) * staleness_weight(c.staleness, exponent)
-                   for c in carriers]
         like = carriers[0].tensors[name]
-        merged[name] = _cast_like(weighted_mean([c.tensors[name] for c in carriers], weights),
-                                  like)
+        mean = weighted_mean(
+            [c.tensors[name] for c in carriers], _weights(carriers, exponent), max_share
+        )
+        merged[name] = _cast_like(mean, like)
     return merged
+
+
+def _weights(carriers: Sequence[Contribution], exponent: float) -> list[float]:
+    return [max(1, c.num_samples) * staleness_weight(c.staleness, exponent) for c in carriers]
+
+
+def robust_mean(
+    arrays: Sequence[np.ndarray],
+    weights: Sequence[float],
+    *,
+    max_share: float = 1.0,
+    trim_fraction: float = 0.0,
+) -> np.ndarray:
+    """The trimmed mean when ``trim_fraction`` drops at least one value at each end,
+    otherwise the weighted mean with capped shares."""
+    if trim_fraction > 0 and trim_count(len(arrays), trim_fraction) > 0:
+        return trimmed_mean(arrays, trim_fraction)
+    return weighted_mean(arrays, weights, max_share)
 
 
 def fedasync_merge(
@@ -167,9 +205,11 @@ def fedasync_merge(
     alpha: float,
     halfpoint: float,
     exponent: float,
+    max_share: float = 1.0,
 ) -> Tensors:
-    """Fold updates one after another into ``current``, each group only where carried."""
-    merged: Tensors = adopt_new(dict(current), contributions, exponent)
+    """Fold updates one after another into ``current``, each group only where carried,
+    each with a mixing weight of at most ``max_share``."""
+    merged: Tensors = adopt_new(dict(current), contributions, exponent, max_share)
     fresh = set(merged) - set(current)
     for contribution in contributions:
         weight = fedasync_mixing(
@@ -178,6 +218,7 @@ def fedasync_merge(
             alpha=alpha,
             halfpoint=halfpoint,
             exponent=exponent,
+            max_share=max_share,
         )
         for name, value in contribution.tensors.items():
             if name not in fresh:
@@ -191,11 +232,14 @@ def fedbuff_merge(
     *,
     server_lr: float,
     exponent: float,
+    max_share: float = 1.0,
+    trim_fraction: float = 0.0,
 ) -> Tensors:
     """FedBuff: apply the staleness- and sample-weighted mean delta per group.
 
     Each delta is taken against the update's own base generation; a group's mean uses
-    only the updates that carry it.
+    only the updates that carry it, none with a share above ``max_share`` (or the
+    coordinate-wise trimmed mean, see :func:`robust_mean`).
     """
     merged: Tensors = dict(current)
     for name in current:
@@ -210,18 +254,22 @@ def fedbuff_merge(
         # the current value (it started from the same seeded weights as the first one).
         deltas = [c.tensors[name].astype(np.float64) - c.base.get(name, value)
                   for c in carriers]
-        weights = [
-            max(1, c.num_samples) * staleness_weight(c.staleness, exponent) for c in carriers
-        ]
-        step = weighted_mean(deltas, weights)
+        step = robust_mean(
+            deltas, _weights(carriers, exponent), max_share=max_share, trim_fraction=trim_fraction
+        )
         merged[name] = _cast_like(value.astype(np.float64) + server_lr * step, value)
-    return adopt_new(merged, contributions, exponent)
+    return adopt_new(merged, contributions, exponent, max_share)
 
 
 def fedavg_merge(
-    current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
+    current: Mapping[str, np.ndarray],
+    contributions: Sequence[Contribution],
+    *,
+    max_share: float = 1.0,
+    trim_fraction: float = 0.0,
 ) -> Tensors:
-    """FedAvg: sample-weighted mean of the carried tensors per group; others stay."""
+    """FedAvg: sample-weighted mean of the carried tensors per group, none with a share
+    above ``max_share`` (or their trimmed mean, see :func:`robust_mean`); others stay."""
     merged: Tensors = dict(current)
     for name in current:
         carriers = [c for c in contributions if name in c.tensors]
@@ -231,11 +279,14 @@ def fedavg_merge(
         if not np.issubdtype(value.dtype, np.floating):
             merged[name] = carriers[-1].tensors[name].copy()
             continue
-        mean = weighted_mean(
-            [c.tensors[name] for c in carriers], [max(1, c.num_samples) for c in carriers]
+        mean = robust_mean(
+            [c.tensors[name] for c in carriers],
+            _weights(carriers, 0.0),
+            max_share=max_share,
+            trim_fraction=trim_fraction,
         )
         merged[name] = _cast_like(mean, value)
-    return adopt_new(merged, contributions, 0.0)
+    return adopt_new(merged, contributions, 0.0, max_share)
 
 
 class Strategy(Protocol):
@@ -266,6 +317,8 @@ class FedAsync:
     # Under a burst, fold up to this many waiting updates (one after another, each with
     # its own weight) into one generation instead of publishing each intermediate.
     max_pending_fold: int = 32
+    # No update's mixing weight above this (1: no cap beyond alpha).
+    max_update_share: float = 1.0
     name: str = "fedasync"
 
     def batch_size(self) -> int:
@@ -283,6 +336,7 @@ class FedAsync:
             alpha=self.alpha,
             halfpoint=self.sample_halfpoint,
             exponent=self.staleness_exponent,
+            max_share=self.max_update_share,
         )
 
 
@@ -293,6 +347,8 @@ class FedBuff:
     buffer_size: int = 3
     server_lr: float = 1.0
     staleness_exponent: float = 0.5
+    max_update_share: float = 1.0
+    trim_fraction: float = 0.0
     name: str = "fedbuff"
 
     def batch_size(self) -> int:
@@ -305,7 +361,12 @@ class FedBuff:
         self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
     ) -> Tensors:
         return fedbuff_merge(
-            current, contributions, server_lr=self.server_lr, exponent=self.staleness_exponent
+            current,
+            contributions,
+            server_lr=self.server_lr,
+            exponent=self.staleness_exponent,
+            max_share=self.max_update_share,
+            trim_fraction=self.trim_fraction,
         )
 
 
@@ -314,6 +375,8 @@ class FedAvg:
     """Wait for ``round_size`` updates, then take their sample-weighted mean."""
 
     round_size: int = 3
+    max_update_share: float = 1.0
+    trim_fraction: float = 0.0
     name: str = "fedavg"
 
     def batch_size(self) -> int:
@@ -325,7 +388,34 @@ class FedAvg:
     def merge(
         self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
     ) -> Tensors:
-        return fedavg_merge(current, contributions)
+        return fedavg_merge(
+            current,
+            contributions,
+            max_share=self.max_update_share,
+            trim_fraction=self.trim_fraction,
+        )
+
+
+def capped_shares_report(
+    strategy: Strategy, contributions: Sequence[Contribution]
+) -> list[tuple[float, float]]:
+    """For each update, the share of the merge its declared weight asks for and the share
+    ``max_update_share`` leaves it, over the whole batch (a group carried by fewer
+    updates may differ): FedAsync's mixing weight, FedBuff's and FedAvg's normalised
+    weight. For the hub's log: a capped update is named with both figures."""
+    cap = float(getattr(strategy, "max_update_share", 1.0))
+    if isinstance(strategy, FedAsync):
+        asked = [
+            fedasync_mixing(c.num_samples, c.staleness, alpha=strategy.alpha,
+                            halfpoint=strategy.sample_halfpoint,
+                            exponent=strategy.staleness_exponent)
+            for c in contributions
+        ]
+        return [(a, min(a, cap)) for a in asked]
+    weights = _weights(contributions, float(getattr(strategy, "staleness_exponent", 0.0)))
+    total = sum(weights)
+    given = capped_shares(weights, cap)
+    return [(w / total, float(g)) for w, g in zip(weights, given, strict=True)]
 
 
 def make_strategy(name: str, **options: float | int) -> Strategy:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from federation_grpc.hub.private import open_private, private_dir
 from federation_grpc.hub.tensorfile import write_tensors
 
 LOGGER = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ class BlobStore:
     """Blobs stored once under ``<root>/<sha[:2]>/<sha>``; writes are atomic and fsync'd."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root)
 
     def path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
@@ -56,9 +56,10 @@ class BlobStore:
         target = self.path(sha)
         if target.exists():
             return sha
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
         tmp = target.with_name(f".{sha}.{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -80,7 +81,7 @@ class BlobStore:
     def adopt(self, staged: Path, sha256: str) -> None:
         """Move a verified staged file into the store under its digest."""
         target = self.path(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
         if target.exists():
             staged.unlink(missing_ok=True)
             return
@@ -95,8 +96,7 @@ class StagingArea:
     """Partial uploads, one file per update id; the file size is the received offset."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root)
 
     def path(self, update_id: str) -> Path:
         return self.root / f"{update_id}.part"
@@ -109,7 +109,7 @@ class StagingArea:
 
     def open_at(self, update_id: str, offset: int) -> int:
         """Prepare to append at ``offset`` (truncating bytes beyond it); return the fd."""
-        fd = os.open(self.path(update_id), os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = open_private(self.path(update_id), os.O_WRONLY | os.O_CREAT)
         os.ftruncate(fd, offset)
         os.lseek(fd, offset, os.SEEK_SET)
         return fd

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from federation_grpc.hub.private import open_private, private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -30,14 +33,15 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     )
-    path.chmod(0o600)
+    # 0600 from the moment it exists (a chmod after writing leaves a window).
+    path.unlink(missing_ok=True)
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as fh:
+        fh.write(data)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -50,7 +54,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def make_ca(out_dir: Path, name: str = "ca", days: int = 3650) -> Issued:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -119,7 +123,7 @@ def issue(
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     issued = Issued(out_dir / f"{name}.pem", out_dir / f"{name}.key")
     issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, issued.key)

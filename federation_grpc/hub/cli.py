@@ -112,11 +112,13 @@ def migrate(
 
     from sqlalchemy import create_engine
 
+    from federation_grpc.hub.private import prepare_sqlite_file, private_dir
     from federation_grpc.hub.store import MIGRATIONS
     from federation_grpc.schema import migrate as run_migrations
 
     settings = _config(config)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
+    prepare_sqlite_file(settings.resolved_database_url)
     engine = create_engine(settings.resolved_database_url)
     try:
         before, after = run_migrations(engine, MIGRATIONS, revision)
@@ -180,7 +182,7 @@ def enrol(
 @hub_app.command("admin-token")
 def admin_token() -> None:
     """Print a new admin token and the sha256 to put in [hub] admin_token_sha256."""
-    from federation_grpc.hub.service import hash_token
+    from federation_grpc.hub.nodes import hash_token
 
     token = secrets.token_urlsafe(32)
     print(token)
@@ -197,7 +199,7 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
         current = service.current_generation()
         labels = head_labels(current.config_json) if current is not None else {}
         table = Table("node", "name", "enrolled", "last seen", "updates", "heads (labels)",
-                      "revoked")
+                      "certificate", "revoked")
         for n in service.list_nodes():
             table.add_row(
                 n.node_id,
@@ -206,6 +208,7 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
                 n.last_seen.isoformat(timespec="seconds") if n.last_seen else "-",
                 str(n.updates),
                 describe_heads(n.trained_heads, labels) or "-",
+                n.cert_sha256[:16] or "-",
                 "yes" if n.revoked else "",
             )
         out().print(table)
@@ -224,6 +227,32 @@ def revoke(node_id: str, config: ConfigOption = DEFAULT_CONFIG) -> None:
     finally:
         service.close()
     out().print(f"node {node_id} revoked")
+
+
+@hub_app.command()
+def rebind(
+    node_id: str,
+    cert: Annotated[
+        Path, typer.Option(help="The node's new client certificate (PEM), e.g. a renewed one.")
+    ],
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Bind a node's token to a new client certificate; the old one stops working."""
+    from federation_grpc.hub.admission import certificate_sha256
+
+    try:
+        fingerprint = certificate_sha256(cert.read_bytes())
+    except (OSError, ValueError) as error:
+        out().print(f"[red]cannot read a certificate from {cert}:[/red] {error}")
+        raise typer.Exit(2) from error
+    service = _service(config)
+    try:
+        service.rebind_node(node_id, fingerprint)
+    except FederationError as error:
+        _fail(error)
+    finally:
+        service.close()
+    out().print(f"node {node_id} bound to certificate sha256 {fingerprint}")
 
 
 @hub_app.command()
@@ -307,15 +336,26 @@ def certs(
     host: Annotated[
         list[str] | None, typer.Option(help="Hub DNS name or IP for its certificate (repeat).")
     ] = None,
+    dicom_server: Annotated[
+        str | None,
+        typer.Option(help="Also issue a server certificate NAME for a node's DICOM TLS."),
+    ] = None,
+    dicom_host: Annotated[
+        list[str] | None,
+        typer.Option(help="DNS name or IP for the DICOM TLS certificate (repeat)."),
+    ] = None,
 ) -> None:
     """Make a CA, a hub server certificate and node client certificates."""
-    from federation_grpc.hub.certs import make_certs
+    from federation_grpc.hub.certs import issue, make_certs
 
     made = make_certs(
         out_dir,
         nodes=tuple(node or ["node1"]),
         hosts=tuple(host or ["localhost", "127.0.0.1"]),
     )
+    if dicom_server:
+        made[dicom_server] = issue(made["ca"], out_dir, dicom_server, server=True,
+                                   hosts=tuple(dicom_host or ["localhost", "127.0.0.1"]))
     for name, issued in made.items():
         out().print(f"{name}: {issued.cert} {issued.key}")
     out().print("keep ca.key offline; give each node ca.pem, its .pem and .key")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from federation_grpc.errors import InvalidRequest
+
+# Overrides [hub] database_url (keeps a database password out of the config file).
+DATABASE_URL_ENV = "TESSERA_HUB_DATABASE_URL"
 
 EXAMPLE_CONFIG = """\
 # Tessera hub configuration (`tessera hub serve --config hub.toml`).
@@ -21,7 +26,8 @@ port = 50051
 # Directory for the SQLite database, the blob store and partial uploads.
 data_dir = "var/hub"
 # SQLAlchemy URL; empty means sqlite in data_dir (WAL mode).
-# For PostgreSQL: "postgresql+psycopg://tessera:secret@db/tessera"
+# For PostgreSQL: "postgresql+psycopg://tessera:PASSWORD@db/tessera", or leave it empty
+# here and set TESSERA_HUB_DATABASE_URL in the environment (it takes precedence).
 database_url = ""
 # Worker threads serving RPCs; every open stream (watch, upload) holds one.
 max_workers = 128
@@ -42,6 +48,13 @@ max_update_bytes = 536870912
 download_chunk_bytes = 1048576
 # Lifetime of one-time enrolment tokens (seconds).
 enrolment_token_ttl_s = 86400
+# Largest num_samples an update may declare; above it (or below 1) the upload is refused
+# with INVALID_ARGUMENT and recorded in `tessera hub rejections`.
+max_num_samples = 100000
+# Concurrent RPCs and open streams (watch, upload, download) per node, counted by client
+# certificate; the extra ones get RESOURCE_EXHAUSTED. Keep it well below max_workers so
+# one node cannot starve the others. 0 disables.
+max_calls_per_node = 16
 
 [aggregation]
 # fedasync (merge each update, weighted by samples and staleness),
@@ -55,6 +68,17 @@ server_lr = 1.0
 # fedasync under a burst: fold up to this many waiting updates (each with its own
 # weight) into one generation, so the hub catches up instead of saving every step.
 max_pending_fold = 32
+# Robust weighting. No single update makes more than this share of a merge: fedasync
+# caps its mixing weight (merged = (1-w) current + w update, w <= share); fedbuff and
+# fedavg cap each update's normalised weight and renormalise the others (with fewer
+# than 1/share updates in a group, they get equal shares). 1 disables the cap.
+max_update_share = 0.5
+# Clip each update's change from its base generation to this L2 norm before merging
+# (every strategy); 0 disables. The gate's max_update_norm refuses instead of clipping.
+clip_norm = 0.0
+# fedbuff/fedavg: per coordinate, drop this fraction of the highest and of the lowest
+# values before averaging (unweighted); 0 disables. 0.34 with buffer_size 3 is the median.
+trim_fraction = 0.0
 
 [gate]
 # Largest L2 norm of (update - base) over the trained groups; 0 disables.
@@ -71,7 +95,8 @@ min_evaluations = 2
 evaluation_timeout_s = 3600
 
 [metrics]
-# Prometheus /metrics and /healthz over plain HTTP (keep it on an internal network).
+# Prometheus /metrics and /healthz over plain HTTP, without authentication: loopback by
+# default; bind another address only on a network reserved to monitoring.
 enabled = false
 host = "127.0.0.1"
 port = 9464
@@ -94,6 +119,14 @@ class Limits:
     max_update_bytes: int = 512 * 1024 * 1024
     download_chunk_bytes: int = 1024 * 1024
     enrolment_token_ttl_s: int = 86400
+    max_num_samples: int = 100_000
+    max_calls_per_node: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_num_samples < 1:
+            raise InvalidRequest("[limits] max_num_samples must be at least 1")
+        if self.max_calls_per_node < 0:
+            raise InvalidRequest("[limits] max_calls_per_node must not be negative")
 
 
 @dataclass(frozen=True)
@@ -105,6 +138,17 @@ class AggregationConfig:
     buffer_size: int = 3
     server_lr: float = 1.0
     max_pending_fold: int = 32
+    max_update_share: float = 0.5
+    clip_norm: float = 0.0
+    trim_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_update_share <= 1:
+            raise InvalidRequest("[aggregation] max_update_share must be in (0, 1]")
+        if self.clip_norm < 0:
+            raise InvalidRequest("[aggregation] clip_norm must not be negative")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise InvalidRequest("[aggregation] trim_fraction must be in [0, 0.5)")
 
     def strategy_options(self) -> dict[str, float | int]:
         if self.strategy == "fedasync":
@@ -113,14 +157,17 @@ class AggregationConfig:
                 "sample_halfpoint": self.sample_halfpoint,
                 "staleness_exponent": self.staleness_exponent,
                 "max_pending_fold": self.max_pending_fold,
+                "max_update_share": self.max_update_share,
             }
+        robust = {"max_update_share": self.max_update_share, "trim_fraction": self.trim_fraction}
         if self.strategy == "fedbuff":
             return {
                 "buffer_size": self.buffer_size,
                 "server_lr": self.server_lr,
                 "staleness_exponent": self.staleness_exponent,
+                **robust,
             }
-        return {"round_size": self.buffer_size}
+        return {"round_size": self.buffer_size, **robust}
 
 
 @dataclass(frozen=True)
@@ -183,8 +230,12 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**values)
 
 
-def load_config(path: Path) -> HubConfig:
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> HubConfig:
     """Read a hub TOML file; relative paths are taken relative to the working directory.
+
+    ``TESSERA_HUB_DATABASE_URL`` in ``env`` (default: the process environment), when set
+    and not empty, replaces ``[hub] database_url``, so a password need not be written
+    into the file.
 
     Raises
     ------
@@ -193,6 +244,9 @@ def load_config(path: Path) -> HubConfig:
     """
     raw = tomllib.loads(path.read_text())
     hub = dict(_section(raw, "hub"))
+    database_url = (os.environ if env is None else env).get(DATABASE_URL_ENV, "")
+    if database_url:
+        hub["database_url"] = database_url
     if "data_dir" in hub:
         hub["data_dir"] = Path(hub["data_dir"])
     tls_raw = {k: (Path(v) if v else None) for k, v in _section(raw, "tls").items()}

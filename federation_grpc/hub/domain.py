@@ -62,6 +62,8 @@ class NodeView:
     updates: int
     # Heads of the updates the hub took from this node (partial labels: what it trains).
     trained_heads: tuple[str, ...] = ()
+    # sha256 of the client certificate its token is bound to ("" while unbound).
+    cert_sha256: str = ""
 
 
 @dataclass(frozen=True)

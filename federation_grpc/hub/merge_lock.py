@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
+
+from federation_grpc.hub.private import open_private, private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,8 +39,9 @@ def merge_lock(engine: Engine, data_dir: Path) -> Iterator[None]:
                 conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MERGE_LOCK_KEY})")
                 conn.commit()
         return
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / "merge.lock").open("a+b") as handle:
+    private_dir(data_dir)
+    fd = open_private(data_dir / "merge.lock", os.O_RDWR | os.O_CREAT)
+    with os.fdopen(fd, "r+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield

@@ -21,6 +21,7 @@ from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.gate import compare_scores, paired_mean
 from federation_grpc.hub.heads import mark_trained
 from federation_grpc.hub.merge_lock import merge_lock
+from federation_grpc.hub.robust import clip_delta
 from federation_grpc.hub.store import (
     EvaluationResultRow,
     EvaluationTaskRow,
@@ -120,13 +121,22 @@ class Aggregator:
         current_tensors = service.generation_tensors(current.number)
         contributions = [
             agg.Contribution(
-                tensors=read_tensors(service.blobs.path(row.sha256)),
+                tensors=self._clipped(row, read_tensors(service.blobs.path(row.sha256))),
                 base=service.generation_tensors(row.base_generation),
                 num_samples=row.num_samples,
                 staleness=lineage.index(row.base_generation),
             )
             for row in rows
         ]
+        for row, (asked, given) in zip(
+            rows, agg.capped_shares_report(service.strategy, contributions), strict=True
+        ):
+            if given < asked - 1e-9:
+                LOGGER.info(
+                    "update %s from %s (num_samples %d): merge share %.4f capped to %.4f "
+                    "([aggregation] max_update_share)",
+                    row.update_id, row.node_id, row.num_samples, asked, given,
+                )
         candidate = service.strategy.merge(current_tensors, contributions)
         if service.gate.evaluator is None and service.config.gate.federated_evaluation:
             bad = agg.non_finite_tensors(candidate)
@@ -151,6 +161,20 @@ class Aggregator:
         )
         service.gate.remember(number, verdict.candidate_score)
         return number
+
+    def _clipped(self, row: UpdateRow, tensors: agg.Tensors) -> agg.Tensors:
+        """The update with its delta clipped to ``[aggregation] clip_norm`` (0: as is)."""
+        limit = self.service.config.aggregation.clip_norm
+        if limit <= 0:
+            return tensors
+        base = self.service.generation_tensors(row.base_generation)
+        clipped, norm = clip_delta(tensors, base, limit)
+        if norm > limit:
+            LOGGER.info(
+                "update %s from %s clipped: delta norm %.4g scaled to %.4g",
+                row.update_id, row.node_id, norm, limit,
+            )
+        return clipped
 
     def _store_generation(
         self,

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from federation_grpc._proto import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 from federation_grpc.errors import FailedPrecondition
+from federation_grpc.hub.admission import PerNodeCallLimit
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.service import HubService
 from federation_grpc.hub.servicer import MAX_CHUNK, AdminServicer, FederationServicer
@@ -62,8 +63,16 @@ class HubServer:
         self.service = service or HubService(config)
         self._owns_service = service is None
         self._stopping = threading.Event()
+        per_node = config.limits.max_calls_per_node
+        if not per_node or per_node >= config.max_workers:
+            LOGGER.warning(
+                "max_calls_per_node %d does not stop one node from holding all %d workers",
+                per_node, config.max_workers,
+            )
+        self.call_limit = PerNodeCallLimit(per_node)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hub"),
+            interceptors=[self.call_limit],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

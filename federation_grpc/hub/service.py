@@ -5,19 +5,14 @@ Imports no grpc. Upload intake lives in ``uploads``, merging and the gate in ``m
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
 import re
-import secrets
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +25,6 @@ from federation_grpc.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
-    Unauthenticated,
 )
 from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.blobs import BlobStore, StagingArea
@@ -44,9 +38,9 @@ from federation_grpc.hub.domain import (
     RejectionView,
 )
 from federation_grpc.hub.gate import Evaluator, GatePolicy, UpdateGate, load_evaluator
-from federation_grpc.hub.partial_labels import trained_heads
+from federation_grpc.hub.nodes import NodeRegistry
+from federation_grpc.hub.private import private_dir, warn_if_shared
 from federation_grpc.hub.store import (
-    EnrolmentTokenRow,
     EvaluationResultRow,
     EvaluationTaskRow,
     GenerationRow,
@@ -54,10 +48,9 @@ from federation_grpc.hub.store import (
     HubStateRow,
     HubStore,
     MetricRow,
-    NodeRow,
     RejectionRow,
     UpdateRow,
-    UpdateStatus,
+    as_utc,
     utcnow,
 )
 from federation_grpc.hub.tensorfile import read_tensors
@@ -67,13 +60,7 @@ LOGGER = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_METRIC_RECORDS = 1000
 MAX_METRIC_VALUES = 256
-_LAST_SEEN_EVERY = timedelta(seconds=30)
 _TENSOR_CACHE_SIZE = 4
-
-
-def hash_token(token: str) -> str:
-    """sha256 hex of a token; tokens are 256-bit random, so a fast hash suffices."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def check_numbers(values: dict[str, float], what: str) -> dict[str, float]:
@@ -112,7 +99,7 @@ class HubService:
         from federation_grpc.hub.uploads import UploadIntake
 
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        warn_if_shared(private_dir(config.data_dir))
         self.store = HubStore(config.resolved_database_url)
         self.blobs = BlobStore(config.data_dir / "blobs")
         self.staging = StagingArea(config.data_dir / "staging")
@@ -133,7 +120,7 @@ class HubService:
         self._cache_lock = threading.Lock()
         self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._configs: dict[int, str] = {}
-        self._last_seen: dict[str, datetime] = {}
+        self.nodes = NodeRegistry(self.store, config)
         self.uploads = UploadIntake(self)
         self.aggregator = Aggregator(self)
 
@@ -143,96 +130,30 @@ class HubService:
             self._changed.notify_all()
         self.store.dispose()
 
-    # --- enrolment and authentication -------------------------------------------------
+    # --- nodes (kept in federation_grpc.hub.nodes) ----------------------------------------
 
     def create_enrolment_token(self, ttl_s: int = 0, note: str = "") -> tuple[str, datetime]:
-        token = secrets.token_urlsafe(32)
-        expires = utcnow() + timedelta(seconds=ttl_s or self.config.limits.enrolment_token_ttl_s)
-        with self.store.session() as session:
-            session.add(
-                EnrolmentTokenRow(token_sha256=hash_token(token), expires_at=expires, note=note)
-            )
-        LOGGER.info("enrolment token created, expires %s", expires.isoformat())
-        return token, expires
+        return self.nodes.create_enrolment_token(ttl_s, note)
 
-    def enrol(self, enrolment_token: str, display_name: str = "") -> Enrolment:
-        if not enrolment_token:
-            raise Unauthenticated("an enrolment token is required")
-        if len(display_name) > 200:
-            raise InvalidRequest("display_name is longer than 200 characters")
-        node_token = secrets.token_urlsafe(32)
-        node_id = f"node-{uuid.uuid4().hex[:12]}"
-        with self.store.session() as session:
-            row = session.get(EnrolmentTokenRow, hash_token(enrolment_token), with_for_update=True)
-            if row is None:
-                raise Unauthenticated("unknown enrolment token")
-            if row.used_by is not None:
-                raise PermissionDenied("enrolment token was already used")
-            if _aware(row.expires_at) < utcnow():
-                raise PermissionDenied("enrolment token has expired")
-            row.used_by, row.used_at = node_id, utcnow()
-            session.add(
-                NodeRow(
-                    node_id=node_id, display_name=display_name, token_sha256=hash_token(node_token)
-                )
-            )
-        LOGGER.info("node %s enrolled", node_id)
-        return Enrolment(node_id=node_id, node_token=node_token)
+    def enrol(
+        self, enrolment_token: str, display_name: str = "", cert_sha256: str = ""
+    ) -> Enrolment:
+        return self.nodes.enrol(enrolment_token, display_name, cert_sha256)
 
-    def authenticate(self, node_token: str) -> str:
-        """Node id for a node token. Raises Unauthenticated or PermissionDenied (revoked)."""
-        if not node_token:
-            raise Unauthenticated("missing node token (metadata 'authorization: Bearer ...')")
-        with self.store.session() as session:
-            row = session.scalar(
-                select(NodeRow).where(NodeRow.token_sha256 == hash_token(node_token))
-            )
-            if row is None:
-                raise Unauthenticated("unknown node token")
-            if row.revoked:
-                raise PermissionDenied(f"node {row.node_id} is revoked")
-            now = utcnow()
-            seen = self._last_seen.get(row.node_id)
-            if seen is None or now - seen > _LAST_SEEN_EVERY:
-                row.last_seen = now
-                self._last_seen[row.node_id] = now
-            return row.node_id
+    def authenticate(self, node_token: str, cert_sha256: str = "") -> str:
+        return self.nodes.authenticate(node_token, cert_sha256)
 
     def check_admin(self, admin_token: str) -> None:
-        expected = self.config.admin_token_sha256
-        if not expected:
-            raise PermissionDenied("admin RPCs are disabled (no admin_token_sha256 configured)")
-        if not admin_token or not hmac.compare_digest(hash_token(admin_token), expected):
-            raise Unauthenticated("bad admin token")
+        self.nodes.check_admin(admin_token)
 
     def list_nodes(self) -> list[NodeView]:
-        with self.store.session() as session:
-            counts = dict(
-                session.execute(
-                    select(UpdateRow.node_id, func.count()).group_by(UpdateRow.node_id)
-                ).all()
-            )
-            taken = (UpdateStatus.RECEIVED, UpdateStatus.EVALUATING, UpdateStatus.MERGED)
-            groups: dict[str, list[list[str]]] = {}
-            for node_id, trained in session.execute(
-                select(UpdateRow.node_id, UpdateRow.trained_groups).where(
-                    UpdateRow.status.in_(taken))
-            ):
-                groups.setdefault(node_id, []).append(list(trained or []))
-            rows = session.scalars(select(NodeRow).order_by(NodeRow.enrolled_at)).all()
-            return [replace(_node_view(row, counts.get(row.node_id, 0)),
-                            trained_heads=trained_heads(groups.get(row.node_id, [])))
-                    for row in rows]
+        return self.nodes.list_nodes()
+
+    def rebind_node(self, node_id: str, cert_sha256: str) -> NodeView:
+        return self.nodes.rebind_node(node_id, cert_sha256)
 
     def revoke_node(self, node_id: str) -> NodeView:
-        with self.store.session() as session:
-            row = session.get(NodeRow, node_id)
-            if row is None:
-                raise NotFound(f"no node {node_id!r}")
-            row.revoked = True
-            count = session.scalar(select(func.count()).where(UpdateRow.node_id == node_id)) or 0
-            LOGGER.warning("node %s revoked", node_id)
-            return _node_view(row, count)
+        return self.nodes.revoke_node(node_id)
 
     # --- generations --------------------------------------------------------------------
 
@@ -325,7 +246,7 @@ class HubService:
                         sha256=row.sha256,
                         size_bytes=row.size_bytes,
                         config_json=row.config_json,
-                        created_at=_aware(row.created_at),
+                        created_at=as_utc(row.created_at),
                         strategy=row.strategy,
                         status=row.status,
                         current=row.number == current,
@@ -515,7 +436,7 @@ class HubService:
                     node_id=r.node_id,
                     stage=r.stage,
                     reasons=tuple(r.reasons),
-                    created_at=_aware(r.created_at),
+                    created_at=as_utc(r.created_at),
                     candidate_generation=-1
                     if r.candidate_generation is None
                     else r.candidate_generation,
@@ -534,10 +455,10 @@ class HubService:
             ).all()
             return [
                 EvaluationTaskView(
-                    r.task_id, r.candidate_generation, r.reference_generation, _aware(r.deadline)
+                    r.task_id, r.candidate_generation, r.reference_generation, as_utc(r.deadline)
                 )
                 for r in rows
-                if _aware(r.deadline) > now
+                if as_utc(r.deadline) > now
             ]
 
     def submit_evaluation_result(
@@ -564,21 +485,3 @@ class HubService:
             )
         self.aggregator.wake()
         return True
-
-
-def _aware(value: datetime) -> datetime:
-    """SQLite returns naive datetimes; every stored time is UTC."""
-    from datetime import UTC
-
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _node_view(row: NodeRow, updates: int) -> NodeView:
-    return NodeView(
-        node_id=row.node_id,
-        display_name=row.display_name,
-        enrolled_at=_aware(row.enrolled_at),
-        revoked=row.revoked,
-        last_seen=_aware(row.last_seen) if row.last_seen else None,
-        updates=updates,
-    )

@@ -23,6 +23,7 @@ from federation_grpc.errors import (
     Unauthenticated,
 )
 from federation_grpc.hub import serde
+from federation_grpc.hub.admission import peer_certificate_sha256
 from federation_grpc.hub.domain import UploadStatus
 from federation_grpc.hub.service import HubService
 from federation_grpc.hub.uploads import UploadInProgress
@@ -116,11 +117,13 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         self.stopping = stopping or threading.Event()
 
     def _node(self, context: grpc.ServicerContext) -> str:
-        return self.service.authenticate(bearer_token(context))
+        return self.service.authenticate(bearer_token(context), peer_certificate_sha256(context))
 
     @unary
     def Enrol(self, request: pb.EnrolRequest, context: grpc.ServicerContext) -> pb.EnrolResponse:
-        enrolment = self.service.enrol(request.enrolment_token, request.display_name)
+        enrolment = self.service.enrol(
+            request.enrolment_token, request.display_name, peer_certificate_sha256(context)
+        )
         return pb.EnrolResponse(node_id=enrolment.node_id, node_token=enrolment.node_token)
 
     @streaming

@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from federation_grpc.hub.private import prepare_sqlite_file
 from federation_grpc.schema import ensure_schema
 
 LOGGER = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ MIGRATIONS = "federation_grpc.hub:migrations"
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class UpdateStatus(enum.StrEnum):
@@ -64,6 +70,9 @@ class NodeRow(Base):
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    # sha256 of the DER client certificate the token is bound to (NULL: bound at the
+    # node's next call over TLS).
+    cert_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class EnrolmentTokenRow(Base):
@@ -174,6 +183,8 @@ class HubStore:
     def __init__(self, url: str) -> None:
         self.url = url
         is_sqlite = url.startswith("sqlite")
+        if is_sqlite:
+            prepare_sqlite_file(url)
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if is_sqlite:
             # A file on this host: no connection to go stale, so no ping per checkout;

@@ -178,6 +178,7 @@ class UploadIntake:
     def begin(self, node_id: str, header: UpdateHeader) -> UploadSession | UploadStatus:
         """Open a session at ``header.offset``, or return the final status of a known update."""
         header = self._validated(header)
+        self._check_samples(node_id, header)
         self._check_groups(node_id, header)
         with self.service.store.session() as session:
             row = session.get(UpdateRow, header.update_id)
@@ -220,6 +221,22 @@ class UploadIntake:
             self.release(header.update_id)
             raise
 
+    def _check_samples(self, node_id: str, header: UpdateHeader) -> None:
+        """``num_samples`` weighs an update in the merge: a value outside
+        1..``max_num_samples`` is refused before any byte is taken, and recorded."""
+        limit = self.service.config.limits.max_num_samples
+        if 1 <= header.num_samples <= limit:
+            return
+        reason = (
+            f"num_samples {header.num_samples} is outside 1..{limit} "
+            "([limits] max_num_samples)"
+        )
+        with self.service.store.session() as session:
+            self.service.record_rejection(
+                session, header.update_id, node_id, "validation", [reason]
+            )
+        raise InvalidRequest(reason)
+
     def _check_groups(self, node_id: str, header: UpdateHeader) -> None:
         """Partial labels: a declared group must exist in the base generation (or be a
         pending added head); refused before any byte is taken, and recorded."""
@@ -246,8 +263,6 @@ class UploadIntake:
             raise InvalidRequest("offset must lie within total_size")
         if not _SHA256.match(header.sha256):
             raise InvalidRequest("sha256 must be 64 lowercase hex digits")
-        if header.num_samples < 1:
-            raise InvalidRequest("num_samples must be at least 1")
         if not header.trained_groups or len(set(header.trained_groups)) != len(
             header.trained_groups
         ):

@@ -8,6 +8,7 @@ one label renamed, one segment the model does not know) and dcmqi's
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import struct
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node.learning.model_config import (
@@ -35,7 +37,7 @@ from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, SegmentSpec,
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.store.models import Correction, Instance, ModelVersion, Segmentation
 from tests.node.conftest import storescu, wait_until
-from tests.peers import require_binary
+from tests.peers import missing, require_binary, venv_tool
 
 TEST_MODEL = "tessera-test-ct"
 TUMOUR = SegmentSpec.from_rgb(9, "lesion", codes.SCT.MorphologicallyAbnormalStructure,
@@ -124,6 +126,37 @@ def radiologist_seg(study: Study, path: Path, labels: np.ndarray | None = None,
     return path, labels
 
 
+def highdicom_seg(volume: Volume, pixels: np.ndarray, specs: Sequence[SegmentSpec], kind: str,
+                  transfer_syntax: str = ExplicitVRLittleEndian, **extra: Any,
+                  ) -> pydicom.Dataset:
+    """A MANUAL SEG of ``kind`` (BINARY, FRACTIONAL, LABELMAP) written by highdicom, as
+    read back from its bytes. Segments are numbered 1..N in ``specs`` order (a label
+    map's pixel values are those numbers); modifiers go into the property type."""
+    import highdicom as hd
+
+    descriptions = []
+    for number, spec in enumerate(specs, start=1):
+        desc = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=spec.name,
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.property_type, algorithm_type="MANUAL")
+        if spec.modifier is not None:
+            desc.SegmentedPropertyTypeCodeSequence[0]\
+                .SegmentedPropertyTypeModifierCodeSequence = [
+                    hd.sr.CodedConcept.from_code(spec.modifier)]
+        descriptions.append(desc)
+    seg = hd.seg.Segmentation(
+        source_images=list(volume.datasets), pixel_array=pixels, segmentation_type=kind,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(),
+        series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="ViewerCo", manufacturer_model_name="Annotate", software_versions="1",
+        device_serial_number="7", transfer_syntax_uid=transfer_syntax, **extra)
+    buf = io.BytesIO()
+    seg.save_as(buf)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
 def send_corrected_study(node: Any, study: Study, folder: Path) -> Path:
     """Study in by C-STORE, the node's AI SEG awaited, then the radiologist's SEG
     (:func:`radiologist_seg`: every organ drawn) sent back with ``storescu -R``.
@@ -136,6 +169,54 @@ def send_corrected_study(node: Any, study: Study, folder: Path) -> Path:
     seg_path, _ = radiologist_seg(study, folder / "seg.dcm")
     assert storescu(node.port, seg_path, options=("-R",)).returncode == 0
     return seg_path
+
+
+def store_with_pynetdicom(port: int, *paths: Path, called_ae: str = "TESSERA") -> list[int]:
+    """C-STORE files with a pynetdicom AE, one presentation context per SOP class and
+    transfer syntax of the files (dcmtk 3.6.7 cannot send Label Map SEG). Returns the
+    status of each C-STORE."""
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = AE(ae_title="VIEWER")
+    for context in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                           for ds in datasets}):
+        ae.add_requested_context(*context)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assert assoc.is_established, "the node refused the association"
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+# -- dcmjs -----------------------------------------------------------------------------
+JS_DIR = Path(__file__).resolve().parents[1] / "js"
+
+
+def dcmjs_seg(study: Study, sources: Sequence[Path], labels: np.ndarray,
+              segment_labels: Sequence[str], out: Path) -> Path:
+    """A SEG written by dcmjs's Cornerstone adapter as OHIF saves one: every segment
+    "Tissue" (SRT T-D0050) with a typed label, RLE Lossless (tests/js/write_seg.js).
+
+    ``sources`` are the files of ``study.datasets`` (in that order), ``labels`` the label
+    volume in volume order with pixel value n for ``segment_labels[n - 1]``.
+    """
+    node = require_binary("node")
+    if not (JS_DIR / "node_modules" / "dcmjs").is_dir():
+        missing("dcmjs is not installed: run `make js`")
+    volume = study.volume()
+    order = [volume.index_of(str(ds.SOPInstanceUID)) for ds in study.datasets]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = out.with_suffix(".labels.raw")
+    raw.write_bytes(np.ascontiguousarray(labels[order], dtype=np.uint8).tobytes())
+    spec = out.with_suffix(".json")
+    spec.write_text(json.dumps({"sources": [str(p) for p in sources], "labels": str(raw),
+                                "segments": list(segment_labels)}))
+    result = subprocess.run([node, str(JS_DIR / "write_seg.js"), str(spec), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and out.exists(), result.stderr[-2000:]
+    return out
 
 
 # -- dcmqi ----------------------------------------------------------------------------
@@ -162,9 +243,15 @@ def write_nifti(path: Path, data_ijk: np.ndarray, affine_ras: np.ndarray) -> Non
     path.write_bytes(gzip.compress(body))
 
 
-def dcmqi_seg(study: Study, series_dir: Path, out: Path) -> Path:
-    """The study's ground truth written by dcmqi's itkimage2segimage."""
-    exe = require_binary("itkimage2segimage")
+def dcmqi_seg(study: Study, series_dir: Path, out: Path, *, segmentation_type: str = "binary",
+              generic_labels: bool = False) -> Path:
+    """The study's ground truth written by dcmqi's itkimage2segimage.
+
+    Kidneys are coded as Kidney + laterality modifier, as dcmqi and 3D Slicer do.
+    ``segmentation_type`` "labelmap" writes a Label Map SEG; ``generic_labels`` names
+    every segment "Segment_<n>" (Slicer's default), so only the codes say what it is.
+    """
+    exe = venv_tool("itkimage2segimage")
     volume = study.volume()
     labels = study.truth_in_volume_order()  # (k, r, c)
     data_ijk = np.transpose(labels, (2, 1, 0))  # i = column, j = row, k = slice
@@ -183,6 +270,7 @@ def dcmqi_seg(study: Study, series_dir: Path, out: Path) -> Path:
     for spec in sorted(CT_SEGMENTS, key=lambda s: -s.label):
         item: dict[str, Any] = {
             "labelID": spec.label, "SegmentDescription": spec.name,
+            "SegmentLabel": f"Segment_{spec.label}" if generic_labels else spec.name,
             "SegmentAlgorithmType": "MANUAL",
             "SegmentedPropertyCategoryCodeSequence": _code(spec.category),
             "SegmentedPropertyTypeCodeSequence": _code(spec.property_type),
@@ -199,7 +287,8 @@ def dcmqi_seg(study: Study, series_dir: Path, out: Path) -> Path:
     meta_path.write_text(json.dumps(meta))
     result = subprocess.run(
         [exe, "--inputImageList", str(nifti), "--inputDICOMDirectory", str(series_dir),
-         "--outputDICOM", str(out), "--inputMetadata", str(meta_path)],
+         "--outputDICOM", str(out), "--inputMetadata", str(meta_path),
+         "--segmentationType", segmentation_type],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out

@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import func, select
 
 from dicom_node.learning import optimiser_state
+from dicom_node.learning.training import TrainingProgress
 from dicom_node.phantom.codes import CT_SEGMENTS
-from dicom_node.pipeline.trainer import FAULT_ENV
+from dicom_node.pipeline.trainer import IncrementalTrainer
 from dicom_node.pipeline.volume import build_volume
 from dicom_node.status import node_status
 from dicom_node.store.models import AuditEvent, Correction, Instance, Job, TrainingSample
@@ -119,10 +120,16 @@ def test_bad_corrections_are_flagged_with_reasons_and_never_trained_on(
 
 @pytest.mark.slow
 def test_a_crash_during_training_leaves_the_serving_model_and_the_job_is_retried(
-    tmp_path: Path, start_node: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, start_node: Any
 ) -> None:
-    monkeypatch.setenv(FAULT_ENV, "1")
     node = _node(tmp_path, start_node, segment_rule())
+    trainer = next(h for h in node.parts.handlers if isinstance(h, IncrementalTrainer))
+
+    def crash_first_attempt(attempt: int, p: TrainingProgress) -> None:
+        if attempt == 1 and p.step >= max(1, p.total_steps // (2 * p.epochs)):
+            raise RuntimeError(f"injected fault at step {p.step} of attempt {attempt}")
+
+    trainer.step_hooks.append(crash_first_attempt)
     # a damaged file of Adam's moments costs a warm-up, never the round
     moments = tmp_path / "node" / "optimiser" / f"{TEST_MODEL}.safetensors"
     moments.parent.mkdir(parents=True)

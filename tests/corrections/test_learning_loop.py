@@ -18,8 +18,9 @@ from sqlalchemy import select
 
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.metrics import dice_per_label
-from dicom_node.learning.weights import arrays_from_bytes, read_metadata
-from dicom_node.pipeline.seg import read_seg_labels
+from dicom_node.learning.safetensors_io import read_metadata
+from dicom_node.learning.weights import arrays_from_bytes
+from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.versions import list_versions
 from dicom_node.status import node_status, render_status

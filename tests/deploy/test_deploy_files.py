@@ -26,9 +26,19 @@ TESSERA_BIN = "/opt/tessera/venv/bin/tessera"
 
 # --------------------------------------------------------------------------- compose
 
+REQUIRED = "required-value-from-env"
+
+
 def _interpolate(text: str) -> str:
-    """Compose variable interpolation with defaults only (``${VAR:-default}``)."""
-    return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", text)
+    """Compose variable interpolation as if no variable were set: ``${VAR:-default}``
+    gives the default; a required ``${VAR:?message}`` gives ``REQUIRED`` (Compose would
+    stop with the message)."""
+    def value(match: re.Match[str]) -> str:
+        if match.group(2) and "?" in match.group(2):
+            return REQUIRED
+        return match.group(3) or ""
+
+    return re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", value, text)
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +71,6 @@ def test_compose_services_volumes_and_health(compose: dict[str, Any]) -> None:
     assert any("DICOM_WEB__ENABLE" in k for k in services["orthanc"]["environment"])
 
 
-def test_compose_publishes_ports_on_loopback_unless_the_operator_opts_in(
-    compose: dict[str, Any],
-) -> None:
-    published = [(name, port) for name, service in compose["services"].items()
-                 for port in service.get("ports", [])]
-    assert published
-    for name, port in published:
-        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
-    raw = (DEPLOY / "compose.yaml").read_text()
-    assert raw.count("${TESSERA_BIND:-127.0.0.1}:") == len(published), \
-        "every published port takes the TESSERA_BIND opt-in"
-
-
 def test_compose_node_environment_overrides_are_real_keys(compose: dict[str, Any]) -> None:
     """Every TESSERA_<SECTION>__<KEY> the compose file sets is a key the node accepts."""
     node_toml = DEPLOY / "compose" / "node.toml"
@@ -85,6 +82,40 @@ def test_compose_node_environment_overrides_are_real_keys(compose: dict[str, Any
         assert config.node.database_url.startswith("postgresql+psycopg://")
     node_env = compose["services"]["node"]["environment"]
     assert load_config(node_toml, env=node_env).dicom.host == "0.0.0.0"
+
+
+def test_compose_has_no_default_database_password(compose: dict[str, Any]) -> None:
+    raw = (DEPLOY / "compose.yaml").read_text()
+    hub_toml = DEPLOY / "compose" / "hub.toml"
+    for text in (raw, hub_toml.read_text()):
+        assert "tessera:tessera" not in text
+    uses = re.findall(r"\$\{POSTGRES_PASSWORD([^}]*)\}", raw)
+    assert len(uses) >= 3 and all(u.startswith(":?") for u in uses), uses
+    postgres = compose["services"]["postgres"]["environment"]
+    assert postgres["POSTGRES_PASSWORD"] == REQUIRED
+    from federation_grpc.hub.config import load_config as load_hub
+
+    assert load_hub(hub_toml, env={}).database_url == "", "no password in the file"
+    for name in ("hub", "hub-migrate"):
+        env = {k: str(v) for k, v in compose["services"][name]["environment"].items()}
+        url = load_hub(hub_toml, env=env).database_url
+        assert url == f"postgresql+psycopg://tessera:{REQUIRED}@postgres/tessera_hub", name
+
+
+def test_compose_publishes_on_loopback_and_hub_metrics_stay_inside(
+    compose: dict[str, Any],
+) -> None:
+    published = [(name, port) for name, service in compose["services"].items()
+                 for port in service.get("ports", [])]
+    assert {name for name, _ in published} >= {"hub", "node", "orthanc"}
+    for name, port in published:
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    from federation_grpc.hub.config import load_config as load_hub
+
+    hub = load_hub(DEPLOY / "compose" / "hub.toml", env={})
+    assert hub.metrics.enabled and hub.metrics.host == "127.0.0.1"
+    healthcheck = " ".join(compose["services"]["hub"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{hub.metrics.port}/healthz" in healthcheck
 
 
 # --------------------------------------------------------------------------- kubernetes

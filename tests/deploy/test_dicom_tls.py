@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.node import Node
 from tests.deploy.conftest import REPO, subprocess_env
 from tests.node.conftest import node_config_data, start_node  # noqa: F401  (fixture)
+from tests.peers import venv_tool
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = subprocess.run(
         ["sh", str(REPO / "deploy/tls/make-certs.sh"), str(out), "pacs"], cwd=REPO,
         capture_output=True, text=True, timeout=120,
-        env=subprocess_env(DICOM_SERVER="node-dicom", DICOM_HOSTS="localhost 127.0.0.1"))
+        env=subprocess_env(DICOM_SERVER="node-dicom", DICOM_HOSTS="localhost 127.0.0.1",
+                           TESSERA=venv_tool("tessera")))
     assert result.returncode == 0, result.stderr
     for name in ("ca", "hub", "pacs", "node-dicom"):
         assert (out / f"{name}.pem").exists() and (out / f"{name}.key").exists(), name

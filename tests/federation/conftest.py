@@ -111,7 +111,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory):
     from federation_grpc.hub.certs import make_ca, make_certs
 
     root = tmp_path_factory.mktemp("certs")
-    made = make_certs(root / "ok", nodes=("node1",))
+    made = make_certs(root / "ok", nodes=("node1", "node2"))
     other_ca = make_ca(root / "other", name="other-ca")
     from federation_grpc.hub.certs import issue
 
@@ -162,9 +162,22 @@ def start_hub(tmp_path: Path, certs):  # type: ignore[no-untyped-def]
 
     started: list[tuple[HubServer, HubService]] = []
 
-    def start(model: dict[str, np.ndarray] | None = None, **gate: object) -> RunningHub:
-        svc = HubService(tls_config(tmp_path / f"hub{len(started)}", certs, **gate))
-        svc.init_model(save(model or small_model()), MODEL_CONFIG)
+    def start(
+        model: dict[str, np.ndarray] | None = None,
+        *,
+        model_config: str = MODEL_CONFIG,
+        aggregation: dict[str, object] | None = None,
+        limits: dict[str, object] | None = None,
+        **gate: object,
+    ) -> RunningHub:
+        config = tls_config(tmp_path / f"hub{len(started)}", certs, **gate)
+        config = replace(
+            config,
+            aggregation=replace(config.aggregation, **(aggregation or {})),  # type: ignore[arg-type]
+            limits=replace(config.limits, **(limits or {})),  # type: ignore[arg-type]
+        )
+        svc = HubService(config)
+        svc.init_model(save(model or small_model()), model_config)
         server = HubServer(svc.config, svc, watch_poll_s=0.2, keepalive_s=1.0).start()
         started.append((server, svc))
         return RunningHub(server, certs)

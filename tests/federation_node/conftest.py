@@ -59,11 +59,14 @@ def start_hub(tmp_path: Path, certs: Any,  # noqa: F811
 
     started: list[InProcessHub] = []
 
-    def start(gate: dict[str, Any] | None = None, **limits: Any) -> InProcessHub:
+    def start(gate: dict[str, Any] | None = None, aggregation: dict[str, Any] | None = None,
+              **limits: Any) -> InProcessHub:
         config = HubConfig(data_dir=tmp_path / f"hub{len(started)}", port=0, max_workers=16,
                            tls=TlsConfig(certs["ca"].cert, certs["hub"].cert, certs["hub"].key))
         if limits:
             config = replace(config, limits=replace(config.limits, **limits))
+        if aggregation:
+            config = replace(config, aggregation=replace(config.aggregation, **aggregation))
         if gate:
             config = replace(config, gate=replace(config.gate, **gate))
         svc = HubService(config)

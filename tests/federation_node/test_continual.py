@@ -11,9 +11,7 @@ checked by dciodvfy)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
-import pytest
 import torch
 from sqlalchemy import select
 
@@ -46,7 +43,7 @@ from tests.corrections.helpers import (
 )
 from tests.federation.hubproc import REPO, write_config
 from tests.node.conftest import storescu, wait_until, write_node_config
-from tests.peers import require_binary
+from tests.peers import SYSTEM_PATH, require_binary, venv_tool
 
 from .conftest import federated_node_data, node_tls, outbox, serving
 
@@ -66,10 +63,8 @@ def _liver_spleen_model(folder: Path) -> Path:
 
 
 def _tessera(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("tessera") or str(Path(sys.executable).with_name("tessera"))
-    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
-    return subprocess.run([exe, *args], cwd=REPO, capture_output=True, text=True, timeout=180,
-                          env={"COLUMNS": "300", "PATH": path})
+    return subprocess.run([venv_tool("tessera"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env={"COLUMNS": "300", "PATH": SYSTEM_PATH})
 
 
 def _segments(ds: pydicom.Dataset) -> dict[str, str]:
@@ -175,9 +170,7 @@ def test_add_head_then_a_kidney_annotating_node_teaches_it_and_its_seg_carries_i
                                  "kidney_left": "18639004", "kidney_right": "9846003"}
         path = tmp_path / "ai2.dcm"
         ds.save_as(path, enforce_file_format=True)
-        dciodvfy = shutil.which("dciodvfy")
-        if dciodvfy is None:
-            pytest.skip("dciodvfy (dicom3tools) is not installed; segments were checked")
+        dciodvfy = require_binary("dciodvfy")
         check = subprocess.run([dciodvfy, "-new", str(path)], capture_output=True, text=True)
         errors = [line for line in check.stderr.splitlines() if line.startswith("Error")]
         assert check.returncode == 0 and not errors, check.stderr

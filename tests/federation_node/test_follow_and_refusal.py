@@ -5,15 +5,17 @@ not retried, and ``tessera node status`` says why."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from dicom_node.config import load_config
+from dicom_node.federation import REFUSED_EVENT
 from dicom_node.node import Node
 from dicom_node.status import node_status, render_status
+from dicom_node.store.models import AuditEvent
 from federation_grpc.errors import PermissionDenied
 from tests.node.conftest import wait_until, write_node_config
 
@@ -66,7 +68,7 @@ def test_a_revoked_node_stops_federating_and_says_so(
     hub = start_hub()
     data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
                                tls=node_tls(certs))
-    node, wire = _wire_node(tmp_path, data)
+    node, _ = _wire_node(tmp_path, data)
     agent = node.parts.federation
     url = node.config.node.resolved_database_url()
     try:
@@ -81,16 +83,18 @@ def test_a_revoked_node_stops_federating_and_says_so(
         agent.wake()
         wait_until(lambda: agent.refused, timeout=30, what="the node to take the refusal")
         assert "revoked" in agent.refused
-        wait_until(lambda: not any(t.is_alive() for t in agent._threads), timeout=30,
-                   what="the federation threads to end")
-        calls = len(wire.calls)
-        agent.wake()
-        time.sleep(1.0)  # several upload intervals (0.3 s) of this test's configuration
-        assert len(wire.calls) == calls  # no retries after the refusal
-
-        [(uid, state, _, error)] = outbox(url)
+        # The node stops federating by itself: both loops end (a node that retried would
+        # keep them running and count attempts every 0.3 s upload interval).
+        wait_until(lambda: not agent.running, timeout=30, what="the federation threads to end")
+        [(uid, state, attempts, error)] = outbox(url)
         assert (uid, state) == (update, "pending")  # kept for after re-enrolment
-        assert "refuses this node" in (error or "")
+        assert attempts <= 1, f"the refused update was tried {attempts} times"
+        if attempts:  # refused on its upload, not first by the watch stream
+            assert "refuses this node" in (error or "")
+        with node.parts.db.session() as s:
+            refusals = [e.reason for e in s.scalars(
+                select(AuditEvent).where(AuditEvent.kind == REFUSED_EVENT))]
+        assert len(refusals) == 1 and "revoked" in refusals[0], refusals
         report = node_status(node.parts.db)
         refused = report["federation"]["refused"]
         assert refused is not None and "revoked" in refused["reason"]
@@ -116,8 +120,7 @@ def test_an_unknown_node_token_is_a_refusal_too(
         agent = node.parts.federation
         wait_until(lambda: agent.refused, timeout=30, what="the refusal")
         assert "UNAUTHENTICATED" in agent.refused
-        wait_until(lambda: not any(t.is_alive() for t in agent._threads), timeout=30,
-                   what="the federation threads to end")
+        wait_until(lambda: not agent.running, timeout=30, what="the federation threads to end")
         refused = node_status(node.parts.db)["federation"]["refused"]
         assert refused is not None and "unknown node token" in refused["reason"]
     finally:
@@ -128,8 +131,6 @@ def test_an_unknown_node_token_is_a_refusal_too(
 def test_status_shows_the_latest_of_refusal_and_enrolment(
     tmp_path: Path, model_file: Path, kind: str
 ) -> None:
-    from dicom_node.store.models import AuditEvent
-
     data = federated_node_data(tmp_path / "site", model_file, "127.0.0.1:1", insecure=True)
     node = _node(tmp_path, data, "node")
     try:

@@ -16,6 +16,7 @@ from dicom_node.node import Node
 from dicom_node.pipeline.versions import LOCAL_FLOOR, next_generation
 from dicom_node.store.models import ModelVersion
 from federation_grpc._proto import federation_pb2 as pb
+from tests.federation.hubproc import REPO
 from tests.node.conftest import wait_until, write_node_config
 
 from .conftest import (
@@ -144,11 +145,8 @@ def test_interrupted_download_resumes_by_offset(
 def test_node_process_killed_mid_download_resumes_by_offset(
     tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
 ) -> None:
-    import os
     import subprocess
     import sys
-
-    from dicom_node.federation import FAULT_DOWNLOAD_ENV
 
     hub = start_hub()
     helper = federated_node_data(tmp_path / "helper", model_file, hub.target,
@@ -164,11 +162,13 @@ def test_node_process_killed_mid_download_resumes_by_offset(
     data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
                                tls=node_tls(certs), chunk_kb=8)
     config = write_node_config(tmp_path / "site.toml", data)
-    command = [sys.executable, "-m", "dicom_node.cli", "node", "serve", "--config", str(config)]
+    serve = ["node", "serve", "--config", str(config)]
+    command = [sys.executable, "-m", "dicom_node.cli", *serve]
     log = tmp_path / "site.log"
     with log.open("ab") as err:
-        crashed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=err, timeout=120,
-                                 env={**os.environ, FAULT_DOWNLOAD_ENV: str(size // 2)})
+        crashed = subprocess.run(
+            [sys.executable, "-m", "tests.federation_node.killed_mid_download", str(size // 2),
+             *serve], stdout=subprocess.DEVNULL, stderr=err, timeout=120, cwd=REPO)
     assert crashed.returncode == 137
     part = next((tmp_path / "site" / "federation" / "downloads").glob("*.part"))
     held = part.stat().st_size

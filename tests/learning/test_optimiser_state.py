@@ -138,15 +138,35 @@ def test_a_damaged_or_foreign_file_is_refused_and_the_round_starts_afresh(
     assert path.read_bytes() == data  # left for the operator to inspect
 
 
-def test_save_is_atomic_and_load_of_nothing_is_empty(tmp_path: Path,
-                                                     tiny_config: ModelConfig) -> None:
+def test_save_is_atomic_and_load_of_nothing_is_empty(
+        tmp_path: Path, tiny_config: ModelConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "optimiser" / "m.safetensors"
     assert optimiser_state.load(path) == {}
-    saved = train(build_model(tiny_config), tiny_config, _data(tiny_config), FULL_BATCH,
+    model = build_model(tiny_config)
+    first = train(model, tiny_config, _data(tiny_config), FULL_BATCH,
                   optimiser_state={}).optimiser_state
-    assert saved is not None
-    optimiser_state.save(path, saved, {"generation": "3"})
+    assert first is not None
+    optimiser_state.save(path, first, {"generation": "3"})
     loaded = optimiser_state.load(path)
-    assert loaded.keys() == saved.keys()
-    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert loaded.keys() == first.keys()
+    assert all(torch.equal(loaded[k], first[k]) for k in first)
     assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no .tmp left
+
+    # The next save dies half-way through writing (a crash, a full disk): the file on disk
+    # is still the whole previous state, never half of the new one.
+    second = train(model, tiny_config, _data(tiny_config), FULL_BATCH,
+                   optimiser_state=first).optimiser_state
+    assert second is not None and any(not torch.equal(first[k], second[k]) for k in first)
+    real_write = Path.write_bytes
+
+    def dies_half_way(self: Path, data: bytes) -> int:  # type: ignore[override]
+        real_write(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", dies_half_way)
+    with pytest.raises(OSError):
+        optimiser_state.save(path, second, {"generation": "4"})
+    monkeypatch.undo()
+    kept = optimiser_state.load(path)
+    assert kept.keys() == first.keys()
+    assert all(torch.equal(kept[k], first[k]) for k in first)

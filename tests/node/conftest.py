@@ -421,10 +421,11 @@ class StoreSCP:
         exe = require_binary(STORESCP)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log.open("ab")
-        # -uf: unique file names, so a second delivery of an instance is a second file.
+        # +uf: unique file names, so a second delivery of an instance is a second file
+        # (-uf, the default, names files by SOP Instance UID and overwrites a duplicate).
         # +xa: accept every transfer syntax (compressed ones stay as received).
         self.proc = subprocess.Popen(
-            [exe, "-v", "-uf", "+xa", "-aet", "STORESCP", "-od", str(self.directory),
+            [exe, "-v", "+uf", "+xa", "-aet", "STORESCP", "-od", str(self.directory),
              str(self.port)],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=peer_env())
         wait_until(self._listening, timeout=20, what=f"storescp on port {self.port}")
@@ -506,7 +507,7 @@ def _pg_bindir() -> Path | None:
 
 def _as_postgres(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     if os.geteuid() == 0:
-        args = ["runuser", "-u", "postgres", "--", *args]
+        args = [require_binary("runuser"), "-u", "postgres", "--", *args]
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
 
 
@@ -521,8 +522,8 @@ def postgres() -> Iterator[Postgres]:
         import psycopg  # noqa: F401
     except ImportError:
         missing("psycopg is not installed")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        missing("runuser is needed to run PostgreSQL as a non-root user")
+    if os.geteuid() == 0:
+        require_binary("runuser")  # PostgreSQL refuses to run as root
     # Not under pytest's 0700 temp root: the postgres user must reach it.
     base = Path(tempfile.mkdtemp(prefix="tessera-pg-"))
     os.chmod(base, 0o755)

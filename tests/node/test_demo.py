@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.node.conftest import ORTHANC
-from tests.peers import require_binary
+from tests.peers import require_binary, venv_tool
 
 
 def test_demo_segments_a_phantom_study_into_orthanc(tmp_path: Path) -> None:
     require_binary(ORTHANC)
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("tessera")), "demo", "--subjects", "1", "--json",
+        [venv_tool("tessera"), "demo", "--subjects", "1", "--json",
          "--work-dir", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]

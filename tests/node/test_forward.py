@@ -4,7 +4,6 @@ is down is retried and then served exactly once; after max_attempts, dead letter
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.node import Node
-from dicom_node.store.models import Job, OutboxItem, OutboxState, SeriesState
+from dicom_node.store.models import Job, JobState, OutboxItem, OutboxState, SeriesState
 from tests.node.conftest import (
     Index,
     Orthanc,
@@ -151,8 +150,10 @@ def test_destination_down_is_retried_then_delivered_exactly_once(
                what="outbox all sent after the destination came up")
     wait_until(lambda: index.series_state(series.series_uid) == SeriesState.FORWARDED,
                timeout=30, what="series forwarded")
-    # Give a duplicate delivery the chance to show up before counting (bounded).
-    time.sleep(1.5)
+    # Count once no export job is left to run: a duplicate delivery could only come from
+    # one (a retried or re-claimed job resending rows it already sent).
+    wait_until(lambda: {j.state for j in _jobs(index)} == {JobState.DONE}, timeout=60,
+               what="every export job done")
     received = Counter(scp.received_sop_uids())
     assert set(received) == set(series.sop_uids)
     assert max(received.values()) == 1, f"delivered more than once: {received.most_common(3)}"

@@ -22,7 +22,7 @@ from dicom_node.learning.weights import save_model
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.dicom import subject_datasets
 from dicom_node.pipeline.models import STARTER_DIR, STARTER_MODEL
-from dicom_node.pipeline.seg import read_seg_labels
+from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.volume import build_volume
 from dicom_node.status import node_status

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +22,11 @@ from dicom_node.pipeline.seg import (
     AI_SERIES_NUMBER,
     SegAlgorithm,
     build_seg,
-    read_seg_labels,
     seg_uids,
 )
+from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.volume import Volume, build_volume
-from tests.peers import missing, require_binary
+from tests.peers import missing, require_binary, venv_tool
 from tests.pipeline.conftest import PLANES
 
 Series = dict[str, tuple[PhantomSubject, list[Dataset]]]
@@ -178,10 +177,7 @@ def test_dcmjs_parses_segments_references_and_pixels(
 def test_dcmqi_converts_with_matching_voxel_counts_and_geometry(
     seg_files: dict[str, Path], phantom_series: Series, tmp_path: Path
 ) -> None:
-    tool = shutil.which("segimage2itkimage")
-    if tool is None:
-        missing("dcmqi (segimage2itkimage) is not installed: pip install dcmqi")
-    assert tool is not None
+    tool = venv_tool("segimage2itkimage")
     subprocess.run(
         [
             tool,

@@ -10,7 +10,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.phantom.codes import CT_SEGMENTS
-from dicom_node.pipeline.seg import SegAlgorithm, build_seg, read_seg_labels
+from dicom_node.pipeline.seg import SegAlgorithm, build_seg
+from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.seg_template import SegTemplate
 from dicom_node.pipeline.volume import build_volume
 from tests.pipeline.conftest import PLANES

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -26,7 +25,7 @@ from dicom_node.node import Node
 from dicom_node.store.models import Segmentation
 from tests.corrections.helpers import TEST_MODEL, Study, segment_rule, tiny_model
 from tests.node.conftest import node_config_data, wait_until, write_node_config
-from tests.peers import missing
+from tests.peers import missing, require_binary
 
 REPO = Path(__file__).resolve().parents[2]
 OHIF_DIST = REPO / "deploy" / "ohif" / "vendor" / "dist"
@@ -126,14 +125,6 @@ def segmented(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Segmented]:
     yield from make_segmented(tmp_path_factory.mktemp("segmented"))
 
 
-def corrections_available() -> bool:
-    try:
-        import dicom_node.pipeline.corrections  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def json_body(body: bytes) -> Any:
     return json.loads(body.decode("utf-8"))
 
@@ -141,10 +132,7 @@ def json_body(body: bytes) -> Any:
 # --------------------------------------------------------------------------- browser
 
 def chromium_path() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(path).exists():
-        missing("Debian chromium is not installed (tests/install-peers.sh installs it)")
-    return path
+    return require_binary("chromium")
 
 
 def ensure_ohif() -> Path:
@@ -159,10 +147,7 @@ def ensure_ohif() -> Path:
 def ensure_playwright() -> Path:
     js = Path(__file__).resolve().parent / "js"
     if not (js / "node_modules" / "playwright-core").exists():
-        npm = shutil.which("npm")
-        if npm is None:
-            missing("npm is not installed")
-        assert npm is not None
+        npm = require_binary("npm")
         result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=js,
                                 capture_output=True, text=True, timeout=600,
                                 env={**os.environ, "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"})

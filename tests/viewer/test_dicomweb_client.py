@@ -9,10 +9,10 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node.store.models import Instance, Series
+from dicom_node.store.models import Correction, Instance, Series
 from tests.corrections.helpers import radiologist_seg
 from tests.node.conftest import wait_until
-from tests.viewer.conftest import Segmented, corrections_available, json_body
+from tests.viewer.conftest import Segmented, json_body
 
 PN = "00100010"
 MODALITIES = "00080061"
@@ -115,15 +115,6 @@ def test_stored_seg_is_indexed_and_becomes_a_correction(
     stored = pydicom.dcmread(bridge.node.parts.files.absolute(row.path))
     assert stored.SOPInstanceUID == seg.SOPInstanceUID
     assert row.series_uid == str(seg.SeriesInstanceUID)
-
-    if not corrections_available():  # the correction intake has not landed yet
-        def state() -> str | None:
-            with bridge.node.parts.db.session() as s:
-                return s.execute(select(Series.state).where(
-                    Series.series_uid == str(seg.SeriesInstanceUID))).scalar_one()
-        wait_until(lambda: state() != "receiving", timeout=60, what="the SEG series to complete")
-        return
-    from dicom_node.store.models import Correction
 
     def correction() -> Correction | None:
         with bridge.node.parts.db.session() as s:

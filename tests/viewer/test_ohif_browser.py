@@ -22,13 +22,14 @@ from PIL import Image
 from sqlalchemy import select
 
 from dicom_node.phantom.codes import CT_SEGMENTS
+from dicom_node.store.models import Correction
 from tests.corrections.helpers import radiologist_seg
 from tests.node.conftest import wait_until
+from tests.peers import require_binary
 from tests.viewer.conftest import (
     ARTIFACTS,
     Segmented,
     chromium_path,
-    corrections_available,
     ensure_ohif,
     ensure_playwright,
     make_segmented,
@@ -49,7 +50,7 @@ def run_browser(options: dict, timeout: float = 240) -> dict:
         options = {**options, "userDataDir": profile, "chromium": chromium_path()}
         opt_file = Path(profile).with_suffix(".json")
         opt_file.write_text(json.dumps(options))
-        result = subprocess.run(["node", str(js / "ohif_open.js"), str(opt_file)],
+        result = subprocess.run([require_binary("node"), str(js / "ohif_open.js"), str(opt_file)],
                                 capture_output=True, text=True, timeout=timeout, cwd=js)
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"no result from the browser driver: {result.stderr[-3000:]}"
@@ -104,15 +105,13 @@ def test_ohif_shows_the_study_and_its_segmentation_then_a_saved_seg_is_recorded(
     assert out["stow"]["status"] == 200, out["stow"]
     reply = json.loads(out["stow"]["body"])
     assert reply["00081199"]["Value"][0]["00081155"]["Value"] == [str(corrected.SOPInstanceUID)]
-    if corrections_available():
-        from dicom_node.store.models import Correction
 
-        def correction() -> Correction | None:
-            with bridge.node.parts.db.session() as s:
-                return s.execute(select(Correction).where(
-                    Correction.seg_sop_instance_uid == str(corrected.SOPInstanceUID))
-                ).scalar_one_or_none()
+    def correction() -> Correction | None:
+        with bridge.node.parts.db.session() as s:
+            return s.execute(select(Correction).where(
+                Correction.seg_sop_instance_uid == str(corrected.SOPInstanceUID))
+            ).scalar_one_or_none()
 
-        row = wait_until(correction, timeout=120, interval=0.5, what="the correction")
-        assert row.state == "recorded", row.reason
-        assert row.segmentation_id == ohif_node.ai.id
+    row = wait_until(correction, timeout=120, interval=0.5, what="the correction")
+    assert row.state == "recorded", row.reason
+    assert row.segmentation_id == ohif_node.ai.id

@@ -1,0 +1,200 @@
+"""Nodes: enrolment, tokens bound to client certificates, admin token, revocation.
+
+A node token is 256-bit random, stored as its sha256 only, and bound at enrolment to
+the sha256 of the client certificate it came over (a node enrolled without one is
+bound at its first call over TLS); ``rebind_node`` moves it to a renewed certificate.
+Imports no grpc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import uuid
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+
+from federation_grpc.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
+from federation_grpc.hub.config import HubConfig
+from federation_grpc.hub.domain import Enrolment, NodeView
+from federation_grpc.hub.partial_labels import trained_heads
+from federation_grpc.hub.store import (
+    EnrolmentTokenRow,
+    HubStore,
+    NodeRow,
+    UpdateRow,
+    UpdateStatus,
+    as_utc,
+    utcnow,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+_LAST_SEEN_EVERY = timedelta(seconds=30)
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_token(token: str) -> str:
+    """sha256 hex of a token; tokens are 256-bit random, so a fast hash suffices."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class NodeRegistry:
+    """Who the nodes are and how they prove it."""
+
+    def __init__(self, store: HubStore, config: HubConfig) -> None:
+        self.store = store
+        self.config = config
+        self._last_seen: dict[str, datetime] = {}
+
+    def create_enrolment_token(self, ttl_s: int = 0, note: str = "") -> tuple[str, datetime]:
+        token = secrets.token_urlsafe(32)
+        expires = utcnow() + timedelta(seconds=ttl_s or self.config.limits.enrolment_token_ttl_s)
+        with self.store.session() as session:
+            session.add(
+                EnrolmentTokenRow(token_sha256=hash_token(token), expires_at=expires, note=note)
+            )
+        LOGGER.info("enrolment token created, expires %s", expires.isoformat())
+        return token, expires
+
+    def enrol(
+        self, enrolment_token: str, display_name: str = "", cert_sha256: str = ""
+    ) -> Enrolment:
+        """A node id and token for a one-time enrolment token; the token is bound to the
+        client certificate ``cert_sha256`` (sha256 of its DER bytes; "" without TLS)."""
+        if not enrolment_token:
+            raise Unauthenticated("an enrolment token is required")
+        if len(display_name) > 200:
+            raise InvalidRequest("display_name is longer than 200 characters")
+        node_token = secrets.token_urlsafe(32)
+        node_id = f"node-{uuid.uuid4().hex[:12]}"
+        with self.store.session() as session:
+            row = session.get(EnrolmentTokenRow, hash_token(enrolment_token), with_for_update=True)
+            if row is None:
+                raise Unauthenticated("unknown enrolment token")
+            if row.used_by is not None:
+                raise PermissionDenied("enrolment token was already used")
+            if as_utc(row.expires_at) < utcnow():
+                raise PermissionDenied("enrolment token has expired")
+            row.used_by, row.used_at = node_id, utcnow()
+            session.add(
+                NodeRow(
+                    node_id=node_id,
+                    display_name=display_name,
+                    token_sha256=hash_token(node_token),
+                    cert_sha256=cert_sha256 or None,
+                )
+            )
+        LOGGER.info("node %s enrolled (certificate %s)", node_id, cert_sha256[:16] or "none")
+        return Enrolment(node_id=node_id, node_token=node_token)
+
+    def authenticate(self, node_token: str, cert_sha256: str = "") -> str:
+        """Node id for a node token presented over the client certificate ``cert_sha256``.
+
+        A token is bound to the certificate it was enrolled over; a node enrolled without
+        one (before binding existed, or in process) is bound to the certificate of its
+        first call over TLS.
+
+        Raises
+        ------
+        Unauthenticated
+            No token, or an unknown one.
+        PermissionDenied
+            The node is revoked, or the token comes over another certificate.
+        """
+        if not node_token:
+            raise Unauthenticated("missing node token (metadata 'authorization: Bearer ...')")
+        with self.store.session() as session:
+            row = session.scalar(
+                select(NodeRow).where(NodeRow.token_sha256 == hash_token(node_token))
+            )
+            if row is None:
+                raise Unauthenticated("unknown node token")
+            if row.revoked:
+                raise PermissionDenied(f"node {row.node_id} is revoked")
+            if row.cert_sha256 is None and cert_sha256:
+                row.cert_sha256 = cert_sha256
+                LOGGER.warning("node %s bound to certificate %s at first use",
+                               row.node_id, cert_sha256[:16])
+            elif (row.cert_sha256 or "") != cert_sha256:
+                LOGGER.warning("node %s token presented over certificate %s, bound to %s",
+                               row.node_id, cert_sha256[:16] or "none",
+                               (row.cert_sha256 or "none")[:16])
+                raise PermissionDenied(
+                    f"the token of node {row.node_id} is bound to another client certificate "
+                    "(a renewed certificate needs `tessera hub rebind`)"
+                )
+            now = utcnow()
+            seen = self._last_seen.get(row.node_id)
+            if seen is None or now - seen > _LAST_SEEN_EVERY:
+                row.last_seen = now
+                self._last_seen[row.node_id] = now
+            return row.node_id
+
+    def check_admin(self, admin_token: str) -> None:
+        expected = self.config.admin_token_sha256
+        if not expected:
+            raise PermissionDenied("admin RPCs are disabled (no admin_token_sha256 configured)")
+        if not admin_token or not hmac.compare_digest(hash_token(admin_token), expected):
+            raise Unauthenticated("bad admin token")
+
+    def list_nodes(self) -> list[NodeView]:
+        with self.store.session() as session:
+            counts = dict(
+                session.execute(
+                    select(UpdateRow.node_id, func.count()).group_by(UpdateRow.node_id)
+                ).all()
+            )
+            taken = (UpdateStatus.RECEIVED, UpdateStatus.EVALUATING, UpdateStatus.MERGED)
+            groups: dict[str, list[list[str]]] = {}
+            for node_id, trained in session.execute(
+                select(UpdateRow.node_id, UpdateRow.trained_groups).where(
+                    UpdateRow.status.in_(taken))
+            ):
+                groups.setdefault(node_id, []).append(list(trained or []))
+            rows = session.scalars(select(NodeRow).order_by(NodeRow.enrolled_at)).all()
+            return [replace(_node_view(row, counts.get(row.node_id, 0)),
+                            trained_heads=trained_heads(groups.get(row.node_id, [])))
+                    for row in rows]
+
+    def rebind_node(self, node_id: str, cert_sha256: str) -> NodeView:
+        """Bind a node's token to a new client certificate (a renewed one); the old
+        certificate stops working at once."""
+        if not _FINGERPRINT.match(cert_sha256):
+            raise InvalidRequest("a certificate fingerprint is 64 lowercase hex digits")
+        with self.store.session() as session:
+            row = session.get(NodeRow, node_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"no node {node_id!r}")
+            previous, row.cert_sha256 = row.cert_sha256, cert_sha256
+            count = session.scalar(select(func.count()).where(UpdateRow.node_id == node_id)) or 0
+            LOGGER.warning("node %s rebound from certificate %s to %s", node_id,
+                           (previous or "none")[:16], cert_sha256[:16])
+            return _node_view(row, count)
+
+    def revoke_node(self, node_id: str) -> NodeView:
+        with self.store.session() as session:
+            row = session.get(NodeRow, node_id)
+            if row is None:
+                raise NotFound(f"no node {node_id!r}")
+            row.revoked = True
+            count = session.scalar(select(func.count()).where(UpdateRow.node_id == node_id)) or 0
+            LOGGER.warning("node %s revoked", node_id)
+            return _node_view(row, count)
+
+
+def _node_view(row: NodeRow, updates: int) -> NodeView:
+    return NodeView(
+        node_id=row.node_id,
+        display_name=row.display_name,
+        enrolled_at=as_utc(row.enrolled_at),
+        revoked=row.revoked,
+        last_seen=as_utc(row.last_seen) if row.last_seen else None,
+        updates=updates,
+        cert_sha256=row.cert_sha256 or "",
+    )
