@@ -240,7 +240,8 @@ class GuardedDIMSE(DIMSEServiceProvider):
     def _answer(self, message: DIMSEMessage, context_id: int, status: int, reason: str) -> None:
         command = message.command_set
         data = message.data_set
-        kept = data.getvalue() if isinstance(data, BytesIO) else b""
+        # A data set dropped on the way is not kept in part (that would mislead).
+        kept = data.getvalue() if isinstance(data, BytesIO) and not self._dropped else b""
         try:
             self._hooks.command_refused(self.assoc, status, reason, kept)
         except Exception:

@@ -63,8 +63,8 @@ class LimitReporter:
             reason += f" ({left_out} more like this since the last report)"
         LOGGER.warning("%s from %s: %s", kind, escaped(address), escaped(reason, 300))
         if self._audit is not None:
-            self._audit(kind, reason, Peer(ae_title=escaped(ae_title, 16) if ae_title else None,
-                                           address=address))
+            ae = escaped(ae_title, 16)[:16] if ae_title else None  # fits AuditEvent.peer_ae
+            self._audit(kind, reason, Peer(ae_title=ae, address=address))
 
     def _forget_before(self, cutoff: float) -> None:
         for key in [k for k, t in self._last.items() if t < cutoff]:

@@ -73,9 +73,12 @@ def peer_of(event: Event) -> Peer:
 
 
 def peer_of_association(assoc: Association) -> Peer:
+    """Who is on the other end; the calling AE title escaped (it reaches the index, the
+    audit trail and ``tessera node status``; a valid one is unchanged)."""
     req = assoc.requestor
     acc = assoc.acceptor
-    return Peer(ae_title=(req.ae_title or "").strip() or None, address=req.address,
+    calling = (req.ae_title or "").strip()
+    return Peer(ae_title=escaped(calling, 16)[:16] if calling else None, address=req.address,
                 called_ae=(acc.ae_title or "").strip() or None)
 
 
@@ -90,7 +93,7 @@ def handle_requested(event: Event, settings: DicomSettings, store: InstanceStore
     LOGGER.warning("rejecting association from %s@%s: not on the allowlist", escaped(calling),
                    escaped(address))
     store.audit("association-rejected", f"calling AE {calling!r} from {address} not allowed",
-                Peer(ae_title=calling[:16], address=address))
+                Peer(ae_title=escaped(calling, 16)[:16], address=address))
     # permanent rejection, service-user source, calling AE title not recognised
     assoc.acse.send_reject(0x01, 0x01, 0x03)
     assoc.kill()
