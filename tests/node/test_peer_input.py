@@ -142,3 +142,39 @@ def test_ae_title_with_newline_and_nul_does_not_forge_log_lines(
     assert any("EV\\nFORGED\\x00LINE" in m for m in messages), messages
     wait_until(lambda: echoscu(node.port, calling_ae="ALLOWED").returncode == 0, timeout=10,
                what="the node still serving")
+
+
+def test_data_set_far_over_the_limit_is_dropped_as_it_arrives_and_gets_a700(
+    tmp_path: Path, start_node: Callable[..., Node], open_index: Callable[[Path], Index],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past max_instance_mb plus the slack kept for the quarantine (0 here), the bytes of
+    a data set are dropped as they arrive; the answer is 0xA700 all the same."""
+    import dicom_node.dicom.scp as scp
+
+    monkeypatch.setattr(scp, "OVERSIZE_KEPT_BYTES", 0)
+    series = make_ct_series(tmp_path / "ct", 1)
+    ds = pydicom.dcmread(series.files[0])
+    ds.add_new((0x0009, 0x0010), "LO", "TESSERA TEST")
+    ds.add_new((0x0009, 0x1000), "OB", b"\x00" * (2 << 20))
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+
+    data_dir = tmp_path / "node"
+    node = start_node(node_config_data(data_dir, dicom={"max_instance_mb": 0.1}))
+    ae = AE(ae_title="TOOBIG")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(big)
+        assert status and int(status.Status) == 0xA700, status
+        echo = assoc.send_c_echo()
+        assert echo and int(echo.Status) == 0x0000
+    finally:
+        assoc.release()
+    events = open_index(data_dir).audit("instance-refused")
+    assert len(events) == 1 and "data set of more than" in (events[0].reason or ""), \
+        [e.reason for e in events]
+    assert open_index(data_dir).instance_count() == 0
