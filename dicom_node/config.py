@@ -80,12 +80,15 @@ class DicomSettings(_Section):
     max_instance_mb: float = Field(1024.0, gt=0)
     # Connection hygiene (dicom_node.dicom.connections): a connection that has not sent
     # its whole A-ASSOCIATE-RQ within association_timeout_s is closed; one address holds
-    # at most max_connections_per_address connections; an association request (or any
-    # PDU but P-DATA-TF on an established association, which the negotiated maximum
-    # bounds) over max_association_request_kb is aborted before it is read. Refusals
-    # are logged and audited at most once per kind and address per limit_report_interval_s.
+    # at most max_connections_per_address connections, the node max_connections in all
+    # (associated or not; max_associations bounds associations); an association
+    # request (or any PDU but P-DATA-TF on an established association, which the
+    # negotiated maximum bounds) over max_association_request_kb is aborted before it
+    # is read. Refusals are logged and audited at most once per kind and address per
+    # limit_report_interval_s.
     association_timeout_s: float = Field(10.0, gt=0, le=600)
     max_connections_per_address: int = Field(16, ge=1, le=10000)
+    max_connections: int = Field(64, ge=1, le=100000)
     listen_backlog: int = Field(128, ge=128, le=65535)
     max_association_request_kb: int = Field(256, ge=16, le=65536)
     limit_report_interval_s: float = Field(60.0, ge=0)
@@ -521,11 +524,13 @@ network_timeout_s = 60
 max_instance_mb = 1024    # larger datasets are refused with 0xA700
 # Hostile or broken peers: a connection must send its whole association request within
 # association_timeout_s (then it is closed); at most max_connections_per_address at once
-# from one address; an association request over max_association_request_kb, or a
-# P-DATA-TF PDU over the negotiated maximum, is aborted before it is read. Refusals are
-# logged and audited at most once per kind and address per limit_report_interval_s.
+# from one address and max_connections in all; an association request over
+# max_association_request_kb, or a P-DATA-TF PDU over the negotiated maximum, is aborted
+# before it is read. Refusals are logged and audited at most once per kind and address
+# per limit_report_interval_s.
 association_timeout_s = 10
 max_connections_per_address = 16
+max_connections = 64
 listen_backlog = 128
 max_association_request_kb = 256
 limit_report_interval_s = 60

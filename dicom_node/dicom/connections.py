@@ -2,9 +2,10 @@
 
 The :class:`ConnectionGuard` admits a new TCP connection only from an address some
 allowlist entry's networks contain, and only while that address holds fewer than
-``max_per_address`` connections. A connection that has not delivered its whole
-A-ASSOCIATE-RQ within ``association_timeout_s`` of being accepted is shut down by the
-guard's watchdog thread, however slowly its bytes trickle in.
+``max_per_address`` connections and the node fewer than ``max_total``. A connection
+that has not delivered its whole A-ASSOCIATE-RQ within ``association_timeout_s`` of
+being accepted is shut down by the guard's watchdog thread, however slowly its bytes
+trickle in.
 
 Refusals go through a :class:`LimitReporter`: every one is counted in /metrics; the
 log line and the AuditEvent row come at most once per kind and address per interval,
@@ -76,6 +77,7 @@ class LimitReporter:
 class ConnectionLimits:
     association_timeout_s: float
     max_per_address: int
+    max_total: int = 1 << 30
 
 
 @dataclass(eq=False)
@@ -127,14 +129,17 @@ class ConnectionGuard:
                                  "(closed before association)", address)
             return None
         with self._lock:
+            total = sum(len(v) for v in self._open.values())
             held = self._open[address]
-            if len(held) < self.limits.max_per_address:
+            if len(held) < self.limits.max_per_address and total < self.limits.max_total:
                 conn = Connection(address, sock, self._clock(), _release=self._forget)
                 held.add(conn)
                 return conn
-        self.reporter.report("connection-refused",
-                             f"{address} already holds {self.limits.max_per_address} "
-                             "connections (dicom.max_connections_per_address)", address)
+            full = total >= self.limits.max_total
+        reason = (f"{total} connections already open (dicom.max_connections)" if full else
+                  f"{address} already holds {self.limits.max_per_address} connections "
+                  "(dicom.max_connections_per_address)")
+        self.reporter.report("connection-refused", reason, address)
         return None
 
     def _forget(self, conn: Connection) -> None:

@@ -267,7 +267,8 @@ def start_scp(
     reporter = LimitReporter(store.audit, settings.limit_report_interval_s)
     handlers.append((evt.EVT_REJECTED, handle_rejected, [reporter, settings.max_associations]))
     guard = ConnectionGuard(
-        ConnectionLimits(settings.association_timeout_s, settings.max_connections_per_address),
+        ConnectionLimits(settings.association_timeout_s, settings.max_connections_per_address,
+                         settings.max_connections),
         reporter, settings.allows_address)
     server = cast(GuardedAssociationServer, ae.make_server(
         (settings.host, settings.port), ssl_context=context, evt_handlers=handlers,

@@ -201,3 +201,26 @@ def test_rejections_at_max_associations_are_audited_once(
     events = open_index(data_dir).audit("association-limit")
     assert len(events) == 1, [e.reason for e in events]
     assert "max_associations" in events[0].reason and events[0].peer_ae == "ECHOSCU"
+
+
+def test_connections_over_the_node_limit_are_closed(
+    tmp_path: Path, start_node: Callable[..., Node], open_index: Callable[[Path], Index],
+) -> None:
+    data_dir = tmp_path / "node"
+    node = start_node(node_config_data(data_dir, dicom={
+        "max_connections": 2, "association_timeout_s": 60}))
+    held = [_connect(node.port) for _ in range(2)]
+    assert node.scp is not None
+    wait_until(lambda: node.scp is not None and node.scp.server.guard.open_connections() == 2,
+               timeout=10, what="two connections held")
+    try:
+        extra = _connect(node.port)
+        assert _closed_by_peer(extra, 10), "a connection over dicom.max_connections was kept"
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+    events = open_index(data_dir).audit("connection-refused")
+    assert len(events) == 1 and "dicom.max_connections)" in events[0].reason
+    wait_until(lambda: echoscu(node.port).returncode == 0, timeout=20, interval=0.2,
+               what="echoscu once the held connections closed")
