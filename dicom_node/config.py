@@ -61,6 +61,9 @@ class PeerAllow(_Section):
     def allows(self, ae_title: str, address: str) -> bool:
         if self.ae_title not in ("*", ae_title.strip()):
             return False
+        return self.allows_address(address)
+
+    def allows_address(self, address: str) -> bool:
         try:
             addr = ipaddress.ip_address(address)
         except ValueError:
@@ -75,6 +78,20 @@ class DicomSettings(_Section):
     max_associations: int = Field(10, ge=1, le=1000)
     network_timeout_s: float = Field(60.0, gt=0)
     max_instance_mb: float = Field(1024.0, gt=0)
+    # Connection hygiene (dicom_node.dicom.connections): a connection that has not sent
+    # its whole A-ASSOCIATE-RQ within association_timeout_s is closed; one address holds
+    # at most max_connections_per_address connections, the node max_connections in all
+    # (associated or not; max_associations bounds associations); an association
+    # request (or any PDU but P-DATA-TF on an established association, which the
+    # negotiated maximum bounds) over max_association_request_kb is aborted before it
+    # is read. Refusals are logged and audited at most once per kind and address per
+    # limit_report_interval_s.
+    association_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_connections_per_address: int = Field(16, ge=1, le=10000)
+    max_connections: int = Field(64, ge=1, le=100000)
+    listen_backlog: int = Field(128, ge=128, le=65535)
+    max_association_request_kb: int = Field(256, ge=16, le=65536)
+    limit_report_interval_s: float = Field(60.0, ge=0)
     allow: tuple[PeerAllow, ...] = (PeerAllow(),)
     # DICOM TLS (optional): the SCP's certificate and key (PEM); with tls_ca, peers must
     # present a certificate that CA signed (mutual TLS). The allowlist applies as well.
@@ -95,10 +112,22 @@ class DicomSettings(_Section):
     def allows(self, ae_title: str, address: str) -> bool:
         return any(entry.allows(ae_title, address) for entry in self.allow)
 
+    def allows_address(self, address: str) -> bool:
+        """Whether some entry's networks contain ``address`` (whatever the AE title)."""
+        return any(entry.allows_address(address) for entry in self.allow)
+
 
 class NodeSettings(_Section):
     data_dir: Path = Path("var/node")
     database_url: str = ""  # empty: SQLite file in data_dir
+    # Bounded disk use (dicom_node.store.quarantine, dicom_node.store.space): the
+    # quarantine keeps at most this many entries and megabytes, dropping the oldest;
+    # below min_free_mb or min_free_percent free on the instance store's file system,
+    # new instances get 0xA700 (C-STORE) or 503 (STOW-RS).
+    quarantine_max_files: int = Field(1000, ge=1)
+    quarantine_max_mb: float = Field(2048.0, gt=0)
+    min_free_mb: float = Field(512.0, ge=0)
+    min_free_percent: float = Field(1.0, ge=0, lt=100)
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -288,6 +317,10 @@ class HttpSettings(_Section):
     tokens: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()        # e.g. ["https://ohif.hospital.example"]
     max_stow_mb: float = Field(512.0, gt=0)   # larger STOW-RS bodies get 413
+    # A connection must complete its request head within header_timeout_s; beyond
+    # max_connections open ones a new connection is closed (requests at it get 503).
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_connections: int = Field(64, ge=1, le=10000)
     ohif_dir: Path | None = None              # OHIF's dist/, served at / (same origin)
     ohif_url: str = ""                        # where status-page links open OHIF
 
@@ -473,6 +506,14 @@ data_dir = "var/node"
 # Empty: SQLite (WAL) in data_dir. For several workers on several hosts use PostgreSQL:
 # database_url = "postgresql+psycopg://tessera:secret@db.example/tessera"
 database_url = ""
+# The quarantine (refused payloads, kept for inspection) keeps at most this many
+# entries and megabytes; the oldest are dropped (counted in `tessera node status`).
+quarantine_max_files = 1000
+quarantine_max_mb = 2048
+# Disk watermark: with less free space than this on the instance store's file system,
+# new instances are refused (0xA700 over DICOM, 503 over STOW-RS) before the disk is full.
+min_free_mb = 512
+min_free_percent = 1
 
 [dicom]
 ae_title = "TESSERA"
@@ -481,6 +522,18 @@ port = 11112
 max_associations = 10
 network_timeout_s = 60
 max_instance_mb = 1024    # larger datasets are refused with 0xA700
+# Hostile or broken peers: a connection must send its whole association request within
+# association_timeout_s (then it is closed); at most max_connections_per_address at once
+# from one address and max_connections in all; an association request over
+# max_association_request_kb, or a P-DATA-TF PDU over the negotiated maximum, is aborted
+# before it is read. Refusals are logged and audited at most once per kind and address
+# per limit_report_interval_s.
+association_timeout_s = 10
+max_connections_per_address = 16
+max_connections = 64
+listen_backlog = 128
+max_association_request_kb = 256
+limit_report_interval_s = 60
 # DICOM TLS (optional; deploy/tls/make-certs.sh with DICOM_SERVER=... makes a pair).
 # With tls_ca, peers must present a certificate signed by that CA.
 # tls_cert = "deploy/tls/out/node1-dicom.pem"
@@ -561,6 +614,8 @@ port = 8042               # 0: any free port
 tokens = []
 cors_origins = []         # OHIF served from another origin, e.g. ["https://ohif.example"]
 max_stow_mb = 512
+header_timeout_s = 10     # a request head must arrive within this, or the connection closes
+max_connections = 64      # open HTTP connections at most; requests at the limit get 503
 # ohif_dir = "deploy/ohif/vendor/dist"   # serve OHIF at / (deploy/ohif/fetch-ohif.sh)
 
 [federation]

@@ -54,6 +54,7 @@ from dicom_node.store.models import (
     Segmentation,
     UpdateOutboxItem,
 )
+from dicom_node.store.private import private_dir
 from federation_grpc._proto import federation_pb2_grpc
 from federation_grpc.client import (
     ClientTls,
@@ -110,7 +111,7 @@ class Credentials:
         return str(doc["node_id"]), str(doc["node_token"])
 
     def save(self, node_id: str, node_token: str, hub: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -291,7 +292,7 @@ class FederationAgent:
         """Download ``generation`` (resuming a ``.part`` left by a crash) and serve it."""
         name = self.settings.model
         downloads = self.dir / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
+        private_dir(downloads)
         target = downloads / f"{name}-generation-{generation.number:05d}.safetensors"
         part = target.with_name(target.name + ".part")
         if part.exists() and part.stat().st_size:
@@ -418,7 +419,7 @@ class FederationAgent:
         accepted = 0
         for start in range(0, len(records), _METRIC_BATCH):
             accepted += client.report_metrics(records[start:start + _METRIC_BATCH])
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         cursor_path.write_text(json.dumps({"segmentation": seg_last, "correction": corr_last}))
         LOGGER.info("reported %d metric records to the hub", accepted)
         return accepted

@@ -8,10 +8,12 @@ workers on one PostgreSQL included).
 
 Series names: ``tessera_node_instances_received_total{source}``,
 ``tessera_node_instances_refused_total{source,status}``,
+``tessera_node_dicom_connections_refused_total{kind}``,
 ``tessera_node_jobs{kind,state}``, ``tessera_node_job_seconds{kind,outcome}``,
 ``tessera_node_jobs_finished_total{kind,outcome}`` (kind ``export`` gives the export
 outcomes), ``tessera_node_outbox_items{destination,state}``,
-``tessera_node_serving_generation{model}``.
+``tessera_node_serving_generation{model}``, ``tessera_node_quarantine_entries``,
+``tessera_node_quarantine_bytes``, ``tessera_node_quarantine_dropped_total``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import logging
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from dicom_node.store.db import Database
 from dicom_node.store.models import Job, ModelVersion, ModelVersionState, OutboxItem
+from dicom_node.store.quarantine import Quarantine
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ INSTANCES_RECEIVED = Counter(
 INSTANCES_REFUSED = Counter(
     "tessera_node_instances_refused", "Instances refused, by DICOM status (hex).",
     ["source", "status"])
+CONNECTIONS_REFUSED = Counter(
+    "tessera_node_dicom_connections_refused",
+    "DICOM connections refused or closed at a limit, by kind (every one, not rate-limited).",
+    ["kind"])
 JOB_SECONDS = Histogram(
     "tessera_node_job_seconds", "Time a handler took for one job attempt.",
     ["kind", "outcome"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
@@ -52,16 +59,21 @@ def count_refused(source: str, status: int) -> None:
     INSTANCES_REFUSED.labels(source, f"0x{status:04X}").inc()
 
 
+def count_connection_refused(kind: str) -> None:
+    CONNECTIONS_REFUSED.labels(kind).inc()
+
+
 def observe_job(kind: str, outcome: str, seconds: float) -> None:
     JOB_SECONDS.labels(kind, outcome).observe(seconds)
     JOBS_FINISHED.labels(kind, outcome).inc()
 
 
 class NodeStateCollector(Collector):
-    """Gauges read from the node database when Prometheus scrapes."""
+    """Gauges read from the node database (and the quarantine) when Prometheus scrapes."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, quarantine: Quarantine | None = None) -> None:
         self.db = db
+        self.quarantine = quarantine
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("tessera_node_jobs", "Jobs in the queue by kind and state.",
@@ -91,10 +103,27 @@ class NodeStateCollector(Collector):
         yield jobs
         yield outbox
         yield serving
+        if self.quarantine is not None:
+            yield from _quarantine_metrics(self.quarantine)
 
 
-def render(db: Database) -> bytes:
+def _quarantine_metrics(quarantine: Quarantine) -> Iterator[Metric]:
+    try:
+        usage = quarantine.usage()
+    except OSError:
+        LOGGER.exception("cannot read the quarantine for /metrics")
+        return
+    yield GaugeMetricFamily("tessera_node_quarantine_entries",
+                            "Refused payloads kept in the quarantine.", value=usage.entries)
+    yield GaugeMetricFamily("tessera_node_quarantine_bytes",
+                            "Bytes the quarantine holds.", value=usage.bytes)
+    yield CounterMetricFamily("tessera_node_quarantine_dropped",
+                              "Oldest quarantine entries dropped to stay within the cap.",
+                              value=usage.dropped)
+
+
+def render(db: Database, quarantine: Quarantine | None = None) -> bytes:
     """The Prometheus text exposition: this process's counters plus the database gauges."""
     state = CollectorRegistry(auto_describe=False)
-    state.register(NodeStateCollector(db))
+    state.register(NodeStateCollector(db, quarantine))
     return generate_latest(REGISTRY) + generate_latest(state)

@@ -34,6 +34,7 @@ from dicom_node.dicom.scp import RunningSCP, start_scp
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.partial_labels import check_annotated_labels
+from dicom_node.loop_health import LoopHealth
 from dicom_node.pipeline.assembler import SeriesAssembler
 from dicom_node.pipeline.corrections import CorrectionIntake, CorrectionJob
 from dicom_node.pipeline.export import Exporter
@@ -45,6 +46,8 @@ from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
 from dicom_node.store.jobs import Backoff, JobQueue
+from dicom_node.store.private import private_dir
+from dicom_node.store.space import DiskWatermark
 from dicom_node.worker import JobHandler, JobWorker
 
 LOGGER = logging.getLogger(__name__)
@@ -67,12 +70,19 @@ class NodeParts:
 
     @classmethod
     def build(cls, config: NodeConfig) -> NodeParts:
-        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.node.data_dir)
         db = Database(config.node.resolved_database_url())
         db.create_schema()
-        files = InstanceFiles(config.files_dir, config.quarantine_dir)
+        node = config.node
+        files = InstanceFiles(config.files_dir, config.quarantine_dir,
+                              quarantine_max_files=node.quarantine_max_files,
+                              quarantine_max_bytes=int(node.quarantine_max_mb * 2**20))
+        store = InstanceStore(db, files)
+        store.space = DiskWatermark(
+            files.root, int(node.min_free_mb * 2**20), node.min_free_percent,
+            on_change=lambda low, reason: store.audit("disk-low" if low else "disk-ok", reason))
         queue = JobQueue(db, lease_s=config.jobs.lease_s)
-        parts = cls(config=config, db=db, files=files, store=InstanceStore(db, files),
+        parts = cls(config=config, db=db, files=files, store=store,
                     queue=queue, assembler=SeriesAssembler(db, queue, config))
         parts.handlers.append(Exporter(db, files, config))
         parts.models = ModelRegistry(dict(config.models))
@@ -175,13 +185,17 @@ class Node:
         return self
 
     def _assemble_loop(self) -> None:
-        interval = self.config.assembler.poll_interval_s
-        while not self._stop.wait(interval):
+        health = LoopHealth("series assembler", self.config.assembler.poll_interval_s,
+                            logger=LOGGER)
+        wait = health.interval_s
+        while not self._stop.wait(wait):
             try:
                 if self.parts.assembler.tick():
                     self.worker.wake()
-            except Exception:
-                LOGGER.exception("series assembler tick failed; retrying")
+            except Exception as exc:
+                wait = health.failed(exc)
+            else:
+                wait = health.succeeded()
 
     def stop(self) -> None:
         self._stop.set()

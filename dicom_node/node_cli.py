@@ -142,9 +142,13 @@ def status(
 ) -> None:
     """Series by state, outbox by state, dead letters and refusals with reasons."""
     from dicom_node.status import node_status, render_status
+    from dicom_node.store.quarantine import Quarantine
 
+    cfg = load_or_exit(config)
+    quarantine = Quarantine(cfg.quarantine_dir, cfg.node.quarantine_max_files,
+                            int(cfg.node.quarantine_max_mb * 2**20))
     with open_node_database(config) as db:
-        report = node_status(db)
+        report = node_status(db, quarantine=quarantine)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))
 
 
@@ -159,9 +163,10 @@ def migrate(
     PostgreSQL; ``serve``/``worker`` also create an empty schema themselves.
     """
     from dicom_node.store.db import Database
+    from dicom_node.store.private import private_dir
 
     cfg = load_or_exit(config)
-    cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cfg.node.data_dir)
     db = Database(cfg.node.resolved_database_url())
     try:
         before, after = db.migrate(revision)

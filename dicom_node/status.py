@@ -17,9 +17,12 @@ from dicom_node.store.models import (
     Series,
     UpdateOutboxItem,
 )
+from dicom_node.store.quarantine import Quarantine
 
 
-def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
+def node_status(db: Database, *, recent: int = 20,
+                quarantine: Quarantine | None = None) -> dict[str, Any]:
+    """``quarantine``: also report its entries, bytes, cap and dropped entries."""
     with db.session() as s:
         series = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
         outbox: dict[str, dict[str, int]] = {}
@@ -98,6 +101,7 @@ def node_status(db: Database, *, recent: int = 20) -> dict[str, Any]:
         "learning": learning,
         "update_outbox": {"counts": updates, "undelivered": undelivered},
         "federation": federation,
+        **({"quarantine": quarantine.usage().to_json()} if quarantine is not None else {}),
     }
 
 
@@ -129,6 +133,11 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append("Refused / failed series:")
         for r in status["refused_series"]:
             lines.append(f"  {r['series_uid']} [{r['state']}]: {r['reason']}")
+    q = status.get("quarantine")
+    if q is not None:
+        lines.append(f"Quarantine: {q['entries']} entries, {q['bytes'] / 2**20:.1f} MiB "
+                     f"(cap {q['max_entries']} entries, {q['max_bytes'] / 2**20:.0f} MiB); "
+                     f"{q['dropped']} oldest dropped to stay within it")
     counts = status["events"]["counts"]
     lines.append("Refusals and events: " + (", ".join(f"{k}={v}" for k, v in
                                                      sorted(counts.items())) or "none"))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from dicom_node.errors import DicomNodeError
+from dicom_node.loop_health import LoopHealth
 from dicom_node.metrics import observe_job
 from dicom_node.pipeline.flow import JobKind
 from dicom_node.store.jobs import Backoff, ClaimedJob, JobQueue, LeaseLost
@@ -70,12 +71,15 @@ class JobWorker:
 
     def _loop(self) -> None:
         owner = worker_identity()
+        health = LoopHealth("job worker", self.poll, logger=LOGGER)
         while not self._stop.is_set():
             try:
                 ran = self.run_one(owner)
-            except Exception:
-                LOGGER.exception("job worker error; continuing")
-                ran = False
+            except Exception as exc:
+                # The queue itself failed (database, disk): back off, say so once.
+                self._stop.wait(health.failed(exc))
+                continue
+            health.succeeded()
             if not ran:
                 self._wake.wait(self.poll)
                 self._wake.clear()

@@ -16,11 +16,13 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_node.config import NodeConfig
+from dicom_node.dicom.peer_text import escaped
 from dicom_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dicom_node.metrics import render as render_metrics
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
+from dicom_node.store.private import private_dir
 from viewer_bridge.auth import COOKIE, TokenCheck
 from viewer_bridge.dicomweb import PREFIX, DicomWebRoutes
 from viewer_bridge.headers import HeaderCache
@@ -47,8 +49,9 @@ class BearerAuth:
             request = Request(scope)
             if not self.tokens.from_headers(request.headers.get("authorization"),
                                             request.cookies.get(COOKIE)):
-                LOGGER.warning("refused %s %s from %s: no valid token", scope["method"],
-                               scope["path"][:80], (scope.get("client") or ("?",))[0])
+                LOGGER.warning("refused %s %s from %s: no valid token",
+                               escaped(scope["method"], 16), escaped(scope["path"], 80),
+                               escaped((scope.get("client") or ("?",))[0]))
                 body = json.dumps({"error": "a valid bearer token is required"}).encode()
                 response = Response(body, status_code=401, media_type="application/json",
                                     headers={"WWW-Authenticate": 'Bearer realm="tessera"'})
@@ -65,7 +68,8 @@ def create_app(config: NodeConfig, db: Database, files: InstanceFiles,
     index = BridgeIndex(db, files)
     headers = HeaderCache()
     stow = StowService(store, int(config.dicom.max_instance_mb * 1024 * 1024))
-    dicomweb = DicomWebRoutes(index, headers, stow, int(http.max_stow_mb * 1024 * 1024))
+    dicomweb = DicomWebRoutes(index, headers, stow, int(http.max_stow_mb * 1024 * 1024),
+                              spool_dir=private_dir(config.node.data_dir / "spool"))
     ohif_base = http.ohif_url or ("/" if http.ohif_dir else "")
 
     async def healthz(request: Request) -> Response:
@@ -81,7 +85,7 @@ def create_app(config: NodeConfig, db: Database, files: InstanceFiles,
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        body = await run_in_threadpool(render_metrics, db)
+        body = await run_in_threadpool(render_metrics, db, files.kept)
         return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     async def status_json(request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -21,9 +22,9 @@ from viewer_bridge.index import BadUid, BridgeIndex, InstanceRef, valid_uid
 from viewer_bridge.metadata import PIXEL_DATA, instance_metadata
 from viewer_bridge.multipart import (
     MultipartError,
+    RelatedParser,
     media_type,
     new_boundary,
-    parse_related,
     related_content_type,
     write_related,
 )
@@ -46,12 +47,14 @@ class DicomWebRoutes:
     """The route handlers, bound to the node's index, files and store."""
 
     def __init__(self, index: BridgeIndex, headers: HeaderCache, stow: StowService,
-                 max_stow_bytes: int) -> None:
+                 max_stow_bytes: int, spool_dir: Path | None = None) -> None:
+        """``spool_dir``: where STOW-RS parts over 1 MiB wait while the body arrives."""
         self.index = index
         self.headers = headers
         self.qido = QidoService(index, headers)
         self.stow = stow
         self.max_stow_bytes = max_stow_bytes
+        self.spool_dir = spool_dir
 
     # ------------------------------------------------------------------ helpers
 
@@ -182,32 +185,53 @@ class DicomWebRoutes:
         boundary = params.get("boundary", "")
         if not boundary:
             return error(400, "the multipart/related content type has no boundary")
+        low = self.stow.store.space_refusal()
+        if low is not None:
+            await _drain(request, _DRAIN_BYTES)
+            return error(503, f"the node is not accepting instances now: {low}",
+                         headers={"Retry-After": "300"})
         limit = self.max_stow_bytes
         too_big = error(413, f"the request body exceeds the limit of {limit} bytes")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _drain(request, limit + _DRAIN_BYTES)
             return too_big
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit + _DRAIN_BYTES:
-                return too_big
-            if size > limit:
-                chunks.clear()  # keep reading (and dropping) so the client gets the 413
-                continue
-            chunks.append(chunk)
-        if size > limit:
-            return too_big
-        body = b"".join(chunks)
-        del chunks
+        # Parsed as it arrives, each part spooled (to disk past 1 MiB): memory stays
+        # bounded by the largest part, not the body.
         try:
-            parts = await run_in_threadpool(parse_related, body, boundary)
+            parser = RelatedParser(boundary, spool_dir=self.spool_dir)
         except MultipartError as exc:
             return error(400, str(exc))
-        peer = Peer(ae_title=None, address=request.client.host if request.client else None)
-        result = await run_in_threadpool(self.stow.store_parts, parts, study_uid, peer)
+        try:
+            size = 0
+            pending: list[bytes] = []
+            pending_size = 0
+            broken: MultipartError | None = None
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit + _DRAIN_BYTES:
+                    return too_big
+                if size > limit or broken is not None:
+                    continue  # keep reading (and dropping) so the client gets the answer
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= _FEED_BYTES:
+                    broken = await _feed(parser, pending)
+                    pending, pending_size = [], 0
+            if size > limit:
+                return too_big
+            broken = broken or await _feed(parser, pending)
+            if broken is not None:
+                return error(400, str(broken))
+            try:
+                parts = parser.finish()
+            except MultipartError as exc:
+                return error(400, str(exc))
+            peer = Peer(ae_title=None,
+                        address=request.client.host if request.client else None)
+            result = await run_in_threadpool(self.stow.store_parts, parts, study_uid, peer)
+        finally:
+            parser.close()
         warnings = "; ".join(reason for *_, reason in result.failed)
         headers = {"Warning": f'299 tessera "{_header_text(warnings)}"'} if warnings else None
         return dicom_json(result.to_json(self.base(request), study_uid),
@@ -263,6 +287,18 @@ def _instance_bytes(ref: InstanceRef, transfer_syntax: str) -> bytes:
 # A client that is still sending when the 413 goes out sees a reset instead of the
 # answer; read (and drop) this much more so ordinary clients get the reason.
 _DRAIN_BYTES = 64 * 1024 * 1024
+_FEED_BYTES = 1 << 20  # body bytes handed to the parser at once (off the event loop)
+
+
+async def _feed(parser: RelatedParser, chunks: list[bytes]) -> MultipartError | None:
+    """Feed ``chunks`` to ``parser`` off the event loop; the error when the body is bad."""
+    if not chunks:
+        return None
+    try:
+        await run_in_threadpool(parser.feed, b"".join(chunks))
+    except MultipartError as exc:
+        return exc
+    return None
 
 
 async def _drain(request: Request, budget: int) -> None:

@@ -1,15 +1,21 @@
 """multipart/related bodies (PS3.18 8.6): parsing STOW-RS requests, writing WADO-RS answers.
 
-Parsing uses python-multipart's streaming parser; the whole body is parsed before any
-part is used, so a broken body stores nothing.
+Parsing uses python-multipart's streaming parser, fed as the body arrives
+(:class:`RelatedParser`): each part goes to its own spool file (in memory up to
+``SPOOL_IN_MEMORY`` bytes, then on disk), so a large body is never held in memory at
+once. The whole body is parsed before any part is used, so a broken body stores
+nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
@@ -18,6 +24,7 @@ from viewer_bridge.errors import BridgeError
 LOGGER = logging.getLogger(__name__)
 
 CRLF = b"\r\n"
+SPOOL_IN_MEMORY = 1 << 20  # a part larger than this is spooled to disk
 
 
 class MultipartError(BridgeError, ValueError):
@@ -28,15 +35,24 @@ class MultipartError(BridgeError, ValueError):
 class Part:
     headers: dict[str, str] = field(default_factory=dict)
     chunks: list[bytes] = field(default_factory=list)
+    spool: IO[bytes] | None = None  # the part's bytes, when parsed by RelatedParser
 
     @property
     def data(self) -> bytes:
+        """The part's bytes (read from its spool file on each call)."""
+        if self.spool is not None:
+            self.spool.seek(0)
+            return self.spool.read()
         return b"".join(self.chunks)
 
     @property
     def content_type(self) -> str | None:
         value = self.headers.get("content-type")
         return media_type(value)[0] if value else None
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
 
 
 def media_type(header: str) -> tuple[str, dict[str, str]]:
@@ -49,8 +65,96 @@ def media_type(header: str) -> tuple[str, dict[str, str]]:
             {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in params.items()})
 
 
+class RelatedParser:
+    """A multipart/related body parsed as it arrives, each part spooled.
+
+    ``spool_dir``: where parts over ``SPOOL_IN_MEMORY`` bytes go (the system's temporary
+    directory when ``None``). :meth:`close` releases every part's spool.
+    """
+
+    def __init__(self, boundary: str, *, max_parts: int = 10_000,
+                 spool_dir: Path | None = None) -> None:
+        if not boundary or len(boundary) > 70:
+            raise MultipartError(
+                "the multipart boundary is missing or longer than 70 characters")
+        self.parts: list[Part] = []
+        self._max_parts = max_parts
+        self._spool_dir = spool_dir
+        self._field: list[bytes] = []
+        self._value: list[bytes] = []
+        self._finished = False
+        self._parser = MultipartParser(boundary, {  # type: ignore[arg-type]
+            "on_part_begin": self._begin, "on_part_data": self._data,
+            "on_header_field": self._header_field, "on_header_value": self._header_value,
+            "on_header_end": self._header_end, "on_end": self._end,
+        })
+
+    def _begin(self) -> None:
+        if len(self.parts) >= self._max_parts:
+            raise MultipartError(f"more than {self._max_parts} parts")
+        spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by Part.close)
+            max_size=SPOOL_IN_MEMORY,
+            dir=str(self._spool_dir) if self._spool_dir is not None else None)
+        self.parts.append(Part(spool=spool))  # type: ignore[arg-type]
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        spool = self.parts[-1].spool
+        assert spool is not None
+        spool.write(memoryview(data)[start:end])
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field.append(data[start:end])
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value.append(data[start:end])
+
+    def _header_end(self) -> None:
+        name = b"".join(self._field).decode("latin-1").strip().lower()
+        self.parts[-1].headers[name] = b"".join(self._value).decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _end(self) -> None:
+        self._finished = True
+
+    def feed(self, chunk: bytes) -> None:
+        """Parse the next bytes of the body.
+
+        Raises
+        ------
+        MultipartError
+            A malformed delimiter or header, or more parts than allowed.
+        """
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise MultipartError(f"malformed multipart body: {exc}") from None
+
+    def finish(self) -> list[Part]:
+        """The parts, once the whole body was fed.
+
+        Raises
+        ------
+        MultipartError
+            No parts, or a body that ends before the closing delimiter.
+        """
+        try:
+            self._parser.finalize()
+        except MultipartParseError as exc:
+            raise MultipartError(f"malformed multipart body: {exc}") from None
+        if not self._finished:
+            raise MultipartError("the multipart body ends before its closing boundary")
+        if not self.parts:
+            raise MultipartError("the multipart body has no parts")
+        return self.parts
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
 def parse_related(body: bytes, boundary: str, *, max_parts: int = 10_000) -> list[Part]:
-    """Split a multipart body into its parts.
+    """Split a whole multipart body into its parts (see :class:`RelatedParser`).
 
     Raises
     ------
@@ -58,52 +162,13 @@ def parse_related(body: bytes, boundary: str, *, max_parts: int = 10_000) -> lis
         No parts, a malformed delimiter or header, a body that ends before the closing
         delimiter, or more than ``max_parts`` parts.
     """
-    if not boundary or len(boundary) > 70:
-        raise MultipartError("the multipart boundary is missing or longer than 70 characters")
-    parts: list[Part] = []
-    header_field: list[bytes] = []
-    header_value: list[bytes] = []
-    finished = False
-
-    def on_part_begin() -> None:
-        if len(parts) >= max_parts:
-            raise MultipartError(f"more than {max_parts} parts")
-        parts.append(Part())
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1].chunks.append(data[start:end])
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header_field.append(data[start:end])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header_value.append(data[start:end])
-
-    def on_header_end() -> None:
-        name = b"".join(header_field).decode("latin-1").strip().lower()
-        parts[-1].headers[name] = b"".join(header_value).decode("latin-1").strip()
-        header_field.clear()
-        header_value.clear()
-
-    def on_end() -> None:
-        nonlocal finished
-        finished = True
-
-    parser = MultipartParser(boundary, {  # type: ignore[arg-type]
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data,
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_end": on_end,
-    })
+    parser = RelatedParser(boundary, max_parts=max_parts)
     try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise MultipartError(f"malformed multipart body: {exc}") from None
-    if not finished:
-        raise MultipartError("the multipart body ends before its closing boundary")
-    if not parts:
-        raise MultipartError("the multipart body has no parts")
-    return parts
+        parser.feed(body)
+        return parser.finish()
+    except MultipartError:
+        parser.close()
+        raise
 
 
 def new_boundary() -> str:

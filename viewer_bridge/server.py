@@ -15,6 +15,7 @@ from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
 from viewer_bridge.app import create_app
+from viewer_bridge.http_limits import guarded_h11
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,9 +60,14 @@ def start_bridge(config: NodeConfig, db: Database, files: InstanceFiles,
     sock.listen(128)
     port = int(sock.getsockname()[1])
     app = create_app(config, db, files, store)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                          lifespan="off", timeout_graceful_shutdown=5,
-                                          server_header=False))
+    # Header timeout and connection cap (viewer_bridge.http_limits); uvicorn answers 503
+    # to requests at limit_concurrency and closes idle keep-alive connections after 5 s.
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off",
+        timeout_graceful_shutdown=5, server_header=False,
+        http=guarded_h11(http.header_timeout_s, http.max_connections),
+        limit_concurrency=http.max_connections, timeout_keep_alive=5,
+        h11_max_incomplete_event_size=64 * 1024))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="viewer-bridge", daemon=True)
     thread.start()

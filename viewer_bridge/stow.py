@@ -19,6 +19,7 @@ import pydicom
 
 from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
+from dicom_node.dicom.peer_text import escaped
 from dicom_node.dicom.status import Status
 from dicom_node.metrics import count_received, count_refused
 from dicom_node.store.files import check_uid
@@ -116,7 +117,8 @@ class StowService:
 
     def _refuse(self, result: StowResult, data: bytes, peer: Peer, status: int, reason: str,
                 sop_class: str | None = None, sop: str | None = None) -> None:
-        LOGGER.warning("STOW-RS part refused from %s: 0x%04X %s", peer.address, status, reason)
+        LOGGER.warning("STOW-RS part refused from %s: 0x%04X %s", escaped(peer.address), status,
+                       escaped(reason, 200))
         self.store.quarantine(data, "stow-refused", reason, peer, sop, status=status)
         count_refused("stow", status)
         result.failed.append((sop_class, sop, status, reason))
@@ -162,7 +164,8 @@ class StowService:
         try:
             outcome = self.store.ingest(framed, header, peer)
         except Exception as exc:
-            LOGGER.exception("cannot store %s from %s", header.sop_instance_uid, peer.address)
+            LOGGER.exception("cannot store %s from %s", header.sop_instance_uid,
+                             escaped(peer.address))
             self.store.audit("store-failed", f"cannot store: {exc}", peer,
                              header.sop_instance_uid, header.series_uid,
                              status=int(Status.OUT_OF_RESOURCES))
@@ -174,7 +177,7 @@ class StowService:
                                   DUPLICATE_CONFLICT,
                                   "SOP Instance UID already stored with other content"))
             return
-        LOGGER.info("STOW-RS stored %s from %s (%s)", header.sop_instance_uid, peer.address,
-                    outcome)
+        LOGGER.info("STOW-RS stored %s from %s (%s)", header.sop_instance_uid,
+                    escaped(peer.address), outcome)
         result.stored.append((header.sop_class_uid, header.sop_instance_uid))
         count_received("stow")

@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from dicom_node.dicom.peer_text import escaped
 from viewer_bridge.auth import COOKIE, TokenCheck
 
 LOGGER = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ def login_routes(tokens: TokenCheck, secure_cookie: bool):
         token = str(form.get("token") or "")
         nxt = safe_next(str(form.get("next") or "/"))
         if not tokens.valid(token):
-            LOGGER.warning("failed sign-in from %s", request.client.host if request.client
-                           else "?")
+            LOGGER.warning("failed sign-in from %s",
+                           escaped(request.client.host if request.client else "?"))
             return HTMLResponse(_LOGIN.format(message="That token is not valid.",
                                               next=html.escape(nxt)), status_code=401)
         response = RedirectResponse(nxt, status_code=303)

@@ -1,7 +1,9 @@
-"""The node's DICOM SCP: C-ECHO and C-STORE, allowlist, TCP_NODELAY.
+"""The node's DICOM SCP: C-ECHO and C-STORE, allowlist, connection limits, TCP_NODELAY.
 
 Handlers are plain functions bound as data with their dependencies; they return
-DICOM statuses and never raise.
+DICOM statuses and never raise. The server around them (dicom_node.dicom.server)
+enforces the connection, PDU and command limits; peer-controlled text is logged
+through :func:`escaped` only.
 """
 
 from __future__ import annotations
@@ -9,20 +11,25 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import DicomSettings
+from dicom_node.dicom.association import AssociationHooks, AssociationLimits, NodeAE
+from dicom_node.dicom.connections import ConnectionGuard, ConnectionLimits, LimitReporter
 from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
+from dicom_node.dicom.peer_text import escape_library_logs, escaped
+from dicom_node.dicom.server import GuardedAssociationServer
 from dicom_node.dicom.status import Status
 from dicom_node.metrics import count_received, count_refused
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer
@@ -36,6 +43,7 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 StoredCallback = Callable[[str, IngestOutcome], None]
+OVERSIZE_KEPT_BYTES = 64 * 1024 * 1024
 
 
 # pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (default 1 ms);
@@ -45,9 +53,7 @@ DUL_POLL_S = 0.0001
 
 
 def set_nodelay(event: Event) -> None:
-    """Disable Nagle on every association socket (avoids ~40 ms stalls per PDU) and
-    shorten the DUL thread's idle poll."""
-    event.assoc.dul._run_loop_delay = DUL_POLL_S
+    """Disable Nagle on every association socket (avoids ~40 ms stalls per PDU)."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         try:
@@ -56,10 +62,23 @@ def set_nodelay(event: Event) -> None:
             LOGGER.debug("could not set TCP_NODELAY", exc_info=True)
 
 
+def poll_fast(event: Event) -> None:
+    """Shorten the DUL thread's idle poll once the association is accepted (not before:
+    a crowd of connections that never associate must not spin)."""
+    event.assoc.dul._run_loop_delay = DUL_POLL_S
+
+
 def peer_of(event: Event) -> Peer:
-    req = event.assoc.requestor
-    acc = event.assoc.acceptor
-    return Peer(ae_title=(req.ae_title or "").strip() or None, address=req.address,
+    return peer_of_association(event.assoc)
+
+
+def peer_of_association(assoc: Association) -> Peer:
+    """Who is on the other end; the calling AE title escaped (it reaches the index, the
+    audit trail and ``tessera node status``; a valid one is unchanged)."""
+    req = assoc.requestor
+    acc = assoc.acceptor
+    calling = (req.ae_title or "").strip()
+    return Peer(ae_title=escaped(calling, 16)[:16] if calling else None, address=req.address,
                 called_ae=(acc.ae_title or "").strip() or None)
 
 
@@ -71,12 +90,29 @@ def handle_requested(event: Event, settings: DicomSettings, store: InstanceStore
     address = assoc.requestor.address
     if settings.allows(calling, address):
         return
-    LOGGER.warning("rejecting association from %s@%s: not on the allowlist", calling, address)
+    LOGGER.warning("rejecting association from %s@%s: not on the allowlist", escaped(calling),
+                   escaped(address))
     store.audit("association-rejected", f"calling AE {calling!r} from {address} not allowed",
-                Peer(ae_title=calling[:16], address=address))
+                Peer(ae_title=escaped(calling, 16)[:16], address=address))
     # permanent rejection, service-user source, calling AE title not recognised
     assoc.acse.send_reject(0x01, 0x01, 0x03)
     assoc.kill()
+
+
+LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)  # A-ASSOCIATE-RJ source and reason pynetdicom sends
+
+
+def handle_rejected(event: Event, reporter: LimitReporter, max_associations: int) -> None:
+    """Report an association rejected at ``max_associations`` (rate-limited)."""
+    primitive = event.assoc.acceptor.primitive
+    if primitive is None or (primitive.result_source, primitive.diagnostic) != \
+            LOCAL_LIMIT_EXCEEDED:
+        return
+    peer = peer_of_association(event.assoc)
+    reporter.report("association-limit",
+                    f"{max_associations} associations already open "
+                    "(dicom.max_associations); rejected, local limit exceeded",
+                    peer.address, peer.ae_title)
 
 
 def handle_echo(event: Event) -> int:
@@ -101,10 +137,13 @@ def handle_store(
 def _store(event: Event, store: InstanceStore, max_bytes: int,
            on_stored: StoredCallback | None) -> int:
     peer = peer_of(event)
+    if store.space_refusal() is not None:  # logged and audited once per change
+        return Status.OUT_OF_RESOURCES
     try:
         dataset = event.encoded_dataset(include_meta=False)
     except Exception:
-        LOGGER.exception("cannot read C-STORE data from %s@%s", peer.ae_title, peer.address)
+        LOGGER.exception("cannot read C-STORE data from %s@%s", escaped(peer.ae_title),
+                         escaped(peer.address))
         return Status.CANNOT_UNDERSTAND
     context = event.context
     # The C-STORE-RQ's Affected SOP Instance UID (the event's request is a C-STORE).
@@ -118,14 +157,14 @@ def _store(event: Event, store: InstanceStore, max_bytes: int,
             max_bytes=max_bytes,
         )
     except RefusedInstance as exc:
-        LOGGER.warning("refused instance from %s@%s: 0x%04X %s",
-                       peer.ae_title, peer.address, exc.status, exc.reason)
+        LOGGER.warning("refused instance from %s@%s: 0x%04X %s", escaped(peer.ae_title),
+                       escaped(peer.address), exc.status, escaped(exc.reason, 200))
         store.quarantine(dataset, "instance-refused", exc.reason, peer,
                          affected_uid[:64] or None,
                          status=int(exc.status))
         return int(exc.status)
     except Exception as exc:  # a decoder bug must not take the association down
-        LOGGER.exception("unexpected error decoding an instance from %s", peer.address)
+        LOGGER.exception("unexpected error decoding an instance from %s", escaped(peer.address))
         store.quarantine(dataset, "instance-refused", f"cannot decode: {exc}", peer,
                          status=int(Status.CANNOT_UNDERSTAND))
         return Status.CANNOT_UNDERSTAND
@@ -135,12 +174,13 @@ def _store(event: Event, store: InstanceStore, max_bytes: int,
     try:
         outcome = store.ingest(data, header, peer)
     except Exception as exc:
-        LOGGER.exception("cannot store %s from %s", header.sop_instance_uid, peer.address)
+        LOGGER.exception("cannot store %s from %s", header.sop_instance_uid,
+                         escaped(peer.address))
         store.audit("store-failed", f"cannot store: {exc}", peer, header.sop_instance_uid,
                     header.series_uid, status=int(Status.OUT_OF_RESOURCES))
         return Status.OUT_OF_RESOURCES
-    LOGGER.debug("stored %s from %s@%s (%s)", header.sop_instance_uid, peer.ae_title,
-                 peer.address, outcome)
+    LOGGER.debug("stored %s from %s@%s (%s)", header.sop_instance_uid, escaped(peer.ae_title),
+                 escaped(peer.address), outcome)
     if on_stored is not None:
         try:
             on_stored(header.series_uid, outcome)
@@ -152,7 +192,7 @@ def _store(event: Event, store: InstanceStore, max_bytes: int,
 @dataclass
 class RunningSCP:
     ae: AE
-    server: ThreadedAssociationServer
+    server: GuardedAssociationServer
 
     @property
     def port(self) -> int:
@@ -164,10 +204,11 @@ class RunningSCP:
 
 
 def build_ae(settings: DicomSettings) -> AE:
-    ae = AE(ae_title=settings.ae_title)
+    ae = NodeAE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.network_timeout = settings.network_timeout_s
-    ae.acse_timeout = 30
+    # How long an acceptor waits for the A-ASSOCIATE-RQ (and the ARTIM timer).
+    ae.acse_timeout = settings.association_timeout_s
     ae.dimse_timeout = settings.network_timeout_s
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
@@ -189,24 +230,59 @@ def server_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
     return context
 
 
+def association_hooks(store: InstanceStore, reporter: LimitReporter) -> AssociationHooks:
+    """What the association layer does at its limits: report, count, quarantine."""
+
+    def pdu_refused(assoc: Association, reason: str) -> None:
+        peer = peer_of_association(assoc)
+        reporter.report("pdu-oversized", reason, peer.address, peer.ae_title)
+
+    def command_refused(assoc: Association, status: int, reason: str, dataset: bytes) -> None:
+        peer = peer_of_association(assoc)
+        LOGGER.warning("refused request from %s@%s: 0x%04X %s", escaped(peer.ae_title),
+                       escaped(peer.address), status, escaped(reason, 200))
+        count_refused("dicom", status)
+        store.quarantine(dataset, "instance-refused", reason, peer, status=status)
+
+    return AssociationHooks(pdu_refused=pdu_refused, command_refused=command_refused)
+
+
 def start_scp(
     settings: DicomSettings,
     store: InstanceStore,
     on_stored: StoredCallback | None = None,
 ) -> RunningSCP:
     """Start the SCP in background threads; ``settings.port`` 0 lets the OS pick."""
+    escape_library_logs("pynetdicom")
     ae = build_ae(settings)
     max_bytes = int(settings.max_instance_mb * 1024 * 1024)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, set_nodelay),
+        (evt.EVT_ACCEPTED, poll_fast),
         (evt.EVT_REQUESTED, handle_requested, [settings, store]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store, max_bytes, on_stored]),
     ]
     context = server_ssl_context(settings)
-    server = ae.start_server((settings.host, settings.port), block=False,
-                             evt_handlers=handlers, ssl_context=context)
-    assert server is not None
+    reporter = LimitReporter(store.audit, settings.limit_report_interval_s)
+    handlers.append((evt.EVT_REJECTED, handle_rejected, [reporter, settings.max_associations]))
+    guard = ConnectionGuard(
+        ConnectionLimits(settings.association_timeout_s, settings.max_connections_per_address,
+                         settings.max_connections),
+        reporter, settings.allows_address)
+    server = cast(GuardedAssociationServer, ae.make_server(
+        (settings.host, settings.port), ssl_context=context, evt_handlers=handlers,
+        server_class=GuardedAssociationServer, guard=guard,
+        # A data set over the instance limit is refused (0xA700) either way; up to
+        # OVERSIZE_KEPT_BYTES past the limit it is still kept whole for the quarantine,
+        # beyond that its bytes are dropped as they arrive so memory stays bounded.
+        limits=AssociationLimits(settings.max_association_request_kb * 1024,
+                                 max_bytes + OVERSIZE_KEPT_BYTES),
+        hooks=association_hooks(store, reporter), backlog=settings.listen_backlog,
+        socket_timeout_s=settings.network_timeout_s))
+    guard.start()
+    threading.Thread(target=server.serve_forever, name="dicom-scp-accept",
+                     daemon=True).start()
     LOGGER.info("DICOM SCP %s listening on %s:%s%s", settings.ae_title, settings.host,
                 server.server_address[1], " (TLS)" if context else "")
     return RunningSCP(ae, server)

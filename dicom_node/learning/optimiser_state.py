@@ -33,6 +33,7 @@ from safetensors.torch import save as torch_save
 
 from dicom_node.learning.errors import WeightsError
 from dicom_node.learning.safetensors_io import atomic_write, read_metadata
+from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def from_bytes(data: bytes) -> OptimiserState:
 def save(path: Path, state: Mapping[str, torch.Tensor],
          metadata: Mapping[str, str] | None = None) -> None:
     """Write atomically (a crash leaves the previous state or none, never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     atomic_write(path, to_bytes(state, metadata))
 
 

@@ -58,6 +58,7 @@ from dicom_node.store.models import (
     Series,
     TrainingSample,
 )
+from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class CorrectionIntake(SeriesStage):
         data = encode_sample(sample)
         rel = f"{SAMPLES_DIR}/{_safe(draft.seg_sop_instance_uid)}.npz"
         target = self.config.node.data_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(target)

@@ -15,6 +15,7 @@ import threading
 
 from sqlalchemy import select
 
+from dicom_node.loop_health import LoopHealth
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.versions import activate_serving
 from dicom_node.store.db import Database
@@ -70,8 +71,13 @@ class ServingFollower:
             self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        health = LoopHealth("following the serving model versions", self.interval_s,
+                            max_s=max(60.0, self.interval_s), logger=LOGGER)
+        wait = health.interval_s
+        while not self._stop.wait(wait):
             try:
                 self.check()
-            except Exception:  # the database or a weights file: try again next time
-                LOGGER.exception("following the serving model versions failed; retrying")
+            except Exception as exc:  # the database or a weights file: try again later
+                wait = health.failed(exc)
+            else:
+                wait = health.succeeded()

@@ -67,6 +67,7 @@ from dicom_node.store.models import (
     TrainingSample,
     UpdateOutboxItem,
 )
+from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class IncrementalTrainer:
                 "num_slices": metrics["training"]["slices"], "trained_groups": groups,
                 "validation": metrics["held_out"]})
             update_path = self.data_dir / "updates" / f"{update_id}.safetensors"
-            update_path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(update_path.parent)
             atomic_write(update_path, data)
             atomic_write(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
         now = datetime.now(UTC)

@@ -6,16 +6,17 @@ before they become path components, so a hostile UID cannot escape the root.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicom_node.dicom.peer_text import escaped
 from dicom_node.errors import InvalidDatasetError, StoreError
+from dicom_node.store.durable import fsync_dir, stage_durable, write_durable
+from dicom_node.store.private import private_dir
+from dicom_node.store.quarantine import Quarantine
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,72 +33,18 @@ def check_uid(value: object, name: str) -> str:
     """
     text = str(value).strip().rstrip("\x00") if value is not None else ""
     if not text or len(text) > 64 or not _UID_RE.match(text):
-        raise InvalidDatasetError(f"{name} is missing or not a valid UID: {text[:80]!r}")
+        raise InvalidDatasetError(f"{name} is missing or not a valid UID: {escaped(text)}")
     return text
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durable(path: Path, stop: Path) -> None:
-    """Create ``path`` and fsync each newly created directory's parent."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists() and p != stop and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        fsync_dir(d.parent)
-
-
-def write_durable(path: Path, data: bytes, root: Path) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
-    tmp = stage_durable(path, data, root)
-    try:
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
-
-
-def stage_durable(path: Path, data: bytes, root: Path) -> Path:
-    """Write ``data`` fsync'd to a temporary name beside ``path``; returns that name."""
-    _makedirs_durable(path.parent, root)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
-    return tmp
 
 
 class InstanceFiles:
     """Where instance files and quarantined payloads live."""
 
-    def __init__(self, root: Path, quarantine: Path) -> None:
-        self.root = root.resolve()
-        self.quarantine_root = quarantine.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.quarantine_root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, quarantine: Path, *, quarantine_max_files: int = 1000,
+                 quarantine_max_bytes: int = 2 << 30) -> None:
+        self.root = private_dir(root.resolve())
+        self.kept = Quarantine(quarantine, quarantine_max_files, quarantine_max_bytes)
+        self.quarantine_root = private_dir(self.kept.root)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         for value, name in ((study_uid, "StudyInstanceUID"), (series_uid, "SeriesInstanceUID"),
@@ -132,11 +79,6 @@ class InstanceFiles:
         return self.absolute(relative).read_bytes()
 
     def quarantine(self, data: bytes, details: dict[str, Any]) -> Path:
-        """Keep a refused payload and why, for inspection; returns the payload's path."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        name = f"{stamp}-{uuid.uuid4().hex[:12]}"
-        payload = self.quarantine_root / f"{name}.bin"
-        write_durable(payload, data, self.quarantine_root)
-        meta = json.dumps(details, indent=2, default=str).encode()
-        write_durable(self.quarantine_root / f"{name}.json", meta, self.quarantine_root)
-        return payload
+        """Keep a refused payload and why, for inspection (within the quarantine's cap);
+        returns the payload's path."""
+        return self.kept.keep(data, details)

@@ -1,9 +1,11 @@
 """The instance store: durable files plus their index rows, and the audit trail.
 
 Duplicate rule: an instance whose SOP Instance UID is already stored is answered as
-stored (Success). Identical bytes change nothing. Different bytes under the same
-UID keep the first version (as most PACS do by default); the newcomer is
-quarantined next to an ``duplicate-conflict`` audit event so nothing is lost.
+stored (Success). Its identity is the dataset, without the file meta group (which
+records the sender's AE title and the node's implementation): the same dataset again,
+from another AE or by STOW-RS after a C-STORE, changes nothing. A different dataset
+under the same UID keeps the first version (as most PACS do by default); the newcomer
+is quarantined next to a ``duplicate-conflict`` audit event so nothing is lost.
 A late instance of a series that was already complete reopens it (state back to
 ``receiving``), so routing runs again and the outbox sends only what is new.
 """
@@ -21,17 +23,30 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import InstanceHeader
+from dicom_node.errors import StoreError
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.models import AuditEvent, Instance, Series, SeriesState, Study
+from dicom_node.store.space import DiskWatermark
 
 LOGGER = logging.getLogger(__name__)
 
 
+def dataset_digest(data: bytes) -> str:
+    """sha256 of a Part 10 file's dataset, after its file meta group (of all of
+    ``data`` when it has none)."""
+    try:
+        offset = dataset_offset(data)
+    except ValueError:
+        offset = 0
+    return hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+
+
 class IngestOutcome(StrEnum):
     STORED = "stored"
-    DUPLICATE = "duplicate"                  # identical bytes already stored
+    DUPLICATE = "duplicate"                  # the same dataset already stored
     DUPLICATE_CONFLICT = "duplicate-conflict"  # same UID, other bytes: first kept
 
 
@@ -45,9 +60,15 @@ class Peer:
 class InstanceStore:
     """Stores received instances durably and indexes them."""
 
-    def __init__(self, db: Database, files: InstanceFiles) -> None:
+    def __init__(self, db: Database, files: InstanceFiles,
+                 space: DiskWatermark | None = None) -> None:
         self.db = db
         self.files = files
+        self.space = space
+
+    def space_refusal(self) -> str | None:
+        """Why new instances are refused for lack of disk space now, or ``None``."""
+        return self.space.refusal() if self.space is not None else None
 
     def ingest(self, data: bytes, header: InstanceHeader, peer: Peer,
                *, produced_here: bool = False) -> IngestOutcome:
@@ -63,7 +84,7 @@ class InstanceStore:
         sqlalchemy.exc.SQLAlchemyError
             The index could not be updated (the caller answers 0xA700).
         """
-        digest = hashlib.sha256(data).hexdigest()
+        digest = dataset_digest(data)
         rel = self.files.relative_path(header.study_uid, header.series_uid,
                                        header.sop_instance_uid)
         # The bytes are on disk (fsync'd) before the index transaction; the rename into
@@ -78,7 +99,7 @@ class InstanceStore:
                         Instance.sop_instance_uid == header.sop_instance_uid)
                 ).first()
                 if existing is not None:
-                    if existing.sha256 == digest:
+                    if existing.sha256 == digest or self._same_dataset(existing.path, digest):
                         return IngestOutcome.DUPLICATE
                     conflict = existing.path
                 else:
@@ -93,6 +114,14 @@ class InstanceStore:
             peer, header.sop_instance_uid, header.series_uid, status=0,
         )
         return IngestOutcome.DUPLICATE_CONFLICT
+
+    def _same_dataset(self, relative: str, digest: str) -> bool:
+        """Whether the stored file's dataset has ``digest`` (rows from before the digest
+        covered the dataset only hold the whole file's)."""
+        try:
+            return dataset_digest(self.files.read(relative)) == digest
+        except (OSError, StoreError):
+            return False
 
     def _index(self, s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
                digest: str, produced_here: bool) -> None:
@@ -160,12 +189,16 @@ class InstanceStore:
     ) -> Path | None:
         """Keep a refused payload on disk and record why; never raises."""
         path: Path | None = None
+        low = self.space_refusal()
+        if low is not None:  # the room left is for the index and acknowledged instances
+            reason += f" (payload not kept: {low})"
         try:
-            path = self.files.quarantine(data, {
-                "kind": kind, "reason": reason, "status": status,
-                "peer_ae": peer.ae_title, "peer_address": peer.address,
-                "sop_instance_uid": sop_instance_uid,
-            })
+            if low is None:
+                path = self.files.quarantine(data, {
+                    "kind": kind, "reason": reason, "status": status,
+                    "peer_ae": peer.ae_title, "peer_address": peer.address,
+                    "sop_instance_uid": sop_instance_uid,
+                })
         except Exception:
             LOGGER.exception("could not quarantine a %s payload from %s", kind, peer.address)
         self.audit(kind, reason, peer, sop_instance_uid, series_uid, status=status,

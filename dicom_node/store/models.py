@@ -108,6 +108,9 @@ class Instance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(300))  # relative to the instance root
     size: Mapped[int] = mapped_column(Integer)
+    # Of the dataset after the file meta group: the instance's identity for duplicates
+    # (the meta group records who sent it and how). Rows written before 2026-12 hold
+    # the whole file's digest; InstanceStore compares the file itself for those.
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -3,6 +3,8 @@ SCU (this dcmtk is built without TLS: ``echoscu --help`` lists no +tls)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 import subprocess
 from collections.abc import Callable
@@ -69,3 +71,33 @@ def test_scp_tls_without_client_certificates(tls_dir: Path,
         "tls_cert": str(tls_dir / "node-dicom.pem"),
         "tls_key": str(tls_dir / "node-dicom.key")}))
     assert echo(node.port, client_context(tls_dir, with_cert=False)) == 0x0000
+
+
+def test_silent_tls_clients_stall_no_one_and_are_closed(
+    tls_dir: Path, start_node: Callable[..., Node], tmp_path: Path,  # noqa: F811
+) -> None:
+    """Connections that never send a ClientHello: the handshake waits in their own
+    threads (not the accept loop), other peers get in, and they are closed after
+    association_timeout_s."""
+    timeout_s = 2.0
+    node = start_node(node_config_data(tmp_path / "node", dicom={
+        "tls_cert": str(tls_dir / "node-dicom.pem"), "tls_key": str(tls_dir / "node-dicom.key"),
+        "association_timeout_s": timeout_s}))
+    silent = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(3)]
+    try:
+        ae = AE(ae_title="TLSSCU")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA",
+                             tls_args=(client_context(tls_dir, with_cert=False), "localhost"))
+        assert assoc.is_established, "a silent TLS client stalled everyone else"
+        status = assoc.send_c_echo()
+        assoc.release()
+        assert status and int(status.Status) == 0x0000
+        for sock in silent:
+            sock.settimeout(timeout_s + 10)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b"", "a silent TLS client was answered"
+    finally:
+        for sock in silent:
+            sock.close()

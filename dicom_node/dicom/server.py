@@ -1,0 +1,148 @@
+"""pynetdicom's association server with the node's connection hygiene.
+
+Subclasses of :class:`ThreadedAssociationServer` and its request handler:
+
+- the listen backlog is ``listen_backlog`` (pynetdicom keeps socketserver's 5);
+- every accepted connection passes the :class:`ConnectionGuard` (allowlist network,
+  per-address limit) before a thread is spent on it, and gets a socket timeout so a
+  read never blocks for ever;
+- TLS handshakes run in the connection's own thread, not in the accept loop, so one
+  silent TLS client cannot stall every other connection;
+- each association is a :class:`NodeAssociation` (PDU and DIMSE limits) that releases
+  its connection from the guard when it closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import ssl
+import threading
+from copy import deepcopy
+from datetime import datetime
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from dicom_node.dicom.association import AssociationHooks, AssociationLimits, NodeAssociation
+from dicom_node.dicom.connections import Connection, ConnectionGuard
+from dicom_node.dicom.peer_text import escaped
+
+LOGGER = logging.getLogger(__name__)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """Starts a :class:`NodeAssociation` for one admitted connection."""
+
+    server: GuardedAssociationServer
+
+    def handle(self) -> None:
+        conn = self.server.take_connection(self.request)
+        if conn is None:  # not admitted through verify_request: nothing to serve
+            self._close()
+            return
+        if isinstance(self.request, ssl.SSLSocket):
+            try:
+                self.request.do_handshake()
+            except (OSError, ValueError) as exc:
+                self.server.guard.reporter.report(
+                    "tls-handshake-failed", f"TLS handshake failed: {exc}", conn.address)
+                conn.release()
+                self._close()
+                return
+        assoc = self._create_association(conn)
+        conn.association = assoc
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.request.shutdown(socket.SHUT_RDWR)
+        self.request.close()
+
+    def _create_association(self, conn: Connection | None = None) -> NodeAssociation:  # type: ignore[override]
+        # pynetdicom's RequestHandler._create_association, building a NodeAssociation.
+        server = self.server
+        assoc = NodeAssociation(self.ae, MODE_ACCEPTOR, server.limits, server.hooks,
+                                on_close=conn.release if conn is not None else _nothing)
+        assoc._server = server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event, handlers in server._handlers.items():
+            if event.is_intervention and handlers:
+                assoc.bind(event, *handlers)
+            elif isinstance(event, evt.NotificationEvent):
+                for handler, args in handlers:  # type: ignore[misc]
+                    assoc.bind(event, handler, args)
+        return assoc
+
+
+def _nothing() -> None:
+    return None
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """The SCP's listening socket; see the module docstring."""
+
+    daemon_threads = True
+
+    def __init__(self, ae: Any, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: ssl.SSLContext | None = None,
+                 evt_handlers: list[Any] | None = None, *, guard: ConnectionGuard,
+                 limits: AssociationLimits, hooks: AssociationHooks, backlog: int,
+                 socket_timeout_s: float) -> None:
+        self.request_queue_size = backlog
+        self.guard = guard
+        self.limits = limits
+        self.hooks = hooks
+        self.socket_timeout_s = socket_timeout_s
+        self._admitted: dict[Any, Connection] = {}
+        self._admitted_lock = threading.Lock()
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
+                         request_handler=GuardedRequestHandler)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.settimeout(self.socket_timeout_s)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        conn = self.guard.admit(request, str(client_address[0]))
+        if conn is None:
+            return False
+        with self._admitted_lock:
+            self._admitted[request] = conn
+        return True
+
+    def take_connection(self, request: Any) -> Connection | None:
+        with self._admitted_lock:
+            return self._admitted.pop(request, None)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        LOGGER.exception("error serving a DICOM connection from %s",
+                         escaped(client_address[0] if client_address else None))
+        conn = self.take_connection(request)
+        if conn is not None:
+            conn.release()
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+        self.guard.stop()
+        if self in self.ae._servers:
+            self.ae._servers.remove(self)

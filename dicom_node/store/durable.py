@@ -1,0 +1,71 @@
+"""Durable writes: a temporary name beside the target, fsync'd, renamed, and the directory
+fsync'd, so that a crash at any moment leaves the old file or the new one, never half.
+
+A leaf of the store: instance files and the quarantine both write through it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from dicom_node.errors import StoreError
+from dicom_node.store.private import PRIVATE_DIR
+
+__all__ = ["fsync_dir", "stage_durable", "write_durable"]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path, stop: Path) -> None:
+    """Create ``path`` and fsync each newly created directory's parent."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p != stop and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            continue
+        os.chmod(d, PRIVATE_DIR)  # not masked by the umask
+        fsync_dir(d.parent)
+
+
+def write_durable(path: Path, data: bytes, root: Path) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
+    tmp = stage_durable(path, data, root)
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+
+
+def stage_durable(path: Path, data: bytes, root: Path) -> Path:
+    """Write ``data`` fsync'd to a temporary name beside ``path``; returns that name."""
+    _makedirs_durable(path.parent, root)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+    return tmp
