@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -120,97 +120,24 @@ def build_volume(
         not stacked along the normal (gantry tilt); missing slices (a gap larger than
         1.5x the median gap); otherwise inconsistent slice spacing; undecodable pixels.
     """
-    if not datasets:
-        raise SeriesRefused("the series has no instances")
-    series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
-    if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) > 1:
-        raise _refuse("instances of several series were mixed", series_uid)
-    modalities = {str(ds.get("Modality", "")) for ds in datasets}
-    if len(modalities) > 1:
-        raise _refuse(f"mixed modalities {sorted(modalities)}", series_uid)
-    modality = modalities.pop()
-    if allowed_modalities is not None and modality not in allowed_modalities:
-        allowed = ", ".join(sorted(allowed_modalities))
-        raise _refuse(
-            f"unsupported modality {modality or '(none)'}; allowed: {allowed}", series_uid
-        )
-
-    multi = [ds for ds in datasets if is_multi_frame(ds)]
-    if multi and len(datasets) > 1:
-        raise _refuse("a multi-frame instance must be the only instance of its series "
-                      f"({len(datasets)} instances, {len(multi)} multi-frame)", series_uid)
-    for ds in datasets:
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise _refuse("only single-sample (greyscale) images are supported", series_uid)
-        if "PixelData" not in ds:
-            raise _refuse("an instance has no pixel data", series_uid)
-
-    ipps, iops, spacings, sizes = [], [], [], []
-    frame_numbers: list[int] = []
-    if multi:
-        try:
-            frames = frame_geometry(multi[0])
-        except FrameGeometryError as exc:
-            raise _refuse(f"multi-frame instance: {exc}", series_uid) from exc
-        for frame in frames:
-            ipps.append(frame.position)
-            iops.append(frame.orientation)
-            spacings.append(frame.pixel_spacing)
-            sizes.append((int(multi[0].Rows), int(multi[0].Columns)))
-            frame_numbers.append(frame.frame_number)
-    for ds in datasets if not multi else ():
-        ipp = _floats(ds, "ImagePositionPatient", 3)
-        iop = _floats(ds, "ImageOrientationPatient", 6)
-        ps = _floats(ds, "PixelSpacing", 2)
-        if ipp is None or iop is None or ps is None:
-            raise _refuse(
-                "missing geometry (ImagePositionPatient, ImageOrientationPatient or "
-                f"PixelSpacing) in instance {ds.get('SOPInstanceUID', '?')}",
-                series_uid,
-            )
-        ipps.append(ipp)
-        iops.append(iop)
-        spacings.append(ps)
-        sizes.append((int(ds.Rows), int(ds.Columns)))
-
-    iop0 = iops[0]
-    if any(np.max(np.abs(iop - iop0)) > COSINE_TOL for iop in iops):
-        raise _refuse("mixed image orientations in one series", series_uid)
-    if len(set(sizes)) > 1:
-        raise _refuse(f"different frame sizes {sorted(set(sizes))}", series_uid)
-    if any(np.max(np.abs(ps - spacings[0])) > 1e-3 for ps in spacings):
-        raise _refuse("different pixel spacings in one series", series_uid)
+    series_uid, modality, multi = _check_series(datasets, allowed_modalities)
+    planes = _planes(datasets, multi, series_uid)
+    iop0, normal = _orientation(planes, series_uid)
     row_cos, col_cos = iop0[:3], iop0[3:]
-    normal = np.cross(row_cos, col_cos)
-    norm = np.linalg.norm(normal)
-    if norm < 0.5 or abs(float(np.dot(row_cos, col_cos))) > 1e-2:
-        raise _refuse("ImageOrientationPatient is not orthonormal", series_uid)
-    normal = normal / norm
 
-    positions = np.asarray(ipps)
+    positions = np.asarray(planes.positions)
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     positions, along = positions[order], along[order]
     unit = "frames" if multi else "instances"
-    first = datasets[0] if multi else datasets[int(order[0])]
+    first = multi if multi is not None else datasets[int(order[0])]
     slice_spacing = _slice_spacing(first, positions, along, normal, series_uid, unit)
 
-    sorted_frames = tuple(frame_numbers[int(i)] for i in order) if multi else ()
-    sorted_ds = tuple(multi) if multi else tuple(datasets[int(i)] for i in order)
-    try:
-        if multi:
-            pixels = frame_pixels(multi[0], sorted_frames)
-        else:
-            pixels = np.stack(
-                [
-                    np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
-                    for ds in sorted_ds
-                ]
-            )
-    except Exception as exc:  # any decoder failure is a refusal, not a crash
-        raise _refuse(f"cannot decode pixel data: {exc}", series_uid) from exc
+    sorted_frames = tuple(planes.frame_numbers[int(i)] for i in order) if multi else ()
+    sorted_ds = (multi,) if multi is not None else tuple(datasets[int(i)] for i in order)
+    pixels = _pixels(multi, sorted_frames, sorted_ds, series_uid)
 
-    row_mm, col_mm = float(spacings[0][0]), float(spacings[0][1])
+    row_mm, col_mm = float(planes.spacings[0][0]), float(planes.spacings[0][1])
     affine = np.eye(4)
     affine[:3, 0] = normal * slice_spacing
     affine[:3, 1] = col_cos * row_mm
@@ -233,6 +160,107 @@ def build_volume(
         modality=modality,
         frame_numbers=sorted_frames,
     )
+
+
+def _check_series(datasets: Sequence[Dataset], allowed_modalities: Collection[str] | None
+                  ) -> tuple[str, str, Dataset | None]:
+    """One series, one allowed modality, greyscale pixels; returns its UID, its modality
+    and its multi-frame instance (``None`` for single-frame slices)."""
+    if not datasets:
+        raise SeriesRefused("the series has no instances")
+    series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
+    if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) > 1:
+        raise _refuse("instances of several series were mixed", series_uid)
+    modalities = {str(ds.get("Modality", "")) for ds in datasets}
+    if len(modalities) > 1:
+        raise _refuse(f"mixed modalities {sorted(modalities)}", series_uid)
+    modality = modalities.pop()
+    if allowed_modalities is not None and modality not in allowed_modalities:
+        allowed = ", ".join(sorted(allowed_modalities))
+        raise _refuse(
+            f"unsupported modality {modality or '(none)'}; allowed: {allowed}", series_uid
+        )
+    multi = [ds for ds in datasets if is_multi_frame(ds)]
+    if multi and len(datasets) > 1:
+        raise _refuse("a multi-frame instance must be the only instance of its series "
+                      f"({len(datasets)} instances, {len(multi)} multi-frame)", series_uid)
+    for ds in datasets:
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise _refuse("only single-sample (greyscale) images are supported", series_uid)
+        if "PixelData" not in ds:
+            raise _refuse("an instance has no pixel data", series_uid)
+    return series_uid, modality, multi[0] if multi else None
+
+
+@dataclass
+class _Planes:
+    """Each slice's (or frame's) plane, in the order the instances or frames came."""
+
+    positions: list[np.ndarray] = field(default_factory=list)
+    orientations: list[np.ndarray] = field(default_factory=list)
+    spacings: list[np.ndarray] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    frame_numbers: list[int] = field(default_factory=list)
+
+
+def _planes(datasets: Sequence[Dataset], multi: Dataset | None, series_uid: str) -> _Planes:
+    planes = _Planes()
+    if multi is not None:
+        try:
+            frames = frame_geometry(multi)
+        except FrameGeometryError as exc:
+            raise _refuse(f"multi-frame instance: {exc}", series_uid) from exc
+        for frame in frames:
+            planes.positions.append(frame.position)
+            planes.orientations.append(frame.orientation)
+            planes.spacings.append(frame.pixel_spacing)
+            planes.sizes.append((int(multi.Rows), int(multi.Columns)))
+            planes.frame_numbers.append(frame.frame_number)
+        return planes
+    for ds in datasets:
+        ipp = _floats(ds, "ImagePositionPatient", 3)
+        iop = _floats(ds, "ImageOrientationPatient", 6)
+        ps = _floats(ds, "PixelSpacing", 2)
+        if ipp is None or iop is None or ps is None:
+            raise _refuse(
+                "missing geometry (ImagePositionPatient, ImageOrientationPatient or "
+                f"PixelSpacing) in instance {ds.get('SOPInstanceUID', '?')}",
+                series_uid,
+            )
+        planes.positions.append(ipp)
+        planes.orientations.append(iop)
+        planes.spacings.append(ps)
+        planes.sizes.append((int(ds.Rows), int(ds.Columns)))
+    return planes
+
+
+def _orientation(planes: _Planes, series_uid: str) -> tuple[np.ndarray, np.ndarray]:
+    """The series' one orientation and its unit slice normal; refuses mixed planes."""
+    iop0 = planes.orientations[0]
+    if any(np.max(np.abs(iop - iop0)) > COSINE_TOL for iop in planes.orientations):
+        raise _refuse("mixed image orientations in one series", series_uid)
+    if len(set(planes.sizes)) > 1:
+        raise _refuse(f"different frame sizes {sorted(set(planes.sizes))}", series_uid)
+    if any(np.max(np.abs(ps - planes.spacings[0])) > 1e-3 for ps in planes.spacings):
+        raise _refuse("different pixel spacings in one series", series_uid)
+    row_cos, col_cos = iop0[:3], iop0[3:]
+    normal = np.cross(row_cos, col_cos)
+    norm = np.linalg.norm(normal)
+    if norm < 0.5 or abs(float(np.dot(row_cos, col_cos))) > 1e-2:
+        raise _refuse("ImageOrientationPatient is not orthonormal", series_uid)
+    return iop0, normal / norm
+
+
+def _pixels(multi: Dataset | None, frames: tuple[int, ...], sorted_ds: tuple[Dataset, ...],
+            series_uid: str) -> np.ndarray:
+    """Pixels in modality units (HU for CT), slices in volume order."""
+    try:
+        if multi is not None:
+            return frame_pixels(multi, frames)
+        return np.stack([np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+                         for ds in sorted_ds])
+    except Exception as exc:  # any decoder failure is a refusal, not a crash
+        raise _refuse(f"cannot decode pixel data: {exc}", series_uid) from exc
 
 
 def _slice_spacing(
