@@ -130,47 +130,9 @@ def build_seg(
         ``labels`` does not match the volume's shape; ``specs`` is empty or repeats a
         label or name.
     """
-    if labels.shape != volume.shape:
-        raise ValueError(f"labels shape {labels.shape} differs from volume {volume.shape}")
-    if not specs:
-        raise ValueError("specs must name at least one segment")
-    if len({s.label for s in specs}) != len(specs) or len({s.name for s in specs}) != len(specs):
-        raise ValueError("specs must not repeat a label or a name")
-    lut = np.zeros(int(max(int(labels.max(initial=0)), max(s.label for s in specs))) + 1, np.uint8)
-    for number, spec in enumerate(specs, start=1):
-        lut[spec.label] = number
-    segment_map = lut[labels.astype(np.intp, copy=False)]
-
+    segment_map = _segment_map(volume, labels, specs)
+    descriptions = _segment_descriptions(volume, specs, algorithm)
     kind = algorithm.kind
-    ident = None
-    if kind is not SegAlgorithmType.MANUAL:
-        ident = hd.AlgorithmIdentificationSequence(
-            name=algorithm.name, family=_ALGORITHM_FAMILY, version=str(algorithm.generation)
-        )
-    descriptions = []
-    for number, spec in enumerate(specs, start=1):
-        desc = hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=spec.name,
-            segmented_property_category=spec.category,
-            segmented_property_type=spec.property_type,
-            algorithm_type=kind.value,
-            algorithm_identification=ident,
-            tracking_uid=deterministic_uid(
-                volume.series_instance_uid,
-                algorithm.name,
-                algorithm.generation,
-                spec.name,
-            ),
-            tracking_id=spec.name,
-            display_color=hd.color.CIELabColor(*spec.color_lab),
-        )
-        if spec.modifier is not None:
-            item = desc.SegmentedPropertyTypeCodeSequence[0]
-            item.SegmentedPropertyTypeModifierCodeSequence = [
-                hd.sr.CodedConcept.from_code(spec.modifier)
-            ]
-        descriptions.append(desc)
 
     series_uid, sop_uid = seg_uids(volume.series_instance_uid, algorithm.name, algorithm.generation)
     if series_number is None:
@@ -211,3 +173,55 @@ def build_seg(
         int(seg.NumberOfFrames),
     )
     return seg
+
+
+def _segment_map(volume: Volume, labels: np.ndarray, specs: Sequence[SegmentSpec]
+                 ) -> np.ndarray:
+    """``labels`` renumbered to segment numbers 1..N in the order of ``specs``."""
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from volume {volume.shape}")
+    if not specs:
+        raise ValueError("specs must name at least one segment")
+    if len({s.label for s in specs}) != len(specs) or len({s.name for s in specs}) != len(specs):
+        raise ValueError("specs must not repeat a label or a name")
+    lut = np.zeros(int(max(int(labels.max(initial=0)), max(s.label for s in specs))) + 1, np.uint8)
+    for number, spec in enumerate(specs, start=1):
+        lut[spec.label] = number
+    return lut[labels.astype(np.intp, copy=False)]
+
+
+def _segment_descriptions(volume: Volume, specs: Sequence[SegmentSpec],
+                         algorithm: SegAlgorithm) -> list[hd.seg.SegmentDescription]:
+    """One coded description per spec (property type, modifier, colour, tracking UID
+    derived from series, model and generation so a re-run describes the same segment)."""
+    kind = algorithm.kind
+    ident = None
+    if kind is not SegAlgorithmType.MANUAL:
+        ident = hd.AlgorithmIdentificationSequence(
+            name=algorithm.name, family=_ALGORITHM_FAMILY, version=str(algorithm.generation)
+        )
+    descriptions = []
+    for number, spec in enumerate(specs, start=1):
+        desc = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=spec.name,
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.property_type,
+            algorithm_type=kind.value,
+            algorithm_identification=ident,
+            tracking_uid=deterministic_uid(
+                volume.series_instance_uid,
+                algorithm.name,
+                algorithm.generation,
+                spec.name,
+            ),
+            tracking_id=spec.name,
+            display_color=hd.color.CIELabColor(*spec.color_lab),
+        )
+        if spec.modifier is not None:
+            item = desc.SegmentedPropertyTypeCodeSequence[0]
+            item.SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(spec.modifier)
+            ]
+        descriptions.append(desc)
+    return descriptions
