@@ -45,7 +45,8 @@ def _group(item: Dataset, shared: Dataset, keyword: str) -> Dataset | None:
     return seq[0] if seq else None
 
 
-def _floats(group: Dataset | None, keyword: str, n: int) -> np.ndarray | None:
+def float_values(group: Dataset | None, keyword: str, n: int) -> np.ndarray | None:
+    """``group``'s ``keyword`` as ``n`` floats, or ``None`` when missing or malformed."""
     value = group.get(keyword) if group is not None else None
     if value is None or len(value) != n:
         return None
@@ -75,10 +76,10 @@ def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
     shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     out = []
     for n, item in enumerate(frames, start=1):
-        ipp = _floats(_group(item, shared, "PlanePositionSequence"), "ImagePositionPatient", 3)
-        iop = _floats(_group(item, shared, "PlaneOrientationSequence"),
+        ipp = float_values(_group(item, shared, "PlanePositionSequence"), "ImagePositionPatient", 3)
+        iop = float_values(_group(item, shared, "PlaneOrientationSequence"),
                       "ImageOrientationPatient", 6)
-        ps = _floats(_group(item, shared, "PixelMeasuresSequence"), "PixelSpacing", 2)
+        ps = float_values(_group(item, shared, "PixelMeasuresSequence"), "PixelSpacing", 2)
         if ipp is None or iop is None or ps is None:
             raise FrameGeometryError(
                 f"frame {n} has no plane position, plane orientation or pixel spacing "

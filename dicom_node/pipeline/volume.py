@@ -22,6 +22,7 @@ from pydicom.pixels import apply_modality_lut
 from dicom_node.errors import SeriesRefused
 from dicom_node.pipeline.multiframe import (
     FrameGeometryError,
+    float_values,
     frame_geometry,
     frame_pixels,
     is_multi_frame,
@@ -85,16 +86,6 @@ class Volume:
 def _refuse(reason: str, series_uid: str) -> SeriesRefused:
     LOGGER.warning("series %s refused: %s", series_uid, reason)
     return SeriesRefused(reason)
-
-
-def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
-    value = ds.get(keyword)
-    if value is None or len(value) != n:
-        return None
-    try:
-        return np.asarray([float(v) for v in value], dtype=float)
-    except (TypeError, ValueError):
-        return None
 
 
 def build_volume(
@@ -218,9 +209,9 @@ def _planes(datasets: Sequence[Dataset], multi: Dataset | None, series_uid: str)
             planes.frame_numbers.append(frame.frame_number)
         return planes
     for ds in datasets:
-        ipp = _floats(ds, "ImagePositionPatient", 3)
-        iop = _floats(ds, "ImageOrientationPatient", 6)
-        ps = _floats(ds, "PixelSpacing", 2)
+        ipp = float_values(ds, "ImagePositionPatient", 3)
+        iop = float_values(ds, "ImageOrientationPatient", 6)
+        ps = float_values(ds, "PixelSpacing", 2)
         if ipp is None or iop is None or ps is None:
             raise _refuse(
                 "missing geometry (ImagePositionPatient, ImageOrientationPatient or "

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from dicom_node.errors import StoreError
-from dicom_node.store.private import PRIVATE_DIR
+from dicom_node.store.private import private_dir
 
 __all__ = ["fsync_dir", "stage_durable", "write_durable"]
 
@@ -25,19 +25,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def _makedirs_durable(path: Path, stop: Path) -> None:
-    """Create ``path`` and fsync each newly created directory's parent."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists() and p != stop and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=PRIVATE_DIR)
-        except FileExistsError:
-            continue
-        os.chmod(d, PRIVATE_DIR)  # not masked by the umask
-        fsync_dir(d.parent)
+    """Create ``path`` (0700) and fsync each newly created directory's parent."""
+    private_dir(path, stop=stop, created=lambda made: fsync_dir(made.parent))
 
 
 def write_durable(path: Path, data: bytes, root: Path) -> None:

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` and its missing parents with mode 0700; returns ``path``.
+def private_dir(path: Path, *, stop: Path | None = None,
+                created: Callable[[Path], None] | None = None) -> Path:
+    """Create ``path`` and its missing parents (up to ``stop``) with mode 0700; returns
+    ``path``. ``created`` is called with each directory made, parents first (the durable
+    writer fsyncs each one's parent there).
 
     Directories that already exist keep their mode (an operator may have chosen it).
     """
     missing: list[Path] = []
     p = Path(path)
-    while not p.exists() and p != p.parent:
+    while not p.exists() and p != stop and p != p.parent:
         missing.append(p)
         p = p.parent
     for d in reversed(missing):
@@ -32,6 +36,8 @@ def private_dir(path: Path) -> Path:
         except FileExistsError:
             continue
         os.chmod(d, PRIVATE_DIR)  # mkdir's mode is masked by the umask; chmod is not
+        if created is not None:
+            created(d)
     return Path(path)
 
 
