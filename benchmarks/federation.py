@@ -148,6 +148,36 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class RssSampler:
+    """Samples a process's resident set (anonymous vs file-mapped pages) every 20 ms:
+    anonymous is heap and buffers, file-mapped is the pages of memory-mapped blobs read."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = dict.fromkeys(self.FIELDS, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                text = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            for line in text.splitlines():
+                key = line.split(":", 1)[0]
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(line.split()[1]) / 1024)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {key: round(value, 1) for key, value in self.peak.items()}
+
+
 def write_config(path: Path, data: Path, certs: dict, strategy: str, buffer: int) -> None:  # type: ignore[type-arg]
     path.write_text(
         f"""
@@ -187,7 +217,10 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tessera-fedbench-"))
-    certs = make_certs(work / "tls", nodes=("bench-node",))
+    # Each simulated node is its own node: its own certificate, so the hub's per-node
+    # call cap ([limits] max_calls_per_node, keyed by certificate) counts each apart.
+    names = tuple(f"node{i}" for i in range(args.clients))
+    certs = make_certs(work / "tls", nodes=names)
     config_path = work / "hub.toml"
     write_config(config_path, work / "data", certs, args.strategy, args.buffer_size)
     model = make_model(args.size_mb)
@@ -210,25 +243,26 @@ def main() -> None:
         server_tls=None if args.insecure else (
             certs["ca"].cert, certs["hub"].cert, certs["hub"].key),
         client_tls=None if args.insecure else (
-            certs["ca"].cert.read_bytes(), certs["bench-node"].key.read_bytes(),
-            certs["bench-node"].cert.read_bytes()),
+            certs["ca"].cert.read_bytes(), certs[names[0]].key.read_bytes(),
+            certs[names[0]].cert.read_bytes()),
     )
     shutil.rmtree(work / "bare")
 
     hub = HubProcess(config_path, work / "hub.log", insecure=args.insecure)
+    sampler = RssSampler(hub.proc.pid)
     target = f"127.0.0.1:{hub.port}"
-    tls = ClientTls.from_files(certs["ca"].cert, certs["bench-node"].cert, certs["bench-node"].key)
     retry = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     clients = [
         FederationClient(
             target,
-            tls=None if args.insecure else tls,
+            tls=None if args.insecure else ClientTls.from_files(
+                certs["ca"].cert, certs[name].cert, certs[name].key),
             insecure=args.insecure,
             retry=retry,
             timeout_s=args.timeout,
             chunk_size=chunk_size,
         )
-        for _ in tokens
+        for name in names
     ]
     for client, token in zip(clients, tokens, strict=True):
         client.enrol(token, "bench")
@@ -278,6 +312,7 @@ def main() -> None:
     time.sleep(0.3)  # let the watcher see the last generation
     stop.set()
     rss = peak_rss_mb(hub.proc.pid)
+    sampled = sampler.stop()
     hub.stop()
     for client in clients:
         client.close()
@@ -307,6 +342,8 @@ def main() -> None:
         if latencies
         else None,
         "hub_peak_rss_mb": round(rss, 1),
+        "hub_peak_rss_anon_mb": sampled["RssAnon"],
+        "hub_peak_rss_file_mb": sampled["RssFile"],
         "grpc_upload_mb_s": round(grpc_mb_s, 1),
         "raw_loopback_mb_s": round(raw, 1),
         "grpc_vs_raw": round(grpc_mb_s / raw, 3),

@@ -67,9 +67,13 @@ class BlobStore:
         _fsync_dir(target.parent)
         return sha
 
+    def scratch_path(self) -> Path:
+        """A fresh path inside the store for a file that :meth:`adopt` may take in."""
+        return self.root / f".incoming-{uuid.uuid4().hex}.tmp"
+
     def put_tensors(self, tensors: Mapping[str, np.ndarray]) -> tuple[str, int]:
         """Store ``tensors`` as a safetensors blob, streamed from the arrays; ``(sha, size)``."""
-        tmp = self.root / f".incoming-{uuid.uuid4().hex}.tmp"
+        tmp = self.scratch_path()
         try:
             sha, size = write_tensors(tmp, tensors)
             self.adopt(tmp, sha)

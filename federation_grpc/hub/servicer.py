@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from federation_grpc import wire
 from federation_grpc._proto import admin_pb2 as apb
 from federation_grpc._proto import admin_pb2_grpc, federation_pb2_grpc
 from federation_grpc._proto import federation_pb2 as pb
@@ -172,20 +173,23 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 
     @unary
     def UploadUpdate(
-        self, request_iterator: Iterator[pb.UploadUpdateRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[wire.UploadPart], context: grpc.ServicerContext
     ) -> pb.UploadUpdateResponse:
+        """Messages arrive through :func:`federation_grpc.wire.parse_upload_request`:
+        chunks as views of the received bytes, the header as a parsed message."""
         node = self._node(context)
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
             raise InvalidRequest("the first message of an upload must carry the header")
         opened = self.service.uploads.begin(node, serde.header_from_proto(first.header))
         if isinstance(opened, UploadStatus):
             return serde.upload_status_to_proto(opened)
         try:
             for message in request_iterator:
-                if message.WhichOneof("part") != "chunk":
+                chunk = wire.chunk_of(message)
+                if chunk is None:
                     raise InvalidRequest("only the first message of an upload carries a header")
-                opened.write(message.chunk)
+                opened.write(chunk)
         except BaseException:
             opened.close()
             raise

@@ -114,7 +114,7 @@ class UploadSession:
                     self._digest.update(block)
                     remaining -= len(block)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         if self.received + len(chunk) > self.header.total_size:
             self.close()
             self.intake.discard(
