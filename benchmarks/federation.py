@@ -250,6 +250,7 @@ def main() -> None:
 
     hub = HubProcess(config_path, work / "hub.log", insecure=args.insecure)
     sampler = RssSampler(hub.proc.pid)
+    idle_rss = peak_rss_mb(hub.proc.pid)
     target = f"127.0.0.1:{hub.port}"
     retry = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     clients = [
@@ -341,6 +342,7 @@ def main() -> None:
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3)
         if latencies
         else None,
+        "hub_idle_rss_mb": round(idle_rss, 1),
         "hub_peak_rss_mb": round(rss, 1),
         "hub_peak_rss_anon_mb": sampled["RssAnon"],
         "hub_peak_rss_file_mb": sampled["RssFile"],
