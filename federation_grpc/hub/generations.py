@@ -77,6 +77,7 @@ class GenerationLedger:
         self.blobs = blobs
         self.data_dir = data_dir
         self._changed = threading.Condition()
+        self._notices = 0
         self._cache_lock = threading.Lock()
         self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._configs: dict[int, str] = {}
@@ -237,7 +238,16 @@ class GenerationLedger:
 
     def _notify(self) -> None:
         with self._changed:
+            self._notices += 1
             self._changed.notify_all()
+
+    def wait_for_notice(self, seen: int, timeout: float) -> int:
+        """Wait until a change notice after the ``seen``-th (or ``timeout``); the count of
+        notices so far (0 or more; pass -1 to return at once)."""
+        with self._changed:
+            if self._notices == seen:
+                self._changed.wait(timeout)
+            return self._notices
 
     def wait_for_change(self, known_version: int, timeout: float) -> int:
         """Wait until the current generation may have changed; return the state version.

@@ -137,15 +137,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         version = -1
         last_event = time.monotonic()
         while context.is_active() and not self.stopping.is_set():
-            current = self.service.current_number()
-            if current is not None and current != last_sent:
-                view = self.service.generation(current)
-                yield pb.GenerationEvent(generation=serde.generation_to_proto(view))
-                last_sent, last_event = current, time.monotonic()
+            state = self.service.watch_state(version, self.watch_poll_s)
+            version, current = state.version, state.current
+            if current is not None and current.number != last_sent:
+                yield pb.GenerationEvent(generation=serde.generation_to_proto(current))
+                last_sent, last_event = current.number, time.monotonic()
             elif time.monotonic() - last_event >= self.keepalive_s:
                 yield pb.GenerationEvent(keepalive=True)
                 last_event = time.monotonic()
-            version = self.service.wait_for_change(version, self.watch_poll_s)
 
     @streaming
     def DownloadGeneration(
