@@ -82,6 +82,25 @@ class BlobStore:
             raise
         return sha, size
 
+    def put_file(self, source: Path) -> tuple[str, int]:
+        """Copy a file into the store in blocks, hashing on the way; ``(sha, size)``."""
+        tmp = self.scratch_path()
+        digest = hashlib.sha256()
+        try:
+            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                while block := src.read(_HASH_CHUNK * 4):
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+                size = out.tell()
+            self.adopt(tmp, digest.hexdigest())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest.hexdigest(), size
+
     def adopt(self, staged: Path, sha256: str) -> None:
         """Move a verified staged file into the store under its digest."""
         target = self.path(sha256)

@@ -134,7 +134,7 @@ def init_model(
     """Store the starter model as generation 0."""
     service = open_service(hub_config)
     try:
-        view = service.init_model(weights.read_bytes(), model_config.read_text())
+        view = service.init_model(weights, model_config.read_text())
     except FederationError as error:
         fail(error)
     finally:

@@ -178,28 +178,33 @@ class GenerationLedger:
         event.listen(session, "after_commit", lambda _: self._notify(), once=True)
         return number
 
-    def init(self, weights: bytes, config_json: str) -> GenerationView:
-        """Store generation 0 (safetensors weights + JSON config). Only once."""
+    def init(self, weights: bytes | Path, config_json: str) -> GenerationView:
+        """Store generation 0 (safetensors weights, or a file of them, + JSON config).
+        Only once. A file is read as a memory map and copied in blocks, so a model of
+        gigabytes is taken in without holding it in memory."""
         try:
             config = json.loads(config_json)
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"model config is not JSON: {exc}") from exc
         if not isinstance(config, dict) or "architecture" not in config:
             raise InvalidRequest("model config must be a JSON object with an 'architecture'")
-        tensors = parse_tensors(weights)
+        tensors = read_tensors(weights) if isinstance(weights, Path) else parse_tensors(weights)
         if not tensors:
             raise InvalidRequest("model weights hold no tensors")
         bad = non_finite_tensors(tensors)
         if bad:
             raise InvalidRequest(f"model weights hold non-finite values in {bad[:5]}")
-        sha = self.blobs.put(weights)
+        if isinstance(weights, Path):
+            sha, size = self.blobs.put_file(weights)
+        else:
+            sha, size = self.blobs.put(weights), len(weights)
         with self.store.session() as session:
             if session.scalar(select(func.count()).select_from(GenerationRow)):
                 raise FailedPrecondition("the hub already has generations; use promote/rollback")
             number = self.publish(
-                session, NewGeneration(None, sha, len(weights), config_json, "init")
+                session, NewGeneration(None, sha, size, config_json, "init")
             )
-        LOGGER.info("generation 0 stored (%d tensors, %d bytes)", len(tensors), len(weights))
+        LOGGER.info("generation 0 stored (%d tensors, %d bytes)", len(tensors), size)
         return self.generation(number)
 
     def promote(self, number: int) -> GenerationView:

@@ -47,7 +47,7 @@ def _sum_squares(values: np.ndarray) -> float:
     return sum(float(np.dot(block, block)) for block in blocks_of(values))
 
 
-_BLOCK = 1 << 20
+_BLOCK = 1 << 18
 
 
 def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:

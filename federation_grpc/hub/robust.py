@@ -81,7 +81,7 @@ def trimmed_mean(arrays: Sequence[np.ndarray], trim_fraction: float) -> np.ndarr
     return np.asarray(stacked.mean(axis=0))
 
 
-_BLOCK = 1 << 20
+_BLOCK = 1 << 18
 
 
 def delta_norm(tensors: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:

@@ -133,7 +133,7 @@ class HubService:
 
     # --- generations (federation_grpc.hub.generations) ----------------------------------
 
-    def init_model(self, weights: bytes, config_json: str) -> GenerationView:
+    def init_model(self, weights: bytes | Path, config_json: str) -> GenerationView:
         return self.ledger.init(weights, config_json)
 
     def current_number(self) -> int | None:

@@ -25,7 +25,7 @@ from federation_grpc.hub.robust import scale_delta
 from federation_grpc.hub.tensorfile import drop_pages, flat_blocks, write_blocks
 
 # float64 bytes all the updates' slices of one block may take together.
-BLOCK_BUDGET_BYTES = 32 << 20
+BLOCK_BUDGET_BYTES = 16 << 20
 MIN_BLOCK = 4096
 
 Layout = list[tuple[str, np.dtype, tuple[int, ...]]]

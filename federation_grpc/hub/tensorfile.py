@@ -59,7 +59,7 @@ _CODES = {(dtype.kind, dtype.itemsize): code for code, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's bound
 _WRITE_BLOCK = 1 << 22
 # Bytes of one block of one tensor that code walking a tensor touches at a time.
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = 4 << 20
 
 
 def flat_blocks(size: int, elements: int) -> Iterator[slice]:
