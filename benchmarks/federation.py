@@ -178,14 +178,17 @@ class RssSampler:
         return {key: round(value, 1) for key, value in self.peak.items()}
 
 
-def write_config(path: Path, data: Path, certs: dict, strategy: str, buffer: int) -> None:  # type: ignore[type-arg]
+def write_config(  # type: ignore[type-arg]
+    path: Path, data: Path, certs: dict, strategy: str, buffer: int,
+    max_workers: int = 160, max_update_bytes: int = 268435456,
+) -> None:
     path.write_text(
         f"""
 [hub]
 host = "127.0.0.1"
 port = 0
 data_dir = "{data}"
-max_workers = 160
+max_workers = {max_workers}
 
 [tls]
 ca_cert = "{certs["ca"].cert}"
@@ -193,7 +196,7 @@ server_cert = "{certs["hub"].cert}"
 server_key = "{certs["hub"].key}"
 
 [limits]
-max_update_bytes = 268435456
+max_update_bytes = {max_update_bytes}
 
 [aggregation]
 strategy = "{strategy}"
@@ -214,7 +217,27 @@ def main() -> None:
         "--insecure", action="store_true", help="no TLS (hub --insecure-loopback), to see TLS cost"
     )
     parser.add_argument("--json", action="store_true", help="print figures as JSON too")
+    parser.add_argument(
+        "--resume-at", type=float, default=0.0,
+        help="large-model mode: one update of --size-mb and its generation's download, "
+        "each connection killed at this fraction and resumed (e.g. 0.5)")
+    parser.add_argument(
+        "--watchers", type=int, default=0,
+        help="many-nodes mode: this many enrolled nodes hold a watch stream while "
+        "--clients nodes upload; measures publication -> last node notified")
+    parser.add_argument("--watcher-procs", type=int, default=4,
+                        help="processes the watchers are spread over (many-nodes mode)")
     args = parser.parse_args()
+    if args.resume_at or args.watchers:
+        from benchmarks import hub_scale
+
+        figures = (hub_scale.run_large(args) if args.resume_at else hub_scale.run_fleet(args))
+        print()
+        for key, value in figures.items():
+            print(f"{key:>28}: {value}")
+        if args.json:
+            print(json.dumps(figures))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="tessera-fedbench-"))
     # Each simulated node is its own node: its own certificate, so the hub's per-node
