@@ -388,6 +388,7 @@ def main() -> None:
         "chunk_mb": args.chunk_mb,
         "cpus": os.cpu_count(),
     }
+    shutil.rmtree(work, ignore_errors=True)
     print()
     for key, value in figures.items():
         print(f"{key:>22}: {value}")

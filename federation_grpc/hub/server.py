@@ -22,6 +22,11 @@ LOGGER = logging.getLogger(__name__)
 
 # One chunk plus protobuf framing must fit in a message.
 MAX_MESSAGE_BYTES = MAX_CHUNK + 1024 * 1024
+# What a stream may have in flight towards the hub beyond the message being read. grpc
+# otherwise grows each stream's HTTP/2 window with its bandwidth-delay estimate (to
+# several MB), which fifty uploads at once held in memory; a fixed window keeps a
+# stream's memory at about a chunk plus this.
+STREAM_WINDOW_BYTES = 1024 * 1024
 SERVICE_NAMES = (
     federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
@@ -110,6 +115,8 @@ class HubServer:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             ],
         )
         add_federation_servicer(
