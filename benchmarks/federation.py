@@ -148,14 +148,47 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def write_config(path: Path, data: Path, certs: dict, strategy: str, buffer: int) -> None:  # type: ignore[type-arg]
+class RssSampler:
+    """Samples a process's resident set (anonymous vs file-mapped pages) every 20 ms:
+    anonymous is heap and buffers, file-mapped is the pages of memory-mapped blobs read."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = dict.fromkeys(self.FIELDS, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                text = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            for line in text.splitlines():
+                key = line.split(":", 1)[0]
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(line.split()[1]) / 1024)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {key: round(value, 1) for key, value in self.peak.items()}
+
+
+def write_config(  # type: ignore[type-arg]
+    path: Path, data: Path, certs: dict, strategy: str, buffer: int,
+    max_workers: int = 160, max_update_bytes: int = 268435456,
+) -> None:
     path.write_text(
         f"""
 [hub]
 host = "127.0.0.1"
 port = 0
 data_dir = "{data}"
-max_workers = 160
+max_workers = {max_workers}
 
 [tls]
 ca_cert = "{certs["ca"].cert}"
@@ -163,7 +196,7 @@ server_cert = "{certs["hub"].cert}"
 server_key = "{certs["hub"].key}"
 
 [limits]
-max_update_bytes = 268435456
+max_update_bytes = {max_update_bytes}
 
 [aggregation]
 strategy = "{strategy}"
@@ -184,10 +217,33 @@ def main() -> None:
         "--insecure", action="store_true", help="no TLS (hub --insecure-loopback), to see TLS cost"
     )
     parser.add_argument("--json", action="store_true", help="print figures as JSON too")
+    parser.add_argument(
+        "--resume-at", type=float, default=0.0,
+        help="large-model mode: one update of --size-mb and its generation's download, "
+        "each connection killed at this fraction and resumed (e.g. 0.5)")
+    parser.add_argument(
+        "--watchers", type=int, default=0,
+        help="many-nodes mode: this many enrolled nodes hold a watch stream while "
+        "--clients nodes upload; measures publication -> last node notified")
+    parser.add_argument("--watcher-procs", type=int, default=4,
+                        help="processes the watchers are spread over (many-nodes mode)")
     args = parser.parse_args()
+    if args.resume_at or args.watchers:
+        from benchmarks import hub_scale
+
+        figures = (hub_scale.run_large(args) if args.resume_at else hub_scale.run_fleet(args))
+        print()
+        for key, value in figures.items():
+            print(f"{key:>28}: {value}")
+        if args.json:
+            print(json.dumps(figures))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="tessera-fedbench-"))
-    certs = make_certs(work / "tls", nodes=("bench-node",))
+    # Each simulated node is its own node: its own certificate, so the hub's per-node
+    # call cap ([limits] max_calls_per_node, keyed by certificate) counts each apart.
+    names = tuple(f"node{i}" for i in range(args.clients))
+    certs = make_certs(work / "tls", nodes=names)
     config_path = work / "hub.toml"
     write_config(config_path, work / "data", certs, args.strategy, args.buffer_size)
     model = make_model(args.size_mb)
@@ -210,25 +266,27 @@ def main() -> None:
         server_tls=None if args.insecure else (
             certs["ca"].cert, certs["hub"].cert, certs["hub"].key),
         client_tls=None if args.insecure else (
-            certs["ca"].cert.read_bytes(), certs["bench-node"].key.read_bytes(),
-            certs["bench-node"].cert.read_bytes()),
+            certs["ca"].cert.read_bytes(), certs[names[0]].key.read_bytes(),
+            certs[names[0]].cert.read_bytes()),
     )
     shutil.rmtree(work / "bare")
 
     hub = HubProcess(config_path, work / "hub.log", insecure=args.insecure)
+    sampler = RssSampler(hub.proc.pid)
+    idle_rss = peak_rss_mb(hub.proc.pid)
     target = f"127.0.0.1:{hub.port}"
-    tls = ClientTls.from_files(certs["ca"].cert, certs["bench-node"].cert, certs["bench-node"].key)
     retry = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     clients = [
         FederationClient(
             target,
-            tls=None if args.insecure else tls,
+            tls=None if args.insecure else ClientTls.from_files(
+                certs["ca"].cert, certs[name].cert, certs[name].key),
             insecure=args.insecure,
             retry=retry,
             timeout_s=args.timeout,
             chunk_size=chunk_size,
         )
-        for _ in tokens
+        for name in names
     ]
     for client, token in zip(clients, tokens, strict=True):
         client.enrol(token, "bench")
@@ -278,6 +336,7 @@ def main() -> None:
     time.sleep(0.3)  # let the watcher see the last generation
     stop.set()
     rss = peak_rss_mb(hub.proc.pid)
+    sampled = sampler.stop()
     hub.stop()
     for client in clients:
         client.close()
@@ -306,7 +365,10 @@ def main() -> None:
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3)
         if latencies
         else None,
+        "hub_idle_rss_mb": round(idle_rss, 1),
         "hub_peak_rss_mb": round(rss, 1),
+        "hub_peak_rss_anon_mb": sampled["RssAnon"],
+        "hub_peak_rss_file_mb": sampled["RssFile"],
         "grpc_upload_mb_s": round(grpc_mb_s, 1),
         "raw_loopback_mb_s": round(raw, 1),
         "grpc_vs_raw": round(grpc_mb_s / raw, 3),
@@ -326,6 +388,7 @@ def main() -> None:
         "chunk_mb": args.chunk_mb,
         "cpus": os.cpu_count(),
     }
+    shutil.rmtree(work, ignore_errors=True)
     print()
     for key, value in figures.items():
         print(f"{key:>22}: {value}")

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from federation_grpc import wire
 from federation_grpc._proto import federation_pb2 as pb
 from federation_grpc._proto import federation_pb2_grpc
 from federation_grpc.errors import (
@@ -178,6 +179,12 @@ class FederationClient:
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
+        # Chunks are framed by hand (federation_grpc.wire): one copy, not three.
+        self._upload_call = self.channel.stream_unary(
+            wire.UPLOAD_METHOD,
+            request_serializer=wire.serialize_upload_request,
+            response_deserializer=pb.UploadUpdateResponse.FromString,
+        )
         self.node_token = node_token
         self.retry = retry or RetryPolicy()
         self.chunk_size = chunk_size
@@ -351,7 +358,7 @@ class FederationClient:
                 offset=offset,
             )
             try:
-                response = self.stub.UploadUpdate(
+                response = self._upload_call(
                     self._upload_messages(payload, header, on_chunk),
                     metadata=self._metadata(),
                     timeout=self.timeout_s,
@@ -379,12 +386,12 @@ class FederationClient:
 
     def _upload_messages(
         self, payload: bytes, header: UpdateHeader, on_chunk: Callable[[int], None] | None
-    ) -> Iterator[pb.UploadUpdateRequest]:
+    ) -> Iterator[wire.UploadPart]:
         yield pb.UploadUpdateRequest(header=header_to_proto(header))
         view = memoryview(payload)
         for start in range(header.offset, len(payload), self.chunk_size):
             end = min(start + self.chunk_size, len(payload))
-            yield pb.UploadUpdateRequest(chunk=bytes(view[start:end]))
+            yield view[start:end]
             if on_chunk is not None:
                 on_chunk(end)
 

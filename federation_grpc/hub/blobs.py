@@ -67,9 +67,13 @@ class BlobStore:
         _fsync_dir(target.parent)
         return sha
 
+    def scratch_path(self) -> Path:
+        """A fresh path inside the store for a file that :meth:`adopt` may take in."""
+        return self.root / f".incoming-{uuid.uuid4().hex}.tmp"
+
     def put_tensors(self, tensors: Mapping[str, np.ndarray]) -> tuple[str, int]:
         """Store ``tensors`` as a safetensors blob, streamed from the arrays; ``(sha, size)``."""
-        tmp = self.root / f".incoming-{uuid.uuid4().hex}.tmp"
+        tmp = self.scratch_path()
         try:
             sha, size = write_tensors(tmp, tensors)
             self.adopt(tmp, sha)
@@ -77,6 +81,25 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
         return sha, size
+
+    def put_file(self, source: Path) -> tuple[str, int]:
+        """Copy a file into the store in blocks, hashing on the way; ``(sha, size)``."""
+        tmp = self.scratch_path()
+        digest = hashlib.sha256()
+        try:
+            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                while block := src.read(_HASH_CHUNK * 4):
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+                size = out.tell()
+            self.adopt(tmp, digest.hexdigest())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest.hexdigest(), size
 
     def adopt(self, staged: Path, sha256: str) -> None:
         """Move a verified staged file into the store under its digest."""

@@ -50,10 +50,12 @@ def serve(
     """Run the hub until SIGTERM/SIGINT."""
     from dataclasses import replace
 
+    from federation_grpc.hub.heap import bound_heap
     from federation_grpc.hub.metrics import MetricsServer
     from federation_grpc.hub.server import HubServer
     from federation_grpc.jsonlog import configure_logging
 
+    bound_heap()  # memory bounded by the chunk, not the number of streams
     configure_logging(os.environ.get("TESSERA_LOG_LEVEL", "INFO"), json_logs)
     settings = config_at(config)
     if port is not None:
@@ -132,7 +134,7 @@ def init_model(
     """Store the starter model as generation 0."""
     service = open_service(hub_config)
     try:
-        view = service.init_model(weights.read_bytes(), model_config.read_text())
+        view = service.init_model(weights, model_config.read_text())
     except FederationError as error:
         fail(error)
     finally:

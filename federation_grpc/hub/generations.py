@@ -77,6 +77,7 @@ class GenerationLedger:
         self.blobs = blobs
         self.data_dir = data_dir
         self._changed = threading.Condition()
+        self._notices = 0
         self._cache_lock = threading.Lock()
         self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._configs: dict[int, str] = {}
@@ -177,28 +178,33 @@ class GenerationLedger:
         event.listen(session, "after_commit", lambda _: self._notify(), once=True)
         return number
 
-    def init(self, weights: bytes, config_json: str) -> GenerationView:
-        """Store generation 0 (safetensors weights + JSON config). Only once."""
+    def init(self, weights: bytes | Path, config_json: str) -> GenerationView:
+        """Store generation 0 (safetensors weights, or a file of them, + JSON config).
+        Only once. A file is read as a memory map and copied in blocks, so a model of
+        gigabytes is taken in without holding it in memory."""
         try:
             config = json.loads(config_json)
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"model config is not JSON: {exc}") from exc
         if not isinstance(config, dict) or "architecture" not in config:
             raise InvalidRequest("model config must be a JSON object with an 'architecture'")
-        tensors = parse_tensors(weights)
+        tensors = read_tensors(weights) if isinstance(weights, Path) else parse_tensors(weights)
         if not tensors:
             raise InvalidRequest("model weights hold no tensors")
         bad = non_finite_tensors(tensors)
         if bad:
             raise InvalidRequest(f"model weights hold non-finite values in {bad[:5]}")
-        sha = self.blobs.put(weights)
+        if isinstance(weights, Path):
+            sha, size = self.blobs.put_file(weights)
+        else:
+            sha, size = self.blobs.put(weights), len(weights)
         with self.store.session() as session:
             if session.scalar(select(func.count()).select_from(GenerationRow)):
                 raise FailedPrecondition("the hub already has generations; use promote/rollback")
             number = self.publish(
-                session, NewGeneration(None, sha, len(weights), config_json, "init")
+                session, NewGeneration(None, sha, size, config_json, "init")
             )
-        LOGGER.info("generation 0 stored (%d tensors, %d bytes)", len(tensors), len(weights))
+        LOGGER.info("generation 0 stored (%d tensors, %d bytes)", len(tensors), size)
         return self.generation(number)
 
     def promote(self, number: int) -> GenerationView:
@@ -237,7 +243,16 @@ class GenerationLedger:
 
     def _notify(self) -> None:
         with self._changed:
+            self._notices += 1
             self._changed.notify_all()
+
+    def wait_for_notice(self, seen: int, timeout: float) -> int:
+        """Wait until a change notice after the ``seen``-th (or ``timeout``); the count of
+        notices so far (0 or more; pass -1 to return at once)."""
+        with self._changed:
+            if self._notices == seen:
+                self._changed.wait(timeout)
+            return self._notices
 
     def wait_for_change(self, known_version: int, timeout: float) -> int:
         """Wait until the current generation may have changed; return the state version.

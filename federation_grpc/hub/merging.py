@@ -4,6 +4,10 @@ One aggregator thread per hub process merges, and replicas sharing a database ta
 turns (:mod:`federation_grpc.hub.merge_lock`); a merge and the bookkeeping of its updates
 commit in one transaction, so an update is merged exactly once even if the hub dies
 half-way (it stays RECEIVED and is merged after the restart).
+
+Updates, bases and the current generation are read as memory maps and merged block by
+block into the candidate's file (:mod:`~federation_grpc.hub.streamed_merge`); the gate
+reads the candidate from that file, which becomes the generation's blob as it is.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -23,7 +28,7 @@ from federation_grpc.hub.generations import GenerationLedger, NewGeneration
 from federation_grpc.hub.heads import mark_trained
 from federation_grpc.hub.parameters import non_finite_tensors
 from federation_grpc.hub.rejections import RejectionLog
-from federation_grpc.hub.robust import clip_delta
+from federation_grpc.hub.robust import clip_scale, delta_norm
 from federation_grpc.hub.store import (
     GenerationStatus,
     HubStore,
@@ -33,6 +38,7 @@ from federation_grpc.hub.store import (
     locked_update,
     utcnow,
 )
+from federation_grpc.hub.streamed_merge import merge_to_file
 from federation_grpc.hub.tensorfile import read_tensors
 
 LOGGER = logging.getLogger(__name__)
@@ -141,13 +147,20 @@ class Aggregator:
         return keep
 
     def _merge(self, rows: Sequence[UpdateRow]) -> int:
+        scratch = self.blobs.scratch_path()
+        try:
+            return self._merge_into(rows, scratch)
+        finally:
+            scratch.unlink(missing_ok=True)  # adopted into the blob store, or refused
+
+    def _merge_into(self, rows: Sequence[UpdateRow], scratch: Path) -> int:
         ledger = self.ledger
         current = ledger.require_current()
         lineage = ledger.lineage(current.number)
         current_tensors = ledger.generation_tensors(current.number)
         contributions = [
             agg.Contribution(
-                tensors=self._clipped(row, read_tensors(self.blobs.path(row.sha256))),
+                tensors=read_tensors(self.blobs.path(row.sha256)),
                 base=ledger.generation_tensors(row.base_generation),
                 num_samples=row.num_samples,
                 staleness=lineage.index(row.base_generation),
@@ -163,13 +176,17 @@ class Aggregator:
                     "([aggregation] max_update_share)",
                     row.update_id, row.node_id, row.num_samples, asked, given,
                 )
-        candidate = self.strategy.merge(current_tensors, contributions)
+        scales = [self._clip_scale(row, c) for row, c in zip(rows, contributions, strict=True)]
+        sha, size = merge_to_file(scratch, self.strategy, current_tensors, contributions, scales)
+        candidate = read_tensors(scratch)
         if self.gate.evaluator is None and self.config.gate.federated_evaluation:
             bad = non_finite_tensors(candidate)
             if bad:
                 self._reject(rows, [f"merged candidate has non-finite values in {bad[:5]}"])
                 return -1
-            self._open_candidate(rows, candidate, current.number, current.config_json)
+            self._open_candidate(
+                rows, self._new_generation(scratch, sha, size, candidate, current.number,
+                                           current.config_json, None), current.number)
             return -2
         verdict = self.gate.check_candidate(
             candidate, current.number, current_tensors, current.config_json
@@ -183,7 +200,8 @@ class Aggregator:
             self._reject(rows, verdict.reasons)
             return -1
         new = self._new_generation(
-            candidate, current.number, current.config_json, verdict.candidate_score
+            scratch, sha, size, candidate, current.number, current.config_json,
+            verdict.candidate_score,
         )
         with self.store.session() as session:
             number = ledger.publish(session, new, merged=[row.update_id for row in rows])
@@ -194,25 +212,32 @@ class Aggregator:
         self.gate.remember(number, verdict.candidate_score)
         return number
 
-    def _clipped(self, row: UpdateRow, tensors: agg.Tensors) -> agg.Tensors:
-        """The update with its delta clipped to ``[aggregation] clip_norm`` (0: as is)."""
+    def _clip_scale(self, row: UpdateRow, contribution: agg.Contribution) -> float:
+        """The factor scaling the update's delta to ``[aggregation] clip_norm`` (1: as is)."""
         limit = self.config.aggregation.clip_norm
         if limit <= 0:
-            return tensors
-        base = self.ledger.generation_tensors(row.base_generation)
-        clipped, norm = clip_delta(tensors, base, limit)
-        if norm > limit:
+            return 1.0
+        norm = delta_norm(contribution.tensors, contribution.base)
+        scale = clip_scale(norm, limit)
+        if scale < 1.0:
             LOGGER.info(
                 "update %s from %s clipped: delta norm %.4g scaled to %.4g",
                 row.update_id, row.node_id, norm, limit,
             )
-        return clipped
+        return scale
 
     def _new_generation(
-        self, candidate: agg.Tensors, parent: int, config_json: str, score: float | None
+        self,
+        scratch: Path,
+        sha: str,
+        size: int,
+        candidate: agg.Tensors,
+        parent: int,
+        config_json: str,
+        score: float | None,
     ) -> NewGeneration:
-        """The merged tensors as a blob; a new head they carry is marked trained."""
-        sha, size = self.blobs.put_tensors(candidate)
+        """The merged file as a blob; a new head it carries is marked trained."""
+        self.blobs.adopt(scratch, sha)
         config_json = mark_trained(config_json, candidate)  # a new head's first weights
         return NewGeneration(parent, sha, size, config_json, self.strategy.name, score)
 
@@ -227,13 +252,8 @@ class Aggregator:
     # --- federated evaluation -----------------------------------------------------------
 
     def _open_candidate(
-        self,
-        rows: Sequence[UpdateRow],
-        candidate: agg.Tensors,
-        reference: int,
-        config_json: str,
+        self, rows: Sequence[UpdateRow], new: NewGeneration, reference: int
     ) -> None:
-        new = self._new_generation(candidate, reference, config_json, None)
         with self.store.session() as session:
             number = self.ledger.record(
                 session, new, GenerationStatus.CANDIDATE, evaluated=[r.update_id for r in rows]

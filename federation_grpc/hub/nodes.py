@@ -81,15 +81,19 @@ class NodeRegistry:
                 raise PermissionDenied("enrolment token was already used")
             if as_utc(row.expires_at) < utcnow():
                 raise PermissionDenied("enrolment token has expired")
-            row.used_by, row.used_at = node_id, utcnow()
+            now = utcnow()
+            row.used_by, row.used_at = node_id, now
             session.add(
                 NodeRow(
                     node_id=node_id,
                     display_name=display_name,
                     token_sha256=hash_token(node_token),
                     cert_sha256=cert_sha256 or None,
+                    last_seen=now,
                 )
             )
+        # Enrolling is being seen: the node's next calls need not write it again.
+        self._last_seen[node_id] = now
         LOGGER.info("node %s enrolled (certificate %s)", node_id, cert_sha256[:16] or "none")
         return Enrolment(node_id=node_id, node_token=node_token)
 

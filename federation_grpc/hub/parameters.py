@@ -4,7 +4,9 @@ Tensor names follow the node network's convention: ``heads.<head>.…`` belongs 
 group ``heads.<head>``; every other name belongs to the group named by its first dotted
 component (``encoder``, ``bottleneck``, …). A node declares the groups it trained
 (partial labels), merges go group by group (:mod:`aggregation`), and the gate and the
-intake measure and check updates with the norms and finiteness checks here.
+intake measure and check updates with the norms and finiteness checks here. Those walk
+each tensor block by block (:func:`~federation_grpc.hub.tensorfile.blocks_of`), so a
+memory-mapped model of gigabytes is checked in the memory of one block.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from federation_grpc.hub.tensorfile import blocks_of, drop_pages, flat_blocks
 
 HEADS_PREFIX = "heads."
 
@@ -40,8 +44,10 @@ def groups_of(names: Sequence[str] | Mapping[str, object]) -> dict[str, list[str
 def _sum_squares(values: np.ndarray) -> float:
     # A dot product in the tensor's own precision is fast (BLAS) and exact enough for a
     # bound; the total is accumulated in Python float (double).
-    flat = values.ravel()
-    return float(np.dot(flat, flat))
+    return sum(float(np.dot(block, block)) for block in blocks_of(values))
+
+
+_BLOCK = 1 << 18
 
 
 def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
@@ -49,7 +55,12 @@ def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]
     total = 0.0
     for name, value in update.items():
         if np.issubdtype(value.dtype, np.floating):
-            total += _sum_squares(value - base[name])
+            mine, theirs = value.reshape(-1), base[name].reshape(-1)
+            for part in flat_blocks(mine.size, _BLOCK):
+                delta = mine[part] - theirs[part]
+                total += float(np.dot(delta, delta))
+                drop_pages(mine[part])
+                drop_pages(theirs[part])
     return math.sqrt(total)
 
 
@@ -68,5 +79,6 @@ def non_finite_tensors(tensors: Mapping[str, np.ndarray]) -> list[str]:
     return sorted(
         name
         for name, value in tensors.items()
-        if np.issubdtype(value.dtype, np.floating) and not bool(np.isfinite(value).all())
+        if np.issubdtype(value.dtype, np.floating)
+        and not all(bool(np.isfinite(block).all()) for block in blocks_of(value))
     )

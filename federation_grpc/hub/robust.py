@@ -2,7 +2,8 @@
 
 - :func:`capped_shares`: normalised weights, none above a maximum share, the rest
   renormalised, so a node that lies about its sample count cannot dominate a merge.
-- :func:`clip_delta`: an update's change from its base scaled down to a maximum norm.
+- :func:`clip_delta`: an update's change from its base scaled down to a maximum norm
+  (:func:`delta_norm`, :func:`clip_scale`, :func:`scale_delta` do it block by block).
 - :func:`trimmed_mean`: a coordinate-wise trimmed mean, so an outlier at any coordinate
   is dropped rather than averaged in.
 """
@@ -13,6 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from federation_grpc.hub.tensorfile import drop_pages, flat_blocks
 
 
 def capped_shares(weights: Sequence[float], max_share: float = 1.0) -> np.ndarray:
@@ -78,6 +81,39 @@ def trimmed_mean(arrays: Sequence[np.ndarray], trim_fraction: float) -> np.ndarr
     return np.asarray(stacked.mean(axis=0))
 
 
+_BLOCK = 1 << 18
+
+
+def delta_norm(tensors: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
+    """L2 norm (float64) of ``tensors - base`` over the floating tensors ``base`` holds,
+    taken block by block (a memory-mapped model is read one block at a time)."""
+    total = 0.0
+    for name, value in tensors.items():
+        if name not in base or not np.issubdtype(value.dtype, np.floating):
+            continue
+        mine, theirs = value.reshape(-1), base[name].reshape(-1)
+        for part in flat_blocks(mine.size, _BLOCK):
+            delta = mine[part].astype(np.float64) - theirs[part]
+            total += float(np.dot(delta, delta))
+            drop_pages(mine[part])
+            drop_pages(theirs[part])
+    return math.sqrt(total)
+
+
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The factor that scales a delta of ``norm`` down to ``max_norm`` (1: leave it)."""
+    if max_norm <= 0 or norm <= max_norm:
+        return 1.0
+    return max_norm / norm
+
+
+def scale_delta(value: np.ndarray, start: np.ndarray, scale: float) -> np.ndarray:
+    """``start + scale * (value - start)`` in float64, cast back to ``value``'s dtype."""
+    begin = start.astype(np.float64)
+    moved = begin + scale * (value.astype(np.float64) - begin)
+    return np.ascontiguousarray(moved.astype(value.dtype))
+
+
 def clip_delta(
     tensors: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], max_norm: float
 ) -> tuple[dict[str, np.ndarray], float]:
@@ -87,20 +123,12 @@ def clip_delta(
     weights have no base and pass unchanged). Returns the tensors and the delta's norm
     before clipping; a delta within the bound (or ``max_norm`` 0) returns them as they are.
     """
-    floating = {
-        n: v for n, v in tensors.items() if n in base and np.issubdtype(v.dtype, np.floating)
-    }
-    total = 0.0
-    for name, value in floating.items():
-        delta = (value.astype(np.float64) - base[name]).ravel()
-        total += float(np.dot(delta, delta))
-    norm = math.sqrt(total)
-    if max_norm <= 0 or norm <= max_norm:
+    norm = delta_norm(tensors, base)
+    scale = clip_scale(norm, max_norm)
+    if scale == 1.0:
         return dict(tensors), norm
-    scale = max_norm / norm
     out = dict(tensors)
-    for name, value in floating.items():
-        start = base[name].astype(np.float64)
-        clipped = start + scale * (value.astype(np.float64) - start)
-        out[name] = np.ascontiguousarray(clipped.astype(value.dtype))
+    for name, value in tensors.items():
+        if name in base and np.issubdtype(value.dtype, np.floating):
+            out[name] = scale_delta(value, base[name], scale)
     return out, norm

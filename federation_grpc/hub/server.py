@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from federation_grpc import wire
 from federation_grpc._proto import admin_pb2, admin_pb2_grpc, federation_pb2, federation_pb2_grpc
 from federation_grpc.errors import FailedPrecondition
 from federation_grpc.hub.admission import PerNodeCallLimit
@@ -21,6 +22,11 @@ LOGGER = logging.getLogger(__name__)
 
 # One chunk plus protobuf framing must fit in a message.
 MAX_MESSAGE_BYTES = MAX_CHUNK + 1024 * 1024
+# What a stream may have in flight towards the hub beyond the message being read. grpc
+# otherwise grows each stream's HTTP/2 window with its bandwidth-delay estimate (to
+# several MB), which fifty uploads at once held in memory; a fixed window keeps a
+# stream's memory at about a chunk plus this.
+STREAM_WINDOW_BYTES = 1024 * 1024
 SERVICE_NAMES = (
     federation_pb2.DESCRIPTOR.services_by_name["Federation"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
@@ -36,6 +42,38 @@ def server_credentials(config: HubConfig) -> grpc.ServerCredentials:
         root_certificates=tls.ca_cert.read_bytes(),
         require_client_auth=True,
     )
+
+
+class _Handlers:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_federation_servicer(servicer: FederationServicer, server: grpc.Server) -> None:
+    """The generated handlers, but upload messages read by :mod:`federation_grpc.wire`
+    (a chunk as a view of the received bytes, not a protobuf copy)."""
+    collected = _Handlers()
+    federation_pb2_grpc.add_FederationServicer_to_server(servicer, collected)
+    collected.handlers["UploadUpdate"] = grpc.stream_unary_rpc_method_handler(
+        servicer.UploadUpdate,
+        request_deserializer=wire.parse_upload_request,
+        response_serializer=federation_pb2.UploadUpdateResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(collected.service, collected.handlers),)
+    )
+    server.add_registered_method_handlers(collected.service, collected.handlers)
 
 
 class HubServer:
@@ -77,9 +115,11 @@ class HubServer:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             ],
         )
-        federation_pb2_grpc.add_FederationServicer_to_server(
+        add_federation_servicer(
             FederationServicer(
                 self.service,
                 watch_poll_s=watch_poll_s,

@@ -38,6 +38,7 @@ from federation_grpc.hub.rejections import RejectionLog
 from federation_grpc.hub.reports import MetricReports
 from federation_grpc.hub.store import GenerationStatus, HubStore
 from federation_grpc.hub.uploads import UploadIntake
+from federation_grpc.hub.watch import CurrentState, CurrentWatch
 
 
 def make_gate(config: HubConfig, evaluator: Evaluator | None = None) -> UpdateGate:
@@ -75,6 +76,7 @@ class HubService:
         )
         self.nodes = NodeRegistry(self.store, config)
         self.ledger = GenerationLedger(self.store, self.blobs, config.data_dir)
+        self.watch = CurrentWatch(self.ledger)
         self.rejections = RejectionLog(self.store)
         self.evaluations = EvaluationTasks(self.store)
         self.reports = MetricReports(self.store)
@@ -131,7 +133,7 @@ class HubService:
 
     # --- generations (federation_grpc.hub.generations) ----------------------------------
 
-    def init_model(self, weights: bytes, config_json: str) -> GenerationView:
+    def init_model(self, weights: bytes | Path, config_json: str) -> GenerationView:
         return self.ledger.init(weights, config_json)
 
     def current_number(self) -> int | None:
@@ -169,6 +171,10 @@ class HubService:
 
     def wait_for_change(self, known_version: int, timeout: float) -> int:
         return self.ledger.wait_for_change(known_version, timeout)
+
+    def watch_state(self, known_version: int, timeout: float) -> CurrentState:
+        """For watch streams: the state version and current generation, shared."""
+        return self.watch.wait(known_version, timeout)
 
     def download_source(self, number: int, node_id: str | None) -> tuple[Path, GenerationView]:
         """Blob path of a generation a node may download (candidates only while evaluated)."""

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from federation_grpc import wire
 from federation_grpc._proto import admin_pb2 as apb
 from federation_grpc._proto import admin_pb2_grpc, federation_pb2_grpc
 from federation_grpc._proto import federation_pb2 as pb
@@ -136,15 +137,14 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
         version = -1
         last_event = time.monotonic()
         while context.is_active() and not self.stopping.is_set():
-            current = self.service.current_number()
-            if current is not None and current != last_sent:
-                view = self.service.generation(current)
-                yield pb.GenerationEvent(generation=serde.generation_to_proto(view))
-                last_sent, last_event = current, time.monotonic()
+            state = self.service.watch_state(version, self.watch_poll_s)
+            version, current = state.version, state.current
+            if current is not None and current.number != last_sent:
+                yield pb.GenerationEvent(generation=serde.generation_to_proto(current))
+                last_sent, last_event = current.number, time.monotonic()
             elif time.monotonic() - last_event >= self.keepalive_s:
                 yield pb.GenerationEvent(keepalive=True)
                 last_event = time.monotonic()
-            version = self.service.wait_for_change(version, self.watch_poll_s)
 
     @streaming
     def DownloadGeneration(
@@ -172,20 +172,23 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
 
     @unary
     def UploadUpdate(
-        self, request_iterator: Iterator[pb.UploadUpdateRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[wire.UploadPart], context: grpc.ServicerContext
     ) -> pb.UploadUpdateResponse:
+        """Messages arrive through :func:`federation_grpc.wire.parse_upload_request`:
+        chunks as views of the received bytes, the header as a parsed message."""
         node = self._node(context)
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
             raise InvalidRequest("the first message of an upload must carry the header")
         opened = self.service.uploads.begin(node, serde.header_from_proto(first.header))
         if isinstance(opened, UploadStatus):
             return serde.upload_status_to_proto(opened)
         try:
             for message in request_iterator:
-                if message.WhichOneof("part") != "chunk":
+                chunk = wire.chunk_of(message)
+                if chunk is None:
                     raise InvalidRequest("only the first message of an upload carries a header")
-                opened.write(message.chunk)
+                opened.write(chunk)
         except BaseException:
             opened.close()
             raise

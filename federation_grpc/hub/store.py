@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -177,6 +178,50 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class SqliteWriteGate:
+    """One writer at a time per process, handed over at once.
+
+    SQLite lets one connection write; the others get SQLITE_BUSY, and the busy handler
+    makes them sleep and retry with growing naps (up to 100 ms each). Under a burst of
+    uploads (each a few small write transactions) the naps, not the fsyncs, were most
+    of the wait. This gate takes a process-wide lock before a connection's first
+    writing statement and gives it back when the transaction ends, so the next writer
+    starts the moment the last one committed; SQLite's own locking still guards against
+    other processes (the CLI), with the busy timeout as before. A writer that waits
+    longer than that timeout goes on without the gate and meets SQLite's busy handling.
+    """
+
+    _KEY = "tessera_write_gate"
+
+    def __init__(self, engine: Engine, timeout_s: float = 30.0) -> None:
+        self.lock = threading.Lock()  # owned by a connection, not a thread
+        self.timeout_s = timeout_s
+        event.listen(engine, "before_cursor_execute", self._before_execute)
+        for name in ("commit", "rollback"):
+            event.listen(engine, name, self._end)
+        event.listen(engine.pool, "reset", self._reset)
+        event.listen(engine.pool, "checkin", self._checkin)
+
+    def _before_execute(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if conn.info.get(self._KEY) or statement.lstrip()[:6].upper() in ("SELECT", "PRAGMA"):
+            return
+        if self.lock.acquire(timeout=self.timeout_s):
+            conn.info[self._KEY] = True
+
+    def _end(self, conn: Any) -> None:
+        self._release(conn.info)
+
+    def _reset(self, dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
+        self._release(connection_record.info)
+
+    def _checkin(self, dbapi_connection: Any, connection_record: Any) -> None:
+        self._release(connection_record.info)
+
+    def _release(self, info: dict[Any, Any]) -> None:
+        if info.pop(self._KEY, False):
+            self.lock.release()
+
+
 class HubStore:
     """Engine and sessions for the hub tables; ``session()`` commits or rolls back."""
 
@@ -198,6 +243,9 @@ class HubStore:
         self.engine: Engine = create_engine(url, **kwargs)
         if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            self.write_gate: SqliteWriteGate | None = SqliteWriteGate(self.engine)
+        else:
+            self.write_gate = None
         ensure_schema(self.engine, Base.metadata, MIGRATIONS)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         with self.session() as session:

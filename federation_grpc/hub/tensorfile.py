@@ -13,6 +13,12 @@ as strict as the reference implementation: a header that is not a JSON object of
 well-formed entries, offsets that leave a gap, overlap or run past the file, or sizes
 that do not match the shape are refused; nothing in the file is executed.
 
+Memory stays bounded by a block, not by the model: code that walks a tensor goes
+block by block (:func:`flat_blocks`) and hands each block's pages back to the kernel
+when done (:func:`drop_pages`), since pages of a mapped file that were read count in
+the process's resident set until they are unmapped. A new file can be written from a
+stream of blocks (:func:`write_blocks`) whose values are computed as they are written.
+
 A mapped file must not be truncated while its arrays live (the process would get
 SIGBUS): the hub maps only blobs (content-addressed, never rewritten) and a staged
 upload after its last byte, while no other stream may write it.
@@ -26,7 +32,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeGuard
 
@@ -52,6 +58,46 @@ DTYPES: dict[str, np.dtype] = {
 _CODES = {(dtype.kind, dtype.itemsize): code for code, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's bound
 _WRITE_BLOCK = 1 << 22
+# Bytes of one block of one tensor that code walking a tensor touches at a time.
+BLOCK_BYTES = 4 << 20
+
+
+def flat_blocks(size: int, elements: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``elements`` covering ``range(size)``."""
+    step = max(1, elements)
+    for start in range(0, size, step):
+        yield slice(start, min(size, start + step))
+
+
+def blocks_of(array: np.ndarray, elements: int = BLOCK_BYTES // 4) -> Iterator[np.ndarray]:
+    """The array as flat blocks; the pages of each block are dropped after its use."""
+    flat = array.reshape(-1)
+    for part in flat_blocks(flat.size, elements):
+        block = flat[part]
+        yield block
+        drop_pages(block)
+
+
+def drop_pages(array: np.ndarray) -> None:
+    """Give the resident pages of a file-mapped, contiguous array back to the kernel.
+
+    The file's bytes stay in the page cache; the next read maps them again. A no-op for
+    arrays that do not view a memory-mapped file.
+    """
+    owner: object = array
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if (
+        not isinstance(owner, memoryview)
+        or not isinstance(owner.obj, mmap.mmap)
+        or array.nbytes == 0
+        or not array.flags.c_contiguous
+    ):
+        return
+    origin = np.frombuffer(owner, dtype=np.uint8, count=1).ctypes.data
+    begin = array.ctypes.data - origin
+    aligned = begin - begin % mmap.PAGESIZE
+    owner.obj.madvise(mmap.MADV_DONTNEED, aligned, begin + array.nbytes - aligned)
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -148,23 +194,45 @@ def write_tensors(path: Path, tensors: Mapping[str, np.ndarray]) -> tuple[str, i
     Tensors are laid out in name order, each from its own buffer (no intermediate copy
     of the whole file). Raises ValueError for a dtype safetensors cannot hold.
     """
-    layout = []
-    header: dict[str, dict[str, object]] = {}
-    offset = 0
+    arrays = {}
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
         if not array.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
             array = array.copy(order="C")
-        code = _CODES.get((array.dtype.kind, array.dtype.itemsize))
-        if code is None or array.dtype.byteorder == ">":
-            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, not storable")
+        arrays[name] = array
+    layout = [(name, array.dtype, array.shape) for name, array in arrays.items()]
+    return write_blocks(path, layout, ((name, arrays[name]) for name, _, _ in layout))
+
+
+def write_blocks(
+    path: Path,
+    layout: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+    blocks: Iterable[tuple[str, np.ndarray]],
+) -> tuple[str, int]:
+    """Write a safetensors file whose tensors arrive as consecutive blocks.
+
+    ``layout`` names each tensor with its dtype and shape, in the order their bytes are
+    written; ``blocks`` yields ``(name, values)`` in that order, each tensor's blocks
+    together and adding up to its size (values are cast to the tensor's dtype). The file
+    is created, fsync'd; returns ``(sha256, size)``. Raises ValueError for a dtype
+    safetensors cannot hold or blocks that do not match the layout.
+    """
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    expected: list[tuple[str, np.dtype, int]] = []
+    for name, raw_dtype, shape in layout:
+        dtype = np.dtype(raw_dtype)
+        code = _CODES.get((dtype.kind, dtype.itemsize))
+        if code is None or dtype.byteorder == ">":
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, not storable")
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {
             "dtype": code,
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += array.nbytes
-        layout.append(array)
+        offset += nbytes
+        expected.append((name, dtype, nbytes))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # data starts 8-byte aligned, as safetensors writes it
     digest = hashlib.sha256()
@@ -173,14 +241,26 @@ def write_tensors(path: Path, tensors: Mapping[str, np.ndarray]) -> tuple[str, i
         for part in (struct.pack("<Q", len(head)), head):
             digest.update(part)
             _write_all(fd, memoryview(part))
-        for array in layout:
-            if array.nbytes == 0:
-                continue
-            flat = memoryview(array.reshape(-1).view(np.uint8).data)
+        index = {name: i for i, (name, _, _) in enumerate(expected)}
+        written = [0] * len(expected)
+        position = 0
+        for name, values in blocks:
+            at = index.get(name, -1)
+            if at < position:
+                raise ValueError(f"block of {name!r} out of the layout's order")
+            for skipped in range(position, at):
+                if written[skipped] != expected[skipped][2]:
+                    raise ValueError(f"tensor {expected[skipped][0]!r} ended early")
+            position = at
+            array = np.ascontiguousarray(values.reshape(-1), dtype=expected[at][1])
+            flat = memoryview(array.view(np.uint8).data)
             for block in range(0, len(flat), _WRITE_BLOCK):
                 piece = flat[block : block + _WRITE_BLOCK]
                 digest.update(piece)
                 _write_all(fd, piece)
+            written[at] += array.nbytes
+        if written != [nbytes for _, _, nbytes in expected]:
+            raise ValueError(f"blocks hold {sum(written)} bytes, the layout {offset}")
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -17,6 +17,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +50,8 @@ from federation_grpc.hub.tensorfile import read_tensors
 LOGGER = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Complete uploads checked (read, validated, gated) at the same time.
+CONCURRENT_CHECKS = 2
 _STATE = {
     UpdateStatus.PARTIAL: UploadState.PARTIAL,
     UpdateStatus.RECEIVED: UploadState.RECEIVED,
@@ -114,7 +117,7 @@ class UploadSession:
                     self._digest.update(block)
                     remaining -= len(block)
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         if self.received + len(chunk) > self.header.total_size:
             self.close()
             self.intake.discard(
@@ -171,6 +174,7 @@ class UploadIntake:
         self.on_received = on_received
         self._lock = threading.Lock()
         self._active: set[str] = set()
+        self._checking = threading.BoundedSemaphore(CONCURRENT_CHECKS)
 
     def release(self, update_id: str) -> None:
         with self._lock:
@@ -327,6 +331,12 @@ class UploadIntake:
         staged = self.staging.path(header.update_id)
         if digest != header.sha256:
             self.discard(header, node_id, "sha256 of the received bytes does not match the header")
+        # A burst of uploads ends at once: checking them a few at a time keeps the blocks
+        # in memory (and the mapped pages read) to a few, whatever the number of nodes.
+        with self._checking:
+            return self._checked(node_id, header, staged)
+
+    def _checked(self, node_id: str, header: UpdateHeader, staged: Path) -> UploadStatus:
         try:
             update = read_tensors(staged)
             base = self.ledger.generation_tensors(header.base_generation)

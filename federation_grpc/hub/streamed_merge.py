@@ -1,0 +1,104 @@
+"""A merge written block by block: memory bounded by a block, not by the model.
+
+Every strategy in :mod:`aggregation` is elementwise within a tensor (FedAsync's mix,
+FedBuff's and FedAvg's weighted or trimmed mean), so a merge of whole models equals the
+same merge run on matching slices of them. :func:`merge_to_file` runs the strategy on
+one slice of one tensor at a time, from the memory-mapped current generation, updates
+and bases, and writes each merged slice straight into the new safetensors file; the
+mapped pages of each slice are handed back once it is written. The hub's peak memory
+for a merge is then a few blocks, whatever the model size and however many updates
+are folded (the block shrinks as more updates take part).
+
+A clipped update (``[aggregation] clip_norm``) takes part with its scale: each slice is
+``base + scale * (update - base)`` (:func:`~federation_grpc.hub.robust.scale_delta`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from federation_grpc.hub.aggregation import Contribution, Strategy
+from federation_grpc.hub.robust import scale_delta
+from federation_grpc.hub.tensorfile import drop_pages, flat_blocks, write_blocks
+
+# float64 bytes all the updates' slices of one block may take together.
+BLOCK_BUDGET_BYTES = 16 << 20
+MIN_BLOCK = 4096
+
+Layout = list[tuple[str, np.dtype, tuple[int, ...]]]
+
+
+def merged_layout(
+    current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
+) -> Layout:
+    """Names, dtypes and shapes of the merge: the current tensors, then new ones (a new
+    head's first weights) as their first carrier has them; in name order."""
+    shapes: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+        name: (value.dtype, value.shape) for name, value in current.items()
+    }
+    for contribution in contributions:
+        for name, value in contribution.tensors.items():
+            shapes.setdefault(name, (value.dtype, value.shape))
+    return [(name, *shapes[name]) for name in sorted(shapes)]
+
+
+def block_elements(contributions: int) -> int:
+    """Elements per block so that every update's float64 slice fits the budget."""
+    return max(MIN_BLOCK, BLOCK_BUDGET_BYTES // (8 * (contributions + 3)))
+
+
+def merged_blocks(
+    strategy: Strategy,
+    current: Mapping[str, np.ndarray],
+    contributions: Sequence[Contribution],
+    scales: Sequence[float],
+    layout: Layout,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, merged slice)`` for each block of each tensor, in ``layout`` order."""
+    elements = block_elements(len(contributions))
+    for name, _, shape in layout:
+        size = int(np.prod(shape, dtype=np.int64))
+        flat_current = current[name].reshape(-1) if name in current else None
+        flats = [
+            (c.tensors[name].reshape(-1) if name in c.tensors else None,
+             c.base[name].reshape(-1) if name in c.base else None)
+            for c in contributions
+        ]
+        for part in flat_blocks(size, elements):
+            now = {} if flat_current is None else {name: flat_current[part]}
+            sliced = []
+            for contribution, scale, (mine, theirs) in zip(
+                contributions, scales, flats, strict=True
+            ):
+                value = None if mine is None else mine[part]
+                start = None if theirs is None else theirs[part]
+                if (value is not None and start is not None and scale != 1.0
+                        and np.issubdtype(value.dtype, np.floating)):
+                    value = scale_delta(value, start, scale)
+                sliced.append(Contribution(
+                    tensors={} if value is None else {name: value},
+                    base={} if start is None else {name: start},
+                    num_samples=contribution.num_samples,
+                    staleness=contribution.staleness,
+                ))
+            yield name, strategy.merge(now, sliced)[name]
+            for array in (*now.values(), *(a[part] for pair in flats for a in pair
+                                           if a is not None)):
+                drop_pages(array)
+
+
+def merge_to_file(
+    path: Path,
+    strategy: Strategy,
+    current: Mapping[str, np.ndarray],
+    contributions: Sequence[Contribution],
+    scales: Sequence[float] | None = None,
+) -> tuple[str, int]:
+    """Merge into a new safetensors file at ``path``; ``(sha256, size)`` of it."""
+    layout = merged_layout(current, contributions)
+    factors = list(scales) if scales is not None else [1.0] * len(contributions)
+    blocks = merged_blocks(strategy, current, contributions, factors, layout)
+    return write_blocks(path, layout, blocks)
