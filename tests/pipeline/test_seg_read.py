@@ -53,6 +53,22 @@ def test_label_map_seg_reads_into_the_model_labels(study: Study, syntax: str,
     np.testing.assert_array_equal(labels, truth)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_label_map_seg_without_frame_content_reads_like_ohifs(study: Study,
+                                                              placement: str) -> None:
+    """OHIF 3.13's default Save (dcmjs labelmap export) keeps a Dimension Index
+    Sequence but writes no per-frame Frame Content Sequence."""
+    volume, truth = study.volume(), study.truth_in_volume_order()
+    seg = PLACEMENTS[placement](highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP",
+                                              RLELossless))
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        del item.FrameContentSequence
+    assert "DimensionIndexSequence" in seg
+    labels, _ = read_seg_labels(seg, volume, MODEL_SPECS)
+    np.testing.assert_array_equal(labels, truth)
+    assert "DimensionIndexSequence" in seg  # the caller's dataset is left as it was
+
+
 def _fractional_liver(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Liver at 1.0, a ring of exactly 0.5 around it (inside), a ring of 0.3 around
     that (outside). Returns the fractions and the expected mask."""
