@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 
 from dicom_node.errors import InvalidDatasetError
 from dicom_node.pipeline.seg import SegmentSpec
+from dicom_node.pipeline.seg_quirks import readable
 from dicom_node.pipeline.segment_matching import SegmentInfo, match_segments, segment_infos
 from dicom_node.pipeline.volume import Volume
 
@@ -82,7 +82,7 @@ def read_seg_labels(
     labels = np.zeros(volume.shape, dtype=out_dtype)
 
     hseg = (seg if isinstance(seg, hd.seg.Segmentation)
-            else hd.seg.Segmentation.from_dataset(_indexable(seg)))
+            else hd.seg.Segmentation.from_dataset(readable(seg)))
     kind = SegType(str(hseg.SegmentationType))
     if kind is SegType.LABELMAP:
         _check_label_values(hseg, {i.number for i in infos})
@@ -110,27 +110,6 @@ def read_seg_labels(
             return labels, infos
     _place_by_position(hseg, kind, maximum, volume, mapping, labels)
     return labels, infos
-
-
-def _indexable(seg: Dataset) -> Dataset:
-    """``seg``, or a shallow copy without its Dimension Index Sequence when frames carry
-    no Frame Content Sequence (so no Dimension Index Values) for it.
-
-    OHIF 3.13's Label Map SEG (dcmjs labelmap export, the default Save) writes a
-    Dimension Index Sequence but no per-frame Frame Content Sequence; highdicom cannot
-    index such frames. Without the dimension index the frames are still placed, by
-    their source references or their Plane Position.
-    """
-    if "DimensionIndexSequence" not in seg or all(
-            "FrameContentSequence" in item
-            for item in seg.get("PerFrameFunctionalGroupsSequence") or []):
-        return seg
-    LOGGER.info("SEG %s: frames without Frame Content Sequence: read without its "
-                "dimension index", seg.get("SOPInstanceUID"))
-    dimension_index = Tag("DimensionIndexSequence")
-    copy = Dataset({tag: elem for tag, elem in seg.items() if tag != dimension_index})
-    copy.file_meta = seg.file_meta
-    return copy
 
 
 def _fractional_maximum(hseg: hd.seg.Segmentation) -> float:
