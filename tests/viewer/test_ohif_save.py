@@ -117,17 +117,18 @@ def _stroke_distance(shape: tuple[int, int], row: int, col: int) -> np.ndarray:
     return np.hypot(rows - row, cols - along)
 
 
-def _brush_target(ai_slice: np.ndarray, liver: int, radius_px: float) -> tuple[int, int]:
-    """The stroke position on the slice where the AI has the least liver, so that
-    painting liver there changes many voxels."""
+def _brush_target(truth: np.ndarray, ai: np.ndarray, liver: int, radius_px: float,
+                  ) -> tuple[int, int]:
+    """Where a radiologist would paint liver on this slice: the stroke position with
+    the most true liver that the AI missed."""
     best: tuple[int, int, int] | None = None
-    for row in range(80, 180, 8):
-        for col in range(80, 180, 8):
-            near = _stroke_distance(ai_slice.shape, row, col) <= radius_px + 1
-            count = int((ai_slice[near] == liver).sum())
-            if best is None or count < best[0]:
-                best = (count, row, col)
-    assert best is not None
+    for row in range(40, 216, 4):
+        for col in range(40, 216, 4):
+            near = _stroke_distance(ai.shape, row, col) <= radius_px + 1
+            score = int(((truth[near] == liver) & (ai[near] != liver)).sum())
+            if best is None or score > best[0]:
+                best = (score, row, col)
+    assert best is not None and best[0] > 0, "no liver on the painted slice"
     return best[1], best[2]
 
 
@@ -160,7 +161,8 @@ def _segment_studies(bridge: BridgeNode) -> dict[str, Target]:
                         timeout=180, interval=0.5, what=f"the AI segmentation ({name})")
         ai_labels = _labels(bridge, ai.seg_sop_instance_uid, study)
         spacing = float(study.volume().spacing[1])
-        row, col = _brush_target(ai_labels[SLICE], label_values[PAINTED], RADIUS_MM / spacing)
+        row, col = _brush_target(study.truth_in_volume_order()[SLICE], ai_labels[SLICE],
+                                 label_values[PAINTED], RADIUS_MM / spacing)
         targets[name] = Target(study, ai, row, col)
     return targets
 
