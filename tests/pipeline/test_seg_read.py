@@ -141,6 +141,18 @@ def test_label_map_with_values_above_its_segment_count_is_refused(study: Study) 
         read_seg_labels(seg, volume, MODEL_SPECS)
 
 
+def test_frames_that_name_undeclared_segments_are_refused(study: Study) -> None:
+    """Like OHIF 3.13's 'bitmap' Save with an empty segment: the Segment Sequence
+    renumbered without it, the frames still numbered as before."""
+    volume, truth = study.volume(), study.truth_in_volume_order()
+    seg = highdicom_seg(volume, truth, CT_SEGMENTS, "BINARY")
+    del seg.SegmentSequence[0]
+    for number, item in enumerate(seg.SegmentSequence, start=1):
+        item.SegmentNumber = number
+    with pytest.raises(InvalidDatasetError, match=r"segment number\(s\) 5 .*declares 1, 2, 3, 4"):
+        read_seg_labels(seg, volume, MODEL_SPECS)
+
+
 def test_frames_that_point_at_unknown_source_instances_are_refused(study: Study) -> None:
     volume, truth = study.volume(), study.truth_in_volume_order()
     seg = highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP")
