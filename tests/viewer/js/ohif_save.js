@@ -46,7 +46,7 @@ function currentSlice(page) {
     const imageId = vp.getCurrentImageId();
     const m = /\/instances\/([^/]+)\//.exec(imageId);
     return { index: vp.getCurrentImageIdIndex(), sop: m && m[1], count: vp.getImageIds().length,
-      target: null, imageIds: vp.getImageIds().map(id => (/\/instances\/([^/]+)\//.exec(id) || [])[1]) };
+      imageIds: vp.getImageIds().map(id => (/\/instances\/([^/]+)\//.exec(id) || [])[1]) };
   });
 }
 
@@ -99,6 +99,30 @@ async function paint(page, c, out) {
   out.steps.push('painted');
 }
 
+// Segmentation ⋮ → Export → DICOM SEG. Export is a Radix submenu that opens on
+// hover; on a busy machine it may miss the first hover, so also try the keyboard
+// (ArrowRight opens a submenu) and, failing that, reopen the menu.
+async function openStoreDialog(page, out) {
+  const seg = page.getByText('DICOM SEG', { exact: true });
+  for (let attempt = 1; attempt <= 4; attempt++) {
+    await page.locator('[data-cy^="segmentation-collapsed-more-btn"]').first().click();
+    const exportItem = page.getByRole('menuitem').filter({ hasText: 'Export' }).first();
+    await exportItem.hover();
+    await exportItem.click();
+    if (!await seg.isVisible()) await exportItem.press('ArrowRight').catch(() => {});
+    try {
+      await seg.waitFor({ timeout: 5000 });
+      await seg.click();
+      return;
+    } catch (e) {
+      out.steps.push(`export submenu did not open (try ${attempt})`);
+      await page.keyboard.press('Escape');
+      await page.keyboard.press('Escape');
+    }
+  }
+  throw new Error('the Export submenu never showed "DICOM SEG"');
+}
+
 async function runCase(ctx, opt, c) {
   const out = { steps: [], consoleErrors: [], dicomwebErrors: [] };
   const page = await ctx.newPage();
@@ -147,12 +171,11 @@ async function runCase(ctx, opt, c) {
         .waitFor({ timeout: 10000 });
       out.steps.push(`added segment ${c.newSegmentLabel}`);
     }
-    out.slice = await goToSlice(page, c.sliceSopUid, out);
-    delete out.slice.imageIds;
+    await goToSlice(page, c.sliceSopUid, out);
     await page.getByTestId('data-row').filter({ hasText: c.segmentLabel }).first().click();
     // Selecting a segment may jump to it: come back to the slice to paint.
-    out.slice = await goToSlice(page, c.sliceSopUid, out);
-    delete out.slice.imageIds;
+    const { index, sop, count } = await goToSlice(page, c.sliceSopUid, out);
+    out.slice = { index, sop, count };
     await page.getByTestId('Brush-btn').click();
     await page.waitForTimeout(300);
     await shot('before-brush');
@@ -163,9 +186,7 @@ async function runCase(ctx, opt, c) {
     await shot('after-brush');
 
     // segmentation ⋮ → Export → DICOM SEG → "Store Segmentation" → Save
-    await page.locator('[data-cy^="segmentation-collapsed-more-btn"]').first().click();
-    await page.getByText('Export', { exact: true }).click();
-    await page.getByText('DICOM SEG', { exact: true }).click();
+    await openStoreDialog(page, out);
     const dialog = page.locator('[role=dialog]').filter({ hasText: 'Store Segmentation' });
     await dialog.waitFor({ timeout: 10000 });
     out.steps.push('store dialog');
