@@ -12,12 +12,26 @@
 const TESSERA_ROOT = window.location.origin + '/dicomweb';
 const TESSERA_TOKEN = '';
 
+// How OHIF encodes the segmentation its Save ("Store Segmentation") sends to the node:
+// 'labelmap' = Label Map Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.7), one
+// label per voxel, RLE Lossless: OHIF 3.13's own default, the smallest file, and
+// exactly what the node trains on (one model label per voxel). The node reads it
+// and 'bitmap' (binary Segmentation Storage, 1.2.840.10008.5.1.4.1.1.66.4) alike as
+// corrections. Choose 'bitmap' only when these SEGs must also reach a PACS or
+// viewer that does not know Label Map SEG (dcmtk 3.6.7, for one, cannot send it),
+// and know that OHIF 3.13's bitmap Save of a segmentation with an empty segment
+// renumbers the segments but not the frames: the node refuses such a SEG (shown in
+// `tessera node status`) rather than train on the wrong labels.
+// Both are tested by clicking Save in OHIF (tests/viewer/test_ohif_save.py).
+const SEG_STORE_MODE = 'labelmap';
+
 window.config = {
   name: 'tessera',
   routerBasename: '/',
   extensions: [],
   modes: [],
-  customizationService: {},
+  // OHIF 3.13 customization key (extensions/cornerstone-dicom-seg segmentationConfig).
+  customizationService: { 'segmentation.store.defaultMode': { $set: SEG_STORE_MODE } },
   showStudyList: true,
   maxNumberOfWebWorkers: 3,
   showWarningMessageForCrossOrigin: false,

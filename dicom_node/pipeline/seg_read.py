@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import InvalidDatasetError
 from dicom_node.pipeline.seg import SegmentSpec
+from dicom_node.pipeline.seg_quirks import readable
 from dicom_node.pipeline.segment_matching import SegmentInfo, match_segments, segment_infos
 from dicom_node.pipeline.volume import Volume
 
@@ -80,10 +81,13 @@ def read_seg_labels(
     out_dtype = np.uint8 if max(mapping.values(), default=0) < 256 else np.uint16
     labels = np.zeros(volume.shape, dtype=out_dtype)
 
-    hseg = seg if isinstance(seg, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(seg)
+    hseg = (seg if isinstance(seg, hd.seg.Segmentation)
+            else hd.seg.Segmentation.from_dataset(readable(seg)))
     kind = SegType(str(hseg.SegmentationType))
     if kind is SegType.LABELMAP:
         _check_label_values(hseg, {i.number for i in infos})
+    else:
+        _check_frame_segments(hseg, {i.number for i in infos})
     maximum = _fractional_maximum(hseg) if kind is SegType.FRACTIONAL else 1.0
     numbers = sorted(mapping)
     if not numbers:
@@ -124,6 +128,28 @@ def _fractional_maximum(hseg: hd.seg.Segmentation) -> float:
                     "binary", hseg.get("SOPInstanceUID"), declared)
         return 1.0
     return declared
+
+
+def _check_frame_segments(hseg: hd.seg.Segmentation, declared: set[int]) -> None:
+    """Every frame of a binary or fractional SEG names a declared segment.
+
+    OHIF 3.13's 'bitmap' Save drops an empty segment from the Segment Sequence and
+    renumbers the rest, but its frames keep the old numbers: read as written, each
+    frame would land on the wrong label.
+    """
+    shared = hseg.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    numbers: set[int] = set()
+    for item in hseg.get("PerFrameFunctionalGroupsSequence") or []:
+        ident = (item.get("SegmentIdentificationSequence")
+                 or shared.get("SegmentIdentificationSequence"))
+        if ident:
+            numbers.add(int(ident[0].ReferencedSegmentNumber))
+    stray = sorted(numbers - declared)
+    if stray:
+        raise InvalidDatasetError(
+            f"SEG frames reference segment number(s) {', '.join(map(str, stray[:8]))} "
+            f"that its Segment Sequence does not declare (it declares "
+            f"{', '.join(map(str, sorted(declared)[:8]))})")
 
 
 def _check_label_values(hseg: hd.seg.Segmentation, declared: set[int]) -> None:

@@ -53,6 +53,54 @@ def test_label_map_seg_reads_into_the_model_labels(study: Study, syntax: str,
     np.testing.assert_array_equal(labels, truth)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_label_map_seg_without_frame_content_reads_like_ohifs(study: Study,
+                                                              placement: str) -> None:
+    """OHIF 3.13's default Save (dcmjs labelmap export) keeps a Dimension Index
+    Sequence but writes no per-frame Frame Content Sequence."""
+    volume, truth = study.volume(), study.truth_in_volume_order()
+    seg = PLACEMENTS[placement](highdicom_seg(volume, truth, CT_SEGMENTS, "LABELMAP",
+                                              RLELossless))
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        del item.FrameContentSequence
+    assert "DimensionIndexSequence" in seg
+    labels, _ = read_seg_labels(seg, volume, MODEL_SPECS)
+    np.testing.assert_array_equal(labels, truth)
+    assert "DimensionIndexSequence" in seg  # the caller's dataset is left as it was
+
+
+def _one_bit_rle(seg: Dataset) -> Dataset:
+    """The binary SEG as OHIF's 'bitmap' Save writes it: RLE Lossless with 1 bit
+    allocated, each frame's packed bits one RLE segment (highdicom refuses to write
+    this; pydicom cannot decode it)."""
+    frames, per_frame = int(seg.NumberOfFrames), int(seg.Rows) * int(seg.Columns) // 8
+    packed = np.frombuffer(seg.PixelData, dtype=np.uint8)[:frames * per_frame]
+    view = Dataset()
+    view.file_meta = pydicom.dataset.FileMetaDataset()
+    view.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    view.Rows, view.Columns, view.NumberOfFrames = 1, per_frame, frames
+    view.SamplesPerPixel, view.PhotometricInterpretation = 1, "MONOCHROME2"
+    view.BitsAllocated, view.BitsStored, view.HighBit, view.PixelRepresentation = 8, 8, 7, 0
+    view.compress(RLELossless, arr=packed.reshape(frames, 1, per_frame))
+    seg.PixelData = view.PixelData
+    seg["PixelData"].VR = "OB"
+    seg.file_meta.TransferSyntaxUID = RLELossless
+    return seg
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_one_bit_rle_binary_seg_reads_like_ohifs_bitmap_save(study: Study,
+                                                            placement: str) -> None:
+    volume, truth = study.volume(), study.truth_in_volume_order()
+    seg = _one_bit_rle(PLACEMENTS[placement](
+        highdicom_seg(volume, truth, CT_SEGMENTS, "BINARY")))
+    with pytest.raises(Exception, match="1 bits allocated"):
+        seg.pixel_array  # noqa: B018 -- pydicom alone cannot decode it
+    labels, _ = read_seg_labels(seg, volume, MODEL_SPECS)
+    np.testing.assert_array_equal(labels, truth)
+    assert seg.file_meta.TransferSyntaxUID == RLELossless  # the caller's dataset is kept
+
+
 def _fractional_liver(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Liver at 1.0, a ring of exactly 0.5 around it (inside), a ring of 0.3 around
     that (outside). Returns the fractions and the expected mask."""
@@ -90,6 +138,18 @@ def test_label_map_with_values_above_its_segment_count_is_refused(study: Study) 
     pixels[1, :4, :4] = 12
     seg.PixelData = pixels.tobytes()
     with pytest.raises(InvalidDatasetError, match=r"pixel values \(9, 12\).*5 segment"):
+        read_seg_labels(seg, volume, MODEL_SPECS)
+
+
+def test_frames_that_name_undeclared_segments_are_refused(study: Study) -> None:
+    """Like OHIF 3.13's 'bitmap' Save with an empty segment: the Segment Sequence
+    renumbered without it, the frames still numbered as before."""
+    volume, truth = study.volume(), study.truth_in_volume_order()
+    seg = highdicom_seg(volume, truth, CT_SEGMENTS, "BINARY")
+    del seg.SegmentSequence[0]
+    for number, item in enumerate(seg.SegmentSequence, start=1):
+        item.SegmentNumber = number
+    with pytest.raises(InvalidDatasetError, match=r"segment number\(s\) 5 .*declares 1, 2, 3, 4"):
         read_seg_labels(seg, volume, MODEL_SPECS)
 
 

@@ -69,14 +69,16 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 def start_bridge_node(folder: Path, *, rules: list[dict[str, Any]] | None = None,
-                      models: dict[str, str] | None = None, **http: Any) -> BridgeNode:
+                      models: dict[str, str] | None = None,
+                      learning: dict[str, Any] | None = None, **http: Any) -> BridgeNode:
+    """A node with DICOMweb on; learning off unless ``learning`` gives its section."""
     from viewer_bridge.auth import hash_token
 
     settings = {"enabled": True, "host": "127.0.0.1", "port": 0,
                 "tokens": [hash_token(TOKEN)], "max_stow_mb": 64}
     settings.update(http)
     data = node_config_data(folder / "node", rules=rules, http=settings,
-                            learning={"enabled": False})
+                            learning=learning or {"enabled": False})
     if models:
         data["models"] = models
     config_path = write_node_config(folder / "node.toml", data)
