@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.weights import load_model
 
 LOGGER = logging.getLogger(__name__)
@@ -30,12 +30,12 @@ class ModelRegistry:
 
     def __init__(self, paths: dict[str, Path] | None = None) -> None:
         self._paths = dict(paths or {})
-        self._loaded: dict[str, tuple[MultiHeadUNet, ModelConfig]] = {}
+        self._loaded: dict[str, tuple[SegmentationNetwork, ModelConfig]] = {}
         self._lock = threading.Lock()
         starter = STARTER_DIR / "model.safetensors"
         self._starter: Path | None = starter if starter.exists() else None
 
-    def get(self, name: str) -> tuple[MultiHeadUNet, ModelConfig]:
+    def get(self, name: str) -> tuple[SegmentationNetwork, ModelConfig]:
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name]
@@ -58,7 +58,7 @@ class ModelRegistry:
             loaded = self._loaded.get(name)
             return None if loaded is None else loaded[1].generation
 
-    def replace(self, name: str, model: MultiHeadUNet, config: ModelConfig) -> None:
+    def replace(self, name: str, model: SegmentationNetwork, config: ModelConfig) -> None:
         """Serve a new version from now on (hot swap; in-flight jobs keep the old one)."""
         with self._lock:
             self._loaded[name] = (model, config)

@@ -28,6 +28,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
+from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.incremental import (
     StoredSample,
     accept_candidate,
@@ -37,6 +38,7 @@ from dicom_node.learning.incremental import (
     trained_groups,
     update_artifact,
 )
+from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
 from dicom_node.learning.safetensors_io import atomic_write
 from dicom_node.learning.training import SliceSample, TrainingPolicy, TrainingProgress
@@ -146,6 +148,12 @@ class IncrementalTrainer:
             activate_serving(self.db, self.models, name)
             return done
 
+        if not isinstance(base_model, MultiHeadUNet):
+            # Rounds from corrections are slice rounds with per-head masking: they need
+            # separate heads (an external network is one group, see learning.external).
+            raise TrainingError(
+                f"model {name!r} ({base_config.architecture[:40]}) is served but not trained "
+                "from corrections on the node: that needs the multi-head U-Net")
         new = [x for r in new_rows for x in self._load(r).slice_samples()]
         replay = self._replay(replay_rows)
         held = [self._load(r) for r in held_rows]
