@@ -18,8 +18,16 @@ from typer.testing import CliRunner
 from dicom_node.cli import app
 from dicom_node.learning.errors import WeightsError
 from dicom_node.learning.external import sha256_file
+from dicom_node.learning.external_training import VolumeSample, train_external
 from dicom_node.learning.model_import import ModelImportError, import_bundle, import_torchscript
-from dicom_node.learning.weights import load_model, model_from_bytes, model_to_bytes
+from dicom_node.learning.training import TrainingPolicy
+from dicom_node.learning.weights import (
+    apply_groups,
+    extract_groups,
+    load_model,
+    model_from_bytes,
+    model_to_bytes,
+)
 
 NET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
             "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
@@ -86,17 +94,20 @@ def test_bundle_becomes_a_model_with_the_same_outputs(tmp_path: Path) -> None:
 
 def test_pickle_with_code_is_refused_and_nothing_written(tmp_path: Path) -> None:
     bundle, _ = make_bundle(tmp_path)
+    marker = tmp_path / "code-ran"
 
     class Payload:
         def __reduce__(self) -> tuple:
-            return (print, ("code ran",))
+            return (open, (str(marker), "w"))  # unpickling would create the file
 
-    with (bundle / "models" / "model.pt").open("wb") as fh:
-        pickle.dump({"weight": Payload()}, fh)
-    out = tmp_path / "models"
-    with pytest.raises(ModelImportError, match="weights_only"):
-        import_bundle(bundle, out)
-    assert written(out) == []
+    for save in (pickle.dump, torch.save):
+        with (bundle / "models" / "model.pt").open("wb") as fh:
+            save({"weight": Payload()}, fh)
+        out = tmp_path / "models"
+        with pytest.raises(ModelImportError, match="refused, not a plain state dict"):
+            import_bundle(bundle, out)
+        assert not marker.exists()
+        assert written(out) == []
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -174,6 +185,33 @@ def test_torchscript_import_installs_code_locally_and_federates_weights_only(
     with torch.inference_mode():
         torch.testing.assert_close(served(x)["network"], model(x)["network"])
     assert not data.startswith(b"PK")  # never the scripted archive itself
+
+
+def test_a_round_on_imported_torchscript_updates_its_weights_by_name(tmp_path: Path) -> None:
+    """A correction trains the scripted network (Dice-CE); the update is its state dict by
+    parameter name, which a second node with the same file installed applies."""
+    script = scripted(tmp_path)
+    model, config = load_model(import_torchscript(script, DESCRIPTION, tmp_path / "a",
+                                                  name="vendor-brain").path)
+    before = extract_groups(model, ["network"])
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 1, (16, 24, 24)).astype(np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[4:12, 6:18, 6:18] = 1
+    image[labels == 1] += 3
+    sample = VolumeSample(image, labels, frozenset({"brain"}), affine=np.eye(4))
+    report = train_external(model, config, [sample],
+                            TrainingPolicy(epochs=3, learning_rate=1e-2))
+    assert report.steps == 3 and report.trained_heads == ("network",)
+    update = extract_groups(model, ["network"])
+    assert set(update) == set(before) and all(k.startswith("network.") for k in update)
+    assert any(not np.array_equal(before[k], update[k]) for k in update)
+    node_b, _ = load_model(import_torchscript(script, DESCRIPTION, tmp_path / "b",
+                                              name="vendor-brain").path)
+    assert apply_groups(node_b, config, update) == {"network"}
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(node_b(x)["network"], model(x)["network"])
 
 
 def test_torchscript_whose_installed_file_changed_is_refused(tmp_path: Path) -> None:
