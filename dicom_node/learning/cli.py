@@ -139,7 +139,8 @@ def list_command(
             config.name,
             str(config.generation),
             escape(heads),
-            f"{pp.modality.value} {pp.input_size}px",
+            f"{pp.modality.value} " + ("3D" if config.spatial_dims == 3
+                                       else f"{pp.input_size}px"),
             f"{path.stat().st_size / 1e6:.1f} MB",
             str(path),
         )
