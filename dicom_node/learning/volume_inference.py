@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.transforms import NormalizeIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
+from dicom_node.learning.device import autocast, on_device
 from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
 from dicom_node.learning.inference import SegmentationResult, combine_heads, segment_volume
@@ -125,17 +126,21 @@ def segment_volume_3d(
     *,
     affine: np.ndarray | None = None,
     device: str | torch.device = "cpu",
+    amp: bool = False,
 ) -> SegmentationResult:
-    """Segment a ``(slices, rows, cols)`` volume with a 3D network (see module doc)."""
+    """Segment a ``(slices, rows, cols)`` volume with a 3D network (see module doc);
+    ``amp``: float16 autocast on CUDA."""
     vp = config.preprocessing.volume
     if vp is None or volume.ndim != 3:
         raise ModelConfigError("3D inference needs preprocessing.volume and a 3D volume")
     device = torch.device(device)
-    model = model.to(device).eval()
+    model = on_device(model, device).eval()
     x, orient = prepare_volume(volume, spacing, vp, affine)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
-        return model(window)[NETWORK_HEAD].float().softmax(dim=1)
+        with autocast(device, amp):
+            logits = model(window)[NETWORK_HEAD]
+        return logits.float().softmax(dim=1)
 
     with torch.inference_mode():
         probs = sliding_window_inference(
@@ -172,10 +177,17 @@ def segment_any(
     *,
     affine: np.ndarray | None = None,
     device: str | torch.device = "cpu",
+    amp: bool = False,
 ) -> SegmentationResult:
-    """Slice by slice for 2D networks, sliding window for 3D ones."""
+    """Slice by slice for 2D networks, sliding window for 3D ones; on ``device`` (a copy
+    of the shared model when that is not the CPU), with float16 autocast on CUDA when
+    ``amp``."""
+    device = torch.device(device)
     if config.spatial_dims == 3:
         if not isinstance(model, ExternalNetwork):
             raise ModelConfigError(f"model {config.name!r}: a 3D config needs a 3D network")
-        return segment_volume_3d(model, config, volume, spacing, affine=affine, device=device)
-    return segment_volume(model, config, volume, spacing, device=device)
+        return segment_volume_3d(model, config, volume, spacing, affine=affine, device=device,
+                                 amp=amp)
+    with autocast(device, amp):
+        return segment_volume(on_device(model, device), config, volume, spacing,
+                              device=device)

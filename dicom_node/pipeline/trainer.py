@@ -28,6 +28,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
+from dicom_node.learning.device import resolve_device
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.incremental import (
     StoredSample,
@@ -74,7 +75,8 @@ def policy_of(config: NodeConfig) -> TrainingPolicy:
                           encoder_lr_scale=lc.encoder_lr_scale,
                           distill_weight=lc.distill_weight,
                           distill_other_heads=lc.distill_other_heads,
-                          anchor_fraction=lc.rehearsal_fraction if lc.rehearsal_site else 0.0)
+                          anchor_fraction=lc.rehearsal_fraction if lc.rehearsal_site else 0.0,
+                          device=str(resolve_device(lc.device)))
 
 
 def rehearsal_of(config: NodeConfig) -> RehearsalPlan:
