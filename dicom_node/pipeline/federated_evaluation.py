@@ -122,4 +122,5 @@ class EvaluationResponder:
 
     def _model(self, data: bytes, generation: int) -> tuple[SegmentationNetwork, ModelConfig]:
         _, current = self.models.get(self.name)
-        return model_from_bytes(data, hub_config_for("", current, generation))
+        return model_from_bytes(data, hub_config_for("", current, generation),
+                                code_dirs=self.models.code_dirs(self.name))

@@ -9,7 +9,7 @@ from pathlib import Path
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import SegmentationNetwork
-from dicom_node.learning.weights import load_model
+from dicom_node.learning.weights import code_dirs_for, load_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ class ModelRegistry:
             self._loaded[name] = (model, config)
             LOGGER.info("loaded model %s generation %d from %s", name, config.generation, path)
             return model, config
+
+    def code_dirs(self, name: str) -> tuple[Path, ...]:
+        """Where an operator-installed TorchScript file of ``name`` may live: the
+        ``torchscript/`` folder beside its configured weights or one level up."""
+        path = self._paths.get(name)
+        return code_dirs_for(Path(path)) if path is not None else ()
 
     def loaded_generation(self, name: str) -> int | None:
         """The generation this registry serves for ``name``; None before its first use."""

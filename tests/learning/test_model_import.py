@@ -28,6 +28,9 @@ from dicom_node.learning.weights import (
     model_from_bytes,
     model_to_bytes,
 )
+from dicom_node.pipeline.hub_generations import HubGenerationError, serve_hub_generation
+from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.store.db import Database
 
 NET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
             "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
@@ -264,3 +267,41 @@ def test_cli_imports_a_bundle_and_reports_refusals(tmp_path: Path) -> None:
                              "--labels", str(labels)])
     assert ok.exit_code == 0, ok.output
     assert np.array([p.suffix for p in written(out / "torchscript")]).tolist() == [".pt"]
+
+
+def test_hub_generation_of_torchscript_serves_only_where_the_file_is_installed(
+        tmp_path: Path) -> None:
+    """What a node does with a downloaded generation (bytes from the hub): rebuilt from
+    its own installed file; a node without it refuses the generation with the reason."""
+    script = scripted(tmp_path)
+    source = import_torchscript(script, DESCRIPTION, tmp_path / "a", name="vendor-brain")
+    model, config = load_model(source.path)
+    with torch.no_grad():
+        model.network.head.bias.add_(0.5)  # type: ignore[union-attr]
+    data = model_to_bytes(model, config.with_generation(4))
+    for node, installed in (("b", True), ("c", False)):
+        models_dir = tmp_path / node / "models"
+        weights = models_dir / "vendor-brain" / "model.safetensors"
+        if installed:  # the operator's import on this node
+            import_torchscript(script, DESCRIPTION, models_dir, name="vendor-brain")
+        registry = ModelRegistry({"vendor-brain": weights})
+        registry.replace("vendor-brain", model, config)
+        db = Database(f"sqlite:///{tmp_path / node / 'node.db'}")
+        db.create_schema()
+        try:
+            if installed:
+                serve_hub_generation(db, registry, "vendor-brain", data, generation=4,
+                                     parent=0, config_json=config.to_json(),
+                                     models_dir=models_dir)
+                served, served_config = registry.get("vendor-brain")
+                assert served_config.generation == 4
+                x = torch.randn(1, 1, 16, 16, 16)
+                with torch.inference_mode():
+                    torch.testing.assert_close(served(x)["network"], model(x)["network"])
+            else:
+                with pytest.raises(HubGenerationError, match="not installed on this node"):
+                    serve_hub_generation(db, registry, "vendor-brain", data, generation=4,
+                                         parent=0, config_json=config.to_json(),
+                                         models_dir=models_dir)
+        finally:
+            db.dispose()
