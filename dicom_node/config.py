@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -224,10 +224,19 @@ class RoutingRule(_Section):
         return self
 
 
+class InferenceSettings(_Section):
+    """Where segmentation runs: auto (CUDA when torch sees one), cpu or cuda; ``amp``:
+    float16 autocast on CUDA."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+
+
 class LearningSettings(_Section):
     """Learning from corrections (Dafne: 5 epochs of Adam at 1e-3 on the corrected slices)."""
 
     enabled: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where training rounds run
     # Labels this hospital annotates; only their heads train (masked loss). Empty: all.
     annotated_labels: tuple[str, ...] = ()
     train_every: int = Field(1, ge=1)          # queue training after every N corrections
@@ -396,6 +405,7 @@ class NodeConfig(_Section):
     # Extra models by name -> weights file (safetensors + JSON beside it). The shipped
     # starter model is always available under its own name.
     models: dict[str, Path] = {}
+    inference: InferenceSettings = InferenceSettings()
     learning: LearningSettings = LearningSettings()
     http: HttpSettings = HttpSettings()
     federation: FederationSettings = FederationSettings()
@@ -581,10 +591,15 @@ modality = ["CT"]
 # called_ae = ["TESSERA"]
 # sop_class_uid = ["1.2.840.10008.5.1.4.1.1.2"]
 
+[inference]
+device = "auto"           # auto (CUDA when there is one), cpu or cuda
+amp = true                # float16 autocast for inference on CUDA
+
 [learning]
 # Corrected SEGs (C-STORE or STOW-RS) become training samples; a round of local
 # training replaces the serving model only if held-out Dice does not fall by more
 # than acceptance_margin. `tessera model list-versions` / `rollback` manage versions.
+device = "auto"           # where training rounds run: auto, cpu or cuda
 annotated_labels = []     # labels this hospital corrects, e.g. ["liver"]; empty: all
 train_every = 1           # train after every N corrections
 epochs = 5

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dicom_node.learning import model_import
 from dicom_node.learning.bootstrap import STARTER_DIR, BootstrapPlan, bootstrap
 from dicom_node.learning.errors import LearningError
 from dicom_node.learning.model_config import ModelConfig
@@ -138,11 +139,49 @@ def list_command(
             config.name,
             str(config.generation),
             escape(heads),
-            f"{pp.modality.value} {pp.input_size}px",
+            f"{pp.modality.value} " + ("3D" if config.spatial_dims == 3
+                                       else f"{pp.input_size}px"),
             f"{path.stat().st_size / 1e6:.1f} MB",
             str(path),
         )
     Console().print(table)
+
+
+@model_app.command("import")
+def import_command(
+    source: Annotated[Path, typer.Argument(
+        help="A MONAI bundle directory, or a TorchScript file (then --labels is required).")],
+    out: Annotated[Path, typer.Option(
+        help="Models directory: writes <out>/<name>/model.safetensors (and, for "
+             "TorchScript, <out>/torchscript/<sha256>.pt).")] = Path("models"),
+    name: Annotated[str | None, typer.Option(help="Model name (default: from the source).")
+                    ] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="JSON: labels by output channel ({\"1\": \"brain\"} or {\"1\": {name, code, "
+             "meaning}}); for TorchScript also spatial_dims, in_channels, output, modality, "
+             "preprocessing.")] = None,
+) -> None:
+    """Import a model a hospital already uses (MONAI bundle or TorchScript) as a Tessera
+    model; nothing is written unless every check passes."""
+    console = Console()
+    try:
+        described = json.loads(labels.read_text()) if labels is not None else None
+        if source.is_dir():
+            overrides = described.get("labels", described) if described else None
+            result = model_import.import_bundle(source, out, name=name, labels=overrides)
+        elif described is None:
+            raise model_import.ModelImportError(
+                "a TorchScript file needs --labels (its JSON description)")
+        else:
+            result = model_import.import_torchscript(source, described, out, name=name)
+    except (LearningError, OSError, json.JSONDecodeError) as exc:
+        console.print(f"[red]import failed:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    config = result.config
+    console.print(f"imported {escape(config.name)} ({escape(config.architecture)}): labels "
+                  f"{', '.join(lab.name for lab in config.labels)}; saved {result.path}")
+    console.print(f'route to it with model = "{escape(config.name)}" and add to [models]: '
+                  f'{escape(config.name)} = "{result.path}"')
 
 
 # Node-side model versions (learning from corrections), in their own module.

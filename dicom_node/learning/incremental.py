@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.inference import combine_heads
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices
 from dicom_node.learning.training import (
     ProgressHook,
@@ -121,6 +122,7 @@ def decode_sample(data: bytes) -> StoredSample:
 def copy_model(model: MultiHeadUNet, config: ModelConfig) -> MultiHeadUNet:
     """An independent copy (through safetensors bytes, as everywhere else)."""
     copied, _ = model_from_bytes(_model_to_bytes(model, config), config)
+    assert isinstance(copied, MultiHeadUNet)  # the config names the multi-head U-Net
     return copied
 
 
@@ -151,14 +153,17 @@ def train_round(
 
 
 def evaluate_slices(
-    model: MultiHeadUNet, config: ModelConfig, samples: Sequence[StoredSample],
+    model: SegmentationNetwork, config: ModelConfig, samples: Sequence[StoredSample],
     *, batch_size: int = 16,
 ) -> dict[str, float]:
     """Dice per annotated label pooled over the slices of ``samples``, plus ``mean``.
 
     Voxel counts are summed over every slice before the ratio, so small structures on
-    a few slices do not dominate. Labels no sample annotates are left out.
+    a few slices do not dominate. Labels no sample annotates are left out. 2D networks
+    only (a 3D network is scored on volumes).
     """
+    if config.spatial_dims != 2:
+        raise TrainingError(f"model {config.name!r} is 3D: slice evaluation needs a 2D one")
     inter: dict[str, int] = {}
     total: dict[str, int] = {}
     pp = config.preprocessing

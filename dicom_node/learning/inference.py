@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices
 
 LOGGER = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def combine_heads(
 
 
 def segment_volume(
-    model: MultiHeadUNet,
+    model: SegmentationNetwork,
     config: ModelConfig,
     volume: np.ndarray,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),

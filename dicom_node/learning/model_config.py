@@ -38,6 +38,12 @@ from enum import StrEnum
 from typing import Any
 
 from dicom_node.learning.errors import ModelConfigError
+from dicom_node.learning.external import (
+    NETWORK_HEAD,
+    NetworkSpec,
+    check_architecture,
+    is_external,
+)
 
 FORMAT = "tessera-model/1"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -113,18 +119,127 @@ class UNetHyperparameters:
         return len(self.channels)
 
 
+INTENSITY_OPS = ("window", "percentiles", "zscore", "affine")
+
+
+@dataclass(frozen=True)
+class IntensityStep:
+    """One intensity transform of a 3D model's input, applied in order.
+
+    ``window``: ``[lower, upper]`` (HU) mapped to [-1, 1], clipped. ``percentiles``:
+    the volume's ``[lower, upper]`` percentiles mapped to [0, 1], clipped. ``zscore``:
+    zero mean, unit variance. ``affine``: ``x * scale + offset``.
+    """
+
+    op: str
+    lower: float = 0.0
+    upper: float = 0.0
+    scale: float = 1.0
+    offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.op not in INTENSITY_OPS:
+            raise ModelConfigError(
+                f"preprocessing.volume.intensity: op {self.op[:32]!r} is not one of "
+                f"{INTENSITY_OPS}")
+        if self.op in ("window", "percentiles") and not self.lower < self.upper:
+            raise ModelConfigError(
+                f"preprocessing.volume.intensity.{self.op}: lower must be < upper")
+        if self.op == "percentiles" and not 0 <= self.lower < self.upper <= 100:
+            raise ModelConfigError("preprocessing.volume.intensity.percentiles: 0..100")
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.op in ("window", "percentiles"):
+            return {"op": self.op, "lower": self.lower, "upper": self.upper}
+        if self.op == "affine":
+            return {"op": self.op, "scale": self.scale, "offset": self.offset}
+        return {"op": self.op}
+
+
+@dataclass(frozen=True)
+class VolumePreprocessing:
+    """Geometry, intensity and sliding window of a 3D network's input.
+
+    ``orientation``: ``"RAS"`` reorders and flips the volume's axes so that they run
+    toward the patient's right, anterior and superior (NIfTI's canonical RAS+ order, what
+    models trained on NIfTI files expect); ``None`` keeps the
+    acquisition order (slice, row, column). Then either ``spacing`` (mm per axis,
+    trilinear resampling) or ``shape`` (voxels per axis) sets the grid; neither keeps it.
+    ``roi_size`` is the sliding window (voxels), run ``sw_batch_size`` windows at a time
+    with ``overlap`` and Gaussian blending; these bound inference memory on CPU.
+    """
+
+    orientation: str | None = None
+    spacing: tuple[float, float, float] | None = None
+    shape: tuple[int, int, int] | None = None
+    intensity: tuple[IntensityStep, ...] = ()
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    sw_batch_size: int = 1
+    overlap: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.orientation not in (None, "RAS"):
+            raise ModelConfigError("preprocessing.volume.orientation must be 'RAS' or null")
+        if self.spacing is not None and self.shape is not None:
+            raise ModelConfigError("preprocessing.volume: give spacing or shape, not both")
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ModelConfigError("preprocessing.volume.spacing: three positive numbers")
+        if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 1):
+            raise ModelConfigError("preprocessing.volume.shape: three positive integers")
+        if len(self.roi_size) != 3 or min(self.roi_size) < 8 or max(self.roi_size) > 512:
+            raise ModelConfigError("preprocessing.volume.roi_size: three integers in 8..512")
+        if not 1 <= self.sw_batch_size <= 16:
+            raise ModelConfigError("preprocessing.volume.sw_batch_size must be 1..16")
+        if not 0 <= self.overlap < 1:
+            raise ModelConfigError("preprocessing.volume.overlap must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "orientation": self.orientation,
+            "spacing": None if self.spacing is None else list(self.spacing),
+            "shape": None if self.shape is None else list(self.shape),
+            "intensity": [step.to_dict() for step in self.intensity],
+            "roi_size": list(self.roi_size),
+            "sw_batch_size": self.sw_batch_size,
+            "overlap": self.overlap,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VolumePreprocessing:
+        spacing, shape = data.get("spacing"), data.get("shape")
+        return cls(
+            orientation=data.get("orientation"),
+            spacing=None if spacing is None else tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+            shape=None if shape is None else tuple(int(v) for v in shape),  # type: ignore[arg-type]
+            intensity=tuple(
+                IntensityStep(op=str(step["op"]), lower=float(step.get("lower", 0.0)),
+                              upper=float(step.get("upper", 0.0)),
+                              scale=float(step.get("scale", 1.0)),
+                              offset=float(step.get("offset", 0.0)))
+                for step in data.get("intensity", ())),
+            roi_size=tuple(int(v) for v in data.get("roi_size", (96, 96, 96))),  # type: ignore[arg-type]
+            sw_batch_size=int(data.get("sw_batch_size", 1)),
+            overlap=float(data.get("overlap", 0.25)),
+        )
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Input geometry and intensity normalisation.
 
     CT: one input channel per HU window, each mapped linearly to [-1, 1] and clipped.
     MR: one channel, the volume's ``mr_percentiles`` mapped to [-1, 1] and clipped.
+
+    3D networks (:mod:`dicom_node.learning.volume_inference`) use ``volume`` instead of
+    ``input_size``: target orientation, spacing or shape, intensity steps and the
+    sliding window.
     """
 
     modality: Modality = Modality.CT
     input_size: int = 128
     ct_windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
     mr_percentiles: tuple[float, float] = (1.0, 99.0)
+    volume: VolumePreprocessing | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality", Modality(self.modality))
@@ -176,6 +291,7 @@ class ModelConfig:
     hyperparameters: UNetHyperparameters = field(default_factory=UNetHyperparameters)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     added_heads: tuple[AddedHead, ...] = ()
+    network: NetworkSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 64:
@@ -205,11 +321,52 @@ class ModelConfig:
         orphans = known - owned.keys()
         if orphans:
             raise ModelConfigError(f"labels {sorted(orphans)} are owned by no head")
+        if self.is_external:
+            self._check_external()
+            return
+        if self.network is not None:
+            raise ModelConfigError(f"network: not used by architecture {self.architecture!r}")
         size, depth = self.preprocessing.input_size, self.hyperparameters.depth
         if size % 2 ** (depth - 1):
             raise ModelConfigError(
                 f"preprocessing.input_size {size} must be divisible by 2**(depth-1)"
             )
+
+    def _check_external(self) -> None:
+        check_architecture(self.architecture)
+        net = self.network
+        if net is None:
+            raise ModelConfigError(f"architecture {self.architecture!r} needs a 'network' object")
+        if len(self.heads) != 1 or self.heads[0].name != NETWORK_HEAD:
+            raise ModelConfigError(
+                f"heads: an external network has one head {NETWORK_HEAD!r} owning every label "
+                "(separate heads need the multi-head U-Net)")
+        if self.added_heads:
+            raise ModelConfigError("added_heads: continual heads need the multi-head U-Net")
+        labels = self.heads[0].labels
+        if net.out_channels != len(labels) + 1:
+            raise ModelConfigError(
+                f"labels: the network has {net.out_channels} output channels (background + "
+                f"{net.out_channels - 1} labels) but {len(labels)} labels are given")
+        pp = self.preprocessing
+        if net.spatial_dims == 3:
+            if pp.volume is None:
+                raise ModelConfigError("preprocessing.volume is required for a 3D network")
+            if net.in_channels != 1:
+                raise ModelConfigError("network.args.in_channels: 3D networks take 1 channel")
+        elif net.in_channels != pp.in_channels:
+            raise ModelConfigError(
+                f"network.args.in_channels is {net.in_channels}, preprocessing gives "
+                f"{pp.in_channels}")
+
+    @property
+    def is_external(self) -> bool:
+        """A MONAI or TorchScript network (one head, one parameter group)."""
+        return is_external(self.architecture)
+
+    @property
+    def spatial_dims(self) -> int:
+        return 2 if self.network is None else self.network.spatial_dims
 
     # -- lookups -------------------------------------------------------------------
     def label(self, name: str) -> LabelSpec:
@@ -240,7 +397,10 @@ class ModelConfig:
         raise KeyError(label)
 
     def parameter_groups(self) -> tuple[str, ...]:
-        """Groups the hub merges separately: ``encoder`` and ``heads.<name>``."""
+        """Groups the hub merges separately: ``encoder`` and ``heads.<name>``; an
+        external network is the one group ``network``."""
+        if self.is_external:
+            return (NETWORK_HEAD,)
         return ("encoder", *(f"heads.{h.name}" for h in self.heads))
 
     @property
@@ -322,7 +482,9 @@ class ModelConfig:
                 "input_size": pp.input_size,
                 "ct_windows": [list(w) for w in pp.ct_windows],
                 "mr_percentiles": list(pp.mr_percentiles),
+                **({"volume": pp.volume.to_dict()} if pp.volume is not None else {}),
             },
+            **({"network": self.network.to_dict()} if self.network is not None else {}),
             **({"added_heads": {
                 a.name: {"init_seed": a.init_seed, "added_in": a.added_in, "trained": a.trained}
                 for a in self.added_heads}} if self.added_heads else {}),
@@ -373,7 +535,11 @@ class ModelConfig:
                         for lo, hi in pp.get("ct_windows", ((-1000, 1000), (-160, 240)))
                     ),
                     mr_percentiles=tuple(float(p) for p in pp.get("mr_percentiles", (1, 99))),  # type: ignore[arg-type]
+                    volume=(VolumePreprocessing.from_dict(pp["volume"])
+                            if pp.get("volume") is not None else None),
                 ),
+                network=(NetworkSpec.from_dict(data["network"])
+                         if data.get("network") is not None else None),
                 added_heads=tuple(
                     AddedHead(
                         name=str(name),
@@ -412,6 +578,23 @@ def _unique(what: str, items: list[Any]) -> None:
         if item in seen:
             raise ModelConfigError(f"{what} {item!r} is not unique")
         seen.add(item)
+
+
+def external_config(
+    name: str,
+    architecture: str,
+    network: NetworkSpec,
+    labels: Iterable[LabelSpec],
+    preprocessing: Preprocessing,
+    *,
+    generation: int = 0,
+) -> ModelConfig:
+    """A MONAI/TorchScript model: labels in output-channel order (channel 0 background)."""
+    labels = tuple(labels)
+    return ModelConfig(
+        name=name, generation=generation, labels=labels,
+        heads=(HeadSpec(NETWORK_HEAD, tuple(lab.name for lab in labels)),),
+        architecture=architecture, preprocessing=preprocessing, network=network)
 
 
 def abdomen_ct_config(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dicom_node.learning.errors import ModelConfigError
+from dicom_node.learning.external import ExternalNetwork, build_external
 from dicom_node.learning.model_config import HeadSpec, ModelConfig
 
 LOGGER = logging.getLogger(__name__)
@@ -108,8 +110,23 @@ ARCHITECTURES: dict[str, Callable[[ModelConfig], nn.Module]] = {
 }
 
 
+# Any network a model config can name: ours (with heads) or an external one.
+SegmentationNetwork = MultiHeadUNet | ExternalNetwork
+
+
+def build_network(config: ModelConfig, code_dirs: Iterable[Path] = ()) -> SegmentationNetwork:
+    """Instantiate any architecture ``config`` names: ours, a MONAI network by its
+    registry name, or an operator-installed TorchScript file found under ``code_dirs``
+    (see :mod:`dicom_node.learning.external`)."""
+    if config.is_external:
+        assert config.network is not None  # checked when the config was built
+        return build_external(config.architecture, config.network, code_dirs)
+    return build_model(config)
+
+
 def build_model(config: ModelConfig) -> MultiHeadUNet:
-    """Instantiate the registered architecture named by ``config`` (random weights)."""
+    """Instantiate the registered multi-head architecture named by ``config`` (random
+    weights); external networks come from :func:`build_network`."""
     try:
         factory = ARCHITECTURES[config.architecture]
     except KeyError:

@@ -25,8 +25,9 @@ from safetensors.torch import save as torch_save
 
 from dicom_node.learning.continual import pending_init_state
 from dicom_node.learning.errors import ModelConfigError, WeightsError
+from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork, build_network
 from dicom_node.learning.safetensors_io import MAX_HEADER_BYTES, atomic_write, read_metadata
 
 LOGGER = logging.getLogger(__name__)
@@ -73,21 +74,32 @@ def arrays_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str
 
 # -- whole models ------------------------------------------------------------------------
 def model_to_bytes(
-    model: MultiHeadUNet, config: ModelConfig, *, dtype: torch.dtype = torch.float32
+    model: SegmentationNetwork, config: ModelConfig, *, dtype: torch.dtype = torch.float32
 ) -> bytes:
-    """The model's weights as safetensors bytes with the config in the metadata."""
-    check_state(model.state_dict(), config)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    """The model's weights as safetensors bytes with the config in the metadata.
+
+    Floating tensors are stored as ``dtype``; integer buffers (a BatchNorm's batch
+    count in an external network) keep theirs.
+    """
+    check_state(model.state_dict(), config, model=model)
+    state = {k: _as_dtype(v.detach().to("cpu"), dtype).contiguous()
+             for k, v in model.state_dict().items()}
     return torch_save(state, metadata={CONFIG_KEY: config.to_json()})
 
 
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.dtype in _FLOAT_DTYPES else tensor
+
+
 def model_from_bytes(
-    data: bytes, config: ModelConfig | None = None
-) -> tuple[MultiHeadUNet, ModelConfig]:
+    data: bytes, config: ModelConfig | None = None, *, code_dirs: Iterable[Path] = ()
+) -> tuple[SegmentationNetwork, ModelConfig]:
     """Rebuild a model from safetensors bytes; the config defaults to the embedded one.
 
     Pending added heads missing from ``data`` are initialised from their seed
-    (:mod:`dicom_node.learning.continual`).
+    (:mod:`dicom_node.learning.continual`). A ``torchscript:<sha256>`` architecture is
+    built from the operator-installed file under ``code_dirs`` (never from ``data``:
+    safetensors hold tensors only), then given the weights of ``data`` by name.
 
     Raises
     ------
@@ -107,17 +119,28 @@ def model_from_bytes(
         state = torch_load(data)
     except (SafetensorError, ValueError) as exc:
         raise WeightsError(f"cannot read safetensors: {exc}") from exc
-    model = build_model(config)
-    # A pending added head has no trained weights anywhere yet: every node makes the
-    # same ones from the config's seed (continual classes).
-    state = {**state, **pending_init_state(model, config, state)}
+    try:
+        model = build_network(config, code_dirs)
+    except ModelConfigError as exc:
+        raise WeightsError(f"model {config.name!r}: {exc}") from exc
+    if isinstance(model, MultiHeadUNet):
+        # A pending added head has no trained weights anywhere yet: every node makes the
+        # same ones from the config's seed (continual classes).
+        state = {**state, **pending_init_state(model, config, state)}
     check_state(state, config, model=model)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: _as_dtype(v, torch.float32) for k, v in state.items()},
+                          strict=True)
     model.eval()
     return model, config
 
 
-def save_model(model: MultiHeadUNet, config: ModelConfig, path: Path | str) -> Path:
+def code_dirs_for(path: Path) -> tuple[Path, ...]:
+    """Where a model file's operator-installed TorchScript may live: ``torchscript/``
+    beside it or one level up (``<models dir>/<name>/<version>.safetensors``)."""
+    return (path.parent, path.parent.parent)
+
+
+def save_model(model: SegmentationNetwork, config: ModelConfig, path: Path | str) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json``; returns the safetensors path."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -130,7 +153,7 @@ def save_model(model: MultiHeadUNet, config: ModelConfig, path: Path | str) -> P
     return path
 
 
-def load_model(path: Path | str) -> tuple[MultiHeadUNet, ModelConfig]:
+def load_model(path: Path | str) -> tuple[SegmentationNetwork, ModelConfig]:
     """Load ``<stem>.safetensors``; a ``<stem>.json`` beside it must match the embedded config."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".json":
@@ -149,12 +172,14 @@ def load_model(path: Path | str) -> tuple[MultiHeadUNet, ModelConfig]:
         embedded = read_metadata(data).get(CONFIG_KEY)
         if embedded is not None and ModelConfig.from_json(embedded) != config:
             raise WeightsError(f"{sidecar} does not match the config embedded in {path.name}")
-    return model_from_bytes(data, config)
+    return model_from_bytes(data, config, code_dirs=code_dirs_for(path))
 
 
 # -- validation --------------------------------------------------------------------------
-def expected_shapes(config: ModelConfig, model: MultiHeadUNet | None = None) -> dict[str, tuple]:
-    model = model if model is not None else build_model(config)
+def expected_shapes(
+    config: ModelConfig, model: SegmentationNetwork | None = None
+) -> dict[str, tuple]:
+    model = model if model is not None else build_network(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -162,14 +187,17 @@ def check_state(
     state: Mapping[str, torch.Tensor | np.ndarray],
     config: ModelConfig,
     *,
-    model: MultiHeadUNet | None = None,
+    model: SegmentationNetwork | None = None,
     partial: bool = False,
 ) -> None:
     """Check tensor names, shapes and dtypes against ``config``.
 
-    ``partial`` allows a subset of names (a parameter-group update).
+    ``partial`` allows a subset of names (a parameter-group update). An external
+    network's integer buffers must keep the network's own dtype.
     """
     expected = expected_shapes(config, model)
+    integer = ({k for k, v in model.state_dict().items() if v.dtype not in _FLOAT_DTYPES}
+               if isinstance(model, ExternalNetwork) else set())
     problems: list[str] = []
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
@@ -183,7 +211,7 @@ def check_state(
         shape = tuple(tensor.shape)
         if shape != expected[name]:
             problems.append(f"{name}: shape {shape}, config expects {expected[name]}")
-        if not _is_float(tensor):
+        if name not in integer and not _is_float(tensor):
             problems.append(f"{name}: dtype {tensor.dtype} is not floating point")
     if problems:
         raise WeightsError(
@@ -204,19 +232,23 @@ def _few(names: list[str], n: int = 5) -> str:
 
 # -- parameter groups --------------------------------------------------------------------
 def group_of(name: str) -> str:
-    """``encoder`` for ``encoder.*``, ``heads.X`` for ``heads.X.*``."""
+    """``encoder`` for ``encoder.*``, ``heads.X`` for ``heads.X.*``, ``network`` for an
+    external network's ``network.*``."""
     parts = name.split(".")
-    if parts[0] == "encoder":
-        return "encoder"
+    if parts[0] in ("encoder", NETWORK_HEAD):
+        return parts[0]
     if parts[0] == "heads" and len(parts) > 2:
         return f"heads.{parts[1]}"
     raise WeightsError(f"tensor {name!r} belongs to no parameter group")
 
 
-def extract_groups(model: MultiHeadUNet, groups: Iterable[str]) -> dict[str, np.ndarray]:
+def extract_groups(
+    model: SegmentationNetwork, groups: Iterable[str]
+) -> dict[str, np.ndarray]:
     """Float32 numpy copies of every tensor in the given groups, keyed by full name."""
     wanted = set(groups)
-    known = {"encoder", *(f"heads.{h}" for h in model.heads)}
+    known = ({NETWORK_HEAD} if isinstance(model, ExternalNetwork)
+             else {"encoder", *(f"heads.{h}" for h in model.heads)})
     if wanted - known:
         raise WeightsError(f"unknown parameter groups {sorted(wanted - known)}")
     return {
@@ -227,7 +259,7 @@ def extract_groups(model: MultiHeadUNet, groups: Iterable[str]) -> dict[str, np.
 
 
 def apply_groups(
-    model: MultiHeadUNet, config: ModelConfig, arrays: Mapping[str, np.ndarray]
+    model: SegmentationNetwork, config: ModelConfig, arrays: Mapping[str, np.ndarray]
 ) -> set[str]:
     """Load received group tensors into ``model``; returns the groups touched.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dicom_node.learning.incremental import StoredSample, decode_sample, evaluate_slices
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.weights import model_from_bytes
 from dicom_node.pipeline.hub_generations import hub_config_for
 from dicom_node.pipeline.models import ModelRegistry
@@ -120,6 +120,7 @@ class EvaluationResponder:
         mean = evaluate_slices(model, config, held).get("mean")
         return mean if mean is not None and math.isfinite(mean) else None
 
-    def _model(self, data: bytes, generation: int) -> tuple[MultiHeadUNet, ModelConfig]:
+    def _model(self, data: bytes, generation: int) -> tuple[SegmentationNetwork, ModelConfig]:
         _, current = self.models.get(self.name)
-        return model_from_bytes(data, hub_config_for("", current, generation))
+        return model_from_bytes(data, hub_config_for("", current, generation),
+                                code_dirs=self.models.code_dirs(self.name))

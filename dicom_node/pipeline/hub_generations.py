@@ -65,6 +65,10 @@ def serve_hub_generation(
 ) -> ModelVersion:
     """Make ``data`` (safetensors of a whole model, sha256 already checked) serve ``name``.
 
+    A ``torchscript:<sha256>`` model is rebuilt from the file the operator installed on
+    this node (``models_dir/torchscript`` or beside the configured weights), never from
+    the hub; without it the generation is refused, saying so.
+
     Raises
     ------
     HubGenerationError
@@ -73,7 +77,8 @@ def serve_hub_generation(
     _, current = models.get(name)
     config = hub_config_for(config_json, current, generation)
     try:
-        model, config = model_from_bytes(data, config)
+        model, config = model_from_bytes(
+            data, config, code_dirs=(models_dir, *models.code_dirs(name)))
     except DicomNodeError as exc:
         raise HubGenerationError(f"hub generation {generation} does not fit {name}: {exc}") from exc
     path = save_model(model, config, models_dir / name / f"hub-generation-{generation:05d}")

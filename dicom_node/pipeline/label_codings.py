@@ -64,4 +64,31 @@ LABEL_CODINGS: dict[str, LabelCoding] = {c.name: c for c in (
         (Code("9846003", "SCT", "Right kidney"), None),
         (_KIDNEY, _RIGHT),
     ), ("right kidney", "kidney r", "kidney rt")),
+    # Labels of imported models (``tessera model import``): the concept an imported
+    # channel named like this is coded as (DICOM PS3.16 CID 7153 / SNOMED CT).
+    LabelCoding("brain", (
+        (Code("12738006", "SCT", "Brain"), None),
+    ), ("brain mask", "whole brain", "cerebrum and cerebellum")),
+    LabelCoding("pancreas", (
+        (Code("15776009", "SCT", "Pancreas"), None),
+    ), ()),
+    LabelCoding("heart", (
+        (Code("80891009", "SCT", "Heart"), None),
+    ), ()),
 )}
+
+
+def coding_for(text: str) -> tuple[str, Code] | None:
+    """``(label name, its first unmodified code)`` for a label text that names one of
+    the structures above (by name or synonym), else ``None``."""
+    key = _key(text)
+    for coding in LABEL_CODINGS.values():
+        if key == _key(coding.name) or key in {_key(s) for s in coding.synonyms}:
+            for code, modifier in coding.codings:
+                if modifier is None:
+                    return coding.name, code
+    return None
+
+
+def _key(text: str) -> str:
+    return " ".join(sorted(text.lower().replace("_", " ").replace("-", " ").split()))

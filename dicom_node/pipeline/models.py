@@ -8,8 +8,8 @@ from pathlib import Path
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
-from dicom_node.learning.weights import load_model
+from dicom_node.learning.network import SegmentationNetwork
+from dicom_node.learning.weights import code_dirs_for, load_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -30,12 +30,12 @@ class ModelRegistry:
 
     def __init__(self, paths: dict[str, Path] | None = None) -> None:
         self._paths = dict(paths or {})
-        self._loaded: dict[str, tuple[MultiHeadUNet, ModelConfig]] = {}
+        self._loaded: dict[str, tuple[SegmentationNetwork, ModelConfig]] = {}
         self._lock = threading.Lock()
         starter = STARTER_DIR / "model.safetensors"
         self._starter: Path | None = starter if starter.exists() else None
 
-    def get(self, name: str) -> tuple[MultiHeadUNet, ModelConfig]:
+    def get(self, name: str) -> tuple[SegmentationNetwork, ModelConfig]:
         with self._lock:
             if name in self._loaded:
                 return self._loaded[name]
@@ -52,13 +52,19 @@ class ModelRegistry:
             LOGGER.info("loaded model %s generation %d from %s", name, config.generation, path)
             return model, config
 
+    def code_dirs(self, name: str) -> tuple[Path, ...]:
+        """Where an operator-installed TorchScript file of ``name`` may live: the
+        ``torchscript/`` folder beside its configured weights or one level up."""
+        path = self._paths.get(name)
+        return code_dirs_for(Path(path)) if path is not None else ()
+
     def loaded_generation(self, name: str) -> int | None:
         """The generation this registry serves for ``name``; None before its first use."""
         with self._lock:
             loaded = self._loaded.get(name)
             return None if loaded is None else loaded[1].generation
 
-    def replace(self, name: str, model: MultiHeadUNet, config: ModelConfig) -> None:
+    def replace(self, name: str, model: SegmentationNetwork, config: ModelConfig) -> None:
         """Serve a new version from now on (hot swap; in-flight jobs keep the old one)."""
         with self._lock:
             self._loaded[name] = (model, config)

@@ -68,9 +68,14 @@ class SegTemplate:
             raise TemplateMismatch(f"SEG written as {syntax}, {seg.BitsAllocated} bits")
         slice_of = {ref: k for k, ref in enumerate(volume.source_frames)}
         segments, slices = [], []
+        # With one segment, highdicom identifies it once, in the shared functional groups.
+        shared = seg.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
         for item in seg.PerFrameFunctionalGroupsSequence:
             source = item.DerivationImageSequence[0].SourceImageSequence[0]
-            segments.append(int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+            ident = item.get("SegmentIdentificationSequence") or shared
+            if not ident:
+                raise TemplateMismatch("a frame has no SegmentIdentificationSequence")
+            segments.append(int(ident[0].ReferencedSegmentNumber))
             frame = int(source.get("ReferencedFrameNumber", 0) or 0) if volume.frame_numbers else 0
             slices.append(slice_of[(str(source.ReferencedSOPInstanceUID), frame)])
         buffer = io.BytesIO()

@@ -24,9 +24,10 @@ from sqlalchemy import func, select, update
 from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import parse_instance
 from dicom_node.errors import SeriesRefused
-from dicom_node.learning.inference import segment_volume
+from dicom_node.learning.device import resolve_device
 from dicom_node.learning.metrics import quality_metrics
 from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.volume_inference import segment_any
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.flow import InferencePayload, JobKind
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
@@ -151,8 +152,10 @@ class SegmentationJob(SeriesStage):
             # The SEG is encoded while the model runs; only its pixels wait for it.
             template = pool.submit(_prepare_template, volume, specs, algorithm)
             t1 = time.perf_counter()
-            result = segment_volume(model, mconfig, volume.pixels.astype(np.float32),
-                                    volume.spacing)
+            result = segment_any(model, mconfig, volume.pixels.astype(np.float32),
+                                 volume.spacing, affine=volume.affine,
+                                 device=resolve_device(self.config.inference.device),
+                                 amp=self.config.inference.amp)
             timings["inference_s"] = time.perf_counter() - t1
             heartbeat()
             t2 = time.perf_counter()

@@ -29,6 +29,8 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
+from dicom_node.learning.device import resolve_device
+from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.incremental import (
     StoredSample,
     accept_candidate,
@@ -80,7 +82,8 @@ def policy_of(config: NodeConfig) -> TrainingPolicy:
                           encoder_lr_scale=lc.encoder_lr_scale,
                           distill_weight=lc.distill_weight,
                           distill_other_heads=lc.distill_other_heads,
-                          anchor_fraction=lc.rehearsal_fraction if lc.rehearsal_site else 0.0)
+                          anchor_fraction=lc.rehearsal_fraction if lc.rehearsal_site else 0.0,
+                          device=str(resolve_device(lc.device)))
 
 
 def rehearsal_of(config: NodeConfig) -> RehearsalPlan:
@@ -170,6 +173,12 @@ class IncrementalTrainer:
             activate_serving(self.db, self.models, name)
             return done
 
+        if not isinstance(base_model, MultiHeadUNet):
+            # Rounds from corrections are slice rounds with per-head masking: they need
+            # separate heads (an external network is one group, see learning.external).
+            raise TrainingError(
+                f"model {name!r} ({base_config.architecture[:40]}) is served but not trained "
+                "from corrections on the node: that needs the multi-head U-Net")
         new = [x for r in new_rows for x in self._load(r).slice_samples()]
         replay = self._replay(replay_rows)
         held = [self._load(r) for r in held_rows]

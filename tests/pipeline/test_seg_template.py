@@ -68,3 +68,17 @@ def test_labels_of_another_shape_are_refused(phantom_series) -> None:
     template = SegTemplate.prepare(volume, CT_SEGMENTS, MODEL)
     with pytest.raises(ValueError, match="differs from volume"):
         template.fill(np.zeros((volume.shape[0] - 1, *volume.shape[1:]), np.uint8))
+
+
+def test_a_single_segment_template_fills_like_the_seg_built_whole(phantom_series) -> None:
+    """One segment: highdicom identifies it in the shared functional groups (an imported
+    brain-extraction model has one label)."""
+    subject, datasets = phantom_series["axial"]
+    volume = build_volume(datasets, allowed_modalities={"CT"})
+    spec = CT_SEGMENTS[0]
+    labels = subject.labels[[int(ds.InstanceNumber) - 1 for ds in volume.datasets]]
+    labels = np.where(labels == spec.label, spec.label, 0).astype(np.uint8)
+    filled = _read(SegTemplate.prepare(volume, [spec], MODEL).fill(labels))
+    whole = build_seg(volume, labels, [spec], MODEL)
+    assert filled.PixelData == whole.PixelData
+    assert np.array_equal(read_seg_labels(filled, volume, [spec])[0], labels)

@@ -1,0 +1,180 @@
+"""Training an external (MONAI or TorchScript) network: MONAI's Dice-CE loss with our
+partial-label masking.
+
+A sample annotates some labels. Output channels of labels it does not annotate are
+merged into background before the loss (marginal loss, as for our heads: "background
+or an unannotated label" is what is scored), so a hospital that annotates only the
+liver teaches the liver channel and never pushes the spleen channel toward background.
+The merged log-probabilities go to :class:`monai.losses.DiceCELoss` as logits (a
+softmax of log-probabilities returns them unchanged).
+
+3D networks train on random windows of ``preprocessing.volume.roi_size`` cut from the
+volume prepared exactly as for inference (reorientation, resampling, intensity); 2D
+networks on slices prepared as for inference. The network is one parameter group
+(``network``): policies that train some heads only, freeze an encoder or distil other
+heads are refused (they need our multi-head U-Net).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+
+from dicom_node.learning.errors import TrainingError
+from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.preprocessing import intensity_range, prepare_slices, resize_labels
+from dicom_node.learning.training import TrainingPolicy, TrainingReport
+from dicom_node.learning.volume_inference import prepare_volume, to_ras
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VolumeSample:
+    """A corrected volume: raw intensities, label values, which labels are annotated."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    annotated: frozenset[str]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    affine: np.ndarray | None = None
+
+
+def check_policy(policy: TrainingPolicy) -> None:
+    """Refuse what needs separate heads (see :mod:`dicom_node.learning.external`)."""
+    if policy.freeze_encoder or (policy.heads is not None and policy.heads != (NETWORK_HEAD,)):
+        raise TrainingError("an external network is one group 'network': training some heads "
+                            "on a frozen encoder (continual heads) needs the multi-head U-Net")
+    if policy.distill_weight or policy.distill_other_heads:
+        raise TrainingError("distillation between heads needs the multi-head U-Net")
+
+
+def _prepared(sample: VolumeSample, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image (N, C, *spatial), channel target (N, *spatial) long)`` at model resolution."""
+    if sample.image.shape != sample.labels.shape:
+        raise TrainingError(f"volume {sample.image.shape} and labels {sample.labels.shape} differ")
+    channel = np.zeros(sample.labels.shape, dtype=np.uint8)
+    for j, name in enumerate(config.heads[0].labels, start=1):
+        channel[sample.labels == config.label(name).value] = j
+    y = torch.from_numpy(channel)
+    pp = config.preprocessing
+    if config.spatial_dims == 2:
+        x = prepare_slices(sample.image, pp, intensity_range(sample.image, pp))
+        return x, resize_labels(y, (pp.input_size, pp.input_size)).long()
+    assert pp.volume is not None
+    x, orient = prepare_volume(sample.image, sample.spacing, pp.volume, sample.affine)
+    t = y[None].float()
+    if orient is not None:
+        t = to_ras(t, *orient)
+    t = F.interpolate(t[None], size=tuple(x.shape[2:]), mode="nearest-exact")[0]
+    return x, t.long()
+
+
+def _window(x: torch.Tensor, y: torch.Tensor, roi: Sequence[int], gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``roi`` window (padded where the volume is smaller), 3D."""
+    pad = [max(0, r - s) for r, s in zip(roi, x.shape[2:], strict=True)]
+    if any(pad):
+        spec = [p for d in reversed(pad) for p in (0, d)]
+        x = F.pad(x, spec, value=float(x.min()))
+        y = F.pad(y, spec, value=0)
+    starts = [int(torch.randint(0, s - r + 1, (1,), generator=gen))
+              for r, s in zip(roi, x.shape[2:], strict=True)]
+    sl = tuple(slice(a, a + r) for a, r in zip(starts, roi, strict=True))
+    return x[(slice(None), slice(None), *sl)], y[(slice(None), *sl)]
+
+
+def marginal_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities with unannotated channels merged into background (channel 0).
+
+    ``annotated``: ``(labels,)`` bool; returns ``(N, 1 + annotated, ...)``.
+    """
+    logp = logits.float().log_softmax(dim=1)
+    keep = torch.nonzero(annotated).flatten() + 1
+    merged = torch.cat([torch.ones(1, dtype=torch.bool, device=annotated.device), ~annotated])
+    background = torch.logsumexp(logp[:, merged], dim=1, keepdim=True)
+    return torch.cat([background, logp[:, keep]], dim=1)
+
+
+def train_external(
+    model: ExternalNetwork,
+    config: ModelConfig,
+    samples: Sequence[VolumeSample],
+    policy: TrainingPolicy,
+) -> TrainingReport:
+    """Train ``model`` in place for ``policy.epochs`` passes over ``samples`` (one window
+    or one slice batch per sample and step), within ``policy.time_budget_s``."""
+    check_policy(policy)
+    if not samples:
+        raise TrainingError("no training samples")
+    labels = config.heads[0].labels
+    unknown = {n for s in samples for n in s.annotated} - set(labels)
+    if unknown:
+        raise TrainingError(f"annotated labels {sorted(unknown)} are not in model {config.name}")
+    if not any(s.annotated for s in samples):
+        raise TrainingError("the samples annotate no label of the model")
+    prepared = [(*_prepared(s, config),
+                 torch.tensor([n in s.annotated for n in labels], dtype=torch.bool))
+                for s in samples if s.annotated]
+    device = torch.device(policy.device)
+    gen = torch.Generator().manual_seed(policy.seed)
+    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False,
+                         lambda_dice=policy.dice_weight, lambda_ce=1.0)
+    model.to(device).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=policy.learning_rate,
+                                 weight_decay=policy.weight_decay)
+    anchor = ([(p, p.detach().clone()) for p in model.parameters()]
+              if policy.l2sp_alpha > 0 else [])
+    vp = config.preprocessing.volume
+    step, completed, stopped, losses = 0, 0, False, []
+    t0 = time.monotonic()
+    try:
+        for _epoch in range(policy.epochs):
+            running = []
+            for i in torch.randperm(len(prepared), generator=gen).tolist():
+                budget = policy.time_budget_s
+                if budget is not None and time.monotonic() - t0 >= budget:
+                    stopped = True
+                    break
+                x, y, ann = prepared[i]
+                if config.spatial_dims == 3:
+                    assert vp is not None
+                    x, y = _window(x, y, vp.roi_size, gen)
+                else:
+                    pick = torch.randperm(x.shape[0], generator=gen)[: policy.batch_size]
+                    x, y = x[pick], y[pick]
+                # target channels: 0 background (or unannotated), then annotated labels
+                remap = torch.zeros(len(labels) + 1, dtype=torch.long)
+                remap[torch.nonzero(ann).flatten() + 1] = torch.arange(1, int(ann.sum()) + 1)
+                target = remap[y][:, None].to(device)
+                logits = model(x.to(device))[NETWORK_HEAD]
+                loss = loss_fn(marginal_log_probs(logits, ann.to(device)), target)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.no_grad():  # L2-SP toward the round's starting weights
+                    for p, p0 in anchor:
+                        if p.grad is not None:
+                            p.grad.add_(p - p0, alpha=policy.l2sp_alpha)
+                optimiser.step()
+                step += 1
+                running.append(float(loss.detach()))
+            if running:
+                losses.append(float(np.mean(running)))
+            if stopped:
+                break
+            completed += 1
+    finally:
+        model.to("cpu").eval()
+    return TrainingReport(
+        steps=step, epochs_completed=completed, samples=len(prepared),
+        seconds=time.monotonic() - t0, stopped_by_time_budget=stopped,
+        epoch_losses=tuple(losses), trained_heads=(NETWORK_HEAD,), encoder_frozen=False)
+
