@@ -213,6 +213,10 @@ class RoutingRule(_Section):
     model: str | None = None
     destinations: tuple[str, ...] = ()
     quiet_period_s: float | None = Field(None, ge=0)
+    # A SEG whose input the model was not made for is always marked ("OUT OF DOMAIN?" in
+    # its Series Description, node status, /metrics); "hold" also keeps it from the
+    # destinations.
+    out_of_domain: Literal["send", "hold"] = "send"
     match: RuleMatch = RuleMatch()
 
     @model_validator(mode="after")
@@ -230,6 +234,9 @@ class InferenceSettings(_Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
+    # Out-of-domain check (pipeline/domain.py): structures other than a model's largest
+    # label must cover at least this fraction of what it segmented; 0 turns it off.
+    min_structure_fraction: float = Field(0.05, ge=0, le=1)
 
 
 class LearningSettings(_Section):
@@ -583,6 +590,8 @@ name = "abdomen-ct"
 action = "segment"
 model = "tessera-abdomen-ct"
 destinations = ["pacs"]
+out_of_domain = "send"    # a SEG of input the model was not made for is marked
+                          # "OUT OF DOMAIN?"; "hold" also keeps it from the destinations
 [rules.match]
 modality = ["CT"]
 # body_part = ["ABDOMEN"]
@@ -594,6 +603,8 @@ modality = ["CT"]
 [inference]
 device = "auto"           # auto (CUDA when there is one), cpu or cuda
 amp = true                # float16 autocast for inference on CUDA
+min_structure_fraction = 0.05  # out of domain below this: what the model segmented
+                          # outside its largest label (the body), as a fraction; 0: off
 
 [learning]
 # Corrected SEGs (C-STORE or STOW-RS) become training samples; a round of local

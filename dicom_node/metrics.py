@@ -27,10 +27,12 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from dicom_node.store.db import Database
-from dicom_node.store.models import Job, ModelVersion, ModelVersionState, OutboxItem
+from dicom_node.store.models import AuditEvent, Job, ModelVersion, ModelVersionState, OutboxItem
 from dicom_node.store.quarantine import Quarantine
 
 LOGGER = logging.getLogger(__name__)
+
+OUT_OF_DOMAIN_EVENT = "out-of-domain"
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -84,6 +86,10 @@ class NodeStateCollector(Collector):
         serving = GaugeMetricFamily("tessera_node_serving_generation",
                                     "Generation of each model the node serves.",
                                     labels=["model"])
+        out_of_domain = CounterMetricFamily(
+            "tessera_node_segmentations_out_of_domain",
+            "Segmentations whose input the model was not made for (marked, or held back).")
+        flagged = 0
         try:
             with self.db.session() as s:
                 for kind, state, n in s.execute(
@@ -98,11 +104,15 @@ class NodeStateCollector(Collector):
                         .where(ModelVersion.state == ModelVersionState.SERVING)
                         .group_by(ModelVersion.name)):
                     serving.add_metric([name], gen)
+                flagged = s.scalar(select(func.count()).select_from(AuditEvent).where(
+                    AuditEvent.kind == OUT_OF_DOMAIN_EVENT)) or 0
         except Exception:
             LOGGER.exception("cannot read node state for /metrics")
         yield jobs
         yield outbox
         yield serving
+        out_of_domain.add_metric([], flagged)
+        yield out_of_domain
         if self.quarantine is not None:
             yield from _quarantine_metrics(self.quarantine)
 

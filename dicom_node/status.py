@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from dicom_node.metrics import OUT_OF_DOMAIN_EVENT
 from dicom_node.pipeline.usage import learning_usage, render_learning
 from dicom_node.store.db import Database
 from dicom_node.store.models import (
@@ -70,6 +71,11 @@ def node_status(db: Database, *, recent: int = 20,
             for e in s.execute(select(AuditEvent).order_by(AuditEvent.id.desc())
                                .limit(recent)).scalars()
         ]
+        out_of_domain = [
+            {"at": e.at.isoformat(), "series_uid": e.series_uid, "reason": e.reason}
+            for e in s.execute(select(AuditEvent).where(AuditEvent.kind == OUT_OF_DOMAIN_EVENT)
+                               .order_by(AuditEvent.id.desc()).limit(recent)).scalars()
+        ]
         refusal_counts = dict(s.execute(select(AuditEvent.kind, func.count())
                                         .group_by(AuditEvent.kind)).all())
         learning = learning_usage(s)
@@ -97,6 +103,7 @@ def node_status(db: Database, *, recent: int = 20,
         "retrying": retrying,
         "dead_letters": {"jobs": dead_jobs, "outbox": dead_items},
         "refused_series": refused_series,
+        "out_of_domain": out_of_domain,
         "events": {"counts": refusal_counts, "recent": refusals},
         "learning": learning,
         "update_outbox": {"counts": updates, "undelivered": undelivered},
@@ -125,6 +132,10 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(f"  job {j['job']} {j['kind']} {j['key']} attempt "
                          f"{j['attempts']}/{j['max_attempts']}, next {j['next_attempt']}: "
                          f"{j['reason']}")
+    if status.get("out_of_domain"):
+        lines.append("Input a model was not made for (SEG marked 'OUT OF DOMAIN?'):")
+        for e in status["out_of_domain"]:
+            lines.append(f"  {e['at']} series {e['series_uid']}: {e['reason']}")
     dead = status["dead_letters"]
     lines.append(f"Dead letters: {len(dead['jobs'])} job(s), {len(dead['outbox'])} item(s)")
     for j in dead["jobs"]:

@@ -2,7 +2,7 @@
 # Installs the real third-party peers the integration tests talk to (Debian packages).
 # Needs root (or sudo). Does nothing when everything is already installed.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb dicom3tools mricron-data postgresql nodejs chromium)
+packages=(dcmtk orthanc orthanc-dicomweb dicom3tools mricron-data invesalius-examples postgresql nodejs chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

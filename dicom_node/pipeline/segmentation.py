@@ -28,6 +28,8 @@ from dicom_node.learning.device import resolve_device
 from dicom_node.learning.metrics import quality_metrics
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.volume_inference import segment_any
+from dicom_node.metrics import OUT_OF_DOMAIN_EVENT
+from dicom_node.pipeline.domain import DomainVerdict, check_domain
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.flow import InferencePayload, JobKind
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
@@ -98,16 +100,20 @@ def _prepare_template(
 
 
 def _encode(template: Future[SegTemplate], volume: Volume, labels: np.ndarray,
-            specs: list[SegmentSpec], algorithm: SegAlgorithm) -> tuple[bytes, str]:
+            specs: list[SegmentSpec], algorithm: SegAlgorithm,
+            series_description: str | None = None) -> tuple[bytes, str]:
     """The SEG's Part 10 bytes and transfer syntax: the template filled in, or, should
-    the template not fit (a highdicom that writes differently), the SEG built whole."""
-    try:
-        prepared = template.result()
-        return prepared.fill(labels), prepared.transfer_syntax_uid
-    except TemplateMismatch as exc:
-        LOGGER.warning("SEG template unusable (%s); encoding the SEG whole", exc)
+    the template not fit (a highdicom that writes differently) or the SEG need another
+    ``series_description`` than the template's, the SEG built whole."""
+    if series_description is None:
+        try:
+            prepared = template.result()
+            return prepared.fill(labels), prepared.transfer_syntax_uid
+        except TemplateMismatch as exc:
+            LOGGER.warning("SEG template unusable (%s); encoding the SEG whole", exc)
     with collector_paused():
-        seg = build_seg(volume, labels, specs, algorithm)
+        seg = build_seg(volume, labels, specs, algorithm,
+                        series_description=series_description)
         buffer = io.BytesIO()
         seg.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue(), str(seg.file_meta.TransferSyntaxUID)
@@ -158,8 +164,14 @@ class SegmentationJob(SeriesStage):
                                  amp=self.config.inference.amp)
             timings["inference_s"] = time.perf_counter() - t1
             heartbeat()
+            domain = check_domain(result.labels, volume.spacing, mconfig.label_values,
+                                  self.config.inference.min_structure_fraction)
+            if not domain.in_domain:
+                self._out_of_domain(series_uid, mconfig, domain, payload.rule)
             t2 = time.perf_counter()
-            data, syntax = _encode(template, volume, result.labels, specs, algorithm)
+            data, syntax = _encode(template, volume, result.labels, specs, algorithm,
+                                   None if domain.in_domain else
+                                   f"OUT OF DOMAIN? SEG {mconfig.name} gen {mconfig.generation}")
         timings["encode_s"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -180,15 +192,19 @@ class SegmentationJob(SeriesStage):
             s.add(Segmentation(
                 series_uid=series_uid, model_name=mconfig.name, generation=mconfig.generation,
                 seg_series_uid=header.series_uid, seg_sop_instance_uid=header.sop_instance_uid,
-                metrics={}, timings=timings, created_at=datetime.now(UTC)))
+                metrics={"domain": domain.to_json()}, timings=timings,
+                created_at=datetime.now(UTC)))
             s.execute(update(Series).where(Series.series_uid == series_uid)
                       .values(state=SeriesState.SEGMENTED, state_reason=None))
+        if not domain.in_domain and self._holds_out_of_domain(payload.rule):
+            destinations = []  # held back: the SEG is stored, status says why
         self._export(header.series_uid, header.sop_instance_uid, destinations)
         # Quality metrics feed monitoring, not the SEG: computed once it is delivered.
         self._yield_to_export(header.series_uid, header.sop_instance_uid, destinations)
         t4 = time.perf_counter()
         metrics = quality_metrics(result.labels, result.confidence, result.entropy,
                                   result.spacing, mconfig.label_values)
+        metrics["domain"] = domain.to_json()  # type: ignore[assignment]
         timings["metrics_s"] = time.perf_counter() - t4
         with self.db.session() as s:
             s.execute(update(Segmentation).where(
@@ -197,6 +213,19 @@ class SegmentationJob(SeriesStage):
         LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
                     series_uid, mconfig.name, mconfig.generation, volume.shape[0],
                     time.perf_counter() - t0, timings["inference_s"])
+
+    def _holds_out_of_domain(self, rule_name: str) -> bool:
+        rule = next((r for r in self.config.rules if r.name == rule_name), None)
+        return rule is not None and rule.out_of_domain == "hold"
+
+    def _out_of_domain(self, series_uid: str, mconfig: ModelConfig, domain: DomainVerdict,
+                       rule_name: str) -> None:
+        action = "hold" if self._holds_out_of_domain(rule_name) else "send"
+        LOGGER.warning("series %s: %s gen %d: %s (SEG marked%s)", series_uid, mconfig.name,
+                       mconfig.generation, domain.reason,
+                       ", held back" if action == "hold" else "")
+        self.store.audit(OUT_OF_DOMAIN_EVENT, f"{mconfig.name} gen {mconfig.generation}: "
+                         f"{domain.reason} ({action})", series_uid=series_uid)
 
     def on_dead(self, job: ClaimedJob, error: str) -> None:
         self._set_state(InferencePayload.of(job).series_uid, SeriesState.FAILED, error)
