@@ -159,6 +159,14 @@ class AggregationConfig:
                 "max_pending_fold": self.max_pending_fold,
                 "max_update_share": self.max_update_share,
             }
+        if self.strategy == "delta":
+            return {
+                "server_lr": self.server_lr,
+                "staleness_exponent": self.staleness_exponent,
+                "max_pending_fold": self.max_pending_fold,
+            }
+        if self.strategy == "dafne":
+            return {}
         robust = {"max_update_share": self.max_update_share, "trim_fraction": self.trim_fraction}
         if self.strategy == "fedbuff":
             return {
