@@ -213,7 +213,8 @@ def run_arm(arm: str, init: tuple[MultiHeadUNet, ModelConfig], data: Callable[..
     shifted = args.shifted_site
     with tempfile.TemporaryDirectory(prefix="tessera-fl-") as tmp:
         hub = None if arm == "local" else hub_for(
-            Path(tmp) / "hub", arm, UnionEvaluator(config, validation), len(SITES))
+            Path(tmp) / "hub", arm,
+            UnionEvaluator(config, validation) if validation else None, len(SITES))
         try:
             nodes: dict[str, str] = {}
             if hub is not None:
@@ -387,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--arms", type=lambda v: v.split(","), default=list(ARMS))
     p.add_argument("--ours", default="delta", help="the strategy the targets judge")
     p.add_argument("--held-out", type=int, default=2, help="held-out subjects per site")
-    p.add_argument("--validation", type=int, default=1, help="hub validation subjects per site")
+    p.add_argument("--validation", type=int, default=1,
+                   help="hub validation subjects per site (0: the gate checks no score)")
     p.add_argument("--time-budget", type=float, default=node.time_budget_s)
     p.add_argument("--epochs", type=int, default=node.epochs)
     p.add_argument("--neighbours", type=int, default=node.neighbour_slices)
