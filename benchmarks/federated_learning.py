@@ -32,6 +32,16 @@ For the diagnosis, each hub arm also records the shifted site's own round (its
 candidate, scored on its held-out set before the merge): ``retained`` is the share of
 that round's gain over the served model that the next generation keeps.
 
+Diagnosis (issue 21, ``--diagnose --held-out 1``, CT, 1 seed; held-out C, starter
+0.517, A 0.956). One node round at C with the node's defaults (5 epochs, 50 s) reaches
+0.705 (+0.189); with the demo's 2 epochs / 8 s only 0.535 (+0.018). Of that round's
+gain, the generation C then serves keeps (node defaults): fedasync 0.7 % (mixing weight
+0.8 x 1/(1+16) = 0.047 for ``num_samples = 1``, times the staleness discount), fedbuff
+and fedavg 8 %, dafne 11 % (averaging weights keeps far less Dice than its weight),
+delta 58 % (but A falls to 0.924: the three deltas add up). Every node then swaps to
+that generation, so the local gain is gone and the next round starts again near the
+starter: C cannot rise across generations.
+
     python benchmarks/federated_learning.py                          # 10 rounds, 3 seeds
     python benchmarks/federated_learning.py --seeds 1 --generations 4 --time-budget 10
 
@@ -363,7 +373,7 @@ def plot(per_seed: dict[int, dict[str, dict]], arms: Sequence[str], path: Path,
             if arm == "local" and key == "union":
                 for s in SITES:
                     ys = mean_curves(per_seed, arm, f"union_{s}")
-                    ax.plot(range(len(ys)), ys, ":", label=f"local {s} model")
+                    ax.plot(range(len(ys)), ys, "D:", ms=5, label=f"local {s} model (end)")
                 continue
             ys = mean_curves(per_seed, arm, k)
             ax.plot(range(len(ys)), ys, "o-" if arm != "local" else "k--", ms=3, label=arm)
