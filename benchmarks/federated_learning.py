@@ -366,6 +366,7 @@ def verdicts(per_seed: dict[int, dict[str, dict]], ours: str, args: argparse.Nam
 def plot(per_seed: dict[int, dict[str, dict]], arms: Sequence[str], path: Path,
          title: str) -> None:
     keys = [*SITES, "union"]
+    colour = {arm: f"C{i}" for i, arm in enumerate(ARMS)}
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), sharey=True)
     for ax, key in zip(axes, keys, strict=True):
         for arm in arms:
@@ -373,10 +374,12 @@ def plot(per_seed: dict[int, dict[str, dict]], arms: Sequence[str], path: Path,
             if arm == "local" and key == "union":
                 for s in SITES:
                     ys = mean_curves(per_seed, arm, f"union_{s}")
-                    ax.plot(range(len(ys)), ys, "D:", ms=5, label=f"local {s} model (end)")
+                    ax.plot(range(len(ys)), ys, "Ds^"[SITES.index(s)], ms=6, color="k",
+                            label=f"local-only {s} model (end)")
                 continue
             ys = mean_curves(per_seed, arm, k)
-            ax.plot(range(len(ys)), ys, "o-" if arm != "local" else "k--", ms=3, label=arm)
+            ax.plot(range(len(ys)), ys, "o-" if arm != "local" else "--", ms=3,
+                    color="k" if arm == "local" else colour[arm], label=arm)
         ax.set_title(f"held-out {key}")
         ax.set_xlabel("round (one correction per site)")
         ax.grid(alpha=0.3)
