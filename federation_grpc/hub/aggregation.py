@@ -336,6 +336,89 @@ class FedAvg:
         )
 
 
+def delta_merge(
+    current: Mapping[str, np.ndarray],
+    contributions: Sequence[Contribution],
+    *,
+    server_lr: float,
+    exponent: float,
+) -> Tensors:
+    """Add each update's delta against its own base to ``current``, one after another,
+    scaled by ``server_lr`` and the staleness discount (asynchronous SGD on the hub).
+
+    Unlike :func:`fedasync_merge`, an update trained from an older generation does not
+    pull ``current`` back toward that generation: only what it changed moves.
+    """
+    merged: Tensors = adopt_new(dict(current), contributions, exponent)
+    fresh = set(merged) - set(current)
+    for contribution in contributions:
+        weight = server_lr * staleness_weight(contribution.staleness, exponent)
+        for name, value in contribution.tensors.items():
+            if name in fresh:
+                continue
+            now = merged[name]
+            if not np.issubdtype(now.dtype, np.floating):
+                merged[name] = value.copy()
+                continue
+            base = contribution.base.get(name, current[name])
+            step = value.astype(np.float64) - base.astype(np.float64)
+            merged[name] = _cast_like(now.astype(np.float64) + weight * step, now)
+    return merged
+
+
+@dataclass(frozen=True)
+class DeltaAsync:
+    """Merge each update as it arrives by adding its delta (``server_lr`` x staleness
+    discount), not by mixing its full tensors: a site's gain survives the next site's
+    update from the same base (see ``benchmarks/federated_learning.py``, issue 21).
+    Harm is bounded by ``[aggregation] clip_norm`` and refused by the gate."""
+
+    server_lr: float = 1.0
+    staleness_exponent: float = 0.5
+    max_pending_fold: int = 32
+    name: str = "delta"
+
+    def batch_size(self) -> int:
+        return 1
+
+    def max_batch(self) -> int:
+        return max(1, self.max_pending_fold)
+
+    def merge(
+        self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
+    ) -> Tensors:
+        return delta_merge(current, contributions, server_lr=self.server_lr,
+                           exponent=self.staleness_exponent)
+
+
+@dataclass(frozen=True)
+class Dafne:
+    """Dafne's merge, for comparison: each update on arrival becomes its own generation,
+    ``merged = (1 - weight) * current + weight * update`` (Dafne: weight 0.5), whatever
+    its sample count or staleness. Dafne accepted any merge scoring above -0.001 Dice:
+    pair it with ``[gate] validation_margin = 0.001``."""
+
+    weight: float = 0.5
+    name: str = "dafne"
+
+    def batch_size(self) -> int:
+        return 1
+
+    def max_batch(self) -> int:
+        return 1
+
+    def merge(
+        self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]
+    ) -> Tensors:
+        merged: Tensors = adopt_new(dict(current), contributions)
+        fresh = set(merged) - set(current)
+        for contribution in contributions:
+            for name, value in contribution.tensors.items():
+                if name not in fresh:
+                    merged[name] = mix(merged[name], value, self.weight)
+        return merged
+
+
 def capped_shares_report(
     strategy: Strategy, contributions: Sequence[Contribution]
 ) -> list[tuple[float, float]]:
@@ -359,8 +442,10 @@ def capped_shares_report(
 
 
 def make_strategy(name: str, **options: float | int) -> Strategy:
-    """Build a strategy by its configured name (``fedasync``, ``fedbuff``, ``fedavg``)."""
-    factories: dict[str, type] = {"fedasync": FedAsync, "fedbuff": FedBuff, "fedavg": FedAvg}
+    """Build a strategy by its configured name (``fedasync``, ``fedbuff``, ``fedavg``,
+    ``delta``, ``dafne``)."""
+    factories: dict[str, type] = {"fedasync": FedAsync, "fedbuff": FedBuff, "fedavg": FedAvg,
+                                  "delta": DeltaAsync, "dafne": Dafne}
     if name not in factories:
         raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(factories)}")
     strategy: Strategy = factories[name](**options)

@@ -93,6 +93,10 @@ evaluator = ""
 federated_evaluation = false
 min_evaluations = 2
 evaluation_timeout_s = 3600
+# A candidate that lowers any one site's held-out Dice by more than validation_margin is
+# refused, naming the site and its figures; a site with fewer held-out cases than this is
+# reported as too small to judge (in the log, and in the record when refused).
+min_site_cases = 2
 
 [metrics]
 # Prometheus /metrics and /healthz over plain HTTP, without authentication: loopback by
@@ -159,6 +163,14 @@ class AggregationConfig:
                 "max_pending_fold": self.max_pending_fold,
                 "max_update_share": self.max_update_share,
             }
+        if self.strategy == "delta":
+            return {
+                "server_lr": self.server_lr,
+                "staleness_exponent": self.staleness_exponent,
+                "max_pending_fold": self.max_pending_fold,
+            }
+        if self.strategy == "dafne":
+            return {}
         robust = {"max_update_share": self.max_update_share, "trim_fraction": self.trim_fraction}
         if self.strategy == "fedbuff":
             return {
@@ -179,6 +191,7 @@ class GateConfig:
     federated_evaluation: bool = False
     min_evaluations: int = 2
     evaluation_timeout_s: float = 3600.0
+    min_site_cases: int = 2
 
 
 @dataclass(frozen=True)

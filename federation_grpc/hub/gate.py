@@ -4,7 +4,8 @@ Checks, in order: every tensor finite; the update's distance from its base withi
 bound (absolute and relative to the base norm); the candidate's validation score not
 below the current generation's minus a margin, scored by an ``Evaluator`` plug-in on the
 hub's validation set. Federated evaluation on nodes reaches the same comparison through
-``compare_scores`` with the nodes' paired scores.
+``compare_scores`` with the nodes' paired scores, and refuses a candidate that makes any
+one site worse by more than the margin (``site_reasons``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,36 @@ def paired_mean(candidate: Sequence[float], reference: Sequence[float], weights:
     cand = sum(c * w for c, w in zip(candidate, weights, strict=True)) / total
     ref = sum(r * w for r, w in zip(reference, weights, strict=True)) / total
     return float(cand), float(ref)
+
+
+@dataclass(frozen=True)
+class SiteScore:
+    """One node's federated evaluation: both generations on its held-out cases."""
+
+    node_id: str
+    candidate: float
+    reference: float
+    num_cases: int
+
+
+def site_reasons(
+    scores: Sequence[SiteScore], margin: float, min_cases: int
+) -> tuple[list[str], list[str]]:
+    """Per site, beside the paired mean (issue 21): reasons to refuse a candidate that
+    lowers any site's held-out score by more than ``margin`` (named, with its figures),
+    and notes on sites whose held-out split has fewer than ``min_cases`` cases, reported
+    but too small to judge."""
+    reasons: list[str] = []
+    notes: list[str] = []
+    for s in scores:
+        drop = s.reference - s.candidate
+        figures = (f"site {s.node_id}: {s.reference:.4f} -> {s.candidate:.4f} on "
+                   f"{s.num_cases} held-out case(s)")
+        if s.num_cases < min_cases:
+            notes.append(f"{figures}, too small to judge (fewer than {min_cases})")
+        elif not math.isfinite(s.candidate) or drop > margin:
+            reasons.append(f"{figures}, a drop of {drop:.4f}, more than the margin {margin:.4f}")
+    return reasons, notes
 
 
 class UpdateGate:

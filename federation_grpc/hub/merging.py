@@ -23,7 +23,13 @@ from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub.blobs import BlobStore
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.evaluations import EvaluationTasks
-from federation_grpc.hub.gate import UpdateGate, compare_scores, paired_mean
+from federation_grpc.hub.gate import (
+    SiteScore,
+    UpdateGate,
+    compare_scores,
+    paired_mean,
+    site_reasons,
+)
 from federation_grpc.hub.generations import GenerationLedger, NewGeneration
 from federation_grpc.hub.heads import mark_trained
 from federation_grpc.hub.parameters import non_finite_tensors
@@ -287,6 +293,13 @@ class Aggregator:
                     [r.num_cases for r in results],
                 )
                 reasons = compare_scores(score, reference, gate.validation_margin)
+                harm, notes = site_reasons(
+                    [SiteScore(r.node_id, r.candidate_score, r.reference_score, r.num_cases)
+                     for r in results], gate.validation_margin, gate.min_site_cases)
+                reasons += harm
+                if notes:
+                    LOGGER.warning("candidate %d: %s", task.candidate_generation, "; ".join(notes))
+                    reasons += notes if reasons else []
             task.open = False
             if reasons:
                 for row in self.ledger.evaluated_updates(session, number):

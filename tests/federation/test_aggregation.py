@@ -132,3 +132,45 @@ def test_make_strategy_by_name() -> None:
     assert isinstance(agg.make_strategy("fedavg"), agg.FedAvg)
     with pytest.raises(ValueError, match="unknown strategy"):
         agg.make_strategy("median")
+
+
+def contribution(tensors: dict[str, np.ndarray], base: dict[str, np.ndarray],
+                 staleness: int = 0, num_samples: int = 1) -> agg.Contribution:
+    return agg.Contribution(tensors=tensors, base=base, num_samples=num_samples,
+                            staleness=staleness)
+
+
+def test_delta_keeps_a_gain_that_a_later_update_from_the_same_base_did_not_see() -> None:
+    # Base 0. Site C moved the encoder to 1; site A, from the same base, left it at 0.
+    base = model(0.0)
+    c = contribution(only(model(1.0), "encoder"), base)
+    a = contribution(only(model(0.0), "encoder"), base, staleness=1)
+    delta = agg.make_strategy("delta", server_lr=1.0, staleness_exponent=0.5)
+    merged = delta.merge(base, [c, a])
+    assert np.allclose(merged["encoder.conv.weight"], 1.0)  # A's zero delta took nothing
+    # Mixing full tensors (FedAsync) pulls C's gain back toward A's stale copy.
+    mixed = agg.make_strategy("fedasync", alpha=0.8, sample_halfpoint=1.0).merge(base, [c, a])
+    assert float(mixed["encoder.conv.weight"][0, 0]) < 0.5
+    # Groups not carried stay; a stale delta is discounted by (1 + s) ** -0.5.
+    assert np.allclose(merged["heads.liver.out.weight"], 0.0)
+    stale = delta.merge(base, [contribution(only(model(1.0), "encoder"), base, staleness=3)])
+    assert np.allclose(stale["encoder.conv.weight"], 0.5)
+
+
+def test_dafne_halves_every_update_into_its_own_generation() -> None:
+    dafne = agg.make_strategy("dafne")
+    assert (dafne.batch_size(), dafne.max_batch()) == (1, 1)
+    base = model(0.0)
+    # Whatever the sample count or staleness: merged = 0.5 current + 0.5 update.
+    merged = dafne.merge(base, [contribution(only(model(1.0), "encoder"), base,
+                                             staleness=5, num_samples=1000)])
+    assert np.allclose(merged["encoder.conv.weight"], 0.5)
+    assert np.allclose(merged["heads.spleen.out.weight"], 0.0)
+
+
+def test_configured_names_build_the_new_strategies() -> None:
+    from federation_grpc.hub.config import AggregationConfig
+
+    for name, cls in (("delta", agg.DeltaAsync), ("dafne", agg.Dafne)):
+        config = AggregationConfig(strategy=name)
+        assert isinstance(agg.make_strategy(name, **config.strategy_options()), cls)

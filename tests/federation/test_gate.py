@@ -165,3 +165,25 @@ def test_a_refused_fold_is_retried_update_by_update(tmp_path: Path) -> None:
     (rejection,) = svc.list_rejections()
     assert rejection.update_id == bad.update_id and "validation score" in rejection.reasons[0]
     svc.close()
+
+
+def test_federated_evaluation_refuses_a_candidate_that_harms_one_site(tmp_path: Path) -> None:
+    # The paired mean rises (+0.04 on 30 cases, -0.05 on 10), but site 1 loses 0.05.
+    svc = gated_service(tmp_path, federated_evaluation=True, min_evaluations=3)
+    nodes = [enrol(svc, f"site{i}") for i in range(3)]
+    payload, header = make_update(small_model())
+    upload(svc, nodes[0], payload, header)
+    svc.aggregator.process_pending()
+    (task,) = svc.fetch_evaluation_tasks(nodes[0])
+    figures = [(0.84, 0.80, 30), (0.75, 0.80, 10), (0.70, 0.80, 1)]
+    for node, (candidate, reference, cases) in zip(nodes, figures, strict=True):
+        assert svc.submit_evaluation_result(node, task.task_id, candidate, reference, cases)
+    svc.aggregator.process_pending()
+    assert svc.current_number() == 0
+    assert svc.generation(task.candidate_generation).status == "REJECTED"
+    reasons = " | ".join(svc.list_rejections()[0].reasons)
+    assert f"site {nodes[1]}: 0.8000 -> 0.7500 on 10 held-out case(s)" in reasons
+    # One case is too small to judge: reported as such, not counted as the harm.
+    assert f"site {nodes[2]}: 0.8000 -> 0.7000 on 1 held-out case(s), too small" in reasons
+    assert "below the current" not in reasons
+    svc.close()
