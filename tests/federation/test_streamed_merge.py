@@ -53,8 +53,10 @@ def contributions(tmp_path: Path) -> tuple[dict[str, np.ndarray], list[agg.Contr
         agg.FedBuff(buffer_size=4, server_lr=0.7),
         agg.FedAvg(round_size=4, max_update_share=0.4),
         agg.FedBuff(buffer_size=4, trim_fraction=0.25),
+        agg.DeltaAsync(),
+        agg.Dafne(),
     ],
-    ids=["fedasync", "fedbuff", "fedavg-capped", "fedbuff-trimmed"],
+    ids=["fedasync", "fedbuff", "fedavg-capped", "fedbuff-trimmed", "delta", "dafne"],
 )
 def test_block_merge_equals_the_whole_model_merge(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: agg.Strategy
