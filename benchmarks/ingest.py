@@ -14,6 +14,7 @@ send and prints the functions where the time goes. Every wait is bounded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import io
@@ -162,7 +163,19 @@ def start_orthanc(work: Path) -> Receiver:
                     lambda: int(orthanc.get("/statistics")["CountInstances"]))
 
 
-STARTERS = {"node": start_node, "storescp": start_storescp, "orthanc": start_orthanc}
+def start_bare(work: Path) -> Receiver:
+    """A bare pynetdicom SCP that accepts and discards (benchmarks/bare_scp.py)."""
+    port = free_port()
+    count_file = work / "count"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_scp.py")),
+                             str(port), str(count_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: echo_ok(port, "BARE"), START_TIMEOUT_S, "bare pynetdicom SCP")
+    return Receiver("bare", "BARE", port, proc, lambda: int(count_file.read_text() or 0))
+
+
+STARTERS = {"node": start_node, "storescp": start_storescp, "orthanc": start_orthanc,
+            "bare": start_bare}
 
 
 def run_once(name: str, files: list[Path], scratch: Path, rep: int) -> float:
@@ -171,6 +184,8 @@ def run_once(name: str, files: list[Path], scratch: Path, rep: int) -> float:
     receiver = STARTERS[name](work)
     try:
         elapsed = send(receiver.port, receiver.called, files)
+        with contextlib.suppress(TimeoutError):  # the bare SCP counts at release
+            wait_for(lambda: receiver.count() >= len(files), 10, f"{name}'s count")
         stored = receiver.count()
         if stored != len(files):
             raise RuntimeError(f"{name} holds {stored} of {len(files)} instances")
@@ -230,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--targets", default="node,storescp,orthanc")
+    parser.add_argument("--targets", default="node,storescp,orthanc,bare")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -261,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             spread = ", ".join(f"{r:.0f}" for r in rates[name])
             print(f"  {name:<9} {value:7.1f}   ({spread})")
         if "node" in medians:
-            for peer in ("storescp", "orthanc"):
+            for peer in ("storescp", "orthanc", "bare"):
                 if peer in medians:
                     print(f"  node/{peer:<9} {medians['node'] / medians[peer]:.2f}")
         if args.profile:
