@@ -62,6 +62,11 @@ def _segment_name(number: int) -> str:
     return f"{number:012d}.journal"
 
 
+def frame(intent: bytes, data: bytes) -> bytes:
+    """The header of one record (followed by ``intent`` and ``data``)."""
+    return _FRAME.pack(MAGIC, len(intent), len(data), zlib.crc32(data, zlib.crc32(intent)))
+
+
 def read_segment(path: Path) -> Iterator[tuple[bytes, bytes]]:
     """The whole records of one segment, in order; stops at a torn or corrupt tail
     (a record that was never acknowledged: the fdatasync comes after the write)."""
@@ -130,17 +135,16 @@ class IntakeJournal:
 
     def append(self, intent: bytes, data: bytes) -> Ticket:
         """Write one record (not yet durable: see :meth:`commit`)."""
-        body_crc = zlib.crc32(data, zlib.crc32(intent))
-        frame = _FRAME.pack(MAGIC, len(intent), len(data), body_crc)
+        head = frame(intent, data)
         with self._cond:
             if self._closed:
                 raise StoreError("intake journal closed")
             seg = self._current
             try:
-                _write_all(seg.fd, (frame, intent, data))
+                _write_all(seg.fd, (head, intent, data))
             except OSError as exc:
                 raise StoreError(f"cannot append to the intake journal: {exc}") from exc
-            seg.size += len(frame) + len(intent) + len(data)
+            seg.size += len(head) + len(intent) + len(data)
             seg.pending += 1
             self._written += 1
             self.records += 1
