@@ -145,8 +145,9 @@ def test_kill_9_during_replay_then_replay_completes(
         try:
             wait_until(lambda p=proc, k=kill_at: indexed_count(data_dir) >= k  # type: ignore[misc]
                        or p.poll() is not None, timeout=60, interval=0.01)
-            proc.send_signal(signal.SIGKILL)
         finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             log.close()
         seen = indexed_count(data_dir)
