@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -62,6 +63,7 @@ class InstanceStore:
         self.files = files
         self.space = space
         self.journal: IntakeJournal | None = None
+        self._writer = threading.Lock()
 
     def space_refusal(self) -> str | None:
         """Why new instances are refused for lack of disk space now, or ``None``."""
@@ -107,7 +109,9 @@ class InstanceStore:
         rel = self.files.relative_path(header.study_uid, header.series_uid,
                                        header.sop_instance_uid)
         conflict: str | None = None
-        with self.db.relaxed_session() as s:
+        # One writer at a time in this process: concurrent associations otherwise meet
+        # at SQLite's write lock, whose busy handler sleeps in steps of milliseconds.
+        with self._writer, self.db.relaxed_session() as s:
             existing = s.execute(
                 select(Instance.sha256, Instance.path).where(
                     Instance.sop_instance_uid == header.sop_instance_uid)
