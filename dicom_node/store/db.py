@@ -113,18 +113,20 @@ class Database:
             with self.session() as session:
                 session.execute(text("SELECT txid_current()"))
             return
-        # WAL mode, synchronous=NORMAL: commits live in the -wal file until a
-        # checkpoint, which syncs the database file after copying them there.
-        for path in (self._sqlite_path.with_name(self._sqlite_path.name + "-wal"),
-                     self._sqlite_path):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        # WAL mode, synchronous=NORMAL: a commit lives in the -wal file until a
+        # checkpoint copies it into the database, which SQLite then syncs before the
+        # WAL can be reused; so syncing the -wal file makes every commit so far durable.
+        # Never open the database file itself here: closing any descriptor of it drops
+        # the POSIX locks SQLite holds on it in this process.
+        wal = self._sqlite_path.with_name(self._sqlite_path.name + "-wal")
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no WAL: everything is in the (synced) database file
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def dispose(self) -> None:
         if self._relaxed is not None:
