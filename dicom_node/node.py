@@ -164,6 +164,9 @@ class Node:
 
     def start(self) -> Node:
         if self.serve_dicom:
+            # The receiving process owns the intake journal: what an earlier run
+            # acknowledged but had not yet checkpointed is replayed first.
+            self.parts.store.open_journal(self.config.node.data_dir / "intake")
             # Only the process that receives may restart quiet periods; workers that
             # join a running node must not delay its series.
             self.parts.assembler.resume_after_restart()
@@ -209,6 +212,7 @@ class Node:
         self.worker.stop()
         if self._assembler_thread is not None:
             self._assembler_thread.join(5)
+        self.parts.store.close_journal()
         self.parts.db.dispose()
 
     def __enter__(self) -> Node:

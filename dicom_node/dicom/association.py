@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import re
 import struct
 import threading
@@ -53,6 +54,11 @@ _COMMAND_UIDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "RequestedSOPC
 C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 PENDING_POLL_S = 0.01
+# pynetdicom's acceptor reactor naps 1 ms, then looks at the DIMSE queue without waiting;
+# a C-STORE that completes just after a look waits out the nap. Waiting on the queue
+# (up to this long) wakes it the moment a message is complete; the reactor's other
+# checks (release, abort, idle timer) run between waits as before.
+REACTOR_WAIT_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,14 @@ class GuardedDIMSE(DIMSEServiceProvider):
         self._limits = limits
         self._hooks = hooks
         self._dropped = 0  # data set bytes of the current message thrown away
+
+    def get_msg(self, block: bool = False) -> Any:
+        if block:
+            return super().get_msg(block=True)
+        try:
+            return self.msg_queue.get(timeout=REACTOR_WAIT_S)
+        except queue.Empty:
+            return None, None
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         # Mirrors DIMSEServiceProvider.receive_primitive (pynetdicom 3.0), with the

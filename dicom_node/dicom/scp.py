@@ -8,6 +8,7 @@ through :func:`escaped` only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import ssl
@@ -172,7 +173,8 @@ def _store(event: Event, store: InstanceStore, max_bytes: int,
                   sop_instance_uid=header.sop_instance_uid,
                   transfer_syntax_uid=header.transfer_syntax_uid, source_ae=peer.ae_title)
     try:
-        outcome = store.ingest(data, header, peer)
+        # The digest covers the dataset without file meta: hash what was received.
+        outcome = store.ingest(data, header, peer, digest=hashlib.sha256(dataset).hexdigest())
     except Exception as exc:
         LOGGER.exception("cannot store %s from %s", header.sop_instance_uid,
                          escaped(peer.address))

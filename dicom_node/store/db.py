@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.store.models import Base
@@ -29,6 +30,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_relaxed_pragmas(dbapi_conn: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_conn, record)
+    # NORMAL in WAL mode: a commit is not fsync'd (it is after a crash of the process,
+    # not of the machine). Only for writes an intake journal already made durable.
+    dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
 
 def _sqlite_begin_immediate(conn: Any) -> None:
@@ -58,6 +66,8 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._relaxed: sessionmaker[Session] | None = None
+        self._sqlite_path = Path(self.url.split("///", 1)[-1]) if self.is_sqlite else None
 
     def create_schema(self) -> None:
         """Make the schema ready: ``create_all`` + Alembic stamp on an empty database,
@@ -78,5 +88,49 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def relaxed_session(self) -> Iterator[Session]:
+        """A session whose commit is not synced to disk (see :meth:`sync`): for rows an
+        intake journal already holds durably."""
+        if not self.is_sqlite:
+            with self.session() as session:
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                yield session
+            return
+        if self._relaxed is None:
+            engine = create_engine(self.url, future=True,
+                                   connect_args={"check_same_thread": False, "timeout": 30})
+            event.listen(engine, "connect", _sqlite_relaxed_pragmas)
+            event.listen(engine, "begin", _sqlite_begin_immediate)
+            self._relaxed = sessionmaker(engine, expire_on_commit=False)
+        with self._relaxed() as session, session.begin():
+            yield session
+
+    def sync(self) -> None:
+        """Make every commit so far durable, relaxed ones included."""
+        if self._sqlite_path is None:
+            # A synchronous commit that writes WAL flushes every earlier one with it.
+            with self.session() as session:
+                session.execute(text("SELECT txid_current()"))
+            return
+        # WAL mode, synchronous=NORMAL: a commit lives in the -wal file until a
+        # checkpoint copies it into the database, which SQLite then syncs before the
+        # WAL can be reused; so syncing the -wal file makes every commit so far durable.
+        # Never open the database file itself here: closing any descriptor of it drops
+        # the POSIX locks SQLite holds on it in this process.
+        wal = self._sqlite_path.with_name(self._sqlite_path.name + "-wal")
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no WAL: everything is in the (synced) database file
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def dispose(self) -> None:
+        if self._relaxed is not None:
+            bind = self._relaxed.kw.get("bind")
+            if bind is not None:
+                bind.dispose()
         self.engine.dispose()

@@ -13,7 +13,7 @@ from pathlib import Path
 from dicom_node.errors import StoreError
 from dicom_node.store.private import private_dir
 
-__all__ = ["fsync_dir", "stage_durable", "write_durable"]
+__all__ = ["fsync_dir", "place_file", "stage_durable", "write_durable"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,9 +24,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def place_file(path: Path, data: bytes, root: Path) -> None:
+    """Write ``data`` to ``path`` atomically (temp, rename) but *not* durably: the caller
+    holds the bytes durably elsewhere (the intake journal) until it syncs them."""
+    _makedirs(path.parent, root, durable=False)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            _write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _makedirs_durable(path: Path, stop: Path) -> None:
-    """Create ``path`` (0700) and fsync each newly created directory's parent."""
-    private_dir(path, stop=stop, created=lambda made: fsync_dir(made.parent))
+    _makedirs(path, stop, durable=True)
+
+
+def _makedirs(path: Path, stop: Path, *, durable: bool) -> None:
+    """Create ``path`` (0700); with ``durable``, fsync each newly created directory's
+    parent."""
+    private_dir(path, stop=stop,
+                created=(lambda made: fsync_dir(made.parent)) if durable else None)
 
 
 def write_durable(path: Path, data: bytes, root: Path) -> None:
@@ -47,10 +70,7 @@ def stage_durable(path: Path, data: bytes, root: Path) -> Path:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -58,3 +78,9 @@ def stage_durable(path: Path, data: bytes, root: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
     return tmp
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

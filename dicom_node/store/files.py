@@ -14,7 +14,7 @@ from typing import Any
 
 from dicom_node.dicom.peer_text import escaped
 from dicom_node.errors import InvalidDatasetError, StoreError
-from dicom_node.store.durable import fsync_dir, stage_durable, write_durable
+from dicom_node.store.durable import fsync_dir, place_file, stage_durable, write_durable
 from dicom_node.store.private import private_dir
 from dicom_node.store.quarantine import Quarantine
 
@@ -74,6 +74,16 @@ class InstanceFiles:
             fsync_dir(path.parent)
         except OSError as exc:
             raise StoreError(f"cannot publish {path.name}: {exc.strerror or exc}") from exc
+
+    def place(self, relative: str, data: bytes) -> Path:
+        """Write ``data`` in place (temporary name, rename) without an fsync: for bytes an
+        intake journal already holds durably; its checkpoint syncs the file later."""
+        path = self.absolute(relative)
+        try:
+            place_file(path, data, self.root)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+        return path
 
     def read(self, relative: str) -> bytes:
         return self.absolute(relative).read_bytes()

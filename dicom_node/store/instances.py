@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+import threading
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -28,10 +28,14 @@ from dicom_node.dicom.parse import InstanceHeader
 from dicom_node.errors import StoreError
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
+from dicom_node.store.intent import Peer, from_intent, intent_of
+from dicom_node.store.journal import IntakeJournal, read_segment, sync_written
 from dicom_node.store.models import AuditEvent, Instance, Series, SeriesState, Study
 from dicom_node.store.space import DiskWatermark
 
 LOGGER = logging.getLogger(__name__)
+
+__all__ = ["IngestOutcome", "InstanceStore", "Peer", "dataset_digest"]
 
 
 def dataset_digest(data: bytes) -> str:
@@ -50,13 +54,6 @@ class IngestOutcome(StrEnum):
     DUPLICATE_CONFLICT = "duplicate-conflict"  # same UID, other bytes: first kept
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    ae_title: str | None = None
-    address: str | None = None
-    called_ae: str | None = None
-
-
 class InstanceStore:
     """Stores received instances durably and indexes them."""
 
@@ -65,17 +62,25 @@ class InstanceStore:
         self.db = db
         self.files = files
         self.space = space
+        self.journal: IntakeJournal | None = None
+        self._writer = threading.Lock()
 
     def space_refusal(self) -> str | None:
         """Why new instances are refused for lack of disk space now, or ``None``."""
         return self.space.refusal() if self.space is not None else None
 
     def ingest(self, data: bytes, header: InstanceHeader, peer: Peer,
-               *, produced_here: bool = False) -> IngestOutcome:
-        """Write ``data`` durably, then index it; returns once both are on disk.
+               *, produced_here: bool = False, digest: str | None = None) -> IngestOutcome:
+        """Make ``data`` durable, then store and index it; returns once it is durable.
+
+        With an intake journal (:meth:`open_journal`) the one durable write is the
+        journal's (group-committed); the file and index row are written behind it and
+        synced at its next checkpoint. Without one, the file is fsync'd, renamed
+        (directory fsync'd) and the index committed synchronously.
 
         ``produced_here`` marks objects the node made itself (its SEGs): their series
-        is complete at once and never routed.
+        is complete at once and never routed. ``digest`` is :func:`dataset_digest` of
+        ``data`` when the caller has it.
 
         Raises
         ------
@@ -84,7 +89,48 @@ class InstanceStore:
         sqlalchemy.exc.SQLAlchemyError
             The index could not be updated (the caller answers 0xA700).
         """
-        digest = dataset_digest(data)
+        digest = digest or dataset_digest(data)
+        journal = self.journal
+        if journal is None:
+            return self._ingest_synced(data, header, peer, produced_here, digest)
+        ticket = journal.append(intent_of(header, peer, produced_here, digest), data)
+        written: Path | None = None
+        try:
+            journal.commit(ticket.seq)
+            outcome, written = self._apply(data, header, peer, produced_here, digest)
+        finally:
+            journal.applied(ticket, written)
+        return outcome
+
+    def _apply(self, data: bytes, header: InstanceHeader, peer: Peer, produced_here: bool,
+               digest: str, *, repair: bool = False) -> tuple[IngestOutcome, Path | None]:
+        """File and index row for a journaled instance, neither synced; idempotent.
+        ``repair`` (replay) also rewrites a stored file whose bytes are not the record's."""
+        rel = self.files.relative_path(header.study_uid, header.series_uid,
+                                       header.sop_instance_uid)
+        conflict: str | None = None
+        # One writer at a time in this process: concurrent associations otherwise meet
+        # at SQLite's write lock, whose busy handler sleeps in steps of milliseconds.
+        with self._writer, self.db.relaxed_session() as s:
+            existing = s.execute(
+                select(Instance.sha256, Instance.path).where(
+                    Instance.sop_instance_uid == header.sop_instance_uid)
+            ).first()
+            if existing is None:
+                path = self.files.place(rel, data)
+                self._index(s, header, peer, rel, len(data), digest, produced_here)
+                return IngestOutcome.STORED, path
+            if existing.sha256 == digest or self._same_dataset(existing.path, digest):
+                if repair and existing.path == rel and not self._same_dataset(rel, digest):
+                    return IngestOutcome.DUPLICATE, self.files.place(rel, data)
+                return IngestOutcome.DUPLICATE, None
+            conflict = existing.path
+        if not repair:
+            self._conflict(data, header, peer, conflict)
+        return IngestOutcome.DUPLICATE_CONFLICT, None
+
+    def _ingest_synced(self, data: bytes, header: InstanceHeader, peer: Peer,
+                       produced_here: bool, digest: str) -> IngestOutcome:
         rel = self.files.relative_path(header.study_uid, header.series_uid,
                                        header.sop_instance_uid)
         # The bytes are on disk (fsync'd) before the index transaction; the rename into
@@ -108,12 +154,49 @@ class InstanceStore:
                     return IngestOutcome.STORED
         finally:
             staged.unlink(missing_ok=True)
+        self._conflict(data, header, peer, conflict)
+        return IngestOutcome.DUPLICATE_CONFLICT
+
+    def _conflict(self, data: bytes, header: InstanceHeader, peer: Peer,
+                  kept: str | None) -> None:
         self.quarantine(
             data, "duplicate-conflict",
-            f"SOP Instance UID already stored with other content ({conflict})",
+            f"SOP Instance UID already stored with other content ({kept})",
             peer, header.sop_instance_uid, header.series_uid, status=0,
         )
-        return IngestOutcome.DUPLICATE_CONFLICT
+
+    # -- the intake journal -----------------------------------------------------------
+
+    def open_journal(self, directory: Path) -> int:
+        """Replay what an earlier run left in the journal at ``directory`` (idempotent:
+        a replay killed half-way is simply done again), make it durable, then journal
+        every later ingest. Returns the number of records replayed."""
+        journal = IntakeJournal(directory)
+        replayed = 0
+        written: set[Path] = set()
+        for segment in journal.leftover:
+            for intent, data in read_segment(segment):
+                header, peer, produced_here, digest = from_intent(intent)
+                _, path = self._apply(data, header, peer, produced_here, digest, repair=True)
+                if path is None:
+                    path = self.files.absolute(self.files.relative_path(
+                        header.study_uid, header.series_uid, header.sop_instance_uid))
+                written.add(path)
+                replayed += 1
+        if replayed:
+            LOGGER.info("intake journal: %d record(s) replayed", replayed)
+        sync_written(written)
+        self.db.sync()
+        journal.drop_leftover()
+        journal.start(self.db.sync)
+        self.journal = journal
+        return replayed
+
+    def close_journal(self) -> None:
+        """Checkpoint and release the journal; later ingests are synced one by one."""
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            journal.close()
 
     def _same_dataset(self, relative: str, digest: str) -> bool:
         """Whether the stored file's dataset has ``digest`` (rows from before the digest

@@ -1,0 +1,92 @@
+"""The intake journal in-process (issue 24): one fdatasync covers every record written
+before it (group commit), a torn tail is ignored, and replay repairs what a power cut
+can leave behind (an index row whose file never reached the disk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dicom_node.dicom.meta import dataset_offset
+from dicom_node.dicom.parse import InstanceHeader, parse_instance
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer, dataset_digest
+from dicom_node.store.intent import intent_of
+from dicom_node.store.journal import IntakeJournal, frame, read_segment
+from tests.node.conftest import make_ct_series
+
+
+def header_of(data: bytes) -> InstanceHeader:
+    return parse_instance(data[dataset_offset(data):], transfer_syntax_uid="1.2.840.10008.1.2.1",
+                          context_sop_class_uid=None, command_sop_instance_uid=None,
+                          max_bytes=1 << 30)
+
+
+def make_store(tmp_path: Path) -> InstanceStore:
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    db.create_schema()
+    return InstanceStore(db, InstanceFiles(tmp_path / "instances", tmp_path / "quarantine"))
+
+
+def test_one_fdatasync_covers_every_record_written_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    journal = IntakeJournal(tmp_path / "intake")
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr("dicom_node.store.journal.os.fdatasync",
+                        lambda fd: (synced.append(fd), real(fd))[1])
+    tickets = [journal.append(b"{}", bytes([i]) * 100) for i in range(3)]
+    journal.commit(tickets[0].seq)
+    for ticket in tickets[1:]:
+        journal.commit(ticket.seq)  # already durable: no second sync
+    assert len(synced) == 1
+    assert journal.fsyncs == 1 and journal.records == 3
+    segment = journal.directory / f"{tickets[0].segment:012d}.journal"
+    with segment.open("ab") as out:  # a record torn by a crash mid-write
+        out.write(frame(b"{}", b"x" * 50) + b"{}" + b"x" * 10)
+    assert [data for _, data in read_segment(segment)] == [bytes([i]) * 100 for i in range(3)]
+
+
+def test_replay_rewrites_a_file_its_index_row_points_at_but_the_disk_lost(
+    tmp_path: Path,
+) -> None:
+    series = make_ct_series(tmp_path / "ct", 3)
+    store = make_store(tmp_path)
+    peer = Peer(ae_title="REPLAYTEST")
+    records = []
+    for path in series.files:
+        data = path.read_bytes()
+        header = header_of(data)
+        # Indexed (the relaxed commit reached the disk) ...
+        assert store.ingest(data, header, peer) == IngestOutcome.STORED
+        records.append(frame(intent := intent_of(header, peer, False, dataset_digest(data)),
+                             data) + intent + data)
+    lost = store.files.root / store.files.relative_path(
+        series.study_uid, series.series_uid, series.sop_uids[1])
+    lost.write_bytes(b"")  # ... but the file's data blocks did not (power cut)
+    segment = tmp_path / "intake" / "000000000001.journal"
+    segment.parent.mkdir(mode=0o700)
+    segment.write_bytes(b"".join(records))
+
+    assert store.open_journal(tmp_path / "intake") == 3
+    try:
+        assert lost.read_bytes() == series.files[1].read_bytes()
+        assert not segment.exists()
+        with store.db.session() as s:
+            from sqlalchemy import func, select
+
+            from dicom_node.store.models import Instance
+            assert s.execute(select(func.count()).select_from(Instance)).scalar_one() == 3
+        # Journaled ingest after the replay: durable on return, indexed, one record each.
+        again = make_ct_series(tmp_path / "ct2", 2)
+        for path in again.files:
+            data = path.read_bytes()
+            assert store.ingest(data, header_of(data), peer) == IngestOutcome.STORED
+        assert store.journal is not None and store.journal.records == 2
+    finally:
+        store.close_journal()
+    assert not list((tmp_path / "intake").glob("*.journal"))
