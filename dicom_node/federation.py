@@ -55,7 +55,6 @@ from dicom_node.store.models import (
     UpdateOutboxItem,
 )
 from dicom_node.store.private import private_dir
-from federation_grpc._proto import federation_pb2_grpc
 from federation_grpc.client import (
     ClientTls,
     FederationClient,
@@ -134,10 +133,7 @@ def make_client(settings: FederationSettings, node_token: str = "",
         # Short retries inside a call; the agent's own backoff covers long outages.
         retry=RetryPolicy(attempts=3, initial_backoff_s=0.2, max_backoff_s=2.0),
         chunk_size=settings.chunk_kb * 1024, timeout_s=settings.rpc_timeout_s,
-        server_name=settings.server_name or None)
-    if interceptors:
-        client.channel = grpc.intercept_channel(client.channel, *interceptors)
-        client.stub = federation_pb2_grpc.FederationStub(client.channel)
+        server_name=settings.server_name or None, interceptors=interceptors)
     return client
 
 

@@ -162,6 +162,10 @@ class FederationClient:
         chunk_size: int = 1024 * 1024,
         timeout_s: float = 120.0,
         server_name: str | None = None,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor
+                               | grpc.UnaryStreamClientInterceptor
+                               | grpc.StreamUnaryClientInterceptor
+                               | grpc.StreamStreamClientInterceptor] = (),
     ) -> None:
         if tls is None and not insecure:
             raise ValueError("give tls credentials, or insecure=True for a loopback test hub")
@@ -178,6 +182,8 @@ class FederationClient:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
+        if interceptors:  # every call goes through them, the hand-framed upload too
+            self.channel = grpc.intercept_channel(self.channel, *interceptors)
         self.stub = federation_pb2_grpc.FederationStub(self.channel)
         # Chunks are framed by hand (federation_grpc.wire): one copy, not three.
         self._upload_call = self.channel.stream_unary(

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from dicom_node.learning.weights import arrays_to_bytes, load_model
 from dicom_node.store.db import Database
 from dicom_node.store.models import ModelVersion, UpdateOutboxItem
+from federation_grpc.wire import serialize_upload_request
 from tests.corrections.helpers import TEST_MODEL, learning_section, segment_rule, tiny_model
 from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
 from tests.node.conftest import node_config_data, start_node  # noqa: F401 - fixtures
@@ -164,7 +165,9 @@ class WireRecorder(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         self._lock = threading.Lock()
 
     def _keep(self, details: Any, message: Any) -> None:
-        data = message.SerializeToString()
+        # Upload chunks go as raw views (federation_grpc.wire): record their wire bytes.
+        data = (message.SerializeToString() if hasattr(message, "SerializeToString")
+                else serialize_upload_request(message))
         meta = b"".join(f"{k}={v}".encode() for k, v in (details.metadata or ()))
         with self._lock:
             self.calls.append((details.method, data, meta))
