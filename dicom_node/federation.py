@@ -466,8 +466,8 @@ class FederationAgent:
 def _metrics_pending(seg: Segmentation) -> bool:
     """Metrics are computed after the SEG is delivered: wait for them, but not forever
     (a failure there must not stop reporting)."""
-    if "foreground_ml" in (seg.metrics or {}):  # the quality metrics are in
-        return False
+    if set(seg.metrics or {}) - {"domain"}:  # the quality metrics are in (the domain
+        return False                           # verdict is stored before the SEG goes out)
     created = seg.created_at if seg.created_at.tzinfo else seg.created_at.replace(tzinfo=UTC)
     return (datetime.now(UTC) - created).total_seconds() < _METRICS_WAIT_S
 
