@@ -91,7 +91,7 @@ def test_phantom_series_is_segmented_and_the_seg_arrives_in_orthanc(
     def stored_segmentation() -> Segmentation | None:
         with node.parts.db.session() as s:
             row = s.execute(select(Segmentation)).scalar_one()
-            return row if row.metrics else None
+            return row if "mean_entropy" in (row.metrics or {}) else None
 
     # quality metrics follow the SEG's delivery, for the hub's quality model later
     row = wait_until(stored_segmentation, timeout=60, what="the quality metrics")
