@@ -57,22 +57,11 @@ from dicom_node.learning.incremental import (
 )
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.metrics import dice_per_label
-from dicom_node.learning.model_config import (
-    HeadSpec,
-    LabelSpec,
-    Modality,
-    ModelConfig,
-    Preprocessing,
-)
-from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
-from dicom_node.learning.training import (
-    SliceSample,
-    TrainingPolicy,
-    samples_from_volume,
-    train,
-)
-from dicom_node.learning.weights import load_model, save_model
+from dicom_node.learning.training import SliceSample, TrainingPolicy
+from dicom_node.learning.weights import load_model
 from dicom_node.phantom import ct
 from dicom_node.pipeline.models import STARTER_DIR
 from dicom_node.pipeline.trainer import policy_of, rehearsal_of
@@ -111,45 +100,21 @@ def load() -> float:
         "/proc/loadavg") else float("nan")
 
 
-def mr_head_config(input_size: int = 128) -> ModelConfig:
-    """An MR brain model on the atlas labels (values as ``mr_atlas.MR_LABELS``)."""
-    labels = (
-        LabelSpec("cerebrum_left", 1, "372073000", "Cerebral hemisphere"),
-        LabelSpec("cerebrum_right", 2, "372073000", "Cerebral hemisphere"),
-        LabelSpec("cerebellum", 3, "113305005", "Cerebellum"),
-        LabelSpec("deep_grey", 4, "389081007", "Gray Matter"),
-    )
-    heads = (HeadSpec("cerebrum", ("cerebrum_left", "cerebrum_right")),
-             HeadSpec("cerebellum", ("cerebellum",)), HeadSpec("deep_grey", ("deep_grey",)))
-    return ModelConfig(name="tessera-head-mr", generation=0, labels=labels, heads=heads,
-                       preprocessing=Preprocessing(modality=Modality.MR, input_size=input_size))
-
-
 def mr_starter(args: argparse.Namespace) -> tuple[MultiHeadUNet, ModelConfig, str]:
-    """Bootstrap an MR starter from MR site A (cached): the CT bootstrap, on the atlas."""
+    """The node's MR head model (``tessera model bootstrap --data mr``), from MR site A
+    with this run's subjects and budget (cached)."""
     cached = args.out / "starter-mr-A" / "model.safetensors"
     if cached.exists():
         model, config = load_model(cached)
         return model, config, str(cached)
     print(f"bootstrapping an MR starter from MR site A ({args.bootstrap_subjects} subjects, "
           f"{args.bootstrap_budget:.0f} s budget)", flush=True)
-    torch.manual_seed(0)
-    config = mr_head_config()
-    model = build_model(config)
-    samples: list[SliceSample] = []
-    names = list(config.label_values)
-    for i in range(args.bootstrap_subjects):
-        c = phantom_case("A", i, 0, "mr")
-        keep = [k for k in range(c.labels.shape[0]) if c.labels[k].any() or k % 4 == 0]
-        samples += samples_from_volume(c.image, c.labels, names, config, keep)
-    policy = TrainingPolicy(epochs=12, batch_size=8, learning_rate=2e-3, augment=True,
-                            time_budget_s=args.bootstrap_budget, lr_schedule="cosine",
-                            num_threads=args.threads)
-    report = train(model, config, samples, policy)
-    path = save_model(model, config, cached)
-    print(f"MR starter: {len(samples)} slices, {report.steps} steps, "
-          f"{report.epochs_completed} epochs in {report.seconds:.0f} s", flush=True)
-    return model, config, f"bootstrapped MR ({path})"
+    plan = BootstrapPlan(data="mr", site="A", subjects=args.bootstrap_subjects, held_out=1,
+                         time_budget_s=args.bootstrap_budget)
+    result = bootstrap(plan, cached.parent)
+    print(f"MR starter: {result.report.samples} slices, {result.report.steps} steps, "
+          f"{result.report.epochs_completed} epochs in {result.report.seconds:.0f} s", flush=True)
+    return result.model, result.config, f"bootstrapped MR ({result.path})"
 
 
 def starter(args: argparse.Namespace) -> tuple[MultiHeadUNet, ModelConfig, str]:

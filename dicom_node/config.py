@@ -440,6 +440,12 @@ class NodeConfig(_Section):
     def quarantine_dir(self) -> Path:
         return self.node.data_dir / "quarantine"
 
+    @property
+    def built_models_dir(self) -> Path:
+        """Models this node builds itself (``tessera model bootstrap --data mr``):
+        ``<data_dir>/models/<name>/model.safetensors``."""
+        return self.node.data_dir / "models"
+
 
 def _format_error(exc: ValidationError) -> str:
     lines = []
@@ -585,10 +591,11 @@ port = 4242
 # Routing rules: every rule whose criteria all match a completed series applies.
 # action = "forward" sends the series unchanged; action = "segment" runs the model
 # and sends the DICOM-SEG to the destinations. A series no rule matches is stored only.
+# One rule per modality the node has a model for.
 [[rules]]
 name = "abdomen-ct"
 action = "segment"
-model = "tessera-abdomen-ct"
+model = "tessera-abdomen-ct"  # shipped with the node
 destinations = ["pacs"]
 out_of_domain = "send"    # a SEG of input the model was not made for is marked
                           # "OUT OF DOMAIN?"; "hold" also keeps it from the destinations
@@ -599,6 +606,19 @@ modality = ["CT"]
 # calling_ae = ["PACS"]
 # called_ae = ["TESSERA"]
 # sop_class_uid = ["1.2.840.10008.5.1.4.1.1.2"]
+
+[[rules]]
+name = "head-mr"
+action = "segment"
+# Built on this node, never shipped (the AAL atlas licence): run once
+#   tessera model bootstrap --data mr --config <this file>
+# (about 9 minutes on 2 CPU cores; it writes <data_dir>/models/tessera-head-mr).
+# Until then MR series are refused with that command as the reason.
+model = "tessera-head-mr"
+destinations = ["pacs"]
+out_of_domain = "send"
+[rules.match]
+modality = ["MR"]
 
 [inference]
 device = "auto"           # auto (CUDA when there is one), cpu or cuda
@@ -663,10 +683,10 @@ evaluate = true           # score the hub's candidates on held-out corrected cas
 # my-model = "/srv/tessera/models/my-model.safetensors"
 
 # [[rules]]
-# name = "forward-mr"
+# name = "forward-us"
 # action = "forward"
 # destinations = ["pacs"]
 # quiet_period_s = 10
 # [rules.match]
-# modality = ["MR"]
+# modality = ["US"]
 """

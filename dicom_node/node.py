@@ -38,7 +38,7 @@ from dicom_node.loop_health import LoopHealth
 from dicom_node.pipeline.assembler import SeriesAssembler
 from dicom_node.pipeline.corrections import CorrectionIntake, CorrectionJob
 from dicom_node.pipeline.export import Exporter
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.models import ModelNotBuilt, ModelRegistry
 from dicom_node.pipeline.segmentation import SegmentationJob
 from dicom_node.pipeline.serving import ServingFollower
 from dicom_node.pipeline.trainer import IncrementalTrainer
@@ -85,7 +85,7 @@ class NodeParts:
         parts = cls(config=config, db=db, files=files, store=store,
                     queue=queue, assembler=SeriesAssembler(db, queue, config))
         parts.handlers.append(Exporter(db, files, config))
-        parts.models = ModelRegistry(dict(config.models))
+        parts.models = ModelRegistry(dict(config.models), config.built_models_dir)
         parts.check_models()
         parts.handlers.append(SegmentationJob(db, files, parts.store, queue, config,
                                               parts.models))
@@ -100,12 +100,16 @@ class NodeParts:
         return parts
 
     def check_models(self) -> None:
-        """Every model a rule names must load now, not at the first study."""
+        """Every model a rule names must load now, not at the first study; a model the
+        node builds itself and has not built yet is only warned about (its rule's series
+        are refused with the command that builds it)."""
         for i, rule in enumerate(self.config.rules):
             if rule.model is None:
                 continue
             try:
                 self.models.get(rule.model)
+            except ModelNotBuilt as exc:
+                LOGGER.warning("rule %r: %s", rule.name, exc)
             except (DicomNodeError, OSError) as exc:
                 raise ConfigError(f"invalid configuration: rules.{i}.model: {exc}") from exc
         self.check_annotated_labels()

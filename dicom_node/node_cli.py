@@ -152,6 +152,34 @@ def status(
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))
 
 
+@node_app.command("reprocess")
+def reprocess_command(
+    series: Annotated[list[str] | None, typer.Argument(
+        help="Series Instance UIDs to segment again.")] = None,
+    refused: Annotated[bool, typer.Option(
+        "--refused", help="Every refused series (e.g. after `tessera model bootstrap "
+        "--data mr` built the model their rule names).")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Segment stored series again by the segment rules that match them (nothing is
+    forwarded twice); a running node or worker picks the jobs up."""
+    from dicom_node.pipeline.reprocess import reprocess
+    from dicom_node.store.jobs import JobQueue
+
+    if not series and not refused:
+        typer.echo("error: name series UIDs or pass --refused", err=True)
+        raise typer.Exit(2)
+    cfg = load_or_exit(config)
+    with open_node_database(config) as db:
+        done = reprocess(db, JobQueue(db, lease_s=cfg.jobs.lease_s), cfg,
+                         series_uids=series or (), refused=refused)
+    typer.echo(json.dumps({"event": "reprocess", "queued": list(done.queued),
+                           "skipped": [{"series_uid": u, "reason": r}
+                                       for u, r in done.skipped]}))
+    if series and len(done.skipped) == len(series) and not done.queued:
+        raise typer.Exit(1)
+
+
 @node_app.command("migrate")
 def migrate(
     config: ConfigOption = None,

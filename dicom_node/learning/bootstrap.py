@@ -1,5 +1,7 @@
-"""Train the starter model from phantom subjects of one site and score it on held-out ones.
+"""Train a starter model from phantom subjects of one site and score it on held-out ones.
 
+``BootstrapPlan.data`` picks the phantom source (:mod:`~dicom_node.learning.bootstrap_data`):
+``ct`` makes the shipped abdomen starter, ``mr`` the MR head model each node builds.
 Training subjects are indexes ``0..subjects-1`` of ``(site, seed)``; held-out subjects
 are the next ``held_out`` indexes, whose anatomy and noise the training never saw.
 """
@@ -15,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicom_node.errors import DicomNodeError
+from dicom_node.learning.bootstrap_data import BootstrapData, source
+from dicom_node.learning.errors import LearningError
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.metrics import dice_per_label
-from dicom_node.learning.model_config import ModelConfig, abdomen_ct_config
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, build_model
 from dicom_node.learning.training import (
     ProgressHook,
@@ -28,8 +33,6 @@ from dicom_node.learning.training import (
     train,
 )
 from dicom_node.learning.weights import save_model
-from dicom_node.phantom.ct import generate_subject
-from dicom_node.phantom.subject import PhantomSubject
 
 LOGGER = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ STARTER_DIR = Path(__file__).parent / "starter"
 
 @dataclass(frozen=True)
 class BootstrapPlan:
+    data: str = "ct"
     site: str = "A"
     subjects: int = 16
     held_out: int = 3
@@ -61,32 +65,36 @@ class BootstrapResult:
     path: Path | None
 
 
-def _generate(site: str, index: int, seed: int) -> PhantomSubject:
-    return generate_subject(site, index, seed)
-
-
 def collect_samples(
     config: ModelConfig,
     site: str,
     indexes: Sequence[int],
     seed: int,
     body_only_fraction: float = 0.35,
+    data: BootstrapData | None = None,
 ) -> list[SliceSample]:
-    """Fully annotated slices: all that show an organ, some that show only the body.
+    """Fully annotated slices: all that show a structure, some of the others.
 
-    Slices without organs are easy; keeping a fraction of them spends the time budget
-    where the model still has something to learn, while it still sees organ-free ends.
+    A structure is a non-enclosing label (an organ, not the body). Slices without one
+    are easy; keeping a fraction of them spends the time budget where the model still
+    has something to learn, while it still sees the structure-free ends. A model with
+    an enclosing label draws that fraction from the slices the enclosing label shows
+    (the body); one without, from all the others (the head's ends beyond the brain).
     """
+    data = data or source("ct")
     annotated = [lab.name for lab in config.labels]
+    structures = np.array([lab.value for lab in config.labels if not lab.enclosing])
+    has_enclosing = any(lab.enclosing for lab in config.labels)
     samples: list[SliceSample] = []
     rng = np.random.default_rng(seed)
     for i in indexes:
-        subject = _generate(site, i, seed)
+        subject = data.subject(site, i, seed)
         keep = [
             k
             for k in range(subject.labels.shape[0])
-            if (subject.labels[k] > 1).any()
-            or (subject.labels[k].any() and rng.random() < body_only_fraction)
+            if np.isin(subject.labels[k], structures).any()
+            or ((subject.labels[k].any() or not has_enclosing)
+                and rng.random() < body_only_fraction)
         ]
         samples += samples_from_volume(subject.image, subject.labels, annotated, config, keep)
     return samples
@@ -99,11 +107,13 @@ def evaluate(
     indexes: Sequence[int],
     seed: int,
     device: str = "cpu",
+    data: BootstrapData | None = None,
 ) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
     """3D Dice per label on fresh phantom subjects: ``(mean per label, per subject)``."""
+    data = data or source("ct")
     per_subject = []
     for i in indexes:
-        subject = _generate(site, i, seed)
+        subject = data.subject(site, i, seed)
         result = segment_volume(model, config, subject.image, subject.spacing, device=device)
         per_subject.append(dice_per_label(result.labels, subject.labels, config.label_values))
     mean = {name: float(np.mean([d[name] for d in per_subject])) for name in config.label_values}
@@ -118,14 +128,27 @@ def bootstrap(
     progress: ProgressHook | None = None,
     status: Callable[[str], None] | None = None,
 ) -> BootstrapResult:
-    """Generate data, train a starter model, score it, and save it under ``out``."""
+    """Generate data, train a starter model, score it, and save it under ``out``.
+
+    Raises
+    ------
+    LearningError
+        Unknown ``plan.data`` or site; the MR source's Debian package is not installed
+        (``AtlasNotInstalled`` is re-raised as a :class:`LearningError` naming it).
+    """
     t0 = time.monotonic()
     say = status or (lambda msg: LOGGER.info("%s", msg))
+    data = source(plan.data)
+    data.check_site(plan.site)
     torch.manual_seed(plan.seed)
-    config = abdomen_ct_config(input_size=plan.input_size)
+    config = data.config(plan.input_size)
     model = build_model(config)
-    say(f"generating {plan.subjects} phantom subjects of site {plan.site}")
-    samples = collect_samples(config, plan.site, range(plan.subjects), plan.seed)
+    say(f"generating {plan.subjects} phantom subjects of site {plan.site} ({data.description})")
+    try:
+        samples = collect_samples(config, plan.site, range(plan.subjects), plan.seed,
+                                  data=data)
+    except DicomNodeError as exc:  # the atlas package missing, say
+        raise LearningError(str(exc)) from exc
     say(f"training on {len(samples)} slices (budget {plan.time_budget_s:.0f} s)")
     policy = TrainingPolicy(
         epochs=plan.epochs,
@@ -141,6 +164,6 @@ def bootstrap(
     del samples
     say(f"scoring on {plan.held_out} held-out subjects")
     held = range(plan.subjects, plan.subjects + plan.held_out)
-    mean, per_subject = evaluate(model, config, plan.site, held, plan.seed, plan.device)
+    mean, per_subject = evaluate(model, config, plan.site, held, plan.seed, plan.device, data)
     path = save_model(model, config, out / "model.safetensors") if out is not None else None
     return BootstrapResult(model, config, report, mean, per_subject, time.monotonic() - t0, path)

@@ -32,6 +32,7 @@ from dicom_node.metrics import OUT_OF_DOMAIN_EVENT
 from dicom_node.pipeline.domain import DomainVerdict, check_domain
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.flow import InferencePayload, JobKind
+from dicom_node.pipeline.models import UnknownModel
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
 from dicom_node.pipeline.seg_template import SegTemplate, TemplateMismatch
 from dicom_node.pipeline.stage import SeriesStage
@@ -127,7 +128,11 @@ class SegmentationJob(SeriesStage):
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         payload = InferencePayload.of(job)
         series_uid, destinations = payload.series_uid, list(payload.destinations)
-        model, mconfig = self.models.get(payload.model)
+        try:
+            model, mconfig = self.models.get(payload.model)
+        except UnknownModel as exc:  # retrying cannot help: refused, with the reason
+            self._refuse(series_uid, f"rule {payload.rule!r}: {exc}")
+            return
         existing = self._existing(series_uid, mconfig)
         if existing is not None:
             LOGGER.info("series %s already segmented by %s gen %d; re-queueing export",

@@ -20,7 +20,7 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import load_model
 from dicom_node.pipeline.flow import ActivatePayload, enqueue
-from dicom_node.pipeline.models import STARTER_DIR, ModelRegistry
+from dicom_node.pipeline.models import SITE_BUILT, STARTER_DIR, ModelRegistry
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import ModelVersion, ModelVersionState
@@ -35,7 +35,8 @@ class VersionError(DicomNodeError):
 
 def source_path(config: NodeConfig, name: str) -> Path:
     """Where the registry loads ``name`` from when no local version serves."""
-    return Path(config.models[name]) if name in config.models else STARTER_DIR / "model.safetensors"
+    path = ModelRegistry(dict(config.models), config.built_models_dir).path(name)
+    return path if path is not None else STARTER_DIR / "model.safetensors"
 
 
 def ensure_base_version(s: Session, config: NodeConfig, model_config: ModelConfig) -> ModelVersion:
@@ -45,7 +46,8 @@ def ensure_base_version(s: Session, config: NodeConfig, model_config: ModelConfi
         ModelVersion.generation == model_config.generation)).scalar_one_or_none()
     if row is not None:
         return row
-    origin = "configured" if model_config.name in config.models else "shipped"
+    origin = ("configured" if model_config.name in config.models
+              else "built" if model_config.name in SITE_BUILT else "shipped")
     row = ModelVersion(name=model_config.name, generation=model_config.generation,
                        parent_generation=None, origin=origin,
                        path=str(source_path(config, model_config.name)),

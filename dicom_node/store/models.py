@@ -286,7 +286,7 @@ class ModelVersion(Base):
     name: Mapped[str] = mapped_column(String(64))
     generation: Mapped[int] = mapped_column(Integer)
     parent_generation: Mapped[int | None] = mapped_column(Integer)
-    origin: Mapped[str] = mapped_column(String(16))  # shipped / configured / local / hub
+    origin: Mapped[str] = mapped_column(String(16))  # shipped / configured / built / local / hub
     path: Mapped[str | None] = mapped_column(String(400))
     state: Mapped[str] = mapped_column(String(16), index=True)
     update_id: Mapped[str | None] = mapped_column(String(64), unique=True)
