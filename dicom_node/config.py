@@ -378,6 +378,13 @@ class FederationSettings(_Section):
     # node's held-out corrected cases; two numbers go back), checked this often.
     evaluate: bool = True
     evaluation_interval_s: float = Field(60.0, gt=0)
+    # Serve this site's own short fine-tune of each hub generation (a few epochs on its
+    # trained corrections, see pipeline.site_adaptation), and keep the version served
+    # before when the generation scores worse on the held-out corrected cases by more
+    # than [learning] acceptance_margin (a local rollback, reported to the hub).
+    adapt: bool = True
+    adapt_epochs: int = Field(3, ge=1, le=100)
+    adapt_time_budget_s: float = Field(30.0, gt=0)
     chunk_kb: int = Field(1024, ge=1, le=4096)
     rpc_timeout_s: float = Field(120.0, gt=0)
 
@@ -677,6 +684,9 @@ model = "tessera-abdomen-ct"
 upload_interval_s = 30    # pending updates are retried with backoff, never dropped
 metrics_interval_s = 300  # de-identified quality figures and correction Dice
 evaluate = true           # score the hub's candidates on held-out corrected cases
+adapt = true              # serve a short fine-tune of each hub generation on this site's
+adapt_epochs = 3          # corrections; keep the previous version if a generation is
+adapt_time_budget_s = 30  # worse here (held-out Dice) by more than acceptance_margin
 
 # Extra models by name (the shipped starter "tessera-abdomen-ct" needs no entry):
 # [models]

@@ -45,11 +45,19 @@ from dicom_node.config import FederationSettings, NodeConfig
 from dicom_node.pipeline.federated_evaluation import EvaluationResponder
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
 from dicom_node.pipeline.models import ModelRegistry
-from dicom_node.pipeline.versions import LOCAL_FLOOR, hub_base_generation
+from dicom_node.pipeline.site_adaptation import SITE_CHECK, SITE_CHECK_KIND, SiteCheck
+from dicom_node.pipeline.versions import (
+    LOCAL_FLOOR,
+    ensure_base_version,
+    hub_base_generation,
+    serving_version,
+)
 from dicom_node.store.db import Database
+from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import (
     AuditEvent,
     Correction,
+    ModelVersion,
     OutboxState,
     Segmentation,
     UpdateOutboxItem,
@@ -146,6 +154,7 @@ class FederationAgent:
         self.settings = config.federation
         self.db = db
         self.models = models
+        self.queue = JobQueue(db, lease_s=config.jobs.lease_s)  # generation-adapt jobs
         self.dir = config.node.data_dir / "federation"
         self.credentials = Credentials(self.settings.credentials_path
                                        or self.dir / "credentials.json")
@@ -296,10 +305,17 @@ class FederationAgent:
                         part.stat().st_size)
         self.client().download_to(generation.number, target, on_chunk=self._downloaded
                                   if self.download_hooks else None)
+        if self.settings.adapt:  # the version served until now is a rollback target
+            _, serving_config = self.models.get(name)
+            with self.db.session() as s:
+                if (serving_version(s, name) is None
+                        and serving_config.generation != generation.number):
+                    ensure_base_version(s, self.config, serving_config)
         serve_hub_generation(self.db, self.models, name, target.read_bytes(),
                              generation=generation.number, parent=generation.parent,
                              config_json=generation.config_json,
-                             models_dir=self.config.node.data_dir / "models")
+                             models_dir=self.config.node.data_dir / "models",
+                             adapt_queue=self.queue if self.settings.adapt else None)
         target.unlink(missing_ok=True)
         self.generation_applied.set()
 
@@ -409,6 +425,8 @@ class FederationAgent:
         except (FileNotFoundError, ValueError):
             cursor = {"segmentation": 0, "correction": 0}
         records, seg_last, corr_last = self._metric_records(cursor)
+        checks, check_last = self._site_check_records(int(cursor.get("site_check", 0)))
+        records += checks
         if not records:
             return 0
         client = self.client()
@@ -416,9 +434,32 @@ class FederationAgent:
         for start in range(0, len(records), _METRIC_BATCH):
             accepted += client.report_metrics(records[start:start + _METRIC_BATCH])
         private_dir(self.dir)
-        cursor_path.write_text(json.dumps({"segmentation": seg_last, "correction": corr_last}))
+        cursor_path.write_text(json.dumps({"segmentation": seg_last, "correction": corr_last,
+                                           "site_check": check_last}))
         LOGGER.info("reported %d metric records to the hub", accepted)
         return accepted
+
+    def _site_check_records(self, last: int) -> tuple[list[MetricRecord], int]:
+        """One ``site-check`` record per hub generation this node checked (held-out
+        Dice before, as received and fine-tuned; whether it rolled the generation back;
+        see ``pipeline.site_adaptation``), keyed by the hub's generation number."""
+        records: list[MetricRecord] = []
+        with self.db.session() as s:
+            for row in s.execute(select(ModelVersion).where(
+                    ModelVersion.id > last, ModelVersion.origin == "hub",
+                    ModelVersion.name == self.settings.model)
+                    .order_by(ModelVersion.id)).scalars():
+                check = (row.metrics or {}).get(SITE_CHECK)
+                if check is None and self.settings.adapt and _check_pending(row):
+                    break
+                last = row.id
+                try:
+                    values = SiteCheck(**check).values() if check is not None else None
+                except TypeError:  # a check stored by another version of the node
+                    values = None
+                if values is not None:
+                    records.append(MetricRecord(SITE_CHECK_KIND, row.generation, values))
+        return records, last
 
     def _metric_records(self, cursor: dict[str, int]) -> tuple[list[MetricRecord], int, int]:
         """Segmentation records (metrics) and correction records (the metrics of the
@@ -461,6 +502,12 @@ class FederationAgent:
                 records.append(MetricRecord(
                     "correction", hub_base_generation(s, name, corr.ai_generation), values))
         return records, seg_last, corr_last
+
+
+def _check_pending(row: ModelVersion) -> bool:
+    """A hub generation's site check runs after it is served: wait for it, not forever."""
+    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - created).total_seconds() < _METRICS_WAIT_S
 
 
 def _metrics_pending(seg: Segmentation) -> bool:

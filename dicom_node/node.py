@@ -41,6 +41,7 @@ from dicom_node.pipeline.export import Exporter
 from dicom_node.pipeline.models import ModelNotBuilt, ModelRegistry
 from dicom_node.pipeline.segmentation import SegmentationJob
 from dicom_node.pipeline.serving import ServingFollower
+from dicom_node.pipeline.site_adaptation import GenerationAdapter
 from dicom_node.pipeline.trainer import IncrementalTrainer
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
@@ -91,7 +92,8 @@ class NodeParts:
                                               parts.models))
         parts.corrections = CorrectionIntake(db, files, parts.store, queue, config, parts.models)
         parts.handlers += [CorrectionJob(parts.corrections),
-                           IncrementalTrainer(db, config, parts.models)]
+                           IncrementalTrainer(db, config, parts.models),
+                           GenerationAdapter(db, config, parts.models)]
         if config.federation.enabled:
             # Imported here: a node without a hub never loads the gRPC client.
             from dicom_node.federation import FederationAgent

@@ -84,8 +84,11 @@ def _federated(sites: int, rounds: int, seed: int, work_dir: Path | None, as_jso
         cells = [str(rnd)]
         for site in report.sites:
             r = next(x for x in report.results if x.round == rnd and x.site == site)
-            cells += [str(r.generation), "-" if r.mean is None else f"{r.mean:.4f}"]
+            mark = {"fine-tuned": "+", "local": "L"}.get(r.served, "")
+            cells += [f"{r.generation}{mark}", "-" if r.mean is None else f"{r.mean:.4f}"]
         table.add_row(*cells)
+    table.caption = ("gen: the hub generation that segmented the study; + the site's own "
+                     "fine-tune of it, L a local round on it")
     console = Console(width=max(Console().width, 132))
     console.print(table)
     lineage = Table(title="Hub generations")

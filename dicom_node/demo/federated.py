@@ -26,12 +26,23 @@ from dicom_node.config import load_config
 from dicom_node.demo.run import send_to_node, wait_for, write_study
 from dicom_node.learning.metrics import dice_per_label
 from dicom_node.node import Node
+from dicom_node.pipeline.flow import JobKind
+from dicom_node.pipeline.hub_generations import known_hub_generation
 from dicom_node.pipeline.models import STARTER_DIR, STARTER_MODEL
 from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, build_seg
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
+from dicom_node.pipeline.versions import hub_base_generation
 from dicom_node.pipeline.volume import build_volume
-from dicom_node.store.models import Instance, OutboxState, Segmentation, UpdateOutboxItem
+from dicom_node.store.models import (
+    Instance,
+    Job,
+    JobState,
+    ModelVersion,
+    OutboxState,
+    Segmentation,
+    UpdateOutboxItem,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,8 +53,10 @@ SITE_PROFILES = ("A", "B", "C")
 class SiteRound:
     site: str
     round: int
-    generation: int  # the generation that segmented the study (a hub number)
+    generation: int  # the hub generation that segmented the study, or its site fine-tune
     dice: dict[str, float] = field(default_factory=dict)
+    served: str = "hub"  # "hub": as received; "fine-tuned": the site's fine-tune of it;
+    #                      "local": a local round on it (its update not merged yet)
 
     @property
     def mean(self) -> float | None:
@@ -61,7 +74,8 @@ class FederatedReport:
         return {"sites": self.sites, "seconds": round(self.seconds, 1),
                 "generations": self.generations,
                 "results": [{"site": r.site, "round": r.round, "generation": r.generation,
-                             "dice": r.dice, "mean_dice": r.mean} for r in self.results]}
+                             "served": r.served, "dice": r.dice, "mean_dice": r.mean}
+                            for r in self.results]}
 
 
 def _start_hub(root: Path) -> tuple[Any, Any]:
@@ -93,7 +107,9 @@ def _node(root: Path, site: str, hub_port: int, token: str, budget_s: float) -> 
                        "insecure_loopback": True, "enrolment_token": token,
                        "display_name": f"site {site}", "model": STARTER_MODEL,
                        "upload_interval_s": 0.5, "upload_backoff_max_s": 2.0,
-                       "metrics_interval_s": 2.0},
+                       "metrics_interval_s": 2.0,
+                       # each site serves its own short fine-tune of every generation
+                       "adapt_epochs": 2, "adapt_time_budget_s": budget_s},
     })
     return Node(config).start()
 
@@ -111,7 +127,23 @@ def _sent_updates(node: Node) -> int:
 
 
 def _serves(node: Node, generation: int) -> bool:
-    return node.parts.models.get(STARTER_MODEL)[1].generation == generation
+    """The node has received ``generation`` and settled what it serves from it (the
+    generation, its own fine-tune of it, or the version before on a local rollback)."""
+    with node.parts.db.session() as s:
+        checking = s.execute(select(Job.id).where(
+            Job.kind == JobKind.ADAPT.value,
+            Job.state.in_((JobState.PENDING, JobState.RUNNING)))).first()
+    return not checking and known_hub_generation(node.parts.db, STARTER_MODEL) >= generation
+
+
+def _served(node: Node, version: int) -> tuple[int, str]:
+    """The hub generation ``version`` is or descends from, and how."""
+    with node.parts.db.session() as s:
+        base = hub_base_generation(s, STARTER_MODEL, version)
+        origin = s.execute(select(ModelVersion.origin).where(
+            ModelVersion.name == STARTER_MODEL, ModelVersion.generation == version)).scalar()
+    return base, ("hub" if version == base else
+                  "fine-tuned" if origin == "adapted" else "local")
 
 
 def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
@@ -149,8 +181,8 @@ def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
                 LOGGER.warning("round %d: the hub made no new generation", rnd)
             wait_for(partial(_swapped, list(nodes.values()), current), 60, 0.5)
             for site, node in nodes.items():
-                if not _serves(node, current):  # its update was refused: take the hub's
-                    LOGGER.warning("site %s still serves a local version", site)
+                if not _serves(node, current):
+                    LOGGER.warning("site %s has not settled on generation %d", site, current)
         generations = [{"generation": g.number, "parent": g.parent, "updates": len(g.update_ids),
                         "nodes": len(set(g.node_ids))} for g in service.list_generations()]
         return FederatedReport(names, results, generations, time.monotonic() - started)
@@ -205,7 +237,8 @@ def _one_study(node: Node, site: str, rnd: int, seed: int, root: Path, learn: bo
     labels, _ = read_seg_labels(dcmread(node.parts.files.absolute(rel)), volume, specs)
     dice = {k: round(v, 4) for k, v in
             dice_per_label(labels, subject.labels, mconfig.label_values).items()}
-    result = SiteRound(site, rnd, row.generation, dice)
+    generation, served = _served(node, row.generation)
+    result = SiteRound(site, rnd, generation, dice, served)
     if learn:
         # The radiologist's corrected SEG is the ground truth (another author, MANUAL).
         seg = build_seg(volume, subject.labels, specs,

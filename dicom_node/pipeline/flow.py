@@ -13,6 +13,7 @@ repeats a step instead of losing it. This module is the only place that names a 
     correction  CorrectionPayload  SeriesAssembler (a SEG series)     CorrectionJob
     training    TrainingPayload    CorrectionIntake (train_every)     IncrementalTrainer
     activate    ActivatePayload    versions.rollback                  IncrementalTrainer
+    adapt       AdaptPayload       FederationAgent (a hub generation) GenerationAdapter
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from dicom_node.store.jobs import ClaimedJob, JobQueue
 
 __all__ = [
-    "FLOW", "ActivatePayload", "CorrectionPayload", "Edge", "ExportPayload",
+    "FLOW", "ActivatePayload", "AdaptPayload", "CorrectionPayload", "Edge", "ExportPayload",
     "InferencePayload", "JobKind", "JobPayload", "TrainingPayload", "enqueue",
 ]
 
@@ -39,6 +40,7 @@ class JobKind(StrEnum):
     CORRECTION = "correction"
     TRAINING = "training"
     ACTIVATE = "model-activate"
+    ADAPT = "generation-adapt"
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,21 @@ class ActivatePayload(JobPayload):
 
 
 @dataclass(frozen=True)
+class AdaptPayload(JobPayload):
+    """Fit hub ``generation`` of ``model`` to this site; ``previous`` is the generation
+    the node served before it (-1: none), kept if the new one is worse here."""
+
+    kind: ClassVar[JobKind] = JobKind.ADAPT
+    model: str
+    generation: int
+    previous: int = -1
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}:{self.generation}"
+
+
+@dataclass(frozen=True)
 class Edge:
     """One row of the flow table."""
 
@@ -144,6 +161,7 @@ FLOW: tuple[Edge, ...] = (
     Edge(JobKind.CORRECTION, CorrectionPayload, "SeriesAssembler", "CorrectionJob", 3),
     Edge(JobKind.TRAINING, TrainingPayload, "CorrectionIntake", "IncrementalTrainer", 3),
     Edge(JobKind.ACTIVATE, ActivatePayload, "versions.rollback", "IncrementalTrainer", 5),
+    Edge(JobKind.ADAPT, AdaptPayload, "FederationAgent", "GenerationAdapter", 3),
 )
 _EDGES = {edge.kind: edge for edge in FLOW}
 

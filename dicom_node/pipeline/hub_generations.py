@@ -13,15 +13,17 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import model_from_bytes, save_model
+from dicom_node.pipeline.flow import AdaptPayload, enqueue
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.versions import hub_base_generation, serving_version
 from dicom_node.store.db import Database
+from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import ModelVersion, ModelVersionState
 
 LOGGER = logging.getLogger(__name__)
@@ -44,12 +46,17 @@ def hub_config_for(config_json: str, current: ModelConfig, generation: int) -> M
 
 
 def known_hub_generation(db: Database, name: str) -> int:
-    """The hub generation the serving version is, or descends from (-1: nothing serves)."""
+    """The newest hub generation this node has had: the one the serving version is or
+    descends from, or a later one it received and rolled back (so that a rolled-back
+    generation is not downloaded again); -1 when nothing serves."""
     with db.session() as s:
         row = serving_version(s, name)
         if row is None:
             return -1
-        return hub_base_generation(s, name, row.generation)
+        received = s.execute(select(func.max(ModelVersion.generation)).where(
+            ModelVersion.name == name, ModelVersion.origin == "hub")).scalar()
+        return max(hub_base_generation(s, name, row.generation),
+                   -1 if received is None else int(received))
 
 
 def serve_hub_generation(
@@ -62,8 +69,12 @@ def serve_hub_generation(
     parent: int,
     config_json: str,
     models_dir: Path,
+    adapt_queue: JobQueue | None = None,
 ) -> ModelVersion:
     """Make ``data`` (safetensors of a whole model, sha256 already checked) serve ``name``.
+
+    With ``adapt_queue``, a ``generation-adapt`` job is queued in the same transaction
+    (``pipeline.site_adaptation``: this site's fine-tune of it, or a local rollback).
 
     A ``torchscript:<sha256>`` model is rebuilt from the file the operator installed on
     this node (``models_dir/torchscript`` or beside the configured weights), never from
@@ -84,6 +95,8 @@ def serve_hub_generation(
     path = save_model(model, config, models_dir / name / f"hub-generation-{generation:05d}")
     now = datetime.now(UTC)
     with db.session() as s:
+        before = serving_version(s, name)
+        previous = -1 if before is None or before.generation == generation else before.generation
         for row in s.execute(select(ModelVersion).where(
                 ModelVersion.name == name,
                 ModelVersion.state == ModelVersionState.SERVING)).scalars():
@@ -100,6 +113,8 @@ def serve_hub_generation(
         version.path = str(path)
         version.state = ModelVersionState.SERVING
         version.activated_at = now
+        if adapt_queue is not None:
+            enqueue(adapt_queue, AdaptPayload(name, generation, previous), session=s)
         s.flush()
         s.expunge(version)
     models.replace(name, model, config)

@@ -102,6 +102,31 @@ def held_out_rows(s: Session, name: str) -> list[TrainingSample]:
     ).order_by(TrainingSample.id)).scalars())
 
 
+def trained_rows(s: Session, name: str) -> list[TrainingSample]:
+    """The model's replay buffer: samples trained on and not evicted, newest first."""
+    return list(s.execute(select(TrainingSample).where(
+        TrainingSample.model_name == name, TrainingSample.state == SampleState.TRAINED
+    ).order_by(TrainingSample.id.desc())).scalars())
+
+
+def load_sample(data_dir: Path, row: TrainingSample) -> StoredSample:
+    return decode_sample((data_dir / row.path).read_bytes())
+
+
+def replay_slices(data_dir: Path, rows: list[TrainingSample], budget: int) -> list[SliceSample]:
+    """The slices of ``rows`` (newest first) within ``budget`` slices; an unreadable
+    sample is skipped with a warning."""
+    out: list[SliceSample] = []
+    for row in rows:
+        if len(out) + row.slices > budget:
+            continue
+        try:
+            out += load_sample(data_dir, row).slice_samples()
+        except OSError as exc:
+            LOGGER.warning("replay sample %d unreadable: %s", row.id, exc)
+    return out
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     """A trained round, judged, before anything is written."""
@@ -153,10 +178,7 @@ class IncrementalTrainer:
                 TrainingSample.model_name == name,
                 TrainingSample.state == SampleState.PENDING).order_by(TrainingSample.id)
             ).scalars())
-            replay_rows = list(s.execute(select(TrainingSample).where(
-                TrainingSample.model_name == name,
-                TrainingSample.state == SampleState.TRAINED).order_by(TrainingSample.id.desc())
-            ).scalars())
+            replay_rows = trained_rows(s, name)
             held_rows = held_out_rows(s, name)
         if not new_rows:
             LOGGER.info("training %s: no pending samples", name)
@@ -303,19 +325,10 @@ class IncrementalTrainer:
         return anchor_slices(anchors), self._gates[key]
 
     def _load(self, row: TrainingSample) -> StoredSample:
-        return decode_sample((self.data_dir / row.path).read_bytes())
+        return load_sample(self.data_dir, row)
 
     def _replay(self, rows: list[TrainingSample]) -> list[SliceSample]:
-        budget = self.config.learning.replay_max_slices
-        out: list[SliceSample] = []
-        for row in rows:  # newest first
-            if len(out) + row.slices > budget:
-                continue
-            try:
-                out += self._load(row).slice_samples()
-            except OSError as exc:
-                LOGGER.warning("replay sample %d unreadable: %s", row.id, exc)
-        return out
+        return replay_slices(self.data_dir, rows, self.config.learning.replay_max_slices)
 
     def _evict(self, s: Session, name: str) -> list[str]:
         """Keep the replay buffer within ``replay_max_slices`` (newest kept)."""

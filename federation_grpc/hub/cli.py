@@ -308,6 +308,41 @@ def rejections(
         service.close()
 
 
+SITE_CHECK_KIND = "site-check"  # the record a node sends per generation it checked
+
+
+@hub_app.command("site-checks")
+def site_checks(
+    config: ConfigOption = DEFAULT_CONFIG,
+    rolled_back: Annotated[
+        bool, typer.Option("--rolled-back", help="Only generations a site rolled back.")
+    ] = False,
+) -> None:
+    """What each node made of each generation: held-out Dice before, as received and
+    after its own fine-tune, and whether it rolled the generation back."""
+    service = open_service(config)
+    try:
+        table = Table("gen", "node", "cases", "before", "received", "fine-tuned", "serves")
+        for node_id, record in service.metric_records(SITE_CHECK_KIND):
+            v = record.values
+            back = v.get("rolled_back", 0.0) >= 0.5
+            if rolled_back and not back:
+                continue
+            serves = ("ROLLED BACK" if back else
+                      "fine-tuned" if v.get("adapted", 0.0) >= 0.5 else "as received")
+            table.add_row(str(record.generation), node_id,
+                          str(int(v.get("cases", 0))), _figure(v.get("held_out.previous")),
+                          _figure(v.get("held_out.generation")),
+                          _figure(v.get("held_out.adapted")), serves)
+        out().print(table)
+    finally:
+        service.close()
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 @hub_app.command()
 def certs(
     out_dir: Annotated[Path, typer.Argument(help="Directory for the PEM files.")],

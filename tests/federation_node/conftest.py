@@ -17,8 +17,9 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.learning.weights import arrays_to_bytes, load_model
+from dicom_node.pipeline.versions import hub_base_generation
 from dicom_node.store.db import Database
-from dicom_node.store.models import ModelVersion, UpdateOutboxItem
+from dicom_node.store.models import Job, JobState, ModelVersion, UpdateOutboxItem
 from federation_grpc.wire import serialize_upload_request
 from tests.corrections.helpers import TEST_MODEL, learning_section, segment_rule, tiny_model
 from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
@@ -141,6 +142,31 @@ def serving(db_url: str) -> tuple[int, str] | None:
             row = s.execute(select(ModelVersion).where(ModelVersion.state == "serving")
                             .order_by(ModelVersion.activated_at.desc())).scalars().first()
             return None if row is None else (row.generation, row.origin)
+    finally:
+        db.dispose()
+
+
+def serving_base(db_url: str) -> int | None:
+    """The hub generation a node serves, as received or as its own fine-tune of it
+    (``[federation] adapt``, see dicom_node/pipeline/site_adaptation.py)."""
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            row = s.execute(select(ModelVersion).where(ModelVersion.state == "serving")
+                            .order_by(ModelVersion.activated_at.desc())).scalars().first()
+            return None if row is None else hub_base_generation(s, row.name, row.generation)
+    finally:
+        db.dispose()
+
+
+def site_checked(db_url: str) -> bool:
+    """No ``generation-adapt`` job is waiting or running at the node."""
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            return not s.execute(select(Job.id).where(
+                Job.kind == "generation-adapt",
+                Job.state.in_((JobState.PENDING, JobState.RUNNING)))).first()
     finally:
         db.dispose()
 

@@ -45,7 +45,14 @@ from tests.federation.hubproc import REPO, write_config
 from tests.node.conftest import storescu, wait_until, write_node_config
 from tests.peers import SYSTEM_PATH, require_binary, venv_tool
 
-from .conftest import federated_node_data, node_tls, outbox, serving
+from .conftest import (
+    federated_node_data,
+    node_tls,
+    outbox,
+    serving,
+    serving_base,
+    site_checked,
+)
 
 KIDNEYS = [
     {"name": "kidney_left", "value": 4, "code": "18639004", "meaning": "Left kidney"},
@@ -156,14 +163,18 @@ def test_add_head_then_a_kidney_annotating_node_teaches_it_and_its_seg_carries_i
         merged = service.generation_tensors(current.number)
         for name, value in update.items():
             np.testing.assert_array_equal(merged[name], value)  # no prior: taken, not mixed
-        wait_until(lambda: serving(url) == (current.number, "hub"), timeout=90,
+        # The node serves the generation, then its own fine-tune of it (it has trained
+        # a correction): either carries the head.
+        wait_until(lambda: serving_base(url) == current.number, timeout=90,
                    what=f"hub generation {current.number} at the node")
         assert node.parts.models.get(TEST_MODEL)[1].pending_heads == ()
+        wait_until(lambda: site_checked(url), timeout=120, what="the site's check")
 
         # -- the next study's SEG carries the new segments with their codes -------------
+        served_now = node.parts.models.get(TEST_MODEL)[1].generation
         second = Study("B", 1, seed=7400)
         assert storescu(node.port, *second.write(tmp_path / "s2")).returncode == 0
-        ai2 = wait_until(lambda: segmentation_of(node, second.series_uid, current.number),
+        ai2 = wait_until(lambda: segmentation_of(node, second.series_uid, served_now),
                          timeout=120, what="the AI segmentation with the kidneys head")
         ds = stored_dataset(node, ai2.seg_sop_instance_uid)
         assert _segments(ds) == {"body": "38266002", "liver": "10200004", "spleen": "78961009",

@@ -15,6 +15,7 @@ from dicom_node.node import NodeParts
 from dicom_node.pipeline.flow import (
     FLOW,
     ActivatePayload,
+    AdaptPayload,
     CorrectionPayload,
     ExportPayload,
     InferencePayload,
@@ -34,6 +35,7 @@ PAYLOADS: list[JobPayload] = [
     CorrectionPayload("1.2.4"),
     TrainingPayload("abdomen"),
     ActivatePayload("abdomen"),
+    AdaptPayload("abdomen", 7, 1_000_003),
 ]
 
 

@@ -1,0 +1,256 @@
+"""A hub generation fitted to this site, or refused by it.
+
+    hub generation g served (FederationAgent.apply) --generation-adapt job-->
+      replay buffer (this site's trained corrections) --train_round, a few epochs--> adapted
+      held-out corrected cases scored with: the version served before g, g, adapted
+      -> serve adapted (origin "adapted", parent g) unless it scores below g by > margin
+      -> roll back to the version served before when the one kept scores below it by
+         more than [learning] acceptance_margin (audit event "generation-rolled-back";
+         a "site-check" record tells the hub)
+
+Why: the hub merges one site's round into the shared model with a small weight (the
+diagnosis in benchmarks/federated_learning.py keeps 1-11 % of a shifted site's gain in
+the next generation), and serving that generation as it is throws the site's own
+gains away at every swap. The hub still holds one shared model; each site serves its
+short fine-tune of it, and its next round's update is sent against g (the adapted
+version's parent), so what the site learns still reaches the hub.
+
+The job is idempotent: the outcome is stored on g's row (``metrics["site_check"]``)
+in the same transaction as the swap, and a job for a generation that no longer serves
+(a newer generation or a local round took over) does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from dicom_node.config import NodeConfig
+from dicom_node.errors import DicomNodeError
+from dicom_node.learning.incremental import StoredSample, evaluate_slices, train_round
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
+from dicom_node.learning.training import TrainingProgress
+from dicom_node.learning.weights import load_model, save_model
+from dicom_node.pipeline.flow import AdaptPayload, JobKind
+from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.trainer import (
+    held_out_rows,
+    load_sample,
+    policy_of,
+    replay_slices,
+    trained_rows,
+)
+from dicom_node.pipeline.versions import LOCAL_FLOOR, next_generation, serving_version
+from dicom_node.store.db import Database
+from dicom_node.store.jobs import ClaimedJob
+from dicom_node.store.models import AuditEvent, ModelVersion, ModelVersionState
+
+LOGGER = logging.getLogger(__name__)
+
+ROLLED_BACK_EVENT = "generation-rolled-back"
+SITE_CHECK = "site_check"  # the key on a hub generation's ModelVersion.metrics
+SITE_CHECK_KIND = "site-check"  # the metric record kind the hub receives
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """What this site made of hub generation ``generation`` (stored on its row)."""
+
+    generation: int
+    previous: int  # the version served before (-1: none)
+    cases: int  # held-out corrected cases scored
+    replay_slices: int  # slices the fine-tune trained on (0: none)
+    scores: dict[str, float]  # held-out mean Dice: "previous", "generation", "adapted"
+    served: int  # the version that serves after the check
+    adapted: bool
+    rolled_back: bool
+    verdict: str
+
+    def values(self) -> dict[str, float]:
+        """The numbers the hub is told (no UIDs; generation numbers are the hub's own
+        or local counters)."""
+        out = {f"held_out.{k}": v for k, v in self.scores.items()}
+        return {**out, "cases": float(self.cases), "replay_slices": float(self.replay_slices),
+                "adapted": float(self.adapted), "rolled_back": float(self.rolled_back)}
+
+
+class GenerationAdapter:
+    """Job handler for ``generation-adapt``."""
+
+    kinds: tuple[JobKind, ...] = (JobKind.ADAPT,)
+
+    def __init__(self, db: Database, config: NodeConfig, models: ModelRegistry) -> None:
+        self.db = db
+        self.config = config
+        self.models = models
+        self.data_dir = config.node.data_dir
+
+    def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
+        payload = AdaptPayload.of(job)
+        self.adapt(payload.model, payload.generation, payload.previous, heartbeat=heartbeat)
+
+    def on_dead(self, job: ClaimedJob, error: str) -> None:
+        LOGGER.error("%s job for %s given up (the hub generation keeps serving): %s",
+                     job.kind, job.key, error)
+
+    def adapt(self, name: str, generation: int, previous: int = -1, *,
+              heartbeat: Callable[[], None] | None = None) -> SiteCheck | None:
+        """Check hub ``generation`` here and serve what the check chose (see module)."""
+        beat = heartbeat or (lambda: None)
+        with self.db.session() as s:
+            row = serving_version(s, name)
+            if row is None or row.generation != generation:
+                LOGGER.info("%s hub generation %d no longer serves: nothing to adapt", name,
+                            generation)
+                return None
+            if SITE_CHECK in (row.metrics or {}):
+                return None  # done before a crash or a retry
+            before = s.execute(select(ModelVersion).where(
+                ModelVersion.name == name, ModelVersion.generation == previous)
+            ).scalar_one_or_none() if previous >= 0 else None
+            before_path = before.path if before is not None and before.path else None
+            replay_rows, held_rows = trained_rows(s, name), held_out_rows(s, name)
+        model, config = self.models.get(name)
+        held = [load_sample(self.data_dir, r) for r in held_rows]
+        replay = (replay_slices(self.data_dir, replay_rows,
+                                self.config.learning.replay_max_slices)
+                  if isinstance(model, MultiHeadUNet) and config.spatial_dims == 2 else [])
+        scores: dict[str, float] = {}
+        scorable = config.spatial_dims == 2 and bool(held)
+        if scorable:
+            scores["generation"] = _mean(model, config, held)
+        adapted: tuple[MultiHeadUNet, ModelConfig] | None = None
+        t0 = time.monotonic()
+        if replay and isinstance(model, MultiHeadUNet):
+            fs = self.config.federation
+            policy = replace(policy_of(self.config), epochs=fs.adapt_epochs,
+                             time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
+            tuned, _ = train_round(model, config, replay, [], policy,
+                                   progress=_beating(beat))
+            adapted = (tuned, config)
+            if scorable:
+                scores["adapted"] = _mean(tuned, config, held)
+        beat()
+        before_model: tuple[SegmentationNetwork, ModelConfig] | None = None
+        if before_path is not None and scorable:
+            try:
+                before_model = load_model(before_path)
+                scores["previous"] = _mean(*before_model, held)
+            except (DicomNodeError, OSError) as exc:
+                LOGGER.warning("%s generation %d not scored (its weights: %s)", name,
+                               previous, exc)
+        margin = self.config.learning.acceptance_margin
+        use_adapted = adapted is not None and (
+            "adapted" not in scores or scores["adapted"] >= scores["generation"] - margin)
+        kept = scores.get("adapted" if use_adapted else "generation")
+        rolled_back = (before_model is not None and kept is not None
+                       and kept < scores["previous"] - margin)
+        verdict = _verdict(generation, previous, scores, len(held), use_adapted,
+                           rolled_back, margin, time.monotonic() - t0)
+        check = SiteCheck(generation=generation, previous=previous, cases=len(held),
+                          replay_slices=len(replay), scores=scores, served=generation,
+                          adapted=use_adapted and not rolled_back, rolled_back=rolled_back,
+                          verdict=verdict)
+        if rolled_back:
+            return self._roll_back(name, check)
+        if use_adapted and adapted is not None:
+            return self._serve_adapted(name, check, *adapted)
+        return self._record(name, check)
+
+    # -- outcomes -----------------------------------------------------------------------
+    def _record(self, name: str, check: SiteCheck) -> SiteCheck | None:
+        with self.db.session() as s:
+            row = self._still_serving(s, name, check.generation)
+            if row is None:
+                return None
+            row.metrics = {**(row.metrics or {}), SITE_CHECK: asdict(check)}
+        LOGGER.info("%s: %s", name, check.verdict)
+        return check
+
+    def _serve_adapted(self, name: str, check: SiteCheck, model: MultiHeadUNet,
+                       config: ModelConfig) -> SiteCheck | None:
+        with self.db.session() as s:
+            number = next_generation(s, name, check.generation, local_floor=LOCAL_FLOOR)
+        config = config.with_generation(number)
+        path = save_model(model, config, self.data_dir / "models" / name
+                          / f"generation-{number:05d}")
+        check = replace(check, served=number)
+        now = datetime.now(UTC)
+        with self.db.session() as s:
+            row = self._still_serving(s, name, check.generation)
+            if row is None:
+                path.unlink(missing_ok=True)
+                return None
+            row.state = ModelVersionState.RETIRED
+            row.metrics = {**(row.metrics or {}), SITE_CHECK: asdict(check)}
+            s.add(ModelVersion(
+                name=name, generation=number, parent_generation=check.generation,
+                origin="adapted", path=str(path), state=ModelVersionState.SERVING,
+                samples=0, sample_ids=[], metrics={SITE_CHECK: asdict(check)},
+                created_at=now, activated_at=now))
+        self.models.replace(name, model, config)
+        LOGGER.info("%s: %s", name, check.verdict)
+        return check
+
+    def _roll_back(self, name: str, check: SiteCheck) -> SiteCheck | None:
+        with self.db.session() as s:
+            row = self._still_serving(s, name, check.generation)
+            before = s.execute(select(ModelVersion).where(
+                ModelVersion.name == name, ModelVersion.generation == check.previous)
+            ).scalar_one_or_none()
+            if row is None or before is None or before.path is None:
+                return None
+            check = replace(check, served=before.generation)
+            row.state = ModelVersionState.RETIRED
+            row.metrics = {**(row.metrics or {}), SITE_CHECK: asdict(check)}
+            before.state = ModelVersionState.SERVING
+            before.activated_at = datetime.now(UTC)
+            path = before.path
+            s.add(AuditEvent(kind=ROLLED_BACK_EVENT, reason=check.verdict))
+        model, config = load_model(path)
+        self.models.replace(name, model, config)
+        LOGGER.warning("%s: %s", name, check.verdict)
+        return check
+
+    @staticmethod
+    def _still_serving(s: Any, name: str, generation: int) -> ModelVersion | None:
+        """``generation``'s row if it still serves (a newer one may have come meanwhile)."""
+        row = serving_version(s, name)
+        if row is None or row.generation != generation or SITE_CHECK in (row.metrics or {}):
+            LOGGER.info("%s hub generation %d was replaced while being checked", name,
+                        generation)
+            return None
+        return row
+
+
+def _mean(model: SegmentationNetwork, config: ModelConfig,
+          held: list[StoredSample]) -> float:
+    return round(evaluate_slices(model, config, held).get("mean", 0.0), 4)
+
+
+def _beating(beat: Callable[[], None]) -> Callable[[TrainingProgress], None]:
+    def hook(p: TrainingProgress) -> None:
+        if p.step % 20 == 0:
+            beat()
+
+    return hook
+
+
+def _verdict(generation: int, previous: int, scores: dict[str, float], cases: int,
+             adapted: bool, rolled_back: bool, margin: float, seconds: float) -> str:
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    judged = (f"held-out Dice on {cases} corrected case(s): {figures}" if scores
+              else "no held-out corrected cases here: not judged")
+    if rolled_back:
+        return (f"hub generation {generation} rolled back: it scores below generation "
+                f"{previous} by more than the margin {margin} ({judged}); serving "
+                f"{previous} again")
+    kept = "its fine-tune on this site's corrections" if adapted else "it as received"
+    return f"hub generation {generation}: serving {kept} ({judged}; {seconds:.1f} s)"
