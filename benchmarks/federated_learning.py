@@ -75,7 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from dicom_node.config import LearningSettings, NodeConfig  # noqa: E402
+from dicom_node.config import FederationSettings, LearningSettings, NodeConfig  # noqa: E402
 from dicom_node.learning.incremental import (  # noqa: E402
     cut_sample,
     touched_slices,
@@ -101,7 +101,9 @@ from federation_grpc.hub.domain import UpdateHeader, UploadState  # noqa: E402
 from federation_grpc.hub.service import HubService  # noqa: E402
 
 Case = tuple[np.ndarray, np.ndarray, tuple]
-ARMS = ("local", "delta", "dafne", "fedasync", "fedbuff", "fedavg")
+ARMS = ("local", "delta", "dafne", "fedasync", "fedbuff", "fedavg", "fedasync+adapt",
+        "delta+adapt")
+ADAPT = "+adapt"  # the arm's sites serve their own fine-tune of each generation
 SITES = ("A", "B", "C")
 
 
@@ -158,6 +160,15 @@ class Site:
     moments: dict | None = None
 
 
+def replay_of(site: Site, budget: int) -> list[SliceSample]:
+    """The site's earlier corrections, newest first, within the node's slice budget."""
+    old: list[SliceSample] = []
+    for earlier in site.replay:
+        if len(old) + len(earlier) <= budget:
+            old += earlier
+    return old
+
+
 def correct_and_train(site: Site, case: Case, policy: TrainingPolicy, args: argparse.Namespace,
                       ) -> tuple[MultiHeadUNet, list[str]]:
     """One correction at ``site``: segment, take the touched slices, train a round."""
@@ -167,10 +178,7 @@ def correct_and_train(site: Site, case: Case, policy: TrainingPolicy, args: argp
     changed = touched_slices(ai, labels, list(config.label_values.values()))
     keep = with_neighbours(changed, args.neighbours, image.shape[0])
     sample = cut_sample(image, labels, keep, list(config.label_values), config).slice_samples()
-    old: list[SliceSample] = []
-    for earlier in site.replay:  # newest first, within the node's budget
-        if len(old) + len(earlier) <= args.replay_max_slices:
-            old += earlier
+    old = replay_of(site, args.replay_max_slices)
     candidate, report = train_round(site.model, config, sample, old, policy,
                                     optimiser_state=site.moments)
     site.moments = report.optimiser_state if site.moments is not None else None
@@ -201,13 +209,25 @@ def upload(hub: HubService, node_id: str, payload: bytes, groups: list[str], bas
 def run_arm(arm: str, init: tuple[MultiHeadUNet, ModelConfig], data: Callable[..., Case],
             held: dict[str, list[Case]], validation: list[Case], policy: TrainingPolicy,
             args: argparse.Namespace, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """``args.generations`` rounds of one arm; Dice per site (and union) after each."""
+    """``args.generations`` rounds of one arm; Dice per site (and union) after each.
+
+    An arm ``<strategy>+adapt`` runs ``<strategy>`` at the hub, and every site then
+    serves its own fine-tune of each generation on its replay buffer, as a node with
+    ``[federation] adapt`` does (``pipeline.site_adaptation``: ``--adapt-epochs``,
+    ``--adapt-time-budget``); ``union`` is then the hub's shared model."""
     model0, config = init
+    adapt = arm.endswith(ADAPT)
+    strategy = arm.removesuffix(ADAPT)
     sites = {s: Site(s, model0, config, moments={} if args.keep_optimiser_state else None)
              for s in SITES}
     union_cases = [c for s in SITES for c in held[s]]
 
-    def scores_of(models: dict[str, MultiHeadUNet], last: bool = True) -> dict[str, float]:
+    def scores_of(models: dict[str, MultiHeadUNet], last: bool = True,
+                  shared: MultiHeadUNet | None = None) -> dict[str, float]:
+        if adapt and shared is not None:  # each site its fine-tune; the union: the hub's
+            out = {s: score(models[s], config, held[s]) for s in SITES}
+            out["union"] = float(np.mean([score(shared, config, held[s]) for s in SITES]))
+            return out
         if arm == "local":  # each site its own model; the union per site model, at the end
             out = {s: score(models[s], config, held[s]) for s in SITES}
             out.update({f"union_{s}": score(models[s], config, union_cases) if last
@@ -223,7 +243,7 @@ def run_arm(arm: str, init: tuple[MultiHeadUNet, ModelConfig], data: Callable[..
     shifted = args.shifted_site
     with tempfile.TemporaryDirectory(prefix="tessera-fl-") as tmp:
         hub = None if arm == "local" else hub_for(
-            Path(tmp) / "hub", arm,
+            Path(tmp) / "hub", strategy,
             UnionEvaluator(config, validation) if validation else None, len(SITES))
         try:
             nodes: dict[str, str] = {}
@@ -250,14 +270,22 @@ def run_arm(arm: str, init: tuple[MultiHeadUNet, ModelConfig], data: Callable[..
                     upload(hub, nodes[s], payload, groups, base)
                     if hub.strategy.batch_size() == 1:
                         hub.aggregator.process_pending()
+                served = None
                 if hub is not None:
                     hub.aggregator.process_pending()
                     current = hub.require_current()
                     served, _ = model_from_bytes(hub.blobs.get(current.sha256), config)
-                    for site in sites.values():  # every node swaps to the hub's generation
+                    assert isinstance(served, MultiHeadUNet)
+                    for i, site in enumerate(sites.values()):  # every node swaps to it
                         site.model = served
+                        if adapt and site.replay:  # ... or to its own fine-tune of it
+                            site.model, _ = train_round(
+                                served, config, replay_of(site, args.replay_max_slices), [],
+                                replace(policy, epochs=args.adapt_epochs,
+                                        time_budget_s=args.adapt_time_budget,
+                                        seed=seed * 1000 + r * 10 + 5 + i))
                 dice = scores_of({s: sites[s].model for s in SITES},
-                                 last=r == args.generations)
+                                 last=r == args.generations, shared=served)
                 row: dict[str, Any] = {"round": r, "dice": dice,
                                        "seconds": round(time.monotonic() - t0, 1)}
                 if hub is not None:
@@ -300,7 +328,7 @@ def diagnose(init: tuple[MultiHeadUNet, ModelConfig], data: Callable[..., Case],
         if s == c:
             out["local_round"] = {c: score(candidate, config, held[c])}
     log(f"diagnosis: starter {out['starter']}, {c}'s own round {out['local_round']}")
-    for arm in [a for a in ARMS if a != "local"]:
+    for arm in [a for a in ARMS if a != "local" and not a.endswith(ADAPT)]:
         with tempfile.TemporaryDirectory(prefix="tessera-fl-diag-") as tmp:
             hub = hub_for(Path(tmp) / "hub", arm, None, len(SITES))
             try:
@@ -399,7 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=lambda v: list(range(int(v))), default=list(range(3)),
                    help="how many training seeds (0..N-1)")
     p.add_argument("--arms", type=lambda v: v.split(","), default=list(ARMS))
-    p.add_argument("--ours", default="delta", help="the strategy the targets judge")
+    p.add_argument("--ours", default="fedasync+adapt",
+                   help="the arm the targets judge (the node and hub defaults)")
+    fed = FederationSettings()
+    p.add_argument("--adapt-epochs", type=int, default=fed.adapt_epochs)
+    p.add_argument("--adapt-time-budget", type=float, default=fed.adapt_time_budget_s)
     p.add_argument("--held-out", type=int, default=2, help="held-out subjects per site")
     p.add_argument("--validation", type=int, default=1,
                    help="hub validation subjects per site (0: the gate checks no score)")

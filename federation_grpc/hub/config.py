@@ -228,6 +228,9 @@ class HubConfig:
             return False
 
 
+SECTIONS = ("hub", "tls", "limits", "aggregation", "gate", "metrics")
+
+
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
     value = raw.get(name, {})
     if not isinstance(value, dict):
@@ -253,9 +256,14 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> HubConfig:
     Raises
     ------
     InvalidRequest
-        When a section is not a table or holds a key the hub does not know.
+        When a section is not a table, is not one the hub knows, or holds a key the hub
+        does not know (a key outside every section included).
     """
     raw = tomllib.loads(path.read_text())
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:  # a key above every section (or a misspelt section) would be ignored
+        raise InvalidRequest(f"unknown sections or keys outside a section: {sorted(unknown)}; "
+                             f"the hub config has {', '.join(f'[{s}]' for s in SECTIONS)}")
     hub = dict(_section(raw, "hub"))
     database_url = (os.environ if env is None else env).get(DATABASE_URL_ENV, "")
     if database_url:
