@@ -67,7 +67,7 @@ def _federated(sites: int, rounds: int, seed: int, work_dir: Path | None, as_jso
     from rich.console import Console
     from rich.table import Table
 
-    from dicom_node.demo.federated import run_federated_demo
+    from dicom_node.demo.federated import plot_report, run_federated_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = run_federated_demo(sites=sites, rounds=rounds, seed=seed, workdir=work_dir)
@@ -98,5 +98,8 @@ def _federated(sites: int, rounds: int, seed: int, work_dir: Path | None, as_jso
         lineage.add_row(str(g["generation"]), "-" if g["parent"] < 0 else str(g["parent"]),
                         str(g["updates"]), str(g["nodes"]))
     console.print(lineage)
+    if report.workdir is not None:
+        png = plot_report(report, report.workdir / "federated_demo.png")
+        console.print(f"plot: {png}" if png else "plot skipped: pip install 'tessera[bench]'")
     if any(r.generation < 0 for r in report.results):
         raise typer.Exit(1)

@@ -69,6 +69,7 @@ class FederatedReport:
     results: list[SiteRound]
     generations: list[dict[str, Any]]
     seconds: float
+    workdir: Path | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"sites": self.sites, "seconds": round(self.seconds, 1),
@@ -76,6 +77,35 @@ class FederatedReport:
                 "results": [{"site": r.site, "round": r.round, "generation": r.generation,
                              "served": r.served, "dice": r.dice, "mean_dice": r.mean}
                             for r in self.results]}
+
+
+def plot_report(report: FederatedReport, path: Path) -> Path | None:
+    """Mean Dice of each site's new study per round (the generation it was segmented
+    with, + for the site's fine-tune); None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for site in report.sites:
+        rows = sorted((r for r in report.results if r.site == site and r.mean is not None),
+                      key=lambda r: r.round)
+        ax.plot([r.round for r in rows], [r.mean or 0.0 for r in rows], "o-", label=f"site {site}")
+        for r in rows:
+            mark = {"fine-tuned": "+", "local": "L"}.get(r.served, "")
+            ax.annotate(f"{r.generation}{mark}", (r.round, r.mean or 0.0), fontsize=7,
+                        textcoords="offset points", xytext=(0, 5), ha="center")
+    ax.set_xlabel("round (label: hub generation that segmented it; + site fine-tune)")
+    ax.set_ylabel("mean Dice vs ground truth")
+    ax.set_title(f"Tessera federated demo: {len(report.sites)} sites")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _start_hub(root: Path) -> tuple[Any, Any]:
@@ -185,7 +215,7 @@ def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
                     LOGGER.warning("site %s has not settled on generation %d", site, current)
         generations = [{"generation": g.number, "parent": g.parent, "updates": len(g.update_ids),
                         "nodes": len(set(g.node_ids))} for g in service.list_generations()]
-        return FederatedReport(names, results, generations, time.monotonic() - started)
+        return FederatedReport(names, results, generations, time.monotonic() - started, root)
     finally:
         for node in nodes.values():
             node.stop()

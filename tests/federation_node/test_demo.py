@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.demo.federated import run_federated_demo
+from dicom_node.demo.federated import plot_report, run_federated_demo
 
 
 def test_federated_demo_advances_generations_at_every_site(tmp_path: Path) -> None:
@@ -21,3 +21,10 @@ def test_federated_demo_advances_generations_at_every_site(tmp_path: Path) -> No
         assert by_round[(site, 1)].generation > by_round[(site, 0)].generation
         assert all(0.0 <= v <= 1.0 for v in by_round[(site, 1)].dice.values())
         assert by_round[(site, 1)].mean is not None
+        # Round 0 is the starter as shipped; round 1 the site's own fine-tune of the
+        # newest generation (the site has one trained correction and no held-out case).
+        assert (by_round[(site, 0)].served, by_round[(site, 1)].served) == ("hub",
+                                                                          "fine-tuned")
+    assert report.workdir == tmp_path
+    png = plot_report(report, tmp_path / "demo.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
