@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from dicom_node.learning import bootstrap as bootstrap_module
+from dicom_node.learning import bootstrap_data
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.weights import load_model, save_model
@@ -45,7 +46,8 @@ def _toy_subject(site: str, index: int, seed: int) -> SimpleNamespace:
 
 
 def test_bootstrap_command_on_toy_subjects(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(bootstrap_module, "_generate", _toy_subject)
+    ct = bootstrap_data.SOURCES["ct"]
+    monkeypatch.setitem(bootstrap_data.SOURCES, "ct", replace(ct, subject=_toy_subject))
     args = [
         "model",
         "bootstrap",
