@@ -43,6 +43,7 @@ from sqlalchemy import select
 
 from dicom_node.config import FederationSettings, NodeConfig
 from dicom_node.pipeline.federated_evaluation import EvaluationResponder
+from dicom_node.pipeline.flow import AdaptPayload, JobKind
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
 from dicom_node.pipeline.models import ModelRegistry
 from dicom_node.pipeline.site_adaptation import SITE_CHECK, SITE_CHECK_KIND, SiteCheck
@@ -57,6 +58,8 @@ from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import (
     AuditEvent,
     Correction,
+    Job,
+    JobState,
     ModelVersion,
     OutboxState,
     Segmentation,
@@ -450,8 +453,11 @@ class FederationAgent:
                     ModelVersion.name == self.settings.model)
                     .order_by(ModelVersion.id)).scalars():
                 check = (row.metrics or {}).get(SITE_CHECK)
-                if check is None and self.settings.adapt and _check_pending(row):
-                    break
+                if check is None and s.execute(select(Job.id).where(
+                        Job.kind == JobKind.ADAPT.value,
+                        Job.key == AdaptPayload(row.name, row.generation).key,
+                        Job.state.in_((JobState.PENDING, JobState.RUNNING)))).first():
+                    break  # its check is still to come
                 last = row.id
                 try:
                     values = SiteCheck(**check).values() if check is not None else None
@@ -502,12 +508,6 @@ class FederationAgent:
                 records.append(MetricRecord(
                     "correction", hub_base_generation(s, name, corr.ai_generation), values))
         return records, seg_last, corr_last
-
-
-def _check_pending(row: ModelVersion) -> bool:
-    """A hub generation's site check runs after it is served: wait for it, not forever."""
-    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - created).total_seconds() < _METRICS_WAIT_S
 
 
 def _metrics_pending(seg: Segmentation) -> bool:

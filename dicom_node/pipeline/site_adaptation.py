@@ -1,7 +1,10 @@
 """A hub generation fitted to this site, or refused by it.
 
     hub generation g served (FederationAgent.apply) --generation-adapt job-->
-      replay buffer (this site's trained corrections) --train_round, a few epochs--> adapted
+      g + (version served before - the hub generation it descends from)   (rebase:
+          what this site learned on top of its last generation, carried to g)
+      --train_round on the replay buffer (this site's trained corrections),
+          a few epochs--> adapted
       held-out corrected cases scored with: the version served before g, g, adapted
       -> serve adapted (origin "adapted", parent g) unless it scores below g by > margin
       -> roll back to the version served before when the one kept scores below it by
@@ -33,7 +36,12 @@ from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
-from dicom_node.learning.incremental import StoredSample, evaluate_slices, train_round
+from dicom_node.learning.incremental import (
+    StoredSample,
+    copy_model,
+    evaluate_slices,
+    train_round,
+)
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.training import TrainingProgress
@@ -47,7 +55,12 @@ from dicom_node.pipeline.trainer import (
     replay_slices,
     trained_rows,
 )
-from dicom_node.pipeline.versions import LOCAL_FLOOR, next_generation, serving_version
+from dicom_node.pipeline.versions import (
+    LOCAL_FLOOR,
+    hub_base_generation,
+    next_generation,
+    serving_version,
+)
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import AuditEvent, ModelVersion, ModelVersionState
@@ -116,6 +129,11 @@ class GenerationAdapter:
                 ModelVersion.name == name, ModelVersion.generation == previous)
             ).scalar_one_or_none() if previous >= 0 else None
             before_path = before.path if before is not None and before.path else None
+            base = hub_base_generation(s, name, previous) if previous >= 0 else -1
+            base_row = s.execute(select(ModelVersion).where(
+                ModelVersion.name == name, ModelVersion.generation == base)
+            ).scalar_one_or_none() if 0 <= base != previous else None
+            base_path = base_row.path if base_row is not None and base_row.path else None
             replay_rows, held_rows = trained_rows(s, name), held_out_rows(s, name)
         model, config = self.models.get(name)
         held = [load_sample(self.data_dir, r) for r in held_rows]
@@ -126,26 +144,28 @@ class GenerationAdapter:
         scorable = config.spatial_dims == 2 and bool(held)
         if scorable:
             scores["generation"] = _mean(model, config, held)
-        adapted: tuple[MultiHeadUNet, ModelConfig] | None = None
         t0 = time.monotonic()
-        if replay and isinstance(model, MultiHeadUNet):
+        before_model = self._load(name, previous, before_path)
+        if before_model is not None and scorable:
+            scores["previous"] = _mean(*before_model, held)
+        # What this site had learned on top of its hub generation, carried to the new one.
+        start = model
+        base_model = self._load(name, base, base_path) if before_model is not None else None
+        if isinstance(model, MultiHeadUNet) and before_model is not None and base_model:
+            start = rebase(model, config, before_model[0], base_model[0])
+        adapted: tuple[MultiHeadUNet, ModelConfig] | None = None
+        if replay and isinstance(start, MultiHeadUNet):
             fs = self.config.federation
             policy = replace(policy_of(self.config), epochs=fs.adapt_epochs,
                              time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
-            tuned, _ = train_round(model, config, replay, [], policy,
+            tuned, _ = train_round(start, config, replay, [], policy,
                                    progress=_beating(beat))
             adapted = (tuned, config)
-            if scorable:
-                scores["adapted"] = _mean(tuned, config, held)
+        elif start is not model and isinstance(start, MultiHeadUNet):
+            adapted = (start, config)
+        if adapted is not None and scorable:
+            scores["adapted"] = _mean(adapted[0], config, held)
         beat()
-        before_model: tuple[SegmentationNetwork, ModelConfig] | None = None
-        if before_path is not None and scorable:
-            try:
-                before_model = load_model(before_path)
-                scores["previous"] = _mean(*before_model, held)
-            except (DicomNodeError, OSError) as exc:
-                LOGGER.warning("%s generation %d not scored (its weights: %s)", name,
-                               previous, exc)
         margin = self.config.learning.acceptance_margin
         use_adapted = adapted is not None and (
             "adapted" not in scores or scores["adapted"] >= scores["generation"] - margin)
@@ -219,6 +239,17 @@ class GenerationAdapter:
         LOGGER.warning("%s: %s", name, check.verdict)
         return check
 
+    def _load(self, name: str, generation: int, path: str | None
+              ) -> tuple[SegmentationNetwork, ModelConfig] | None:
+        if path is None:
+            return None
+        try:
+            return load_model(path)
+        except (DicomNodeError, OSError) as exc:
+            LOGGER.warning("%s generation %d not loaded (its weights: %s)", name, generation,
+                           exc)
+            return None
+
     @staticmethod
     def _still_serving(s: Any, name: str, generation: int) -> ModelVersion | None:
         """``generation``'s row if it still serves (a newer one may have come meanwhile)."""
@@ -228,6 +259,23 @@ class GenerationAdapter:
                         generation)
             return None
         return row
+
+
+def rebase(generation: MultiHeadUNet, config: ModelConfig, served: SegmentationNetwork,
+           base: SegmentationNetwork) -> MultiHeadUNet:
+    """``generation + (served - base)``: the change this site made on top of hub
+    generation ``base`` (its rounds and fine-tunes), applied to the new generation.
+    Tensors the three do not share with the same shape (a head the hub added) are the
+    generation's."""
+    out = copy_model(generation, config)
+    state = out.state_dict()
+    mine, old = served.state_dict(), base.state_dict()
+    for key, tensor in state.items():
+        if (key in mine and key in old and tensor.is_floating_point()
+                and mine[key].shape == old[key].shape == tensor.shape):
+            tensor += mine[key].to(tensor.dtype) - old[key].to(tensor.dtype)
+    out.load_state_dict(state)
+    return out
 
 
 def _mean(model: SegmentationNetwork, config: ModelConfig,
