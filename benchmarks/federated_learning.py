@@ -19,7 +19,12 @@ Arms, side by side in one run, from the same starter and the same studies:
 * ``dafne``: Dafne's merge (``merged = 0.5 current + 0.5 update``, gate margin 0.001);
 * ``fedasync``, ``fedbuff``, ``fedavg``: the shipped strategies with the hub defaults
   (FedBuff/FedAvg buffer one update per site);
-* ``delta``: each update's delta added on arrival (``aggregation.DeltaAsync``).
+* ``delta``: each update's delta added on arrival (``aggregation.DeltaAsync``);
+* ``fedasync+adapt``, ``delta+adapt``: that strategy at the hub, and every site serves
+  its own fit of each generation as a node with ``[federation] adapt`` does
+  (``pipeline.site_adaptation``): the generation plus what the site learned on top of
+  the generation before (``rebase``), fine-tuned on its replay buffer
+  (``--adapt-epochs``, ``--adapt-time-budget``). ``union`` is the hub's shared model.
 
 Every hub arm's gate scores candidates on a validation set (``--validation`` subjects
 per site, never trained on or scored); Dafne's margin is 0.001, the others' the hub's
@@ -95,6 +100,7 @@ from dicom_node.learning.weights import (  # noqa: E402
     model_to_bytes,
 )
 from dicom_node.pipeline.models import STARTER_DIR  # noqa: E402
+from dicom_node.pipeline.site_adaptation import rebase  # noqa: E402
 from dicom_node.pipeline.trainer import policy_of  # noqa: E402
 from federation_grpc.hub.config import AggregationConfig, GateConfig, HubConfig  # noqa: E402
 from federation_grpc.hub.domain import UpdateHeader, UploadState  # noqa: E402
@@ -251,15 +257,18 @@ def run_arm(arm: str, init: tuple[MultiHeadUNet, ModelConfig], data: Callable[..
                 hub.init_model(model_to_bytes(model0, config), config.to_json())
                 nodes = {s: hub.enrol(hub.create_enrolment_token()[0], f"site {s}").node_id
                          for s in SITES}
+            hub_model = model0  # the generation the sites' models descend from
             for r in range(1, args.generations + 1):
                 t0 = time.monotonic()
                 base = 0 if hub is None else hub.require_current().number
                 diag: dict[str, float] = {}
+                rounds: dict[str, MultiHeadUNet] = {}  # what each node serves until the swap
                 for i, s in enumerate(SITES):
                     site = sites[s]
                     candidate, groups = correct_and_train(
                         site, data(s, r - 1, args.data_seed),
                         replace(policy, seed=seed * 1000 + r * 10 + i), args)
+                    rounds[s] = candidate
                     if hub is None:
                         site.model = candidate
                         continue
@@ -278,12 +287,15 @@ def run_arm(arm: str, init: tuple[MultiHeadUNet, ModelConfig], data: Callable[..
                     assert isinstance(served, MultiHeadUNet)
                     for i, site in enumerate(sites.values()):  # every node swaps to it
                         site.model = served
-                        if adapt and site.replay:  # ... or to its own fine-tune of it
+                        if adapt and site.replay:  # ... or to its own fine-tune of it,
+                            # from the generation plus what the site learned on its base
+                            start = rebase(served, config, rounds[site.name], hub_model)
                             site.model, _ = train_round(
-                                served, config, replay_of(site, args.replay_max_slices), [],
+                                start, config, replay_of(site, args.replay_max_slices), [],
                                 replace(policy, epochs=args.adapt_epochs,
                                         time_budget_s=args.adapt_time_budget,
                                         seed=seed * 1000 + r * 10 + 5 + i))
+                    hub_model = served
                 dice = scores_of({s: sites[s].model for s in SITES},
                                  last=r == args.generations, shared=served)
                 row: dict[str, Any] = {"round": r, "dice": dice,
