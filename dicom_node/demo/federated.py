@@ -98,6 +98,7 @@ def plot_report(report: FederatedReport, path: Path) -> Path | None:
             mark = {"fine-tuned": "+", "local": "L"}.get(r.served, "")
             ax.annotate(f"{r.generation}{mark}", (r.round, r.mean or 0.0), fontsize=7,
                         textcoords="offset points", xytext=(0, 5), ha="center")
+    ax.set_xticks(sorted({r.round for r in report.results}))
     ax.set_xlabel("round (label: hub generation that segmented it; + site fine-tune)")
     ax.set_ylabel("mean Dice vs ground truth")
     ax.set_title(f"Tessera federated demo: {len(report.sites)} sites")
