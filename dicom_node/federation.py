@@ -43,10 +43,14 @@ from sqlalchemy import select
 
 from dicom_node.config import FederationSettings, NodeConfig
 from dicom_node.pipeline.federated_evaluation import EvaluationResponder
-from dicom_node.pipeline.flow import AdaptPayload, JobKind
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
 from dicom_node.pipeline.models import ModelRegistry
-from dicom_node.pipeline.site_adaptation import SITE_CHECK, SITE_CHECK_KIND, SiteCheck
+from dicom_node.pipeline.site_adaptation import (
+    SITE_CHECK,
+    SITE_CHECK_KIND,
+    SiteCheck,
+    check_pending,
+)
 from dicom_node.pipeline.versions import (
     LOCAL_FLOOR,
     ensure_base_version,
@@ -58,8 +62,6 @@ from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import (
     AuditEvent,
     Correction,
-    Job,
-    JobState,
     ModelVersion,
     OutboxState,
     Segmentation,
@@ -453,10 +455,7 @@ class FederationAgent:
                     ModelVersion.name == self.settings.model)
                     .order_by(ModelVersion.id)).scalars():
                 check = (row.metrics or {}).get(SITE_CHECK)
-                if check is None and s.execute(select(Job.id).where(
-                        Job.kind == JobKind.ADAPT.value,
-                        Job.key == AdaptPayload(row.name, row.generation).key,
-                        Job.state.in_((JobState.PENDING, JobState.RUNNING)))).first():
+                if check is None and check_pending(s, row.name, row.generation):
                     break  # its check is still to come
                 last = row.id
                 try:

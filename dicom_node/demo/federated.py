@@ -26,18 +26,16 @@ from dicom_node.config import load_config
 from dicom_node.demo.run import send_to_node, wait_for, write_study
 from dicom_node.learning.metrics import dice_per_label
 from dicom_node.node import Node
-from dicom_node.pipeline.flow import JobKind
 from dicom_node.pipeline.hub_generations import known_hub_generation
 from dicom_node.pipeline.models import STARTER_DIR, STARTER_MODEL
 from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, build_seg
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
+from dicom_node.pipeline.site_adaptation import check_pending
 from dicom_node.pipeline.versions import hub_base_generation
 from dicom_node.pipeline.volume import build_volume
 from dicom_node.store.models import (
     Instance,
-    Job,
-    JobState,
     ModelVersion,
     OutboxState,
     Segmentation,
@@ -161,9 +159,7 @@ def _serves(node: Node, generation: int) -> bool:
     """The node has received ``generation`` and settled what it serves from it (the
     generation, its own fine-tune of it, or the version before on a local rollback)."""
     with node.parts.db.session() as s:
-        checking = s.execute(select(Job.id).where(
-            Job.kind == JobKind.ADAPT.value,
-            Job.state.in_((JobState.PENDING, JobState.RUNNING)))).first()
+        checking = check_pending(s, STARTER_MODEL)
     return not checking and known_hub_generation(node.parts.db, STARTER_MODEL) >= generation
 
 

@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
@@ -63,13 +63,31 @@ from dicom_node.pipeline.versions import (
 )
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import ClaimedJob
-from dicom_node.store.models import AuditEvent, ModelVersion, ModelVersionState
+from dicom_node.store.models import (
+    AuditEvent,
+    Job,
+    JobState,
+    ModelVersion,
+    ModelVersionState,
+)
 
 LOGGER = logging.getLogger(__name__)
 
 ROLLED_BACK_EVENT = "generation-rolled-back"
 SITE_CHECK = "site_check"  # the key on a hub generation's ModelVersion.metrics
 SITE_CHECK_KIND = "site-check"  # the metric record kind the hub receives
+
+
+def check_pending(s: Session, name: str, generation: int | None = None) -> bool:
+    """A ``generation-adapt`` job of ``name`` (of ``generation``, if given) is queued or
+    running: what the node serves from a hub generation is not settled yet."""
+    q = select(Job.id).where(Job.kind == JobKind.ADAPT.value,
+                             Job.state.in_((JobState.PENDING, JobState.RUNNING)))
+    if generation is None:
+        q = q.where(Job.key.startswith(f"{name}:"))
+    else:
+        q = q.where(Job.key == AdaptPayload(name, generation).key)
+    return s.execute(q).first() is not None
 
 
 @dataclass(frozen=True)
@@ -251,7 +269,7 @@ class GenerationAdapter:
             return None
 
     @staticmethod
-    def _still_serving(s: Any, name: str, generation: int) -> ModelVersion | None:
+    def _still_serving(s: Session, name: str, generation: int) -> ModelVersion | None:
         """``generation``'s row if it still serves (a newer one may have come meanwhile)."""
         row = serving_version(s, name)
         if row is None or row.generation != generation or SITE_CHECK in (row.metrics or {}):
