@@ -21,7 +21,7 @@ from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import model_from_bytes, save_model
 from dicom_node.pipeline.flow import AdaptPayload, enqueue
 from dicom_node.pipeline.models import ModelRegistry
-from dicom_node.pipeline.versions import hub_base_generation, serving_version
+from dicom_node.pipeline.versions import hub_base_generation, serving_version, version_row
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import ModelVersion, ModelVersionState
@@ -101,9 +101,7 @@ def serve_hub_generation(
                 ModelVersion.name == name,
                 ModelVersion.state == ModelVersionState.SERVING)).scalars():
             row.state = ModelVersionState.RETIRED
-        version = s.execute(select(ModelVersion).where(
-            ModelVersion.name == name, ModelVersion.generation == generation)
-        ).scalar_one_or_none()
+        version = version_row(s, name, generation)
         if version is None:
             version = ModelVersion(name=name, generation=generation,
                                    parent_generation=parent if parent >= 0 else None,

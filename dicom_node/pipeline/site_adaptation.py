@@ -60,6 +60,7 @@ from dicom_node.pipeline.versions import (
     hub_base_generation,
     next_generation,
     serving_version,
+    version_row,
 )
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import ClaimedJob
@@ -143,14 +144,10 @@ class GenerationAdapter:
                 return None
             if SITE_CHECK in (row.metrics or {}):
                 return None  # done before a crash or a retry
-            before = s.execute(select(ModelVersion).where(
-                ModelVersion.name == name, ModelVersion.generation == previous)
-            ).scalar_one_or_none() if previous >= 0 else None
+            before = version_row(s, name, previous) if previous >= 0 else None
             before_path = before.path if before is not None and before.path else None
             base = hub_base_generation(s, name, previous) if previous >= 0 else -1
-            base_row = s.execute(select(ModelVersion).where(
-                ModelVersion.name == name, ModelVersion.generation == base)
-            ).scalar_one_or_none() if 0 <= base != previous else None
+            base_row = version_row(s, name, base) if 0 <= base != previous else None
             base_path = base_row.path if base_row is not None and base_row.path else None
             replay_rows, held_rows = trained_rows(s, name), held_out_rows(s, name)
         model, config = self.models.get(name)
@@ -196,8 +193,8 @@ class GenerationAdapter:
                           replay_slices=len(replay), scores=scores, served=generation,
                           adapted=use_adapted and not rolled_back, rolled_back=rolled_back,
                           verdict=verdict)
-        if rolled_back:
-            return self._roll_back(name, check)
+        if rolled_back and before_model is not None:
+            return self._roll_back(name, check, *before_model)
         if use_adapted and adapted is not None:
             return self._serve_adapted(name, check, *adapted)
         return self._record(name, check)
@@ -237,22 +234,20 @@ class GenerationAdapter:
         LOGGER.info("%s: %s", name, check.verdict)
         return check
 
-    def _roll_back(self, name: str, check: SiteCheck) -> SiteCheck | None:
+    def _roll_back(self, name: str, check: SiteCheck, model: SegmentationNetwork,
+                   config: ModelConfig) -> SiteCheck | None:
+        """Serve the version served before (``model``, loaded and scored by the check)."""
         with self.db.session() as s:
             row = self._still_serving(s, name, check.generation)
-            before = s.execute(select(ModelVersion).where(
-                ModelVersion.name == name, ModelVersion.generation == check.previous)
-            ).scalar_one_or_none()
-            if row is None or before is None or before.path is None:
+            before = version_row(s, name, check.previous)
+            if row is None or before is None:
                 return None
             check = replace(check, served=before.generation)
             row.state = ModelVersionState.RETIRED
             row.metrics = {**(row.metrics or {}), SITE_CHECK: asdict(check)}
             before.state = ModelVersionState.SERVING
             before.activated_at = datetime.now(UTC)
-            path = before.path
             s.add(AuditEvent(kind=ROLLED_BACK_EVENT, reason=check.verdict))
-        model, config = load_model(path)
         self.models.replace(name, model, config)
         LOGGER.warning("%s: %s", name, check.verdict)
         return check

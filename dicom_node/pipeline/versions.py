@@ -39,11 +39,15 @@ def source_path(config: NodeConfig, name: str) -> Path:
     return path if path is not None else STARTER_DIR / "model.safetensors"
 
 
+def version_row(s: Session, name: str, generation: int) -> ModelVersion | None:
+    """The row of ``name`` generation ``generation``, if the node has one."""
+    return s.execute(select(ModelVersion).where(
+        ModelVersion.name == name, ModelVersion.generation == generation)).scalar_one_or_none()
+
+
 def ensure_base_version(s: Session, config: NodeConfig, model_config: ModelConfig) -> ModelVersion:
     """The row of the generation serving now; created for a shipped or configured model."""
-    row = s.execute(select(ModelVersion).where(
-        ModelVersion.name == model_config.name,
-        ModelVersion.generation == model_config.generation)).scalar_one_or_none()
+    row = version_row(s, model_config.name, model_config.generation)
     if row is not None:
         return row
     origin = ("configured" if model_config.name in config.models
@@ -154,9 +158,7 @@ def rollback(db: Database, queue: JobQueue, name: str,
         target_gen = generation if generation is not None else current.parent_generation
         if target_gen is None:
             raise VersionError(f"{name} generation {current.generation} has no parent")
-        target = s.execute(select(ModelVersion).where(
-            ModelVersion.name == name, ModelVersion.generation == target_gen)
-        ).scalar_one_or_none()
+        target = version_row(s, name, target_gen)
         if target is None:
             raise VersionError(f"{name} has no generation {target_gen}")
         if target.path is None or not Path(target.path).exists():
