@@ -49,7 +49,6 @@ import matplotlib.pyplot as plt
 
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.metrics import dice_per_label
 from dicom_node.learning.model_config import (
     HeadSpec,
     LabelSpec,
@@ -58,6 +57,7 @@ from dicom_node.learning.model_config import (
     Preprocessing,
 )
 from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.training import SliceSample, TrainingPolicy, samples_from_volume, train
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes
 from dicom_node.phantom.subject import PhantomSubject

@@ -21,7 +21,7 @@ from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.head_ct import head_ct_subject
 from dicom_node.phantom.subject import PhantomSubject
 from dicom_node.pipeline.domain import DomainVerdict, check_domain
-from dicom_node.pipeline.models import STARTER_DIR
+from dicom_node.pipeline.model_sources import STARTER_DIR
 
 
 def main() -> int:

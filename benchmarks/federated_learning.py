@@ -90,16 +90,16 @@ from dicom_node.learning.incremental import (  # noqa: E402
     with_neighbours,
 )
 from dicom_node.learning.inference import segment_volume  # noqa: E402
-from dicom_node.learning.metrics import dice_per_label  # noqa: E402
 from dicom_node.learning.model_config import ModelConfig  # noqa: E402
 from dicom_node.learning.network import MultiHeadUNet  # noqa: E402
+from dicom_node.learning.scores import dice_per_label  # noqa: E402
 from dicom_node.learning.training import SliceSample, TrainingPolicy  # noqa: E402
 from dicom_node.learning.weights import (  # noqa: E402
     load_model,
     model_from_bytes,
     model_to_bytes,
 )
-from dicom_node.pipeline.models import STARTER_DIR  # noqa: E402
+from dicom_node.pipeline.model_sources import STARTER_DIR  # noqa: E402
 from dicom_node.pipeline.site_adaptation import rebase  # noqa: E402
 from dicom_node.pipeline.trainer import policy_of  # noqa: E402
 from federation_grpc.hub.config import AggregationConfig, GateConfig, HubConfig  # noqa: E402

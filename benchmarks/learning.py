@@ -56,14 +56,14 @@ from dicom_node.learning.incremental import (
     with_neighbours,
 )
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.metrics import dice_per_label
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.training import SliceSample, TrainingPolicy
 from dicom_node.learning.weights import load_model
 from dicom_node.phantom import ct
-from dicom_node.pipeline.models import STARTER_DIR
+from dicom_node.pipeline.model_sources import STARTER_DIR
 from dicom_node.pipeline.trainer import policy_of, rehearsal_of
 
 LOGGER = logging.getLogger("benchmarks.learning")

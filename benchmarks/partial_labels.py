@@ -80,7 +80,6 @@ sys.path.insert(0, str(REPO))
 from dicom_node.config import LearningSettings  # noqa: E402
 from dicom_node.learning.incremental import copy_model, trained_groups, update_artifact  # noqa: E402
 from dicom_node.learning.inference import segment_volume  # noqa: E402
-from dicom_node.learning.metrics import dice_per_label  # noqa: E402
 from dicom_node.learning.model_config import (  # noqa: E402
     AddedHead,
     HeadSpec,
@@ -91,6 +90,7 @@ from dicom_node.learning.model_config import (  # noqa: E402
     abdomen_ct_config,
 )
 from dicom_node.learning.network import MultiHeadUNet, build_model  # noqa: E402
+from dicom_node.learning.scores import dice_per_label  # noqa: E402
 from dicom_node.learning.training import (  # noqa: E402
     PreparedSlices,
     TrainingPolicy,

@@ -90,7 +90,7 @@ def run_case(model, config, data: str, site: str, index: int, seed: int) -> dict
     from dataclasses import asdict
 
     from dicom_node.learning.inference import segment_volume
-    from dicom_node.learning.metrics import dice_per_label, quality_metrics
+    from dicom_node.learning.scores import dice_per_label, quality_metrics
     from dicom_node.phantom import ct, mr_atlas
 
     rng = ct.subject_rng("quality-benchmark", site, index, seed, 7)
@@ -122,7 +122,7 @@ def load_starter(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             bootstrap_budget=args.bootstrap_budget, threads=args.threads))
         return model, config
     from dicom_node.learning.weights import load_model
-    from dicom_node.pipeline.models import STARTER_DIR
+    from dicom_node.pipeline.model_sources import STARTER_DIR
 
     return load_model(STARTER_DIR / "model.safetensors")
 

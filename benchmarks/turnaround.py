@@ -47,7 +47,7 @@ from dicom_node.demo.pacs import OrthancPacs
 from dicom_node.node import Node
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.dicom import subject_datasets
-from dicom_node.pipeline.models import STARTER_MODEL
+from dicom_node.pipeline.model_sources import STARTER_MODEL
 from dicom_node.store.models import OutboxItem, Segmentation, Series
 
 SLICES = 128

@@ -44,7 +44,7 @@ from sqlalchemy import select
 from dicom_node.config import FederationSettings, NodeConfig
 from dicom_node.pipeline.federated_evaluation import EvaluationResponder
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.site_adaptation import (
     SITE_CHECK,
     SITE_CHECK_KIND,

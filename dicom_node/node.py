@@ -38,7 +38,7 @@ from dicom_node.loop_health import LoopHealth
 from dicom_node.pipeline.assembler import SeriesAssembler
 from dicom_node.pipeline.corrections import CorrectionIntake, CorrectionJob
 from dicom_node.pipeline.export import Exporter
-from dicom_node.pipeline.models import ModelNotBuilt, ModelRegistry
+from dicom_node.pipeline.model_sources import ModelNotBuilt, ModelRegistry
 from dicom_node.pipeline.segmentation import SegmentationJob
 from dicom_node.pipeline.serving import ServingFollower
 from dicom_node.pipeline.site_adaptation import GenerationAdapter

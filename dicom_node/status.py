@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node.metrics import OUT_OF_DOMAIN_EVENT
 from dicom_node.pipeline.usage import learning_usage, render_learning
+from dicom_node.prometheus import OUT_OF_DOMAIN_EVENT
 from dicom_node.store.db import Database
 from dicom_node.store.models import (
     AuditEvent,

@@ -13,8 +13,8 @@ from typing import Protocol
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.loop_health import LoopHealth
-from dicom_node.metrics import observe_job
 from dicom_node.pipeline.flow import JobKind
+from dicom_node.prometheus import observe_job
 from dicom_node.store.jobs import Backoff, ClaimedJob, JobQueue, LeaseLost
 
 LOGGER = logging.getLogger(__name__)

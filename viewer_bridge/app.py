@@ -17,8 +17,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.peer_text import escaped
-from dicom_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from dicom_node.metrics import render as render_metrics
+from dicom_node.prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dicom_node.prometheus import render as render_metrics
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore

@@ -21,7 +21,7 @@ from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
 from dicom_node.dicom.peer_text import escaped
 from dicom_node.dicom.status import Status
-from dicom_node.metrics import count_received, count_refused
+from dicom_node.prometheus import count_received, count_refused
 from dicom_node.store.files import check_uid
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer
 from viewer_bridge.multipart import Part

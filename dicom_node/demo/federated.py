@@ -24,10 +24,10 @@ from sqlalchemy import select
 
 from dicom_node.config import load_config
 from dicom_node.demo.run import send_to_node, wait_for, write_study
-from dicom_node.learning.metrics import dice_per_label
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.node import Node
 from dicom_node.pipeline.hub_generations import known_hub_generation
-from dicom_node.pipeline.models import STARTER_DIR, STARTER_MODEL
+from dicom_node.pipeline.model_sources import STARTER_DIR, STARTER_MODEL
 from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, build_seg
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
@@ -109,7 +109,7 @@ def plot_report(report: FederatedReport, path: Path) -> Path | None:
 
 def _start_hub(root: Path) -> tuple[Any, Any]:
     from federation_grpc.hub.config import HubConfig
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
     from federation_grpc.hub.service import HubService
 
     service = HubService(HubConfig(data_dir=root / "hub", port=0, max_workers=16))

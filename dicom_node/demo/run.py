@@ -21,9 +21,9 @@ from pydicom import Dataset
 from dicom_node.config import Destination, NodeConfig, load_config
 from dicom_node.demo.pacs import Pacs, start_pacs
 from dicom_node.dicom.scu import OutgoingInstance, is_delivered, send_instances
-from dicom_node.learning.metrics import dice_per_label
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.node import Node
-from dicom_node.pipeline.models import STARTER_MODEL
+from dicom_node.pipeline.model_sources import STARTER_MODEL
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.volume import build_volume

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dicom_node.dicom.peer_text import escaped
-from dicom_node.metrics import count_connection_refused
+from dicom_node.prometheus import count_connection_refused
 from dicom_node.store.instances import Peer
 
 LOGGER = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from dicom_node.dicom.parse import RefusedInstance, parse_instance
 from dicom_node.dicom.peer_text import escape_library_logs, escaped
 from dicom_node.dicom.server import GuardedAssociationServer
 from dicom_node.dicom.status import Status
-from dicom_node.metrics import count_received, count_refused
+from dicom_node.prometheus import count_received, count_refused
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer
 
 LOGGER = logging.getLogger(__name__)

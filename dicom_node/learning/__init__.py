@@ -9,7 +9,7 @@
 - :mod:`~dicom_node.learning.training`: masked (marginal) loss for partial labels,
   frozen-encoder training of new heads, augmentation, time budget, progress hook.
 - :mod:`~dicom_node.learning.inference`: ``segment_volume`` (batched, deterministic).
-- :mod:`~dicom_node.learning.metrics`: Dice and quality metrics, numpy only.
+- :mod:`~dicom_node.learning.scores`: Dice and quality metrics, numpy only.
 - :mod:`~dicom_node.learning.bootstrap` and :mod:`~dicom_node.learning.cli`: the starter
   model (``tessera model bootstrap|list``), shipped in ``starter/``.
 

@@ -21,9 +21,9 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.learning.bootstrap_data import BootstrapData, source
 from dicom_node.learning.errors import LearningError
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.metrics import dice_per_label
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.training import (
     ProgressHook,
     SliceSample,

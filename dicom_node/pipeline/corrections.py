@@ -35,9 +35,9 @@ from dicom_node.learning.incremental import (
     touched_slices,
     with_neighbours,
 )
-from dicom_node.learning.metrics import dice
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.partial_labels import fill_enclosing
+from dicom_node.learning.scores import dice
 from dicom_node.pipeline.flow import CorrectionPayload, JobKind, TrainingPayload, enqueue
 from dicom_node.pipeline.seg import SegmentSpec
 from dicom_node.pipeline.seg_read import SEG_SOP_CLASSES, read_seg_labels

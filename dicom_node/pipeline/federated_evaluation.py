@@ -25,7 +25,7 @@ from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.weights import model_from_bytes
 from dicom_node.pipeline.hub_generations import hub_config_for
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.trainer import held_out_rows
 from dicom_node.store.db import Database
 from federation_grpc.client import FederationClient

@@ -20,7 +20,7 @@ from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import model_from_bytes, save_model
 from dicom_node.pipeline.flow import AdaptPayload, enqueue
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.versions import hub_base_generation, serving_version, version_row
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue

@@ -25,18 +25,18 @@ from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import parse_instance
 from dicom_node.errors import SeriesRefused
 from dicom_node.learning.device import resolve_device
-from dicom_node.learning.metrics import quality_metrics
 from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.scores import quality_metrics
 from dicom_node.learning.volume_inference import segment_any
-from dicom_node.metrics import OUT_OF_DOMAIN_EVENT
 from dicom_node.pipeline.domain import DomainVerdict, check_domain
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.flow import InferencePayload, JobKind
-from dicom_node.pipeline.models import UnknownModel
+from dicom_node.pipeline.model_sources import UnknownModel
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
 from dicom_node.pipeline.seg_template import SegTemplate, TemplateMismatch
 from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
+from dicom_node.prometheus import OUT_OF_DOMAIN_EVENT
 from dicom_node.store.instances import Peer
 from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import (

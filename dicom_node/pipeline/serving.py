@@ -16,7 +16,7 @@ import threading
 from sqlalchemy import select
 
 from dicom_node.loop_health import LoopHealth
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.versions import activate_serving
 from dicom_node.store.db import Database
 from dicom_node.store.models import ModelVersion, ModelVersionState

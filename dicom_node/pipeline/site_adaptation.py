@@ -47,7 +47,7 @@ from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.training import TrainingProgress
 from dicom_node.learning.weights import load_model, save_model
 from dicom_node.pipeline.flow import AdaptPayload, JobKind
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.trainer import (
     held_out_rows,
     load_sample,

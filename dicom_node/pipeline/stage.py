@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dicom_node.config import NodeConfig
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore

@@ -52,7 +52,7 @@ from dicom_node.learning.training import (
 )
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.seg import deterministic_uid
 from dicom_node.pipeline.versions import (
     LOCAL_FLOOR,

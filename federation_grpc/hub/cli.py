@@ -51,8 +51,8 @@ def serve(
     from dataclasses import replace
 
     from federation_grpc.hub.heap import bound_heap
-    from federation_grpc.hub.metrics import MetricsServer
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
+    from federation_grpc.hub.prometheus import MetricsServer
     from federation_grpc.jsonlog import configure_logging
 
     bound_heap()  # memory bounded by the chunk, not the number of streams

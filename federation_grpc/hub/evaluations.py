@@ -1,7 +1,7 @@
 """Federated evaluation tasks: a candidate generation scored by nodes on their own cases.
 
 The aggregator opens a task when a merged candidate needs the nodes' verdict
-(``[gate] federated_evaluation``) and settles it from the results (see ``merging``);
+(``[gate] federated_evaluation``) and settles it from the results (see ``aggregator``);
 nodes fetch the open tasks they have not answered and submit one result each.
 """
 

@@ -3,7 +3,7 @@
 Tensor names follow the node network's convention: ``heads.<head>.…`` belongs to the
 group ``heads.<head>``; every other name belongs to the group named by its first dotted
 component (``encoder``, ``bottleneck``, …). A node declares the groups it trained
-(partial labels), merges go group by group (:mod:`aggregation`), and the gate and the
+(partial labels), merges go group by group (:mod:`strategies`), and the gate and the
 intake measure and check updates with the norms and finiteness checks here. Those walk
 each tensor block by block (:func:`~federation_grpc.hub.tensorfile.blocks_of`), so a
 memory-mapped model of gigabytes is checked in the memory of one block.

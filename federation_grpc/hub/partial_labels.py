@@ -3,7 +3,7 @@
 A node declares what it annotates through the ``trained_groups`` of each update header
 (``encoder`` plus ``heads.<h>`` for the heads owning its labels; the labels of a head
 are in the generation's config, which the hub holds). No other channel is needed: the
-hub merges a head only from the updates that carry it (:mod:`aggregation`), and the
+hub merges a head only from the updates that carry it (:mod:`strategies`), and the
 groups a node has contributed are what ``tessera hub nodes`` shows.
 
 Hostile or stale headers are refused before any byte is accepted: every declared group

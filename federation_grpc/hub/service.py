@@ -2,7 +2,7 @@
 
 Each decision lives in its collaborator: :mod:`nodes` (enrolment, tokens, revocation),
 :mod:`generations` (generations, lineage, the current pointer, change notices),
-:mod:`uploads` (update intake), :mod:`merging` (merge and gate), :mod:`evaluations`
+:mod:`uploads` (update intake), :mod:`aggregator` (merge and gate), :mod:`evaluations`
 (federated evaluation tasks), :mod:`rejections` and :mod:`reports` (metrics from nodes).
 :class:`HubService` builds them and gives the servicers and the CLI one object; its
 methods only delegate. Imports no grpc.
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from federation_grpc.errors import PermissionDenied
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub import strategies as agg
+from federation_grpc.hub.aggregator import Aggregator
 from federation_grpc.hub.blobs import BlobStore, StagingArea
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.domain import (
@@ -31,7 +32,6 @@ from federation_grpc.hub.domain import (
 from federation_grpc.hub.evaluations import EvaluationTasks
 from federation_grpc.hub.gate import Evaluator, GatePolicy, UpdateGate, load_evaluator
 from federation_grpc.hub.generations import GenerationLedger
-from federation_grpc.hub.merging import Aggregator
 from federation_grpc.hub.nodes import NodeRegistry
 from federation_grpc.hub.private import private_dir, warn_if_shared
 from federation_grpc.hub.rejections import RejectionLog

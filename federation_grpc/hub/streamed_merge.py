@@ -1,6 +1,6 @@
 """A merge written block by block: memory bounded by a block, not by the model.
 
-Every strategy in :mod:`aggregation` is elementwise within a tensor (FedAsync's mix,
+Every strategy in :mod:`strategies` is elementwise within a tensor (FedAsync's mix,
 FedBuff's and FedAvg's weighted or trimmed mean), so a merge of whole models equals the
 same merge run on matching slices of them. :func:`merge_to_file` runs the strategy on
 one slice of one tensor at a time, from the memory-mapped current generation, updates
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from federation_grpc.hub.aggregation import Contribution, Strategy
 from federation_grpc.hub.robust import scale_delta
+from federation_grpc.hub.strategies import Contribution, Strategy
 from federation_grpc.hub.tensorfile import drop_pages, flat_blocks, write_blocks
 
 # float64 bytes all the updates' slices of one block may take together.

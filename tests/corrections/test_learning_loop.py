@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.learning import optimiser_state
-from dicom_node.learning.metrics import dice_per_label
 from dicom_node.learning.safetensors_io import read_metadata
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.weights import arrays_from_bytes
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs

@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import RLELossless
 from sqlalchemy import select
 
-from dicom_node.learning.metrics import dice_per_label
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.phantom.codes import CT_SEGMENTS
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs

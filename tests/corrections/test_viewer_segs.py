@@ -36,7 +36,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import RLELossless, generate_uid
 from sqlalchemy import select
 
-from dicom_node.learning.metrics import dice_per_label
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.phantom.codes import CT_SEGMENTS
 from dicom_node.pipeline.seg import SegmentSpec
 from dicom_node.pipeline.seg_read import read_seg_labels

@@ -158,7 +158,7 @@ def tls_config(tmp_path: Path, certs, **gate: object) -> HubConfig:  # type: ign
 @pytest.fixture
 def start_hub(tmp_path: Path, certs):  # type: ignore[no-untyped-def]
     """Factory: a TLS hub on 127.0.0.1 (OS-assigned port) with its own generation 0."""
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
 
     started: list[tuple[HubServer, HubService]] = []
 

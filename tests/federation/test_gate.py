@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from federation_grpc.hub.aggregation import FedBuff
 from federation_grpc.hub.domain import UploadState
 from federation_grpc.hub.service import HubService
+from federation_grpc.hub.strategies import FedBuff
 
 from .conftest import (
     ALL_GROUPS,

@@ -149,7 +149,7 @@ def test_corrupt_partial_download_is_detected_and_discarded(start_hub, tmp_path)
 def test_download_resumes_across_a_hub_restart(start_hub) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
 
     hub = start_hub(big_model())
     svc = hub.service

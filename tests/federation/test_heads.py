@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import save
 
 from federation_grpc.errors import FailedPrecondition, InvalidRequest
-from federation_grpc.hub import aggregation as agg
 from federation_grpc.hub import heads
+from federation_grpc.hub import strategies as agg
 from federation_grpc.hub.config import HubConfig, load_config
 from federation_grpc.hub.service import HubService
 

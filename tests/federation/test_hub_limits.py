@@ -185,7 +185,7 @@ def test_without_tls_the_cap_counts_per_node_token(tmp_path: Path) -> None:
     from safetensors.numpy import save
 
     from federation_grpc._proto import federation_pb2_grpc
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
     from federation_grpc.hub.service import HubService
 
     from .conftest import MODEL_CONFIG, enrol, hub_config, small_model

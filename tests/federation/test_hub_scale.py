@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from federation_grpc._proto import federation_pb2 as pb
 from federation_grpc._proto import federation_pb2_grpc
-from federation_grpc.hub.server import HubServer
+from federation_grpc.hub.process import HubServer
 from federation_grpc.hub.service import HubService
 
 from .conftest import MODEL_CONFIG, enrol, hub_config, make_update, small_model, upload

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     from safetensors.numpy import save
     from federation_grpc.hub.config import HubConfig
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
     from federation_grpc.hub import cli  # the CLI module too
     from federation_grpc.client import FederationClient, UpdateMetadata
 

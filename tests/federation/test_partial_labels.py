@@ -14,7 +14,7 @@ from safetensors.numpy import load, save
 
 from federation_grpc.client import UpdateMetadata, UploadState
 from federation_grpc.errors import InvalidRequest
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub import strategies as agg
 from federation_grpc.hub.partial_labels import (
     check_trained_groups,
     describe_heads,
@@ -22,7 +22,7 @@ from federation_grpc.hub.partial_labels import (
     head_labels,
     trained_heads,
 )
-from federation_grpc.hub.server import HubServer
+from federation_grpc.hub.process import HubServer
 from federation_grpc.hub.service import HubService
 
 from .conftest import (

@@ -136,7 +136,7 @@ def _records(cases: list[Case]) -> list[MetricRecord]:
 def test_reported_metrics_reach_the_cli_and_the_status_page(
         start_hub, certs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from federation_grpc.errors import InvalidRequest
-    from federation_grpc.hub.metrics import MetricsServer
+    from federation_grpc.hub.prometheus import MetricsServer
 
     hub = start_hub()
     site_a, site_b = hub.enrolled_client(), hub.client()

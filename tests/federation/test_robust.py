@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from federation_grpc.errors import InvalidRequest
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub import strategies as agg
 from federation_grpc.hub.config import AggregationConfig
 from federation_grpc.hub.parameters import update_norm
 from federation_grpc.hub.robust import capped_shares, clip_delta, trim_count, trimmed_mean

@@ -134,7 +134,7 @@ def test_max_num_samples_is_configurable(start_hub) -> None:  # type: ignore[no-
 def test_a_lying_node_takes_at_most_its_share_of_a_fedavg_round(  # type: ignore[no-untyped-def]
     start_hub, cap: float, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="federation_grpc.hub.merging")
+    caplog.set_level(logging.INFO, logger="federation_grpc.hub.aggregator")
     base = starter()
     hub = start_hub(
         base,

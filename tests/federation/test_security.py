@@ -16,7 +16,7 @@ from safetensors.numpy import save
 from federation_grpc._proto import federation_pb2 as pb
 from federation_grpc._proto import federation_pb2_grpc
 from federation_grpc.errors import FailedPrecondition
-from federation_grpc.hub.server import HubServer
+from federation_grpc.hub.process import HubServer
 from federation_grpc.hub.store import UpdateRow
 
 from .conftest import ALL_GROUPS, RunningHub, hub_config, nudged, small_model

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub import strategies as agg
 from federation_grpc.hub import streamed_merge
 from federation_grpc.hub.robust import clip_delta, clip_scale, delta_norm
 from federation_grpc.hub.streamed_merge import merge_to_file

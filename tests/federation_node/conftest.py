@@ -56,7 +56,7 @@ class InProcessHub:
 def start_hub(tmp_path: Path, certs: Any,  # noqa: F811
               model_file: Path) -> Iterator[Callable[..., InProcessHub]]:
     from federation_grpc.hub.config import HubConfig, TlsConfig
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
     from federation_grpc.hub.service import HubService
 
     started: list[InProcessHub] = []

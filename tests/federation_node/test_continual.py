@@ -31,7 +31,7 @@ from dicom_node.node import Node
 from dicom_node.phantom.codes import CT_SEGMENTS
 from dicom_node.store.models import ModelVersion, UpdateOutboxItem
 from federation_grpc.hub.config import load_config as load_hub_config
-from federation_grpc.hub.server import HubServer
+from federation_grpc.hub.process import HubServer
 from federation_grpc.hub.service import HubService
 from tests.corrections.helpers import (
     TEST_MODEL,

@@ -21,7 +21,7 @@ from dicom_node.federation import hub_update_id
 from dicom_node.learning.weights import arrays_from_bytes
 from dicom_node.node import Node
 from dicom_node.store.models import TrainingSample, UpdateOutboxItem
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub import strategies as agg
 from federation_grpc.hub.parameters import group_of
 from tests.corrections.helpers import Study, correction_for, send_corrected_study
 from tests.node.conftest import wait_until, write_node_config
@@ -46,7 +46,7 @@ def test_liver_site_and_spleen_site_build_one_model_head_by_head(
     tmp_path: Path, certs: Any, model_file: Path
 ) -> None:
     from federation_grpc.hub.config import HubConfig, TlsConfig
-    from federation_grpc.hub.server import HubServer
+    from federation_grpc.hub.process import HubServer
     from federation_grpc.hub.service import HubService
 
     config = HubConfig(data_dir=tmp_path / "hub", port=0, max_workers=16,

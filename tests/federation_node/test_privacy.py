@@ -98,7 +98,7 @@ def test_nothing_identifying_leaves_the_node(
     proxy = None
     if transport == "insecure-proxy":
         from federation_grpc.hub.config import HubConfig
-        from federation_grpc.hub.server import HubServer
+        from federation_grpc.hub.process import HubServer
 
         plain = HubServer(HubConfig(data_dir=tmp_path / "plain", port=0), hub.service,
                           insecure_loopback=True, watch_poll_s=0.2, keepalive_s=1.0).start()

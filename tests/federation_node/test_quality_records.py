@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dicom_node.config import load_config
 from dicom_node.federation import FederationAgent
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
 from dicom_node.store.models import Correction, Segmentation
 

@@ -29,7 +29,7 @@ from dicom_node.learning.weights import (
     model_to_bytes,
 )
 from dicom_node.pipeline.hub_generations import HubGenerationError, serve_hub_generation
-from dicom_node.pipeline.models import ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
 
 NET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,

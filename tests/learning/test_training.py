@@ -8,9 +8,9 @@ import torch
 
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.metrics import dice_per_label
 from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
 from dicom_node.learning.network import build_model
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.training import (
     ThreadTuner,
     TrainingPolicy,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dicom_node.learning.external import sha256_file
-from dicom_node.learning.metrics import dice_per_label
+from dicom_node.learning.scores import dice_per_label
 from dicom_node.phantom.dicom import subject_datasets
 from dicom_node.phantom.mr_atlas import generate_subject
 from dicom_node.phantom.nifti import read_nifti

@@ -24,7 +24,7 @@ from dicom_node.learning.network import build_model
 from dicom_node.learning.weights import save_model
 from dicom_node.phantom import mr_atlas
 from dicom_node.phantom.dicom import subject_datasets
-from dicom_node.pipeline.models import ModelNotBuilt, ModelRegistry
+from dicom_node.pipeline.model_sources import ModelNotBuilt, ModelRegistry
 from dicom_node.pipeline.versions import source_path
 from dicom_node.status import node_status, render_status
 from dicom_node.store.models import Segmentation, Series, SeriesState

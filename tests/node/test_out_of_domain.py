@@ -11,12 +11,12 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_node import metrics
+from dicom_node import prometheus as metrics
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.dicom import subject_datasets
 from dicom_node.phantom.head_ct import CRANIUM, head_ct_subject
 from dicom_node.pipeline.domain import check_domain
-from dicom_node.pipeline.models import STARTER_MODEL
+from dicom_node.pipeline.model_sources import STARTER_MODEL
 from dicom_node.status import node_status, render_status
 from dicom_node.store.models import Instance, OutboxItem, OutboxState, Segmentation
 from tests.node.conftest import node_config_data, storescu, wait_until

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub import strategies as agg
 from federation_grpc.hub.blobs import BlobStore
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.evaluations import EvaluationTasks

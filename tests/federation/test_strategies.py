@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from federation_grpc.hub import aggregation as agg
+from federation_grpc.hub import strategies as agg
 from federation_grpc.hub.parameters import (
     group_of,
     groups_of,

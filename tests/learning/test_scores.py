@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicom_node.learning.metrics import (
+from dicom_node.learning.scores import (
     count_components,
     dice,
     dice_per_label,

@@ -15,8 +15,8 @@ from federation_grpc._proto import admin_pb2, admin_pb2_grpc, federation_pb2, fe
 from federation_grpc.errors import FailedPrecondition
 from federation_grpc.hub.admission import PerNodeCallLimit
 from federation_grpc.hub.config import HubConfig
+from federation_grpc.hub.grpc_api import MAX_CHUNK, AdminServicer, FederationServicer
 from federation_grpc.hub.service import HubService
-from federation_grpc.hub.servicer import MAX_CHUNK, AdminServicer, FederationServicer
 
 LOGGER = logging.getLogger(__name__)
 
