@@ -15,13 +15,13 @@ import time
 import numpy as np
 
 from dicom_node.config import InferenceSettings
+from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.weights import load_model
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.head_ct import head_ct_subject
 from dicom_node.phantom.subject import PhantomSubject
 from dicom_node.pipeline.domain import DomainVerdict, check_domain
-from dicom_node.pipeline.model_sources import STARTER_DIR
 
 
 def main() -> int:

@@ -81,6 +81,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dicom_node.config import FederationSettings, LearningSettings, NodeConfig  # noqa: E402
+from dicom_node.learning.bootstrap import STARTER_DIR  # noqa: E402
 from dicom_node.learning.incremental import (  # noqa: E402
     cut_sample,
     touched_slices,
@@ -99,7 +100,6 @@ from dicom_node.learning.weights import (  # noqa: E402
     model_from_bytes,
     model_to_bytes,
 )
-from dicom_node.pipeline.model_sources import STARTER_DIR  # noqa: E402
 from dicom_node.pipeline.site_adaptation import rebase  # noqa: E402
 from dicom_node.pipeline.trainer import policy_of  # noqa: E402
 from federation_grpc.hub.config import AggregationConfig, GateConfig, HubConfig  # noqa: E402

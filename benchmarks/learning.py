@@ -48,7 +48,7 @@ matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extr
 import matplotlib.pyplot as plt
 
 from dicom_node.config import LearningSettings, NodeConfig
-from dicom_node.learning.bootstrap import BootstrapPlan, bootstrap
+from dicom_node.learning.bootstrap import STARTER_DIR, BootstrapPlan, bootstrap
 from dicom_node.learning.incremental import (
     cut_sample,
     touched_slices,
@@ -63,7 +63,6 @@ from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.training import SliceSample, TrainingPolicy
 from dicom_node.learning.weights import load_model
 from dicom_node.phantom import ct
-from dicom_node.pipeline.model_sources import STARTER_DIR
 from dicom_node.pipeline.trainer import policy_of, rehearsal_of
 
 LOGGER = logging.getLogger("benchmarks.learning")

@@ -121,8 +121,8 @@ def load_starter(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             out=args.out, bootstrap_subjects=args.bootstrap_subjects,
             bootstrap_budget=args.bootstrap_budget, threads=args.threads))
         return model, config
+    from dicom_node.learning.bootstrap import STARTER_DIR
     from dicom_node.learning.weights import load_model
-    from dicom_node.pipeline.model_sources import STARTER_DIR
 
     return load_model(STARTER_DIR / "model.safetensors")
 

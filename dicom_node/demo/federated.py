@@ -24,10 +24,11 @@ from sqlalchemy import select
 
 from dicom_node.config import load_config
 from dicom_node.demo.run import send_to_node, wait_for, write_study
+from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.node import Node
 from dicom_node.pipeline.hub_generations import known_hub_generation
-from dicom_node.pipeline.model_sources import STARTER_DIR, STARTER_MODEL
+from dicom_node.pipeline.model_sources import STARTER_MODEL
 from dicom_node.pipeline.seg import SegAlgorithm, SegAlgorithmType, build_seg
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
@@ -128,6 +129,7 @@ def _node(root: Path, site: str, hub_port: int, token: str, budget_s: float) -> 
         "assembler.poll_interval_s": 0.2,
         "jobs.poll_interval_s": 0.2,
         "jobs.workers": 1,
+        "http.enabled": False,  # the demo uses DICOM only: no fixed port to collide on
         "rules": [{"name": "segment-ct", "action": "segment", "model": STARTER_MODEL,
                    "destinations": [], "match": {"modality": ["CT"]}}],
         "learning": {"epochs": 2, "time_budget_s": budget_s, "threads": 1,

@@ -36,7 +36,7 @@ from dicom_node.learning.weights import save_model
 
 LOGGER = logging.getLogger(__name__)
 
-STARTER_DIR = Path(__file__).parent / "starter"
+STARTER_DIR = Path(__file__).resolve().parent / "starter"
 
 
 @dataclass(frozen=True)

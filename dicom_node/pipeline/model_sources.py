@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from dicom_node.errors import DicomNodeError
+from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.bootstrap_data import HEAD_MR_MODEL
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import SegmentationNetwork
@@ -20,7 +21,6 @@ from dicom_node.learning.weights import code_dirs_for, load_model
 
 LOGGER = logging.getLogger(__name__)
 
-STARTER_DIR = Path(__file__).resolve().parent.parent / "learning" / "starter"
 STARTER_MODEL = "tessera-abdomen-ct"
 
 

@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
+from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import load_model
 from dicom_node.pipeline.flow import ActivatePayload, enqueue
-from dicom_node.pipeline.model_sources import SITE_BUILT, STARTER_DIR, ModelRegistry
+from dicom_node.pipeline.model_sources import SITE_BUILT, ModelRegistry
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import ModelVersion, ModelVersionState

@@ -19,12 +19,12 @@ import torch
 from sqlalchemy import select
 
 from dicom_node.config import load_config
+from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.incremental import cut_sample, encode_sample
 from dicom_node.learning.weights import load_model, model_to_bytes, save_model
 from dicom_node.node import Node
 from dicom_node.pipeline.flow import JobKind
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
-from dicom_node.pipeline.model_sources import STARTER_DIR
 from dicom_node.pipeline.site_adaptation import ROLLED_BACK_EVENT, SITE_CHECK, rebase
 from dicom_node.status import node_status, render_status
 from dicom_node.store.models import (

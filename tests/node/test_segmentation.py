@@ -15,13 +15,14 @@ import pydicom
 import pytest
 from sqlalchemy import delete, select
 
+from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.model_config import abdomen_ct_config
 from dicom_node.learning.network import build_model
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.weights import save_model
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.dicom import subject_datasets
-from dicom_node.pipeline.model_sources import STARTER_DIR, STARTER_MODEL
+from dicom_node.pipeline.model_sources import STARTER_MODEL
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.volume import build_volume
