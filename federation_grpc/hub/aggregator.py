@@ -22,6 +22,7 @@ from sqlalchemy import select
 from federation_grpc.hub import strategies as agg
 from federation_grpc.hub.blobs import BlobStore
 from federation_grpc.hub.config import HubConfig
+from federation_grpc.hub.contributions import Contribution, Tensors
 from federation_grpc.hub.evaluations import EvaluationTasks
 from federation_grpc.hub.gate import (
     SiteScore,
@@ -165,7 +166,7 @@ class Aggregator:
         lineage = ledger.lineage(current.number)
         current_tensors = ledger.generation_tensors(current.number)
         contributions = [
-            agg.Contribution(
+            Contribution(
                 tensors=read_tensors(self.blobs.path(row.sha256)),
                 base=ledger.generation_tensors(row.base_generation),
                 num_samples=row.num_samples,
@@ -218,7 +219,7 @@ class Aggregator:
         self.gate.remember(number, verdict.candidate_score)
         return number
 
-    def _clip_scale(self, row: UpdateRow, contribution: agg.Contribution) -> float:
+    def _clip_scale(self, row: UpdateRow, contribution: Contribution) -> float:
         """The factor scaling the update's delta to ``[aggregation] clip_norm`` (1: as is)."""
         limit = self.config.aggregation.clip_norm
         if limit <= 0:
@@ -237,7 +238,7 @@ class Aggregator:
         scratch: Path,
         sha: str,
         size: int,
-        candidate: agg.Tensors,
+        candidate: Tensors,
         parent: int,
         config_json: str,
         score: float | None,

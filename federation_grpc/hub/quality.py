@@ -14,7 +14,8 @@ lowered if the leave-one-out predictions say it would flag more than ``target_fp
 of good training cases), then flags segmentations whose predicted Dice falls below it, per
 node and generation. Drift compares each node and generation with the training cases:
 the drop of the mean predicted Dice and the mean feature shift in training standard
-deviations. numpy only; the hub never imports torch.
+deviations. The ridge fit and the threshold calibration are in
+:mod:`federation_grpc.hub.ridge`. numpy only; the hub never imports torch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from sqlalchemy import select
 
 from federation_grpc.hub.domain import MetricRecord
+from federation_grpc.hub.ridge import RidgeFit, calibrate_threshold, fit_ridge
 from federation_grpc.hub.store import HubStore, MetricRow
 
 LOGGER = logging.getLogger(__name__)
@@ -72,100 +74,6 @@ class QualityPolicy:
             raise ValueError(f"min_cases must be >= 3, got {self.min_cases}")
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise ValueError("alphas must be positive ridge strengths")
-
-
-# --- the linear model -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RidgeFit:
-    """Ridge regression on standardised features; ``coef`` is per standard deviation."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    coef: np.ndarray
-    intercept: float
-    alpha: float
-    r2: float
-    loo_r2: float
-    loo_predictions: np.ndarray
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.intercept + ((np.asarray(x, float) - self.mean) / self.scale) @ self.coef
-
-    @property
-    def raw_coef(self) -> np.ndarray:
-        """Slopes in the features' own (transformed) units."""
-        return self.coef / self.scale
-
-
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    total = float(((y - y.mean()) ** 2).sum())
-    return 1.0 - float(((y - pred) ** 2).sum()) / total if total > 0 else 0.0
-
-
-def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = (1.0,)) -> RidgeFit:
-    """Fit ``y ~ x`` by ridge on standardised columns; ``alpha`` by leave-one-out error.
-
-    The leave-one-out residuals come in closed form from the hat matrix
-    (``e_i / (1 - h_ii)``), so choosing the ridge strength costs one solve per alpha.
-
-    Raises
-    ------
-    ValueError
-        ``x`` is not (n, p) with n == len(y), n < 3, or a value is not finite.
-    """
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x must be (n, p) and y (n,), got {x.shape} and {y.shape}")
-    n = x.shape[0]
-    if n < 3:
-        raise ValueError(f"need at least 3 cases to fit, got {n}")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("x and y must be finite")
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
-    z = (x - mean) / scale
-    y0 = y.mean()
-    yc = y - y0
-    gram = z.T @ z
-    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
-    for alpha in alphas:
-        inverse = np.linalg.pinv(gram + alpha * np.eye(z.shape[1]))
-        coef = inverse @ z.T @ yc
-        hat = 1.0 / n + np.einsum("ij,jk,ik->i", z, inverse, z)
-        fitted = y0 + z @ coef
-        loo = y - (y - fitted) / np.maximum(1.0 - hat, 1e-9)
-        err = float(((y - loo) ** 2).mean())
-        if best is None or err < best[0] - 1e-15:
-            best = (err, float(alpha), coef, loo)
-    assert best is not None
-    _, alpha, coef, loo = best
-    fitted = y0 + z @ coef
-    return RidgeFit(mean=mean, scale=scale, coef=coef, intercept=float(y0), alpha=alpha,
-                    r2=_r2(y, fitted), loo_r2=_r2(y, loo), loo_predictions=loo)
-
-
-def calibrate_threshold(predicted: np.ndarray, truth: np.ndarray, low_dice: float,
-                        target_fp_rate: float) -> tuple[float, str]:
-    """Threshold on predicted Dice: ``low_dice`` itself (flag what the model predicts to be
-    low), lowered when that would flag more than ``target_fp_rate`` of the good training
-    cases (true Dice >= ``low_dice``). Never raised above ``low_dice``: a segmentation
-    predicted good is not flagged, however slack the false-positive budget. Returns the
-    threshold and how it was chosen."""
-    good = truth >= low_dice
-    if not good.any():
-        return low_dice, "no good training cases to calibrate on: threshold = low_dice"
-    good_pred = np.sort(predicted[good])
-    allowed = math.floor(target_fp_rate * good_pred.size)
-    # Flagged means predicted < threshold, so the (allowed+1)-th smallest good prediction
-    # is the largest threshold that flags no more than ``allowed`` good cases.
-    ceiling = float(good_pred[allowed])
-    if ceiling >= low_dice:
-        return low_dice, (f"low_dice; it flags <= {target_fp_rate:.0%} of good training "
-                          "cases (leave-one-out predictions)")
-    return ceiling, (f"lowered from low_dice to flag <= {target_fp_rate:.0%} of good "
-                     "training cases (leave-one-out predictions)")
 
 
 def transform(key: str, value: float) -> float:
@@ -358,6 +266,8 @@ def assess(cases: Sequence[Case], policy: QualityPolicy | None = None) -> Qualit
 def _per_group(segs: Sequence[Case], corrections: Sequence[Case], model: QualityModel | None,
                policy: QualityPolicy
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per (node, generation), the flagged segmentations (lowest predicted Dice
+    first) and the drift of each group with enough segmentations."""
     by_group: dict[tuple[str, int], list[Case]] = defaultdict(list)
     corr_by_group: dict[tuple[str, int], list[Case]] = defaultdict(list)
     for c in segs:
@@ -373,14 +283,7 @@ def _per_group(segs: Sequence[Case], corrections: Sequence[Case], model: Quality
     for key in sorted(set(by_group) | set(corr_by_group)):
         node, generation = key
         members, corr = by_group.get(key, []), corr_by_group.get(key, [])
-        dices = [c.dice for c in corr if c.dice is not None]
-        row: dict[str, Any] = {
-            "node": node, "generation": generation, "segmentations": len(members),
-            "corrections": len(corr),
-            "mean_dice": float(np.mean(dices)) if dices else None,
-            "known_low": sum(d < policy.low_dice for d in dices),
-            "flagged": None, "flag_rate": None, "mean_predicted_dice": None,
-        }
+        row = _group_row(node, generation, members, corr, policy)
         if model is not None and members:
             pred = model.predict(members)
             is_flagged = pred < model.threshold
@@ -392,26 +295,47 @@ def _per_group(segs: Sequence[Case], corrections: Sequence[Case], model: Quality
                     flagged_rows.append({"node": node, "generation": generation,
                                          "segmentation_seq": case.seq, "predicted_dice": float(p)})
             if len(members) >= policy.min_group and reference is not None:
-                shift = model.shift(members)
-                order = np.argsort(-np.abs(shift))[:3]
-                mean_shift = float(np.abs(shift).mean())
-                drop = reference - float(pred.mean())
-                reasons = []
-                if drop > policy.drift_dice_drop:
-                    reasons.append(f"mean predicted Dice {pred.mean():.3f} is {drop:.3f} below "
-                                   f"the training mean {reference:.3f}")
-                if mean_shift > policy.drift_shift_sd:
-                    reasons.append(f"metrics moved {mean_shift:.2f} training SDs on average")
-                drift.append({
-                    "node": node, "generation": generation, "segmentations": len(members),
-                    "mean_predicted_dice": float(pred.mean()), "reference_dice": reference,
-                    "dice_drop": drop, "mean_abs_shift_sd": mean_shift,
-                    "top_shifts": {model.features[j]: float(shift[j]) for j in order},
-                    "drifting": bool(reasons), "reasons": reasons,
-                })
+                drift.append(_drift_row(node, generation, members, pred, model, reference,
+                                        policy))
         groups.append(row)
     flagged_rows.sort(key=lambda r: r["predicted_dice"])
     return groups, flagged_rows[:MAX_LISTED], drift
+
+
+def _group_row(node: str, generation: int, members: Sequence[Case], corr: Sequence[Case],
+               policy: QualityPolicy) -> dict[str, Any]:
+    """A (node, generation) group's counts and known Dice; the model's figures unset."""
+    dices = [c.dice for c in corr if c.dice is not None]
+    return {
+        "node": node, "generation": generation, "segmentations": len(members),
+        "corrections": len(corr),
+        "mean_dice": float(np.mean(dices)) if dices else None,
+        "known_low": sum(d < policy.low_dice for d in dices),
+        "flagged": None, "flag_rate": None, "mean_predicted_dice": None,
+    }
+
+
+def _drift_row(node: str, generation: int, members: Sequence[Case], pred: np.ndarray,
+               model: QualityModel, reference: float, policy: QualityPolicy
+               ) -> dict[str, Any]:
+    """How far a group's predicted Dice and metrics moved from the training cases."""
+    shift = model.shift(members)
+    order = np.argsort(-np.abs(shift))[:3]
+    mean_shift = float(np.abs(shift).mean())
+    drop = reference - float(pred.mean())
+    reasons = []
+    if drop > policy.drift_dice_drop:
+        reasons.append(f"mean predicted Dice {pred.mean():.3f} is {drop:.3f} below "
+                       f"the training mean {reference:.3f}")
+    if mean_shift > policy.drift_shift_sd:
+        reasons.append(f"metrics moved {mean_shift:.2f} training SDs on average")
+    return {
+        "node": node, "generation": generation, "segmentations": len(members),
+        "mean_predicted_dice": float(pred.mean()), "reference_dice": reference,
+        "dice_drop": drop, "mean_abs_shift_sd": mean_shift,
+        "top_shifts": {model.features[j]: float(shift[j]) for j in order},
+        "drifting": bool(reasons), "reasons": reasons,
+    }
 
 
 def report_for_store(store: HubStore, policy: QualityPolicy | None = None) -> dict[str, Any]:

@@ -1,17 +1,19 @@
-"""Aggregation: pure functions over numpy arrays, behind one ``Strategy`` interface.
+"""Aggregation strategies: how pending updates become a candidate generation, behind one
+``Strategy`` interface (FedAsync, FedBuff, FedAvg, delta, Dafne; :func:`make_strategy`
+builds one by its configured name). Pure functions over numpy arrays.
 
 Tensors merge by parameter group (:mod:`federation_grpc.hub.parameters`): a group
 changes only with the updates that carry it, so a head moves only with the nodes that
-trained it (partial labels) while the shared groups move with every update.
-
-A group that the current generation does not hold yet (the first weights of a head
-added by ``tessera hub add-head``) has no prior to mix with: every strategy takes the
-updates that carry it, averaged by sample count and staleness (:func:`adopt_new`).
+trained it (partial labels) while the shared groups move with every update. A group
+that the current generation does not hold yet takes the mean of the updates that carry
+it (:func:`~federation_grpc.hub.contributions.adopt_new`).
 
 Robust weighting (issue 21): no single update may make more than ``max_update_share`` of
-a merge (:func:`capped_shares`, and the FedAsync mixing weight is capped the same way);
-an update's delta may be clipped to a norm (:func:`clip_delta`); FedBuff and FedAvg may
-take a coordinate-wise trimmed mean instead of the weighted mean (:func:`trimmed_mean`).
+a merge (:func:`~federation_grpc.hub.robust.capped_shares`, and the FedAsync mixing
+weight is capped the same way); an update's delta may be clipped to a norm (the
+aggregator, :func:`~federation_grpc.hub.robust.clip_delta`); FedBuff and FedAvg may take a
+coordinate-wise trimmed mean instead of the weighted mean
+(:func:`~federation_grpc.hub.contributions.robust_mean`).
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from typing import Protocol
 
 import numpy as np
 
-from federation_grpc.hub.parameters import group_of
-from federation_grpc.hub.robust import capped_shares, trim_count, trimmed_mean
-
-Tensors = dict[str, np.ndarray]
-
-def staleness_weight(staleness: int, exponent: float = 0.5) -> float:
-    """FedAsync polynomial staleness discount ``(1 + s) ** -a``; ``s`` below 0 counts as 0."""
-    return float((1.0 + max(0, staleness)) ** (-exponent))
+from federation_grpc.hub.contributions import (
+    Contribution,
+    Tensors,
+    adopt_new,
+    cast_like,
+    contribution_weights,
+    mix,
+    robust_mean,
+    staleness_weight,
+)
+from federation_grpc.hub.robust import capped_shares
 
 
 def sample_weight(num_samples: int, halfpoint: float) -> float:
@@ -51,91 +56,6 @@ def fedasync_mixing(
     ``max_share``: the merged tensor is ``(1 - w) * current + w * update``."""
     weight = alpha * sample_weight(num_samples, halfpoint) * staleness_weight(staleness, exponent)
     return min(weight, max_share)
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """One update as aggregation sees it.
-
-    ``tensors`` holds the full tensors of the groups the node trained; ``base`` the
-    tensors of the generation it trained from (needed by delta-based strategies).
-    """
-
-    tensors: Mapping[str, np.ndarray]
-    base: Mapping[str, np.ndarray]
-    num_samples: int
-    staleness: int
-
-    @property
-    def groups(self) -> frozenset[str]:
-        return frozenset(group_of(name) for name in self.tensors)
-
-
-def _cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(value.astype(like.dtype, copy=False))
-
-
-def mix(current: np.ndarray, update: np.ndarray, weight: float) -> np.ndarray:
-    """``current + w * (update - current)`` in the tensor's precision.
-
-    Non-floating tensors (counters) take the update's value.
-    """
-    if not np.issubdtype(current.dtype, np.floating):
-        return update.copy()
-    out = update.astype(current.dtype, copy=True)
-    out -= current
-    out *= current.dtype.type(weight)
-    out += current
-    return out
-
-
-def weighted_mean(
-    arrays: Sequence[np.ndarray], weights: Sequence[float], max_share: float = 1.0
-) -> np.ndarray:
-    """Weighted mean in float64 (weights need not sum to one; their sum must be positive),
-    no array's share above ``max_share`` (:func:`capped_shares`)."""
-    shares = capped_shares(weights, max_share)
-    acc = np.zeros(arrays[0].shape, dtype=np.float64)
-    for array, share in zip(arrays, shares, strict=True):
-        acc += float(share) * array.astype(np.float64)
-    return acc
-
-
-def adopt_new(
-    merged: Tensors,
-    contributions: Sequence[Contribution],
-    exponent: float = 0.5,
-    max_share: float = 1.0,
-) -> Tensors:
-    """Add tensors no generation held before: the mean of the updates carrying them,
-    weighted by ``num_samples`` and staleness, none above ``max_share`` (one update: its
-    values as they are)."""
-    for name in sorted({n for c in contributions for n in c.tensors} - set(merged)):
-        carriers = [c for c in contributions if name in c.tensors]
-        like = carriers[0].tensors[name]
-        mean = weighted_mean(
-            [c.tensors[name] for c in carriers], _weights(carriers, exponent), max_share
-        )
-        merged[name] = _cast_like(mean, like)
-    return merged
-
-
-def _weights(carriers: Sequence[Contribution], exponent: float) -> list[float]:
-    return [max(1, c.num_samples) * staleness_weight(c.staleness, exponent) for c in carriers]
-
-
-def robust_mean(
-    arrays: Sequence[np.ndarray],
-    weights: Sequence[float],
-    *,
-    max_share: float = 1.0,
-    trim_fraction: float = 0.0,
-) -> np.ndarray:
-    """The trimmed mean when ``trim_fraction`` drops at least one value at each end,
-    otherwise the weighted mean with capped shares."""
-    if trim_fraction > 0 and trim_count(len(arrays), trim_fraction) > 0:
-        return trimmed_mean(arrays, trim_fraction)
-    return weighted_mean(arrays, weights, max_share)
 
 
 def fedasync_merge(
@@ -195,9 +115,12 @@ def fedbuff_merge(
         deltas = [c.tensors[name].astype(np.float64) - c.base.get(name, value)
                   for c in carriers]
         step = robust_mean(
-            deltas, _weights(carriers, exponent), max_share=max_share, trim_fraction=trim_fraction
+            deltas,
+            contribution_weights(carriers, exponent),
+            max_share=max_share,
+            trim_fraction=trim_fraction,
         )
-        merged[name] = _cast_like(value.astype(np.float64) + server_lr * step, value)
+        merged[name] = cast_like(value.astype(np.float64) + server_lr * step, value)
     return adopt_new(merged, contributions, exponent, max_share)
 
 
@@ -221,11 +144,11 @@ def fedavg_merge(
             continue
         mean = robust_mean(
             [c.tensors[name] for c in carriers],
-            _weights(carriers, 0.0),
+            contribution_weights(carriers, 0.0),
             max_share=max_share,
             trim_fraction=trim_fraction,
         )
-        merged[name] = _cast_like(mean, value)
+        merged[name] = cast_like(mean, value)
     return adopt_new(merged, contributions, 0.0, max_share)
 
 
@@ -362,7 +285,7 @@ def delta_merge(
                 continue
             base = contribution.base.get(name, current[name])
             step = value.astype(np.float64) - base.astype(np.float64)
-            merged[name] = _cast_like(now.astype(np.float64) + weight * step, now)
+            merged[name] = cast_like(now.astype(np.float64) + weight * step, now)
     return merged
 
 
@@ -435,7 +358,8 @@ def capped_shares_report(
             for c in contributions
         ]
         return [(a, min(a, cap)) for a in asked]
-    weights = _weights(contributions, float(getattr(strategy, "staleness_exponent", 0.0)))
+    exponent = float(getattr(strategy, "staleness_exponent", 0.0))
+    weights = contribution_weights(contributions, exponent)
     total = sum(weights)
     given = capped_shares(weights, cap)
     return [(w / total, float(g)) for w, g in zip(weights, given, strict=True)]

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from federation_grpc.hub.contributions import Contribution
 from federation_grpc.hub.robust import scale_delta
-from federation_grpc.hub.strategies import Contribution, Strategy
+from federation_grpc.hub.strategies import Strategy
 from federation_grpc.hub.tensorfile import drop_pages, flat_blocks, write_blocks
 
 # float64 bytes all the updates' slices of one block may take together.

@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 
 from federation_grpc.hub.domain import MetricRecord
-from federation_grpc.hub.quality import (
-    Case,
-    QualityPolicy,
-    assess,
-    calibrate_threshold,
-    cases_from_records,
-    fit_ridge,
-)
+from federation_grpc.hub.quality import Case, QualityPolicy, assess, cases_from_records
+from federation_grpc.hub.ridge import calibrate_threshold, fit_ridge
 
 from .hubproc import REPO, write_config
 
