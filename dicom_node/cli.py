@@ -1,4 +1,8 @@
-"""The ``tessera`` command line: node, hub, model, phantom and demo."""
+"""The ``tessera`` command line of the node's packages: node, hub, model, phantom, demo.
+
+The command users run is ``viewer_bridge.main`` (the composition root), which mounts
+this app with the HTTP front end plugged in.
+"""
 
 from __future__ import annotations
 
@@ -21,15 +25,5 @@ app.command("demo")(demo)
 app.add_typer(hub_app, name="hub")
 from dicom_node.phantom.cli import phantom  # noqa: E402, I001
 app.command("phantom")(phantom)
-from viewer_bridge.cli import token  # noqa: E402, I001
-node_app.command("token")(token)
 from dicom_node.learning.cli import model_app  # noqa: E402, I001
 app.add_typer(model_app, name="model")
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,9 @@
-"""The node's composition root: one readable place that wires the pipeline.
+"""The node: one readable place that wires the pipeline.
+
+The HTTP front end (DICOMweb for viewers, ``/healthz``, ``/metrics``) is the package above
+this one (``viewer_bridge``); it is plugged in as an :data:`HttpFrontEnd` by the
+composition root, ``viewer_bridge.main`` (the ``tessera`` command), so nothing here
+imports it.
 
 Every arrow below is a row in the database: a stage writes rows and queues the next job
 in the same transaction, and any worker process that shares the database runs it
@@ -27,7 +32,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scp import RunningSCP, start_scp
@@ -52,6 +57,30 @@ from dicom_node.store.space import DiskWatermark
 from dicom_node.worker import JobHandler, JobWorker
 
 LOGGER = logging.getLogger(__name__)
+
+
+class RunningHttp(Protocol):
+    """A started HTTP front end."""
+
+    @property
+    def port(self) -> int: ...
+
+    def shutdown(self, timeout: float = ...) -> None: ...
+
+
+class HttpFrontEnd(Protocol):
+    """Starts the HTTP front end of a node on ``[http]``; ``viewer_bridge.server.start_bridge``."""
+
+    def __call__(self, config: NodeConfig, db: Database, files: InstanceFiles,
+                 store: InstanceStore) -> RunningHttp: ...
+
+
+@dataclass(frozen=True)
+class FrontEnds:
+    """What the composition root plugs into a node; the ``tessera`` command hands it to
+    its subcommands as click's context object (``ctx.obj``)."""
+
+    http: HttpFrontEnd | None = None
 
 
 @dataclass
@@ -137,17 +166,20 @@ class Node:
     """A running node: SCP, assembler loop and job workers."""
 
     def __init__(self, config: NodeConfig, *, extra_handlers: Sequence[JobHandler] = (),
-                 serve_dicom: bool = True) -> None:
+                 serve_dicom: bool = True, http: HttpFrontEnd | None = None) -> None:
         """``serve_dicom=False`` runs only the assembler and job workers: a worker process
-        that shares the database (PostgreSQL) and the instance store with others."""
+        that shares the database (PostgreSQL) and the instance store with others.
+        ``http`` starts the HTTP front end when ``[http] enabled`` (the composition root
+        passes the viewer bridge); without it the node serves DICOM only."""
         self.serve_dicom = serve_dicom
+        self.http = http
         self.parts = NodeParts.build(config)
         self.parts.handlers.extend(extra_handlers)
         self.config = config
         self._stop = threading.Event()
         self._assembler_thread: threading.Thread | None = None
         self.scp: RunningSCP | None = None
-        self.bridge: Any = None  # viewer_bridge.server.RunningBridge when [http] is on
+        self.bridge: RunningHttp | None = None  # the HTTP front end, when started
         self.worker = JobWorker(
             self.parts.queue, self.parts.handlers, threads=config.jobs.workers,
             backoff=Backoff(config.export.backoff_initial_s, config.export.backoff_max_s),
@@ -183,12 +215,13 @@ class Node:
         self._assembler_thread.start()
         if self.serve_dicom:
             self.scp = start_scp(self.config.dicom, self.parts.store)
-            if self.config.http.enabled:
-                # Imported here: viewer_bridge builds on dicom_node, not the reverse.
-                from viewer_bridge.server import start_bridge
-
-                self.bridge = start_bridge(self.config, self.parts.db, self.parts.files,
-                                           self.parts.store)
+            if self.config.http.enabled and self.http is not None:
+                self.bridge = self.http(self.config, self.parts.db, self.parts.files,
+                                        self.parts.store)
+            elif self.config.http.enabled:
+                LOGGER.warning("[http] is enabled but this process was started without the "
+                               "HTTP front end (start the node with `tessera node serve`); "
+                               "serving DICOM only")
             if self.parts.federation is not None:
                 self.parts.federation.start()
         return self

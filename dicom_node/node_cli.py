@@ -92,6 +92,7 @@ def init(
 
 @node_app.command("serve")
 def serve(
+    ctx: typer.Context,
     config: ConfigOption = None,
     ae_title: Annotated[str | None, typer.Option(help="Override dicom.ae_title.")] = None,
     port: Annotated[int | None, typer.Option(help="Override dicom.port (0: any free).")] = None,
@@ -101,7 +102,10 @@ def serve(
     = False,
 ) -> None:
     """Run the node until SIGINT/SIGTERM."""
-    from dicom_node.node import Node
+    from dicom_node.node import FrontEnds, Node
+
+    # The composition root (viewer_bridge.main) passes the HTTP front end as ctx.obj.
+    front_ends = ctx.obj if isinstance(ctx.obj, FrontEnds) else FrontEnds()
 
     configure_logging(log_level, json_logs)
     cfg = load_or_exit(config, {"dicom.ae_title": ae_title, "dicom.port": port,
@@ -112,7 +116,7 @@ def serve(
         return {"event": "listening", "ae_title": cfg.dicom.ae_title, "host": cfg.dicom.host,
                 "port": node.port}
 
-    run_until_signal(lambda: Node(cfg), announce)
+    run_until_signal(lambda: Node(cfg, http=front_ends.http), announce)
 
 
 @node_app.command("worker")

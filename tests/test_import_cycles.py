@@ -114,3 +114,27 @@ def test_the_checker_sees_a_circle() -> None:
 def test_no_new_import_circle() -> None:
     new = [sorted(c) for c in circles(import_graph()) if c not in KNOWN]
     assert not new, f"import circles: {new}"
+
+
+# The layers, top first: each package may import only the ones below it. The
+# composition root (viewer_bridge.main) is the one place that sees the node and its HTTP
+# front end together.
+LAYERS = ("viewer_bridge", "dicom_node", "federation_grpc")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    def layer(module: str) -> int:
+        return LAYERS.index(module.split(".")[0])
+
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if layer(b) < layer(a))
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    graph = {"dicom_node.node": {"viewer_bridge.server", "federation_grpc.client"}}
+    assert upward_imports(graph) == [("dicom_node.node", "viewer_bridge.server")]
+
+
+def test_packages_import_only_the_layers_below() -> None:
+    upward = upward_imports(import_graph())
+    assert not upward, f"imports from a lower layer to a higher one: {upward}"

@@ -17,8 +17,8 @@ import pytest
 import typer
 import typer.testing
 
-from dicom_node.cli import app
 from tests.peers import venv_tool
+from viewer_bridge.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", REPO / "deploy" / "README.md"]

@@ -68,6 +68,7 @@ def demo_config(workdir: Path, pacs: Pacs, model: str) -> NodeConfig:
         "assembler.quiet_period_s": 1.0,
         "assembler.poll_interval_s": 0.2,
         "jobs.poll_interval_s": 0.2,
+        "http.enabled": False,  # the demo uses DICOM only: no fixed port to collide on
         "destinations": {"pacs": {"ae_title": pacs.ae_title, "host": "127.0.0.1",
                                   "port": pacs.port}},
         "rules": [{"name": "segment-ct", "action": "segment", "model": model,

@@ -55,7 +55,7 @@ class RecordingHandler:
 
 def main() -> None:
     from dicom_node import node as node_module
-    from dicom_node.cli import main as tessera
+    from viewer_bridge.main import main as tessera
 
     build = node_module.NodeParts.build.__func__  # type: ignore[attr-defined]
 

@@ -210,13 +210,13 @@ def _unit(path: Path) -> configparser.ConfigParser:
 
 
 def _tessera(argv: list[str], config: Path) -> list[str]:
-    """The unit's command for this checkout: tessera -> python -m dicom_node.cli and
+    """The unit's command for this checkout: tessera -> python -m viewer_bridge.main and
     --config -> a test config."""
     assert argv[0] == TESSERA_BIN, argv
     args = list(argv[1:])
     if "--config" in args:
         args[args.index("--config") + 1] = str(config)
-    return [PYTHON, "-m", "dicom_node.cli", *args]
+    return [PYTHON, "-m", "viewer_bridge.main", *args]
 
 
 @pytest.mark.parametrize("unit", ["tessera-node.service", "tessera-node-worker@.service",
@@ -230,7 +230,7 @@ def test_systemd_unit_commands_run(unit: str, tmp_path: Path) -> None:
     assert parser["Install"]["WantedBy"] == "multi-user.target"
     is_hub = "hub" in unit
     config = tmp_path / ("hub.toml" if is_hub else "node.toml")
-    init = subprocess.run([PYTHON, "-m", "dicom_node.cli", "hub" if is_hub else "node",
+    init = subprocess.run([PYTHON, "-m", "viewer_bridge.main", "hub" if is_hub else "node",
                            "init", str(config)], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env=subprocess_env())
     assert init.returncode == 0, init.stderr

@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any
 
-from dicom_node.cli import main
 from dicom_node.federation import FederationAgent
+from viewer_bridge.main import main
 
 LOGGER = logging.getLogger(__name__)
 

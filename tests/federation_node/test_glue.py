@@ -163,7 +163,7 @@ def test_node_process_killed_mid_download_resumes_by_offset(
                                tls=node_tls(certs), chunk_kb=8)
     config = write_node_config(tmp_path / "site.toml", data)
     serve = ["node", "serve", "--config", str(config)]
-    command = [sys.executable, "-m", "dicom_node.cli", *serve]
+    command = [sys.executable, "-m", "viewer_bridge.main", *serve]
     log = tmp_path / "site.log"
     with log.open("ab") as err:
         crashed = subprocess.run(

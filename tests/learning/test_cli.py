@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from dicom_node.cli import app
 from dicom_node.learning import bootstrap_data
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.weights import load_model, save_model
+from viewer_bridge.main import app
 
 from .conftest import toy_volume
 

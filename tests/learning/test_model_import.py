@@ -15,7 +15,6 @@ from monai.networks.nets import UNet
 from torch import nn
 from typer.testing import CliRunner
 
-from dicom_node.cli import app
 from dicom_node.learning.errors import WeightsError
 from dicom_node.learning.external import sha256_file
 from dicom_node.learning.external_training import VolumeSample, train_external
@@ -31,6 +30,7 @@ from dicom_node.learning.weights import (
 from dicom_node.pipeline.hub_generations import HubGenerationError, serve_hub_generation
 from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
+from viewer_bridge.main import app
 
 NET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
             "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}

@@ -33,6 +33,7 @@ from dicom_node.node import Node
 from dicom_node.store.db import Database
 from dicom_node.store.models import AuditEvent, Instance, Series
 from tests.peers import free_port, missing, peer_env, require_binary
+from viewer_bridge.main import build_node
 
 T = TypeVar("T")
 
@@ -238,7 +239,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     def _start(data: dict[str, Any] | None = None, **kwargs: Any) -> Node:
         data = data or node_config_data(tmp_path / "node", **kwargs)
         cfg_path = write_node_config(tmp_path / f"node-{len(nodes)}.toml", data)
-        node = Node(load_config(cfg_path, env={})).start()
+        node = build_node(load_config(cfg_path, env={})).start()
         nodes.append(node)
         return node
 
@@ -254,7 +255,7 @@ class NodeProcess:
                  env: dict[str, str] | None = None) -> None:
         self.log = log
         self._log_file = log.open("ab")
-        cmd = [sys.executable, "-m", "dicom_node.cli", "node", "serve", "--config",
+        cmd = [sys.executable, "-m", "viewer_bridge.main", "node", "serve", "--config",
                str(config), *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log_file,
                                      env=env or dict(os.environ), cwd=Path.cwd())
@@ -320,7 +321,7 @@ def node_process(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
 
 def tessera(*args: str, env: dict[str, str] | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args],
+    return subprocess.run([sys.executable, "-m", "viewer_bridge.main", *args],
                           capture_output=True, text=True, timeout=timeout,
                           env=env or dict(os.environ))
 

@@ -15,9 +15,9 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import load_config
 from dicom_node.federation import Credentials
-from dicom_node.node import Node
 from tests.node.conftest import make_ct_series, node_config_data, storescu, write_node_config
 from tests.node.test_malformed import part10
+from viewer_bridge.main import build_node
 
 pytestmark = pytest.mark.peers
 
@@ -41,7 +41,7 @@ def test_directories_are_0700_and_secrets_0600_under_umask_000(
     series = make_ct_series(tmp_path / "ct", 1)
     data_dir = tmp_path / "srv" / "node"   # "srv" is created by the node too
     config = write_node_config(tmp_path / "node.toml", node_config_data(data_dir))
-    node = Node(load_config(config, env={})).start()
+    node = build_node(load_config(config, env={})).start()
     old_chunked = _config.STORE_SEND_CHUNKED_DATASET
     try:
         sent = storescu(node.port, series.files[0])

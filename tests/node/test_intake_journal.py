@@ -139,7 +139,7 @@ def test_kill_9_during_replay_then_replay_completes(
     for attempt in range(2):
         kill_at = rng.randint(1, REPLAYED // 2)
         log = (tmp_path / f"replay-{attempt}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "node", "serve",
+        proc = subprocess.Popen([sys.executable, "-m", "viewer_bridge.main", "node", "serve",
                                  "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=log)
         try:

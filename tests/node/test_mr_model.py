@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from dicom_node.cli import app
 from dicom_node.config import EXAMPLE_CONFIG, load_config
 from dicom_node.learning import bootstrap_data
 from dicom_node.learning.bootstrap import collect_samples
@@ -31,6 +30,7 @@ from dicom_node.store.models import Segmentation, Series, SeriesState
 from tests.node.conftest import node_config_data, storescu, tessera, wait_until
 from tests.node.test_segmentation import write_series
 from tests.peers import require_file
+from viewer_bridge.main import app
 
 COMMAND = "tessera model bootstrap --data mr"
 

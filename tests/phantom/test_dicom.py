@@ -11,10 +11,10 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from typer.testing import CliRunner
 
-from dicom_node.cli import app
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.dicom import subject_datasets
 from tests.peers import require_binary
+from viewer_bridge.main import app
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from dicom_node.store.models import Segmentation
 from tests.corrections.helpers import TEST_MODEL, Study, segment_rule, tiny_model
 from tests.node.conftest import node_config_data, wait_until, write_node_config
 from tests.peers import missing, require_binary
+from viewer_bridge.main import build_node
 
 REPO = Path(__file__).resolve().parents[2]
 OHIF_DIST = REPO / "deploy" / "ohif" / "vendor" / "dist"
@@ -82,7 +83,7 @@ def start_bridge_node(folder: Path, *, rules: list[dict[str, Any]] | None = None
     if models:
         data["models"] = models
     config_path = write_node_config(folder / "node.toml", data)
-    node = Node(load_config(config_path, env={})).start()
+    node = build_node(load_config(config_path, env={})).start()
     return BridgeNode(node, TOKEN, folder / "node")
 
 
