@@ -29,20 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from harness import storescu, wait_for
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicom_node.config import load_config
+from dicom_node.config import NodeConfig, load_config
 from dicom_node.demo.pacs import OrthancPacs
 from dicom_node.node import Node
 from dicom_node.phantom.ct import generate_subject
@@ -95,67 +94,67 @@ def seg_in_orthanc(pacs: OrthancPacs, series_uid: str) -> bool:
     return False
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quiet", type=float, default=2.0, help="quiet period, seconds")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    work = Path(tempfile.mkdtemp(prefix="tessera-turnaround-"))
-    pacs = OrthancPacs(work / "pacs")
-    config = load_config(None, env={}, overrides={
+STAGES = ("quiet", "pickup", "volume", "inference", "encode", "store", "export",
+          "total_excl_quiet", "rest_seen")
+
+
+def node_config(work: Path, pacs: OrthancPacs, quiet: float) -> NodeConfig:
+    """An in-process node whose segment rule sends each SEG to ``pacs``."""
+    return load_config(None, env={}, overrides={
         "node.data_dir": str(work / "node"), "dicom.port": 0,
-        "assembler.quiet_period_s": args.quiet, "assembler.poll_interval_s": 0.1,
+        "assembler.quiet_period_s": quiet, "assembler.poll_interval_s": 0.1,
         "jobs.poll_interval_s": 0.1,
         "destinations": {"pacs": {"ae_title": pacs.ae_title, "host": "127.0.0.1",
                                   "port": pacs.port}},
         "rules": [{"name": "segment", "action": "segment", "model": STARTER_MODEL,
                    "destinations": ["pacs"]}],
     })
-    stages: dict[str, list[float]] = {k: [] for k in (
-        "quiet", "pickup", "volume", "inference", "encode", "store", "export",
-        "total_excl_quiet", "rest_seen")}
-    slices_per_s: list[float] = []
-    env = dict(os.environ, TCP_NODELAY="1")
+
+
+def record_stages(node: Node, series_uid: str, last_ack: float, arrived: float,
+                  stages: dict[str, list[float]], slices_per_s: list[float]) -> None:
+    """One repetition's stages, from the node's own records of the series and its SEG."""
+    with node.parts.db.session() as s:
+        series = s.execute(select(Series).where(
+            Series.series_uid == series_uid)).scalar_one()
+        seg = s.execute(select(Segmentation).where(
+            Segmentation.series_uid == series_uid)).scalar_one()
+        sent = s.execute(select(OutboxItem).where(
+            OutboxItem.sop_instance_uid == seg.seg_sop_instance_uid)).scalar_one()
+        t = seg.timings
+        completed = series.completed_at.timestamp()
+        work_s = sum(t[f"{k}_s"] for k in ("volume", "inference", "encode", "store"))
+        created = seg.created_at.timestamp()
+        stages["quiet"].append(completed - series.last_received_at.timestamp())
+        stages["pickup"].append(created - work_s - completed)
+        for key in ("volume", "inference", "encode", "store"):
+            stages[key].append(t[f"{key}_s"])
+        stages["export"].append(sent.sent_at.timestamp() - created)
+        stored = sent.sent_at.timestamp()
+        stages["rest_seen"].append(arrived - stored)
+        stages["total_excl_quiet"].append(
+            stored - last_ack - (completed - series.last_received_at.timestamp()))
+        slices_per_s.append(SLICES / t["inference_s"])
+
+
+def repetition(node: Node, config: NodeConfig, pacs: OrthancPacs, work: Path, rep: int,
+               stages: dict[str, list[float]], slices_per_s: list[float]) -> None:
+    """Send a fresh series, wait for its SEG in Orthanc, record the stages."""
+    series_uid, paths = phantom_series(work / "series", rep)
+    storescu(node.port, config.dicom.ae_title, paths)
+    last_ack = time.time()
     try:
-        with Node(config) as node:
-            for rep in range(args.repeats):
-                series_uid, paths = phantom_series(work / "series", rep)
-                subprocess.run(["/usr/bin/storescu", "-aec", config.dicom.ae_title,
-                                "127.0.0.1", str(node.port), *map(str, paths)],
-                               env=env, check=True, capture_output=True)
-                last_ack = time.time()
-                deadline = time.monotonic() + 300
-                while not seg_in_orthanc(pacs, series_uid):
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"no SEG in Orthanc for repetition {rep}")
-                    time.sleep(0.05)
-                arrived = time.time()
-                with node.parts.db.session() as s:
-                    series = s.execute(select(Series).where(
-                        Series.series_uid == series_uid)).scalar_one()
-                    seg = s.execute(select(Segmentation).where(
-                        Segmentation.series_uid == series_uid)).scalar_one()
-                    sent = s.execute(select(OutboxItem).where(
-                        OutboxItem.sop_instance_uid == seg.seg_sop_instance_uid)).scalar_one()
-                    t = seg.timings
-                    completed = series.completed_at.timestamp()
-                    work_s = sum(t[f"{k}_s"] for k in ("volume", "inference", "encode", "store"))
-                    created = seg.created_at.timestamp()
-                    stages["quiet"].append(completed - series.last_received_at.timestamp())
-                    stages["pickup"].append(created - work_s - completed)
-                    for key in ("volume", "inference", "encode", "store"):
-                        stages[key].append(t[f"{key}_s"])
-                    stages["export"].append(sent.sent_at.timestamp() - created)
-                    stored = sent.sent_at.timestamp()
-                    stages["rest_seen"].append(arrived - stored)
-                    stages["total_excl_quiet"].append(
-                        stored - last_ack - (completed - series.last_received_at.timestamp()))
-                    slices_per_s.append(SLICES / t["inference_s"])
-                print(f"repetition {rep + 1}: total excl. quiet "
-                      f"{stages['total_excl_quiet'][-1]:.2f} s", file=sys.stderr)
-    finally:
-        pacs.stop()
+        wait_for(lambda: seg_in_orthanc(pacs, series_uid), 300, "the SEG", interval=0.05)
+    except TimeoutError:
+        raise SystemExit(f"no SEG in Orthanc for repetition {rep}") from None
+    record_stages(node, series_uid, last_ack, time.time(), stages, slices_per_s)
+    print(f"repetition {rep + 1}: total excl. quiet "
+          f"{stages['total_excl_quiet'][-1]:.2f} s", file=sys.stderr)
+
+
+def report(stages: dict[str, list[float]], slices_per_s: list[float],
+           args: argparse.Namespace) -> None:
+    """The median of each stage against the targets."""
     med = {k: statistics.median(v) for k, v in stages.items()}
     print(f"\nTurnaround of a {SLICES}-slice 256x256 CT series, median of {args.repeats} "
           f"(quiet period {args.quiet:.1f} s):")
@@ -168,6 +167,26 @@ def main() -> int:
     print(f"  total excl. quiet   {med['total_excl_quiet']:6.2f} s (target <= 10 s)")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"  peak RSS            {rss_mb:6.0f} MB (node + benchmark, one process)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quiet", type=float, default=2.0, help="quiet period, seconds")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="tessera-turnaround-"))
+    pacs = OrthancPacs(work / "pacs")
+    config = node_config(work, pacs, args.quiet)
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
+    slices_per_s: list[float] = []
+    try:
+        with Node(config) as node:
+            for rep in range(args.repeats):
+                repetition(node, config, pacs, work, rep, stages, slices_per_s)
+    finally:
+        pacs.stop()
+    report(stages, slices_per_s, args)
     return 0
 
 
