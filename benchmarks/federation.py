@@ -46,16 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import grpc_floor  # noqa: E402
-from federation_grpc.client import (  # noqa: E402
-    ClientTls,
-    FederationClient,
-    RetryPolicy,
-    UpdateMetadata,
-    UploadState,
-)
+from federation_grpc.client import FederationClient  # noqa: E402
+from federation_grpc.connection import ClientTls, RetryPolicy  # noqa: E402
 from federation_grpc.hub.certs import make_certs  # noqa: E402
 from federation_grpc.hub.config import load_config  # noqa: E402
+from federation_grpc.hub.domain import UploadState  # noqa: E402
 from federation_grpc.hub.service import HubService  # noqa: E402
+from federation_grpc.uploading import UpdateMetadata  # noqa: E402
 from tests.federation.hubproc import HubProcess  # noqa: E402
 
 HEADS = ("liver", "spleen")

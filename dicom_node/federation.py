@@ -68,21 +68,17 @@ from dicom_node.store.models import (
     UpdateOutboxItem,
 )
 from dicom_node.store.private import private_dir
-from federation_grpc.client import (
-    ClientTls,
-    FederationClient,
-    Generation,
-    MetricRecord,
-    RetryPolicy,
-    UpdateMetadata,
-    UploadState,
-)
+from federation_grpc.client import FederationClient
+from federation_grpc.connection import ClientTls, RetryPolicy
+from federation_grpc.downloading import Generation
 from federation_grpc.errors import (
     FederationError,
     InvalidRequest,
     PermissionDenied,
     Unauthenticated,
 )
+from federation_grpc.hub.domain import MetricRecord, UploadState
+from federation_grpc.uploading import UpdateMetadata
 
 LOGGER = logging.getLogger(__name__)
 

@@ -17,11 +17,13 @@ import pytest
 from safetensors.numpy import save
 from sqlalchemy import select
 
-from federation_grpc.client import FederationClient, RetryPolicy, UpdateMetadata
+from federation_grpc.client import FederationClient
+from federation_grpc.connection import RetryPolicy
 from federation_grpc.hub.config import load_config
 from federation_grpc.hub.domain import UploadState
 from federation_grpc.hub.service import HubService
 from federation_grpc.hub.store import UpdateRow, UpdateStatus
+from federation_grpc.uploading import UpdateMetadata
 from tests.deploy.conftest import PYTHON, REPO, subprocess_env
 from tests.federation.conftest import ALL_GROUPS, MODEL_CONFIG, nudged, small_model
 

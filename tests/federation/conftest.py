@@ -127,13 +127,14 @@ class RunningHub:
         self.target = f"127.0.0.1:{server.port}"
 
     def tls(self, who: str = "node1"):  # type: ignore[no-untyped-def]
-        from federation_grpc.client import ClientTls
+        from federation_grpc.connection import ClientTls
 
         c = self.certs
         return ClientTls.from_files(c["ca"].cert, c[who].cert, c[who].key)
 
     def client(self, token: str = "", who: str = "node1", **kw):  # type: ignore[no-untyped-def]
-        from federation_grpc.client import FederationClient, RetryPolicy
+        from federation_grpc.client import FederationClient
+        from federation_grpc.connection import RetryPolicy
 
         kw.setdefault("retry", RetryPolicy(attempts=4, initial_backoff_s=0.05, max_backoff_s=0.5))
         return FederationClient(self.target, tls=self.tls(who), node_token=token, **kw)

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
-from federation_grpc.client import ClientTls, FederationClient, RetryPolicy, UpdateMetadata
+from federation_grpc.client import FederationClient
+from federation_grpc.connection import ClientTls, RetryPolicy
 from federation_grpc.hub.config import load_config
 from federation_grpc.hub.domain import UploadState
 from federation_grpc.hub.service import HubService
+from federation_grpc.uploading import UpdateMetadata
 
 from .conftest import ALL_GROUPS, MODEL_CONFIG, nudged, small_model
 from .hubproc import HubProcess, write_config

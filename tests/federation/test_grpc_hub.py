@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors.numpy import load, save
 
 from federation_grpc._proto import admin_pb2, admin_pb2_grpc
-from federation_grpc.client import UpdateMetadata
 from federation_grpc.hub.domain import UploadState
+from federation_grpc.uploading import UpdateMetadata
 
 from .conftest import ALL_GROUPS, RunningHub, nudged, small_model
 
@@ -93,8 +93,8 @@ def test_admin_rpcs_need_the_admin_token(hub: RunningHub) -> None:
 
 
 def test_metrics_are_numbers_only(hub: RunningHub) -> None:
-    from federation_grpc.client import MetricRecord
     from federation_grpc.errors import InvalidRequest
+    from federation_grpc.hub.domain import MetricRecord
 
     client = hub.enrolled_client()
     record = MetricRecord("segmentation", 0, {"dice.liver": 0.91, "entropy": 0.2})
@@ -131,7 +131,7 @@ def test_download_resumes_from_a_partial_file(start_hub, tmp_path) -> None:  # t
 
 
 def test_corrupt_partial_download_is_detected_and_discarded(start_hub, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from federation_grpc.client import IntegrityError
+    from federation_grpc.downloading import IntegrityError
 
     hub = start_hub(big_model())
     client = hub.enrolled_client(chunk_size=64 * 1024)

@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent(
     from federation_grpc.hub.config import HubConfig
     from federation_grpc.hub.process import HubServer
     from federation_grpc.hub import cli  # the CLI module too
-    from federation_grpc.client import FederationClient, UpdateMetadata
+    from federation_grpc.client import FederationClient
+    from federation_grpc.uploading import UpdateMetadata
 
     config = HubConfig(data_dir=Path(tempfile.mkdtemp()), port=0, max_workers=8)
     server = HubServer(config, insecure_loopback=True, watch_poll_s=0.1)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
-from federation_grpc.client import UpdateMetadata, UploadState
 from federation_grpc.errors import InvalidRequest
 from federation_grpc.hub import strategies as agg
+from federation_grpc.hub.domain import UploadState
 from federation_grpc.hub.partial_labels import (
     check_trained_groups,
     describe_heads,
@@ -24,6 +24,7 @@ from federation_grpc.hub.partial_labels import (
 )
 from federation_grpc.hub.process import HubServer
 from federation_grpc.hub.service import HubService
+from federation_grpc.uploading import UpdateMetadata
 
 from .conftest import (
     MODEL_CONFIG,

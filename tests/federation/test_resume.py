@@ -12,16 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from federation_grpc.client import (
-    ClientTls,
-    FederationClient,
-    RetryPolicy,
-    UpdateMetadata,
-    UploadState,
-)
+from federation_grpc.client import FederationClient
+from federation_grpc.connection import ClientTls, RetryPolicy
 from federation_grpc.hub.config import load_config
+from federation_grpc.hub.domain import UploadState
 from federation_grpc.hub.service import HubService
 from federation_grpc.hub.tensorfile import write_tensors
+from federation_grpc.uploading import UpdateMetadata
 
 from .cutproxy import CutProxy
 from .hubproc import HubProcess, write_config

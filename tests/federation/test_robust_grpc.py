@@ -21,10 +21,10 @@ from safetensors.numpy import load, load_file, save
 from typer.testing import CliRunner
 
 from federation_grpc._proto import federation_pb2 as pb
-from federation_grpc.client import UpdateMetadata
 from federation_grpc.errors import InvalidRequest
 from federation_grpc.hub.cli import hub_app
 from federation_grpc.hub.parameters import group_of, update_norm
+from federation_grpc.uploading import UpdateMetadata
 
 from .conftest import ALL_GROUPS, RunningHub, nudged, small_model
 from .hubproc import REPO

@@ -16,8 +16,9 @@ from safetensors.numpy import load, save
 from dicom_node.learning.training import TrainingPolicy, samples_from_volume, train
 from dicom_node.learning.weights import extract_groups, load_model
 from dicom_node.phantom.ct import generate_subject
-from federation_grpc.client import FederationClient, UpdateMetadata
+from federation_grpc.client import FederationClient
 from federation_grpc.errors import InvalidRequest
+from federation_grpc.uploading import UpdateMetadata
 
 from .conftest import node_tls
 
@@ -45,7 +46,7 @@ def trained_update(model_file: Path, index: int, *, swap_liver_spleen: bool = Fa
 
 def client_for(hub: Any, certs: Any, who: str) -> FederationClient:
     ca, cert, key = node_tls(certs, who)
-    from federation_grpc.client import ClientTls
+    from federation_grpc.connection import ClientTls
 
     client = FederationClient(hub.target, tls=ClientTls.from_files(ca, cert, key))
     client.enrol(hub.token(), who)
