@@ -76,6 +76,37 @@ def add_federation_servicer(servicer: FederationServicer, server: grpc.Server) -
     server.add_registered_method_handlers(collected.service, collected.handlers)
 
 
+def check_transport(config: HubConfig, insecure_loopback: bool) -> None:
+    """Refuse to serve without TLS anywhere but on loopback, or with TLS unconfigured.
+
+    Raises
+    ------
+    FailedPrecondition
+        ``insecure_loopback`` on a non-loopback host, or TLS without its files.
+    """
+    if insecure_loopback and not config.is_loopback():
+        raise FailedPrecondition(
+            f"insecure mode is only allowed on loopback, not on {config.host!r}"
+        )
+    if not insecure_loopback and not config.tls.configured:
+        raise FailedPrecondition(
+            "TLS is not configured ([tls] ca_cert, server_cert, server_key); "
+            "use --insecure-loopback only for local tests"
+        )
+
+
+def per_node_call_limit(config: HubConfig) -> PerNodeCallLimit:
+    """The interceptor bounding one node's concurrent calls; warns when the bound does not
+    keep one node from holding every worker."""
+    per_node = config.limits.max_calls_per_node
+    if not per_node or per_node >= config.max_workers:
+        LOGGER.warning(
+            "max_calls_per_node %d does not stop one node from holding all %d workers",
+            per_node, config.max_workers,
+        )
+    return PerNodeCallLimit(per_node)
+
+
 class HubServer:
     """The hub process's server; ``port`` is the bound port (useful with port 0)."""
 
@@ -88,26 +119,12 @@ class HubServer:
         watch_poll_s: float = 2.0,
         keepalive_s: float = 15.0,
     ) -> None:
-        if insecure_loopback and not config.is_loopback():
-            raise FailedPrecondition(
-                f"insecure mode is only allowed on loopback, not on {config.host!r}"
-            )
-        if not insecure_loopback and not config.tls.configured:
-            raise FailedPrecondition(
-                "TLS is not configured ([tls] ca_cert, server_cert, server_key); "
-                "use --insecure-loopback only for local tests"
-            )
+        check_transport(config, insecure_loopback)
         self.config = config
         self.service = service or HubService(config)
         self._owns_service = service is None
         self._stopping = threading.Event()
-        per_node = config.limits.max_calls_per_node
-        if not per_node or per_node >= config.max_workers:
-            LOGGER.warning(
-                "max_calls_per_node %d does not stop one node from holding all %d workers",
-                per_node, config.max_workers,
-            )
-        self.call_limit = PerNodeCallLimit(per_node)
+        self.call_limit = per_node_call_limit(config)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="hub"),
             interceptors=[self.call_limit],
@@ -134,14 +151,19 @@ class HubServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        address = f"{config.host}:{config.port}"
+        self.port = self._bind(insecure_loopback)
+
+    def _bind(self, insecure_loopback: bool) -> int:
+        """Bind the configured address (TLS unless ``insecure_loopback``); the bound port."""
+        address = f"{self.config.host}:{self.config.port}"
         if insecure_loopback:
             LOGGER.warning("hub listens WITHOUT TLS on %s (loopback only)", address)
-            self.port = self.server.add_insecure_port(address)
+            port = self.server.add_insecure_port(address)
         else:
-            self.port = self.server.add_secure_port(address, server_credentials(config))
-        if self.port == 0:
+            port = self.server.add_secure_port(address, server_credentials(self.config))
+        if port == 0:
             raise FailedPrecondition(f"could not bind {address}")
+        return port
 
     def start(self) -> HubServer:
         self.server.start()

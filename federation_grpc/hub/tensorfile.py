@@ -32,7 +32,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeGuard
 
@@ -217,9 +217,39 @@ def write_blocks(
     is created, fsync'd; returns ``(sha256, size)``. Raises ValueError for a dtype
     safetensors cannot hold or blocks that do not match the layout.
     """
+    head, expected = _layout_header(layout)
+    size = sum(nbytes for _, _, nbytes in expected)
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def emit(part: memoryview) -> None:
+        digest.update(part)
+        _write_all(fd, part)
+
+    try:
+        for part in (struct.pack("<Q", len(head)), head):
+            emit(memoryview(part))
+        written = _write_data(emit, expected, blocks)
+        if written != [nbytes for _, _, nbytes in expected]:
+            raise ValueError(f"blocks hold {sum(written)} bytes, the layout {size}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest.hexdigest(), 8 + len(head) + size
+
+
+# A tensor of a file being written: its name, dtype and size in bytes.
+_Expected = tuple[str, np.dtype, int]
+
+
+def _layout_header(
+    layout: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+) -> tuple[bytes, list[_Expected]]:
+    """The JSON header of ``layout`` (padded so the data starts 8-byte aligned, as
+    safetensors writes it) and each tensor's name, dtype and size in writing order."""
     header: dict[str, dict[str, object]] = {}
     offset = 0
-    expected: list[tuple[str, np.dtype, int]] = []
+    expected: list[_Expected] = []
     for name, raw_dtype, shape in layout:
         dtype = np.dtype(raw_dtype)
         code = _CODES.get((dtype.kind, dtype.itemsize))
@@ -234,37 +264,34 @@ def write_blocks(
         offset += nbytes
         expected.append((name, dtype, nbytes))
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for part in (struct.pack("<Q", len(head)), head):
-            digest.update(part)
-            _write_all(fd, memoryview(part))
-        index = {name: i for i, (name, _, _) in enumerate(expected)}
-        written = [0] * len(expected)
-        position = 0
-        for name, values in blocks:
-            at = index.get(name, -1)
-            if at < position:
-                raise ValueError(f"block of {name!r} out of the layout's order")
-            for skipped in range(position, at):
-                if written[skipped] != expected[skipped][2]:
-                    raise ValueError(f"tensor {expected[skipped][0]!r} ended early")
-            position = at
-            array = np.ascontiguousarray(values.reshape(-1), dtype=expected[at][1])
-            flat = memoryview(array.view(np.uint8).data)
-            for block in range(0, len(flat), _WRITE_BLOCK):
-                piece = flat[block : block + _WRITE_BLOCK]
-                digest.update(piece)
-                _write_all(fd, piece)
-            written[at] += array.nbytes
-        if written != [nbytes for _, _, nbytes in expected]:
-            raise ValueError(f"blocks hold {sum(written)} bytes, the layout {offset}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return digest.hexdigest(), 8 + len(head) + offset
+    return head + b" " * (-len(head) % 8), expected
+
+
+def _write_data(
+    emit: Callable[[memoryview], None],
+    expected: list[_Expected],
+    blocks: Iterable[tuple[str, np.ndarray]],
+) -> list[int]:
+    """Hand ``blocks`` to ``emit`` in the layout's order, in pieces of at most
+    ``_WRITE_BLOCK`` bytes; the bytes written per tensor. Raises ValueError for a block out
+    of order or a tensor left short before the next."""
+    index = {name: i for i, (name, _, _) in enumerate(expected)}
+    written = [0] * len(expected)
+    position = 0
+    for name, values in blocks:
+        at = index.get(name, -1)
+        if at < position:
+            raise ValueError(f"block of {name!r} out of the layout's order")
+        for skipped in range(position, at):
+            if written[skipped] != expected[skipped][2]:
+                raise ValueError(f"tensor {expected[skipped][0]!r} ended early")
+        position = at
+        array = np.ascontiguousarray(values.reshape(-1), dtype=expected[at][1])
+        flat = memoryview(array.view(np.uint8).data)
+        for block in range(0, len(flat), _WRITE_BLOCK):
+            emit(flat[block : block + _WRITE_BLOCK])
+        written[at] += array.nbytes
+    return written
 
 
 def _write_all(fd: int, view: memoryview) -> None:
