@@ -58,7 +58,8 @@ from dicom_node.learning.model_config import (
 )
 from dicom_node.learning.network import MultiHeadUNet, build_model
 from dicom_node.learning.scores import dice_per_label
-from dicom_node.learning.training import SliceSample, TrainingPolicy, samples_from_volume, train
+from dicom_node.learning.slices import SliceSample, samples_from_volume
+from dicom_node.learning.training import TrainingPolicy, train
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes
 from dicom_node.phantom.subject import PhantomSubject
 from federation_grpc.hub.heads import NewHead, NewLabel, config_with_head

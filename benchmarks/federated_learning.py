@@ -94,7 +94,8 @@ from dicom_node.learning.inference import segment_volume  # noqa: E402
 from dicom_node.learning.model_config import ModelConfig  # noqa: E402
 from dicom_node.learning.network import MultiHeadUNet  # noqa: E402
 from dicom_node.learning.scores import dice_per_label  # noqa: E402
-from dicom_node.learning.training import SliceSample, TrainingPolicy  # noqa: E402
+from dicom_node.learning.slices import SliceSample  # noqa: E402
+from dicom_node.learning.training import TrainingPolicy  # noqa: E402
 from dicom_node.learning.weights import (  # noqa: E402
     load_model,
     model_from_bytes,

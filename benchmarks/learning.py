@@ -60,7 +60,8 @@ from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.scores import dice_per_label
-from dicom_node.learning.training import SliceSample, TrainingPolicy
+from dicom_node.learning.slices import SliceSample
+from dicom_node.learning.training import TrainingPolicy
 from dicom_node.learning.weights import load_model
 from dicom_node.phantom import ct
 from dicom_node.pipeline.trainer import policy_of, rehearsal_of

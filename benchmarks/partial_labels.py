@@ -91,14 +91,8 @@ from dicom_node.learning.model_config import (  # noqa: E402
 )
 from dicom_node.learning.network import MultiHeadUNet, build_model  # noqa: E402
 from dicom_node.learning.scores import dice_per_label  # noqa: E402
-from dicom_node.learning.training import (  # noqa: E402
-    PreparedSlices,
-    TrainingPolicy,
-    TrainingReport,
-    prepare_samples,
-    samples_from_volume,
-    train,
-)
+from dicom_node.learning.slices import PreparedSlices, prepare_samples, samples_from_volume  # noqa: E402
+from dicom_node.learning.training import TrainingPolicy, TrainingReport, train  # noqa: E402
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes  # noqa: E402
 from federation_grpc.hub.config import AggregationConfig, GateConfig, HubConfig  # noqa: E402
 from federation_grpc.hub.domain import UpdateHeader, UploadState  # noqa: E402

@@ -6,8 +6,11 @@
   ``heads``; parameter names are the hub's contract (``encoder.*``, ``heads.<name>.*``).
 - :mod:`~dicom_node.learning.weights`: safetensors + JSON I/O (never unpickles) and the
   parameter-group extract/apply used by federation.
-- :mod:`~dicom_node.learning.training`: masked (marginal) loss for partial labels,
-  frozen-encoder training of new heads, augmentation, time budget, progress hook.
+- :mod:`~dicom_node.learning.training`: a round of training (policy, step loop, time
+  budget, progress hook, report), frozen-encoder training of new heads; its parts:
+  :mod:`~dicom_node.learning.slices` (training slices), :mod:`~dicom_node.learning.batches`
+  (batch mix and augmentation), :mod:`~dicom_node.learning.losses` (masked loss for
+  partial labels, distillation, L2-SP), :mod:`~dicom_node.learning.thread_tuning`.
 - :mod:`~dicom_node.learning.inference`: ``segment_volume`` (batched, deterministic).
 - :mod:`~dicom_node.learning.scores`: Dice and quality metrics, numpy only.
 - :mod:`~dicom_node.learning.bootstrap` and :mod:`~dicom_node.learning.cli`: the starter

@@ -3,7 +3,7 @@
 A hospital declares the labels it annotates (``[learning] annotated_labels``). A
 correction keeps only those labels, so a round trains the encoder plus the heads that
 own at least one of them; within a head, labels the sample does not annotate are
-merged with background (the marginal loss of :func:`training.masked_loss`), and a head
+merged with background (the marginal loss of :func:`losses.masked_loss`), and a head
 none of whose labels is annotated is not run at all. The update therefore carries
 ``encoder`` + ``heads.<h>`` for exactly those heads (:func:`declared_groups`), and the
 hub merges each head only from the updates that carry it, the encoder from all.

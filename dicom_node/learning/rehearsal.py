@@ -36,7 +36,7 @@ from dicom_node.learning.incremental import StoredSample, accept_candidate, eval
 from dicom_node.learning.model_config import Modality, ModelConfig, Preprocessing
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.preprocessing import intensity_range
-from dicom_node.learning.training import SliceSample
+from dicom_node.learning.slices import SliceSample
 
 LOGGER = logging.getLogger(__name__)
 

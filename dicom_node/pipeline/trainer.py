@@ -44,12 +44,8 @@ from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
 from dicom_node.learning.safetensors_io import atomic_write
-from dicom_node.learning.training import (
-    SliceSample,
-    TrainingPolicy,
-    TrainingProgress,
-    TrainingReport,
-)
+from dicom_node.learning.slices import SliceSample
+from dicom_node.learning.training import TrainingPolicy, TrainingProgress, TrainingReport
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
 from dicom_node.pipeline.model_sources import ModelRegistry

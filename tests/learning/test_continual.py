@@ -21,7 +21,8 @@ from dicom_node.learning.incremental import cut_sample, evaluate_slices
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
 from dicom_node.learning.network import build_model
-from dicom_node.learning.training import TrainingPolicy, samples_from_volume, train
+from dicom_node.learning.slices import samples_from_volume
+from dicom_node.learning.training import TrainingPolicy, train
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes
 from dicom_node.pipeline.segmentation import segment_specs
 

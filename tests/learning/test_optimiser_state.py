@@ -15,13 +15,8 @@ from dicom_node.learning import optimiser_state
 from dicom_node.learning.incremental import copy_model
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
-from dicom_node.learning.training import (
-    PreparedSlices,
-    TrainingPolicy,
-    prepare_samples,
-    samples_from_volume,
-    train,
-)
+from dicom_node.learning.slices import PreparedSlices, prepare_samples, samples_from_volume
+from dicom_node.learning.training import TrainingPolicy, train
 
 from .conftest import toy_volume
 

@@ -13,6 +13,7 @@ from dicom_node.config import load_config
 from dicom_node.errors import ConfigError
 from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.incremental import train_round, trained_groups, update_artifact
+from dicom_node.learning.losses import head_targets, masked_loss
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.partial_labels import (
@@ -21,13 +22,8 @@ from dicom_node.learning.partial_labels import (
     fill_enclosing,
     heads_for_labels,
 )
-from dicom_node.learning.training import (
-    TrainingPolicy,
-    head_targets,
-    masked_loss,
-    prepare_samples,
-    samples_from_volume,
-)
+from dicom_node.learning.slices import prepare_samples, samples_from_volume
+from dicom_node.learning.training import TrainingPolicy
 from dicom_node.learning.weights import arrays_from_bytes, group_of
 
 from .conftest import BODY, LIVER, SPLEEN, toy_volume

@@ -23,7 +23,8 @@ from dicom_node.learning.model_config import (
 )
 from dicom_node.learning.network import build_model
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
-from dicom_node.learning.training import TrainingPolicy, samples_from_volume, train
+from dicom_node.learning.slices import samples_from_volume
+from dicom_node.learning.training import TrainingPolicy, train
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.pipeline.trainer import policy_of, rehearsal_of
 from tests.learning.conftest import toy_volume

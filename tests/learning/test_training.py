@@ -6,23 +6,21 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node.learning.batches import augment_batch
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
-from dicom_node.learning.network import build_model
-from dicom_node.learning.scores import dice_per_label
-from dicom_node.learning.training import (
-    ThreadTuner,
-    TrainingPolicy,
-    augment_batch,
+from dicom_node.learning.losses import (
     conditional_distillation_loss,
     distillation_loss,
     head_targets,
     masked_loss,
-    prepare_samples,
-    samples_from_volume,
-    train,
 )
+from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
+from dicom_node.learning.network import build_model
+from dicom_node.learning.scores import dice_per_label
+from dicom_node.learning.slices import prepare_samples, samples_from_volume
+from dicom_node.learning.thread_tuning import ThreadTuner
+from dicom_node.learning.training import TrainingPolicy, train
 
 from .conftest import BODY, KIDNEY_LEFT, KIDNEY_RIGHT, LIVER, toy_volume
 
