@@ -44,6 +44,7 @@ from dicom_node.pipeline.assembler import SeriesAssembler
 from dicom_node.pipeline.corrections import CorrectionIntake, CorrectionJob
 from dicom_node.pipeline.export import Exporter
 from dicom_node.pipeline.model_sources import ModelNotBuilt, ModelRegistry
+from dicom_node.pipeline.quality_job import QualityInputs, QualityJob
 from dicom_node.pipeline.segmentation import SegmentationJob
 from dicom_node.pipeline.serving import ServingFollower
 from dicom_node.pipeline.site_adaptation import GenerationAdapter
@@ -122,7 +123,9 @@ class NodeParts:
         parts.corrections = CorrectionIntake(db, files, parts.store, queue, config, parts.models)
         parts.handlers += [CorrectionJob(parts.corrections),
                            IncrementalTrainer(db, config, parts.models),
-                           GenerationAdapter(db, config, parts.models)]
+                           GenerationAdapter(db, config, parts.models),
+                           QualityJob(db, QualityInputs(config.node.data_dir),
+                                      delivery_wait_s=config.export.connect_timeout_s)]
         if config.federation.enabled:
             # Imported here: a node without a hub never loads the gRPC client.
             from dicom_node.federation import FederationAgent

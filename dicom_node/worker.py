@@ -34,6 +34,15 @@ class PermanentJobError(DicomNodeError):
     """Retrying cannot help (e.g. a refused series): dead-letter at once."""
 
 
+class JobDeferred(DicomNodeError):
+    """The job waits for something another job does: put it back, due in ``delay_s``,
+    without counting the attempt (its worker takes other jobs meanwhile)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(f"deferred for {delay_s:g} s")
+        self.delay_s = delay_s
+
+
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -116,6 +125,9 @@ class JobWorker:
         except LeaseLost:
             LOGGER.warning("job %s (%s) lost its lease; result dropped", job.id, job.kind)
             observe_job(job.kind, "lost", time.monotonic() - started)
+            return True
+        except JobDeferred as deferred:
+            self.queue.defer(job.id, owner, deferred.delay_s)
             return True
         except Exception as exc:
             permanent = isinstance(exc, PermanentJobError)

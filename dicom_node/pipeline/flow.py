@@ -14,6 +14,9 @@ repeats a step instead of losing it. This module is the only place that names a 
     training    TrainingPayload    CorrectionIntake (train_every)     IncrementalTrainer
     activate    ActivatePayload    versions.rollback                  IncrementalTrainer
     adapt       AdaptPayload       FederationAgent (a hub generation) GenerationAdapter
+    quality     QualityPayload     SegmentationJob (with the SEG's    QualityJob
+                                   export; deferred until its first
+                                   delivery attempt ends)
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from dicom_node.store.jobs import ClaimedJob, JobQueue
 
 __all__ = [
     "FLOW", "ActivatePayload", "AdaptPayload", "CorrectionPayload", "Edge", "ExportPayload",
-    "InferencePayload", "JobKind", "JobPayload", "TrainingPayload", "enqueue",
+    "InferencePayload", "JobKind", "JobPayload", "QualityPayload", "TrainingPayload",
+    "enqueue",
 ]
 
 
@@ -41,6 +45,7 @@ class JobKind(StrEnum):
     TRAINING = "training"
     ACTIVATE = "model-activate"
     ADAPT = "generation-adapt"
+    QUALITY = "quality-metrics"
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,18 @@ class AdaptPayload(JobPayload):
 
 
 @dataclass(frozen=True)
+class QualityPayload(JobPayload):
+    """Quality metrics of the SEG the node made (``pipeline.quality_job``)."""
+
+    kind: ClassVar[JobKind] = JobKind.QUALITY
+    seg_sop_instance_uid: str
+
+    @property
+    def key(self) -> str:
+        return self.seg_sop_instance_uid
+
+
+@dataclass(frozen=True)
 class Edge:
     """One row of the flow table."""
 
@@ -162,6 +179,7 @@ FLOW: tuple[Edge, ...] = (
     Edge(JobKind.TRAINING, TrainingPayload, "CorrectionIntake", "IncrementalTrainer", 3),
     Edge(JobKind.ACTIVATE, ActivatePayload, "versions.rollback", "IncrementalTrainer", 5),
     Edge(JobKind.ADAPT, AdaptPayload, "FederationAgent", "GenerationAdapter", 3),
+    Edge(JobKind.QUALITY, QualityPayload, "SegmentationJob", "QualityJob", 3),
 )
 _EDGES = {edge.kind: edge for edge in FLOW}
 

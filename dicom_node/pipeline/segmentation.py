@@ -19,19 +19,19 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import parse_instance
 from dicom_node.errors import SeriesRefused
 from dicom_node.learning.device import resolve_device
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.scores import quality_metrics
 from dicom_node.learning.volume_inference import segment_any
 from dicom_node.pipeline.domain import DomainVerdict, check_domain
 from dicom_node.pipeline.export import queue_export
-from dicom_node.pipeline.flow import InferencePayload, JobKind
+from dicom_node.pipeline.flow import InferencePayload, JobKind, QualityPayload, enqueue
 from dicom_node.pipeline.model_sources import UnknownModel
+from dicom_node.pipeline.quality_job import QualityInputs
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
 from dicom_node.pipeline.seg_template import SegTemplate, TemplateMismatch
 from dicom_node.pipeline.stage import SeriesStage
@@ -41,10 +41,6 @@ from dicom_node.store.instances import Peer
 from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import (
     Instance,
-    Job,
-    JobState,
-    OutboxItem,
-    OutboxState,
     Segmentation,
     Series,
     SeriesState,
@@ -125,6 +121,10 @@ class SegmentationJob(SeriesStage):
 
     kinds: tuple[JobKind, ...] = (JobKind.INFERENCE,)
 
+    @property
+    def quality(self) -> QualityInputs:
+        return QualityInputs(self.config.node.data_dir)
+
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         payload = InferencePayload.of(job)
         series_uid, destinations = payload.series_uid, list(payload.destinations)
@@ -203,18 +203,10 @@ class SegmentationJob(SeriesStage):
                       .values(state=SeriesState.SEGMENTED, state_reason=None))
         if not domain.in_domain and self._holds_out_of_domain(payload.rule):
             destinations = []  # held back: the SEG is stored, status says why
-        self._export(header.series_uid, header.sop_instance_uid, destinations)
-        # Quality metrics feed monitoring, not the SEG: computed once it is delivered.
-        self._yield_to_export(header.series_uid, header.sop_instance_uid, destinations)
-        t4 = time.perf_counter()
-        metrics = quality_metrics(result.labels, result.confidence, result.entropy,
-                                  result.spacing, mconfig.label_values)
-        metrics["domain"] = domain.to_json()  # type: ignore[assignment]
-        timings["metrics_s"] = time.perf_counter() - t4
-        with self.db.session() as s:
-            s.execute(update(Segmentation).where(
-                Segmentation.seg_sop_instance_uid == header.sop_instance_uid,
-            ).values(metrics=metrics, timings=timings))
+        # Quality metrics feed monitoring, not the SEG: their own job, after delivery.
+        self.quality.save(header.sop_instance_uid, result.labels, result.confidence,
+                          result.entropy, result.spacing, mconfig.label_values)
+        self._export(header.series_uid, header.sop_instance_uid, destinations, quality=True)
         LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
                     series_uid, mconfig.name, mconfig.generation, volume.shape[0],
                     time.perf_counter() - t0, timings["inference_s"])
@@ -242,39 +234,16 @@ class SegmentationJob(SeriesStage):
                 Segmentation.model_name == mconfig.name,
                 Segmentation.generation == mconfig.generation)).scalar_one_or_none()
 
-    def _export(self, seg_series_uid: str, seg_sop_uid: str, destinations: list[str]) -> None:
+    def _export(self, seg_series_uid: str, seg_sop_uid: str, destinations: list[str], *,
+                quality: bool = False) -> None:
+        """Queue the SEG's delivery (and, for a SEG just made, its quality metrics) in
+        one transaction."""
         with self.db.session() as s:
             for dest in destinations:
                 queue_export(s, self.queue, seg_series_uid, dest, [seg_sop_uid],
                              self.config.export.max_attempts)
-
-    def _yield_to_export(self, seg_series_uid: str, seg_sop_uid: str,
-                         destinations: list[str]) -> None:
-        """Wait, bounded, for the SEG's first delivery attempt to end.
-
-        What follows (quality metrics, about 0.5-1 s of CPU) only feeds monitoring, while
-        the delivery is what the reading radiologist waits for; run together on two
-        cores they slow the export and the PACS storing it. No wait when another worker
-        cannot take the export: with one worker thread, or when its job is still
-        unclaimed after a short grace (every worker busy). Never longer than the
-        export's connect timeout.
-        """
-        if not destinations or self.config.jobs.workers < 2:
-            return
-        keys = [f"{seg_series_uid}:{dest}" for dest in destinations]
-        start = time.monotonic()
-        grace = start + max(0.5, 2 * self.config.jobs.poll_interval_s)
-        deadline = start + self.config.export.connect_timeout_s
-        while time.monotonic() < deadline:
-            with self.db.session() as s:
-                undelivered = s.scalar(select(func.count()).select_from(OutboxItem).where(
-                    OutboxItem.sop_instance_uid == seg_sop_uid,
-                    OutboxItem.state == OutboxState.PENDING, OutboxItem.attempts == 0))
-                unclaimed = s.scalar(select(func.count()).select_from(Job).where(
-                    Job.kind == JobKind.EXPORT, Job.key.in_(keys), Job.state == JobState.PENDING))
-            if not undelivered or (unclaimed and time.monotonic() > grace):
-                return
-            time.sleep(0.05)
+            if quality:
+                enqueue(self.queue, QualityPayload(seg_sop_uid), session=s)
 
     def _refuse(self, series_uid: str, reason: str) -> None:
         LOGGER.warning("series %s refused: %s", series_uid, reason)

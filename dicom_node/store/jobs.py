@@ -167,6 +167,20 @@ class JobQueue:
         with self.db.session() as s:
             return _done(s)
 
+    def defer(self, job_id: int, owner: str, delay_s: float) -> bool:
+        """Put a claimed job back, due in ``delay_s``, without counting its attempt;
+        returns False if the lease was lost."""
+        with self.db.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.lease_owner == owner,
+                       Job.state == JobState.RUNNING)
+                .values(state=JobState.PENDING, lease_owner=None, lease_expires_at=None,
+                        attempts=Job.attempts - 1,
+                        not_before=datetime.now(UTC) + timedelta(seconds=delay_s))
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
     def fail(self, job_id: int, owner: str, error: str, backoff: Backoff,
              *, permanent: bool = False) -> str:
         """Record a failure: retry later, or dead-letter. Returns the new state."""

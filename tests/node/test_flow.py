@@ -21,6 +21,7 @@ from dicom_node.pipeline.flow import (
     InferencePayload,
     JobKind,
     JobPayload,
+    QualityPayload,
     TrainingPayload,
     enqueue,
 )
@@ -36,6 +37,7 @@ PAYLOADS: list[JobPayload] = [
     TrainingPayload("abdomen"),
     ActivatePayload("abdomen"),
     AdaptPayload("abdomen", 7, 1_000_003),
+    QualityPayload("1.2.826.0.1.3680043.8.498.1"),
 ]
 
 

@@ -195,3 +195,19 @@ def test_listeners_hear_of_a_job_only_once_it_is_committed(db: Database) -> None
 
     queue.enqueue("export", "d")
     assert seen == [1, 1]
+
+
+def test_a_deferred_job_comes_back_later_without_spending_an_attempt(db: Database) -> None:
+    queue = JobQueue(db, lease_s=30)
+    job_id = queue.enqueue("quality-metrics", "seg-1", max_attempts=1)
+    assert job_id is not None
+    job = queue.claim(["quality-metrics"], "A")
+    assert job is not None and job.attempts == 1
+    assert not queue.defer(job_id, "B", 60), "only the lease holder defers"
+    assert queue.defer(job_id, "A", 60)
+    row = _job(db, job_id)
+    assert (row.state, row.attempts, row.lease_owner) == (JobState.PENDING, 0, None)
+    assert queue.claim(["quality-metrics"], "A") is None, "not due yet"
+    _make_due(db, job_id)
+    again = queue.claim(["quality-metrics"], "A")
+    assert again is not None and again.attempts == 1, "a deferral is not an attempt"
