@@ -55,147 +55,33 @@ Writes ``partial_labels[_mr].json`` and ``.png`` under ``--out``
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
+from harness import REPO, Clock, args_json, pyplot, save_figure, scores_text, write_json
+from hub_in_process import current_model, enrol, start_hub, upload
+from label_tasks import Task, ct_task, mr_task, score, site_slices
 
-matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
-import matplotlib.pyplot as plt
+from dicom_node.config import LearningSettings
+from dicom_node.learning.incremental import copy_model, trained_groups, update_artifact
+from dicom_node.learning.label_specs import AddedHead
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.policy import TrainingPolicy
+from dicom_node.learning.slices import PreparedSlices
+from dicom_node.learning.training import TrainingReport, train
+from federation_grpc.hub.service import HubService
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dicom_node.config import LearningSettings  # noqa: E402
-from dicom_node.learning.incremental import copy_model, trained_groups, update_artifact  # noqa: E402
-from dicom_node.learning.inference import segment_volume  # noqa: E402
-from dicom_node.learning.model_config import (  # noqa: E402
-    AddedHead,
-    HeadSpec,
-    LabelSpec,
-    Modality,
-    ModelConfig,
-    Preprocessing,
-    abdomen_ct_config,
-)
-from dicom_node.learning.network import MultiHeadUNet, build_model  # noqa: E402
-from dicom_node.learning.scores import dice_per_label  # noqa: E402
-from dicom_node.learning.slices import PreparedSlices, prepare_samples, samples_from_volume  # noqa: E402
-from dicom_node.learning.training import TrainingPolicy, TrainingReport, train  # noqa: E402
-from dicom_node.learning.weights import model_from_bytes, model_to_bytes  # noqa: E402
-from federation_grpc.hub.config import AggregationConfig, GateConfig, HubConfig  # noqa: E402
-from federation_grpc.hub.domain import UpdateHeader, UploadState  # noqa: E402
-from federation_grpc.hub.service import HubService  # noqa: E402
-
+plt = pyplot()  # files only; at start so a missing `bench` extra fails at once
 LOGGER = logging.getLogger("benchmarks.partial_labels")
-
-
-@dataclass(frozen=True)
-class Task:
-    """Which data, which sites annotate which label, and the model they share."""
-
-    name: str
-    config: ModelConfig
-    generate: Callable[[str, int, int], tuple[np.ndarray, np.ndarray, tuple]]
-    site_labels: dict[str, tuple[str, ...]]  # training site -> the labels it annotates
-    test_site: str
-
-
-CACHE = Path(tempfile.gettempdir()) / "tessera-partial-labels-cache"
-
-
-def cached(kind: str, generate_subject: Callable[..., Any]
-           ) -> Callable[[str, int, int], tuple[np.ndarray, np.ndarray, tuple]]:
-    """Subjects as ``(image float32, labels, spacing)``, kept under :data:`CACHE` (the
-    generators are deterministic; the MR one takes tens of seconds per subject)."""
-
-    def gen(site: str, index: int, seed: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-        path = CACHE / f"{kind}-{site}-{index}-{seed}.npz"
-        if path.exists():
-            with np.load(path, allow_pickle=False) as z:
-                return z["image"].astype(np.float32), z["labels"], tuple(z["spacing"].tolist())
-        s = generate_subject(site, index, seed)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, image=s.image, labels=s.labels, spacing=np.asarray(s.spacing))
-        tmp.replace(path)
-        return s.image.astype(np.float32), s.labels, s.spacing
-
-    return gen
-
-
-def ct_task(input_size: int) -> Task:
-    from dicom_node.phantom.ct import generate_subject
-
-    return Task("ct", abdomen_ct_config(input_size=input_size, name="partial-labels-ct"),
-                cached("ct", generate_subject), {"A": ("liver",), "B": ("spleen",)}, "C")
-
-
-def mr_config(input_size: int) -> ModelConfig:
-    """The MR atlas's label groups as a model: one head per annotated structure."""
-    from dicom_node.phantom.mr_atlas import MR_SEGMENTS
-
-    labels = tuple(LabelSpec(s.name, s.label, s.property_type.value, s.property_type.meaning,
-                             scheme=s.property_type.scheme_designator) for s in MR_SEGMENTS)
-    heads = (HeadSpec("cerebrum", ("cerebrum_left", "cerebrum_right")),
-             HeadSpec("cerebellum", ("cerebellum",)), HeadSpec("deep_grey", ("deep_grey",)))
-    return ModelConfig(name="partial-labels-mr", generation=0, labels=labels, heads=heads,
-                       preprocessing=Preprocessing(modality=Modality.MR, input_size=input_size))
-
-
-def mr_task(input_size: int) -> Task:
-    from dicom_node.phantom.mr_atlas import generate_subject
-
-    return Task("mr", mr_config(input_size), cached("mr", generate_subject),
-                {"A": ("cerebellum",), "B": ("cerebrum_left", "cerebrum_right")}, "C")
-
-
-# -- data -------------------------------------------------------------------------------
-def site_slices(task: Task, site: str, subjects: int, seed: int,
-                negatives: float) -> PreparedSlices:
-    """What a site contributes: its labels drawn, nothing else.
-
-    Slices showing its labels, plus ``negatives`` of the other slices with anatomy on
-    them (its labels are known to be absent there). Every other structure is 0 in the
-    label map, as a hospital annotating only those labels would save it.
-    """
-    config, names = task.config, task.site_labels[site]
-    values = [config.label(n).value for n in names]
-    rng = np.random.default_rng([seed, ord(site)])
-    samples = []
-    for index in range(subjects):
-        image, labels, _ = task.generate(site, index, seed)
-        mine = np.isin(labels, values)
-        shown = mine.reshape(labels.shape[0], -1).any(axis=1)
-        anatomy = labels.reshape(labels.shape[0], -1).any(axis=1)
-        keep = [k for k in range(labels.shape[0])
-                if shown[k] or (anatomy[k] and rng.random() < negatives)]
-        drawn = np.where(mine, labels, 0).astype(np.uint8)
-        samples += samples_from_volume(image, drawn, set(names), config, keep)
-    return prepare_samples(samples, config)
-
-
-def score(model: MultiHeadUNet, config: ModelConfig, heads: Sequence[str],
-          cases: Sequence[tuple[np.ndarray, np.ndarray, tuple]]) -> dict[str, float]:
-    """Mean 3D Dice per label over ``cases``, running only ``heads`` (others pending)."""
-    pending = tuple(AddedHead(h, 0) for h in config.head_names if h not in heads)
-    run = replace(config, added_heads=pending)
-    labels = {n: v for n, v in config.label_values.items()
-              if config.head_of(n) in heads and not config.label(n).enclosing}
-    per = [dice_per_label(segment_volume(model, run, image, spacing).labels, truth, labels)
-           for image, truth, spacing in cases]
-    return {n: float(np.mean([d[n] for d in per])) for n in labels}
+Log = Callable[[str], None]
+Scores = dict[str, dict[str, float]]  # set-up -> label -> Dice
 
 
 # -- training ---------------------------------------------------------------------------
@@ -212,86 +98,73 @@ def local_round(model: MultiHeadUNet, config: ModelConfig, data: PreparedSlices,
     return candidate, train(candidate, config, data, policy, optimiser_state=optimiser_state)
 
 
-def hub_service(folder: Path, strategy: str) -> HubService:
-    return HubService(HubConfig(
-        data_dir=folder, port=0,
-        aggregation=replace(AggregationConfig(), strategy=strategy, buffer_size=2),
-        # Weights from a random start move far in a round; the norm bound is for
-        # fine-tuning a working model (the operator would widen it for such a start).
-        gate=replace(GateConfig(), max_relative_update_norm=10.0)))
+def hub_service(folder: Path, strategy: str, init: MultiHeadUNet,
+                config: ModelConfig) -> HubService:
+    # Weights from a random start move far in a round; the norm bound is for
+    # fine-tuning a working model (the operator would widen it for such a start).
+    return start_hub(folder, strategy, 2, init, config, max_relative_update_norm=10.0)
 
 
-def upload(hub: HubService, node_id: str, payload: bytes, groups: list[str], base: int,
-           num_samples: int) -> str:
-    header = UpdateHeader(update_id=str(uuid.uuid4()), base_generation=base,
-                          num_samples=num_samples, trained_groups=tuple(groups),
-                          local_metrics={}, total_size=len(payload),
-                          sha256=hashlib.sha256(payload).hexdigest())
-    session = hub.uploads.begin(node_id, header)
-    assert not isinstance(session, type(None))
-    session.write(payload)  # type: ignore[union-attr]
-    status = session.finish()  # type: ignore[union-attr]
-    if status.state != UploadState.RECEIVED:
-        raise RuntimeError(f"hub did not take the update: {status.state} {status.reason}")
-    return header.update_id
+def federated_round(hub: HubService, nodes: dict[str, str], config: ModelConfig,
+                    site_config: ModelConfig, data: dict[str, PreparedSlices],
+                    moments: dict[str, dict | None], r: int, args: argparse.Namespace,
+                    seed: int) -> dict:
+    """Round ``r``: every site trains from the hub's current generation and uploads; the
+    hub merges. The round's record (generation, each site's groups, steps, seconds)."""
+    epochs = max(1, args.epochs // args.rounds)
+    current = hub.require_current()
+    model = current_model(hub, config)
+    sent = {}
+    for i, (site, slices) in enumerate(data.items()):
+        t0 = time.monotonic()
+        candidate, report = local_round(model, site_config, slices, epochs, args,
+                                        seed=seed + 1000 * r + i,
+                                        distill_other_heads=args.distill_other_heads,
+                                        optimiser_state=moments[site])
+        moments[site] = report.optimiser_state
+        groups = trained_groups(report)
+        payload, _ = update_artifact(candidate, groups, {"site": site})
+        upload(hub, nodes[site], payload, groups, current.number, len(slices))
+        sent[site] = {"groups": groups, "steps": report.steps,
+                      "seconds": round(time.monotonic() - t0, 1)}
+    made = hub.aggregator.process_pending()
+    if not made:
+        raise RuntimeError(f"round {r + 1}: the hub made no generation "
+                           f"(rejections: {hub.list_rejections()})")
+    return {"round": r + 1, "generation": made[-1], "updates": sent}
 
 
 def federate(init: MultiHeadUNet, config: ModelConfig, data: dict[str, PreparedSlices],
              heads: Sequence[str], args: argparse.Namespace, seed: int,
-             log: Callable[[str], None]) -> tuple[MultiHeadUNet, list[dict]]:
+             log: Log) -> tuple[MultiHeadUNet, list[dict]]:
     """``--rounds`` rounds through the real hub (the sites train ``heads`` between them);
     returns the final global model."""
-    epochs = max(1, args.epochs // args.rounds)
     rounds: list[dict] = []
     # Heads no site trains keep random weights: sites see them as pending, as a node
     # sees a head without weights, so no distillation pulls toward them.
     site_config = replace(config, added_heads=tuple(
         AddedHead(h, 0) for h in config.head_names if h not in heads))
     with tempfile.TemporaryDirectory(prefix="tessera-partial-") as tmp:
-        hub = hub_service(Path(tmp) / "hub", args.strategy)
+        hub = hub_service(Path(tmp) / "hub", args.strategy, init, config)
         try:
-            hub.init_model(model_to_bytes(init, config), config.to_json())
-            nodes = {site: hub.enrol(hub.create_enrolment_token()[0], f"site {site}").node_id
-                     for site in data}
+            nodes = {site: enrol(hub, site) for site in data}
             # each site's Adam moments, kept between its rounds as a node keeps them
             moments: dict[str, dict | None] = {
                 site: {} if args.keep_optimiser_state else None for site in data}
             for r in range(args.rounds):
-                current = hub.require_current()
-                model, _ = model_from_bytes(hub.blobs.get(current.sha256), config)
-                sent = {}
-                for i, (site, slices) in enumerate(data.items()):
-                    t0 = time.monotonic()
-                    candidate, report = local_round(model, site_config, slices, epochs, args,
-                                                    seed=seed + 1000 * r + i,
-                                                    distill_other_heads=args.distill_other_heads,
-                                                    optimiser_state=moments[site])
-                    moments[site] = report.optimiser_state
-                    groups = trained_groups(report)
-                    payload, _ = update_artifact(candidate, groups, {"site": site})
-                    upload(hub, nodes[site], payload, groups, current.number, len(slices))
-                    sent[site] = {"groups": groups, "steps": report.steps,
-                                  "seconds": round(time.monotonic() - t0, 1)}
-                made = hub.aggregator.process_pending()
-                if not made:
-                    raise RuntimeError(f"round {r + 1}: the hub made no generation "
-                                       f"(rejections: {hub.list_rejections()})")
-                rounds.append({"round": r + 1, "generation": made[-1], "updates": sent})
-                log(f"  round {r + 1}/{args.rounds}: generation {made[-1]} from "
-                    + ", ".join(f"{s} {v['groups']} ({v['steps']} steps)"
-                                for s, v in sent.items()))
-            final = hub.require_current()
-            model, _ = model_from_bytes(hub.blobs.get(final.sha256), config)
+                rounds.append(federated_round(hub, nodes, config, site_config, data,
+                                              moments, r, args, seed))
+                sent = rounds[-1]["updates"]
+                log(f"  round {r + 1}/{args.rounds}: generation {rounds[-1]['generation']} "
+                    "from " + ", ".join(f"{s} {v['groups']} ({v['steps']} steps)"
+                                        for s, v in sent.items()))
+            model = current_model(hub, config)
         finally:
             hub.close()
     return model, rounds
 
 
 # -- report -----------------------------------------------------------------------------
-def fmt(dice: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in dice.items())
-
-
 def plot(results: dict[str, dict[str, float]], labels: Sequence[str], path: Path,
          title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -309,12 +182,10 @@ def plot(results: dict[str, dict[str, float]], labels: Sequence[str], path: Path
     ax.set_ylabel("Dice on held-out site")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", choices=("ct", "mr"), default="ct")
     p.add_argument("--input-size", type=int, default=64)
@@ -348,55 +219,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-seed", type=int, default=0, help="subjects of every site")
     p.add_argument("--target", type=float, default=0.01, help="allowed shortfall in Dice")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "partial_labels")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    t_start = time.monotonic()
+    return p.parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - t_start:7.1f} s] {msg}", flush=True)
 
-    task = ct_task(args.input_size) if args.data == "ct" else mr_task(args.input_size)
+def single_sites(init: MultiHeadUNet, task: Task, data: dict[str, PreparedSlices],
+                 cases: list, args: argparse.Namespace, seed: int, log: Log,
+                 results: Scores, steps: dict[str, int]) -> None:
+    """Each site alone from ``init``: its model's Dice on its own labels' heads."""
     config = task.config
-    sites = list(task.site_labels)
-    log(f"data {task.name}: " + ", ".join(f"site {s} annotates {'+'.join(labs)}"
-                                          for s, labs in task.site_labels.items())
-        + f"; held-out site {task.test_site}")
-    data = {s: site_slices(task, s, args.subjects, args.data_seed, args.negatives)
-            for s in sites}
-    log("slices: " + ", ".join(f"{s} {len(d)}" for s, d in data.items()))
-    cases = [task.generate(task.test_site, 1000 + i, args.data_seed)
-             for i in range(args.test_subjects)]
-    all_heads = sorted({config.head_of(lab) for labs in task.site_labels.values()
-                        for lab in labs})
-
-    per_seed: dict[int, dict[str, dict[str, float]]] = {}
-    steps: dict[str, int] = {}
-    rounds: list[dict] = []
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        init = build_model(config)  # the common random start of this repetition
-        results: dict[str, dict[str, float]] = {}
-        for site in sites:
-            t0 = time.monotonic()
-            model, report = local_round(init, config, data[site], args.epochs, args, seed)
-            heads = sorted({config.head_of(lab) for lab in task.site_labels[site]})
-            results[f"{site}-only"] = score(model, config, heads, cases)
-            steps[f"{site}-only"] = report.steps
-            log(f"seed {seed} {site}-only: {report.steps} steps in "
-                f"{time.monotonic() - t0:.0f} s, Dice on {task.test_site} "
-                f"{fmt(results[f'{site}-only'])}")
+    for site in task.site_labels:
         t0 = time.monotonic()
-        federated, rounds = federate(init, config, data, all_heads, args, seed, log)
-        results["federated"] = score(federated, config, all_heads, cases)
-        log(f"seed {seed} federated: {args.rounds} rounds in {time.monotonic() - t0:.0f} s, "
-            f"Dice on {task.test_site} {fmt(results['federated'])}")
-        per_seed[seed] = results
-    models = list(per_seed[args.seeds[0]])
-    mean = {m: {lab: float(np.mean([per_seed[s][m][lab] for s in args.seeds]))
-                for lab in per_seed[args.seeds[0]][m]} for m in models}
+        model, report = local_round(init, config, data[site], args.epochs, args, seed)
+        heads = sorted({config.head_of(lab) for lab in task.site_labels[site]})
+        results[f"{site}-only"] = score(model, config, heads, cases)
+        steps[f"{site}-only"] = report.steps
+        log(f"seed {seed} {site}-only: {report.steps} steps in "
+            f"{time.monotonic() - t0:.0f} s, Dice on {task.test_site} "
+            f"{scores_text(results[f'{site}-only'])}")
 
-    labels = [lab for labs in task.site_labels.values() for lab in labs]
+
+def verdicts_of(per_seed: dict[int, Scores], mean: Scores, labels: list[str],
+                task: Task, args: argparse.Namespace) -> dict[str, dict]:
+    """The table of Dice per set-up and seed, and per label whether the federated mean
+    is within ``--target`` of the better single-site mean."""
+    models = list(mean)
     verdicts = {}
     w = max(12, *(len(lab) + 2 for lab in labels))
     print()
@@ -420,17 +266,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{lab}: mean federated - best single-site mean = {gap:+.4f} "
               f"({'met' if gap >= -args.target else 'NOT met'}, target >= -{args.target}); "
               f"within target in {wins}/{len(args.seeds)} seeds")
+    return verdicts
 
-    args.out.mkdir(parents=True, exist_ok=True)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    clock = Clock()
+    log = clock.log
+
+    task = ct_task(args.input_size) if args.data == "ct" else mr_task(args.input_size)
+    config = task.config
+    log(f"data {task.name}: " + ", ".join(f"site {s} annotates {'+'.join(labs)}"
+                                          for s, labs in task.site_labels.items())
+        + f"; held-out site {task.test_site}")
+    data = {s: site_slices(task, s, args.subjects, args.data_seed, args.negatives)
+            for s in task.site_labels}
+    log("slices: " + ", ".join(f"{s} {len(d)}" for s, d in data.items()))
+    cases = [task.generate(task.test_site, 1000 + i, args.data_seed)
+             for i in range(args.test_subjects)]
+    all_heads = sorted({config.head_of(lab) for labs in task.site_labels.values()
+                        for lab in labs})
+
+    per_seed: dict[int, Scores] = {}
+    steps: dict[str, int] = {}
+    rounds: list[dict] = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        init = build_model(config)  # the common random start of this repetition
+        results: Scores = {}
+        single_sites(init, task, data, cases, args, seed, log, results, steps)
+        t0 = time.monotonic()
+        federated, rounds = federate(init, config, data, all_heads, args, seed, log)
+        results["federated"] = score(federated, config, all_heads, cases)
+        log(f"seed {seed} federated: {args.rounds} rounds in {time.monotonic() - t0:.0f} s, "
+            f"Dice on {task.test_site} {scores_text(results['federated'])}")
+        per_seed[seed] = results
+    models = list(per_seed[args.seeds[0]])
+    mean = {m: {lab: float(np.mean([per_seed[s][m][lab] for s in args.seeds]))
+                for lab in per_seed[args.seeds[0]][m]} for m in models}
+    labels = [lab for labs in task.site_labels.values() for lab in labs]
+    verdicts = verdicts_of(per_seed, mean, labels, task, args)
+
     stem = "partial_labels" if args.data == "ct" else "partial_labels_mr"
-    doc = {"data": args.data, "args": {k: str(v) if isinstance(v, Path) else v
-                                       for k, v in vars(args).items()},
-           "site_labels": task.site_labels, "test_site": task.test_site,
-           "slices": {s: len(d) for s, d in data.items()}, "steps": steps,
-           "dice": mean, "dice_per_seed": {str(s): r for s, r in per_seed.items()},
-           "last_rounds": rounds, "verdicts": verdicts,
-           "seconds": round(time.monotonic() - t_start, 1)}
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+    write_json(args.out / f"{stem}.json", {
+        "data": args.data, "args": args_json(args),
+        "site_labels": task.site_labels, "test_site": task.test_site,
+        "slices": {s: len(d) for s, d in data.items()}, "steps": steps,
+        "dice": mean, "dice_per_seed": {str(s): r for s, r in per_seed.items()},
+        "last_rounds": rounds, "verdicts": verdicts, "seconds": round(clock.seconds, 1)})
     plot(mean, labels, args.out / f"{stem}.png",
          f"{args.data.upper()}: " + ", ".join(f"{s}={'+'.join(labs)}"
                                               for s, labs in task.site_labels.items())
