@@ -36,104 +36,29 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
-
-matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
-import matplotlib.pyplot as plt
+from continual_scenarios import Scenario, ct_scenario, mr_scenario
+from harness import Clock, pyplot, save_figure, scores_text, timed, write_json
 
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.model_config import (
-    HeadSpec,
-    LabelSpec,
-    Modality,
-    ModelConfig,
-    Preprocessing,
-)
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample, samples_from_volume
-from dicom_node.learning.training import TrainingPolicy, train
+from dicom_node.learning.training import TrainingReport, train
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes
 from dicom_node.phantom.subject import PhantomSubject
-from federation_grpc.hub.heads import NewHead, NewLabel, config_with_head
+from federation_grpc.hub.heads import config_with_head
 
+plt = pyplot()  # files only; at start so a missing `bench` extra fails at once
 LOGGER = logging.getLogger("benchmarks.continual")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """What the starter knows, what is added, and where the data comes from."""
-
-    name: str
-    labels: tuple[LabelSpec, ...]
-    heads: tuple[HeadSpec, ...]
-    new_head: NewHead
-    old_eval: tuple[str, ...]  # labels scored on the old site
-    generate: Callable[[str, int, int], PhantomSubject]
-    old_site: str
-    new_site: str
-    modality: Modality
-    new_head_epochs: int  # default of --kidney-epochs
-
-    def config(self, input_size: int) -> ModelConfig:
-        return ModelConfig(f"continual-{self.name}", 0, self.labels, self.heads,
-                           preprocessing=Preprocessing(modality=self.modality,
-                                                       input_size=input_size))
-
-    @property
-    def new_labels(self) -> tuple[str, ...]:
-        return tuple(lab.name for lab in self.new_head.labels)
-
-
-def ct_scenario() -> Scenario:
-    from dicom_node.phantom.ct import generate_subject
-
-    return Scenario(
-        name="ct",
-        labels=(LabelSpec("body", 1, "38266002", "Entire body", enclosing=True),
-                LabelSpec("liver", 2, "10200004", "Liver"),
-                LabelSpec("spleen", 3, "78961009", "Spleen")),
-        heads=(HeadSpec("body", ("body",)), HeadSpec("liver", ("liver",)),
-               HeadSpec("spleen", ("spleen",))),
-        new_head=NewHead("kidneys", (NewLabel("kidney_left", 4, "18639004", "Left kidney"),
-                                     NewLabel("kidney_right", 5, "9846003", "Right kidney"))),
-        old_eval=("body", "liver", "spleen"),
-        generate=lambda site, i, seed: generate_subject(site, i, seed),
-        old_site="A", new_site="B", modality=Modality.CT, new_head_epochs=80,
-    )
-
-
-def mr_scenario() -> Scenario:
-    from dicom_node.phantom import mr_atlas
-
-    mr_atlas.load_atlas()  # AtlasNotInstalled names the Debian package to install
-    seg = {s.label: s for s in mr_atlas.MR_SEGMENTS}
-
-    def spec(value: int) -> LabelSpec:
-        s = seg[value]
-        return LabelSpec(s.name, value, s.property_type.value, s.property_type.meaning)
-
-    grey = seg[mr_atlas.DEEP_GREY].property_type
-    return Scenario(
-        name="mr",
-        labels=(spec(mr_atlas.CEREBRUM_LEFT), spec(mr_atlas.CEREBRUM_RIGHT),
-                spec(mr_atlas.CEREBELLUM)),
-        heads=(HeadSpec("cerebrum", ("cerebrum_left", "cerebrum_right")),
-               HeadSpec("cerebellum", ("cerebellum",))),
-        new_head=NewHead("deep_grey", (NewLabel("deep_grey", mr_atlas.DEEP_GREY, grey.value,
-                                                "Deep grey matter"),)),
-        old_eval=("cerebrum_left", "cerebrum_right", "cerebellum"),
-        generate=lambda site, i, seed: mr_atlas.generate_subject(site, i, seed),
-        old_site="A", new_site="B", modality=Modality.MR,
-        new_head_epochs=400,  # only ~100 deep_grey slices; 80 epochs gave 92.2% of joint
-    )
 
 
 def collect(scenario: Scenario, config: ModelConfig, site: str, indexes: Sequence[int],
@@ -190,86 +115,122 @@ def state_of(model: MultiHeadUNet, prefix: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    scenario = ct_scenario() if args.data == "ct" else mr_scenario()
-    torch.manual_seed(args.seed)
+@dataclass
+class Setup:
+    """The run's configs (the starter's; with the added head, as the hub configures it),
+    its training slices and its held-out subjects."""
+
+    scenario: Scenario
+    args: argparse.Namespace
+    base: ModelConfig
+    full: ModelConfig
+    old_samples: list[SliceSample]
+    new_samples: list[SliceSample]
+    a_held: range
+    b_held: range
+    head_epochs: int
+
+    def scores(self, model: MultiHeadUNet, config: ModelConfig, site: str
+               ) -> dict[str, float]:
+        """Held-out Dice at the old site (its labels) or the new one (the added head's)."""
+        sc, seed = self.scenario, self.args.seed
+        if site == sc.old_site:
+            return evaluate(model, config, sc, site, self.a_held, seed, sc.old_eval)
+        return evaluate(model, config, sc, site, self.b_held, seed + 1, sc.new_labels)
+
+
+def setup(scenario: Scenario, args: argparse.Namespace) -> Setup:
     base = scenario.config(args.input_size)
     old_annot = [lab.name for lab in base.labels]
     head_epochs = (scenario.new_head_epochs if args.kidney_epochs is None
                    else args.kidney_epochs)
-    a_train = range(args.subjects)
-    a_held = range(args.subjects, args.subjects + args.held_out)
-    b_train = range(args.new_subjects)
-    b_held = range(args.new_subjects, args.new_subjects + args.held_out)
-
     t0 = time.monotonic()
     # -- the added head, configured as the hub does and built as a node does --------------
     full = scenario.config(args.input_size)
     full = full.from_json(config_with_head(full.to_json(), scenario.new_head, init_seed=args.seed,
                                            added_in=1))
-    old_samples = collect(scenario, base, scenario.old_site, a_train, args.seed, old_annot)
-    new_samples = collect(scenario, full, scenario.new_site, b_train, args.seed + 1,
-                          scenario.new_labels)
+    old_samples = collect(scenario, base, scenario.old_site, range(args.subjects), args.seed,
+                          old_annot)
+    new_samples = collect(scenario, full, scenario.new_site, range(args.new_subjects),
+                          args.seed + 1, scenario.new_labels)
     print(f"data: {len(old_samples)} slices of site {scenario.old_site} annotating "
           f"{'/'.join(old_annot)}, {len(new_samples)} slices of site {scenario.new_site} "
           f"annotating {'/'.join(scenario.new_labels)} ({time.monotonic() - t0:.0f} s)",
           flush=True)
+    return Setup(scenario, args, base, full, old_samples, new_samples,
+                 range(args.subjects, args.subjects + args.held_out),
+                 range(args.new_subjects, args.new_subjects + args.held_out), head_epochs)
 
-    # -- starter ------------------------------------------------------------------------
-    starter = build_model(base)
-    t = time.monotonic()
-    rep_s = train(starter, base, old_samples, policy(args, args.starter_epochs))
-    sec_s = time.monotonic() - t
-    starter_old = evaluate(starter, base, scenario, scenario.old_site, a_held, args.seed,
-                           scenario.old_eval)
-    print(f"starter: {rep_s.steps} steps {sec_s:.0f} s; held-out {scenario.old_site}: "
-          f"{_fmt(starter_old)}", flush=True)
 
-    # -- continual: the node's path -----------------------------------------------------
-    continual, _ = model_from_bytes(model_to_bytes(starter, base), full)  # seeded head
+@dataclass
+class Phase:
+    """One trained model's report, seconds and held-out Dice (old site, new site)."""
+
+    report: TrainingReport
+    seconds: float
+    old: dict[str, float]
+    new: dict[str, float] = field(default_factory=dict)
+
+
+def train_starter(st: Setup) -> tuple[MultiHeadUNet, Phase]:
+    """Heads of the old site's labels from scratch on its slices."""
+    starter = build_model(st.base)
+    report, seconds = timed(train, starter, st.base, st.old_samples,
+                            policy(st.args, st.args.starter_epochs))
+    phase = Phase(report, seconds, st.scores(starter, st.base, st.scenario.old_site))
+    print(f"starter: {report.steps} steps {seconds:.0f} s; held-out {st.scenario.old_site}: "
+          f"{scores_text(phase.old)}", flush=True)
+    return starter, phase
+
+
+def train_continual(st: Setup, starter: MultiHeadUNet) -> tuple[Phase, list[str]]:
+    """The node's path: the starter plus the seeded head, trained alone on the frozen
+    encoder; the groups whose tensors changed."""
+    sc = st.scenario
+    continual, _ = model_from_bytes(model_to_bytes(starter, st.base), st.full)  # seeded head
     before = {k: v.clone() for k, v in continual.state_dict().items()}
-    pol = continual_policy(full, scenario.new_labels, policy(args, head_epochs))
-    t = time.monotonic()
-    rep_k = train(continual, full, new_samples, pol)
-    sec_k = time.monotonic() - t
-    full_trained = after_round(full, rep_k)
+    pol = continual_policy(st.full, sc.new_labels, policy(st.args, st.head_epochs))
+    report, seconds = timed(train, continual, st.full, st.new_samples, pol)
+    full_trained = after_round(st.full, report)
     after = continual.state_dict()
     changed = sorted({k.split(".")[0] if k.startswith("encoder") else ".".join(k.split(".")[:2])
                       for k in after if not torch.equal(before[k], after[k])})
-    cont_old = evaluate(continual, full_trained, scenario, scenario.old_site, a_held, args.seed,
-                        scenario.old_eval)
-    cont_new = evaluate(continual, full_trained, scenario, scenario.new_site, b_held,
-                        args.seed + 1, scenario.new_labels)
-    print(f"continual: {rep_k.steps} steps {sec_k:.0f} s, groups changed {changed}; "
-          f"held-out {scenario.old_site}: {_fmt(cont_old)}; {scenario.new_site}: "
-          f"{_fmt(cont_new)}", flush=True)
+    phase = Phase(report, seconds, st.scores(continual, full_trained, sc.old_site),
+                  st.scores(continual, full_trained, sc.new_site))
+    print(f"continual: {report.steps} steps {seconds:.0f} s, groups changed {changed}; "
+          f"held-out {sc.old_site}: {scores_text(phase.old)}; {sc.new_site}: "
+          f"{scores_text(phase.new)}", flush=True)
+    return phase, changed
 
-    # -- joint: same slices, same annotations, same number of steps ------------------------
-    joint_config = full.with_trained_heads(full.pending_heads)
+
+def train_joint(st: Setup, steps_total: int) -> tuple[Phase, int]:
+    """Every head from scratch on the same slices and annotations, as many steps."""
+    sc, args = st.scenario, st.args
+    joint_config = st.full.with_trained_heads(st.full.pending_heads)
     joint = build_model(joint_config)
-    steps_total = rep_s.steps + rep_k.steps
-    per_epoch = math.ceil((len(old_samples) + len(new_samples)) / args.batch_size)
+    per_epoch = math.ceil((len(st.old_samples) + len(st.new_samples)) / args.batch_size)
     joint_epochs = max(1, round(steps_total / per_epoch))
-    t = time.monotonic()
-    rep_j = train(joint, joint_config, [*old_samples, *new_samples],
-                  replace(policy(args, joint_epochs),
-                          time_budget_s=None if args.phase_budget is None
-                          else 2 * args.phase_budget))
-    sec_j = time.monotonic() - t
-    joint_old = evaluate(joint, joint_config, scenario, scenario.old_site, a_held, args.seed,
-                         scenario.old_eval)
-    joint_new = evaluate(joint, joint_config, scenario, scenario.new_site, b_held,
-                         args.seed + 1, scenario.new_labels)
-    print(f"joint: {rep_j.steps} steps {sec_j:.0f} s; held-out {scenario.old_site}: "
-          f"{_fmt(joint_old)}; {scenario.new_site}: {_fmt(joint_new)}", flush=True)
+    report, seconds = timed(train, joint, joint_config, [*st.old_samples, *st.new_samples],
+                            replace(policy(args, joint_epochs),
+                                    time_budget_s=None if args.phase_budget is None
+                                    else 2 * args.phase_budget))
+    phase = Phase(report, seconds, st.scores(joint, joint_config, sc.old_site),
+                  st.scores(joint, joint_config, sc.new_site))
+    print(f"joint: {report.steps} steps {seconds:.0f} s; held-out {sc.old_site}: "
+          f"{scores_text(phase.old)}; {sc.new_site}: {scores_text(phase.new)}", flush=True)
+    return phase, joint_epochs
 
-    organs = [n for n in scenario.old_eval if not base.label(n).enclosing]
-    drops = {n: starter_old[n] - cont_old[n] for n in scenario.old_eval}
-    new_mean_c = float(np.mean([cont_new[n] for n in scenario.new_labels]))
-    new_mean_j = float(np.mean([joint_new[n] for n in scenario.new_labels]))
+
+def summary_of(st: Setup, starter: Phase, cont: Phase, changed: list[str], joint: Phase,
+               joint_epochs: int, seconds_total: float) -> dict[str, object]:
+    sc, args = st.scenario, st.args
+    organs = [n for n in sc.old_eval if not st.base.label(n).enclosing]
+    drops = {n: starter.old[n] - cont.old[n] for n in sc.old_eval}
+    new_mean_c = float(np.mean([cont.new[n] for n in sc.new_labels]))
+    new_mean_j = float(np.mean([joint.new[n] for n in sc.new_labels]))
     ratio = new_mean_c / new_mean_j if new_mean_j > 0 else float("nan")
     max_drop = max(drops[n] for n in organs)
-    summary = {
+    return {
         "data": args.data,
         "targets": {"old_dice_drop_max": 0.01, "new_vs_joint_min": 0.95},
         "old_dice_drop": drops,
@@ -278,25 +239,33 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "new_dice_joint_mean": new_mean_j,
         "new_vs_joint": ratio,
         "passed": {"old_drop": max_drop <= 0.01, "new_vs_joint": ratio >= 0.95},
-        "starter": {"dice": starter_old, "steps": rep_s.steps, "seconds": round(sec_s, 1)},
-        "continual": {"dice_old": cont_old, "dice_new": cont_new, "steps": rep_k.steps,
-                      "seconds": round(sec_k, 1), "trained_heads": list(rep_k.trained_heads),
-                      "encoder_frozen": rep_k.encoder_frozen, "groups_changed": changed},
-        "joint": {"dice_old": joint_old, "dice_new": joint_new, "steps": rep_j.steps,
-                  "epochs": joint_epochs, "seconds": round(sec_j, 1)},
+        "starter": {"dice": starter.old, "steps": starter.report.steps,
+                    "seconds": round(starter.seconds, 1)},
+        "continual": {"dice_old": cont.old, "dice_new": cont.new, "steps": cont.report.steps,
+                      "seconds": round(cont.seconds, 1),
+                      "trained_heads": list(cont.report.trained_heads),
+                      "encoder_frozen": cont.report.encoder_frozen, "groups_changed": changed},
+        "joint": {"dice_old": joint.old, "dice_new": joint.new, "steps": joint.report.steps,
+                  "epochs": joint_epochs, "seconds": round(joint.seconds, 1)},
         "setup": {"input_size": args.input_size, "subjects_old": args.subjects,
                   "subjects_new": args.new_subjects, "held_out": args.held_out,
-                  "slices_old": len(old_samples), "slices_new": len(new_samples),
-                  "starter_epochs": args.starter_epochs, "kidney_epochs": head_epochs,
+                  "slices_old": len(st.old_samples), "slices_new": len(st.new_samples),
+                  "starter_epochs": args.starter_epochs, "kidney_epochs": st.head_epochs,
                   "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
                   "seed": args.seed, "phase_budget_s": args.phase_budget,
-                  "seconds_total": round(time.monotonic() - t0, 1)},
+                  "seconds_total": round(seconds_total, 1)},
     }
-    return summary
 
 
-def _fmt(d: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+def run(args: argparse.Namespace) -> dict[str, object]:
+    scenario = ct_scenario() if args.data == "ct" else mr_scenario()
+    torch.manual_seed(args.seed)
+    clock = Clock()
+    st = setup(scenario, args)
+    starter_model, starter = train_starter(st)
+    cont, changed = train_continual(st, starter_model)
+    joint, joint_epochs = train_joint(st, starter.report.steps + cont.report.steps)
+    return summary_of(st, starter, cont, changed, joint, joint_epochs, clock.seconds)
 
 
 def plot(summary: dict, path: Path) -> None:  # type: ignore[type-arg]
@@ -320,9 +289,7 @@ def plot(summary: dict, path: Path) -> None:  # type: ignore[type-arg]
     ax.set_title(f"continual classes ({summary['data']}): old drop "
                  f"{summary['old_dice_drop_max']:.4f}, new vs joint {summary['new_vs_joint']:.3f}")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> int:
@@ -351,8 +318,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     summary = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"continual-{args.data}.json").write_text(json.dumps(summary, indent=2))
+    write_json(args.out / f"continual-{args.data}.json", summary)
     plot(summary, args.out / f"continual-{args.data}.png")
     print(json.dumps({k: summary[k] for k in ("old_dice_drop", "old_dice_drop_max",
                                               "new_dice_continual_mean", "new_dice_joint_mean",

@@ -4,7 +4,7 @@ A starter model trained on site A meets a stream of studies from a shifted site.
 study is segmented, "corrected" to its ground truth, and one round of incremental
 training runs exactly as the node's trainer runs it: ``dicom_node.learning.incremental``
 (touched slices + neighbours, replay buffer) with the node's ``[learning]`` defaults
-(``policy_of``/``rehearsal_of`` of ``dicom_node.pipeline.trainer``): 5 epochs of Adam at
+(``policy_of`` of ``dicom_node.pipeline.trainer``, ``[learning.rehearsal]``): 5 epochs of Adam at
 1e-3, augmentation, 50 s step budget, 2 threads, encoder at 0.01x the rate,
 distillation toward the round's starting model, and rehearsal on anchor slices of
 phantom site A made locally (``dicom_node.learning.rehearsal``), whose gate refuses a
@@ -37,34 +37,29 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
+from corrections import correction_sample, replay_within
+from harness import pyplot, save_figure, write_json
 
-matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
-import matplotlib.pyplot as plt
-
-from dicom_node.config import LearningSettings, NodeConfig
+from dicom_node.config import RENAMED_KEYS, LearningSettings, NodeConfig
 from dicom_node.learning.bootstrap import STARTER_DIR, BootstrapPlan, bootstrap
-from dicom_node.learning.incremental import (
-    cut_sample,
-    touched_slices,
-    train_round,
-    with_neighbours,
-)
+from dicom_node.learning.incremental import train_round
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.policy import RehearsalPlan, TrainingPolicy
 from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample
-from dicom_node.learning.training import TrainingPolicy
 from dicom_node.learning.weights import load_model
 from dicom_node.phantom import ct
-from dicom_node.pipeline.trainer import policy_of, rehearsal_of
+from dicom_node.pipeline.trainer import policy_of
+
+plt = pyplot()  # files only; at start so a missing `bench` extra fails at once
 
 LOGGER = logging.getLogger("benchmarks.learning")
 NODE = LearningSettings()  # the node's defaults
@@ -96,8 +91,7 @@ def score(model: MultiHeadUNet, config: ModelConfig, cases: list[Case]) -> dict[
 
 
 def load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0]) if os.path.exists(
-        "/proc/loadavg") else float("nan")
+    return os.getloadavg()[0]
 
 
 def mr_starter(args: argparse.Namespace) -> tuple[MultiHeadUNet, ModelConfig, str]:
@@ -144,10 +138,14 @@ def node_learning(args: argparse.Namespace) -> LearningSettings:
         "threads", "l2sp_alpha", "distill_weight", "encoder_lr_scale", "rehearsal_site",
         "rehearsal_subjects", "rehearsal_fraction", "rehearsal_margin", "keep_optimiser_state")
         if getattr(args, k) is not None}
-    return LearningSettings.model_validate({**NODE.model_dump(), **overrides})
+    data = NODE.model_dump()
+    for key, value in overrides.items():  # flat flags -> [learning.round] / [.rehearsal]
+        section, name = RENAMED_KEYS.get(key, ("", key))
+        (data[section] if section else data)[name] = value
+    return LearningSettings.model_validate(data)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", choices=("ct", "mr"), default="ct",
                     help="ct: the CT phantom; mr: real anatomy (MR atlas, Colin27 + AAL)")
@@ -182,6 +180,76 @@ def main() -> int:
     args = ap.parse_args()
     args.shifted_site = args.shifted_site or ("C" if args.data == "ct" else "B")
     args.out = args.out or Path("benchmarks/out/learning" + ("-mr" if args.data == "mr" else ""))
+    args.shifted_site = args.shifted_site or ("C" if args.data == "ct" else "B")
+    args.out = args.out or Path("benchmarks/out/learning" + ("-mr" if args.data == "mr" else ""))
+    return args
+
+
+def rehearsal(config: ModelConfig, plan: RehearsalPlan
+              ) -> tuple[AnchorGate | None, list[SliceSample]]:
+    """The anchor slices the rounds rehearse and the gate that scores them."""
+    t0 = time.monotonic()
+    anchors = anchor_set(config, plan)
+    gate = AnchorGate(anchors, plan.margin) if anchors else None
+    slices = anchor_slices(anchors)
+    gated = sum(len(a.slices) for a in gate.slices) if gate else 0
+    print(f"rehearsal: {len(slices)} anchor slices of site {plan.site or '-'} "
+          f"({time.monotonic() - t0:.0f} s), the gate scores {gated}", flush=True)
+    return gate, slices
+
+
+@dataclass
+class Learner:
+    """The serving model of the shifted site's node and what its rounds carry over."""
+
+    model: MultiHeadUNet
+    config: ModelConfig
+    moments: dict | None  # Adam's, kept by served rounds
+    replay: list[list[SliceSample]] = field(default_factory=list)
+
+
+def learn(node: Learner, n: int, case: Case, policy: TrainingPolicy, gate: AnchorGate | None,
+          anchors: list[SliceSample], args: argparse.Namespace, budget: int) -> dict:
+    """Correction ``n``: segment, train a round on the touched slices and the replay, let
+    the anchor gate judge it (a refused round leaves the serving model as it was)."""
+    config = node.config
+    ai, sample = correction_sample(node.model, config, case.image, case.labels, case.spacing,
+                                   args.neighbours)
+    ai_dice = dice_per_label(ai, case.labels, config.label_values)
+    old = replay_within(node.replay, budget)
+    load_before = load()
+    t1 = time.monotonic()
+    candidate, report = train_round(node.model, config, sample, old, replace(policy, seed=n),
+                                    anchors=anchors, optimiser_state=node.moments)
+    train_s = time.monotonic() - t1
+    check = gate.check(node.model, config, candidate, config) if gate else None
+    seconds = time.monotonic() - t1
+    served = check is None or check.accepted
+    if served:  # a refused round leaves the serving model as it was (the node's gate)
+        node.model, node.config = candidate, config.with_generation(config.generation + 1)
+        node.moments = report.optimiser_state
+    node.replay.insert(0, sample)
+    return {"corrections": n, "ai_vs_corrected": ai_dice,
+            "slices": len(sample), "replay_slices": len(old), "train_s": train_s,
+            "round_s": seconds, "steps": report.steps, "epochs": report.epochs_completed,
+            "budget_hit": report.stopped_by_time_budget, "served": served,
+            "anchors": None if check is None else {"base": check.base,
+                                                    "candidate": check.candidate},
+            "verdict": None if check is None else check.verdict,
+            "load": load_before}
+
+
+def row_line(row: dict) -> str:
+    check = row["anchors"]
+    anchor = f"{check['candidate']['mean']:8.4f}" if check else f"{'-':>8}"
+    return (f"{row['corrections']:>3} {row['B']['mean']:8.4f} {row['A']['mean']:8.4f} "
+            f"{np.mean(list(row['ai_vs_corrected'].values())):9.4f} {row['slices']:>7} "
+            f"{row['round_s']:8.1f} {row['steps']:>6} {anchor} "
+            f"{'yes' if row['served'] else 'NO':>6} {row['load']:5.1f}")
+
+
+def main() -> int:
+    args = parse_args()
     lc = node_learning(args)
     args.threads = lc.threads
     node = NodeConfig.model_validate({"learning": lc.model_dump()})
@@ -191,17 +259,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     model, config, origin = starter(args)
-    values = list(config.label_values.values())
-    names = list(config.label_values)
-    policy = replace(policy_of(node), batch_size=16)
-    plan = rehearsal_of(node)
-    t0 = time.monotonic()
-    anchors = anchor_set(config, plan)
-    gate = AnchorGate(anchors, plan.margin) if anchors else None
-    slices = anchor_slices(anchors)
-    gated = sum(len(a.slices) for a in gate.slices) if gate else 0
-    print(f"rehearsal: {len(slices)} anchor slices of site {plan.site or '-'} "
-          f"({time.monotonic() - t0:.0f} s), the gate scores {gated}", flush=True)
+    policy = replace(policy_of(node.learning), batch_size=16)
+    plan = node.learning.rehearsal.plan()
+    gate, anchors = rehearsal(config, plan)
     t0 = time.monotonic()
     shifted = args.shifted_site
     held_b = [phantom_case(shifted, 1000 + i, args.seed, args.data) for i in range(args.held_out)]
@@ -213,44 +273,16 @@ def main() -> int:
     print(f"{'n':>3} {'Dice ' + shifted:>8} {'Dice A':>8} {'AI vs GT':>9} {'slices':>7} "
           f"{'round s':>8} {'steps':>6} {'anchorsA':>8} {'served':>6} {'load':>5}", flush=True)
     print(f"{0:>3} {rows[0]['B']['mean']:8.4f} {rows[0]['A']['mean']:8.4f}", flush=True)
-    replay: list[list[SliceSample]] = []
+    learner = Learner(model, config, {} if lc.keep_optimiser_state else None)
     summary: dict = {}
-    moments = {} if lc.keep_optimiser_state else None  # Adam's, kept by served rounds
     for n in range(1, args.corrections + 1):
         case = phantom_case(shifted, n - 1, args.seed, args.data)
-        ai = segment_volume(model, config, case.image, case.spacing).labels
-        ai_dice = dice_per_label(ai, case.labels, config.label_values)
-        changed = touched_slices(ai, case.labels, values)
-        keep = with_neighbours(changed, args.neighbours, case.image.shape[0])
-        sample = cut_sample(case.image, case.labels, keep, names, config).slice_samples()
-        old = _within_budget(replay, lc.replay_max_slices)
-        load_before = load()
-        t1 = time.monotonic()
-        candidate, report = train_round(model, config, sample, old, replace(policy, seed=n),
-                                        anchors=slices, optimiser_state=moments)
-        train_s = time.monotonic() - t1
-        check = gate.check(model, config, candidate, config) if gate else None
-        seconds = time.monotonic() - t1
-        served = check is None or check.accepted
-        if served:  # a refused round leaves the serving model as it was (the node's gate)
-            model, config = candidate, config.with_generation(config.generation + 1)
-            moments = report.optimiser_state
-        replay.insert(0, sample)
-        row = {"corrections": n, "B": score(model, config, held_b),
-               "A": score(model, config, held_a), "ai_vs_corrected": ai_dice,
-               "slices": len(sample), "replay_slices": len(old), "train_s": train_s,
-               "round_s": seconds, "steps": report.steps, "epochs": report.epochs_completed,
-               "budget_hit": report.stopped_by_time_budget, "served": served,
-               "anchors": None if check is None else {"base": check.base,
-                                                       "candidate": check.candidate},
-               "verdict": None if check is None else check.verdict,
-               "load": round((load_before + load()) / 2, 2)}
+        row = learn(learner, n, case, policy, gate, anchors, args, lc.replay_max_slices)
+        row = {"corrections": n, "B": score(learner.model, learner.config, held_b),
+               "A": score(learner.model, learner.config, held_a), **row,
+               "load": round((row["load"] + load()) / 2, 2)}
         rows.append(row)
-        anchor = f"{check.candidate['mean']:8.4f}" if check else f"{'-':>8}"
-        print(f"{n:>3} {row['B']['mean']:8.4f} {row['A']['mean']:8.4f} "
-              f"{np.mean(list(ai_dice.values())):9.4f} {len(sample):>7} {seconds:8.1f} "
-              f"{report.steps:>6} {anchor} {'yes' if served else 'NO':>6} "
-              f"{row['load']:5.1f}", flush=True)
+        print(row_line(row), flush=True)
         summary = write_outputs(args.out, origin, policy, rows, args.corrections,
                                 {"data": args.data, "shifted_site": shifted,
                                  "rehearsal": vars(plan) if plan.enabled else None})
@@ -264,19 +296,10 @@ def write_outputs(out: Path, origin: str, policy: TrainingPolicy, rows: list[dic
                   n: int, run: dict) -> dict:
     """Written after every correction, so an interrupted run still leaves its figures."""
     summary = summarise(rows, n)
-    (out / "learning.json").write_text(json.dumps(
-        {"starter": origin, **run, "policy": vars(policy), "rows": rows, "summary": summary},
-        indent=2, default=str))
+    write_json(out / "learning.json", {"starter": origin, **run, "policy": vars(policy),
+                                       "rows": rows, "summary": summary}, default=str)
     plot(rows, out / "learning.png", origin, run)
     return summary
-
-
-def _within_budget(replay: list[list[SliceSample]], budget: int) -> list[SliceSample]:
-    out: list[SliceSample] = []
-    for sample in replay:  # newest first, as the node's trainer
-        if len(out) + len(sample) <= budget:
-            out += sample
-    return out
 
 
 def summarise(rows: list[dict], n: int) -> dict:
@@ -320,9 +343,7 @@ def plot(rows: list[dict], path: Path, origin: str, run: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.text(0.01, 0.01, f"starter: {origin}", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":
