@@ -41,12 +41,10 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")  # files only; imported at start so a missing `bench` extra fails at once
-import matplotlib.pyplot as plt
+from harness import pyplot, save_figure, write_json
 
 from federation_grpc.hub.quality import (
     CORRECTION,
@@ -58,6 +56,7 @@ from federation_grpc.hub.quality import (
 )
 from federation_grpc.hub.reports import check_numbers
 
+plt = pyplot()  # files only; at start so a missing `bench` extra fails at once
 LOGGER = logging.getLogger("benchmarks.quality")
 SITES = {"ct": (("A", "B"), ("C", "D")), "mr": (("A", "C"), ("B",))}  # (fit, OOD)
 FIT_SITES, OOD_SITES = SITES["ct"]
@@ -108,16 +107,9 @@ def run_case(model, config, data: str, site: str, index: int, seed: int) -> dict
 
 def load_starter(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.data == "mr":
-        # The MR starter of benchmarks/learning.py (same recipe, cached under --out).
-        import importlib.util
+        from learning import mr_starter  # the MR starter of learning.py, cached under --out
 
-        spec = importlib.util.spec_from_file_location(
-            "bench_learning", Path(__file__).with_name("learning.py"))
-        assert spec is not None and spec.loader is not None
-        learning = importlib.util.module_from_spec(spec)
-        sys.modules["bench_learning"] = learning
-        spec.loader.exec_module(learning)
-        model, config, _ = learning.mr_starter(argparse.Namespace(
+        model, config, _ = mr_starter(argparse.Namespace(
             out=args.out, bootstrap_subjects=args.bootstrap_subjects,
             bootstrap_budget=args.bootstrap_budget, threads=args.threads))
         return model, config
@@ -177,7 +169,7 @@ def rates(flagged: np.ndarray, dice: np.ndarray, low: float) -> dict:
             "flagged": int(flagged.sum())}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit-cases", type=int, default=60)
     parser.add_argument("--ood-cases", type=int, default=40)
@@ -194,38 +186,33 @@ def main() -> int:
                         help="default benchmarks/out/quality (ct) or quality-mr")
     args = parser.parse_args()
     args.out = args.out or Path("benchmarks/out/quality" + ("-mr" if args.data == "mr" else ""))
-    global FIT_SITES, OOD_SITES
-    FIT_SITES, OOD_SITES = SITES[args.data]
-    logging.basicConfig(level=logging.WARNING)
+    return args
 
-    rows = collect(args, args.out / "cases.jsonl")
-    policy = QualityPolicy(low_dice=args.low_dice, target_fp_rate=args.target_fp)
-    fit_rows = [r for r in rows if r["site"] in FIT_SITES]
-    train = [as_case(r, CORRECTION, i) for i, r in enumerate(fit_rows, start=1)]
-    model, message = fit_model(train, policy)
-    if model is None:
-        print(f"cannot fit: {message}")
-        return 1
-    y_fit = np.array([true_dice(r) for r in fit_rows])
-    loo = np.clip(model.fit.loo_predictions, 0, 1)
-    results: dict = {
-        "data": args.data, "fit_sites": FIT_SITES, "ood_sites": OOD_SITES,
-        "policy": {"low_dice": policy.low_dice, "target_fp_rate": policy.target_fp_rate},
-        "model": {"n": model.n, "r2": model.fit.r2, "loo_r2": model.fit.loo_r2,
-                  "alpha": model.fit.alpha, "threshold": model.threshold,
-                  "features": len(model.features),
-                  "top_coefficients": dict(sorted(
-                      zip(model.features, map(float, model.fit.coef), strict=True),
-                      key=lambda kv: -abs(kv[1]))[:8])},
-        "fit_set_loo": rates(loo < model.threshold, y_fit, policy.low_dice),
-        "ood": {},
-    }
+
+def fit_summary(model: Any) -> dict:
+    """The fitted model as reported: fit quality, threshold, the largest coefficients."""
+    return {"n": model.n, "r2": model.fit.r2, "loo_r2": model.fit.loo_r2,
+            "alpha": model.fit.alpha, "threshold": model.threshold,
+            "features": len(model.features),
+            "top_coefficients": dict(sorted(
+                zip(model.features, map(float, model.fit.coef), strict=True),
+                key=lambda kv: -abs(kv[1]))[:8])}
+
+
+def mean_entropy_baseline(train: list[Case], policy: QualityPolicy) -> Any:
+    """The one-feature comparison: mean entropy alone, same threshold rule."""
     baseline, _ = fit_model([Case(c.node_id, c.kind, 0, {
         "mean_entropy": c.values["mean_entropy"],
         **{k: v for k, v in c.values.items() if k.startswith("dice.")}}) for c in train],
         policy)
     assert baseline is not None
-    plot_sets = {"fit (leave-one-out)": (y_fit, loo)}
+    return baseline
+
+
+def score_ood(rows: list[dict], model: Any, baseline: Any, policy: QualityPolicy,
+              results: dict, plot_sets: dict) -> list[Case]:
+    """Each OOD site's segmentations flagged by the model and the baseline, and pooled;
+    the OOD records."""
     ood_cases, ood_y, ood_pred = [], [], []
     for site in OOD_SITES:
         site_rows = [r for r in rows if r["site"] == site]
@@ -250,19 +237,20 @@ def main() -> int:
         "baseline_mean_entropy": rates(base_all < baseline.threshold, y_all, policy.low_dice),
         "mae": float(np.abs(p_all - y_all).mean()),
     }
-    # The hub's whole report on these records, as `tessera hub quality` would show it.
+    return ood_cases
+
+
+def hub_report(train: list[Case], ood_cases: list[Case], policy: QualityPolicy,
+               results: dict) -> None:
+    """The hub's whole report on these records, as `tessera hub quality` would show it."""
     report = assess(train + ood_cases, policy).as_dict()
     results["hub_report_groups"] = report["groups"]
     results["hub_report_drift"] = [{k: d[k] for k in ("node", "mean_predicted_dice",
                                                       "dice_drop", "mean_abs_shift_sd",
                                                       "drifting")} for d in report["drift"]]
-    results["cases"] = [{"site": r["site"], "index": r["index"], "dice": true_dice(r),
-                         "profile": r["profile"]} for r in rows]
-    pooled = results["ood"]["pooled"]["model"]
-    results["target_met"] = bool(pooled["recall"] is not None and pooled["recall"] >= 0.7
-                                 and pooled["false_positive_rate"] is not None
-                                 and pooled["false_positive_rate"] <= 0.2)
 
+
+def print_results(results: dict, policy: QualityPolicy) -> None:
     m = results["model"]
     print(f"\nfit on {m['n']} corrections (sites {', '.join(FIT_SITES)}): R² {m['r2']:.3f}, "
           f"leave-one-out R² {m['loo_r2']:.3f}, {m['features']} features, alpha "
@@ -279,8 +267,44 @@ def main() -> int:
     print(f"target (recall >= 70% at <= 20% FP on OOD, pooled, low = Dice < "
           f"{policy.low_dice:g}): "
           f"{'met' if results['target_met'] else 'NOT met'}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(results, indent=2))
+
+
+def main() -> int:
+    args = parse_args()
+    global FIT_SITES, OOD_SITES
+    FIT_SITES, OOD_SITES = SITES[args.data]
+    logging.basicConfig(level=logging.WARNING)
+
+    rows = collect(args, args.out / "cases.jsonl")
+    policy = QualityPolicy(low_dice=args.low_dice, target_fp_rate=args.target_fp)
+    fit_rows = [r for r in rows if r["site"] in FIT_SITES]
+    train = [as_case(r, CORRECTION, i) for i, r in enumerate(fit_rows, start=1)]
+    model, message = fit_model(train, policy)
+    if model is None:
+        print(f"cannot fit: {message}")
+        return 1
+    y_fit = np.array([true_dice(r) for r in fit_rows])
+    loo = np.clip(model.fit.loo_predictions, 0, 1)
+    results: dict = {
+        "data": args.data, "fit_sites": FIT_SITES, "ood_sites": OOD_SITES,
+        "policy": {"low_dice": policy.low_dice, "target_fp_rate": policy.target_fp_rate},
+        "model": fit_summary(model),
+        "fit_set_loo": rates(loo < model.threshold, y_fit, policy.low_dice),
+        "ood": {},
+    }
+    baseline = mean_entropy_baseline(train, policy)
+    plot_sets = {"fit (leave-one-out)": (y_fit, loo)}
+    ood_cases = score_ood(rows, model, baseline, policy, results, plot_sets)
+    hub_report(train, ood_cases, policy, results)
+    results["cases"] = [{"site": r["site"], "index": r["index"], "dice": true_dice(r),
+                         "profile": r["profile"]} for r in rows]
+    pooled = results["ood"]["pooled"]["model"]
+    results["target_met"] = bool(pooled["recall"] is not None and pooled["recall"] >= 0.7
+                                 and pooled["false_positive_rate"] is not None
+                                 and pooled["false_positive_rate"] <= 0.2)
+
+    print_results(results, policy)
+    write_json(args.out / "quality.json", results)
     title = "MR atlas (real anatomy)" if args.data == "mr" else "phantom CT"
     plot(plot_sets, model.threshold, policy.low_dice, args.out / "quality.png", title)
     print(f"wrote {args.out / 'quality.json'} and {args.out / 'quality.png'}")
@@ -304,9 +328,7 @@ def plot(sets: dict, threshold: float, low: float, path: Path, title: str) -> No
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"Quality monitoring: starter model on {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":
