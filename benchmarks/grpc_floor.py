@@ -29,6 +29,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+from harness import cpu_seconds
 
 METHOD = "/tessera.bench.v1.Floor/Upload"
 MAX_MESSAGE = 8 * 1024 * 1024
@@ -78,11 +79,6 @@ def serve(sink: Path, tls: tuple[Path, Path, Path] | None, workers: int) -> None
     server.stop(0)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(
     payloads: list[bytes],
     sink: Path,
@@ -130,11 +126,11 @@ def measure(
         for thread in pushers:
             thread.start()
         go.wait()
-        start, cpu = time.perf_counter(), time.process_time() + _cpu_seconds(server.pid)
+        start, cpu = time.perf_counter(), time.process_time() + cpu_seconds(server.pid)
         for thread in pushers:
             thread.join()
         elapsed = time.perf_counter() - start
-        cpu = time.process_time() + _cpu_seconds(server.pid) - cpu
+        cpu = time.process_time() + cpu_seconds(server.pid) - cpu
         for channel in channels:
             channel.close()
     finally:
