@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
+from harness import timed
 
 from dicom_node.config import InferenceSettings
 from dicom_node.learning.bootstrap import STARTER_DIR
@@ -45,11 +45,10 @@ def main() -> int:
              for site in "ABCD" for i in range(args.subjects)]
     cases.append(("head CT", head_ct_subject))
     for name, make in cases:
-        t0 = time.monotonic()
-        verdict = judge(make())
+        verdict, seconds = timed(lambda make=make: judge(make()))
         rows.append({"case": name, **verdict.to_json()})
         print(f"{name:<8} structure fraction {verdict.structure_fraction:.4f} "
-              f"{'in domain' if verdict.in_domain else 'FLAGGED'} ({time.monotonic() - t0:.0f} s)",
+              f"{'in domain' if verdict.in_domain else 'FLAGGED'} ({seconds:.0f} s)",
               flush=True)
     phantom = [r for r in rows if r["case"].startswith("site")]
     head = [r for r in rows if r["case"] == "head CT"]
