@@ -18,14 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_node.learning.errors import LearningError
-from dicom_node.learning.model_config import (
-    HeadSpec,
-    LabelSpec,
-    Modality,
-    ModelConfig,
-    Preprocessing,
-    abdomen_ct_config,
-)
+from dicom_node.learning.label_specs import HeadSpec, LabelSpec
+from dicom_node.learning.model_config import ModelConfig, abdomen_ct_config
+from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
 from dicom_node.phantom.subject import PhantomSubject
 
 HEAD_MR_MODEL = "tessera-head-mr"

@@ -17,24 +17,16 @@ no code from the network). The JSON layout (``format`` ``tessera-model/1``)::
 ``added_heads`` is present only once ``tessera hub add-head`` has added a head
 (continual classes, see :mod:`dicom_node.learning.continual`).
 
-Heads
------
-Each head is a decoder that owns a set of labels and predicts them plus background with
-one softmax (mutually exclusive within the head). Heads are combined into one label map
-by confidence: a voxel gets the non-enclosing label whose head is most confident about
-it; voxels no such head claims get an *enclosing* label (``body``) if its head claims
-them, else background. An enclosing label is a region that contains every other label,
-so its head is trained on the union of all labels (the body silhouette) and needs no
-knowledge of the organs inside it.
+Its parts: labels and heads in :mod:`~dicom_node.learning.label_specs`, the input in
+:mod:`~dicom_node.learning.preprocessing_spec`, external networks in
+:mod:`~dicom_node.learning.external`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
 from dicom_node.learning.errors import ModelConfigError
@@ -44,54 +36,10 @@ from dicom_node.learning.external import (
     check_architecture,
     is_external,
 )
+from dicom_node.learning.label_specs import AddedHead, HeadSpec, LabelSpec
+from dicom_node.learning.preprocessing_spec import Preprocessing
 
 FORMAT = "tessera-model/1"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
-
-
-class Modality(StrEnum):
-    CT = "CT"
-    MR = "MR"
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """One output label: its value in label maps and its SNOMED CT coded concept."""
-
-    name: str
-    value: int
-    code: str
-    meaning: str
-    scheme: str = "SCT"
-    enclosing: bool = False
-
-    def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
-            raise ModelConfigError(f"labels: name {self.name!r} must match {_NAME_RE.pattern}")
-        if not 1 <= self.value <= 255:
-            raise ModelConfigError(f"labels.{self.name}.value must be 1..255, got {self.value}")
-        if not self.code or not self.meaning:
-            raise ModelConfigError(f"labels.{self.name}: code and meaning are required")
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """A decoder head and the labels it owns (a "task")."""
-
-    name: str
-    labels: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
-            raise ModelConfigError(f"heads: name {self.name!r} must match {_NAME_RE.pattern}")
-        if not self.labels:
-            raise ModelConfigError(f"heads.{self.name} owns no labels")
-
-    @property
-    def num_classes(self) -> int:
-        """Softmax width: background plus the head's labels."""
-        return len(self.labels) + 1
 
 
 @dataclass(frozen=True)
@@ -118,165 +66,20 @@ class UNetHyperparameters:
     def depth(self) -> int:
         return len(self.channels)
 
-
-INTENSITY_OPS = ("window", "percentiles", "zscore", "affine")
-
-
-@dataclass(frozen=True)
-class IntensityStep:
-    """One intensity transform of a 3D model's input, applied in order.
-
-    ``window``: ``[lower, upper]`` (HU) mapped to [-1, 1], clipped. ``percentiles``:
-    the volume's ``[lower, upper]`` percentiles mapped to [0, 1], clipped. ``zscore``:
-    zero mean, unit variance. ``affine``: ``x * scale + offset``.
-    """
-
-    op: str
-    lower: float = 0.0
-    upper: float = 0.0
-    scale: float = 1.0
-    offset: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.op not in INTENSITY_OPS:
-            raise ModelConfigError(
-                f"preprocessing.volume.intensity: op {self.op[:32]!r} is not one of "
-                f"{INTENSITY_OPS}")
-        if self.op in ("window", "percentiles") and not self.lower < self.upper:
-            raise ModelConfigError(
-                f"preprocessing.volume.intensity.{self.op}: lower must be < upper")
-        if self.op == "percentiles" and not 0 <= self.lower < self.upper <= 100:
-            raise ModelConfigError("preprocessing.volume.intensity.percentiles: 0..100")
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.op in ("window", "percentiles"):
-            return {"op": self.op, "lower": self.lower, "upper": self.upper}
-        if self.op == "affine":
-            return {"op": self.op, "scale": self.scale, "offset": self.offset}
-        return {"op": self.op}
-
-
-@dataclass(frozen=True)
-class VolumePreprocessing:
-    """Geometry, intensity and sliding window of a 3D network's input.
-
-    ``orientation``: ``"RAS"`` reorders and flips the volume's axes so that they run
-    toward the patient's right, anterior and superior (NIfTI's canonical RAS+ order, what
-    models trained on NIfTI files expect); ``None`` keeps the
-    acquisition order (slice, row, column). Then either ``spacing`` (mm per axis,
-    trilinear resampling) or ``shape`` (voxels per axis) sets the grid; neither keeps it.
-    ``roi_size`` is the sliding window (voxels), run ``sw_batch_size`` windows at a time
-    with ``overlap`` and Gaussian blending; these bound inference memory on CPU.
-    """
-
-    orientation: str | None = None
-    spacing: tuple[float, float, float] | None = None
-    shape: tuple[int, int, int] | None = None
-    intensity: tuple[IntensityStep, ...] = ()
-    roi_size: tuple[int, int, int] = (96, 96, 96)
-    sw_batch_size: int = 1
-    overlap: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.orientation not in (None, "RAS"):
-            raise ModelConfigError("preprocessing.volume.orientation must be 'RAS' or null")
-        if self.spacing is not None and self.shape is not None:
-            raise ModelConfigError("preprocessing.volume: give spacing or shape, not both")
-        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
-            raise ModelConfigError("preprocessing.volume.spacing: three positive numbers")
-        if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 1):
-            raise ModelConfigError("preprocessing.volume.shape: three positive integers")
-        if len(self.roi_size) != 3 or min(self.roi_size) < 8 or max(self.roi_size) > 512:
-            raise ModelConfigError("preprocessing.volume.roi_size: three integers in 8..512")
-        if not 1 <= self.sw_batch_size <= 16:
-            raise ModelConfigError("preprocessing.volume.sw_batch_size must be 1..16")
-        if not 0 <= self.overlap < 1:
-            raise ModelConfigError("preprocessing.volume.overlap must be in [0, 1)")
-
     def to_dict(self) -> dict[str, Any]:
         return {
-            "orientation": self.orientation,
-            "spacing": None if self.spacing is None else list(self.spacing),
-            "shape": None if self.shape is None else list(self.shape),
-            "intensity": [step.to_dict() for step in self.intensity],
-            "roi_size": list(self.roi_size),
-            "sw_batch_size": self.sw_batch_size,
-            "overlap": self.overlap,
+            "channels": list(self.channels),
+            "decoder_convs": self.decoder_convs,
+            "norm_groups": self.norm_groups,
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VolumePreprocessing:
-        spacing, shape = data.get("spacing"), data.get("shape")
+    def from_dict(cls, data: Mapping[str, Any]) -> UNetHyperparameters:
         return cls(
-            orientation=data.get("orientation"),
-            spacing=None if spacing is None else tuple(float(v) for v in spacing),  # type: ignore[arg-type]
-            shape=None if shape is None else tuple(int(v) for v in shape),  # type: ignore[arg-type]
-            intensity=tuple(
-                IntensityStep(op=str(step["op"]), lower=float(step.get("lower", 0.0)),
-                              upper=float(step.get("upper", 0.0)),
-                              scale=float(step.get("scale", 1.0)),
-                              offset=float(step.get("offset", 0.0)))
-                for step in data.get("intensity", ())),
-            roi_size=tuple(int(v) for v in data.get("roi_size", (96, 96, 96))),  # type: ignore[arg-type]
-            sw_batch_size=int(data.get("sw_batch_size", 1)),
-            overlap=float(data.get("overlap", 0.25)),
+            channels=tuple(int(c) for c in data["channels"]),
+            decoder_convs=int(data["decoder_convs"]),
+            norm_groups=int(data["norm_groups"]),
         )
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Input geometry and intensity normalisation.
-
-    CT: one input channel per HU window, each mapped linearly to [-1, 1] and clipped.
-    MR: one channel, the volume's ``mr_percentiles`` mapped to [-1, 1] and clipped.
-
-    3D networks (:mod:`dicom_node.learning.volume_inference`) use ``volume`` instead of
-    ``input_size``: target orientation, spacing or shape, intensity steps and the
-    sliding window.
-    """
-
-    modality: Modality = Modality.CT
-    input_size: int = 128
-    ct_windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
-    mr_percentiles: tuple[float, float] = (1.0, 99.0)
-    volume: VolumePreprocessing | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "modality", Modality(self.modality))
-        if self.input_size < 16:
-            raise ModelConfigError("preprocessing.input_size must be >= 16")
-        if not self.ct_windows:
-            raise ModelConfigError("preprocessing.ct_windows needs at least one window")
-        for lo, hi in self.ct_windows:
-            if not lo < hi:
-                raise ModelConfigError(f"preprocessing.ct_windows: {lo} must be < {hi}")
-        lo, hi = self.mr_percentiles
-        if not 0 <= lo < hi <= 100:
-            raise ModelConfigError("preprocessing.mr_percentiles must be 0 <= low < high <= 100")
-
-    @property
-    def in_channels(self) -> int:
-        return len(self.ct_windows) if self.modality is Modality.CT else 1
-
-
-@dataclass(frozen=True)
-class AddedHead:
-    """A head added to a running model (continual classes): ``tessera hub add-head``.
-
-    ``init_seed`` makes every node initialise the head identically until trained
-    weights exist; ``trained`` turns true once they do (a hub merge or a local round
-    carried the head). An untrained head is *pending*: it is not run at inference and
-    its labels are not written to SEG objects, so it never emits random output.
-    """
-
-    name: str
-    init_seed: int
-    added_in: int = 0
-    trained: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.init_seed < 2**63:
-            raise ModelConfigError(f"added_heads.{self.name}.init_seed must be 0..2**63-1")
 
 
 @dataclass(frozen=True)
@@ -454,40 +257,18 @@ class ModelConfig:
 
     # -- JSON ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        hp, pp = self.hyperparameters, self.preprocessing
         return {
             "format": FORMAT,
             "name": self.name,
             "generation": self.generation,
             "architecture": self.architecture,
-            "hyperparameters": {
-                "channels": list(hp.channels),
-                "decoder_convs": hp.decoder_convs,
-                "norm_groups": hp.norm_groups,
-            },
-            "labels": [
-                {
-                    "name": lab.name,
-                    "value": lab.value,
-                    "code": lab.code,
-                    "scheme": lab.scheme,
-                    "meaning": lab.meaning,
-                    "enclosing": lab.enclosing,
-                }
-                for lab in self.labels
-            ],
+            "hyperparameters": self.hyperparameters.to_dict(),
+            "labels": [lab.to_dict() for lab in self.labels],
             "heads": {h.name: list(h.labels) for h in self.heads},
-            "preprocessing": {
-                "modality": pp.modality.value,
-                "input_size": pp.input_size,
-                "ct_windows": [list(w) for w in pp.ct_windows],
-                "mr_percentiles": list(pp.mr_percentiles),
-                **({"volume": pp.volume.to_dict()} if pp.volume is not None else {}),
-            },
+            "preprocessing": self.preprocessing.to_dict(),
             **({"network": self.network.to_dict()} if self.network is not None else {}),
-            **({"added_heads": {
-                a.name: {"init_seed": a.init_seed, "added_in": a.added_in, "trained": a.trained}
-                for a in self.added_heads}} if self.added_heads else {}),
+            **({"added_heads": {a.name: a.to_record() for a in self.added_heads}}
+               if self.added_heads else {}),
         }
 
     def to_json(self) -> str:
@@ -507,46 +288,17 @@ class ModelConfig:
                 name=str(data["name"]),
                 generation=int(data["generation"]),
                 architecture=str(data.get("architecture", "unet2d-multihead")),
-                hyperparameters=UNetHyperparameters(
-                    channels=tuple(int(c) for c in hp["channels"]),
-                    decoder_convs=int(hp["decoder_convs"]),
-                    norm_groups=int(hp["norm_groups"]),
-                ),
-                labels=tuple(
-                    LabelSpec(
-                        name=str(lab["name"]),
-                        value=int(lab["value"]),
-                        code=str(lab["code"]),
-                        scheme=str(lab.get("scheme", "SCT")),
-                        meaning=str(lab["meaning"]),
-                        enclosing=bool(lab.get("enclosing", False)),
-                    )
-                    for lab in data["labels"]
-                ),
+                hyperparameters=UNetHyperparameters.from_dict(hp),
+                labels=tuple(LabelSpec.from_dict(lab) for lab in data["labels"]),
                 heads=tuple(
                     HeadSpec(name=str(name), labels=tuple(str(x) for x in labs))
                     for name, labs in dict(data["heads"]).items()
                 ),
-                preprocessing=Preprocessing(
-                    modality=Modality(pp.get("modality", "CT")),
-                    input_size=int(pp.get("input_size", 128)),
-                    ct_windows=tuple(
-                        (float(lo), float(hi))
-                        for lo, hi in pp.get("ct_windows", ((-1000, 1000), (-160, 240)))
-                    ),
-                    mr_percentiles=tuple(float(p) for p in pp.get("mr_percentiles", (1, 99))),  # type: ignore[arg-type]
-                    volume=(VolumePreprocessing.from_dict(pp["volume"])
-                            if pp.get("volume") is not None else None),
-                ),
+                preprocessing=Preprocessing.from_dict(pp),
                 network=(NetworkSpec.from_dict(data["network"])
                          if data.get("network") is not None else None),
                 added_heads=tuple(
-                    AddedHead(
-                        name=str(name),
-                        init_seed=int(rec["init_seed"]),
-                        added_in=int(rec.get("added_in", 0)),
-                        trained=_strict_bool(rec.get("trained", False), f"added_heads.{name}"),
-                    )
+                    AddedHead.from_record(str(name), rec)
                     for name, rec in dict(data.get("added_heads") or {}).items()
                 ),
             )
@@ -564,12 +316,6 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ModelConfigError(f"model config is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
-
-
-def _strict_bool(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ModelConfigError(f"{what}.trained must be true or false, got {value!r}")
-    return value
 
 
 def _unique(what: str, items: list[Any]) -> None:

@@ -58,14 +58,13 @@ from dicom_node.learning.external import (
     build_external,
     sha256_file,
 )
-from dicom_node.learning.model_config import (
+from dicom_node.learning.label_specs import LabelSpec
+from dicom_node.learning.model_config import ModelConfig, external_config
+from dicom_node.learning.preprocessing_spec import (
     IntensityStep,
-    LabelSpec,
     Modality,
-    ModelConfig,
     Preprocessing,
     VolumePreprocessing,
-    external_config,
 )
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.label_codings import coding_for

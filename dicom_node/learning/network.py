@@ -17,7 +17,8 @@ from torch import nn
 
 from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.external import ExternalNetwork, build_external
-from dicom_node.learning.model_config import HeadSpec, ModelConfig
+from dicom_node.learning.label_specs import HeadSpec
+from dicom_node.learning.model_config import ModelConfig
 
 LOGGER = logging.getLogger(__name__)
 

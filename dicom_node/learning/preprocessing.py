@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dicom_node.learning.model_config import Modality, Preprocessing
+from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
 
 
 def resize_images(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -33,9 +33,10 @@ import numpy as np
 
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.incremental import StoredSample, accept_candidate, evaluate_slices
-from dicom_node.learning.model_config import Modality, ModelConfig, Preprocessing
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.preprocessing import intensity_range
+from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
 from dicom_node.learning.slices import SliceSample
 
 LOGGER = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from dicom_node.learning.device import autocast, on_device
 from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
 from dicom_node.learning.inference import SegmentationResult, combine_heads, segment_volume
-from dicom_node.learning.model_config import IntensityStep, ModelConfig, VolumePreprocessing
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import SegmentationNetwork
+from dicom_node.learning.preprocessing_spec import IntensityStep, VolumePreprocessing
 
 LOGGER = logging.getLogger(__name__)
 

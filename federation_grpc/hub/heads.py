@@ -52,7 +52,7 @@ LOGGER = logging.getLogger(__name__)
 
 MODEL_FORMAT = "tessera-model/1"
 ADD_HEAD_STRATEGY = "add-head"
-# The node's rule for head and label names (dicom_node.learning.model_config).
+# The node's rule for head and label names (dicom_node.learning.label_specs.NAME_RE).
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # DICOM Coding Scheme Designator (SH) and Code Meaning (LO) limits.
 SCHEME_RE = re.compile(r"^[A-Z0-9_.-]{1,16}$")

@@ -19,7 +19,8 @@ from dicom_node.learning.continual import (
 from dicom_node.learning.errors import ModelConfigError, WeightsError
 from dicom_node.learning.incremental import cut_sample, evaluate_slices
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
+from dicom_node.learning.label_specs import HeadSpec, LabelSpec
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.slices import samples_from_volume
 from dicom_node.learning.training import TrainingPolicy, train

@@ -19,16 +19,15 @@ from dicom_node.learning.external_training import (
     marginal_log_probs,
     train_external,
 )
-from dicom_node.learning.model_config import (
+from dicom_node.learning.label_specs import LabelSpec
+from dicom_node.learning.model_config import ModelConfig, external_config
+from dicom_node.learning.network import build_network
+from dicom_node.learning.preprocessing_spec import (
     IntensityStep,
-    LabelSpec,
     Modality,
-    ModelConfig,
     Preprocessing,
     VolumePreprocessing,
-    external_config,
 )
-from dicom_node.learning.network import build_network
 from dicom_node.learning.training import TrainingPolicy
 from dicom_node.learning.volume_inference import segment_any
 from dicom_node.learning.weights import (

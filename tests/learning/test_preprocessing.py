@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dicom_node.learning.inference import segment_volume
-from dicom_node.learning.model_config import Modality, ModelConfig, Preprocessing
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.preprocessing import (
     intensity_range,
@@ -17,6 +17,7 @@ from dicom_node.learning.preprocessing import (
     prepare_slices,
     resize_labels,
 )
+from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
 
 
 def test_ct_windows_map_to_minus_one_one_and_clip() -> None:

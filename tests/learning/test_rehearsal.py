@@ -14,13 +14,8 @@ from dicom_node.errors import ConfigError
 from dicom_node.learning import rehearsal
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.incremental import StoredSample, copy_model, cut_sample
-from dicom_node.learning.model_config import (
-    HeadSpec,
-    LabelSpec,
-    ModelConfig,
-    UNetHyperparameters,
-    abdomen_ct_config,
-)
+from dicom_node.learning.label_specs import HeadSpec, LabelSpec
+from dicom_node.learning.model_config import ModelConfig, UNetHyperparameters, abdomen_ct_config
 from dicom_node.learning.network import build_model
 from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
 from dicom_node.learning.slices import samples_from_volume
@@ -93,7 +88,7 @@ def test_rehearsal_plan_is_validated(options: dict, match: str) -> None:
 
 
 def test_mr_models_refuse_a_site_the_atlas_lacks() -> None:
-    from dicom_node.learning.model_config import Modality, Preprocessing
+    from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
 
     config = replace(abdomen_ct_config(), preprocessing=Preprocessing(modality=Modality.MR))
     with pytest.raises(TrainingError, match="MR rehearsal site"):

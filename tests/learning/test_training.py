@@ -9,13 +9,14 @@ import torch
 from dicom_node.learning.batches import augment_batch
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.inference import segment_volume
+from dicom_node.learning.label_specs import HeadSpec, LabelSpec
 from dicom_node.learning.losses import (
     conditional_distillation_loss,
     distillation_loss,
     head_targets,
     masked_loss,
 )
-from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import prepare_samples, samples_from_volume

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from dicom_node.learning.errors import ModelConfigError, WeightsError
-from dicom_node.learning.model_config import HeadSpec, LabelSpec, ModelConfig
+from dicom_node.learning.label_specs import HeadSpec, LabelSpec
+from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.weights import (
     CONFIG_KEY,
