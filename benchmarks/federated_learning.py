@@ -205,9 +205,9 @@ def experiment(args: argparse.Namespace, log: Callable[[str], None]) -> Experime
     init = starter(args)
     held = {s: [data(s, 1000 + i, args.data_seed) for i in range(args.held_out)] for s in SITES}
     validation = [data(s, 2000 + i, args.data_seed) for s in SITES for i in range(args.validation)]
-    nc = NodeConfig.model_validate({"learning": {**node.model_dump(), "epochs": args.epochs,
-                                                 "time_budget_s": args.time_budget}})
-    policy = replace(policy_of(nc), num_threads=args.threads, anchor_fraction=0.0)
+    nc = NodeConfig.model_validate({"learning": {**node.model_dump(), "round": {
+        **node.round.model_dump(), "epochs": args.epochs, "time_budget_s": args.time_budget}}})
+    policy = replace(policy_of(nc.learning), num_threads=args.threads, anchor_fraction=0.0)
     log(f"data {args.data}, sites {SITES} (shifted {args.shifted_site}), {args.generations} "
         f"rounds, seeds {args.seeds}, arms {args.arms}; policy {args.epochs} epochs, "
         f"{args.time_budget:.0f} s budget, encoder x{policy.encoder_lr_scale}")

@@ -132,7 +132,7 @@ def _node(root: Path, site: str, hub_port: int, token: str, budget_s: float) -> 
         "http.enabled": False,  # the demo uses DICOM only: no fixed port to collide on
         "rules": [{"name": "segment-ct", "action": "segment", "model": STARTER_MODEL,
                    "destinations": [], "match": {"modality": ["CT"]}}],
-        "learning": {"epochs": 2, "time_budget_s": budget_s, "threads": 1,
+        "learning": {"round": {"epochs": 2, "time_budget_s": budget_s}, "threads": 1,
                      "validation_every": 0, "neighbour_slices": 1},
         "federation": {"enabled": True, "hub": f"127.0.0.1:{hub_port}",
                        "insecure_loopback": True, "enrolment_token": token,

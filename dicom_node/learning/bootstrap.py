@@ -23,9 +23,10 @@ from dicom_node.learning.errors import LearningError
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample, samples_from_volume
-from dicom_node.learning.training import ProgressHook, TrainingPolicy, TrainingReport, train
+from dicom_node.learning.training import ProgressHook, TrainingReport, train
 from dicom_node.learning.weights import save_model
 
 LOGGER = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from torch import nn
 
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
-from dicom_node.learning.training import TrainingPolicy, TrainingReport
+from dicom_node.learning.policy import TrainingPolicy
+from dicom_node.learning.training import TrainingReport
 
 LOGGER = logging.getLogger(__name__)
 

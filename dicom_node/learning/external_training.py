@@ -30,8 +30,9 @@ from monai.losses import DiceCELoss
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
 from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices, resize_labels
-from dicom_node.learning.training import TrainingPolicy, TrainingReport
+from dicom_node.learning.training import TrainingReport
 from dicom_node.learning.volume_inference import prepare_volume, to_ras
 
 LOGGER = logging.getLogger(__name__)

@@ -26,9 +26,10 @@ from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.inference import combine_heads
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices
 from dicom_node.learning.slices import SliceSample
-from dicom_node.learning.training import ProgressHook, TrainingPolicy, TrainingReport, train
+from dicom_node.learning.training import ProgressHook, TrainingReport, train
 from dicom_node.learning.weights import arrays_to_bytes, extract_groups, model_from_bytes
 from dicom_node.learning.weights import model_to_bytes as _model_to_bytes
 

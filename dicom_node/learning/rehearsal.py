@@ -35,6 +35,7 @@ from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.incremental import StoredSample, accept_candidate, evaluate_slices
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.policy import RehearsalPlan
 from dicom_node.learning.preprocessing import intensity_range
 from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
 from dicom_node.learning.slices import SliceSample
@@ -42,45 +43,7 @@ from dicom_node.learning.slices import SliceSample
 LOGGER = logging.getLogger(__name__)
 
 BODY_STRIDE = 4  # of the slices without a non-enclosing label, keep every 4th
-CT_SITES = ("A", "B", "C", "D")
 MR_SITES = ("A", "B", "C")
-
-
-@dataclass(frozen=True)
-class RehearsalPlan:
-    """Which anchors a node makes: ``subjects`` phantom subjects of ``site`` (``seed``).
-
-    ``site=""`` turns rehearsal off. ``fraction`` is the share of each training batch
-    drawn from the anchors; ``margin`` the anchor Dice a round may lose (vs the round's
-    base model) and still be served.
-
-    Raises
-    ------
-    TrainingError
-        ``site`` is not a phantom site; ``subjects`` < 1; ``fraction`` not in [0, 1);
-        ``margin`` not in [0, 1].
-    """
-
-    site: str = "A"
-    subjects: int = 4
-    seed: int = 1
-    fraction: float = 0.25
-    margin: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.site and self.site not in CT_SITES:
-            raise TrainingError(f"rehearsal site must be one of {', '.join(CT_SITES)} or "
-                                f"'' (off), got {self.site!r}")
-        if self.subjects < 1:
-            raise TrainingError(f"rehearsal subjects must be >= 1, got {self.subjects}")
-        if not 0.0 <= self.fraction < 1.0:
-            raise TrainingError(f"rehearsal fraction must be in [0, 1), got {self.fraction}")
-        if not 0.0 <= self.margin <= 1.0:
-            raise TrainingError(f"rehearsal margin must be in [0, 1], got {self.margin}")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.site) and self.fraction > 0
 
 
 def anchor_set(config: ModelConfig, plan: RehearsalPlan) -> tuple[StoredSample, ...]:

@@ -171,7 +171,7 @@ class GenerationAdapter:
         adapted: tuple[MultiHeadUNet, ModelConfig] | None = None
         if replay and isinstance(start, MultiHeadUNet):
             fs = self.config.federation
-            policy = replace(policy_of(self.config), epochs=fs.adapt_epochs,
+            policy = replace(policy_of(self.config.learning), epochs=fs.adapt_epochs,
                              time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
             tuned, _ = train_round(start, config, replay, [], policy,
                                    progress=_beating(beat))

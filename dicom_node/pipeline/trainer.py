@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import LearningSettings, NodeConfig
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
@@ -42,10 +42,10 @@ from dicom_node.learning.incremental import (
 )
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
-from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
-from dicom_node.learning.safetensors_io import atomic_write
+from dicom_node.learning.policy import TrainingPolicy
+from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.slices import SliceSample
-from dicom_node.learning.training import TrainingPolicy, TrainingProgress, TrainingReport
+from dicom_node.learning.training import TrainingProgress, TrainingReport
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
 from dicom_node.pipeline.model_sources import ModelRegistry
@@ -57,6 +57,7 @@ from dicom_node.pipeline.versions import (
     next_generation,
 )
 from dicom_node.store.db import Database
+from dicom_node.store.durable import write_atomic
 from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import (
     ModelVersion,
@@ -69,24 +70,12 @@ from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
-def policy_of(config: NodeConfig) -> TrainingPolicy:
-    lc = config.learning
-    return TrainingPolicy(epochs=lc.epochs, batch_size=lc.batch_size,
-                          learning_rate=lc.learning_rate, augment=lc.augment,
-                          time_budget_s=lc.time_budget_s, replay_fraction=lc.replay_fraction,
-                          num_threads=lc.threads, l2sp_alpha=lc.l2sp_alpha,
-                          encoder_lr_scale=lc.encoder_lr_scale,
-                          distill_weight=lc.distill_weight,
-                          distill_other_heads=lc.distill_other_heads,
-                          anchor_fraction=lc.rehearsal_fraction if lc.rehearsal_site else 0.0,
-                          device=str(resolve_device(lc.device)))
-
-
-def rehearsal_of(config: NodeConfig) -> RehearsalPlan:
-    lc = config.learning
-    return RehearsalPlan(site=lc.rehearsal_site, subjects=lc.rehearsal_subjects,
-                         seed=lc.rehearsal_seed, fraction=lc.rehearsal_fraction,
-                         margin=lc.rehearsal_margin)
+def policy_of(learning: LearningSettings) -> TrainingPolicy:
+    """The node's round policy: ``[learning.round]`` plus what the node decides here (the
+    device, its threads, the anchors' share of a batch)."""
+    return learning.round.policy(num_threads=learning.threads,
+                                 anchor_fraction=learning.rehearsal.anchor_fraction,
+                                 device=str(resolve_device(learning.device)))
 
 
 def held_out_rows(s: Session, name: str) -> list[TrainingSample]:
@@ -202,7 +191,7 @@ class IncrementalTrainer:
         held = [self._load(r) for r in held_rows]
         # Labels of an added head: train that head alone on the frozen encoder.
         policy = continual_policy(base_config, {n for x in new for n in x.annotated},
-                                  policy_of(self.config))
+                                  policy_of(self.config.learning))
         LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
                     name, base_config.generation, len(new), len(new_rows), len(replay))
         t0 = time.monotonic()
@@ -261,8 +250,9 @@ class IncrementalTrainer:
                 "validation": metrics["held_out"]})
             update_path = self.data_dir / "updates" / f"{update_id}.safetensors"
             private_dir(update_path.parent)
-            atomic_write(update_path, data)
-            atomic_write(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+            write_atomic(update_path, data, durable=True)
+            write_atomic(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode(),
+                         durable=True)
         now = datetime.now(UTC)
         with self.db.session() as s:
             if accepted:
@@ -307,7 +297,7 @@ class IncrementalTrainer:
     # -- samples ---------------------------------------------------------------------
     def _rehearsal(self, config: ModelConfig) -> tuple[list[SliceSample], AnchorGate | None]:
         """Anchor slices for ``config``'s labels and the gate scoring them (none if off)."""
-        plan = rehearsal_of(self.config)
+        plan = self.config.learning.rehearsal.plan()
         if not plan.enabled:
             return [], None
         try:

@@ -57,9 +57,10 @@ def tiny_model(folder: Path, name: str = TEST_MODEL) -> Path:
 def learning_section(**extra: Any) -> dict[str, Any]:
     # rehearsal off: its anchor gate would judge an untrained model on the phantom
     # (tests/learning/test_rehearsal.py covers it)
-    base = {"epochs": 1, "batch_size": 8, "time_budget_s": 30, "threads": 2,
-            "neighbour_slices": 1, "validation_every": 0, "replay_max_slices": 200,
-            "rehearsal_site": ""}
+    base = {"threads": 2, "neighbour_slices": 1, "validation_every": 0,
+            "replay_max_slices": 200,
+            "round": {"epochs": 1, "batch_size": 8, "time_budget_s": 30},
+            "rehearsal": {"site": ""}}
     base.update(extra)
     return base
 

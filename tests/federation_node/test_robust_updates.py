@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.slices import samples_from_volume
-from dicom_node.learning.training import TrainingPolicy, train
+from dicom_node.learning.training import train
 from dicom_node.learning.weights import extract_groups, load_model
 from dicom_node.phantom.ct import generate_subject
 from federation_grpc.client import FederationClient

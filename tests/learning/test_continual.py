@@ -22,8 +22,9 @@ from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.label_specs import HeadSpec, LabelSpec
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.slices import samples_from_volume
-from dicom_node.learning.training import TrainingPolicy, train
+from dicom_node.learning.training import train
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes
 from dicom_node.pipeline.segmentation import segment_specs
 

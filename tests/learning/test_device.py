@@ -36,7 +36,7 @@ def test_devices_are_configured_per_section(tmp_path: Path) -> None:
                     'amp = false\n[learning]\ndevice = "cpu"\n')
     config = load_config(path, env={})
     assert (config.inference.device, config.inference.amp) == ("cpu", False)
-    assert policy_of(config).device == "cpu"
+    assert policy_of(config.learning).device == "cpu"
     path.write_text(f'[node]\ndata_dir = "{tmp_path}"\n[inference]\ndevice = "gpu"\n')
     with pytest.raises(ConfigError, match=r"inference\.device"):
         load_config(path, env={})

@@ -22,13 +22,13 @@ from dicom_node.learning.external_training import (
 from dicom_node.learning.label_specs import LabelSpec
 from dicom_node.learning.model_config import ModelConfig, external_config
 from dicom_node.learning.network import build_network
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing_spec import (
     IntensityStep,
     Modality,
     Preprocessing,
     VolumePreprocessing,
 )
-from dicom_node.learning.training import TrainingPolicy
 from dicom_node.learning.volume_inference import segment_any
 from dicom_node.learning.weights import (
     apply_groups,

@@ -15,8 +15,9 @@ from dicom_node.learning import optimiser_state
 from dicom_node.learning.incremental import copy_model
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.slices import PreparedSlices, prepare_samples, samples_from_volume
-from dicom_node.learning.training import TrainingPolicy, train
+from dicom_node.learning.training import train
 
 from .conftest import toy_volume
 

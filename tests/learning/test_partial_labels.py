@@ -22,8 +22,8 @@ from dicom_node.learning.partial_labels import (
     fill_enclosing,
     heads_for_labels,
 )
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.slices import prepare_samples, samples_from_volume
-from dicom_node.learning.training import TrainingPolicy
 from dicom_node.learning.weights import arrays_from_bytes, group_of
 
 from .conftest import BODY, LIVER, SPLEEN, toy_volume

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.config import LearningSettings, NodeConfig, load_config
+from dicom_node.config import LearningSettings, NodeConfig, RehearsalSettings, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.learning import rehearsal
 from dicom_node.learning.errors import TrainingError
@@ -17,11 +17,12 @@ from dicom_node.learning.incremental import StoredSample, copy_model, cut_sample
 from dicom_node.learning.label_specs import HeadSpec, LabelSpec
 from dicom_node.learning.model_config import ModelConfig, UNetHyperparameters, abdomen_ct_config
 from dicom_node.learning.network import build_model
-from dicom_node.learning.rehearsal import AnchorGate, RehearsalPlan, anchor_set, anchor_slices
+from dicom_node.learning.policy import RehearsalPlan, TrainingPolicy
+from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.slices import samples_from_volume
-from dicom_node.learning.training import TrainingPolicy, train
+from dicom_node.learning.training import train
 from dicom_node.phantom.ct import generate_subject
-from dicom_node.pipeline.trainer import policy_of, rehearsal_of
+from dicom_node.pipeline.trainer import policy_of
 from tests.learning.conftest import toy_volume
 
 ALL = {"body", "liver", "spleen", "kidney_left", "kidney_right"}
@@ -158,38 +159,44 @@ def test_the_gate_scores_a_strided_subset() -> None:
 # -- [learning] keys -----------------------------------------------------------------------
 def test_the_nodes_defaults_turn_rehearsal_on_and_policy_follows() -> None:
     node = NodeConfig()
-    plan = rehearsal_of(node)
+    plan = node.learning.rehearsal.plan()
     assert plan.enabled and plan.site == "A"
-    assert policy_of(node).anchor_fraction == node.learning.rehearsal_fraction > 0
-    off = NodeConfig.model_validate({"learning": {"rehearsal_site": ""}})
-    assert not rehearsal_of(off).enabled and policy_of(off).anchor_fraction == 0.0
+    assert policy_of(node.learning).anchor_fraction == node.learning.rehearsal.fraction > 0
+    off = NodeConfig.model_validate({"learning": {"rehearsal": {"site": ""}}})
+    assert not off.learning.rehearsal.plan().enabled
+    assert policy_of(off.learning).anchor_fraction == 0.0
 
 
 def test_distillation_of_other_heads_is_on_by_default_and_configurable() -> None:
-    assert policy_of(NodeConfig()).distill_other_heads == 1.0
-    off = NodeConfig.model_validate({"learning": {"distill_other_heads": 0}})
-    assert policy_of(off).distill_other_heads == 0.0
+    assert policy_of(NodeConfig().learning).distill_other_heads == 1.0
+    off = NodeConfig.model_validate({"learning": {"round": {"distill_other_heads": 0}}})
+    assert policy_of(off.learning).distill_other_heads == 0.0
     with pytest.raises(ValueError, match="distill_other_heads"):
-        NodeConfig.model_validate({"learning": {"distill_other_heads": -1}})
+        NodeConfig.model_validate({"learning": {"round": {"distill_other_heads": -1}}})
 
 
 @pytest.mark.parametrize(("toml", "match"), [
-    ('rehearsal_site = "E"', r"learning\.rehearsal_site.*phantom site"),
-    ("rehearsal_subjects = 0", r"learning\.rehearsal_subjects"),
-    ("rehearsal_fraction = 1.5", r"learning\.rehearsal_fraction"),
-    ("rehearsal_margin = -0.5", r"learning\.rehearsal_margin"),
-    ("replay_fraction = 0.8\nrehearsal_fraction = 0.3", r"batch needs new samples"),
+    ('[learning.rehearsal]\nsite = "E"', r"learning\.rehearsal: site .*phantom site"),
+    ("[learning.rehearsal]\nsubjects = 0", r"learning\.rehearsal: subjects"),
+    ("[learning.rehearsal]\nfraction = 1.5", r"learning\.rehearsal: fraction"),
+    ("[learning.rehearsal]\nmargin = -0.5", r"learning\.rehearsal: margin"),
+    ("[learning.round]\nreplay_fraction = 0.8\n[learning.rehearsal]\nfraction = 0.3",
+     r"batch needs new samples"),
+    # the keys as they were before [learning.round] / [learning.rehearsal] (deprecated)
+    ('[learning]\nrehearsal_site = "E"', r"learning\.rehearsal: site .*phantom site"),
+    ("[learning]\nreplay_fraction = 0.8\nrehearsal_fraction = 0.3",
+     r"batch needs new samples"),
 ])
 def test_bad_rehearsal_keys_fail_with_the_key_named(tmp_path: Path, toml: str, match: str
                                                     ) -> None:
     path = tmp_path / "node.toml"
-    path.write_text(f"[learning]\n{toml}\n")
+    path.write_text(f"{toml}\n")
     with pytest.raises(ConfigError, match=match):
         load_config(path, env={})
 
 
 def test_learning_settings_accept_rehearsal_off() -> None:
-    assert LearningSettings(rehearsal_site="").rehearsal_site == ""
+    assert LearningSettings(rehearsal=RehearsalSettings(site="")).rehearsal.site == ""
     tiny = replace(abdomen_ct_config(input_size=32),
                    hyperparameters=UNetHyperparameters(channels=(8, 16, 32), norm_groups=4))
     assert anchor_set(tiny, replace(ONE, site="")) == ()

@@ -18,10 +18,11 @@ from dicom_node.learning.losses import (
 )
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
+from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import prepare_samples, samples_from_volume
 from dicom_node.learning.thread_tuning import ThreadTuner
-from dicom_node.learning.training import TrainingPolicy, train
+from dicom_node.learning.training import train
 
 from .conftest import BODY, KIDNEY_LEFT, KIDNEY_RIGHT, LIVER, toy_volume
 

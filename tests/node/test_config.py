@@ -3,13 +3,14 @@ environment overrides beat the file and command-line flags beat both."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from dicom_node.config import EXAMPLE_CONFIG, load_config
+from dicom_node.config import EXAMPLE_CONFIG, NodeConfig, load_config
 from dicom_node.errors import ConfigError
 from tests.node.conftest import (
     NodeProcess,
@@ -117,3 +118,53 @@ def test_env_override_and_cli_flags_win_over_the_file(
     assert from_flags.listening["ae_title"] == "FLAGAE"
     assert echoscu(flag_port, called_ae="FLAGAE").returncode == 0
     assert (flag_dir / "node.db").exists()
+
+
+# -- [learning.round] / [learning.rehearsal]: the keys that moved there ---------------------
+def test_renamed_learning_keys_still_load_with_a_warning_naming_the_new_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[learning]\nepochs = 2\ntime_budget_s = 7\nrehearsal_site = ""\n'
+                    "validation_every = 3\n")
+    with caplog.at_level(logging.WARNING, logger="dicom_node.config.learning"):
+        config = load_config(path, env={"TESSERA_LEARNING__REHEARSAL_MARGIN": "0.1"})
+    learning = config.learning
+    assert (learning.round.epochs, learning.round.time_budget_s) == (2, 7.0)
+    assert (learning.rehearsal.site, learning.rehearsal.margin) == ("", 0.1)
+    assert learning.validation_every == 3
+    warned = caplog.text
+    for old, new in (("epochs", "[learning.round] epochs"),
+                     ("rehearsal_site", "[learning.rehearsal] site"),
+                     ("rehearsal_margin", "[learning.rehearsal] margin")):
+        assert f"[learning] {old} is deprecated" in warned and new in warned
+
+
+def test_the_new_learning_sections_load_without_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[learning.round]\nepochs = 2\n[learning.rehearsal]\nsite = "B"\n')
+    with caplog.at_level(logging.WARNING):
+        config = load_config(path, env={"TESSERA_LEARNING__ROUND__DISTILL_WEIGHT": "0"})
+    assert (config.learning.round.epochs, config.learning.rehearsal.site) == (2, "B")
+    assert config.learning.round.distill_weight == 0.0
+    assert "deprecated" not in caplog.text
+
+
+def test_an_old_and_a_new_name_for_one_key_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("[learning]\nepochs = 2\n[learning.round]\nepochs = 3\n")
+    with pytest.raises(ConfigError, match=r"epochs and round\.epochs are both set"):
+        load_config(path, env={})
+
+
+def test_a_learning_section_is_the_policy_it_configures(tmp_path: Path) -> None:
+    config = NodeConfig.model_validate({"learning": {"round": {"epochs": 3}}})
+    policy = config.learning.round.policy()
+    assert (policy.epochs, policy.encoder_lr_scale, policy.replay_fraction) == (3, 0.01, 0.5)
+    assert config.learning.rehearsal.plan().site == "A"
+    path = tmp_path / "node.toml"
+    path.write_text("[learning.round]\nencoder_lr_scale = 2\n")
+    with pytest.raises(ConfigError, match=r"learning\.round: encoder_lr_scale must be in"):
+        load_config(path, env={})
