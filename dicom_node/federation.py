@@ -1,9 +1,10 @@
-"""Glue between the node and the hub: model <-> safetensors bytes <-> federation_grpc.
+"""The federation agent: the node's side of federation, glue between the node and the hub
+(model <-> safetensors bytes <-> federation_grpc).
 
-    enrol once (token -> node id + node token, kept 0600 in data_dir)
+    enrol once (token -> node id + node token, kept 0600 in data_dir: hub_enrolment)
     watch thread:   hub generation g --download (resumable, sha256)--> serve (hot swap)
     upload thread:  update_outbox rows --upload (resumable, idempotent by id)--> hub
-                    quality metrics + correction Dice (numbers only) --> hub
+                    quality records: metrics + correction Dice (numbers only) --> hub
                     evaluation tasks: candidate vs reference Dice on held-out
                     corrected cases (two numbers and a count) --> hub
 
@@ -26,50 +27,37 @@ is told apart by a probe that needs nothing but valid credentials.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
-from sqlalchemy import select
 
-from dicom_node.config import FederationSettings, NodeConfig
+from dicom_node.config import NodeConfig
+from dicom_node.hub_enrolment import Credentials, Interceptor, make_client
 from dicom_node.pipeline.federated_evaluation import EvaluationResponder
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
 from dicom_node.pipeline.model_sources import ModelRegistry
-from dicom_node.pipeline.site_adaptation import (
-    SITE_CHECK,
-    SITE_CHECK_KIND,
-    SiteCheck,
-    check_pending,
-)
 from dicom_node.pipeline.versions import (
-    LOCAL_FLOOR,
     ensure_base_version,
     hub_base_generation,
     serving_version,
 )
+from dicom_node.quality_records import (
+    load_cursor,
+    metric_records,
+    save_cursor,
+    site_check_records,
+)
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue
-from dicom_node.store.models import (
-    AuditEvent,
-    Correction,
-    ModelVersion,
-    OutboxState,
-    Segmentation,
-    UpdateOutboxItem,
-)
+from dicom_node.store.models import AuditEvent, OutboxState
 from dicom_node.store.private import private_dir
+from dicom_node.update_outbox import UpdateOutbox, update_metadata
 from federation_grpc.client import FederationClient
-from federation_grpc.connection import ClientTls, RetryPolicy
 from federation_grpc.downloading import Generation
 from federation_grpc.errors import (
     FederationError,
@@ -78,21 +66,15 @@ from federation_grpc.errors import (
     Unauthenticated,
 )
 from federation_grpc.hub.domain import MetricRecord, UploadState
-from federation_grpc.uploading import UpdateMetadata
 
 LOGGER = logging.getLogger(__name__)
 
 # Update ids on the hub are UUIDs; the node's are deterministic UIDs of the round.
 _UPDATE_NAMESPACE = uuid.UUID("5b0c8f1e-7a43-4c7e-9d1e-2f6a9c1b7d30")
 _METRIC_BATCH = 200
-_MAX_VALUES = 256  # the hub refuses records with more values
-_METRICS_WAIT_S = 600.0
-_METRIC_KEY_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
 REFUSED_EVENT = "hub-refused"
 ENROLLED_EVENT = "hub-enrolled"
 _CREDENTIAL_ERRORS = (PermissionDenied, Unauthenticated)
-
-Interceptor = Any  # a grpc.*ClientInterceptor
 
 
 def hub_update_id(node_id: str, update_id: str) -> str:
@@ -102,48 +84,6 @@ def hub_update_id(node_id: str, update_id: str) -> str:
     two sites can hold the same one; the node id keeps them apart at the hub, and a
     retry of one node's round keeps its id (idempotent upload)."""
     return str(uuid.uuid5(_UPDATE_NAMESPACE, f"{node_id}/{update_id}"))
-
-
-# -- credentials ----------------------------------------------------------------------
-class Credentials:
-    """The node id and token the hub gave at enrolment, in a file only the owner reads."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> tuple[str, str] | None:
-        try:
-            doc = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        return str(doc["node_id"]), str(doc["node_token"])
-
-    def save(self, node_id: str, node_token: str, hub: str) -> None:
-        private_dir(self.path.parent)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"node_id": node_id, "node_token": node_token, "hub": hub,
-                       "enrolled_at": datetime.now(UTC).isoformat()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
-
-
-def make_client(settings: FederationSettings, node_token: str = "",
-                interceptors: Sequence[Interceptor] = ()) -> FederationClient:
-    tls = None
-    if not settings.insecure_loopback:
-        assert settings.ca_cert and settings.cert and settings.key
-        tls = ClientTls.from_files(settings.ca_cert, settings.cert, settings.key)
-    client = FederationClient(
-        settings.hub, tls=tls, insecure=settings.insecure_loopback, node_token=node_token,
-        # Short retries inside a call; the agent's own backoff covers long outages.
-        retry=RetryPolicy(attempts=3, initial_backoff_s=0.2, max_backoff_s=2.0),
-        chunk_size=settings.chunk_kb * 1024, timeout_s=settings.rpc_timeout_s,
-        server_name=settings.server_name or None, interceptors=interceptors)
-    return client
 
 
 # -- the agent ------------------------------------------------------------------------
@@ -168,7 +108,7 @@ class FederationAgent:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._next_try: dict[int, float] = {}
+        self.outbox = UpdateOutbox(db, self.settings)
         self.generation_applied = threading.Event()
         self.evaluations = EvaluationResponder(db, models, config.node.data_dir,
                                                self.settings.model)
@@ -352,35 +292,30 @@ class FederationAgent:
 
     def upload_pending(self) -> int:
         """Send every pending update whose backoff has passed; returns how many went."""
-        with self.db.session() as s:
-            rows = [(r.id, r.update_id, r.model_name, r.base_generation, r.path, dict(r.meta),
-                     r.attempts)
-                    for r in s.execute(select(UpdateOutboxItem).where(
-                        UpdateOutboxItem.state == OutboxState.PENDING)
-                        .order_by(UpdateOutboxItem.id)).scalars()]
         sent = 0
-        for row_id, update_id, model, base, path, meta, attempts in rows:
-            if self._stop.is_set() or time.monotonic() < self._next_try.get(row_id, 0.0):
+        for row in self.outbox.pending():
+            if self._stop.is_set() or self.outbox.backing_off(row.row_id):
                 continue
             try:
-                payload = Path(path).read_bytes()
+                payload = Path(row.path).read_bytes()
                 with self.db.session() as s:
-                    hub_base = hub_base_generation(s, model, base)
+                    hub_base = hub_base_generation(s, row.model, row.base_generation)
                 client = self.client()
                 assert self.node_id is not None
-                status = client.upload(payload, _update_metadata(
-                    hub_update_id(self.node_id, update_id), hub_base, meta))
+                status = client.upload(payload, update_metadata(
+                    hub_update_id(self.node_id, row.update_id), hub_base, row.meta))
             except InvalidRequest as exc:
-                self._finish(row_id, OutboxState.DEAD, f"hub refused the update: {exc}")
+                self.outbox.finish(row.row_id, OutboxState.DEAD, f"hub refused the update: {exc}")
                 continue
             except _CREDENTIAL_ERRORS as exc:
                 if self.refused_by_hub(exc):
-                    self._retry_later(row_id, attempts, f"hub refuses this node: {exc}")
+                    self.outbox.retry_later(row.row_id, row.attempts,
+                                            f"hub refuses this node: {exc}")
                     return sent
-                self._finish(row_id, OutboxState.DEAD, f"hub refused the update: {exc}")
+                self.outbox.finish(row.row_id, OutboxState.DEAD, f"hub refused the update: {exc}")
                 continue
             except (FederationError, OSError, grpc.RpcError) as exc:
-                self._retry_later(row_id, attempts, f"{type(exc).__name__}: {exc}")
+                self.outbox.retry_later(row.row_id, row.attempts, f"{type(exc).__name__}: {exc}")
                 if isinstance(exc, OSError):
                     continue
                 break  # the hub is unreachable: the next rows would fail the same way
@@ -388,45 +323,21 @@ class FederationAgent:
             if status.state == UploadState.REJECTED:
                 note = f"delivered; rejected by the hub: {status.reason}"
             elif status.state not in (UploadState.RECEIVED, UploadState.MERGED):
-                self._retry_later(row_id, attempts, f"hub holds it as {status.state}")
+                self.outbox.retry_later(row.row_id, row.attempts, f"hub holds it as {status.state}")
                 continue
-            self._finish(row_id, OutboxState.SENT, note)
+            self.outbox.finish(row.row_id, OutboxState.SENT, note)
             sent += 1
-            LOGGER.info("update %s delivered to the hub (%s)", update_id, status.state)
+            LOGGER.info("update %s delivered to the hub (%s)", row.update_id, status.state)
         return sent
-
-    def _retry_later(self, row_id: int, attempts: int, error: str) -> None:
-        delay = min(self.settings.upload_backoff_max_s,
-                    self.settings.upload_interval_s * 2 ** min(attempts, 12))
-        self._next_try[row_id] = time.monotonic() + delay
-        with self.db.session() as s:
-            row = s.get(UpdateOutboxItem, row_id)
-            if row is not None:
-                row.attempts += 1
-                row.last_error = error[:2000]
-        LOGGER.warning("update outbox row %d not delivered (attempt %d), retry in %.0f s: %s",
-                       row_id, attempts + 1, delay, error)
-
-    def _finish(self, row_id: int, state: OutboxState, note: str | None) -> None:
-        self._next_try.pop(row_id, None)
-        with self.db.session() as s:
-            row = s.get(UpdateOutboxItem, row_id)
-            if row is not None:
-                row.state = state
-                row.attempts += 1
-                row.last_error = note
-                if state == OutboxState.SENT:
-                    row.sent_at = datetime.now(UTC)
 
     def report_metrics(self) -> int:
         """Send quality metrics and correction Dice recorded since the last report."""
         cursor_path = self.dir / "metrics-cursor.json"
-        try:
-            cursor = json.loads(cursor_path.read_text())
-        except (FileNotFoundError, ValueError):
-            cursor = {"segmentation": 0, "correction": 0}
+        cursor = load_cursor(cursor_path)
         records, seg_last, corr_last = self._metric_records(cursor)
-        checks, check_last = self._site_check_records(int(cursor.get("site_check", 0)))
+        with self.db.session() as s:
+            checks, check_last = site_check_records(s, self.settings.model,
+                                                    int(cursor.get("site_check", 0)))
         records += checks
         if not records:
             return 0
@@ -434,118 +345,12 @@ class FederationAgent:
         accepted = 0
         for start in range(0, len(records), _METRIC_BATCH):
             accepted += client.report_metrics(records[start:start + _METRIC_BATCH])
-        private_dir(self.dir)
-        cursor_path.write_text(json.dumps({"segmentation": seg_last, "correction": corr_last,
-                                           "site_check": check_last}))
+        save_cursor(cursor_path, {"segmentation": seg_last, "correction": corr_last,
+                                  "site_check": check_last})
         LOGGER.info("reported %d metric records to the hub", accepted)
         return accepted
 
-    def _site_check_records(self, last: int) -> tuple[list[MetricRecord], int]:
-        """One ``site-check`` record per hub generation this node checked (held-out
-        Dice before, as received and fine-tuned; whether it rolled the generation back;
-        see ``pipeline.site_adaptation``), keyed by the hub's generation number."""
-        records: list[MetricRecord] = []
-        with self.db.session() as s:
-            for row in s.execute(select(ModelVersion).where(
-                    ModelVersion.id > last, ModelVersion.origin == "hub",
-                    ModelVersion.name == self.settings.model)
-                    .order_by(ModelVersion.id)).scalars():
-                check = (row.metrics or {}).get(SITE_CHECK)
-                if check is None and check_pending(s, row.name, row.generation):
-                    break  # its check is still to come
-                last = row.id
-                try:
-                    values = SiteCheck(**check).values() if check is not None else None
-                except TypeError:  # a check stored by another version of the node
-                    values = None
-                if values is not None:
-                    records.append(MetricRecord(SITE_CHECK_KIND, row.generation, values))
-        return records, last
-
     def _metric_records(self, cursor: dict[str, int]) -> tuple[list[MetricRecord], int, int]:
-        """Segmentation records (metrics) and correction records (the metrics of the
-        segmentation corrected plus its Dice), both carrying ``segmentation_seq``, the
-        local row id, so that the hub can pair them; no UID leaves. A segmentation whose
-        metrics are still being computed holds the cursor back (for a while)."""
-        name = self.settings.model
-        records: list[MetricRecord] = []
-        seg_last, corr_last = int(cursor["segmentation"]), int(cursor["correction"])
         with self.db.session() as s:
-            for seg in s.execute(select(Segmentation).where(
-                    Segmentation.id > seg_last, Segmentation.model_name == name)
-                    .order_by(Segmentation.id)).scalars():
-                if _metrics_pending(seg):
-                    break
-                seg_last = seg.id
-                values = _segmentation_values(seg)
-                base = hub_base_generation(s, name, seg.generation)
-                values["local_version"] = 1.0 if seg.generation >= LOCAL_FLOOR else 0.0
-                records.append(MetricRecord("segmentation", base, values))
-            for corr in s.execute(select(Correction).where(
-                    Correction.id > corr_last).order_by(Correction.id)).scalars():
-                if corr.model_name != name or corr.ai_generation is None:
-                    corr_last = corr.id
-                    continue
-                dice = {f"dice.{k}": v for k, v in _numbers(corr.dice).items()}
-                if not dice:
-                    corr_last = corr.id
-                    continue
-                linked = (s.get(Segmentation, corr.segmentation_id)
-                          if corr.segmentation_id is not None else None)
-                if linked is not None and _metrics_pending(linked):
-                    break
-                corr_last = corr.id
-                values = _segmentation_values(linked) if linked is not None else {}
-                # Dice first: it is what makes the record worth having if space runs out.
-                values = dict(list(dice.items())
-                              + list(values.items())[:_MAX_VALUES - len(dice) - 1])
-                values["local_version"] = 1.0 if corr.ai_generation >= LOCAL_FLOOR else 0.0
-                records.append(MetricRecord(
-                    "correction", hub_base_generation(s, name, corr.ai_generation), values))
-        return records, seg_last, corr_last
+            return metric_records(s, self.settings.model, cursor)
 
-
-def _metrics_pending(seg: Segmentation) -> bool:
-    """Metrics are computed after the SEG is delivered: wait for them, but not forever
-    (a failure there must not stop reporting)."""
-    if set(seg.metrics or {}) - {"domain"}:  # the quality metrics are in (the domain
-        return False                           # verdict is stored before the SEG goes out)
-    created = seg.created_at if seg.created_at.tzinfo else seg.created_at.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - created).total_seconds() < _METRICS_WAIT_S
-
-
-def _segmentation_values(seg: Segmentation) -> dict[str, float]:
-    values = {"segmentation_seq": float(seg.id)}
-    values.update(list(_numbers(seg.metrics).items())[:_MAX_VALUES - 8])
-    return values
-
-
-def _numbers(values: Any) -> dict[str, float]:
-    """Finite numbers under short identifier keys; anything else is left behind."""
-    out: dict[str, float] = {}
-    if not isinstance(values, dict):
-        return out
-    for key, value in values.items():
-        if (isinstance(value, int | float) and not isinstance(value, bool)
-                and math.isfinite(value) and 0 < len(key) <= 64
-                and set(key) <= _METRIC_KEY_CHARS):
-            out[key] = float(value)
-    return out
-
-
-def _update_metadata(hub_id: str, hub_base: int, meta: dict[str, Any]) -> UpdateMetadata:
-    groups = json.loads(meta.get("trained_groups", "[]"))
-    validation = json.loads(meta.get("validation", "null")) or {}
-    local: dict[str, float] = {}
-    for which in ("base", "candidate"):
-        figures = validation.get(which) or {}
-        if isinstance(figures.get("mean"), int | float):
-            local[f"held_out.{which}.mean"] = float(figures["mean"])
-    if isinstance(validation.get("cases"), int):
-        local["held_out.cases"] = float(validation["cases"])
-    if str(meta.get("num_slices", "")).isdigit():
-        local["num_slices"] = float(meta["num_slices"])
-    return UpdateMetadata(
-        update_id=hub_id, base_generation=hub_base,
-        num_samples=int(meta.get("num_samples", "1")), trained_groups=tuple(groups),
-        local_metrics={k: v for k, v in local.items() if math.isfinite(v)})

@@ -34,11 +34,11 @@ A label is a name from the label table or ``{"name", "code", "meaning", "scheme"
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +68,7 @@ from dicom_node.learning.preprocessing_spec import (
 )
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.label_codings import coding_for
+from dicom_node.store.durable import SHARED_FILE, write_atomic
 
 LOGGER = logging.getLogger(__name__)
 
@@ -314,12 +315,10 @@ def import_torchscript(script: Path, description: Mapping[str, Any], out: Path, 
     model = ExternalNetwork(scripted, spec)
     installed = Path(out) / TORCHSCRIPT_DIR / f"{sha}.pt"
     installed.parent.mkdir(parents=True, exist_ok=True)
-    tmp = installed.with_name(installed.name + ".tmp")
-    shutil.copyfile(script, tmp)
-    if sha256_file(tmp) != sha:
-        tmp.unlink()
+    code = script.read_bytes()  # what is installed is exactly what was hashed and loaded
+    if hashlib.sha256(code).hexdigest() != sha:
         raise ModelImportError(f"{script}: changed while it was copied; nothing installed")
-    tmp.replace(installed)
+    write_atomic(installed, code, durable=True, mode=SHARED_FILE)
     path = save_model(model, mconfig, Path(out) / model_name / "model.safetensors")
     LOGGER.info("imported TorchScript %s as %s (torchscript:%s)", script.name, model_name, sha)
     return ImportedModel(mconfig, path, installed)

@@ -32,7 +32,8 @@ from safetensors.torch import load as torch_load
 from safetensors.torch import save as torch_save
 
 from dicom_node.learning.errors import WeightsError
-from dicom_node.learning.safetensors_io import atomic_write, read_metadata
+from dicom_node.learning.safetensors_io import read_metadata
+from dicom_node.store.durable import write_atomic
 from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def save(path: Path, state: Mapping[str, torch.Tensor],
          metadata: Mapping[str, str] | None = None) -> None:
     """Write atomically (a crash leaves the previous state or none, never half a file)."""
     private_dir(path.parent)
-    atomic_write(path, to_bytes(state, metadata))
+    # Not durable: the moments are only a head start, and an unreadable file loads empty.
+    write_atomic(path, to_bytes(state, metadata), durable=False)
 
 
 def load(path: Path) -> OptimiserState:

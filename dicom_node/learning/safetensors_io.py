@@ -1,6 +1,6 @@
 """Raw safetensors I/O that needs nothing of the model: the header's metadata, read
-without parsing tensors (so a pickle is refused before anything loads it, invariant 4),
-and the atomic write every weights-like file uses.
+without parsing tensors (so a pickle is refused before anything loads it, invariant 4).
+Weights-like files are written with :func:`dicom_node.store.durable.write_atomic`.
 
 A leaf module: it imports only the standard library and the learning errors, so the
 weights, training and optimiser-state modules can all use it without importing each other.
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 from dicom_node.learning.errors import WeightsError
 
-__all__ = ["MAX_HEADER_BYTES", "atomic_write", "read_metadata"]
+__all__ = ["MAX_HEADER_BYTES", "read_metadata"]
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -42,9 +41,3 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise WeightsError("safetensors __metadata__ must be an object")
     return {str(k): str(v) for k, v in meta.items()}
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write beside ``path`` and rename: a crash leaves the old file or none, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

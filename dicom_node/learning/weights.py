@@ -28,7 +28,8 @@ from dicom_node.learning.errors import ModelConfigError, WeightsError
 from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork, build_network
-from dicom_node.learning.safetensors_io import MAX_HEADER_BYTES, atomic_write, read_metadata
+from dicom_node.learning.safetensors_io import MAX_HEADER_BYTES, read_metadata
+from dicom_node.store.durable import SHARED_FILE, write_atomic
 
 LOGGER = logging.getLogger(__name__)
 
@@ -147,8 +148,9 @@ def save_model(model: SegmentationNetwork, config: ModelConfig, path: Path | str
         path = path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = model_to_bytes(model, config)
-    atomic_write(path, data)
-    atomic_write(path.with_suffix(".json"), (config.to_json() + "\n").encode())
+    write_atomic(path, data, durable=True, mode=SHARED_FILE)
+    write_atomic(path.with_suffix(".json"), (config.to_json() + "\n").encode(), durable=True,
+                 mode=SHARED_FILE)
     LOGGER.info("saved model %s generation %d to %s", config.name, config.generation, path)
     return path
 

@@ -19,26 +19,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import LearningSettings
 from dicom_node.errors import DicomNodeError, InvalidDatasetError, SeriesRefused
-from dicom_node.learning.incremental import (
-    cut_sample,
-    encode_sample,
-    touched_slices,
-    with_neighbours,
-)
+from dicom_node.learning.incremental import touched_slices
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.partial_labels import fill_enclosing
 from dicom_node.learning.scores import dice
-from dicom_node.pipeline.flow import CorrectionPayload, JobKind, TrainingPayload, enqueue
+from dicom_node.pipeline.correction_sample import (
+    queue_training,
+    sample_split,
+    supersede_samples,
+    write_sample,
+)
+from dicom_node.pipeline.flow import CorrectionPayload, JobKind, enqueue
 from dicom_node.pipeline.seg import SegmentSpec
 from dicom_node.pipeline.seg_read import SEG_SOP_CLASSES, read_seg_labels
 from dicom_node.pipeline.segment_matching import match_segments, segment_infos
@@ -51,18 +52,13 @@ from dicom_node.store.models import (
     Correction,
     CorrectionState,
     Instance,
-    Job,
-    JobState,
     SampleState,
     Segmentation,
     Series,
     TrainingSample,
 )
-from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
-
-SAMPLES_DIR = "samples"
 
 
 class NotACorrection(DicomNodeError):
@@ -131,40 +127,10 @@ class CorrectionIntake(SeriesStage):
     # -- the checks, in order ---------------------------------------------------------
     def _evaluate(self, draft: Correction, instance: Instance,
                   beat: Callable[[], None]) -> CorrectionOutcome:
-        limit = int(self.settings.max_correction_mb * 1024 * 1024)
-        if instance.size > limit:
-            raise _flag(f"SEG of {instance.size} bytes exceeds learning.max_correction_mb "
-                        f"({self.settings.max_correction_mb} MB); not read")
         path = self.files.absolute(instance.path)
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            raise _flag(f"SEG cannot be read: {exc}") from exc
-        if str(header.get("Modality", "")) != "SEG" or "SegmentSequence" not in header:
-            raise _flag("not a segmentation (Modality is not SEG or no segments)")
-        frames = int(header.get("NumberOfFrames", 0) or 0)
-        if frames > self.settings.max_correction_frames:
-            raise _flag(f"SEG has {frames} frames, more than learning.max_correction_frames "
-                        f"({self.settings.max_correction_frames}); not read")
-        own = self._own_by_uid(draft)
-        if own:
-            raise NotACorrection(CorrectionState.IGNORED, own)
-        source_uid = _referenced_series(header)
-        if source_uid is None:
-            raise _flag("SEG references no source series (ReferencedSeriesSequence)")
-        draft.source_series_uid = source_uid
-        ai = self._latest_segmentation(source_uid)
-        if ai is None:
-            if not self._series_paths(source_uid):
-                raise _flag(f"referenced series {source_uid} is unknown to the node")
-            raise _flag(f"the node never segmented the referenced series {source_uid}")
-        draft.segmentation_id, draft.model_name = ai.id, ai.model_name
-        draft.ai_generation = ai.generation
-        own = _own_by_algorithm(header, ai)
-        if own:
-            raise NotACorrection(CorrectionState.IGNORED, own)
-        draft.delay_s = max(0.0, (instance.received_at - ai.created_at).total_seconds())
-
+        header = self._read_header(instance, path)
+        ai = self._corrected_segmentation(draft, instance, header)
+        source_uid = draft.source_series_uid or ""
         model_config = self._model_config(ai.model_name)
         specs = segment_specs(model_config, include_pending=True)  # a new structure
         try:
@@ -206,6 +172,48 @@ class CorrectionIntake(SeriesStage):
             return self._finish(draft, None)
         return self._record(draft, volume, corrected, model_config)
 
+    def _read_header(self, instance: Instance, path: Path) -> pydicom.Dataset:
+        """The SEG's header, within the size and frame limits; flags anything else."""
+        limit = int(self.settings.max_correction_mb * 1024 * 1024)
+        if instance.size > limit:
+            raise _flag(f"SEG of {instance.size} bytes exceeds learning.max_correction_mb "
+                        f"({self.settings.max_correction_mb} MB); not read")
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise _flag(f"SEG cannot be read: {exc}") from exc
+        if str(header.get("Modality", "")) != "SEG" or "SegmentSequence" not in header:
+            raise _flag("not a segmentation (Modality is not SEG or no segments)")
+        frames = int(header.get("NumberOfFrames", 0) or 0)
+        if frames > self.settings.max_correction_frames:
+            raise _flag(f"SEG has {frames} frames, more than learning.max_correction_frames "
+                        f"({self.settings.max_correction_frames}); not read")
+        return header
+
+    def _corrected_segmentation(self, draft: Correction, instance: Instance,
+                                header: pydicom.Dataset) -> Segmentation:
+        """The node's segmentation of the series the SEG references, the SEG not being the
+        node's own; records both on ``draft``."""
+        own = self._own_by_uid(draft)
+        if own:
+            raise NotACorrection(CorrectionState.IGNORED, own)
+        source_uid = _referenced_series(header)
+        if source_uid is None:
+            raise _flag("SEG references no source series (ReferencedSeriesSequence)")
+        draft.source_series_uid = source_uid
+        ai = self._latest_segmentation(source_uid)
+        if ai is None:
+            if not self._series_paths(source_uid):
+                raise _flag(f"referenced series {source_uid} is unknown to the node")
+            raise _flag(f"the node never segmented the referenced series {source_uid}")
+        draft.segmentation_id, draft.model_name = ai.id, ai.model_name
+        draft.ai_generation = ai.generation
+        own = _own_by_algorithm(header, ai)
+        if own:
+            raise NotACorrection(CorrectionState.IGNORED, own)
+        draft.delay_s = max(0.0, (instance.received_at - ai.created_at).total_seconds())
+        return ai
+
     def _record(self, draft: Correction, volume: Volume, corrected: np.ndarray,
                 model_config: ModelConfig) -> CorrectionOutcome:
         hospital = set(self.settings.annotated_labels) or set(model_config.label_values)
@@ -214,24 +222,9 @@ class CorrectionIntake(SeriesStage):
         if not annotated:
             draft.reason = "annotates none of learning.annotated_labels; not trained on"
             return self._finish(draft, None)
-        keep = with_neighbours(draft.changed_slices, self.settings.neighbour_slices,
-                               volume.shape[0])
-        sample = cut_sample(volume.pixels.astype(np.float32), corrected, keep, annotated,
-                            model_config)
-        # A body segment cut around organs this hospital does not annotate leaves holes.
-        sample = replace(sample, labels=fill_enclosing(sample.labels, annotated, model_config))
-        data = encode_sample(sample)
-        rel = f"{SAMPLES_DIR}/{_safe(draft.seg_sop_instance_uid)}.npz"
-        target = self.config.node.data_dir / rel
-        private_dir(target.parent)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-        sample_row = TrainingSample(
-            source_series_uid=draft.source_series_uid or "", model_name=draft.model_name or "",
-            state=SampleState.PENDING, path=rel, slices=len(keep), size=len(data),
-            annotated=annotated, split="train")
-        return self._finish(draft, sample_row)
+        return self._finish(draft, write_sample(self.config.node.data_dir, draft, volume,
+                                                corrected, annotated, model_config,
+                                                self.settings.neighbour_slices))
 
     # -- recording -------------------------------------------------------------------
     def _finish(self, draft: Correction, sample: TrainingSample | None) -> CorrectionOutcome:
@@ -239,17 +232,18 @@ class CorrectionIntake(SeriesStage):
         superseded: list[str] = []
         with self.db.session() as s:
             if sample is not None:
-                draft.split = sample.split = self._split(s, draft)
+                draft.split = sample.split = sample_split(s, draft,
+                                                          self.settings.validation_every)
                 if sample.split == "validation":
                     sample.state = SampleState.HELD_OUT
-                superseded = self._supersede(s, draft.source_series_uid or "")
+                superseded = supersede_samples(s, draft.source_series_uid or "")
             s.add(draft)
             s.flush()
             if sample is not None:
                 sample.correction_id = draft.id
                 s.add(sample)
                 if sample.split == "train":
-                    queued = self._maybe_queue_training(s, sample.model_name)
+                    queued = queue_training(s, self.queue, self.settings, sample.model_name)
             outcome = _outcome(draft, queued)
         for rel in superseded:
             (self.config.node.data_dir / rel).unlink(missing_ok=True)
@@ -271,48 +265,6 @@ class CorrectionIntake(SeriesStage):
             self.store.audit("correction-flagged", exc.reason, Peer(ae_title=draft.peer_ae),
                              draft.seg_sop_instance_uid, draft.seg_series_uid)
         return outcome
-
-    def _split(self, s: Session, draft: Correction) -> str:
-        """Every ``validation_every``-th corrected series is held out; a series keeps its split."""
-        earlier = s.execute(select(Correction.split).where(
-            Correction.source_series_uid == draft.source_series_uid,
-            Correction.split.is_not(None)).order_by(Correction.id.desc())).scalars().first()
-        if earlier:
-            return earlier
-        every = self.settings.validation_every
-        if not every:
-            return "train"
-        n = s.execute(select(func.count(func.distinct(Correction.source_series_uid))).where(
-            Correction.split.is_not(None), Correction.model_name == draft.model_name)
-        ).scalar_one()
-        return "validation" if (int(n) + 1) % every == 0 else "train"
-
-    def _supersede(self, s: Session, source_uid: str) -> list[str]:
-        rows = s.execute(select(TrainingSample).where(
-            TrainingSample.source_series_uid == source_uid,
-            TrainingSample.state != SampleState.SUPERSEDED)).scalars().all()
-        for row in rows:
-            LOGGER.info("sample %d of series %s superseded by a later correction",
-                        row.id, source_uid)
-            row.state = SampleState.SUPERSEDED
-        return [row.path for row in rows]
-
-    def _maybe_queue_training(self, s: Session, model_name: str) -> bool:
-        if not self.settings.enabled:
-            return False
-        pending = s.execute(select(func.count()).select_from(TrainingSample).where(
-            TrainingSample.model_name == model_name,
-            TrainingSample.state == SampleState.PENDING)).scalar_one()
-        if int(pending) < self.settings.train_every:  # autoflush counted this sample
-            return False
-        waiting = s.execute(select(Job.id).where(
-            Job.kind == JobKind.TRAINING, Job.key == model_name,
-            Job.state == JobState.PENDING)).first()
-        if waiting is not None:
-            return True
-        # A running round does not include this sample: queue the next one beside it.
-        enqueue(self.queue, TrainingPayload(model_name), session=s, unique_active=False)
-        return True
 
     # -- lookups ---------------------------------------------------------------------
     def _own_by_uid(self, draft: Correction) -> str | None:
@@ -415,10 +367,6 @@ def _own_by_algorithm(header: pydicom.Dataset, ai: Segmentation) -> str | None:
 def _printable(text: str, limit: int = 64) -> str:
     """A peer's label text as shown in status: truncated, control characters escaped."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit])
-
-
-def _safe(uid: str) -> str:
-    return "".join(c for c in uid if c.isdigit() or c == ".")[:64]
 
 
 def _outcome(row: Correction, queued: bool = False) -> CorrectionOutcome:

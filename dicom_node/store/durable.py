@@ -1,11 +1,23 @@
-"""Durable writes: a temporary name beside the target, fsync'd, renamed, and the directory
-fsync'd, so that a crash at any moment leaves the old file or the new one, never half.
+"""Atomic file writes, the node's one way to replace a file: the bytes go to a unique
+temporary name beside the target, which is then renamed over it, so that no reader ever
+sees half a file and two writers never share a temporary.
 
-A leaf of the store: instance files and the quarantine both write through it.
+``durable`` is chosen at every call: with it the file is fsync'd before the rename and
+its directory after it (and each directory created on the way), so that once the call
+returns the new file survives a power cut, and a crash at any moment leaves the old file
+or the new one. Without it a power cut may lose the new file (or leave it empty): for
+bytes held durably elsewhere (the intake journal) or cheap to lose.
+
+Two-phase use (:func:`stage_atomic`, then :func:`publish_atomic`) lets a caller make the
+bytes durable first and decide later whether they take the target's name.
+
+A leaf of the store: instance files, the quarantine, weights, training samples and the
+federation credentials all write through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -13,7 +25,69 @@ from pathlib import Path
 from dicom_node.errors import StoreError
 from dicom_node.store.private import private_dir
 
-__all__ = ["fsync_dir", "place_file", "stage_durable", "write_durable"]
+__all__ = ["SHARED_FILE", "WriteFailed", "fsync_dir", "publish_atomic", "stage_atomic",
+           "write_atomic"]
+
+# As ``open`` creates files: the umask alone decides (a model an operator imports may be
+# read by a node running as another user).
+SHARED_FILE = 0o666
+
+
+class WriteFailed(StoreError, OSError):
+    """A file could not be written; the message names it. Also an :class:`OSError`, so a
+    caller that treats disk trouble as one keeps doing so."""
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool, mode: int = 0o640,
+                 root: Path | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically, and durably if ``durable``.
+
+    ``mode`` is the new file's mode before the umask narrows it. Missing parent
+    directories are created 0700, up to ``root``. On failure the old file is untouched
+    and no temporary is left.
+
+    Raises
+    ------
+    WriteFailed
+        The file or its directory could not be written; the message names the file.
+    """
+    staged = stage_atomic(path, data, durable=durable, mode=mode, root=root)
+    publish_atomic(staged, path, durable=durable)
+
+
+def stage_atomic(path: Path, data: bytes, *, durable: bool, mode: int = 0o640,
+                 root: Path | None = None) -> Path:
+    """Write ``data`` (fsync'd if ``durable``) to a new temporary name beside ``path``;
+    returns that name, for :func:`publish_atomic`. Raises :class:`WriteFailed`."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        private_dir(path.parent, stop=root,
+                    created=(lambda made: fsync_dir(made.parent)) if durable else None)
+        # The name is claimed first, with its mode: unique, and never looser than ``mode``
+        # even while the bytes go in.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            tmp.write_bytes(data)
+            if durable:
+                os.fsync(fd)  # any descriptor of the file flushes its data
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _discard(tmp)
+        raise _failed("write", path, exc) from exc
+    return tmp
+
+
+def publish_atomic(staged: Path, path: Path, *, durable: bool) -> None:
+    """Rename ``staged`` over ``path`` (then fsync the directory if ``durable``); on
+    failure ``staged`` is removed. Raises :class:`WriteFailed`."""
+    try:
+        os.replace(staged, path)
+        if durable:
+            fsync_dir(path.parent)
+    except OSError as exc:
+        _discard(staged)
+        raise _failed("publish", path, exc) from exc
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,63 +98,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def place_file(path: Path, data: bytes, root: Path) -> None:
-    """Write ``data`` to ``path`` atomically (temp, rename) but *not* durably: the caller
-    holds the bytes durably elsewhere (the intake journal) until it syncs them."""
-    _makedirs(path.parent, root, durable=False)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            _write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
+def _discard(tmp: Path) -> None:
+    with contextlib.suppress(OSError):  # the error that got us here is the one to report
         tmp.unlink(missing_ok=True)
-        raise
 
 
-def _makedirs_durable(path: Path, stop: Path) -> None:
-    _makedirs(path, stop, durable=True)
-
-
-def _makedirs(path: Path, stop: Path, *, durable: bool) -> None:
-    """Create ``path`` (0700); with ``durable``, fsync each newly created directory's
-    parent."""
-    private_dir(path, stop=stop,
-                created=(lambda made: fsync_dir(made.parent)) if durable else None)
-
-
-def write_durable(path: Path, data: bytes, root: Path) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temp, fsync, rename, fsync dir)."""
-    tmp = stage_durable(path, data, root)
-    try:
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
-
-
-def stage_durable(path: Path, data: bytes, root: Path) -> Path:
-    """Write ``data`` fsync'd to a temporary name beside ``path``; returns that name."""
-    _makedirs_durable(path.parent, root)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            _write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
-    return tmp
-
-
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _failed(what: str, path: Path, exc: OSError) -> WriteFailed:
+    error = WriteFailed(f"cannot {what} {path.name}: {exc.strerror or exc}")
+    error.errno = exc.errno
+    return error

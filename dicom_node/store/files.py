@@ -1,4 +1,4 @@
-"""Instance files on disk: written to a temporary name, fsync'd, renamed, dir fsync'd.
+"""Instance files on disk, written atomically and durably (:mod:`dicom_node.store.durable`).
 
 Layout: ``<root>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. UIDs are validated
 before they become path components, so a hostile UID cannot escape the root.
@@ -7,14 +7,13 @@ before they become path components, so a hostile UID cannot escape the root.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from dicom_node.dicom.peer_text import escaped
 from dicom_node.errors import InvalidDatasetError, StoreError
-from dicom_node.store.durable import fsync_dir, place_file, stage_durable, write_durable
+from dicom_node.store.durable import publish_atomic, stage_atomic, write_atomic
 from dicom_node.store.private import private_dir
 from dicom_node.store.quarantine import Quarantine
 
@@ -60,29 +59,21 @@ class InstanceFiles:
 
     def write(self, relative: str, data: bytes) -> Path:
         path = self.absolute(relative)
-        write_durable(path, data, self.root)
+        write_atomic(path, data, durable=True, root=self.root)
         return path
 
     def stage(self, relative: str, data: bytes) -> Path:
         """Write ``data`` durably under a temporary name; :meth:`publish` makes it final."""
-        return stage_durable(self.absolute(relative), data, self.root)
+        return stage_atomic(self.absolute(relative), data, durable=True, root=self.root)
 
     def publish(self, staged: Path, relative: str) -> None:
-        path = self.absolute(relative)
-        try:
-            os.replace(staged, path)
-            fsync_dir(path.parent)
-        except OSError as exc:
-            raise StoreError(f"cannot publish {path.name}: {exc.strerror or exc}") from exc
+        publish_atomic(staged, self.absolute(relative), durable=True)
 
     def place(self, relative: str, data: bytes) -> Path:
         """Write ``data`` in place (temporary name, rename) without an fsync: for bytes an
         intake journal already holds durably; its checkpoint syncs the file later."""
         path = self.absolute(relative)
-        try:
-            place_file(path, data, self.root)
-        except OSError as exc:
-            raise StoreError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
+        write_atomic(path, data, durable=False, root=self.root)
         return path
 
     def read(self, relative: str) -> bytes:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicom_node.store.durable import write_durable
+from dicom_node.store.durable import write_atomic
 from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
@@ -55,9 +55,9 @@ class Quarantine:
         payload = self.root / f"{name}.bin"
         private_dir(self.root)
         with self._lock:
-            write_durable(payload, data, self.root)
+            write_atomic(payload, data, durable=True, root=self.root)
             meta = json.dumps(details, indent=2, default=str).encode()
-            write_durable(self.root / f"{name}.json", meta, self.root)
+            write_atomic(self.root / f"{name}.json", meta, durable=True, root=self.root)
             self._enforce_cap(keep=name)
         return payload
 
@@ -101,7 +101,7 @@ class Quarantine:
         path = self.root / DROPPED_FILE
         total = self.dropped() + n
         try:
-            write_durable(path, str(total).encode(), self.root)
+            write_atomic(path, str(total).encode(), durable=True, root=self.root)
         except Exception:
             LOGGER.exception("cannot record the quarantine's dropped count")
 

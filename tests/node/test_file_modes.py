@@ -14,7 +14,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import load_config
-from dicom_node.federation import Credentials
+from dicom_node.hub_enrolment import Credentials
 from tests.node.conftest import make_ct_series, node_config_data, storescu, write_node_config
 from tests.node.test_malformed import part10
 from viewer_bridge.main import build_node
