@@ -181,8 +181,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--held-out", type=int, default=2, help="held-out subjects per site")
     p.add_argument("--validation", type=int, default=1,
                    help="hub validation subjects per site (0: the gate checks no score)")
-    p.add_argument("--time-budget", type=float, default=node.time_budget_s)
-    p.add_argument("--epochs", type=int, default=node.epochs)
+    p.add_argument("--time-budget", type=float, default=node.round.time_budget_s)
+    p.add_argument("--epochs", type=int, default=node.round.epochs)
     p.add_argument("--neighbours", type=int, default=node.neighbour_slices)
     p.add_argument("--replay-max-slices", type=int, default=node.replay_max_slices)
     p.add_argument("--keep-optimiser-state", action=argparse.BooleanOptionalAction,
