@@ -143,6 +143,25 @@ def _start_watchers(args: argparse.Namespace, work: Path, target: str, certs: di
     return procs
 
 
+def _uploaders(args: argparse.Namespace, work: Path, target: str, certs: dict,
+               names: tuple[str, ...], tokens: list[str]
+               ) -> tuple[list[FederationClient], list[bytes]]:
+    """A client and an update for each node after the watchers."""
+    watchers, uploaders = args.watchers, args.clients
+    payloads = []
+    for i in range(uploaders):
+        path = work / f"u{i}.safetensors"
+        model_file(path, args.size_mb, 0.01, i + 1)
+        payloads.append(path.read_bytes())
+        path.unlink()
+    retry = RetryPolicy(attempts=8, initial_backoff_s=0.2, max_backoff_s=2.0)
+    clients = [FederationClient(target, tls=ClientTls.from_files(
+        certs["ca"].cert, certs[names[watchers + i]].cert, certs[names[watchers + i]].key),
+        node_token=tokens[watchers + i], retry=retry, timeout_s=args.timeout)
+        for i in range(uploaders)]
+    return clients, payloads
+
+
 def _upload_all(clients: list[FederationClient], payloads: list[bytes], timeout: float
                 ) -> tuple[list[str], float]:
     """Every uploader's update at once; the update ids and when the pushes started."""
@@ -217,17 +236,7 @@ def _fleet(args: argparse.Namespace, work: Path) -> dict[str, object]:
     procs = _start_watchers(args, work, target, certs, names, tokens)
     fds_watching = _fds(hub.proc.pid)
     print(f"{watchers} watchers connected; {uploaders} nodes upload ...", flush=True)
-    payloads = []
-    for i in range(uploaders):
-        path = work / f"u{i}.safetensors"
-        model_file(path, args.size_mb, 0.01, i + 1)
-        payloads.append(path.read_bytes())
-        path.unlink()
-    retry = RetryPolicy(attempts=8, initial_backoff_s=0.2, max_backoff_s=2.0)
-    clients = [FederationClient(target, tls=ClientTls.from_files(
-        certs["ca"].cert, certs[names[watchers + i]].cert, certs[names[watchers + i]].key),
-        node_token=tokens[watchers + i], retry=retry, timeout_s=args.timeout)
-        for i in range(uploaders)]
+    clients, payloads = _uploaders(args, work, target, certs, names, tokens)
     ids, start = _upload_all(clients, payloads, args.timeout)
     fds_peak = _fds(hub.proc.pid)
     merged = _await_decided(clients, ids, start + args.timeout)
