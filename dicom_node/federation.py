@@ -251,7 +251,7 @@ class FederationAgent:
             with self.db.session() as s:
                 if (serving_version(s, name) is None
                         and serving_config.generation != generation.number):
-                    ensure_base_version(s, self.config, serving_config)
+                    ensure_base_version(s, self.models, serving_config)
         serve_hub_generation(self.db, self.models, name, target.read_bytes(),
                              generation=generation.number, parent=generation.parent,
                              config_json=generation.config_json,

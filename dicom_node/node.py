@@ -114,16 +114,21 @@ class NodeParts:
             on_change=lambda low, reason: store.audit("disk-low" if low else "disk-ok", reason))
         queue = JobQueue(db, lease_s=config.jobs.lease_s)
         parts = cls(config=config, db=db, files=files, store=store,
-                    queue=queue, assembler=SeriesAssembler(db, queue, config))
-        parts.handlers.append(Exporter(db, files, config))
+                    queue=queue, assembler=SeriesAssembler(
+                        db, queue, config.assembler, config.rules,
+                        export_attempts=config.export.max_attempts))
+        parts.handlers.append(Exporter(db, files, config.export, config.destinations,
+                                       config.dicom.ae_title))
         parts.models = ModelRegistry(dict(config.models), config.built_models_dir)
         parts.check_models()
         parts.handlers.append(SegmentationJob(db, files, parts.store, queue, config,
                                               parts.models))
         parts.corrections = CorrectionIntake(db, files, parts.store, queue, config, parts.models)
         parts.handlers += [CorrectionJob(parts.corrections),
-                           IncrementalTrainer(db, config, parts.models),
-                           GenerationAdapter(db, config, parts.models),
+                           IncrementalTrainer(db, config.learning, node.data_dir, parts.models,
+                                              federated=config.federation.enabled),
+                           GenerationAdapter(db, config.learning, config.federation,
+                                             node.data_dir, parts.models),
                            QualityJob(db, QualityInputs(config.node.data_dir),
                                       delivery_wait_s=config.export.connect_timeout_s)]
         if config.federation.enabled:

@@ -98,9 +98,10 @@ class TrainingPolicy:
 
 # The node's policy for a round (``[learning.round]`` defaults): Dafne's 5 epochs of Adam
 # at 1e-3, within 50 s of steps (a round with its preparation stays under a minute), half
-# of each batch replayed from earlier local corrections, and against forgetting without the data the model came from: the encoder at 1/100 of
-# the heads' rate, learning without forgetting on the trained heads and conditional
-# distillation of the others (benchmarks/learning.py, benchmarks/partial_labels.py).
+# of each batch replayed from earlier local corrections, and against forgetting without
+# the data the model came from: the encoder at 1/100 of the heads' rate, learning without
+# forgetting on the trained heads and conditional distillation of the others
+# (benchmarks/learning.py, benchmarks/partial_labels.py).
 NODE_ROUND = TrainingPolicy(time_budget_s=50.0, replay_fraction=0.5, encoder_lr_scale=0.01,
                             distill_weight=10.0, distill_other_heads=1.0)
 

@@ -8,13 +8,14 @@ complete (and route) a given series.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.config import NodeConfig, RuleAction
+from dicom_node.config import AssemblerSettings, RoutingRule, RuleAction
 from dicom_node.pipeline.corrections import queue_correction
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.flow import InferencePayload, enqueue
@@ -37,12 +38,20 @@ def facts_of(series: Series) -> SeriesFacts:
 
 
 class SeriesAssembler:
-    def __init__(self, db: Database, queue: JobQueue, config: NodeConfig) -> None:
+    """Closes series after their quiet period and applies the routing rules to them.
+
+    ``export_attempts`` is ``[export] max_attempts``, given to the export jobs a forward
+    rule queues."""
+
+    def __init__(self, db: Database, queue: JobQueue, settings: AssemblerSettings,
+                 rules: Sequence[RoutingRule], *, export_attempts: int) -> None:
         self.db = db
         self.queue = queue
-        self.config = config
-        periods = [r.quiet_period_s for r in config.rules if r.quiet_period_s is not None]
-        self._shortest = min([config.assembler.quiet_period_s, *periods])
+        self.settings = settings
+        self.rules = tuple(rules)
+        self.export_attempts = export_attempts
+        periods = [r.quiet_period_s for r in self.rules if r.quiet_period_s is not None]
+        self._shortest = min([settings.quiet_period_s, *periods])
 
     def resume_after_restart(self) -> int:
         """Give series that were receiving when the node stopped a fresh quiet period.
@@ -73,8 +82,8 @@ class SeriesAssembler:
                 if series is None:
                     continue
                 facts = facts_of(series)
-                quiet = quiet_period(self.config.rules, facts,
-                                     self.config.assembler.quiet_period_s)
+                quiet = quiet_period(self.rules, facts,
+                                     self.settings.quiet_period_s)
                 if seen > now - timedelta(seconds=quiet):
                     continue
                 result = cast(CursorResult[Any], s.execute(update(Series).where(
@@ -89,7 +98,7 @@ class SeriesAssembler:
         return done
 
     def _route(self, s: Session, series: Series, facts: SeriesFacts) -> None:
-        rules = matching_rules(self.config.rules, facts)
+        rules = matching_rules(self.rules, facts)
         s.refresh(series)
         seg = series.sop_class_uid in SEG_SOP_CLASSES
         if seg:  # a SEG (binary, fractional or label map) may correct an AI result
@@ -105,7 +114,7 @@ class SeriesAssembler:
             if rule.action is RuleAction.FORWARD:
                 for dest in rule.destinations:
                     queue_export(s, self.queue, series.series_uid, dest, sop_uids,
-                                 self.config.export.max_attempts)
+                                 self.export_attempts)
             else:
                 assert rule.model is not None  # the config refuses a segment rule without one
                 enqueue(self.queue, InferencePayload(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import Destination, ExportSettings
 from dicom_node.dicom.scu import AssociationFailed, OutgoingInstance, is_delivered, send_instances
 from dicom_node.errors import DicomNodeError
 from dicom_node.pipeline.flow import ExportPayload, JobKind, enqueue
@@ -55,15 +55,18 @@ class Exporter:
 
     kinds: tuple[JobKind, ...] = (JobKind.EXPORT,)
 
-    def __init__(self, db: Database, files: InstanceFiles, config: NodeConfig) -> None:
+    def __init__(self, db: Database, files: InstanceFiles, settings: ExportSettings,
+                 destinations: Mapping[str, Destination], calling_ae: str) -> None:
         self.db = db
         self.files = files
-        self.config = config
+        self.settings = settings
+        self.destinations = dict(destinations)
+        self.calling_ae = calling_ae
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         payload = ExportPayload.of(job)
         series_uid, dest_name = payload.series_uid, payload.destination
-        destination = self.config.destinations.get(dest_name)
+        destination = self.destinations.get(dest_name)
         if destination is None:
             raise ExportFailed(f"destination {dest_name!r} is no longer configured")
         with self.db.session() as s:
@@ -105,8 +108,8 @@ class Exporter:
         LOGGER.info("export of series %s to %s: %d instance(s)", series_uid, dest_name,
                     len(items))
         try:
-            send_instances(destination, self.config.dicom.ae_title, items, on_result,
-                           timeout_s=self.config.export.connect_timeout_s)
+            send_instances(destination, self.calling_ae, items, on_result,
+                           timeout_s=self.settings.connect_timeout_s)
         except AssociationFailed as exc:
             with self.db.session() as s:
                 s.execute(update(OutboxItem).where(

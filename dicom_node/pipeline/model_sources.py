@@ -91,6 +91,24 @@ class ModelRegistry:
             return built
         return None
 
+    def source(self, name: str) -> Path:
+        """The file ``name`` is loaded from when no local version serves (the shipped
+        starter's for its own name).
+
+        Raises
+        ------
+        ModelNotBuilt
+            ``name`` is a site-built model whose file does not exist yet.
+        """
+        path = self.path(name)
+        return path if path is not None else STARTER_DIR / "model.safetensors"
+
+    def origin(self, name: str) -> str:
+        """Where ``name`` comes from: ``configured`` ([models]), ``built`` on this node,
+        or ``shipped``."""
+        return ("configured" if name in self._paths
+                else "built" if name in SITE_BUILT else "shipped")
+
     def code_dirs(self, name: str) -> tuple[Path, ...]:
         """Where an operator-installed TorchScript file of ``name`` may live: the
         ``torchscript/`` folder beside its configured weights or one level up."""

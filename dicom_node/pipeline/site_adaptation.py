@@ -30,11 +30,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import FederationSettings, LearningSettings
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.incremental import (
     StoredSample,
@@ -118,11 +119,13 @@ class GenerationAdapter:
 
     kinds: tuple[JobKind, ...] = (JobKind.ADAPT,)
 
-    def __init__(self, db: Database, config: NodeConfig, models: ModelRegistry) -> None:
+    def __init__(self, db: Database, learning: LearningSettings,
+                 federation: FederationSettings, data_dir: Path, models: ModelRegistry) -> None:
         self.db = db
-        self.config = config
+        self.learning = learning
+        self.federation = federation
         self.models = models
-        self.data_dir = config.node.data_dir
+        self.data_dir = data_dir
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         payload = AdaptPayload.of(job)
@@ -153,7 +156,7 @@ class GenerationAdapter:
         model, config = self.models.get(name)
         held = [load_sample(self.data_dir, r) for r in held_rows]
         replay = (replay_slices(self.data_dir, replay_rows,
-                                self.config.learning.replay_max_slices)
+                                self.learning.replay_max_slices)
                   if isinstance(model, MultiHeadUNet) and config.spatial_dims == 2 else [])
         scores: dict[str, float] = {}
         scorable = config.spatial_dims == 2 and bool(held)
@@ -170,8 +173,8 @@ class GenerationAdapter:
             start = rebase(model, config, before_model[0], base_model[0])
         adapted: tuple[MultiHeadUNet, ModelConfig] | None = None
         if replay and isinstance(start, MultiHeadUNet):
-            fs = self.config.federation
-            policy = replace(policy_of(self.config.learning), epochs=fs.adapt_epochs,
+            fs = self.federation
+            policy = replace(policy_of(self.learning), epochs=fs.adapt_epochs,
                              time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
             tuned, _ = train_round(start, config, replay, [], policy,
                                    progress=_beating(beat))
@@ -181,7 +184,7 @@ class GenerationAdapter:
         if adapted is not None and scorable:
             scores["adapted"] = _mean(adapted[0], config, held)
         beat()
-        margin = self.config.learning.acceptance_margin
+        margin = self.learning.acceptance_margin
         use_adapted = adapted is not None and (
             "adapted" not in scores or scores["adapted"] >= scores["generation"] - margin)
         kept = scores.get("adapted" if use_adapted else "generation")

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import LearningSettings, NodeConfig
+from dicom_node.config import LearningSettings
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
@@ -133,11 +133,15 @@ class IncrementalTrainer:
 
     kinds: tuple[JobKind, ...] = (JobKind.TRAINING, JobKind.ACTIVATE)
 
-    def __init__(self, db: Database, config: NodeConfig, models: ModelRegistry) -> None:
+    def __init__(self, db: Database, learning: LearningSettings, data_dir: Path,
+                 models: ModelRegistry, *, federated: bool) -> None:
+        """``federated``: local rounds are numbered from ``LOCAL_FLOOR`` up, clear of the
+        hub's generation numbers."""
         self.db = db
-        self.config = config
+        self.learning = learning
         self.models = models
-        self.data_dir = config.node.data_dir
+        self.data_dir = data_dir
+        self.local_floor = LOCAL_FLOOR if federated else 0
         self._gates: dict[tuple[object, ...], AnchorGate] = {}
         # Called with (attempt, progress) at every training step (tests inject crashes here).
         self.step_hooks: list[Callable[[int, TrainingProgress], None]] = []
@@ -158,7 +162,7 @@ class IncrementalTrainer:
         beat = heartbeat or (lambda: None)
         base_model, base_config = self.models.get(name)
         with self.db.session() as s:
-            ensure_base_version(s, self.config, base_config)
+            ensure_base_version(s, self.models, base_config)
             new_rows = list(s.execute(select(TrainingSample).where(
                 TrainingSample.model_name == name,
                 TrainingSample.state == SampleState.PENDING).order_by(TrainingSample.id)
@@ -191,13 +195,13 @@ class IncrementalTrainer:
         held = [self._load(r) for r in held_rows]
         # Labels of an added head: train that head alone on the frozen encoder.
         policy = continual_policy(base_config, {n for x in new for n in x.annotated},
-                                  policy_of(self.config.learning))
+                                  policy_of(self.learning))
         LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
                     name, base_config.generation, len(new), len(new_rows), len(replay))
         t0 = time.monotonic()
         anchors, gate = self._rehearsal(base_config)
         moments = (optimiser_state.load(self._moments_path(name))
-                   if self.config.learning.keep_optimiser_state else None)
+                   if self.learning.keep_optimiser_state else None)
         candidate, report = train_round(base_model, base_config, new, replay, policy,
                                         anchors=anchors, progress=self._progress(attempt, beat),
                                         optimiser_state=moments)
@@ -206,7 +210,7 @@ class IncrementalTrainer:
         base_dice = evaluate_slices(base_model, base_config, held) if held else None
         cand_dice = evaluate_slices(candidate, cand_config, held) if held else None
         accepted, verdict = accept_candidate(base_dice, cand_dice,
-                                             self.config.learning.acceptance_margin)
+                                             self.learning.acceptance_margin)
         check = gate.check(base_model, base_config, candidate, cand_config) if gate else None
         if check is not None:  # a round that forgets the anchors is not served
             accepted, verdict = accepted and check.accepted, f"{verdict}; {check.verdict}"
@@ -235,7 +239,7 @@ class IncrementalTrainer:
         with self.db.session() as s:
             generation = next_generation(
                 s, name, base_config.generation,
-                local_floor=LOCAL_FLOOR if self.config.federation.enabled else 0)
+                local_floor=self.local_floor)
         config = outcome.config.with_generation(generation)
         path = save_model(candidate, config,
                           self.data_dir / "models" / name / f"generation-{generation:05d}")
@@ -297,7 +301,7 @@ class IncrementalTrainer:
     # -- samples ---------------------------------------------------------------------
     def _rehearsal(self, config: ModelConfig) -> tuple[list[SliceSample], AnchorGate | None]:
         """Anchor slices for ``config``'s labels and the gate scoring them (none if off)."""
-        plan = self.config.learning.rehearsal.plan()
+        plan = self.learning.rehearsal.plan()
         if not plan.enabled:
             return [], None
         try:
@@ -314,11 +318,11 @@ class IncrementalTrainer:
         return load_sample(self.data_dir, row)
 
     def _replay(self, rows: list[TrainingSample]) -> list[SliceSample]:
-        return replay_slices(self.data_dir, rows, self.config.learning.replay_max_slices)
+        return replay_slices(self.data_dir, rows, self.learning.replay_max_slices)
 
     def _evict(self, s: Session, name: str) -> list[str]:
         """Keep the replay buffer within ``replay_max_slices`` (newest kept)."""
-        budget = self.config.learning.replay_max_slices
+        budget = self.learning.replay_max_slices
         used, evicted = 0, []
         for row in s.execute(select(TrainingSample).where(
                 TrainingSample.model_name == name, TrainingSample.state == SampleState.TRAINED)

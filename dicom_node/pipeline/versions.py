@@ -15,13 +15,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import NodeConfig
 from dicom_node.errors import DicomNodeError
-from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import load_model
 from dicom_node.pipeline.flow import ActivatePayload, enqueue
-from dicom_node.pipeline.model_sources import SITE_BUILT, ModelRegistry
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import ModelVersion, ModelVersionState
@@ -34,28 +32,22 @@ class VersionError(DicomNodeError):
     pass
 
 
-def source_path(config: NodeConfig, name: str) -> Path:
-    """Where the registry loads ``name`` from when no local version serves."""
-    path = ModelRegistry(dict(config.models), config.built_models_dir).path(name)
-    return path if path is not None else STARTER_DIR / "model.safetensors"
-
-
 def version_row(s: Session, name: str, generation: int) -> ModelVersion | None:
     """The row of ``name`` generation ``generation``, if the node has one."""
     return s.execute(select(ModelVersion).where(
         ModelVersion.name == name, ModelVersion.generation == generation)).scalar_one_or_none()
 
 
-def ensure_base_version(s: Session, config: NodeConfig, model_config: ModelConfig) -> ModelVersion:
-    """The row of the generation serving now; created for a shipped or configured model."""
+def ensure_base_version(s: Session, models: ModelRegistry,
+                        model_config: ModelConfig) -> ModelVersion:
+    """The row of the generation serving now; created for a shipped, built or configured
+    model."""
     row = version_row(s, model_config.name, model_config.generation)
     if row is not None:
         return row
-    origin = ("configured" if model_config.name in config.models
-              else "built" if model_config.name in SITE_BUILT else "shipped")
     row = ModelVersion(name=model_config.name, generation=model_config.generation,
-                       parent_generation=None, origin=origin,
-                       path=str(source_path(config, model_config.name)),
+                       parent_generation=None, origin=models.origin(model_config.name),
+                       path=str(models.source(model_config.name)),
                        state=ModelVersionState.SERVING, samples=0, sample_ids=[], metrics={},
                        activated_at=datetime.now(UTC))
     s.add(row)

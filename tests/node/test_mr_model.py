@@ -24,7 +24,6 @@ from dicom_node.learning.weights import save_model
 from dicom_node.phantom import mr_atlas
 from dicom_node.phantom.dicom import subject_datasets
 from dicom_node.pipeline.model_sources import ModelNotBuilt, ModelRegistry
-from dicom_node.pipeline.versions import source_path
 from dicom_node.status import node_status, render_status
 from dicom_node.store.models import Segmentation, Series, SeriesState
 from tests.node.conftest import node_config_data, storescu, tessera, wait_until
@@ -59,12 +58,14 @@ def test_versions_start_from_the_built_file(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(EXAMPLE_CONFIG.replace('"var/node"', f'"{tmp_path / "var"}"'))
     cfg = load_config(path, env={})
+    registry = ModelRegistry(dict(cfg.models), cfg.built_models_dir)
     with pytest.raises(ModelNotBuilt):
-        source_path(cfg, HEAD_MR_MODEL)
+        registry.source(HEAD_MR_MODEL)
     built = cfg.built_models_dir / HEAD_MR_MODEL / "model.safetensors"
     config = head_mr_config(input_size=32)
     save_model(build_model(config), config, built)
-    assert source_path(cfg, HEAD_MR_MODEL) == built
+    assert registry.source(HEAD_MR_MODEL) == built
+    assert registry.origin(HEAD_MR_MODEL) == "built"
 
 
 def test_mr_samples_keep_every_slice_that_shows_the_brain() -> None:
