@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import FederationSettings
 from dicom_node.hub_enrolment import Credentials, Interceptor, make_client
 from dicom_node.pipeline.federated_evaluation import EvaluationResponder
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
@@ -90,13 +90,16 @@ def hub_update_id(node_id: str, update_id: str) -> str:
 class FederationAgent:
     """Runs the node's side of federation in two daemon threads (watch, upload)."""
 
-    def __init__(self, config: NodeConfig, db: Database, models: ModelRegistry) -> None:
-        self.config = config
-        self.settings = config.federation
+    def __init__(self, settings: FederationSettings, db: Database, models: ModelRegistry,
+                 queue: JobQueue, data_dir: Path) -> None:
+        """``queue`` takes the generation-adapt jobs; ``data_dir`` holds the credentials,
+        downloads and served generations."""
+        self.settings = settings
         self.db = db
         self.models = models
-        self.queue = JobQueue(db, lease_s=config.jobs.lease_s)  # generation-adapt jobs
-        self.dir = config.node.data_dir / "federation"
+        self.queue = queue
+        self.data_dir = data_dir
+        self.dir = data_dir / "federation"
         self.credentials = Credentials(self.settings.credentials_path
                                        or self.dir / "credentials.json")
         self.interceptors: list[Interceptor] = []  # tests record the wire here
@@ -110,7 +113,7 @@ class FederationAgent:
         self._threads: list[threading.Thread] = []
         self.outbox = UpdateOutbox(db, self.settings)
         self.generation_applied = threading.Event()
-        self.evaluations = EvaluationResponder(db, models, config.node.data_dir,
+        self.evaluations = EvaluationResponder(db, models, data_dir,
                                                self.settings.model)
         self.refused: str | None = None  # why the hub refuses this node, once it does
 
@@ -255,7 +258,7 @@ class FederationAgent:
         serve_hub_generation(self.db, self.models, name, target.read_bytes(),
                              generation=generation.number, parent=generation.parent,
                              config_json=generation.config_json,
-                             models_dir=self.config.node.data_dir / "models",
+                             models_dir=self.data_dir / "models",
                              adapt_queue=self.queue if self.settings.adapt else None)
         target.unlink(missing_ok=True)
         self.generation_applied.set()

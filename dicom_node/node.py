@@ -121,9 +121,12 @@ class NodeParts:
                                        config.dicom.ae_title))
         parts.models = ModelRegistry(dict(config.models), config.built_models_dir)
         parts.check_models()
-        parts.handlers.append(SegmentationJob(db, files, parts.store, queue, config,
-                                              parts.models))
-        parts.corrections = CorrectionIntake(db, files, parts.store, queue, config, parts.models)
+        parts.handlers.append(SegmentationJob(
+            db, files, parts.store, queue, node.data_dir, parts.models,
+            inference=config.inference, dicom=config.dicom, rules=config.rules,
+            export_attempts=config.export.max_attempts))
+        parts.corrections = CorrectionIntake(db, files, parts.store, queue, node.data_dir,
+                                             parts.models, config.learning)
         parts.handlers += [CorrectionJob(parts.corrections),
                            IncrementalTrainer(db, config.learning, node.data_dir, parts.models,
                                               federated=config.federation.enabled),
@@ -135,7 +138,8 @@ class NodeParts:
             # Imported here: a node without a hub never loads the gRPC client.
             from dicom_node.federation import FederationAgent
 
-            parts.federation = FederationAgent(config, db, parts.models)
+            parts.federation = FederationAgent(config.federation, db, parts.models, queue,
+                                               node.data_dir)
         return parts
 
     def check_models(self) -> None:

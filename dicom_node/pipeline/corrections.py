@@ -40,13 +40,16 @@ from dicom_node.pipeline.correction_sample import (
     write_sample,
 )
 from dicom_node.pipeline.flow import CorrectionPayload, JobKind, enqueue
+from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.seg import SegmentSpec
 from dicom_node.pipeline.seg_read import SEG_SOP_CLASSES, read_seg_labels
 from dicom_node.pipeline.segment_matching import match_segments, segment_infos
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
-from dicom_node.store.instances import Peer
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instances import InstanceStore, Peer
 from dicom_node.store.jobs import ClaimedJob, JobQueue
 from dicom_node.store.models import (
     Correction,
@@ -89,9 +92,11 @@ class CorrectionIntake(SeriesStage):
     whichever way its instances arrived (C-STORE or STOW-RS).
     """
 
-    @property
-    def settings(self) -> LearningSettings:
-        return self.config.learning
+    def __init__(self, db: Database, files: InstanceFiles, store: InstanceStore,
+                 queue: JobQueue, data_dir: Path, models: ModelRegistry,
+                 settings: LearningSettings) -> None:
+        super().__init__(db, files, store, queue, data_dir, models)
+        self.settings = settings
 
     # -- the entry point ------------------------------------------------------------
     def ingest(self, sop_instance_uid: str, *,
@@ -222,7 +227,7 @@ class CorrectionIntake(SeriesStage):
         if not annotated:
             draft.reason = "annotates none of learning.annotated_labels; not trained on"
             return self._finish(draft, None)
-        return self._finish(draft, write_sample(self.config.node.data_dir, draft, volume,
+        return self._finish(draft, write_sample(self.data_dir, draft, volume,
                                                 corrected, annotated, model_config,
                                                 self.settings.neighbour_slices))
 
@@ -246,7 +251,7 @@ class CorrectionIntake(SeriesStage):
                     queued = queue_training(s, self.queue, self.settings, sample.model_name)
             outcome = _outcome(draft, queued)
         for rel in superseded:
-            (self.config.node.data_dir / rel).unlink(missing_ok=True)
+            (self.data_dir / rel).unlink(missing_ok=True)
         LOGGER.info("SEG %s: correction %s of series %s (%s); Dice %s; %d changed slices",
                     draft.seg_sop_instance_uid, draft.state, draft.source_series_uid,
                     draft.reason or "", draft.dice, len(draft.changed_slices))

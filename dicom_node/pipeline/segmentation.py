@@ -10,10 +10,11 @@ import gc
 import io
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -21,6 +22,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from sqlalchemy import select, update
 
+from dicom_node.config import DicomSettings, InferenceSettings, RoutingRule
 from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import parse_instance
 from dicom_node.errors import SeriesRefused
@@ -30,15 +32,17 @@ from dicom_node.learning.volume_inference import segment_any
 from dicom_node.pipeline.domain import DomainVerdict, check_domain
 from dicom_node.pipeline.export import queue_export
 from dicom_node.pipeline.flow import InferencePayload, JobKind, QualityPayload, enqueue
-from dicom_node.pipeline.model_sources import UnknownModel
+from dicom_node.pipeline.model_sources import ModelRegistry, UnknownModel
 from dicom_node.pipeline.quality_job import QualityInputs
 from dicom_node.pipeline.seg import SegAlgorithm, SegmentSpec, build_seg
 from dicom_node.pipeline.seg_template import SegTemplate, TemplateMismatch
 from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.prometheus import OUT_OF_DOMAIN_EVENT
-from dicom_node.store.instances import Peer
-from dicom_node.store.jobs import ClaimedJob
+from dicom_node.store.db import Database
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instances import InstanceStore, Peer
+from dicom_node.store.jobs import ClaimedJob, JobQueue
 from dicom_node.store.models import (
     Instance,
     Segmentation,
@@ -121,9 +125,18 @@ class SegmentationJob(SeriesStage):
 
     kinds: tuple[JobKind, ...] = (JobKind.INFERENCE,)
 
-    @property
-    def quality(self) -> QualityInputs:
-        return QualityInputs(self.config.node.data_dir)
+    def __init__(self, db: Database, files: InstanceFiles, store: InstanceStore,
+                 queue: JobQueue, data_dir: Path, models: ModelRegistry, *,
+                 inference: InferenceSettings, dicom: DicomSettings,
+                 rules: Sequence[RoutingRule], export_attempts: int) -> None:
+        """``dicom``: the node's own AE title and instance size limit (the SEG is stored
+        like a received instance); ``rules``: for their ``out_of_domain`` action."""
+        super().__init__(db, files, store, queue, data_dir, models)
+        self.inference = inference
+        self.dicom = dicom
+        self.rules = tuple(rules)
+        self.export_attempts = export_attempts
+        self.quality = QualityInputs(data_dir)
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         payload = InferencePayload.of(job)
@@ -165,12 +178,12 @@ class SegmentationJob(SeriesStage):
             t1 = time.perf_counter()
             result = segment_any(model, mconfig, volume.pixels.astype(np.float32),
                                  volume.spacing, affine=volume.affine,
-                                 device=resolve_device(self.config.inference.device),
-                                 amp=self.config.inference.amp)
+                                 device=resolve_device(self.inference.device),
+                                 amp=self.inference.amp)
             timings["inference_s"] = time.perf_counter() - t1
             heartbeat()
             domain = check_domain(result.labels, volume.spacing, mconfig.label_values,
-                                  self.config.inference.min_structure_fraction)
+                                  self.inference.min_structure_fraction)
             if not domain.in_domain:
                 self._out_of_domain(series_uid, mconfig, domain, payload.rule)
             t2 = time.perf_counter()
@@ -183,14 +196,14 @@ class SegmentationJob(SeriesStage):
         header = parse_instance(
             data[dataset_offset(data):], transfer_syntax_uid=syntax,
             context_sop_class_uid=None, command_sop_instance_uid=None,
-            max_bytes=int(self.config.dicom.max_instance_mb * 1024 * 1024))
+            max_bytes=int(self.dicom.max_instance_mb * 1024 * 1024))
         # A worker that died after storing the SEG but before recording it left the
         # same object (same UIDs) behind: keep that one, never a second copy.
         with self.db.session() as s:
             stored = s.execute(select(Instance.id).where(
                 Instance.sop_instance_uid == header.sop_instance_uid)).first()
         if stored is None:
-            self.store.ingest(data, header, Peer(ae_title=self.config.dicom.ae_title),
+            self.store.ingest(data, header, Peer(ae_title=self.dicom.ae_title),
                               produced_here=True)
         timings["store_s"] = time.perf_counter() - t3
         with self.db.session() as s:
@@ -212,7 +225,7 @@ class SegmentationJob(SeriesStage):
                     time.perf_counter() - t0, timings["inference_s"])
 
     def _holds_out_of_domain(self, rule_name: str) -> bool:
-        rule = next((r for r in self.config.rules if r.name == rule_name), None)
+        rule = next((r for r in self.rules if r.name == rule_name), None)
         return rule is not None and rule.out_of_domain == "hold"
 
     def _out_of_domain(self, series_uid: str, mconfig: ModelConfig, domain: DomainVerdict,
@@ -241,7 +254,7 @@ class SegmentationJob(SeriesStage):
         with self.db.session() as s:
             for dest in destinations:
                 queue_export(s, self.queue, seg_series_uid, dest, [seg_sop_uid],
-                             self.config.export.max_attempts)
+                             self.export_attempts)
             if quality:
                 enqueue(self.queue, QualityPayload(seg_sop_uid), session=s)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dicom_node.config import NodeConfig
+from pathlib import Path
+
 from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
@@ -13,13 +14,14 @@ from dicom_node.store.jobs import JobQueue
 class SeriesStage:
     """Base of the stages that read stored series, store results and queue jobs
     (segmentation, correction intake): the index, the files, the instance store, the
-    job queue, the node's config and its models."""
+    job queue, the node's data directory and its models. Each stage takes its own
+    configuration sections besides."""
 
     def __init__(self, db: Database, files: InstanceFiles, store: InstanceStore,
-                 queue: JobQueue, config: NodeConfig, models: ModelRegistry) -> None:
+                 queue: JobQueue, data_dir: Path, models: ModelRegistry) -> None:
         self.db = db
         self.files = files
         self.store = store
         self.queue = queue
-        self.config = config
+        self.data_dir = data_dir
         self.models = models

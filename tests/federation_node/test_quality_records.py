@@ -12,6 +12,7 @@ from dicom_node.config import load_config
 from dicom_node.federation import FederationAgent
 from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
+from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import Correction, Segmentation
 
 UID = "1.2.826.0.1.3680043.8.498.4242"
@@ -23,7 +24,8 @@ def _agent(tmp_path: Path) -> FederationAgent:
     config = load_config(overrides={"node.data_dir": str(tmp_path / "node")}, env={})
     db = Database(f"sqlite:///{tmp_path / 'node.db'}")
     db.create_schema()
-    return FederationAgent(config, db, ModelRegistry.__new__(ModelRegistry))
+    return FederationAgent(config.federation, db, ModelRegistry.__new__(ModelRegistry),
+                           JobQueue(db), config.node.data_dir)
 
 
 def _segmentation(agent: FederationAgent, n: int, metrics: dict, age_s: float = 0.0) -> int:
