@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,10 +25,12 @@ from sqlalchemy import select, update
 
 from dicom_node.config import DicomSettings, InferenceSettings, RoutingRule
 from dicom_node.dicom.meta import dataset_offset
-from dicom_node.dicom.parse import parse_instance
+from dicom_node.dicom.parse import InstanceHeader, parse_instance
 from dicom_node.errors import SeriesRefused
 from dicom_node.learning.device import resolve_device
+from dicom_node.learning.inference import SegmentationResult
 from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.volume_inference import segment_any
 from dicom_node.pipeline.domain import DomainVerdict, check_domain
 from dicom_node.pipeline.export import queue_export
@@ -120,6 +123,17 @@ def _encode(template: Future[SegTemplate], volume: Volume, labels: np.ndarray,
     return buffer.getvalue(), str(seg.file_meta.TransferSyntaxUID)
 
 
+@dataclass(frozen=True)
+class EncodedSeg:
+    """The model's result for a series and its SEG, encoded (``syntax``: its transfer
+    syntax)."""
+
+    data: bytes
+    syntax: str
+    result: SegmentationResult
+    domain: DomainVerdict
+
+
 class SegmentationJob(SeriesStage):
     """Job handler for ``inference`` jobs queued by segment rules."""
 
@@ -139,6 +153,8 @@ class SegmentationJob(SeriesStage):
         self.quality = QualityInputs(data_dir)
 
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
+        """Series -> volume -> model -> DICOM-SEG, stored like any instance, then its
+        export and quality metrics queued."""
         payload = InferencePayload.of(job)
         series_uid, destinations = payload.series_uid, list(payload.destinations)
         try:
@@ -156,20 +172,44 @@ class SegmentationJob(SeriesStage):
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        volume = self._read_volume(series_uid, mconfig)
+        if volume is None:
+            return
+        timings["volume_s"] = time.perf_counter() - t0
+        heartbeat()
+        seg = self._segment(series_uid, model, mconfig, volume, payload.rule, heartbeat,
+                            timings)
+        header = self._store_seg(seg, timings)
+        self._record(series_uid, mconfig, header, seg.domain, timings)
+        if not seg.domain.in_domain and self._holds_out_of_domain(payload.rule):
+            destinations = []  # held back: the SEG is stored, status says why
+        # Quality metrics feed monitoring, not the SEG: their own job, after delivery.
+        result = seg.result
+        self.quality.save(header.sop_instance_uid, result.labels, result.confidence,
+                          result.entropy, result.spacing, mconfig.label_values)
+        self._export(header.series_uid, header.sop_instance_uid, destinations, quality=True)
+        LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
+                    series_uid, mconfig.name, mconfig.generation, volume.shape[0],
+                    time.perf_counter() - t0, timings["inference_s"])
+
+    def _read_volume(self, series_uid: str, mconfig: ModelConfig) -> Volume | None:
+        """The series as one volume; None (and the series refused) if it cannot be."""
         with self.db.session() as s:
             paths = list(s.execute(select(Instance.path).join(Series).where(
                 Series.series_uid == series_uid)).scalars())
         try:
             with collector_paused():
                 datasets = [pydicom.dcmread(self.files.absolute(p)) for p in paths]
-                volume = build_volume(
+                return build_volume(
                     datasets, allowed_modalities={mconfig.preprocessing.modality.value})
         except SeriesRefused as exc:
             self._refuse(series_uid, str(exc))
-            return
-        timings["volume_s"] = time.perf_counter() - t0
-        heartbeat()
+            return None
 
+    def _segment(self, series_uid: str, model: SegmentationNetwork, mconfig: ModelConfig,
+                 volume: Volume, rule: str, heartbeat: Callable[[], None],
+                 timings: dict[str, float]) -> EncodedSeg:
+        """Run the model and encode its SEG; the SEG's template is built while it runs."""
         specs = segment_specs(mconfig)
         algorithm = SegAlgorithm(mconfig.name, mconfig.generation)
         with ThreadPoolExecutor(1, thread_name_prefix="seg-template") as pool:
@@ -185,16 +225,19 @@ class SegmentationJob(SeriesStage):
             domain = check_domain(result.labels, volume.spacing, mconfig.label_values,
                                   self.inference.min_structure_fraction)
             if not domain.in_domain:
-                self._out_of_domain(series_uid, mconfig, domain, payload.rule)
+                self._out_of_domain(series_uid, mconfig, domain, rule)
             t2 = time.perf_counter()
             data, syntax = _encode(template, volume, result.labels, specs, algorithm,
                                    None if domain.in_domain else
                                    f"OUT OF DOMAIN? SEG {mconfig.name} gen {mconfig.generation}")
         timings["encode_s"] = time.perf_counter() - t2
+        return EncodedSeg(data, syntax, result, domain)
 
+    def _store_seg(self, seg: EncodedSeg, timings: dict[str, float]) -> InstanceHeader:
+        """Store the SEG as an instance of this node (once: a retry finds the first)."""
         t3 = time.perf_counter()
         header = parse_instance(
-            data[dataset_offset(data):], transfer_syntax_uid=syntax,
+            seg.data[dataset_offset(seg.data):], transfer_syntax_uid=seg.syntax,
             context_sop_class_uid=None, command_sop_instance_uid=None,
             max_bytes=int(self.dicom.max_instance_mb * 1024 * 1024))
         # A worker that died after storing the SEG but before recording it left the
@@ -203,9 +246,13 @@ class SegmentationJob(SeriesStage):
             stored = s.execute(select(Instance.id).where(
                 Instance.sop_instance_uid == header.sop_instance_uid)).first()
         if stored is None:
-            self.store.ingest(data, header, Peer(ae_title=self.dicom.ae_title),
+            self.store.ingest(seg.data, header, Peer(ae_title=self.dicom.ae_title),
                               produced_here=True)
         timings["store_s"] = time.perf_counter() - t3
+        return header
+
+    def _record(self, series_uid: str, mconfig: ModelConfig, header: InstanceHeader,
+                domain: DomainVerdict, timings: dict[str, float]) -> None:
         with self.db.session() as s:
             s.add(Segmentation(
                 series_uid=series_uid, model_name=mconfig.name, generation=mconfig.generation,
@@ -214,15 +261,6 @@ class SegmentationJob(SeriesStage):
                 created_at=datetime.now(UTC)))
             s.execute(update(Series).where(Series.series_uid == series_uid)
                       .values(state=SeriesState.SEGMENTED, state_reason=None))
-        if not domain.in_domain and self._holds_out_of_domain(payload.rule):
-            destinations = []  # held back: the SEG is stored, status says why
-        # Quality metrics feed monitoring, not the SEG: their own job, after delivery.
-        self.quality.save(header.sop_instance_uid, result.labels, result.confidence,
-                          result.entropy, result.spacing, mconfig.label_values)
-        self._export(header.series_uid, header.sop_instance_uid, destinations, quality=True)
-        LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
-                    series_uid, mconfig.name, mconfig.generation, volume.shape[0],
-                    time.perf_counter() - t0, timings["inference_s"])
 
     def _holds_out_of_domain(self, rule_name: str) -> bool:
         rule = next((r for r in self.rules if r.name == rule_name), None)

@@ -45,6 +45,7 @@ from dicom_node.learning.incremental import (
 )
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
+from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.training import TrainingProgress
 from dicom_node.learning.weights import load_model, save_model
 from dicom_node.pipeline.flow import AdaptPayload, JobKind
@@ -71,6 +72,7 @@ from dicom_node.store.models import (
     JobState,
     ModelVersion,
     ModelVersionState,
+    TrainingSample,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -114,6 +116,19 @@ class SiteCheck:
                 "adapted": float(self.adapted), "rolled_back": float(self.rolled_back)}
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """What a site check reads from the version table: the file of the version served
+    before, the hub generation that one descends from (and its file), the replay buffer
+    and the held-out cases."""
+
+    before_path: str | None
+    base: int
+    base_path: str | None
+    replay_rows: list[TrainingSample]
+    held_rows: list[TrainingSample]
+
+
 class GenerationAdapter:
     """Job handler for ``generation-adapt``."""
 
@@ -139,23 +154,12 @@ class GenerationAdapter:
               heartbeat: Callable[[], None] | None = None) -> SiteCheck | None:
         """Check hub ``generation`` here and serve what the check chose (see module)."""
         beat = heartbeat or (lambda: None)
-        with self.db.session() as s:
-            row = serving_version(s, name)
-            if row is None or row.generation != generation:
-                LOGGER.info("%s hub generation %d no longer serves: nothing to adapt", name,
-                            generation)
-                return None
-            if SITE_CHECK in (row.metrics or {}):
-                return None  # done before a crash or a retry
-            before = version_row(s, name, previous) if previous >= 0 else None
-            before_path = before.path if before is not None and before.path else None
-            base = hub_base_generation(s, name, previous) if previous >= 0 else -1
-            base_row = version_row(s, name, base) if 0 <= base != previous else None
-            base_path = base_row.path if base_row is not None and base_row.path else None
-            replay_rows, held_rows = trained_rows(s, name), held_out_rows(s, name)
+        lineage = self._lineage(name, generation, previous)
+        if lineage is None:
+            return None
         model, config = self.models.get(name)
-        held = [load_sample(self.data_dir, r) for r in held_rows]
-        replay = (replay_slices(self.data_dir, replay_rows,
+        held = [load_sample(self.data_dir, r) for r in lineage.held_rows]
+        replay = (replay_slices(self.data_dir, lineage.replay_rows,
                                 self.learning.replay_max_slices)
                   if isinstance(model, MultiHeadUNet) and config.spatial_dims == 2 else [])
         scores: dict[str, float] = {}
@@ -163,24 +167,10 @@ class GenerationAdapter:
         if scorable:
             scores["generation"] = _mean(model, config, held)
         t0 = time.monotonic()
-        before_model = self._load(name, previous, before_path)
+        before_model = self._load(name, previous, lineage.before_path)
         if before_model is not None and scorable:
             scores["previous"] = _mean(*before_model, held)
-        # What this site had learned on top of its hub generation, carried to the new one.
-        start = model
-        base_model = self._load(name, base, base_path) if before_model is not None else None
-        if isinstance(model, MultiHeadUNet) and before_model is not None and base_model:
-            start = rebase(model, config, before_model[0], base_model[0])
-        adapted: tuple[MultiHeadUNet, ModelConfig] | None = None
-        if replay and isinstance(start, MultiHeadUNet):
-            fs = self.federation
-            policy = replace(policy_of(self.learning), epochs=fs.adapt_epochs,
-                             time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
-            tuned, _ = train_round(start, config, replay, [], policy,
-                                   progress=_beating(beat))
-            adapted = (tuned, config)
-        elif start is not model and isinstance(start, MultiHeadUNet):
-            adapted = (start, config)
+        adapted = self._fit(name, model, config, before_model, lineage, replay, beat)
         if adapted is not None and scorable:
             scores["adapted"] = _mean(adapted[0], config, held)
         beat()
@@ -201,6 +191,49 @@ class GenerationAdapter:
         if use_adapted and adapted is not None:
             return self._serve_adapted(name, check, *adapted)
         return self._record(name, check)
+
+    def _lineage(self, name: str, generation: int, previous: int) -> Lineage | None:
+        """Where the check starts from; None when ``generation`` no longer serves or was
+        checked already (before a crash, or a retry)."""
+        with self.db.session() as s:
+            row = serving_version(s, name)
+            if row is None or row.generation != generation:
+                LOGGER.info("%s hub generation %d no longer serves: nothing to adapt", name,
+                            generation)
+                return None
+            if SITE_CHECK in (row.metrics or {}):
+                return None
+            before = version_row(s, name, previous) if previous >= 0 else None
+            base = hub_base_generation(s, name, previous) if previous >= 0 else -1
+            base_row = version_row(s, name, base) if 0 <= base != previous else None
+            return Lineage(
+                before_path=before.path if before is not None and before.path else None,
+                base=base,
+                base_path=base_row.path if base_row is not None and base_row.path else None,
+                replay_rows=trained_rows(s, name), held_rows=held_out_rows(s, name))
+
+    def _fit(self, name: str, model: SegmentationNetwork, config: ModelConfig,
+             before_model: tuple[SegmentationNetwork, ModelConfig] | None, lineage: Lineage,
+             replay: list[SliceSample], beat: Callable[[], None]
+             ) -> tuple[MultiHeadUNet, ModelConfig] | None:
+        """The site's version of the generation: what the site had learned on top of its
+        hub generation carried to the new one (rebase), then fine-tuned on the replay
+        buffer; None if there is nothing to carry or train on."""
+        start = model
+        base_model = (self._load(name, lineage.base, lineage.base_path)
+                      if before_model is not None else None)
+        if isinstance(model, MultiHeadUNet) and before_model is not None and base_model:
+            start = rebase(model, config, before_model[0], base_model[0])
+        if replay and isinstance(start, MultiHeadUNet):
+            fs = self.federation
+            policy = replace(policy_of(self.learning), epochs=fs.adapt_epochs,
+                             time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
+            tuned, _ = train_round(start, config, replay, [], policy,
+                                   progress=_beating(beat))
+            return tuned, config
+        if start is not model and isinstance(start, MultiHeadUNet):
+            return start, config
+        return None
 
     # -- outcomes -----------------------------------------------------------------------
     def _record(self, name: str, check: SiteCheck) -> SiteCheck | None:

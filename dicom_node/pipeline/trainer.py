@@ -159,31 +159,20 @@ class IncrementalTrainer:
     # -- a round ---------------------------------------------------------------------
     def train(self, name: str, *, attempt: int = 1,
               heartbeat: Callable[[], None] | None = None) -> ModelVersion | None:
+        """One round on ``name``'s pending samples: train, judge, commit (served only if
+        accepted); None without pending samples."""
         beat = heartbeat or (lambda: None)
         base_model, base_config = self.models.get(name)
-        with self.db.session() as s:
-            ensure_base_version(s, self.models, base_config)
-            new_rows = list(s.execute(select(TrainingSample).where(
-                TrainingSample.model_name == name,
-                TrainingSample.state == SampleState.PENDING).order_by(TrainingSample.id)
-            ).scalars())
-            replay_rows = trained_rows(s, name)
-            held_rows = held_out_rows(s, name)
+        new_rows, replay_rows, held_rows = self._rows(name, base_config)
         if not new_rows:
             LOGGER.info("training %s: no pending samples", name)
             return None
         sample_ids = [r.id for r in new_rows]
         update_id = deterministic_uid("tessera-update", name, base_config.generation,
                                       *sample_ids)
-        with self.db.session() as s:
-            done = s.execute(select(ModelVersion).where(
-                ModelVersion.update_id == update_id)).scalar_one_or_none()
-        if done is not None:  # committed before a crash: only re-apply
-            LOGGER.info("round %s already committed as generation %d", update_id,
-                        done.generation)
-            activate_serving(self.db, self.models, name)
+        done = self._committed(name, update_id)
+        if done is not None:
             return done
-
         if not isinstance(base_model, MultiHeadUNet):
             # Rounds from corrections are slice rounds with per-head masking: they need
             # separate heads (an external network is one group, see learning.external).
@@ -207,6 +196,47 @@ class IncrementalTrainer:
                                         optimiser_state=moments)
         beat()
         cand_config = after_round(base_config, report)  # a pending head it trained is active
+        accepted, verdict, scores = self._judge(base_model, base_config, candidate,
+                                                cand_config, held, gate, len(anchors))
+        training = {"slices": len(new), "replay_slices": len(replay), "steps": report.steps,
+                    "epochs": report.epochs_completed, "losses": list(report.epoch_losses),
+                    "stopped_by_time_budget": report.stopped_by_time_budget,
+                    "seconds": round(time.monotonic() - t0, 2)}
+        beat()
+        return self._commit(RoundOutcome(
+            name=name, base_config=base_config, config=cand_config, model=candidate,
+            report=report, sample_ids=tuple(sample_ids), update_id=update_id,
+            accepted=accepted, verdict=verdict,
+            metrics={**scores, "training": training, "verdict": verdict}))
+
+    def _rows(self, name: str, base_config: ModelConfig
+              ) -> tuple[list[TrainingSample], list[TrainingSample], list[TrainingSample]]:
+        """The round's pending samples, its replay buffer and the held-out cases."""
+        with self.db.session() as s:
+            ensure_base_version(s, self.models, base_config)
+            new_rows = list(s.execute(select(TrainingSample).where(
+                TrainingSample.model_name == name,
+                TrainingSample.state == SampleState.PENDING).order_by(TrainingSample.id)
+            ).scalars())
+            return new_rows, trained_rows(s, name), held_out_rows(s, name)
+
+    def _committed(self, name: str, update_id: str) -> ModelVersion | None:
+        """The version this round committed before a crash (then served again), if any."""
+        with self.db.session() as s:
+            done = s.execute(select(ModelVersion).where(
+                ModelVersion.update_id == update_id)).scalar_one_or_none()
+        if done is not None:
+            LOGGER.info("round %s already committed as generation %d", update_id,
+                        done.generation)
+            activate_serving(self.db, self.models, name)
+        return done
+
+    def _judge(self, base_model: MultiHeadUNet, base_config: ModelConfig,
+               candidate: MultiHeadUNet, cand_config: ModelConfig, held: list[StoredSample],
+               gate: AnchorGate | None, anchor_slices: int
+               ) -> tuple[bool, str, dict[str, Any]]:
+        """Whether the candidate may serve: held-out Dice within the acceptance margin of
+        the base's, and the rehearsal anchors not forgotten; with the scores."""
         base_dice = evaluate_slices(base_model, base_config, held) if held else None
         cand_dice = evaluate_slices(candidate, cand_config, held) if held else None
         accepted, verdict = accept_candidate(base_dice, cand_dice,
@@ -214,21 +244,10 @@ class IncrementalTrainer:
         check = gate.check(base_model, base_config, candidate, cand_config) if gate else None
         if check is not None:  # a round that forgets the anchors is not served
             accepted, verdict = accepted and check.accepted, f"{verdict}; {check.verdict}"
-        seconds = time.monotonic() - t0
-        beat()
-        return self._commit(RoundOutcome(
-            name=name, base_config=base_config, config=cand_config, model=candidate,
-            report=report, sample_ids=tuple(sample_ids), update_id=update_id,
-            accepted=accepted, verdict=verdict, metrics={
-                "held_out": {"base": base_dice, "candidate": cand_dice, "cases": len(held)},
-                "anchors": None if check is None else {
-                    "base": check.base, "candidate": check.candidate, "slices": len(anchors)},
-                "training": {"slices": len(new), "replay_slices": len(replay),
-                             "steps": report.steps, "epochs": report.epochs_completed,
-                             "losses": list(report.epoch_losses),
-                             "stopped_by_time_budget": report.stopped_by_time_budget,
-                             "seconds": round(seconds, 2)},
-                "verdict": verdict}))
+        return accepted, verdict, {
+            "held_out": {"base": base_dice, "candidate": cand_dice, "cases": len(held)},
+            "anchors": None if check is None else {
+                "base": check.base, "candidate": check.candidate, "slices": anchor_slices}}
 
     def _commit(self, outcome: RoundOutcome) -> ModelVersion:
         """Record the round: weights, the version row, the update (if served), the samples
@@ -244,19 +263,8 @@ class IncrementalTrainer:
         path = save_model(candidate, config,
                           self.data_dir / "models" / name / f"generation-{generation:05d}")
         groups = trained_groups(report)
-        update_path: Path | None = None
-        meta: dict[str, str] = {}
-        if accepted:
-            data, meta = update_artifact(candidate, groups, {
-                "update_id": update_id, "model": name, "base_generation": base_config.generation,
-                "local_generation": generation, "num_samples": len(sample_ids),
-                "num_slices": metrics["training"]["slices"], "trained_groups": groups,
-                "validation": metrics["held_out"]})
-            update_path = self.data_dir / "updates" / f"{update_id}.safetensors"
-            private_dir(update_path.parent)
-            write_atomic(update_path, data, durable=True)
-            write_atomic(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode(),
-                         durable=True)
+        update_path, meta = (self._write_update(outcome, generation, groups) if accepted
+                             else (None, {}))
         now = datetime.now(UTC)
         with self.db.session() as s:
             if accepted:
@@ -284,15 +292,36 @@ class IncrementalTrainer:
             (self.data_dir / rel).unlink(missing_ok=True)
         if accepted:
             self.models.replace(name, candidate, config)
-            if report.optimiser_state is not None:  # a refused round's moments are dropped
-                try:
-                    optimiser_state.save(self._moments_path(name), report.optimiser_state,
-                                         {"model": name, "generation": str(generation)})
-                except OSError as exc:  # the round is committed; moments are only a head start
-                    LOGGER.warning("optimiser state of %s not kept: %s", name, exc)
+            self._keep_moments(name, generation, report)
         LOGGER.info("%s generation %d (from %d) %s: %s", name, generation,
                     base_config.generation, "serves" if accepted else "rejected", outcome.verdict)
         return version
+
+    def _write_update(self, outcome: RoundOutcome, generation: int, groups: list[str]
+                      ) -> tuple[Path, dict[str, str]]:
+        """The served round's update for the hub (its trained groups, durable) and its
+        metadata."""
+        name, base_generation = outcome.name, outcome.base_config.generation
+        data, meta = update_artifact(outcome.model, groups, {
+            "update_id": outcome.update_id, "model": name, "base_generation": base_generation,
+            "local_generation": generation, "num_samples": len(outcome.sample_ids),
+            "num_slices": outcome.metrics["training"]["slices"], "trained_groups": groups,
+            "validation": outcome.metrics["held_out"]})
+        update_path = self.data_dir / "updates" / f"{outcome.update_id}.safetensors"
+        private_dir(update_path.parent)
+        write_atomic(update_path, data, durable=True)
+        write_atomic(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode(),
+                     durable=True)
+        return update_path, meta
+
+    def _keep_moments(self, name: str, generation: int, report: TrainingReport) -> None:
+        if report.optimiser_state is None:  # a refused round's moments are dropped
+            return
+        try:
+            optimiser_state.save(self._moments_path(name), report.optimiser_state,
+                                 {"model": name, "generation": str(generation)})
+        except OSError as exc:  # the round is committed; moments are only a head start
+            LOGGER.warning("optimiser state of %s not kept: %s", name, exc)
 
     def _moments_path(self, name: str) -> Path:
         """Adam's moments after the last served round of ``name`` (local only)."""
