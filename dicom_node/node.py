@@ -10,20 +10,24 @@ in the same transaction, and any worker process that shares the database runs it
 (``dicom_node/pipeline/flow.py`` lists each job kind, its payload, who queues it and
 who handles it).
 
-    PACS --C-STORE--> SCP ----+--> InstanceStore (file fsync'd + index row) --> SeriesAssembler
-    viewer --STOW-RS--> bridge+        (quiet period, then routing rules)
-                                         |
-         forward rule --> export job ----+---------------------------------> PACS
+    PACS --C-STORE--> SCP ---+--> InstanceStore (intake journal fsync'd, then the file and
+    viewer --STOW-RS--> bridge+        index row behind it) --> SeriesAssembler (quiet
+                                       period, then the routing rules)
+         forward rule --> export job (Exporter) ----------------------------> PACS
          segment rule --> inference job (SegmentationJob: volume -> model -> DICOM-SEG,
                           stored like any instance) --> export job ----------> PACS
-         a completed SEG series --> correction job (CorrectionIntake: a SEG that corrects
-                          one of our AI results becomes a training sample; one that
-                          cannot is flagged with its reason)
+                                                    --> quality-metrics job (QualityJob,
+                          deferred until the SEG's first delivery attempt ends)
+         a completed SEG series --> correction job (CorrectionJob/CorrectionIntake: a SEG
+                          that corrects one of our AI results becomes a training sample;
+                          one that cannot is flagged with its reason)
          train_every samples --> training job (IncrementalTrainer: candidate, gate,
                           serve) --> update outbox --> FederationAgent --gRPC--> hub
-    hub generation --watch--> FederationAgent --> ModelVersion row (serving) --> every
-                          process swaps it in (ServingFollower polls the table; a CLI
-                          rollback also queues an activate job)
+    hub generation --watch--> FederationAgent --> ModelVersion row (serving)
+                          --> generation-adapt job (GenerationAdapter: the site's own
+                          fine-tune, or a rollback if the generation is worse here)
+    every process serves what the version table says (ServingFollower polls it; a CLI
+                          rollback also queues a model-activate job)
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ from dicom_node.pipeline.export import Exporter
 from dicom_node.pipeline.model_sources import ModelNotBuilt, ModelRegistry
 from dicom_node.pipeline.quality_job import QualityInputs, QualityJob
 from dicom_node.pipeline.segmentation import SegmentationJob
-from dicom_node.pipeline.serving import ServingFollower
 from dicom_node.pipeline.site_adaptation import GenerationAdapter
 from dicom_node.pipeline.trainer import IncrementalTrainer
+from dicom_node.pipeline.versions import ServingFollower
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore

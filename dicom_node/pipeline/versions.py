@@ -1,13 +1,24 @@
-"""Model versions on the node: which generation serves, lineage, rollback.
+"""Model versions on the node: which one serves, lineage, rollback, and every process
+following the table.
 
-The ``model_version`` table is the truth; each node process's :class:`ModelRegistry`
-follows it. A change made outside the serving process (``tessera model rollback``)
-queues a ``model-activate`` job so that a running node swaps without a restart.
+A *version* is a row of the ``model_version`` table: a weights file the node has, its
+*generation* number, where it came from (``shipped``, ``built``, ``configured``, ``hub``,
+``local``, ``adapted``) and its state. Hub generations keep the hub's number; the node's
+own rounds are numbered from ``LOCAL_FLOOR`` up, so the two never collide.
+
+The table is the truth; each node process's :class:`ModelRegistry` follows it. The
+process that makes a version serving swaps its own registry at once (the federation
+agent for a hub generation, the trainer for a local round). Other processes sharing the
+database (``tessera node worker`` on this or other hosts) have their own registry, so
+each polls the table (:class:`ServingFollower`) and loads a version another process made
+serving, without a restart. A change made outside any serving process (``tessera model
+rollback``) also queues a ``model-activate`` job so that a running node swaps at once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +29,7 @@ from sqlalchemy.orm import Session
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.weights import load_model
+from dicom_node.loop_health import LoopHealth
 from dicom_node.pipeline.flow import ActivatePayload, enqueue
 from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.store.db import Database
@@ -162,3 +174,62 @@ def rollback(db: Database, queue: JobQueue, name: str,
             target.activated_at = datetime.now(UTC)
         enqueue(queue, ActivatePayload(name), session=s, unique_active=False)
         return current.generation, target.generation
+
+
+class ServingFollower:
+    """Polls the serving versions every ``interval_s`` and swaps the ones that changed."""
+
+    def __init__(self, db: Database, models: ModelRegistry, interval_s: float) -> None:
+        self.db = db
+        self.models = models
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def serving(self) -> dict[str, int]:
+        """``{model name: generation}`` as the table says (the latest activation wins)."""
+        out: dict[str, int] = {}
+        with self.db.session() as s:
+            for name, generation in s.execute(
+                select(ModelVersion.name, ModelVersion.generation)
+                .where(ModelVersion.state == ModelVersionState.SERVING)
+                .order_by(ModelVersion.activated_at, ModelVersion.id)
+            ):
+                out[name] = generation
+        return out
+
+    def check(self) -> list[str]:
+        """Swap every model whose serving generation is not the one this process serves."""
+        swapped = []
+        for name, generation in self.serving().items():
+            loaded = self.models.loaded_generation(name)
+            if loaded is None or loaded == generation:
+                continue  # not used by this process yet (loads from the table), or current
+            LOGGER.info("%s generation %d serves now (this process served %d); swapping",
+                        name, generation, loaded)
+            swapped += activate_serving(self.db, self.models, name)
+        return swapped
+
+    def start(self) -> ServingFollower:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="serving-follower", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self) -> None:
+        health = LoopHealth("following the serving model versions", self.interval_s,
+                            max_s=max(60.0, self.interval_s), logger=LOGGER)
+        wait = health.interval_s
+        while not self._stop.wait(wait):
+            try:
+                self.check()
+            except Exception as exc:  # the database or a weights file: try again later
+                wait = health.failed(exc)
+            else:
+                wait = health.succeeded()
