@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Literal, Self
+from collections.abc import Callable
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,6 +30,7 @@ __all__ = ["RENAMED_KEYS", "LearningSettings", "RehearsalSettings", "RoundSettin
 LOGGER = logging.getLogger(__name__)
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # model label names
 _PLAN = RehearsalPlan()
+T = TypeVar("T")
 
 # Old flat [learning] key -> (sub-section, key). Accepted with a warning for one release.
 RENAMED_KEYS: dict[str, tuple[str, str]] = {
@@ -39,6 +41,14 @@ RENAMED_KEYS: dict[str, tuple[str, str]] = {
     **{f"rehearsal_{key}": ("rehearsal", key) for key in (
         "site", "subjects", "seed", "fraction", "margin")},
 }
+
+
+def _built(policy: Callable[..., T], **fields: Any) -> T:
+    """``policy(**fields)``, its refusal as the ValueError pydantic reports with the key."""
+    try:
+        return policy(**fields)
+    except TrainingError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class RoundSettings(Section):
@@ -73,10 +83,7 @@ class RoundSettings(Section):
         ValueError
             The combination is not a valid policy (the message says which rule).
         """
-        try:
-            return TrainingPolicy(**self.model_dump(), **runtime)
-        except TrainingError as exc:
-            raise ValueError(str(exc)) from None
+        return _built(TrainingPolicy, **self.model_dump(), **runtime)
 
 
 class RehearsalSettings(Section):
@@ -97,10 +104,7 @@ class RehearsalSettings(Section):
         return self
 
     def plan(self) -> RehearsalPlan:
-        try:
-            return RehearsalPlan(**self.model_dump())
-        except TrainingError as exc:
-            raise ValueError(str(exc)) from None
+        return _built(RehearsalPlan, **self.model_dump())
 
     @property
     def anchor_fraction(self) -> float:

@@ -15,7 +15,7 @@ from dicom_node.learning.scores import quality_metrics
 from dicom_node.pipeline.flow import QualityPayload, enqueue
 from dicom_node.pipeline.quality_job import QualityInputs, QualityJob
 from dicom_node.store.db import Database
-from dicom_node.store.jobs import Backoff, JobQueue
+from dicom_node.store.jobs import Backoff, ClaimedJob, JobQueue
 from dicom_node.store.models import Job, JobState, OutboxItem, OutboxState, Segmentation
 from dicom_node.worker import JobDeferred, JobWorker
 
@@ -58,24 +58,31 @@ def test_a_hostile_uid_never_leaves_the_quality_folder(tmp_path: Path) -> None:
     assert path.parent == tmp_path / "quality" and path.name == "....1.2.npz"
 
 
-def _job(queue: JobQueue) -> None:
+def _claimed(queue: JobQueue) -> ClaimedJob:
     with queue.db.session() as s:
         enqueue(queue, QualityPayload(SEG_UID), session=s)
+    claimed = queue.claim(["quality-metrics"], "w")
+    assert claimed is not None
+    return claimed
+
+
+def _undelivered_seg(db: Database, folder: Path) -> QualityInputs:
+    """The SEG's inputs stored and its delivery not attempted yet."""
+    inputs = QualityInputs(folder)
+    inputs.save(SEG_UID, *_result(), (1.0, 1.0, 1.0), NAMES)
+    with db.session() as s:
+        s.add(OutboxItem(destination="pacs", sop_instance_uid=SEG_UID, series_uid="1.2.3.4",
+                         state=OutboxState.PENDING, attempts=0))
+    return inputs
 
 
 def test_metrics_wait_for_the_first_delivery_attempt_then_land(db: Database,
                                                                 tmp_path: Path) -> None:
     labels, confidence, entropy = _result()
-    inputs = QualityInputs(tmp_path)
-    inputs.save(SEG_UID, labels, confidence, entropy, (1.0, 1.0, 1.0), NAMES)
-    with db.session() as s:
-        s.add(OutboxItem(destination="pacs", sop_instance_uid=SEG_UID, series_uid="1.2.3.4",
-                         state=OutboxState.PENDING, attempts=0))
+    inputs = _undelivered_seg(db, tmp_path)
     queue = JobQueue(db)
     handler = QualityJob(db, inputs, delivery_wait_s=600)
-    _job(queue)
-    claimed = queue.claim(["quality-metrics"], "w")
-    assert claimed is not None
+    claimed = _claimed(queue)
     with pytest.raises(JobDeferred):
         handler.run(claimed, lambda: None)
 
@@ -102,27 +109,15 @@ def test_metrics_wait_for_the_first_delivery_attempt_then_land(db: Database,
 
 def test_a_delivery_that_takes_too_long_does_not_hold_the_metrics(db: Database,
                                                                   tmp_path: Path) -> None:
-    labels, confidence, entropy = _result()
-    inputs = QualityInputs(tmp_path)
-    inputs.save(SEG_UID, labels, confidence, entropy, (1.0, 1.0, 1.0), NAMES)
-    with db.session() as s:
-        s.add(OutboxItem(destination="pacs", sop_instance_uid=SEG_UID, series_uid="1.2.3.4",
-                         state=OutboxState.PENDING, attempts=0))
-    queue = JobQueue(db)
-    _job(queue)
-    claimed = queue.claim(["quality-metrics"], "w")
-    assert claimed is not None
-    QualityJob(db, inputs, delivery_wait_s=0).run(claimed, lambda: None)
+    inputs = _undelivered_seg(db, tmp_path)
+    QualityJob(db, inputs, delivery_wait_s=0).run(_claimed(JobQueue(db)), lambda: None)
     with db.session() as s:
         assert "mean_entropy" in s.execute(select(Segmentation)).scalar_one().metrics
 
 
 def test_lost_inputs_are_recorded_not_retried_forever(db: Database, tmp_path: Path) -> None:
-    queue = JobQueue(db)
-    _job(queue)
-    claimed = queue.claim(["quality-metrics"], "w")
-    assert claimed is not None
-    QualityJob(db, QualityInputs(tmp_path), delivery_wait_s=600).run(claimed, lambda: None)
+    QualityJob(db, QualityInputs(tmp_path), delivery_wait_s=600).run(_claimed(JobQueue(db)),
+                                                                     lambda: None)
     with db.session() as s:
         metrics = s.execute(select(Segmentation)).scalar_one().metrics
     assert metrics == {"domain": {"in_domain": True}, "quality": "inputs lost"}
