@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from dicom_node.pipeline.usage import learning_usage, render_learning
 from dicom_node.prometheus import OUT_OF_DOMAIN_EVENT
@@ -26,76 +27,21 @@ def node_status(db: Database, *, recent: int = 20,
     """``quarantine``: also report its entries, bytes, cap and dropped entries."""
     with db.session() as s:
         series = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
-        outbox: dict[str, dict[str, int]] = {}
-        for dest, state, n in s.execute(
-            select(OutboxItem.destination, OutboxItem.state, func.count())
-            .group_by(OutboxItem.destination, OutboxItem.state)
-        ).all():
-            outbox.setdefault(dest, {})[state] = n
-        jobs: dict[str, dict[str, int]] = {}
-        for kind, state, n in s.execute(
-            select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
-        ).all():
-            jobs.setdefault(kind, {})[state] = n
-        dead_jobs = [
-            {"job": j.id, "kind": j.kind, "key": j.key, "attempts": j.attempts,
-             "reason": j.last_error, "at": j.finished_at.isoformat() if j.finished_at else None}
-            for j in s.execute(select(Job).where(Job.state == JobState.DEAD)
-                               .order_by(Job.id.desc()).limit(recent)).scalars()
-        ]
-        retrying = [
-            {"job": j.id, "kind": j.kind, "key": j.key, "attempts": j.attempts,
-             "max_attempts": j.max_attempts, "reason": j.last_error,
-             "next_attempt": j.not_before.isoformat()}
-            for j in s.execute(select(Job).where(
-                Job.state.in_((JobState.PENDING, JobState.RUNNING)),
-                Job.last_error.is_not(None))
-                               .order_by(Job.not_before).limit(recent)).scalars()
-        ]
-        dead_items = [
-            {"destination": o.destination, "sop_instance_uid": o.sop_instance_uid,
-             "series_uid": o.series_uid, "attempts": o.attempts, "reason": o.last_error}
-            for o in s.execute(select(OutboxItem).where(OutboxItem.state == OutboxState.DEAD)
-                               .order_by(OutboxItem.id.desc()).limit(recent)).scalars()
-        ]
-        refused_series = [
-            {"series_uid": r.series_uid, "state": r.state, "reason": r.state_reason}
-            for r in s.execute(select(Series).where(Series.state_reason.is_not(None))
-                               .order_by(Series.id.desc()).limit(recent)).scalars()
-        ]
-        refusals = [
-            {"at": e.at.isoformat(), "kind": e.kind, "peer_ae": e.peer_ae,
-             "peer_address": e.peer_address, "sop_instance_uid": e.sop_instance_uid,
-             "status": f"0x{e.status:04X}" if e.status is not None else None,
-             "reason": e.reason, "quarantine": e.quarantine_path}
-            for e in s.execute(select(AuditEvent).order_by(AuditEvent.id.desc())
-                               .limit(recent)).scalars()
-        ]
-        out_of_domain = [
-            {"at": e.at.isoformat(), "series_uid": e.series_uid, "reason": e.reason}
-            for e in s.execute(select(AuditEvent).where(AuditEvent.kind == OUT_OF_DOMAIN_EVENT)
-                               .order_by(AuditEvent.id.desc()).limit(recent)).scalars()
-        ]
+        outbox = _outbox_counts(s)
+        jobs = _job_counts(s)
+        dead_jobs = _dead_jobs(s, recent)
+        retrying = _retrying_jobs(s, recent)
+        dead_items = _dead_outbox_items(s, recent)
+        refused_series = _refused_series(s, recent)
+        refusals = _recent_events(s, recent)
+        out_of_domain = _out_of_domain(s, recent)
         refusal_counts = dict(s.execute(select(AuditEvent.kind, func.count())
                                         .group_by(AuditEvent.kind)).all())
         learning = learning_usage(s)
-        # The latest of the hub's refusal and a (re-)enrolment says where federation stands.
-        hub_event = s.execute(select(AuditEvent).where(
-            AuditEvent.kind.in_(("hub-refused", "hub-enrolled")))
-            .order_by(AuditEvent.id.desc()).limit(1)).scalars().first()
-        federation: dict[str, Any] = {"refused": None}
-        if hub_event is not None and hub_event.kind == "hub-refused":
-            federation["refused"] = {"at": hub_event.at.isoformat(), "hub": hub_event.peer_address,
-                                     "reason": hub_event.reason}
+        federation = _federation(s)
         updates = dict(s.execute(select(UpdateOutboxItem.state, func.count())
                                  .group_by(UpdateOutboxItem.state)).all())
-        undelivered = [
-            {"update_id": u.update_id, "base_generation": u.base_generation,
-             "attempts": u.attempts, "reason": u.last_error}
-            for u in s.execute(select(UpdateOutboxItem).where(
-                UpdateOutboxItem.state != OutboxState.SENT)
-                .order_by(UpdateOutboxItem.id.desc()).limit(recent)).scalars()
-        ]
+        undelivered = _undelivered_updates(s, recent)
     return {
         "series": series,
         "outbox": outbox,
@@ -110,6 +56,113 @@ def node_status(db: Database, *, recent: int = 20,
         "federation": federation,
         **({"quarantine": quarantine.usage().to_json()} if quarantine is not None else {}),
     }
+
+
+def _outbox_counts(s: Session) -> dict[str, dict[str, int]]:
+    """Outbox items per destination and state."""
+    outbox: dict[str, dict[str, int]] = {}
+    for dest, state, n in s.execute(
+        select(OutboxItem.destination, OutboxItem.state, func.count())
+        .group_by(OutboxItem.destination, OutboxItem.state)
+    ).all():
+        outbox.setdefault(dest, {})[state] = n
+    return outbox
+
+
+def _job_counts(s: Session) -> dict[str, dict[str, int]]:
+    """Jobs per kind and state."""
+    jobs: dict[str, dict[str, int]] = {}
+    for kind, state, n in s.execute(
+        select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
+    ).all():
+        jobs.setdefault(kind, {})[state] = n
+    return jobs
+
+
+def _dead_jobs(s: Session, recent: int) -> list[dict[str, Any]]:
+    """The latest jobs that gave up."""
+    return [
+        {"job": j.id, "kind": j.kind, "key": j.key, "attempts": j.attempts,
+         "reason": j.last_error, "at": j.finished_at.isoformat() if j.finished_at else None}
+        for j in s.execute(select(Job).where(Job.state == JobState.DEAD)
+                           .order_by(Job.id.desc()).limit(recent)).scalars()
+    ]
+
+
+def _retrying_jobs(s: Session, recent: int) -> list[dict[str, Any]]:
+    """Pending or running jobs that failed before, soonest retry first."""
+    return [
+        {"job": j.id, "kind": j.kind, "key": j.key, "attempts": j.attempts,
+         "max_attempts": j.max_attempts, "reason": j.last_error,
+         "next_attempt": j.not_before.isoformat()}
+        for j in s.execute(select(Job).where(
+            Job.state.in_((JobState.PENDING, JobState.RUNNING)),
+            Job.last_error.is_not(None))
+                           .order_by(Job.not_before).limit(recent)).scalars()
+    ]
+
+
+def _dead_outbox_items(s: Session, recent: int) -> list[dict[str, Any]]:
+    """The latest outbox items that gave up."""
+    return [
+        {"destination": o.destination, "sop_instance_uid": o.sop_instance_uid,
+         "series_uid": o.series_uid, "attempts": o.attempts, "reason": o.last_error}
+        for o in s.execute(select(OutboxItem).where(OutboxItem.state == OutboxState.DEAD)
+                           .order_by(OutboxItem.id.desc()).limit(recent)).scalars()
+    ]
+
+
+def _refused_series(s: Session, recent: int) -> list[dict[str, Any]]:
+    """The latest series with a reason for their state (refused or failed)."""
+    return [
+        {"series_uid": r.series_uid, "state": r.state, "reason": r.state_reason}
+        for r in s.execute(select(Series).where(Series.state_reason.is_not(None))
+                           .order_by(Series.id.desc()).limit(recent)).scalars()
+    ]
+
+
+def _recent_events(s: Session, recent: int) -> list[dict[str, Any]]:
+    """The latest audit events (refusals and others)."""
+    return [
+        {"at": e.at.isoformat(), "kind": e.kind, "peer_ae": e.peer_ae,
+         "peer_address": e.peer_address, "sop_instance_uid": e.sop_instance_uid,
+         "status": f"0x{e.status:04X}" if e.status is not None else None,
+         "reason": e.reason, "quarantine": e.quarantine_path}
+        for e in s.execute(select(AuditEvent).order_by(AuditEvent.id.desc())
+                           .limit(recent)).scalars()
+    ]
+
+
+def _out_of_domain(s: Session, recent: int) -> list[dict[str, Any]]:
+    """The latest series a model was not made for."""
+    return [
+        {"at": e.at.isoformat(), "series_uid": e.series_uid, "reason": e.reason}
+        for e in s.execute(select(AuditEvent).where(AuditEvent.kind == OUT_OF_DOMAIN_EVENT)
+                           .order_by(AuditEvent.id.desc()).limit(recent)).scalars()
+    ]
+
+
+def _federation(s: Session) -> dict[str, Any]:
+    """The latest of the hub's refusal and a (re-)enrolment says where federation stands."""
+    hub_event = s.execute(select(AuditEvent).where(
+        AuditEvent.kind.in_(("hub-refused", "hub-enrolled")))
+        .order_by(AuditEvent.id.desc()).limit(1)).scalars().first()
+    federation: dict[str, Any] = {"refused": None}
+    if hub_event is not None and hub_event.kind == "hub-refused":
+        federation["refused"] = {"at": hub_event.at.isoformat(), "hub": hub_event.peer_address,
+                                 "reason": hub_event.reason}
+    return federation
+
+
+def _undelivered_updates(s: Session, recent: int) -> list[dict[str, Any]]:
+    """The latest model updates not yet delivered to the hub."""
+    return [
+        {"update_id": u.update_id, "base_generation": u.base_generation,
+         "attempts": u.attempts, "reason": u.last_error}
+        for u in s.execute(select(UpdateOutboxItem).where(
+            UpdateOutboxItem.state != OutboxState.SENT)
+            .order_by(UpdateOutboxItem.id.desc()).limit(recent)).scalars()
+    ]
 
 
 def render_status(status: dict[str, Any]) -> str:

@@ -97,6 +97,15 @@ def parse_instance(
         presentation context, SOP Instance UID differs from the command, or a required
         UID is missing or invalid.
     """
+    body = _sized_body(dataset, transfer_syntax_uid, max_bytes)
+    values = _wanted_values(body, transfer_syntax_uid, max_bytes)
+    header = _header(values, transfer_syntax_uid)
+    _check_request_match(header, context_sop_class_uid, command_sop_instance_uid)
+    return header
+
+
+def _sized_body(dataset: bytes, transfer_syntax_uid: str, max_bytes: int) -> bytes:
+    """The dataset's bytes, inflated for the deflated syntax, within ``max_bytes``."""
     if len(dataset) > max_bytes:
         raise RefusedInstance(
             Status.OUT_OF_RESOURCES, f"dataset of {len(dataset)} bytes exceeds {max_bytes}"
@@ -112,8 +121,13 @@ def parse_instance(
             raise RefusedInstance(Status.CANNOT_UNDERSTAND, f"cannot inflate: {exc}") from exc
         if len(body) > max_bytes:
             raise RefusedInstance(Status.OUT_OF_RESOURCES, "inflated dataset exceeds the limit")
+    return body
+
+
+def _wanted_values(body: bytes, transfer_syntax_uid: str, max_bytes: int) -> dict[int, bytes]:
+    """The one walk over the dataset: proves its encoding, picks out the wanted values."""
     try:
-        values = check_encoding(
+        return check_encoding(
             body,
             0,
             implicit=transfer_syntax_uid == ImplicitVRLittleEndian,
@@ -123,8 +137,12 @@ def parse_instance(
         )
     except EncodingError as exc:
         raise RefusedInstance(Status.CANNOT_UNDERSTAND, str(exc)) from exc
+
+
+def _header(values: dict[int, bytes], transfer_syntax_uid: str) -> InstanceHeader:
+    """The header from the picked values; a missing or invalid UID is a mismatch."""
     try:
-        header = InstanceHeader(
+        return InstanceHeader(
             sop_class_uid=check_uid(_text(values.get(SOP_CLASS), 80), "SOPClassUID"),
             sop_instance_uid=check_uid(_text(values.get(SOP_INSTANCE), 80), "SOPInstanceUID"),
             study_uid=check_uid(_text(values.get(STUDY_UID), 80), "StudyInstanceUID"),
@@ -139,6 +157,11 @@ def parse_instance(
         )
     except InvalidDatasetError as exc:
         raise RefusedInstance(Status.DATASET_MISMATCH, str(exc)) from exc
+
+
+def _check_request_match(header: InstanceHeader, context_sop_class_uid: str | None,
+                         command_sop_instance_uid: str | None) -> None:
+    """The dataset's SOP Class and Instance UID agree with the association and command."""
     if context_sop_class_uid and header.sop_class_uid != context_sop_class_uid:
         raise RefusedInstance(
             Status.DATASET_MISMATCH,
@@ -150,4 +173,3 @@ def parse_instance(
             Status.DATASET_MISMATCH,
             "SOP Instance UID in the dataset differs from the C-STORE request",
         )
-    return header

@@ -14,7 +14,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dicom_node.learning import model_import
-from dicom_node.learning.bootstrap import STARTER_DIR, BootstrapPlan, bootstrap
+from dicom_node.learning.bootstrap import (
+    STARTER_DIR,
+    BootstrapPlan,
+    BootstrapResult,
+    bootstrap,
+)
 from dicom_node.learning.bootstrap_data import SOURCES, source
 from dicom_node.learning.errors import LearningError
 from dicom_node.learning.model_config import ModelConfig
@@ -86,6 +91,13 @@ def bootstrap_command(
         input_size=input_size,
         device=device,
     )
+    result = _train_with_progress(plan, out, console, time_budget)
+    _print_result(console, result, f"held-out Dice, {data} site {site}, {held_out} subjects")
+
+
+def _train_with_progress(plan: BootstrapPlan, out: Path, console: Console,
+                         time_budget: float) -> BootstrapResult:
+    """Run the bootstrap under a progress bar; a learning error exits with status 1."""
     columns = (
         TextColumn("[bold]training"),
         BarColumn(),
@@ -108,8 +120,12 @@ def bootstrap_command(
             console.print(f"[red]bootstrap failed:[/red] {exc}")
             raise typer.Exit(1) from exc
         bar.update(task, completed=1.0)
+    return result
 
-    table = Table(title=f"held-out Dice, {data} site {site}, {held_out} subjects")
+
+def _print_result(console: Console, result: BootstrapResult, title: str) -> None:
+    """Held-out Dice per label as a table, then the training summary."""
+    table = Table(title=title)
     table.add_column("label")
     table.add_column("Dice", justify="right")
     for name, value in result.held_out_dice.items():

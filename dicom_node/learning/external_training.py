@@ -114,59 +114,16 @@ def train_external(
     """Train ``model`` in place for ``policy.epochs`` passes over ``samples`` (one window
     or one slice batch per sample and step), within ``policy.time_budget_s``."""
     check_policy(policy)
-    if not samples:
-        raise TrainingError("no training samples")
-    labels = config.heads[0].labels
-    unknown = {n for s in samples for n in s.annotated} - set(labels)
-    if unknown:
-        raise TrainingError(f"annotated labels {sorted(unknown)} are not in model {config.name}")
-    if not any(s.annotated for s in samples):
-        raise TrainingError("the samples annotate no label of the model")
-    prepared = [(*_prepared(s, config),
-                 torch.tensor([n in s.annotated for n in labels], dtype=torch.bool))
-                for s in samples if s.annotated]
+    prepared = _prepared_samples(config, samples)
     device = torch.device(policy.device)
     gen = torch.Generator().manual_seed(policy.seed)
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False,
-                         lambda_dice=policy.dice_weight, lambda_ce=1.0)
-    model.to(device).train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=policy.learning_rate,
-                                 weight_decay=policy.weight_decay)
-    anchor = ([(p, p.detach().clone()) for p in model.parameters()]
-              if policy.l2sp_alpha > 0 else [])
-    vp = config.preprocessing.volume
+    optimisation = _Optimisation.start(model, config, policy, device)
     step, completed, stopped, losses = 0, 0, False, []
     t0 = time.monotonic()
     try:
         for _epoch in range(policy.epochs):
-            running = []
-            for i in torch.randperm(len(prepared), generator=gen).tolist():
-                budget = policy.time_budget_s
-                if budget is not None and time.monotonic() - t0 >= budget:
-                    stopped = True
-                    break
-                x, y, ann = prepared[i]
-                if config.spatial_dims == 3:
-                    assert vp is not None
-                    x, y = _window(x, y, vp.roi_size, gen)
-                else:
-                    pick = torch.randperm(x.shape[0], generator=gen)[: policy.batch_size]
-                    x, y = x[pick], y[pick]
-                # target channels: 0 background (or unannotated), then annotated labels
-                remap = torch.zeros(len(labels) + 1, dtype=torch.long)
-                remap[torch.nonzero(ann).flatten() + 1] = torch.arange(1, int(ann.sum()) + 1)
-                target = remap[y][:, None].to(device)
-                logits = model(x.to(device))[NETWORK_HEAD]
-                loss = loss_fn(marginal_log_probs(logits, ann.to(device)), target)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():  # L2-SP toward the round's starting weights
-                    for p, p0 in anchor:
-                        if p.grad is not None:
-                            p.grad.add_(p - p0, alpha=policy.l2sp_alpha)
-                optimiser.step()
-                step += 1
-                running.append(float(loss.detach()))
+            running, stopped = _one_pass(prepared, optimisation, config, policy, gen, t0)
+            step += len(running)
             if running:
                 losses.append(float(np.mean(running)))
             if stopped:
@@ -179,3 +136,86 @@ def train_external(
         seconds=time.monotonic() - t0, stopped_by_time_budget=stopped,
         epoch_losses=tuple(losses), trained_heads=(NETWORK_HEAD,), encoder_frozen=False)
 
+
+_Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _prepared_samples(config: ModelConfig, samples: Sequence[VolumeSample]) -> list[_Prepared]:
+    """Check the samples against the model, then ``(image, target, annotated)`` for each
+    sample that annotates a label."""
+    if not samples:
+        raise TrainingError("no training samples")
+    labels = config.heads[0].labels
+    unknown = {n for s in samples for n in s.annotated} - set(labels)
+    if unknown:
+        raise TrainingError(f"annotated labels {sorted(unknown)} are not in model {config.name}")
+    if not any(s.annotated for s in samples):
+        raise TrainingError("the samples annotate no label of the model")
+    return [(*_prepared(s, config),
+             torch.tensor([n in s.annotated for n in labels], dtype=torch.bool))
+            for s in samples if s.annotated]
+
+
+@dataclass(frozen=True)
+class _Optimisation:
+    """The loss, the optimiser and the L2-SP anchor of one training run."""
+
+    model: ExternalNetwork
+    device: torch.device
+    label_count: int
+    loss_fn: DiceCELoss
+    optimiser: torch.optim.Optimizer
+    anchor: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    l2sp_alpha: float
+
+    @classmethod
+    def start(cls, model: ExternalNetwork, config: ModelConfig, policy: TrainingPolicy,
+              device: torch.device) -> _Optimisation:
+        """Move ``model`` to ``device`` in training mode and set up its optimiser."""
+        loss_fn = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False,
+                             lambda_dice=policy.dice_weight, lambda_ce=1.0)
+        model.to(device).train()
+        optimiser = torch.optim.Adam(model.parameters(), lr=policy.learning_rate,
+                                     weight_decay=policy.weight_decay)
+        anchor = ([(p, p.detach().clone()) for p in model.parameters()]
+                  if policy.l2sp_alpha > 0 else [])
+        return cls(model, device, len(config.heads[0].labels), loss_fn, optimiser, anchor,
+                   policy.l2sp_alpha)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, ann: torch.Tensor) -> float:
+        """One optimiser step on a batch; returns its loss."""
+        # target channels: 0 background (or unannotated), then annotated labels
+        remap = torch.zeros(self.label_count + 1, dtype=torch.long)
+        remap[torch.nonzero(ann).flatten() + 1] = torch.arange(1, int(ann.sum()) + 1)
+        target = remap[y][:, None].to(self.device)
+        logits = self.model(x.to(self.device))[NETWORK_HEAD]
+        loss = self.loss_fn(marginal_log_probs(logits, ann.to(self.device)), target)
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():  # L2-SP toward the round's starting weights
+            for p, p0 in self.anchor:
+                if p.grad is not None:
+                    p.grad.add_(p - p0, alpha=self.l2sp_alpha)
+        self.optimiser.step()
+        return float(loss.detach())
+
+
+def _one_pass(prepared: list[_Prepared], optimisation: _Optimisation, config: ModelConfig,
+              policy: TrainingPolicy, gen: torch.Generator, t0: float) -> tuple[list[float], bool]:
+    """One pass over the samples in random order: the step losses, and whether the time
+    budget stopped it."""
+    vp = config.preprocessing.volume
+    running: list[float] = []
+    for i in torch.randperm(len(prepared), generator=gen).tolist():
+        budget = policy.time_budget_s
+        if budget is not None and time.monotonic() - t0 >= budget:
+            return running, True
+        x, y, ann = prepared[i]
+        if config.spatial_dims == 3:
+            assert vp is not None
+            x, y = _window(x, y, vp.roi_size, gen)
+        else:
+            pick = torch.randperm(x.shape[0], generator=gen)[: policy.batch_size]
+            x, y = x[pick], y[pick]
+        running.append(optimisation.step(x, y, ann))
+    return running, False
