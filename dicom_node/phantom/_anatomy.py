@@ -20,14 +20,15 @@ from dicom_node.phantom._shapes import (
     Ellipsoid,
     Grid,
     Tissue,
-    ellipsoid,
 )
-
-
-@dataclass(frozen=True)
-class Bowel:
-    shape: Ellipsoid
-    content: str  # "gas", "fluid" or "feces"
+from dicom_node.phantom.abdomen_layout import (
+    Bowel,
+    SolidOrgans,
+    Trunk,
+    draw_bowel,
+    draw_liver_vessels,
+    draw_warp,
+)
 
 
 @dataclass(frozen=True)
@@ -56,97 +57,32 @@ class Anatomy:
 
     @classmethod
     def random(cls, rng: np.random.Generator) -> Anatomy:
-        size = rng.uniform(0.88, 1.12)
-        bx, by = rng.uniform(-15, 15), rng.uniform(-12, 12)
-        a = 150.0 * size * rng.uniform(0.95, 1.05)
-        b_ant = 112.0 * size * rng.uniform(0.92, 1.08)
-        b_post = 95.0 * size * rng.uniform(0.95, 1.05)
-        warp = tuple(
-            (float(rng.uniform(-6, 6)), float(rng.uniform(160, 420)), float(rng.uniform(0, 6.3)))
-            for _ in range(6)
-        )
-        sr = 17.0 * size
-        ys = by + b_post - (sr + 52.0 * size)
-        s = size
-        liver_r = ellipsoid(
-            rng,
-            (bx - 0.42 * a, by + 0.0 * b_ant, 45 * s),
-            (0.40 * a, 0.60 * (b_ant + b_post) / 2, 80 * s),
-            jitter=8,
-        )
-        liver_l = ellipsoid(
-            rng,
-            (bx - 0.02 * a, by - 0.48 * b_ant, 58 * s),
-            (0.36 * a, 0.28 * b_ant, 42 * s),
-            jitter=8,
-        )
-        spleen = ellipsoid(
-            rng,
-            (bx + 0.63 * a, by + 0.38 * b_post, 58 * s),
-            (28 * s, 50 * s, 46 * s),
-            jitter=7,
-            about_z=-35,
-        )
-        kid_l = ellipsoid(
-            rng,
-            (bx + 0.42 * a, ys + 6, -12 * s),
-            (25 * s, 30 * s, 54 * s),
-            jitter=6,
-            scale=0.10,
-            about_z=25,
-            bump=0.15,
-        )
-        kid_r = ellipsoid(
-            rng,
-            (bx - 0.42 * a, ys + 6, -27 * s),
-            (25 * s, 30 * s, 54 * s),
-            jitter=6,
-            scale=0.10,
-            about_z=-25,
-            bump=0.15,
-        )
-        stomach = ellipsoid(
-            rng, (bx + 0.30 * a, by - 0.32 * b_ant, 35 * s), (42 * s, 34 * s, 48 * s), jitter=10
-        )
-        bowel = []
-        for _ in range(int(rng.integers(12, 20))):
-            c = (
-                bx + rng.uniform(-0.6, 0.6) * a,
-                by + rng.uniform(-0.65, 0.25) * b_ant,
-                rng.uniform(-150, 5),
-            )
-            r = float(rng.uniform(12, 26))
-            bowel.append(
-                Bowel(
-                    ellipsoid(rng, c, (r, r * 0.8, r * 1.3), jitter=0, max_deg=40),
-                    str(rng.choice(["gas", "fluid", "feces"], p=[0.3, 0.35, 0.35])),
-                )
-            )
-        vessels = []
-        for _ in range(3):
-            p0 = liver_r.center + rng.uniform(-20, 20, 3)
-            d = rng.normal(size=3)
-            vessels.append((p0, d / np.linalg.norm(d), float(rng.uniform(3.0, 5.0))))
+        """One abdomen; the draws follow a fixed order (same seed, same phantom)."""
+        trunk = Trunk.draw(rng)
+        warp = draw_warp(rng)
+        organs = SolidOrgans.draw(rng, trunk)
+        bowel = draw_bowel(rng, trunk)
+        vessels = draw_liver_vessels(rng, organs.liver_right)
         return cls(
-            body_x=bx,
-            body_y=by,
-            body_a=a,
-            body_b_ant=b_ant,
-            body_b_post=b_post,
+            body_x=trunk.x,
+            body_y=trunk.y,
+            body_a=trunk.a,
+            body_b_ant=trunk.b_ant,
+            body_b_post=trunk.b_post,
             fat_frac=float(rng.uniform(0.06, 0.14)),
             muscle_frac=float(rng.uniform(0.05, 0.07)),
             coverage_mm=float(rng.uniform(280, 320)),
             scan_center_z=float(rng.uniform(-25, 5)),
             warp=warp,
-            spine_r=sr,
+            spine_r=17.0 * trunk.size,
             disc_phase=float(rng.uniform(0, 33)),
-            liver=(liver_r, liver_l),
-            spleen=spleen,
-            kidney_left=kid_l,
-            kidney_right=kid_r,
-            stomach=stomach,
-            bowel=tuple(bowel),
-            liver_vessels=tuple(vessels),
+            liver=(organs.liver_right, organs.liver_left),
+            spleen=organs.spleen,
+            kidney_left=organs.kidney_left,
+            kidney_right=organs.kidney_right,
+            stomach=organs.stomach,
+            bowel=bowel,
+            liver_vessels=vessels,
             liver_hu=float(rng.uniform(-12, 8)),
             spleen_hu=float(rng.uniform(-6, 6)),
         )

@@ -12,6 +12,7 @@ import datetime
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import highdicom as hd
 import numpy as np
@@ -59,78 +60,113 @@ def series_uid(subject: PhantomSubject) -> str:
 def subject_datasets(subject: PhantomSubject) -> list[Dataset]:
     """One single-frame dataset per slice, in slice order (increasing along the normal)."""
     is_ct = subject.modality == "CT"
-    sop_class = CTImageStorage if is_ct else MRImageStorage
-    date = (_BASE_DATE + datetime.timedelta(days=subject.index)).strftime("%Y%m%d")
-    study = study_uid(subject)
-    series = series_uid(subject)
-    frame_of_ref = _uid(subject, "study", "frame-of-reference")
+    series = _SeriesIds(
+        date=(_BASE_DATE + datetime.timedelta(days=subject.index)).strftime("%Y%m%d"),
+        study=study_uid(subject),
+        series=series_uid(subject),
+        frame_of_reference=_uid(subject, "study", "frame-of-reference"),
+    )
     positions = subject.slice_positions()
+    stored = _stored_pixels(subject, is_ct)
+    datasets = []
+    for k in range(subject.image.shape[0]):
+        ds = _identified_slice(subject, k, series, is_ct)
+        _place_slice(ds, subject, positions[k], series.frame_of_reference)
+        _pixel_attributes(ds, subject, stored[k], is_ct)
+        datasets.append(ds)
+    return datasets
+
+
+class _SeriesIds(NamedTuple):
+    """What every slice of a subject's series shares: its date and UIDs."""
+
+    date: str
+    study: str
+    series: str
+    frame_of_reference: str
+
+
+def _stored_pixels(subject: PhantomSubject, is_ct: bool) -> np.ndarray:
+    """Stored values: CT shifted by the rescale intercept into 12 bits, MR as is."""
     if is_ct:
         stored = (subject.image.astype(np.int32) - int(CT_INTERCEPT)).clip(0, 4095)
     else:
         stored = subject.image.astype(np.int32).clip(0, 65535)
-    stored = stored.astype(np.uint16)
-    datasets = []
-    for k in range(subject.image.shape[0]):
-        ds = Dataset()
-        sop = UID(_uid(subject, "instance", subject.orientation.value, k))
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = sop_class
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if is_ct else "OTHER"]
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "090000"
-        ds.AccessionNumber = f"PH{subject.site}{subject.index:05d}"
-        ds.Modality = subject.modality
-        ds.Manufacturer = str(subject.acquisition.get("manufacturer", "Tessera Phantom"))
-        ds.InstitutionName = f"Phantom site {subject.site}"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = f"Phantom {subject.body_part.lower()} {subject.modality}"
-        ds.SeriesDescription = f"Phantom {subject.modality} {subject.orientation.value}"
-        ds.PatientName = f"Phantom^{subject.site}{subject.index:04d}"
-        ds.PatientID = f"PHANTOM-{subject.subject_id}-{subject.seed}"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = subject.body_part
-        ds.SliceThickness = f"{subject.spacing[0]:.4g}"
-        ds.SpacingBetweenSlices = f"{subject.spacing[0]:.4g}"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.StudyID = f"{subject.index:04d}"
-        ds.SeriesNumber = _PLANE_SERIES_NUMBER[subject.orientation] + (0 if is_ct else 10)
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(v) for v in positions[k]]
-        ds.ImageOrientationPatient = [_ds(v) for v in subject.orientation_cosines]
-        ds.FrameOfReferenceUID = frame_of_ref
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = _ds(float(positions[k] @ subject.normal))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(stored.shape[1]), int(stored.shape[2])
-        ds.PixelSpacing = [_ds(subject.spacing[1]), _ds(subject.spacing[2])]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12 if is_ct else 16
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 0
-        if is_ct:
-            ds.KVP = _ds(float(subject.acquisition.get("kvp", 120.0)))
-            ds.RescaleIntercept = _ds(CT_INTERCEPT)
-            ds.RescaleSlope = "1"
-            ds.RescaleType = "HU"
-            ds.WindowCenter, ds.WindowWidth = "40", "400"
-            ds.ConvolutionKernel = "STANDARD"
-        else:
-            _mr_attributes(ds, subject)
-        ds.PixelData = stored[k].tobytes()
-        datasets.append(ds)
-    return datasets
+    return stored.astype(np.uint16)
+
+
+def _identified_slice(subject: PhantomSubject, k: int, series: _SeriesIds,
+                      is_ct: bool) -> Dataset:
+    """Slice ``k`` with its file meta, patient, study, series and instance identity."""
+    sop_class = CTImageStorage if is_ct else MRImageStorage
+    ds = Dataset()
+    sop = UID(_uid(subject, "instance", subject.orientation.value, k))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if is_ct else "OTHER"]
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = series.date
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "090000"
+    ds.AccessionNumber = f"PH{subject.site}{subject.index:05d}"
+    ds.Modality = subject.modality
+    ds.Manufacturer = str(subject.acquisition.get("manufacturer", "Tessera Phantom"))
+    ds.InstitutionName = f"Phantom site {subject.site}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = f"Phantom {subject.body_part.lower()} {subject.modality}"
+    ds.SeriesDescription = f"Phantom {subject.modality} {subject.orientation.value}"
+    ds.PatientName = f"Phantom^{subject.site}{subject.index:04d}"
+    ds.PatientID = f"PHANTOM-{subject.subject_id}-{subject.seed}"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = subject.body_part
+    ds.StudyInstanceUID = series.study
+    ds.SeriesInstanceUID = series.series
+    ds.StudyID = f"{subject.index:04d}"
+    ds.SeriesNumber = _PLANE_SERIES_NUMBER[subject.orientation] + (0 if is_ct else 10)
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = k + 1
+    return ds
+
+
+def _place_slice(ds: Dataset, subject: PhantomSubject, position: np.ndarray,
+                 frame_of_reference: str) -> None:
+    """The slice's place in patient space: position, orientation, thickness."""
+    ds.SliceThickness = f"{subject.spacing[0]:.4g}"
+    ds.SpacingBetweenSlices = f"{subject.spacing[0]:.4g}"
+    ds.PatientPosition = "HFS"
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.ImageOrientationPatient = [_ds(v) for v in subject.orientation_cosines]
+    ds.FrameOfReferenceUID = frame_of_reference
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = _ds(float(position @ subject.normal))
+
+
+def _pixel_attributes(ds: Dataset, subject: PhantomSubject, stored: np.ndarray,
+                      is_ct: bool) -> None:
+    """Image pixel module, the CT or MR acquisition attributes, then the pixels."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.PixelSpacing = [_ds(subject.spacing[1]), _ds(subject.spacing[2])]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12 if is_ct else 16
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    if is_ct:
+        ds.KVP = _ds(float(subject.acquisition.get("kvp", 120.0)))
+        ds.RescaleIntercept = _ds(CT_INTERCEPT)
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "400"
+        ds.ConvolutionKernel = "STANDARD"
+    else:
+        _mr_attributes(ds, subject)
+    ds.PixelData = stored.tobytes()
 
 
 def _mr_attributes(ds: Dataset, subject: PhantomSubject) -> None:

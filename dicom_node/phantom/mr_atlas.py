@@ -24,6 +24,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from pydicom.sr.codedict import codes
@@ -168,8 +169,34 @@ def generate_subject(
     plane = Orientation(orientation)
     atlas = load_atlas()
     rng = subject_rng("mr", site, index, seed, 0)
+    lin, shift = _subject_transform(rng)
+    grid = _SiteGrid.of(profile, plane)
+    t1, labels = _sample_atlas(atlas, grid, lin, shift, rng)
+    noise_rng = subject_rng("mr", site, index, seed, 1 + list(Orientation).index(plane))
+    image = _acquire(t1, profile, grid, rng, noise_rng)
+    return PhantomSubject(
+        site=site,
+        index=index,
+        seed=seed,
+        modality="MR",
+        orientation=plane,
+        image=image,
+        labels=labels.astype(np.uint8),
+        label_names=dict(MR_LABELS),
+        spacing=(grid.st, grid.ps, grid.ps),
+        origin=tuple(float(v) for v in grid.origin),  # type: ignore[arg-type]
+        orientation_cosines=grid.cos,
+        body_part="HEAD",
+        acquisition={"manufacturer": f"Tessera Atlas MR {site}", "field_t": profile.field_t},
+    )
 
-    # subject transform: patient LPS -> atlas LPS (inverse mapping, used for sampling)
+
+_BRAIN_CENTRE = np.array([0.0, 18.0, 18.0])  # brain centre in LPS mm
+
+
+def _subject_transform(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The subject's global affine, patient LPS -> atlas LPS (inverse mapping, used for
+    sampling): ``(linear part, shift mm)``."""
     ang = np.deg2rad(rng.uniform(-6, 6, 3))
     cx, cy, cz = np.cos(ang)
     sx, sy, sz = np.sin(ang)
@@ -180,28 +207,57 @@ def generate_subject(
     )
     lin = rot @ np.diag(1.0 / rng.uniform(0.92, 1.08, 3))
     shift = rng.uniform(-5, 5, 3)
-    centre = np.array([0.0, 18.0, 18.0])  # brain centre in LPS mm
+    return lin, shift
 
-    n_plane = profile.matrix
-    ps, st = profile.pixel_mm, profile.slice_thickness_mm
-    extent = {Orientation.AXIAL: 150.0, Orientation.SAGITTAL: 150.0, Orientation.CORONAL: 185.0}
-    n = round(extent[plane] / st)
-    cos = ORIENTATION_COSINES[plane]
-    row, col = np.asarray(cos[:3]), np.asarray(cos[3:])
-    normal = np.cross(row, col)
-    half = (n_plane - 1) / 2 * ps
-    origin = centre - half * row - half * col - (n - 1) / 2 * st * normal
 
+class _SiteGrid(NamedTuple):
+    """A site's acquisition grid for one plane, centred on the brain."""
+
+    n: int  # slices
+    n_plane: int  # rows and columns
+    ps: float  # pixel spacing mm
+    st: float  # slice thickness mm
+    origin: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    normal: np.ndarray
+    cos: tuple[float, float, float, float, float, float]
+
+    @classmethod
+    def of(cls, profile: MRSite, plane: Orientation) -> _SiteGrid:
+        n_plane = profile.matrix
+        ps, st = profile.pixel_mm, profile.slice_thickness_mm
+        extent = {Orientation.AXIAL: 150.0, Orientation.SAGITTAL: 150.0,
+                  Orientation.CORONAL: 185.0}
+        n = round(extent[plane] / st)
+        cos = ORIENTATION_COSINES[plane]
+        row, col = np.asarray(cos[:3]), np.asarray(cos[3:])
+        normal = np.cross(row, col)
+        half = (n_plane - 1) / 2 * ps
+        origin = _BRAIN_CENTRE - half * row - half * col - (n - 1) / 2 * st * normal
+        return cls(n, n_plane, ps, st, origin, row, col, normal, cos)
+
+
+def _patient_points(grid: _SiteGrid) -> list[np.ndarray]:
+    """Patient LPS x, y, z (mm) of every voxel of the grid."""
     k, r, c = np.meshgrid(
-        np.arange(n, dtype=np.float32),
-        np.arange(n_plane, dtype=np.float32),
-        np.arange(n_plane, dtype=np.float32),
+        np.arange(grid.n, dtype=np.float32),
+        np.arange(grid.n_plane, dtype=np.float32),
+        np.arange(grid.n_plane, dtype=np.float32),
         indexing="ij",
     )
-    pts = [
+    origin, st, ps = grid.origin, grid.st, grid.ps
+    normal, col, row = grid.normal, grid.col, grid.row
+    return [
         origin[i] + k * (st * normal[i]) + r * (ps * col[i]) + c * (ps * row[i]) for i in range(3)
     ]
-    del k, r, c
+
+
+def _sample_atlas(atlas: Atlas, grid: _SiteGrid, lin: np.ndarray, shift: np.ndarray,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """T1 and label groups of the deformed atlas on the grid."""
+    centre = _BRAIN_CENTRE
+    pts = _patient_points(grid)
     # smooth displacement from a coarse random control grid (about 4 mm)
     coarse = rng.normal(0, 4.0, (3, 4, 4, 4)).astype(np.float32)
     frac = [np.clip((pts[i] - centre[i] + 100) / 200 * 3, 0, 3) for i in range(3)]
@@ -218,9 +274,13 @@ def generate_subject(
     del ras, q
     t1 = ndimage.map_coordinates(atlas.t1, idx, order=1, mode="constant", cval=0.0)
     labels = ndimage.map_coordinates(atlas.groups, idx, order=0, mode="constant", cval=0)
-    del idx
+    return t1, labels
 
-    noise_rng = subject_rng("mr", site, index, seed, 1 + list(Orientation).index(plane))
+
+def _acquire(t1: np.ndarray, profile: MRSite, grid: _SiteGrid, rng: np.random.Generator,
+             noise_rng: np.random.Generator) -> np.ndarray:
+    """The site's signal: contrast, a smooth bias field and Rician-like noise, as int16."""
+    n, n_plane = grid.n, grid.n_plane
     signal = (np.clip(t1 / 255.0, 0, None) ** profile.gamma) * profile.gain
     zz = np.linspace(-1, 1, n, dtype=np.float32)[:, None, None]
     yy = np.linspace(-1, 1, n_plane, dtype=np.float32)[None, :, None]
@@ -233,20 +293,4 @@ def generate_subject(
     sigma = np.float32(profile.noise * profile.gain)
     real = signal + sigma * noise_rng.standard_normal(signal.shape, dtype=np.float32)
     imag = sigma * noise_rng.standard_normal(signal.shape, dtype=np.float32)
-    image = np.clip(np.rint(np.hypot(real, imag) * 1000), 0, 32767).astype(np.int16)
-
-    return PhantomSubject(
-        site=site,
-        index=index,
-        seed=seed,
-        modality="MR",
-        orientation=plane,
-        image=image,
-        labels=labels.astype(np.uint8),
-        label_names=dict(MR_LABELS),
-        spacing=(st, ps, ps),
-        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
-        orientation_cosines=cos,
-        body_part="HEAD",
-        acquisition={"manufacturer": f"Tessera Atlas MR {site}", "field_t": profile.field_t},
-    )
+    return np.clip(np.rint(np.hypot(real, imag) * 1000), 0, 32767).astype(np.int16)
