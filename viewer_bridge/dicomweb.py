@@ -23,7 +23,6 @@ from viewer_bridge.metadata import PIXEL_DATA, instance_metadata
 from viewer_bridge.multipart import (
     MultipartError,
     RelatedParser,
-    media_type,
     new_boundary,
     related_content_type,
     write_related,
@@ -37,6 +36,7 @@ from viewer_bridge.negotiation import (
 from viewer_bridge.qido import QidoService, QueryError, parse_query
 from viewer_bridge.responses import dicom_json, error
 from viewer_bridge.stow import StowService
+from viewer_bridge.stow_request import early_refusal, parse_body, stow_target
 
 LOGGER = logging.getLogger(__name__)
 
@@ -171,70 +171,35 @@ class DicomWebRoutes:
     # ------------------------------------------------------------------ STOW-RS
 
     async def store(self, request: Request) -> Response:
-        study_uid = request.path_params.get("study")
-        if study_uid is not None:
-            try:
-                study_uid = valid_uid(study_uid, "StudyInstanceUID")
-            except BadUid as exc:
-                return error(400, str(exc))
-        mtype, params = media_type(request.headers.get("content-type", ""))
-        part_type = params.get("type", DICOM).lower()
-        if mtype != "multipart/related" or part_type != DICOM:
-            return error(415, f"STOW-RS takes multipart/related; type=\"{DICOM}\", "
-                         f"not {request.headers.get('content-type', 'no content type')!r}")
-        boundary = params.get("boundary", "")
-        if not boundary:
-            return error(400, "the multipart/related content type has no boundary")
-        low = self.stow.store.space_refusal()
-        if low is not None:
-            await _drain(request, _DRAIN_BYTES)
-            return error(503, f"the node is not accepting instances now: {low}",
-                         headers={"Retry-After": "300"})
-        limit = self.max_stow_bytes
-        too_big = error(413, f"the request body exceeds the limit of {limit} bytes")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _drain(request, limit + _DRAIN_BYTES)
-            return too_big
-        # Parsed as it arrives, each part spooled (to disk past 1 MiB): memory stays
-        # bounded by the largest part, not the body.
+        """STOW-RS: check the request, parse the body as it arrives, store the parts."""
+        target = stow_target(request)
+        if isinstance(target, Response):
+            return target
+        refused = await early_refusal(request, self.stow.store.space_refusal(),
+                                      self.max_stow_bytes)
+        if refused is not None:
+            return refused
         try:
-            parser = RelatedParser(boundary, spool_dir=self.spool_dir)
+            parser = RelatedParser(target.boundary, spool_dir=self.spool_dir)
         except MultipartError as exc:
             return error(400, str(exc))
         try:
-            size = 0
-            pending: list[bytes] = []
-            pending_size = 0
-            broken: MultipartError | None = None
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit + _DRAIN_BYTES:
-                    return too_big
-                if size > limit or broken is not None:
-                    continue  # keep reading (and dropping) so the client gets the answer
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= _FEED_BYTES:
-                    broken = await _feed(parser, pending)
-                    pending, pending_size = [], 0
-            if size > limit:
-                return too_big
-            broken = broken or await _feed(parser, pending)
-            if broken is not None:
-                return error(400, str(broken))
+            bad = await parse_body(request, parser, self.max_stow_bytes)
+            if bad is not None:
+                return bad
             try:
                 parts = parser.finish()
             except MultipartError as exc:
                 return error(400, str(exc))
             peer = Peer(ae_title=None,
                         address=request.client.host if request.client else None)
-            result = await run_in_threadpool(self.stow.store_parts, parts, study_uid, peer)
+            result = await run_in_threadpool(self.stow.store_parts, parts, target.study_uid,
+                                             peer)
         finally:
             parser.close()
         warnings = "; ".join(reason for *_, reason in result.failed)
         headers = {"Warning": f'299 tessera "{_header_text(warnings)}"'} if warnings else None
-        return dicom_json(result.to_json(self.base(request), study_uid),
+        return dicom_json(result.to_json(self.base(request), target.study_uid),
                           status=result.http_status, headers=headers)
 
     # ------------------------------------------------------------------ routes
@@ -282,32 +247,3 @@ def _instance_bytes(ref: InstanceRef, transfer_syntax: str) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
-
-
-# A client that is still sending when the 413 goes out sees a reset instead of the
-# answer; read (and drop) this much more so ordinary clients get the reason.
-_DRAIN_BYTES = 64 * 1024 * 1024
-_FEED_BYTES = 1 << 20  # body bytes handed to the parser at once (off the event loop)
-
-
-async def _feed(parser: RelatedParser, chunks: list[bytes]) -> MultipartError | None:
-    """Feed ``chunks`` to ``parser`` off the event loop; the error when the body is bad."""
-    if not chunks:
-        return None
-    try:
-        await run_in_threadpool(parser.feed, b"".join(chunks))
-    except MultipartError as exc:
-        return exc
-    return None
-
-
-async def _drain(request: Request, budget: int) -> None:
-    """Read and discard up to ``budget`` bytes of a body that will not be stored."""
-    seen = 0
-    try:
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > budget:
-                return
-    except Exception:  # the client gave up first: nothing to answer then
-        return
