@@ -23,14 +23,18 @@ from sqlalchemy.orm import Session
 
 from dicom_node.pipeline.site_adaptation import (
     SITE_CHECK,
-    SITE_CHECK_KIND,
     SiteCheck,
     check_pending,
 )
 from dicom_node.pipeline.versions import LOCAL_FLOOR, hub_base_generation
 from dicom_node.store.durable import write_atomic
 from dicom_node.store.models import Correction, ModelVersion, Segmentation
-from federation_grpc.hub.domain import MetricRecord
+from federation_grpc.hub.domain import (
+    CORRECTION_RECORD,
+    SEGMENTATION_RECORD,
+    SITE_CHECK_RECORD,
+    MetricRecord,
+)
 
 __all__ = ["load_cursor", "metric_records", "save_cursor", "site_check_records"]
 
@@ -70,7 +74,7 @@ def site_check_records(s: Session, model: str, last: int) -> tuple[list[MetricRe
         except TypeError:  # a check stored by another version of the node
             values = None
         if values is not None:
-            records.append(MetricRecord(SITE_CHECK_KIND, row.generation, values))
+            records.append(MetricRecord(SITE_CHECK_RECORD, row.generation, values))
     return records, last
 
 
@@ -91,7 +95,7 @@ def metric_records(s: Session, model: str, cursor: dict[str, int]
         values = _segmentation_values(seg)
         base = hub_base_generation(s, model, seg.generation)
         values["local_version"] = 1.0 if seg.generation >= LOCAL_FLOOR else 0.0
-        records.append(MetricRecord("segmentation", base, values))
+        records.append(MetricRecord(SEGMENTATION_RECORD, base, values))
     for corr in s.execute(select(Correction).where(
             Correction.id > corr_last).order_by(Correction.id)).scalars():
         if corr.model_name != model or corr.ai_generation is None:
@@ -111,7 +115,7 @@ def metric_records(s: Session, model: str, cursor: dict[str, int]
         values = dict(list(dice.items()) + list(values.items())[:_MAX_VALUES - len(dice) - 1])
         values["local_version"] = 1.0 if corr.ai_generation >= LOCAL_FLOOR else 0.0
         records.append(MetricRecord(
-            "correction", hub_base_generation(s, model, corr.ai_generation), values))
+            CORRECTION_RECORD, hub_base_generation(s, model, corr.ai_generation), values))
     return records, seg_last, corr_last
 
 

@@ -46,11 +46,11 @@ from dicom_node.learning.incremental import (
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.slices import SliceSample
-from dicom_node.learning.training import TrainingProgress
 from dicom_node.learning.weights import load_model, save_model
 from dicom_node.pipeline.flow import AdaptPayload, JobKind
 from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.trainer import (
+    beating,
     held_out_rows,
     load_sample,
     policy_of,
@@ -79,7 +79,6 @@ LOGGER = logging.getLogger(__name__)
 
 ROLLED_BACK_EVENT = "generation-rolled-back"
 SITE_CHECK = "site_check"  # the key on a hub generation's ModelVersion.metrics
-SITE_CHECK_KIND = "site-check"  # the metric record kind the hub receives
 
 
 def check_pending(s: Session, name: str, generation: int | None = None) -> bool:
@@ -229,7 +228,7 @@ class GenerationAdapter:
             policy = replace(policy_of(self.learning), epochs=fs.adapt_epochs,
                              time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
             tuned, _ = train_round(start, config, replay, [], policy,
-                                   progress=_beating(beat))
+                                   progress=beating(beat))
             return tuned, config
         if start is not model and isinstance(start, MultiHeadUNet):
             return start, config
@@ -330,14 +329,6 @@ def rebase(generation: MultiHeadUNet, config: ModelConfig, served: SegmentationN
 def _mean(model: SegmentationNetwork, config: ModelConfig,
           held: list[StoredSample]) -> float:
     return round(evaluate_slices(model, config, held).get("mean", 0.0), 4)
-
-
-def _beating(beat: Callable[[], None]) -> Callable[[TrainingProgress], None]:
-    def hook(p: TrainingProgress) -> None:
-        if p.step % 20 == 0:
-            beat()
-
-    return hook
 
 
 def _verdict(generation: int, previous: int, scores: dict[str, float], cases: int,

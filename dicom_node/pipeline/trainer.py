@@ -70,6 +70,22 @@ from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
+HEARTBEAT_STEPS = 20  # a training job renews its lease every this many steps
+
+
+def beating(beat: Callable[[], None], *hooks: Callable[[TrainingProgress], None]
+            ) -> Callable[[TrainingProgress], None]:
+    """A progress hook for a training job: ``hooks`` at every step, and ``beat`` (the
+    job's lease heartbeat) every :data:`HEARTBEAT_STEPS` steps."""
+    def hook(p: TrainingProgress) -> None:
+        for each in hooks:
+            each(p)
+        if p.step % HEARTBEAT_STEPS == 0:
+            beat()
+
+    return hook
+
+
 def policy_of(learning: LearningSettings) -> TrainingPolicy:
     """The node's round policy: ``[learning.round]`` plus what the node decides here (the
     device, its threads, the anchors' share of a batch)."""
@@ -364,10 +380,8 @@ class IncrementalTrainer:
 
     def _progress(self, attempt: int, beat: Callable[[], None]
                   ) -> Callable[[TrainingProgress], None]:
-        def hook(p: TrainingProgress) -> None:
+        def step_hooks(p: TrainingProgress) -> None:
             for step_hook in self.step_hooks:
                 step_hook(attempt, p)
-            if p.step % 20 == 0:
-                beat()
 
-        return hook
+        return beating(beat, step_hooks)

@@ -29,6 +29,7 @@ from federation_grpc.hub.cli_common import (
     out,
 )
 from federation_grpc.hub.config import EXAMPLE_CONFIG
+from federation_grpc.hub.domain import SITE_CHECK_RECORD
 
 LOGGER = logging.getLogger(__name__)
 
@@ -308,9 +309,6 @@ def rejections(
         service.close()
 
 
-SITE_CHECK_KIND = "site-check"  # the record a node sends per generation it checked
-
-
 @hub_app.command("site-checks")
 def site_checks(
     config: ConfigOption = DEFAULT_CONFIG,
@@ -323,7 +321,7 @@ def site_checks(
     service = open_service(config)
     try:
         table = Table("gen", "node", "cases", "before", "received", "fine-tuned", "serves")
-        for node_id, record in service.metric_records(SITE_CHECK_KIND):
+        for node_id, record in service.metric_records(SITE_CHECK_RECORD):
             v = record.values
             back = v.get("rolled_back", 0.0) >= 0.5
             if rolled_back and not back:

@@ -84,8 +84,18 @@ class EvaluationTaskView:
     deadline: datetime
 
 
+# The kinds of MetricRecord a node sends, one name each for both ends.
+SEGMENTATION_RECORD = "segmentation"  # quality figures of one SEG the node made
+CORRECTION_RECORD = "correction"      # Dice of our SEG against a radiologist's correction
+SITE_CHECK_RECORD = "site-check"      # a site's check of a hub generation (kept, adapted
+                                      # or rolled back)
+
+
 @dataclass(frozen=True)
 class MetricRecord:
+    """De-identified numbers a node sends about a generation; ``kind`` is one of the
+    ``*_RECORD`` names above."""
+
     kind: str
     generation: int
     values: dict[str, float] = field(default_factory=dict)

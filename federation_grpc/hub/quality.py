@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from federation_grpc.hub.domain import MetricRecord
+from federation_grpc.hub.domain import CORRECTION_RECORD, SEGMENTATION_RECORD, MetricRecord
 from federation_grpc.hub.ridge import RidgeFit, calibrate_threshold, fit_ridge
 from federation_grpc.hub.store import HubStore, MetricRow
 
 LOGGER = logging.getLogger(__name__)
 
-SEGMENTATION = "segmentation"
-CORRECTION = "correction"
+SEGMENTATION = SEGMENTATION_RECORD
+CORRECTION = CORRECTION_RECORD
 KNOWN_KINDS = (SEGMENTATION, CORRECTION)
 SEQ_KEY = "segmentation_seq"
 # Keys that describe the record, not the segmentation: never features.
