@@ -1,7 +1,7 @@
 """Where the parts of one random abdomen lie: trunk, solid organs, bowel loops, liver vessels.
 
 Each step draws from the subject's generator in a fixed order (the same phantoms for
-the same seeds depend on it); :meth:`dicom_node.phantom._anatomy.Anatomy.random` calls
+the same seeds depend on it); :meth:`dicom_node.phantom.anatomy.Anatomy.random` calls
 them in turn. Coordinates are patient LPS in mm, the liver at -x, the spleen at +x.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dicom_node.phantom._shapes import Ellipsoid, ellipsoid
+from dicom_node.phantom.shapes import Ellipsoid, ellipsoid
 
 
 @dataclass(frozen=True)

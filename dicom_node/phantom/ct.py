@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from dicom_node.phantom import _shapes as shp
-from dicom_node.phantom._anatomy import Anatomy
+from dicom_node.phantom import shapes as shp
+from dicom_node.phantom.anatomy import Anatomy
 from dicom_node.phantom.subject import ORIENTATION_COSINES, Orientation, PhantomSubject
 
 LOGGER = logging.getLogger(__name__)

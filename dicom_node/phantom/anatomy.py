@@ -10,7 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dicom_node.phantom._shapes import (
+from dicom_node.phantom.abdomen_layout import (
+    Bowel,
+    SolidOrgans,
+    Trunk,
+    draw_bowel,
+    draw_liver_vessels,
+    draw_warp,
+)
+from dicom_node.phantom.shapes import (
     BODY,
     KIDNEY_LEFT,
     KIDNEY_RIGHT,
@@ -20,14 +28,6 @@ from dicom_node.phantom._shapes import (
     Ellipsoid,
     Grid,
     Tissue,
-)
-from dicom_node.phantom.abdomen_layout import (
-    Bowel,
-    SolidOrgans,
-    Trunk,
-    draw_bowel,
-    draw_liver_vessels,
-    draw_warp,
 )
 
 

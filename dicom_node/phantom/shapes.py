@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from dicom_node.phantom._anatomy import Anatomy
+    from dicom_node.phantom.anatomy import Anatomy
 
 BODY = 1
 LIVER = 2
