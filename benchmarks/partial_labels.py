@@ -200,7 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--strategy", choices=("fedavg", "fedbuff", "fedasync"), default="fedavg")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--distill-other-heads", type=float,
-                   default=LearningSettings().distill_other_heads,
+                   default=LearningSettings().round.distill_other_heads,
                    help="federated rounds: weight of the conditional distillation that keeps "
                         "the heads a site does not train as the global model had them "
                         "(default: the node's)")
