@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from dicom_node.errors import DicomNodeError
+from dicom_node.learning.bootstrap_3d import ct_3d_config, train_3d, volume_samples
 from dicom_node.learning.bootstrap_data import BootstrapData, source
 from dicom_node.learning.errors import LearningError
-from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork, build_model
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample, samples_from_volume
 from dicom_node.learning.training import ProgressHook, TrainingReport, train
+from dicom_node.learning.volume_inference import segment_any
 from dicom_node.learning.weights import save_model
 
 LOGGER = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ STARTER_DIR = Path(__file__).resolve().parent / "starter"
 
 @dataclass(frozen=True)
 class BootstrapPlan:
+    """``arch``: ``unet2d`` (our multi-head 2D U-Net, the shipped starter) or a 3D MONAI
+    network for CT (:data:`~dicom_node.learning.bootstrap_3d.ARCHITECTURES`)."""
+
     data: str = "ct"
+    arch: str = "unet2d"
     site: str = "A"
     subjects: int = 16
     held_out: int = 3
@@ -51,7 +56,7 @@ class BootstrapPlan:
 
 @dataclass(frozen=True)
 class BootstrapResult:
-    model: MultiHeadUNet
+    model: SegmentationNetwork
     config: ModelConfig
     report: TrainingReport
     held_out_dice: dict[str, float]
@@ -96,7 +101,7 @@ def collect_samples(
 
 
 def evaluate(
-    model: MultiHeadUNet,
+    model: SegmentationNetwork,
     config: ModelConfig,
     site: str,
     indexes: Sequence[int],
@@ -109,11 +114,36 @@ def evaluate(
     per_subject = []
     for i in indexes:
         subject = data.subject(site, i, seed)
-        result = segment_volume(model, config, subject.image, subject.spacing, device=device)
+        result = segment_any(model, config, subject.image, subject.spacing, device=device)
         per_subject.append(dice_per_label(result.labels, subject.labels, config.label_values))
     mean = {name: float(np.mean([d[name] for d in per_subject])) for name in config.label_values}
     mean["mean"] = float(np.mean(list(mean.values())))
     return mean, tuple(per_subject)
+
+
+def _train_2d(plan: BootstrapPlan, data: BootstrapData, say: Callable[[str], None],
+              progress: ProgressHook | None
+              ) -> tuple[MultiHeadUNet, ModelConfig, TrainingReport]:
+    """Our multi-head U-Net on slices of the phantom subjects."""
+    config = data.config(plan.input_size)
+    model = build_model(config)
+    try:
+        samples = collect_samples(config, plan.site, range(plan.subjects), plan.seed,
+                                  data=data)
+    except DicomNodeError as exc:  # the atlas package missing, say
+        raise LearningError(str(exc)) from exc
+    say(f"training on {len(samples)} slices (budget {plan.time_budget_s:.0f} s)")
+    policy = TrainingPolicy(
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        augment=True,
+        time_budget_s=plan.time_budget_s,
+        lr_schedule="cosine",
+        device=plan.device,
+        seed=plan.seed,
+    )
+    return model, config, train(model, config, samples, policy, progress=progress)
 
 
 def bootstrap(
@@ -136,27 +166,19 @@ def bootstrap(
     data = source(plan.data)
     data.check_site(plan.site)
     torch.manual_seed(plan.seed)
-    config = data.config(plan.input_size)
-    model = build_model(config)
     say(f"generating {plan.subjects} phantom subjects of site {plan.site} ({data.description})")
-    try:
-        samples = collect_samples(config, plan.site, range(plan.subjects), plan.seed,
-                                  data=data)
-    except DicomNodeError as exc:  # the atlas package missing, say
-        raise LearningError(str(exc)) from exc
-    say(f"training on {len(samples)} slices (budget {plan.time_budget_s:.0f} s)")
-    policy = TrainingPolicy(
-        epochs=plan.epochs,
-        batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate,
-        augment=True,
-        time_budget_s=plan.time_budget_s,
-        lr_schedule="cosine",
-        device=plan.device,
-        seed=plan.seed,
-    )
-    report = train(model, config, samples, policy, progress=progress)
-    del samples
+    model: SegmentationNetwork
+    if plan.arch == "unet2d":
+        model, config, report = _train_2d(plan, data, say, progress)
+    elif plan.data != "ct":
+        raise LearningError(f"--arch {plan.arch} is a 3D starter for --data ct only")
+    else:
+        config = ct_3d_config(plan.arch)
+        volumes = volume_samples(data, config, plan.site, range(plan.subjects), plan.seed)
+        say(f"training on {len(volumes)} volumes (budget {plan.time_budget_s:.0f} s)")
+        model, report = train_3d(config, volumes, learning_rate=plan.learning_rate,
+                                 time_budget_s=plan.time_budget_s, seed=plan.seed,
+                                 device=plan.device)
     say(f"scoring on {plan.held_out} held-out subjects")
     held = range(plan.subjects, plan.subjects + plan.held_out)
     mean, per_subject = evaluate(model, config, plan.site, held, plan.seed, plan.device, data)

@@ -69,6 +69,10 @@ def bootstrap_command(
     ] = 12,
     input_size: Annotated[int, typer.Option(help="In-plane size the network sees.")] = 128,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    arch: Annotated[str, typer.Option(
+        help="unet2d: our multi-head 2D U-Net (the shipped starter); segresnet or dynunet: "
+             "a 3D MONAI network for --data ct, trained on whole volumes at 4 mm (needs "
+             "--out; serve it through [models]).")] = "unet2d",
 ) -> None:
     """Train a starter model from phantom subjects and print held-out Dice per label.
 
@@ -79,9 +83,14 @@ def bootstrap_command(
         console.print(f"[red]bootstrap failed:[/red] unknown --data {escape(data)!r}; "
                       f"known: {', '.join(SOURCES)}")
         raise typer.Exit(2)
+    if arch != "unet2d" and out is None:
+        console.print(f"[red]bootstrap failed:[/red] --arch {escape(arch)} needs --out (the "
+                      "shipped starter stays the 2D U-Net)")
+        raise typer.Exit(2)
     out = out if out is not None else _default_out(data, config)
     plan = BootstrapPlan(
         data=data,
+        arch=arch,
         site=site,
         subjects=subjects,
         held_out=held_out,
@@ -135,7 +144,8 @@ def _print_result(console: Console, result: BootstrapResult, title: str) -> None
     report = result.report
     console.print(
         f"{report.steps} steps, {report.epochs_completed} full epochs on {report.samples} "
-        f"slices in {report.seconds:.0f} s; total {result.seconds:.0f} s; saved {result.path}"
+        f"{'volumes' if result.config.spatial_dims == 3 else 'slices'} in "
+        f"{report.seconds:.0f} s; total {result.seconds:.0f} s; saved {result.path}"
     )
 
 

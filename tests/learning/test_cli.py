@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from dicom_node.learning import bootstrap_data
+from dicom_node.learning import bootstrap_3d, bootstrap_data
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import build_model
 from dicom_node.learning.weights import load_model, save_model
@@ -99,3 +99,33 @@ def test_bootstrap_trains_saves_and_reports_dice(tmp_path: Path) -> None:
     _, config = load_model(tmp_path / "model.safetensors")
     assert config.generation == 0 and config.preprocessing.input_size == 32
     assert (tmp_path / "model.json").exists()
+
+
+def _toy_volume_subject(site: str, index: int, seed: int) -> SimpleNamespace:
+    image, labels = toy_volume(seed=1000 * seed + index, slices=16, rows=48, cols=48)
+    return SimpleNamespace(image=image, labels=labels, spacing=(4.0, 4.0, 4.0))
+
+
+def test_bootstrap_of_a_3d_starter(tmp_path: Path, monkeypatch) -> None:
+    ct = bootstrap_data.SOURCES["ct"]
+    monkeypatch.setitem(bootstrap_data.SOURCES, "ct", replace(ct, subject=_toy_volume_subject))
+    monkeypatch.setattr(bootstrap_3d, "ROI", (16, 16, 16))
+    base = ["model", "bootstrap", "--subjects", "2", "--held-out", "1", "--time-budget", "3"]
+    result = runner.invoke(app, [*base, "--arch", "segresnet", "--out", str(tmp_path)],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "held-out Dice" in result.output and "on 2 volumes" in result.output
+    _, config = load_model(tmp_path / "model.safetensors")
+    assert (config.architecture, config.spatial_dims) == ("monai:SegResNet", 3)
+    assert [lab.name for lab in config.labels] == [
+        lab.name for lab in bootstrap_data.SOURCES["ct"].config(32).labels]
+    assert config.preprocessing.volume is not None
+    assert config.preprocessing.volume.roi_size == (16, 16, 16)
+
+    no_out = runner.invoke(app, [*base, "--arch", "dynunet"])
+    assert no_out.exit_code == 2 and "needs --out" in no_out.output
+    unknown = runner.invoke(app, [*base, "--arch", "vnet", "--out", str(tmp_path / "x")])
+    assert unknown.exit_code == 1 and "unknown --arch 'vnet'" in unknown.output
+    mr = runner.invoke(app, [*base, "--data", "mr", "--arch", "segresnet",
+                             "--out", str(tmp_path / "mr")])
+    assert mr.exit_code == 1 and "--data ct only" in mr.output
