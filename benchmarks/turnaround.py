@@ -19,7 +19,13 @@ in-process node whose segment rule sends the SEG to a real Orthanc. Five repetit
     rest_seen  acknowledged -> found through Orthanc's REST API (benchmark polling;
                not part of the total)
 
-Run: ``python benchmarks/turnaround.py [--repeats 5] [--quiet 2]``
+Run: ``python benchmarks/turnaround.py [--repeats 5] [--quiet 2] [--model PATH ...]``
+
+``--model`` (repeatable) runs the same repetitions with each model file (safetensors +
+JSON, e.g. a 3D starter from ``tessera model bootstrap --arch segresnet --out DIR``)
+instead of the shipped 2D starter, and also scores each on held-out phantom subjects of
+sites A-D (``--dice-subjects`` per site, 3D Dice per label); the models are printed side
+by side at the end.
 Targets (issue 4): total excluding quiet <= 10 s on 2 CPU cores, non-inference work
 <= 20 % of it. Peak RSS is the benchmark process's (the node runs in-process).
 """
@@ -43,6 +49,7 @@ from sqlalchemy import select
 
 from dicom_node.config import NodeConfig, load_config
 from dicom_node.demo.pacs import OrthancPacs
+from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.node import Node
 from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.dicom import subject_datasets
@@ -98,15 +105,19 @@ STAGES = ("quiet", "pickup", "volume", "inference", "encode", "store", "export",
           "total_excl_quiet", "rest_seen")
 
 
-def node_config(work: Path, pacs: OrthancPacs, quiet: float) -> NodeConfig:
-    """An in-process node whose segment rule sends each SEG to ``pacs``."""
+def node_config(work: Path, pacs: OrthancPacs, quiet: float,
+                model: tuple[str, Path | None] = (STARTER_MODEL, None)) -> NodeConfig:
+    """An in-process node whose segment rule runs ``model`` (name, file; None: shipped)
+    and sends each SEG to ``pacs``."""
+    name, path = model
     return load_config(None, env={}, overrides={
-        "node.data_dir": str(work / "node"), "dicom.port": 0,
+        "node.data_dir": str(work / "node"), "dicom.port": 0, "http.enabled": False,
+        "models": {name: str(path)} if path is not None else None,
         "assembler.quiet_period_s": quiet, "assembler.poll_interval_s": 0.1,
         "jobs.poll_interval_s": 0.1,
         "destinations": {"pacs": {"ae_title": pacs.ae_title, "host": "127.0.0.1",
                                   "port": pacs.port}},
-        "rules": [{"name": "segment", "action": "segment", "model": STARTER_MODEL,
+        "rules": [{"name": "segment", "action": "segment", "model": name,
                    "destinations": ["pacs"]}],
     })
 
@@ -153,11 +164,11 @@ def repetition(node: Node, config: NodeConfig, pacs: OrthancPacs, work: Path, re
 
 
 def report(stages: dict[str, list[float]], slices_per_s: list[float],
-           args: argparse.Namespace) -> None:
+           args: argparse.Namespace, model: str = STARTER_MODEL) -> dict[str, float]:
     """The median of each stage against the targets."""
     med = {k: statistics.median(v) for k, v in stages.items()}
-    print(f"\nTurnaround of a {SLICES}-slice 256x256 CT series, median of {args.repeats} "
-          f"(quiet period {args.quiet:.1f} s):")
+    print(f"\nTurnaround of a {SLICES}-slice 256x256 CT series with {model}, median of "
+          f"{args.repeats} (quiet period {args.quiet:.1f} s):")
     for key, value in med.items():
         print(f"  {key:<18} {value:7.3f} s")
     non_inference = med["total_excl_quiet"] - med["inference"]
@@ -167,27 +178,74 @@ def report(stages: dict[str, list[float]], slices_per_s: list[float],
     print(f"  total excl. quiet   {med['total_excl_quiet']:6.2f} s (target <= 10 s)")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"  peak RSS            {rss_mb:6.0f} MB (node + benchmark, one process)")
+    return {**med, "slices_per_s": statistics.median(slices_per_s)}
+
+
+def site_dice(path: Path | None, subjects: int) -> dict[str, float]:
+    """Mean 3D Dice over ``subjects`` unseen phantom subjects of each site A-D."""
+    from dicom_node.learning.bootstrap import evaluate
+    from dicom_node.learning.weights import load_model
+
+    model, config = load_model(path if path is not None else STARTER_DIR / "model.safetensors")
+    held = range(1000, 1000 + subjects)  # indexes no bootstrap trained on
+    return {site: evaluate(model, config, site, held, seed=4242)[0]["mean"]
+            for site in ("A", "B", "C", "D")}
+
+
+def run_model(model: tuple[str, Path | None], args: argparse.Namespace,
+              work: Path, pacs: OrthancPacs) -> dict[str, float]:
+    config = node_config(work / model[0], pacs, args.quiet, model)
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
+    slices_per_s: list[float] = []
+    with Node(config) as node:
+        for rep in range(args.repeats):
+            repetition(node, config, pacs, work / model[0], rep, stages, slices_per_s)
+    return report(stages, slices_per_s, args, model[0])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quiet", type=float, default=2.0, help="quiet period, seconds")
+    parser.add_argument("--model", type=Path, action="append", default=[],
+                        help="a model file to run instead of the shipped starter "
+                             "(repeatable; then the starter runs first, for comparison)")
+    parser.add_argument("--dice-subjects", type=int, default=2,
+                        help="with --model: held-out phantom subjects per site A-D")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="tessera-turnaround-"))
+    models: list[tuple[str, Path | None]] = [(STARTER_MODEL, None)]
+    models += [(_model_name(path), path) for path in args.model]
     pacs = OrthancPacs(work / "pacs")
-    config = node_config(work, pacs, args.quiet)
-    stages: dict[str, list[float]] = {k: [] for k in STAGES}
-    slices_per_s: list[float] = []
+    results = {}
     try:
-        with Node(config) as node:
-            for rep in range(args.repeats):
-                repetition(node, config, pacs, work, rep, stages, slices_per_s)
+        for model in models:
+            results[model[0]] = run_model(model, args, work, pacs)
     finally:
         pacs.stop()
-    report(stages, slices_per_s, args)
+    if args.model:
+        side_by_side(models, results, args)
     return 0
+
+
+def _model_name(path: Path) -> str:
+    from dicom_node.learning.weights import load_model
+
+    return load_model(path)[1].name
+
+
+def side_by_side(models: list[tuple[str, Path | None]], results: dict[str, dict[str, float]],
+                 args: argparse.Namespace) -> None:
+    """Each model's turnaround, inference and Dice at sites A-D, one row each."""
+    print(f"\nSide by side (Dice: mean over labels, {args.dice_subjects} unseen subjects "
+          "per site):")
+    print(f"  {'model':<28} {'total s':>8} {'infer s':>8} {'A':>7} {'B':>7} {'C':>7} {'D':>7}")
+    for name, path in models:
+        dice = site_dice(path, args.dice_subjects)
+        r = results[name]
+        print(f"  {name:<28} {r['total_excl_quiet']:8.2f} {r['inference']:8.2f} "
+              + " ".join(f"{dice[s]:7.4f}" for s in "ABCD"))
 
 
 if __name__ == "__main__":
