@@ -79,16 +79,23 @@ def _prepared(sample: VolumeSample, config: ModelConfig) -> tuple[torch.Tensor, 
     return x, t.long()
 
 
-def _window(x: torch.Tensor, y: torch.Tensor, roi: Sequence[int], gen: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random ``roi`` window (padded where the volume is smaller), 3D."""
+def class_balanced_window(x: torch.Tensor, y: torch.Tensor, roi: Sequence[int],
+                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``roi`` window (padded where the volume is smaller), 3D, centred on a voxel of a
+    class drawn uniformly from those the target shows (as MONAI's
+    ``RandCropByLabelClasses`` with equal ratios): a small organ is in as many windows
+    as the background, which a uniform window would give it only by its volume."""
     pad = [max(0, r - s) for r, s in zip(roi, x.shape[2:], strict=True)]
     if any(pad):
         spec = [p for d in reversed(pad) for p in (0, d)]
         x = F.pad(x, spec, value=float(x.min()))
         y = F.pad(y, spec, value=0)
-    starts = [int(torch.randint(0, s - r + 1, (1,), generator=gen))
-              for r, s in zip(roi, x.shape[2:], strict=True)]
+    classes = torch.unique(y[0])
+    picked = classes[int(torch.randint(0, len(classes), (1,), generator=gen))]
+    voxels = torch.nonzero(y[0] == picked)
+    centre = voxels[int(torch.randint(0, len(voxels), (1,), generator=gen))].tolist()
+    starts = [min(max(c - r // 2, 0), s - r)
+              for c, r, s in zip(centre, roi, x.shape[2:], strict=True)]
     sl = tuple(slice(a, a + r) for a, r in zip(starts, roi, strict=True))
     return x[(slice(None), slice(None), *sl)], y[(slice(None), *sl)]
 
@@ -213,7 +220,7 @@ def _one_pass(prepared: list[_Prepared], optimisation: _Optimisation, config: Mo
         x, y, ann = prepared[i]
         if config.spatial_dims == 3:
             assert vp is not None
-            x, y = _window(x, y, vp.roi_size, gen)
+            x, y = class_balanced_window(x, y, vp.roi_size, gen)
         else:
             pick = torch.randperm(x.shape[0], generator=gen)[: policy.batch_size]
             x, y = x[pick], y[pick]
