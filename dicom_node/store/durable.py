@@ -26,7 +26,7 @@ from dicom_node.errors import StoreError
 from dicom_node.store.private import private_dir
 
 __all__ = ["SHARED_FILE", "WriteFailed", "fsync_dir", "publish_atomic", "stage_atomic",
-           "write_atomic"]
+           "write_all", "write_atomic"]
 
 # As ``open`` creates files: the umask alone decides (a model an operator imports may be
 # read by a node running as another user).
@@ -67,9 +67,9 @@ def stage_atomic(path: Path, data: bytes, *, durable: bool, mode: int = 0o640,
         # even while the bytes go in.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
-            tmp.write_bytes(data)
+            write_all(fd, data)
             if durable:
-                os.fsync(fd)  # any descriptor of the file flushes its data
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -88,6 +88,13 @@ def publish_atomic(staged: Path, path: Path, *, durable: bool) -> None:
     except OSError as exc:
         _discard(staged)
         raise _failed("publish", path, exc) from exc
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may take less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def fsync_dir(path: Path) -> None:

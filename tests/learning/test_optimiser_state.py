@@ -18,6 +18,7 @@ from dicom_node.learning.network import build_model
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.slices import PreparedSlices, prepare_samples, samples_from_volume
 from dicom_node.learning.training import train
+from dicom_node.store import durable
 
 from .conftest import toy_volume
 
@@ -153,13 +154,13 @@ def test_save_is_atomic_and_load_of_nothing_is_empty(
     second = train(model, tiny_config, _data(tiny_config), FULL_BATCH,
                    optimiser_state=first).optimiser_state
     assert second is not None and any(not torch.equal(first[k], second[k]) for k in first)
-    real_write = Path.write_bytes
+    real_write = durable.write_all
 
-    def dies_half_way(self: Path, data: bytes) -> int:  # type: ignore[override]
-        real_write(self, data[: len(data) // 2])
+    def dies_half_way(fd: int, data: bytes) -> None:
+        real_write(fd, data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", dies_half_way)
+    monkeypatch.setattr(durable, "write_all", dies_half_way)
     with pytest.raises(OSError):
         optimiser_state.save(path, second, {"generation": "4"})
     monkeypatch.undo()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.errors import StoreError
+from dicom_node.store import durable
 from dicom_node.store.durable import (
     WriteFailed,
     publish_atomic,
@@ -66,13 +67,13 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(
     target = tmp_path / "weights.safetensors"
     target.write_bytes(b"old")
 
-    real_write = Path.write_bytes
+    real_write = durable.write_all
 
-    def disk_full(self: Path, data: bytes) -> int:  # type: ignore[override]
-        real_write(self, data[:1])
+    def disk_full(fd: int, data: bytes) -> None:
+        real_write(fd, data[:1])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(durable, "write_all", disk_full)
     with pytest.raises(WriteFailed, match=r"cannot write weights\.safetensors: No space") as caught:
         write_atomic(target, b"new", durable=is_durable)
     assert isinstance(caught.value, StoreError) and isinstance(caught.value, OSError)
@@ -111,15 +112,15 @@ def test_two_writers_never_share_a_temporary(
     temporary, and the target ends as one writer's bytes, whole."""
     target = tmp_path / "sample.npz"
     both_writing = threading.Barrier(2, timeout=10)
-    real_write = Path.write_bytes
+    real_write = durable.write_all
     temporaries: list[Path] = []
 
-    def meeting(self: Path, data: bytes) -> int:  # type: ignore[override]
-        temporaries.append(self)
+    def meeting(fd: int, data: bytes) -> None:
+        temporaries.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
         both_writing.wait()
-        return real_write(self, data)
+        real_write(fd, data)
 
-    monkeypatch.setattr(Path, "write_bytes", meeting)
+    monkeypatch.setattr(durable, "write_all", meeting)
     payloads = [b"A" * 100_000, b"B" * 100_000]
     threads = [threading.Thread(target=write_atomic, args=(target, p),
                                 kwargs={"durable": False}) for p in payloads]
