@@ -22,6 +22,7 @@ from dicom_node.learning.partial_labels import fill_enclosing
 from dicom_node.pipeline.flow import JobKind, TrainingPayload, enqueue
 from dicom_node.pipeline.volume import Volume
 from dicom_node.store.durable import write_atomic
+from dicom_node.store.files import uid_file_stem
 from dicom_node.store.jobs import JobQueue
 from dicom_node.store.models import Correction, Job, JobState, SampleState, TrainingSample
 
@@ -41,7 +42,7 @@ def write_sample(data_dir: Path, draft: Correction, volume: Volume, corrected: n
     # A body segment cut around organs this hospital does not annotate leaves holes.
     sample = replace(sample, labels=fill_enclosing(sample.labels, annotated, model_config))
     data = encode_sample(sample)
-    rel = f"{SAMPLES_DIR}/{_safe(draft.seg_sop_instance_uid)}.npz"
+    rel = f"{SAMPLES_DIR}/{uid_file_stem(draft.seg_sop_instance_uid)}.npz"
     # Durable: the row that names it commits next, and a sample is a radiologist's work.
     write_atomic(data_dir / rel, data, durable=True)
     return TrainingSample(
@@ -96,7 +97,3 @@ def queue_training(s: Session, queue: JobQueue, settings: LearningSettings,
     # A running round does not include this sample: queue the next one beside it.
     enqueue(queue, TrainingPayload(model_name), session=s, unique_active=False)
     return True
-
-
-def _safe(uid: str) -> str:
-    return "".join(c for c in uid if c.isdigit() or c == ".")[:64]

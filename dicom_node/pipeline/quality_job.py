@@ -33,6 +33,7 @@ from dicom_node.learning.scores import quality_metrics
 from dicom_node.pipeline.flow import JobKind, QualityPayload
 from dicom_node.store.db import Database
 from dicom_node.store.durable import write_atomic
+from dicom_node.store.files import uid_file_stem
 from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import OutboxItem, OutboxState, Segmentation
 from dicom_node.worker import JobDeferred
@@ -51,8 +52,7 @@ class QualityInputs:
         self.folder = data_dir / QUALITY_DIR
 
     def path(self, seg_sop_instance_uid: str) -> Path:
-        # A UID is digits and dots (the SEG is ours); nothing else reaches a file name.
-        return self.folder / f"{''.join(c for c in seg_sop_instance_uid if c in '0123456789.')}.npz"
+        return self.folder / f"{uid_file_stem(seg_sop_instance_uid)}.npz"
 
     def save(self, seg_sop_instance_uid: str, labels: np.ndarray, confidence: np.ndarray,
              entropy: Mapping[str, np.ndarray], spacing: tuple[float, float, float],
@@ -130,8 +130,7 @@ class QualityJob:
     def _delivery_pending(self, s: Session, uid: str, created_at: datetime) -> bool:
         """The SEG's first delivery attempt to some destination has not ended, and the
         wait has not run out."""
-        made = created_at if created_at.tzinfo else created_at.replace(tzinfo=UTC)
-        if datetime.now(UTC) - made > timedelta(seconds=self.delivery_wait_s):
+        if datetime.now(UTC) - created_at > timedelta(seconds=self.delivery_wait_s):
             return False
         return bool(s.scalar(
             select(func.count()).select_from(OutboxItem).where(

@@ -36,6 +36,12 @@ def check_uid(value: object, name: str) -> str:
     return text
 
 
+def uid_file_stem(uid: str) -> str:
+    """A file name from a UID: its digits and dots only, at most 64, so nothing else
+    reaches a path (files the node names after its own SEGs: samples, quality inputs)."""
+    return "".join(c for c in uid if c.isdigit() or c == ".")[:64]
+
+
 class InstanceFiles:
     """Where instance files and quarantined payloads live."""
 
