@@ -230,9 +230,9 @@ def main() -> int:
 
 
 def _model_name(path: Path) -> str:
-    from dicom_node.learning.weights import load_model
+    from dicom_node.learning.weights import read_file_config
 
-    return load_model(path)[1].name
+    return read_file_config(path).name
 
 
 def side_by_side(models: list[tuple[str, Path | None]], results: dict[str, dict[str, float]],
