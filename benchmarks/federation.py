@@ -99,7 +99,13 @@ def parse_args() -> argparse.Namespace:
         "--clients nodes upload; measures publication -> last node notified")
     parser.add_argument("--watcher-procs", type=int, default=4,
                         help="processes the watchers are spread over (many-nodes mode)")
+    parser.add_argument(
+        "--replicas", type=int, default=1,
+        help="replicas mode (with --watchers): this many hub processes on one PostgreSQL, "
+        "nodes spread over them; exits 1 if an update or a notice is lost or duplicated")
     args = parser.parse_args()
+    if args.replicas > 1 and args.watchers < 1:
+        parser.error("--replicas needs --watchers (one or more)")
     return args
 
 
@@ -273,10 +279,14 @@ def main() -> None:
     if args.resume_at or args.watchers:
         if args.resume_at:
             from large_model import run_large as run_mode
+        elif args.replicas > 1:
+            from replicas import run_replicas as run_mode
         else:
             from many_nodes import run_fleet as run_mode
         figures = run_mode(args)
-        print_figures(figures, 28, args.json)
+        print_figures(figures, 32, args.json)
+        if figures.get("problems"):
+            raise SystemExit(1)
         return
 
     work = Path(tempfile.mkdtemp(prefix="tessera-fedbench-"))

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness import REPO, RssSampler, load_average, peak_rss_mib, percentile
@@ -41,17 +42,14 @@ from federation_grpc.uploading import UpdateMetadata
 from tests.federation.hubproc import HubProcess
 
 
-def _fds(pid: int) -> int:
+def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _raise_fd_limit() -> int:
+def raise_fd_limit() -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-
 
 
 async def _watch_all(spec: dict, out: Path) -> None:  # type: ignore[type-arg]
@@ -69,7 +67,7 @@ async def _watch_all(spec: dict, out: Path) -> None:  # type: ignore[type-arg]
     async def one(index: int, node: dict) -> None:  # type: ignore[type-arg]
         credentials = grpc.ssl_channel_credentials(
             ca, Path(node["key"]).read_bytes(), Path(node["cert"]).read_bytes())
-        async with grpc.aio.secure_channel(spec["target"], credentials) as channel:
+        async with grpc.aio.secure_channel(node["target"], credentials) as channel:
             stub = federation_pb2_grpc.FederationStub(channel)
             call = stub.WatchGenerations(
                 pb.WatchGenerationsRequest(known_generation=-1),
@@ -104,13 +102,15 @@ def run_fleet(args: argparse.Namespace) -> dict[str, object]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _fleet_hub(args: argparse.Namespace, work: Path, names: tuple[str, ...]
-               ) -> tuple[dict, Path, list[str]]:
-    """Certificates for every node, a hub config with a worker per node, generation 0,
-    and every node enrolled: the certificates, the config and the node tokens."""
+def fleet_hub(args: argparse.Namespace, work: Path, names: tuple[str, ...],
+              database_url: str | None = None) -> tuple[dict, Path, list[str]]:
+    """Certificates for every node, a hub config with a worker per node (on
+    ``database_url``, else SQLite in its data folder), generation 0, and every node
+    enrolled: the certificates, the config and the node tokens."""
     certs = make_certs(work / "tls", nodes=names)
     config = work / "hub.toml"
-    write_config(config, work / "data", certs, "fedasync", 1, max_workers=len(names) + 64)
+    write_config(config, work / "data", certs, "fedasync", 1, max_workers=len(names) + 64,
+                 database_url=database_url)
     model_file(work / "g0.safetensors", args.size_mb, 0.0, 0)
     setup = HubService(load_config(config))
     setup.init_model(work / "g0.safetensors", CONFIG)
@@ -120,19 +120,20 @@ def _fleet_hub(args: argparse.Namespace, work: Path, names: tuple[str, ...]
     return certs, config, tokens
 
 
-def _start_watchers(args: argparse.Namespace, work: Path, target: str, certs: dict,
-                    names: tuple[str, ...], tokens: list[str]) -> list[subprocess.Popen[bytes]]:
-    """``--watcher-procs`` processes holding the first ``--watchers`` nodes' streams,
-    returned once each has all its streams going."""
+def start_watchers(args: argparse.Namespace, work: Path, targets: Sequence[str], certs: dict,
+                   names: tuple[str, ...], tokens: list[str]) -> list[subprocess.Popen[bytes]]:
+    """``--watcher-procs`` processes holding the first ``--watchers`` nodes' streams
+    (node i on ``targets[i % len(targets)]``), returned once each has all its streams
+    going."""
     watchers = args.watchers
     procs = []
     share = -(-watchers // args.watcher_procs)
     for p in range(args.watcher_procs):
         nodes = [{"cert": str(certs[names[i]].cert), "key": str(certs[names[i]].key),
-                  "token": tokens[i]} for i in range(p * share, min(watchers, (p + 1) * share))]
+                  "token": tokens[i], "target": targets[i % len(targets)]}
+                 for i in range(p * share, min(watchers, (p + 1) * share))]
         spec = work / f"watch{p}.json"
-        spec.write_text(json.dumps({"target": target, "ca": str(certs["ca"].cert),
-                                    "nodes": nodes}))
+        spec.write_text(json.dumps({"ca": str(certs["ca"].cert), "nodes": nodes}))
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "watch", str(spec), str(work / f"seen{p}.json")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO))
@@ -143,10 +144,11 @@ def _start_watchers(args: argparse.Namespace, work: Path, target: str, certs: di
     return procs
 
 
-def _uploaders(args: argparse.Namespace, work: Path, target: str, certs: dict,
-               names: tuple[str, ...], tokens: list[str]
-               ) -> tuple[list[FederationClient], list[bytes]]:
-    """A client and an update for each node after the watchers."""
+def upload_clients(args: argparse.Namespace, work: Path, targets: Sequence[str], certs: dict,
+                   names: tuple[str, ...], tokens: list[str]
+                   ) -> tuple[list[FederationClient], list[bytes]]:
+    """A client and an update for each node after the watchers (uploader i on
+    ``targets[i % len(targets)]``)."""
     watchers, uploaders = args.watchers, args.clients
     payloads = []
     for i in range(uploaders):
@@ -155,14 +157,14 @@ def _uploaders(args: argparse.Namespace, work: Path, target: str, certs: dict,
         payloads.append(path.read_bytes())
         path.unlink()
     retry = RetryPolicy(attempts=8, initial_backoff_s=0.2, max_backoff_s=2.0)
-    clients = [FederationClient(target, tls=ClientTls.from_files(
+    clients = [FederationClient(targets[i % len(targets)], tls=ClientTls.from_files(
         certs["ca"].cert, certs[names[watchers + i]].cert, certs[names[watchers + i]].key),
         node_token=tokens[watchers + i], retry=retry, timeout_s=args.timeout)
         for i in range(uploaders)]
     return clients, payloads
 
 
-def _upload_all(clients: list[FederationClient], payloads: list[bytes], timeout: float
+def upload_all(clients: list[FederationClient], payloads: list[bytes], timeout: float
                 ) -> tuple[list[str], float]:
     """Every uploader's update at once; the update ids and when the pushes started."""
     ids = [str(uuid.uuid4()) for _ in clients]
@@ -181,7 +183,7 @@ def _upload_all(clients: list[FederationClient], payloads: list[bytes], timeout:
     return ids, start
 
 
-def _await_decided(clients: list[FederationClient], ids: list[str], deadline: float
+def await_decided(clients: list[FederationClient], ids: list[str], deadline: float
                    ) -> dict[str, int]:
     """Each update's generation once merged or rejected, polled until the deadline."""
     merged: dict[str, int] = {}
@@ -195,7 +197,7 @@ def _await_decided(clients: list[FederationClient], ids: list[str], deadline: fl
     return merged
 
 
-def _stop_watchers(procs: list[subprocess.Popen[bytes]], work: Path
+def stop_watchers(procs: list[subprocess.Popen[bytes]], work: Path
                    ) -> list[list[tuple[int, float]]]:
     """Close the watchers' stdin; what each node saw: (generation, receipt time)."""
     for proc in procs:
@@ -211,7 +213,7 @@ def _stop_watchers(procs: list[subprocess.Popen[bytes]], work: Path
     return seen
 
 
-def _notified(seen: list[list[tuple[int, float]]], created: dict[int, float]
+def notified(seen: list[list[tuple[int, float]]], created: dict[int, float]
               ) -> tuple[list[float], dict[int, float]]:
     """Delays from publication to each node's receipt, sorted; per generation, the
     delay until the last node was told."""
@@ -225,34 +227,34 @@ def _notified(seen: list[list[tuple[int, float]]], created: dict[int, float]
 
 
 def _fleet(args: argparse.Namespace, work: Path) -> dict[str, object]:
-    limit = _raise_fd_limit()  # children inherit it: the hub holds one socket per node
+    limit = raise_fd_limit()  # children inherit it: the hub holds one socket per node
     watchers, uploaders = args.watchers, args.clients
     print(f"certificates for {watchers} watchers and {uploaders} uploaders ...", flush=True)
     names = tuple(f"node{i}" for i in range(watchers + uploaders))
-    certs, config, tokens = _fleet_hub(args, work, names)
+    certs, config, tokens = fleet_hub(args, work, names)
     hub = HubProcess(config, work / "hub.log")
     sampler = RssSampler(hub.proc.pid)
-    target = f"127.0.0.1:{hub.port}"
-    procs = _start_watchers(args, work, target, certs, names, tokens)
-    fds_watching = _fds(hub.proc.pid)
+    targets = [f"127.0.0.1:{hub.port}"]
+    procs = start_watchers(args, work, targets, certs, names, tokens)
+    fds_watching = fds(hub.proc.pid)
     print(f"{watchers} watchers connected; {uploaders} nodes upload ...", flush=True)
-    clients, payloads = _uploaders(args, work, target, certs, names, tokens)
-    ids, start = _upload_all(clients, payloads, args.timeout)
-    fds_peak = _fds(hub.proc.pid)
-    merged = _await_decided(clients, ids, start + args.timeout)
+    clients, payloads = upload_clients(args, work, targets, certs, names, tokens)
+    ids, start = upload_all(clients, payloads, args.timeout)
+    fds_peak = fds(hub.proc.pid)
+    merged = await_decided(clients, ids, start + args.timeout)
     check = HubService(load_config(config))
     created = {g.number: g.created_at.timestamp() for g in check.list_generations()}
     final = check.current_number()
     check.close()
     # Every watcher must see the final generation: wait for it, bounded.
     time.sleep(min(5.0, args.timeout))
-    seen = _stop_watchers(procs, work)
+    seen = stop_watchers(procs, work)
     peaks = sampler.stop()
     hwm = peak_rss_mib(hub.proc.pid, float("nan"))
     hub.stop()
     for client in clients:
         client.close()
-    per_node, last_per_generation = _notified(seen, created)
+    per_node, last_per_generation = notified(seen, created)
     last = sorted(last_per_generation.values())
     missed = sum(1 for events in seen if not events or events[-1][0] != final)
     return {
