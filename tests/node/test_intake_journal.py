@@ -1,19 +1,23 @@
 """The intake journal (issue 24): kill -9 at random points while storescu sends, and
-during the replay of a journal, never loses an acknowledged instance."""
+during the replay of a journal, never loses an acknowledged instance; on both index
+backends, the node's default SQLite file and a real PostgreSQL database."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import parse_instance
@@ -21,10 +25,11 @@ from dicom_node.store.db import Database
 from dicom_node.store.instances import Peer, dataset_digest
 from dicom_node.store.intent import intent_of
 from dicom_node.store.journal import frame
+from dicom_node.store.models import Instance, Series
 from tests.node.conftest import (
     STORESCU,
-    Index,
     NodeProcess,
+    Postgres,
     dataset_bytes,
     make_ct_series,
     node_config_data,
@@ -36,9 +41,108 @@ from tests.peers import peer_env, require_binary
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 REPEATS = 5
-PER_SERIES = 40
-REPLAYED = 200
 SEED = int(os.environ.get("TESSERA_TEST_SEED", time.time_ns() % 10**6))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a test node keeps its index, and how much each test sends to it."""
+
+    name: str
+    database_url: str  # "": the node's default, a SQLite file in its data_dir
+    per_series: int    # instances sent per kill repetition
+    replayed: int      # records in the unapplied journal
+
+    def config(self, path: Path, data_dir: Path) -> Path:
+        return write_node_config(path, node_config_data(
+            data_dir, quiet_s=30, node={"database_url": self.database_url}))
+
+    def database(self, data_dir: Path) -> Database:
+        """The node's own Database on this index (as a node's start opens it)."""
+        return Database(self.database_url
+                        or f"sqlite:///{(data_dir / 'node.db').resolve()}")
+
+    def reader(self, data_dir: Path) -> IndexReader:
+        if self.database_url:
+            return IndexReader(create_engine(self.database_url), data_dir)
+        # Read-only and without the node's BEGIN IMMEDIATE: polling must not take the
+        # write lock from the node it watches.
+        db = (data_dir / "node.db").resolve()
+        return IndexReader(create_engine(f"sqlite:///file:{db}?mode=ro&uri=true"), data_dir)
+
+
+class IndexReader:
+    """What a node's index holds, read through SQLAlchemy as an operator would."""
+
+    def __init__(self, engine: Engine, data_dir: Path) -> None:
+        self.engine = engine
+        self.data_dir = data_dir
+
+    def count(self) -> int:
+        """Instance rows; 0 while the index cannot be read yet."""
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(select(func.count()).select_from(Instance))
+                           .scalar_one())
+        except SQLAlchemyError:
+            return 0
+
+    def instance_paths(self) -> dict[str, Path]:
+        root = self.data_dir / "instances"
+        with self.engine.connect() as conn:
+            return {uid: root / rel for uid, rel in conn.execute(
+                select(Instance.sop_instance_uid, Instance.path)).all()}
+
+    def miscounted_series(self) -> dict[str, tuple[int, int]]:
+        """Series whose instance_count is not their number of rows: (count, rows)."""
+        rows = (select(Instance.series_id, func.count().label("n"))
+                .group_by(Instance.series_id).subquery())
+        with self.engine.connect() as conn:
+            return {uid: (count, n or 0) for uid, count, n in conn.execute(
+                select(Series.series_uid, Series.instance_count, rows.c.n)
+                .outerjoin(rows, rows.c.series_id == Series.id)).all()
+                if count != (n or 0)}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def fresh_database(postgres: Postgres) -> Iterator[str]:
+    """An empty database on the session's cluster, dropped afterwards; its URL."""
+    name = f"intake_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres.url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield postgres.url.rsplit("/", 1)[0] + "/" + name
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", "", per_series=40, replayed=200)
+        return
+    # Fewer instances per repetition on PostgreSQL, as many kills: the property is the
+    # same, each node start costs the same, and the suite's time is budgeted.
+    yield from (Backend("postgresql", url, per_series=16, replayed=200)
+                for url in fresh_database(request.getfixturevalue("postgres")))
+
+
+@pytest.fixture
+def index_reader(backend: Backend) -> Iterator[Callable[[Path], IndexReader]]:
+    opened: list[IndexReader] = []
+
+    def _open(data_dir: Path) -> IndexReader:
+        opened.append(backend.reader(data_dir))
+        return opened[-1]
+
+    yield _open
+    for reader in opened:
+        reader.close()
 
 
 def send_and_kill_after(port: int, files: list[Path], node: NodeProcess,
@@ -65,33 +169,35 @@ def send_and_kill_after(port: int, files: list[Path], node: NodeProcess,
 
 
 def test_kill_9_at_random_points_acknowledged_equals_indexed(
-    tmp_path: Path, node_process: Callable[..., NodeProcess],
-    open_index: Callable[[Path], Index],
+    tmp_path: Path, backend: Backend, node_process: Callable[..., NodeProcess],
+    index_reader: Callable[[Path], IndexReader],
 ) -> None:
     rng = random.Random(SEED)
     data_dir = tmp_path / "node"
-    config = write_node_config(tmp_path / "node.toml",
-                               node_config_data(data_dir, quiet_s=30))
+    config = backend.config(tmp_path / "node.toml", data_dir)
+    index = index_reader(data_dir)
     acknowledged: dict[str, Path] = {}  # SOP Instance UID -> the file sent
     sent: set[str] = set()
     node = node_process(config)
     for rep in range(REPEATS):
-        series = make_ct_series(tmp_path / f"ct{rep}", PER_SERIES)
+        series = make_ct_series(tmp_path / f"ct{rep}", backend.per_series)
         uid_of = dict(zip(series.files, series.sop_uids, strict=True))
-        kill_after = rng.randint(1, PER_SERIES - 1)
+        kill_after = rng.randint(1, backend.per_series - 1)
         acked = send_and_kill_after(node.port, series.files, node, kill_after)
-        assert len(acked) == kill_after, f"seed {SEED}: storescu went on after the kill"
+        where = f"seed {SEED}, {backend.name}, rep {rep}"
+        assert len(acked) == kill_after, f"{where}: storescu went on after the kill"
         acknowledged.update({uid_of[f]: f for f in acked})
         sent.update(series.sop_uids)
         node = node_process(config)  # replays what the killed one left
-        stored = open_index(data_dir).instance_paths()
+        stored = index.instance_paths()
         missing = set(acknowledged) - set(stored)
-        assert not missing, f"seed {SEED}, rep {rep}: acknowledged, not indexed: {missing}"
+        assert not missing, f"{where}: acknowledged, not indexed: {missing}"
         # At most the one instance in flight at the kill is stored unacknowledged.
-        assert len(set(stored) - set(acknowledged)) <= rep + 1
-        assert set(stored) <= sent
+        assert len(set(stored) - set(acknowledged)) <= rep + 1, where
+        assert set(stored) <= sent, where
+        assert not index.miscounted_series(), where
         for uid, path in acknowledged.items():
-            assert dataset_bytes(stored[uid]) == dataset_bytes(path)
+            assert dataset_bytes(stored[uid]) == dataset_bytes(path), f"{where}: {uid}"
     node.stop()
 
 
@@ -114,48 +220,43 @@ def write_unapplied_journal(data_dir: Path, files: list[Path]) -> Path:
     return segment
 
 
-def indexed_count(data_dir: Path) -> int:
-    db = data_dir / "node.db"
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return int(conn.execute("select count(*) from instance").fetchone()[0])
-    except sqlite3.Error:
-        return 0
-
-
 def test_kill_9_during_replay_then_replay_completes(
-    tmp_path: Path, node_process: Callable[..., NodeProcess],
-    open_index: Callable[[Path], Index],
+    tmp_path: Path, backend: Backend, node_process: Callable[..., NodeProcess],
+    index_reader: Callable[[Path], IndexReader],
 ) -> None:
     rng = random.Random(SEED)
     data_dir = tmp_path / "node"
-    config = write_node_config(tmp_path / "node.toml",
-                               node_config_data(data_dir, quiet_s=30))
-    db = Database(f"sqlite:///{(data_dir / 'node.db').resolve()}")
+    config = backend.config(tmp_path / "node.toml", data_dir)
+    db = backend.database(data_dir)
     db.create_schema()  # as a node's first start leaves it
     db.dispose()
-    series = make_ct_series(tmp_path / "ct", REPLAYED)
+    index = index_reader(data_dir)
+    series = make_ct_series(tmp_path / "ct", backend.replayed)
     segment = write_unapplied_journal(data_dir, series.files)
+    seen = 0
     for attempt in range(2):
-        kill_at = rng.randint(1, REPLAYED // 2)
+        # Past what earlier attempts indexed: records already applied replay as no-ops.
+        kill_at = seen + rng.randint(1, max(1, (backend.replayed - seen) // 2))
         log = (tmp_path / f"replay-{attempt}.log").open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "viewer_bridge.main", "node", "serve",
                                  "--config", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=log)
         try:
-            wait_until(lambda p=proc, k=kill_at: indexed_count(data_dir) >= k  # type: ignore[misc]
+            wait_until(lambda p=proc, k=kill_at: index.count() >= k  # type: ignore[misc]
                        or p.poll() is not None, timeout=60, interval=0.01)
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             log.close()
-        seen = indexed_count(data_dir)
-        assert seen < REPLAYED and segment.exists(), \
-            f"seed {SEED}: the replay finished before the kill ({seen} indexed)"
+        seen = index.count()
+        assert seen < backend.replayed and segment.exists(), \
+            f"seed {SEED}, {backend.name}: the replay finished before the kill ({seen})"
     node_process(config).stop()
-    stored = open_index(data_dir).instance_paths()
-    assert set(series.sop_uids) <= set(stored)
+    stored = index.instance_paths()
+    assert index.count() == len(stored) == backend.replayed, "each record indexed once"
+    assert set(series.sop_uids) == set(stored)
+    assert not index.miscounted_series()
     for uid, path in zip(series.sop_uids, series.files, strict=True):
         assert dataset_bytes(stored[uid]) == dataset_bytes(path)
     assert not list((data_dir / "intake").glob("*.journal"))
