@@ -8,8 +8,10 @@ never trained on) with the same pooled Dice its own acceptance gate uses
 (``evaluate_slices``), and submits the two means with the number of cases. Nothing
 else leaves: no slices, no UIDs.
 
-A node without held-out cases does not answer (it has nothing to say); a task the hub
-closed meanwhile, or a generation it no longer offers, is skipped.
+A node without held-out cases (or whose cases annotate no label of the model) answers
+with no cases: it cannot judge, and the hub need not wait for it (``num_cases`` 0; the
+hub records the candidate as not judged there). A task the hub closed meanwhile, or a
+generation it no longer offers, is skipped.
 """
 
 from __future__ import annotations
@@ -78,8 +80,7 @@ class EvaluationResponder:
         held = self.held_out()
         if not held:
             LOGGER.info("%d evaluation task(s) open; no held-out corrected cases to score "
-                        "them on", len(tasks))
-            return []
+                        "them on: answered as not judged here", len(tasks))
         answers = []
         scores: dict[int, float | None] = {}  # tasks of one round share their reference
 
@@ -90,15 +91,14 @@ class EvaluationResponder:
 
         for task in tasks:
             try:
-                candidate = score(task.candidate_generation)
-                reference = score(task.reference_generation)
-                if candidate is None or reference is None:
+                candidate = score(task.candidate_generation) if held else None
+                reference = score(task.reference_generation) if held else None
+                cases = len(held) if candidate is not None and reference is not None else 0
+                if held and not cases:
                     LOGGER.info("evaluation task %s: the held-out cases annotate no label of "
-                                "the model; not answered", task.task_id)
-                    self._settled.add(task.task_id)
-                    continue
-                accepted = client.submit_evaluation_result(task.task_id, candidate,
-                                                           reference, len(held))
+                                "the model; answered as not judged here", task.task_id)
+                accepted = client.submit_evaluation_result(
+                    task.task_id, candidate or 0.0, reference or 0.0, cases)
             except (NotFound, FailedPrecondition, PermissionDenied) as exc:
                 # closed meanwhile, or a generation no longer offered: nothing to answer
                 if isinstance(exc, PermissionDenied) and refused(exc):
@@ -107,10 +107,10 @@ class EvaluationResponder:
                 self._settled.add(task.task_id)
                 continue
             self._settled.add(task.task_id)
-            answers.append(Answer(task.task_id, candidate, reference, len(held)))
+            answers.append(Answer(task.task_id, candidate or 0.0, reference or 0.0, cases))
             LOGGER.info("evaluation task %s: candidate %d scores %.4f, reference %d %.4f on "
                         "%d held-out cases (%s)", task.task_id, task.candidate_generation,
-                        candidate, task.reference_generation, reference, len(held),
+                        candidate or 0.0, task.reference_generation, reference or 0.0, cases,
                         "taken" if accepted else "no longer wanted")
         return answers
 

@@ -39,7 +39,7 @@ class EnrolResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., node_token: _Optional[str] = ...) -> None: ...
 
 class GenerationInfo(_message.Message):
-    __slots__ = ("number", "parent", "sha256", "size_bytes", "config_json", "created_at", "update_ids", "node_ids", "strategy", "status", "current", "validation_score")
+    __slots__ = ("number", "parent", "sha256", "size_bytes", "config_json", "created_at", "update_ids", "node_ids", "strategy", "status", "current", "validation_score", "notes")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class GenerationInfo(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_SCORE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     number: int
     parent: int
     sha256: str
@@ -64,7 +65,8 @@ class GenerationInfo(_message.Message):
     status: str
     current: bool
     validation_score: float
-    def __init__(self, number: _Optional[int] = ..., parent: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., created_at: _Optional[str] = ..., update_ids: _Optional[_Iterable[str]] = ..., node_ids: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., current: _Optional[bool] = ..., validation_score: _Optional[float] = ...) -> None: ...
+    notes: str
+    def __init__(self, number: _Optional[int] = ..., parent: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., created_at: _Optional[str] = ..., update_ids: _Optional[_Iterable[str]] = ..., node_ids: _Optional[_Iterable[str]] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., current: _Optional[bool] = ..., validation_score: _Optional[float] = ..., notes: _Optional[str] = ...) -> None: ...
 
 class WatchGenerationsRequest(_message.Message):
     __slots__ = ("known_generation",)

@@ -24,13 +24,8 @@ from federation_grpc.hub.blobs import BlobStore
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.contributions import Contribution, Tensors
 from federation_grpc.hub.evaluations import EvaluationTasks
-from federation_grpc.hub.gate import (
-    SiteScore,
-    UpdateGate,
-    compare_scores,
-    paired_mean,
-    site_reasons,
-)
+from federation_grpc.hub.federated_verdict import judge, waiting
+from federation_grpc.hub.gate import SiteScore, UpdateGate
 from federation_grpc.hub.generations import GenerationLedger, NewGeneration
 from federation_grpc.hub.heads import mark_trained
 from federation_grpc.hub.parameters import non_finite_tensors
@@ -186,7 +181,7 @@ class Aggregator:
         scales = [self._clip_scale(row, c) for row, c in zip(rows, contributions, strict=True)]
         sha, size = merge_to_file(scratch, self.strategy, current_tensors, contributions, scales)
         candidate = read_tensors(scratch)
-        if self.gate.evaluator is None and self.config.gate.federated_evaluation:
+        if self.gate.evaluator is None and self._federated():
             bad = non_finite_tensors(candidate)
             if bad:
                 self._reject(rows, [f"merged candidate has non-finite values in {bad[:5]}"])
@@ -270,6 +265,15 @@ class Aggregator:
             )
         LOGGER.info("candidate %d waits for federated evaluation", number)
 
+    def _federated(self) -> bool:
+        """Whether a candidate waits for the nodes' verdict (``[gate] federated_evaluation``)."""
+        gate = self.config.gate
+        if gate.federated_evaluation != "auto":
+            return bool(gate.federated_evaluation)
+        with self.store.session() as session:
+            evaluators = self.evaluations.evaluators(session, gate.evaluator_window_s)
+        return gate.federated(len(evaluators))
+
     def _decide_open_candidate(self) -> bool:
         """Settle an open federated evaluation if it can be; True while one stays open."""
         gate = self.config.gate
@@ -277,35 +281,21 @@ class Aggregator:
             task = self.evaluations.open_task(session)
             if task is None:
                 return False
-            results = self.evaluations.results(session, task.task_id)
-            if len(results) < gate.min_evaluations and as_utc(task.deadline) > utcnow():
+            answers = [SiteScore(r.node_id, r.candidate_score, r.reference_score, r.num_cases)
+                       for r in self.evaluations.results(session, task.task_id)]
+            evaluators = self.evaluations.evaluators(session, gate.evaluator_window_s)
+            if waiting(answers, evaluators, as_utc(task.deadline) <= utcnow(), gate):
                 return True
             number = task.candidate_generation
-            if len(results) < gate.min_evaluations:
-                reasons = [
-                    f"federated evaluation got {len(results)} of {gate.min_evaluations} "
-                    "results before the deadline"
-                ]
-                score = None
-            else:
-                score, reference = paired_mean(
-                    [r.candidate_score for r in results],
-                    [r.reference_score for r in results],
-                    [r.num_cases for r in results],
-                )
-                reasons = compare_scores(score, reference, gate.validation_margin)
-                harm, notes = site_reasons(
-                    [SiteScore(r.node_id, r.candidate_score, r.reference_score, r.num_cases)
-                     for r in results], gate.validation_margin, gate.min_site_cases)
-                reasons += harm
-                if notes:
-                    LOGGER.warning("candidate %d: %s", task.candidate_generation, "; ".join(notes))
-                    reasons += notes if reasons else []
+            verdict = judge(answers, evaluators, gate)
+            if verdict.notes:
+                LOGGER.warning("candidate %d: %s", number, "; ".join(verdict.notes))
             task.open = False
-            if reasons:
+            if not verdict.accepted:
                 for row in self.ledger.evaluated_updates(session, number):
-                    self.rejections.reject(session, row, "gate", reasons, number)
-            self.ledger.settle(session, number, score, accepted=not reasons)
-        if not reasons:
+                    self.rejections.reject(session, row, "gate", verdict.reasons, number)
+            self.ledger.settle(session, number, verdict.score, accepted=verdict.accepted,
+                               notes=verdict.notes)
+        if verdict.accepted:
             LOGGER.info("candidate %d accepted by federated evaluation", number)
         return False

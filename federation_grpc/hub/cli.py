@@ -240,7 +240,8 @@ def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """List generations with their lineage (parent, updates, nodes)."""
     service = open_service(config)
     try:
-        table = Table("gen", "parent", "status", "strategy", "score", "updates", "nodes", "sha256")
+        table = Table("gen", "parent", "status", "strategy", "score", "updates", "nodes", "sha256",
+                      "notes")
         for g in service.list_generations():
             table.add_row(
                 f"{g.number}{' *' if g.current else ''}",
@@ -251,6 +252,7 @@ def models(config: ConfigOption = DEFAULT_CONFIG) -> None:
                 str(len(g.update_ids)),
                 ", ".join(g.node_ids),
                 g.sha256[:12],
+                g.notes,
             )
         out().print(table)
     finally:

@@ -89,10 +89,18 @@ max_relative_update_norm = 1.0
 validation_margin = 0.005
 # Hub validation set: "package.module:attr", an Evaluator (see federation_grpc.hub.gate).
 evaluator = ""
-# Federated evaluation on nodes' held-out cases when no evaluator is set.
-federated_evaluation = false
+# Federated evaluation on nodes' held-out cases when no evaluator is set: "auto" turns it
+# on while at least 2 enrolled nodes take part (asked for evaluation tasks within
+# evaluator_window_s; a node does unless its [federation] evaluate = false); true, false.
+federated_evaluation = "auto"
+# A candidate is judged once every node taking part has answered (or at the deadline);
+# it needs min_evaluations answers scored on held-out cases. With fewer (nodes without
+# held-out cases, or silent), "accept" publishes it with a note saying it was not judged,
+# "reject" refuses it with that reason.
 min_evaluations = 2
+unjudged = "accept"
 evaluation_timeout_s = 3600
+evaluator_window_s = 600
 # A candidate that lowers any one site's held-out Dice by more than validation_margin is
 # refused, naming the site and its figures; a site with fewer held-out cases than this is
 # reported as too small to judge (in the log, and in the record when refused).
@@ -188,10 +196,31 @@ class GateConfig:
     max_relative_update_norm: float = 1.0
     validation_margin: float = 0.005
     evaluator: str = ""
-    federated_evaluation: bool = False
+    federated_evaluation: bool | str = "auto"
     min_evaluations: int = 2
+    unjudged: str = "accept"
     evaluation_timeout_s: float = 3600.0
+    evaluator_window_s: float = 600.0
     min_site_cases: int = 2
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.federated_evaluation, bool)
+                or self.federated_evaluation == "auto"):
+            raise InvalidRequest('[gate] federated_evaluation must be "auto", true or false')
+        if self.unjudged not in ("accept", "reject"):
+            raise InvalidRequest('[gate] unjudged must be "accept" or "reject"')
+        if self.min_evaluations < 1:
+            raise InvalidRequest("[gate] min_evaluations must be at least 1")
+        if self.evaluation_timeout_s < 0 or self.evaluator_window_s <= 0:
+            raise InvalidRequest("[gate] evaluation_timeout_s must not be negative and "
+                                 "evaluator_window_s must be positive")
+
+    def federated(self, evaluators: int) -> bool:
+        """Whether candidates wait for federated evaluation, with ``evaluators`` nodes
+        taking part (the hub's own evaluator, when set, is checked before this)."""
+        if self.federated_evaluation == "auto":
+            return evaluators >= 2
+        return bool(self.federated_evaluation)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class GenerationView:
     validation_score: float | None = None
     update_ids: tuple[str, ...] = ()
     node_ids: tuple[str, ...] = ()
+    notes: str = ""  # the gate's, when it had more to say (see federated_verdict)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,17 @@
 
 The aggregator opens a task when a merged candidate needs the nodes' verdict
 (``[gate] federated_evaluation``) and settles it from the results (see ``aggregator``);
-nodes fetch the open tasks they have not answered and submit one result each.
+nodes fetch the open tasks they have not answered and submit one result each. A node
+that asks for tasks takes part: the hub counts it among the evaluators (``"auto"`` is on
+with two of them) and waits for its answer while it keeps asking. An answer with no
+cases says the node cannot judge (no held-out cases for the model).
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -20,14 +23,35 @@ from federation_grpc.hub.store import (
     EvaluationResultRow,
     EvaluationTaskRow,
     HubStore,
+    NodeRow,
     as_utc,
     utcnow,
 )
+
+# A node asking again within this long is not written down again.
+_SEEN_EVERY = timedelta(seconds=30)
 
 
 class EvaluationTasks:
     def __init__(self, store: HubStore) -> None:
         self.store = store
+        self._seen: dict[str, datetime] = {}  # node -> evaluator_seen as last written
+
+    @staticmethod
+    def evaluators(session: Session, window_s: float) -> set[str]:
+        """Active nodes that asked for evaluation tasks within the last ``window_s``."""
+        since = utcnow() - timedelta(seconds=window_s)
+        return set(session.scalars(select(NodeRow.node_id).where(
+            NodeRow.evaluator_seen >= since, NodeRow.revoked.is_(False))))
+
+    def _mark_evaluator(self, session: Session, node_id: str, now: datetime) -> None:
+        seen = self._seen.get(node_id)
+        if seen is not None and now - seen < _SEEN_EVERY:
+            return
+        row = session.get(NodeRow, node_id)
+        if row is not None:
+            row.evaluator_seen = now
+            self._seen[node_id] = now
 
     def open(self, session: Session, candidate: int, reference: int, timeout_s: float) -> None:
         """Ask the nodes to score ``candidate`` against ``reference`` (caller's transaction)."""
@@ -63,9 +87,11 @@ class EvaluationTasks:
         return task is not None
 
     def fetch(self, node_id: str) -> list[EvaluationTaskView]:
-        """The open tasks ``node_id`` has not answered, before their deadline."""
+        """The open tasks ``node_id`` has not answered, before their deadline; asking
+        makes the node one of the evaluators."""
         now = utcnow()
         with self.store.session() as session:
+            self._mark_evaluator(session, node_id, now)
             done = select(EvaluationResultRow.task_id).where(EvaluationResultRow.node_id == node_id)
             rows = session.scalars(
                 select(EvaluationTaskRow).where(
@@ -83,9 +109,10 @@ class EvaluationTasks:
     def submit(
         self, node_id: str, task_id: str, candidate: float, reference: float, num_cases: int
     ) -> bool:
-        """Store a node's scores; False if the task is closed or the node answered."""
-        if not (math.isfinite(candidate) and math.isfinite(reference)) or num_cases < 1:
-            raise InvalidRequest("scores must be finite and num_cases at least 1")
+        """Store a node's scores (``num_cases`` 0: it cannot judge, the scores are not
+        read); False if the task is closed or the node answered."""
+        if not (math.isfinite(candidate) and math.isfinite(reference)) or num_cases < 0:
+            raise InvalidRequest("scores must be finite and num_cases not negative")
         with self.store.session() as session:
             task = session.get(EvaluationTaskRow, task_id)
             if task is None:

@@ -133,14 +133,17 @@ class GenerationLedger:
         )
 
     def settle(
-        self, session: Session, candidate: int, score: float | None, accepted: bool
+        self, session: Session, candidate: int, score: float | None, accepted: bool,
+        notes: Sequence[str] = (),
     ) -> None:
-        """Record the nodes' verdict on a candidate: published with the updates it was
-        merged from, or REJECTED (its updates are the caller's to reject)."""
+        """Record the nodes' verdict on a candidate, with the gate's ``notes``: published
+        with the updates it was merged from, or REJECTED (its updates are the caller's to
+        reject)."""
         row = session.get(GenerationRow, candidate)
         if row is None:
             raise NotFound(f"no generation {candidate}")
         row.validation_score = score
+        row.notes = "; ".join(notes)[:4000]
         if accepted:
             updates = self.evaluated_updates(session, candidate)
             self.publish(session, candidate, merged=[u.update_id for u in updates])
@@ -341,6 +344,7 @@ class GenerationLedger:
             validation_score=row.validation_score,
             update_ids=tuple(u for u, _ in lineage),
             node_ids=tuple(sorted({n for _, n in lineage})),
+            notes=row.notes or "",
         )
 
     def lineage(self, number: int) -> list[int]:

@@ -84,6 +84,7 @@ def generation_to_proto(view: GenerationView) -> pb.GenerationInfo:
         strategy=view.strategy,
         status=view.status,
         current=view.current,
+        notes=view.notes,
     )
     if view.validation_score is not None:
         message.validation_score = view.validation_score

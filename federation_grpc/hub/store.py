@@ -74,6 +74,9 @@ class NodeRow(Base):
     # sha256 of the DER client certificate the token is bound to (NULL: bound at the
     # node's next call over TLS).
     cert_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # When the node last asked for federated evaluation tasks (NULL: never): it takes part
+    # in federated evaluation, and the hub waits for its answers (see ``evaluations``).
+    evaluator_seen: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EnrolmentTokenRow(Base):
@@ -97,6 +100,9 @@ class GenerationRow(Base):
     strategy: Mapped[str] = mapped_column(String(32), default="")
     status: Mapped[str] = mapped_column(String(16), default=GenerationStatus.ACTIVE)
     validation_score: Mapped[float | None] = mapped_column(Float, default=None)
+    # How the gate decided, when there is more to say than accepted/rejected (a candidate
+    # published without a federated verdict, sites too small to judge); "" otherwise.
+    notes: Mapped[str] = mapped_column(Text, default="")
 
 
 class HubStateRow(Base):

@@ -140,7 +140,8 @@ def test_federated_evaluation_on_nodes_decides(tmp_path: Path, helpful: bool) ->
 
 def test_federated_evaluation_without_enough_results_rejects_at_deadline(tmp_path: Path) -> None:
     svc = gated_service(
-        tmp_path, federated_evaluation=True, min_evaluations=3, evaluation_timeout_s=0.0
+        tmp_path, federated_evaluation=True, min_evaluations=3, evaluation_timeout_s=0.0,
+        unjudged="reject",
     )
     node = enrol(svc)
     payload, header = make_update(small_model())

@@ -93,7 +93,7 @@ def federated_node_data(data_dir: Path, model_file: Path, hub: str, *, token: st
     section: dict[str, Any] = {
         "enabled": True, "hub": hub, "model": TEST_MODEL, "enrolment_token": token,
         "upload_interval_s": 0.3, "upload_backoff_max_s": 1.0, "metrics_interval_s": 0.5,
-        "rpc_timeout_s": 20, "display_name": data_dir.name,
+        "evaluation_interval_s": 0.5, "rpc_timeout_s": 20, "display_name": data_dir.name,
     }
     if insecure:
         section["insecure_loopback"] = True

@@ -2,7 +2,8 @@
 waits for nodes' scores; the node scores candidate and reference on its held-out
 corrected cases and answers with the same pooled Dice its own gate uses; the hub then
 publishes (or rejects) the candidate and the node serves it. A node without held-out
-cases does not answer, and the candidate stays waiting."""
+cases answers that it cannot judge: the hub publishes the candidate with a note saying
+it was not judged (``[gate] unjudged = "accept"``, the default) or refuses it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 from sqlalchemy import select
 
 from dicom_node.config import load_config
@@ -123,34 +125,33 @@ def test_node_scores_a_candidate_on_its_held_out_cases_and_the_hub_publishes_it(
         node.stop()
 
 
-def test_a_node_without_held_out_cases_does_not_answer(
-    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+@pytest.mark.parametrize("unjudged", ["accept", "reject"])
+def test_a_node_without_held_out_cases_answers_that_it_cannot_judge(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path, unjudged: str
 ) -> None:
-    hub = start_hub(gate=GATE)
+    hub = start_hub(gate={**GATE, "unjudged": unjudged})
     node, url = _evaluating_node(tmp_path, hub, certs, model_file, 0.2)
     try:
         seed_update(url, model_file, node.config.node.data_dir)
-        wait_until(lambda: _status(hub, 1) == "CANDIDATE" and _open_tasks(hub),
-                   timeout=60, what="candidate 1 waiting for federated evaluation")
-        # several evaluation rounds of the node pass: it fetches the task, has nothing
-        # to score it on, and says nothing
-        calls = node.parts.federation.evaluations
-        wait_until(lambda: _fetches(calls) >= 3, timeout=30, what="three evaluation rounds")
-        assert _results(hub) == []
-        assert _status(hub, 1) == "CANDIDATE"
-        assert serving(url) in (None, (0, "hub"), (0, "local"))
+        wait_until(lambda: _results(hub), timeout=90, what="the node's answer")
+        (result,) = _results(hub)
+        assert result.node_id == node.parts.federation.node_id and result.num_cases == 0
+        wait_until(lambda: _status(hub, 1) in ("ACTIVE", "REJECTED"), timeout=30,
+                   what="the candidate settled")
+        notes = hub.service.generation(1).notes
+        if unjudged == "accept":
+            assert _status(hub, 1) == "ACTIVE"
+            assert notes.startswith("not judged: 0 of the 1 sites needed")
+            assert f"no held-out cases at {result.node_id}" in notes
+            wait_until(lambda: serving(url) == (1, "hub"), timeout=60,
+                       what="the node to serve generation 1")
+        else:
+            assert _status(hub, 1) == "REJECTED"
+            (rejection,) = hub.service.list_rejections()
+            assert rejection.reasons[0].startswith("not judged")
+            assert serving(url) in (None, (0, "hub"), (0, "local"))
     finally:
         node.stop()
-
-
-def _open_tasks(hub: Any) -> bool:
-    with hub.service.store.session() as s:
-        return s.execute(select(EvaluationTaskRow).where(EvaluationTaskRow.open)).first() \
-            is not None
-
-
-def _fetches(responder: Any) -> int:
-    return int(getattr(responder, "rounds", 0))
 
 
 def test_tasks_of_one_round_score_each_generation_once() -> None:
