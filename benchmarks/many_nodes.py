@@ -4,9 +4,18 @@ hold a ``WatchGenerations`` stream (spread over ``--watcher-procs`` processes, o
 asyncio loop and one TLS connection per node each), while ``--clients`` other nodes
 upload at once. Prints, from each generation's publication (its ``created_at``) to each
 node's receipt: the delay until the last node was told (p50, p99 over generations) and
-per node (p50, p99), how many nodes missed the final generation, the hub's peak RSS and
-open file descriptors. Run as ``many_nodes.py watch SPEC OUT``, it is one watcher
-process.
+per node (p50, p99), how many nodes missed the final generation and how many
+(node, generation) notices were missed, the hub's peak RSS and open file descriptors.
+Run as ``many_nodes.py watch SPEC OUT``, it is one watcher process.
+``benchmarks/replicas.py`` runs the same fleet against hub replicas on one PostgreSQL.
+
+File descriptors: the hub holds one per connected node (1,284 at most with 1,000
+watchers and 100 uploads; each of two replicas about 620) and each watcher process one
+per node it watches. The run raises its soft ``RLIMIT_NOFILE`` to the hard limit, which
+its children inherit, so ``ulimit -Hn`` must exceed watchers plus uploaders plus about
+200 (database connections, blobs, the runtime): 2,000 or more for ``--watchers 1000
+--clients 100``. Below that, streams fail to connect and the run stops with "a watcher
+process did not get its streams going".
 
     python benchmarks/federation.py --watchers 1000 --clients 100 --size-mb 1
 """
@@ -61,8 +70,12 @@ async def _watch_all(spec: dict, out: Path) -> None:  # type: ignore[type-arg]
 
     ca = Path(spec["ca"]).read_bytes()
     seen: list[list[tuple[int, float]]] = [[] for _ in spec["nodes"]]
-    first = asyncio.Event()
-    started = [0]
+    first = asyncio.Event()  # every stream has its first generation, or has failed
+    started, failed = [0], [0]
+
+    def settled() -> None:
+        if started[0] + failed[0] == len(seen):
+            first.set()
 
     async def one(index: int, node: dict) -> None:  # type: ignore[type-arg]
         credentials = grpc.ssl_channel_credentials(
@@ -77,16 +90,18 @@ async def _watch_all(spec: dict, out: Path) -> None:  # type: ignore[type-arg]
                     if event.HasField("generation"):
                         if not seen[index]:
                             started[0] += 1
-                            if started[0] == len(seen):
-                                first.set()
+                            settled()
                         seen[index].append((event.generation.number, time.time()))
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.CANCELLED:
                     print(f"watch {index}: {error.code().name}", file=sys.stderr, flush=True)
+                if not seen[index]:
+                    failed[0] += 1
+                    settled()
 
     tasks = [asyncio.create_task(one(i, n)) for i, n in enumerate(spec["nodes"])]
     await first.wait()
-    print("ready", flush=True)
+    print(f"failed {failed[0]}" if failed[0] else "ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     out.write_text(json.dumps(seen))
     for task in tasks:
@@ -139,8 +154,13 @@ def start_watchers(args: argparse.Namespace, work: Path, targets: Sequence[str],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO))
     for proc in procs:
         assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"ready":
-            raise SystemExit("a watcher process did not get its streams going")
+        line = proc.stdout.readline().decode().strip()
+        if line != "ready":
+            for started in procs:
+                started.kill()
+                started.wait()
+            raise SystemExit(f"a watcher process did not get its streams going ({line!r}): "
+                             "is `ulimit -Hn` above watchers + uploaders + 100?")
     return procs
 
 
@@ -267,6 +287,8 @@ def _fleet(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "generations": len(last_per_generation),
         "final_generation": final,
         "watchers_missing_final": missed,
+        "notices_missed": sum(len(set(created) - {0} - {n for n, _ in events})
+                              for events in seen),
         "last_node_notified_p50_s": round(percentile(last, 0.5), 3) if last else None,
         "last_node_notified_p99_s": round(percentile(last, 0.99), 3) if last else None,
         "node_notified_p50_s": round(percentile(per_node, 0.5), 3) if per_node else None,

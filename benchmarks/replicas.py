@@ -12,14 +12,15 @@ the next); then per replica and in total: how many watchers were told of every
 generation published during the run, the (watcher, generation) notices missed, the
 watchers that never got the final generation, the delay from publication (a
 generation's ``created_at``) to receipt (p50, p99), and each replica's peak RSS and open
-file descriptors. ``problems`` sums the updates lost, rejected, duplicated or absent,
-a broken chain and the missed notices; the command exits 1 when it is not 0.
+file descriptors. ``problems`` sums the updates lost, rejected, merged twice, absent or
+placed elsewhere than their status says, the chain's breaks and the missed notices; the
+command exits 1 when it is not 0.
 
-File descriptors: each replica holds a socket per node connected to it, and each watcher
-process one per node it watches; the run raises its soft ``RLIMIT_NOFILE`` to the hard
-limit (children inherit it), so ``ulimit -Hn`` must exceed the largest of those plus
-about 100 (database connections, blobs, the Python runtime): at least 2,000 for
-``--watchers 1000 --clients 100``.
+File descriptors: each replica holds one per node connected to it (617 at most with
+1,000 watchers and 100 uploads over two replicas), and each watcher process one per node
+it watches; the run raises its soft ``RLIMIT_NOFILE`` to the hard limit (children inherit
+it). ``ulimit -Hn`` of 2,000 covers ``--watchers 1000 --clients 100`` on one hub or
+several (``benchmarks/many_nodes.py`` says how the limit shows when it is too low).
 
     python benchmarks/federation.py --watchers 200 --clients 20 --size-mb 1 --replicas 2
 """
@@ -180,8 +181,8 @@ def replicated(args: argparse.Namespace, work: Path, database_url: str) -> dict[
 
 
 # Figures each of which counts what went wrong: the run fails unless all are 0.
-PROBLEMS = ("lost", "rejected", "merged_twice", "absent_from_generations", "chain_breaks",
-            "notices_missed")
+PROBLEMS = ("lost", "rejected", "merged_twice", "absent_from_generations", "status_disagrees",
+            "chain_breaks", "notices_missed")
 
 
 def merge_figures(ids: Sequence[str], decided: dict[str, int],
