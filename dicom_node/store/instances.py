@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -46,6 +47,24 @@ def dataset_digest(data: bytes) -> str:
     except ValueError:
         offset = 0
     return hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+
+
+def _indexable(header: InstanceHeader) -> InstanceHeader:
+    """``header`` as every index backend holds it. PostgreSQL refuses a NUL inside text
+    and an integer beyond 32 bits (an invalid DICOM IS value), both of which SQLite
+    takes: NULs are dropped, such a number is left out. The file keeps what was sent."""
+
+    def text(value: str | None) -> str | None:
+        return None if value is None else (value.replace("\x00", "") or None)
+
+    def int32(value: int | None) -> int | None:
+        return value if value is not None and -(2**31) <= value < 2**31 else None
+
+    return replace(header, modality=text(header.modality), body_part=text(header.body_part),
+                   series_description=text(header.series_description),
+                   study_date=text(header.study_date),
+                   series_number=int32(header.series_number),
+                   instance_number=int32(header.instance_number))
 
 
 class IngestOutcome(StrEnum):
@@ -209,6 +228,7 @@ class InstanceStore:
     def _index(self, s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
                digest: str, produced_here: bool) -> None:
         # Core statements, not ORM objects: this runs once per received instance.
+        header = _indexable(header)
         now = datetime.now(UTC)
         row = s.execute(select(Series.id, Series.state).where(
             Series.series_uid == header.series_uid)).first()

@@ -15,17 +15,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.dicom.meta import dataset_offset
-from dicom_node.dicom.parse import parse_instance
+from dicom_node.dicom.parse import InstanceHeader, parse_instance
 from dicom_node.store.db import Database
-from dicom_node.store.instances import Peer, dataset_digest
+from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer, dataset_digest
 from dicom_node.store.intent import intent_of
 from dicom_node.store.journal import frame
-from dicom_node.store.models import Instance, Series
+from dicom_node.store.models import Instance, Series, Study
 from tests.node.conftest import (
     STORESCU,
     NodeProcess,
@@ -203,6 +205,13 @@ def test_kill_9_at_random_points_acknowledged_equals_indexed(
     node.stop()
 
 
+def header_of(data: bytes) -> InstanceHeader:
+    """The header the node reads from a Part 10 file's dataset."""
+    return parse_instance(data[dataset_offset(data):], transfer_syntax_uid="1.2.840.10008.1.2.1",
+                          context_sop_class_uid=None, command_sop_instance_uid=None,
+                          max_bytes=1 << 30)
+
+
 def write_unapplied_journal(data_dir: Path, files: list[Path]) -> Path:
     """A journal segment holding ``files`` as acknowledged records whose files and index
     rows never reached the disk (a power cut right after the acknowledgements)."""
@@ -211,11 +220,7 @@ def write_unapplied_journal(data_dir: Path, files: list[Path]) -> Path:
     with segment.open("wb") as out:
         for path in files:
             data = path.read_bytes()
-            header = parse_instance(data[dataset_offset(data):],
-                                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                                    context_sop_class_uid=None,
-                                    command_sop_instance_uid=None, max_bytes=1 << 30)
-            intent = intent_of(header, Peer(ae_title="REPLAYTEST"), False,
+            intent = intent_of(header_of(data), Peer(ae_title="REPLAYTEST"), False,
                                dataset_digest(data))
             out.write(frame(intent, data) + intent + data)
         os.fsync(out.fileno())
@@ -262,3 +267,52 @@ def test_kill_9_during_replay_then_replay_completes(
     for uid, path in zip(series.sop_uids, series.files, strict=True):
         assert dataset_bytes(stored[uid]) == dataset_bytes(path)
     assert not list((data_dir / "intake").glob("*.journal"))
+
+
+# Header values a sender may put in an instance that SQLite holds and PostgreSQL refuses
+# (a NUL inside a text value; an IS value beyond 32 bits, invalid DICOM but seen).
+ODD_VALUES = {"SeriesDescription": "AB\x00CD", "StudyDate": "2020\x000101",
+              "InstanceNumber": "99999999999", "SeriesNumber": "-99999999999"}
+
+
+def odd_instances(directory: Path) -> list[Path]:
+    """One CT per :data:`ODD_VALUES` entry, each of its own study and series."""
+    files = []
+    for i, (keyword, value) in enumerate(ODD_VALUES.items()):
+        path = make_ct_series(directory / str(i), 1).files[0]
+        ds = pydicom.dcmread(path)
+        setattr(ds, keyword, value)
+        ds.save_as(path)
+        files.append(path)
+    return files
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+def test_header_values_an_index_refuses_fail_neither_the_store_nor_the_replay(
+    tmp_path: Path, backend: Backend,
+) -> None:
+    """Once journaled, an instance is acknowledged or replayed: an index row the backend
+    cannot hold would answer a failure for a journaled record and, after a crash, stop
+    every later start at its replay."""
+    data_dir = tmp_path / "node"
+    db = backend.database(data_dir)
+    db.create_schema()
+    store = InstanceStore(db, InstanceFiles(data_dir / "instances", data_dir / "quarantine"))
+    write_unapplied_journal(data_dir, odd_instances(tmp_path / "journaled"))
+    try:
+        assert store.open_journal(data_dir / "intake") == len(ODD_VALUES)
+        for path in odd_instances(tmp_path / "received"):
+            data = path.read_bytes()
+            assert store.ingest(data, header_of(data), Peer(ae_title="ODD")) \
+                == IngestOutcome.STORED
+    finally:
+        store.close_journal()
+    with db.session() as s:
+        assert s.execute(select(func.count()).select_from(Instance)).scalar_one() == 8
+        assert set(s.execute(select(Series.series_description)).scalars()) == {
+            "ABCD", "tessera test"}
+        assert not any(date and "\x00" in date
+                       for date in s.execute(select(Study.study_date)).scalars())
+        assert set(s.execute(select(Series.series_number)).scalars()) - {None} == {1}
+        assert None in set(s.execute(select(Instance.instance_number)).scalars())
+    db.dispose()
