@@ -255,7 +255,12 @@ def _fleet(args: argparse.Namespace, work: Path) -> dict[str, object]:
     hub = HubProcess(config, work / "hub.log")
     sampler = RssSampler(hub.proc.pid)
     targets = [f"127.0.0.1:{hub.port}"]
-    procs = start_watchers(args, work, targets, certs, names, tokens)
+    try:
+        procs = start_watchers(args, work, targets, certs, names, tokens)
+    except BaseException:
+        sampler.stop()
+        hub.stop()
+        raise
     fds_watching = fds(hub.proc.pid)
     print(f"{watchers} watchers connected; {uploaders} nodes upload ...", flush=True)
     clients, payloads = upload_clients(args, work, targets, certs, names, tokens)
