@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,7 @@ class IndexReader:
         self.engine.dispose()
 
 
+@contextmanager
 def fresh_database(postgres: Postgres) -> Iterator[str]:
     """An empty database on the session's cluster, dropped afterwards; its URL."""
     name = f"intake_{uuid.uuid4().hex[:12]}"
@@ -132,8 +134,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     # On PostgreSQL fewer instances per repetition and one kill during the replay (the
     # completing start replays the already-indexed records again): the properties are
     # the same, a node start costs seconds, and the suite's time is budgeted.
-    yield from (Backend("postgresql", url, per_series=16, replayed=200, replay_kills=1)
-                for url in fresh_database(request.getfixturevalue("postgres")))
+    with fresh_database(request.getfixturevalue("postgres")) as url:
+        yield Backend("postgresql", url, per_series=16, replayed=200, replay_kills=1)
 
 
 @pytest.fixture
