@@ -167,6 +167,7 @@ model = "tessera-abdomen-ct"
 upload_interval_s = 30    # pending updates are retried with backoff, never dropped
 metrics_interval_s = 300  # de-identified quality figures and correction Dice
 evaluate = true           # score the hub's candidates on held-out corrected cases
+evaluation_interval_s = 15  # a candidate waits for every node taking part to answer
 adapt = true              # serve a short fine-tune of each hub generation on this site's
 adapt_epochs = 3          # corrections; keep the previous version if a generation is
 adapt_time_budget_s = 30  # worse here (held-out Dice) by more than acceptance_margin

@@ -39,9 +39,11 @@ class FederationSettings(Section):
     upload_backoff_max_s: float = Field(600.0, gt=0)
     metrics_interval_s: float = Field(300.0, gt=0)
     # Answer the hub's federated evaluation tasks (score candidate generations on this
-    # node's held-out corrected cases; two numbers go back), checked this often.
+    # node's held-out corrected cases; two numbers go back, or "cannot judge" without
+    # held-out cases), checked this often: a candidate waits at the hub for every node
+    # taking part ([gate] federated_evaluation = "auto"), so this bounds its wait.
     evaluate: bool = True
-    evaluation_interval_s: float = Field(60.0, gt=0)
+    evaluation_interval_s: float = Field(15.0, gt=0)
     # Serve this site's own short fine-tune of each hub generation (a few epochs on its
     # trained corrections, see pipeline.site_adaptation), and keep the version served
     # before when the generation scores worse on the held-out corrected cases by more

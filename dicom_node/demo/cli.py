@@ -92,11 +92,11 @@ def _federated(sites: int, rounds: int, seed: int, work_dir: Path | None, as_jso
     console = Console(width=max(Console().width, 132))
     console.print(table)
     lineage = Table(title="Hub generations")
-    for col in ("generation", "parent", "updates", "nodes"):
+    for col in ("generation", "parent", "status", "updates", "nodes", "gate notes"):
         lineage.add_column(col)
     for g in report.generations:
         lineage.add_row(str(g["generation"]), "-" if g["parent"] < 0 else str(g["parent"]),
-                        str(g["updates"]), str(g["nodes"]))
+                        g["status"], str(g["updates"]), str(g["nodes"]), g["notes"])
     console.print(lineage)
     if report.workdir is not None:
         png = plot_report(report, report.workdir / "federated_demo.png")

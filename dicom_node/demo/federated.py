@@ -138,7 +138,7 @@ def _node(root: Path, site: str, hub_port: int, token: str, budget_s: float) -> 
                        "insecure_loopback": True, "enrolment_token": token,
                        "display_name": f"site {site}", "model": STARTER_MODEL,
                        "upload_interval_s": 0.5, "upload_backoff_max_s": 2.0,
-                       "metrics_interval_s": 2.0,
+                       "metrics_interval_s": 2.0, "evaluation_interval_s": 0.5,
                        # each site serves its own short fine-tune of every generation
                        "adapt_epochs": 2, "adapt_time_budget_s": budget_s},
     })
@@ -212,8 +212,9 @@ def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
             for site, node in nodes.items():
                 if not _serves(node, current):
                     LOGGER.warning("site %s has not settled on generation %d", site, current)
-        generations = [{"generation": g.number, "parent": g.parent, "updates": len(g.update_ids),
-                        "nodes": len(set(g.node_ids))} for g in service.list_generations()]
+        generations = [{"generation": g.number, "parent": g.parent, "status": g.status,
+                        "updates": len(g.update_ids), "nodes": len(set(g.node_ids)),
+                        "notes": g.notes} for g in service.list_generations()]
         return FederatedReport(names, results, generations, time.monotonic() - started, root)
     finally:
         for node in nodes.values():
@@ -235,7 +236,10 @@ def _swapped(nodes: list[Node], generation: int) -> bool:
 
 
 def _merged(service: Any) -> int:
-    merged = sum(len(g.update_ids) for g in service.list_generations())
+    """Updates the hub has decided on: merged into the current generation's lineage, or
+    refused (a candidate waiting for federated evaluation is neither yet)."""
+    merged = sum(len(g.update_ids) for g in service.list_generations()
+                 if g.status not in ("CANDIDATE", "REJECTED"))
     return merged + len(service.list_rejections(1000))
 
 

@@ -16,12 +16,29 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from dicom_node.learning.weights import arrays_to_bytes, load_model
+from dicom_node.learning.bootstrap import STARTER_DIR
+from dicom_node.learning.incremental import cut_sample, encode_sample
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.weights import arrays_to_bytes, load_model, save_model
 from dicom_node.pipeline.versions import hub_base_generation
 from dicom_node.store.db import Database
-from dicom_node.store.models import Job, JobState, ModelVersion, UpdateOutboxItem
+from dicom_node.store.models import (
+    Correction,
+    Job,
+    JobState,
+    ModelVersion,
+    SampleState,
+    TrainingSample,
+    UpdateOutboxItem,
+)
 from federation_grpc.wire import serialize_upload_request
-from tests.corrections.helpers import TEST_MODEL, learning_section, segment_rule, tiny_model
+from tests.corrections.helpers import (
+    TEST_MODEL,
+    Study,
+    learning_section,
+    segment_rule,
+    tiny_model,
+)
 from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
 from tests.node.conftest import node_config_data, start_node  # noqa: F401 - fixtures
 
@@ -32,6 +49,44 @@ __all__ = ["TEST_MODEL"]
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny test model every hub and node of a test starts from (generation 0)."""
     return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+LABELS = ("body", "liver", "spleen", "kidney_left", "kidney_right")
+
+
+def starter_as_test_model(folder: Path) -> Path:
+    """The shipped starter under the test model's name: a model whose Dice means
+    something, for tests where a generation must help or harm."""
+    model, config = load_model(STARTER_DIR / "model.safetensors")
+    return save_model(model, replace(config, name=TEST_MODEL),
+                      folder / f"{TEST_MODEL}.safetensors")
+
+
+def write_sample(db: Database, data_dir: Path, config: ModelConfig, study: Study,
+                 state: str, every: int = 2) -> None:
+    """A corrected case as the correction intake keeps it (trained, or held out: every
+    validation_every-th correction, never trained on), every ``every``-th slice."""
+    truth = study.truth_in_volume_order()
+    sample = cut_sample(study.volume().pixels, truth, range(0, truth.shape[0], every),
+                        LABELS, config)
+    rel = f"samples/{uuid.uuid4().hex}.npz"
+    data = encode_sample(sample)
+    (data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    (data_dir / rel).write_bytes(data)
+    split = "validation" if state == SampleState.HELD_OUT else "training"
+    with db.session() as s:
+        correction = Correction(seg_sop_instance_uid=f"2.25.{uuid.uuid4().int}",
+                                seg_series_uid=f"2.25.{uuid.uuid4().int}",
+                                source_series_uid=study.series_uid, model_name=TEST_MODEL,
+                                ai_generation=0, state="recorded", split=split,
+                                dice={"liver": 0.5}, changed_slices=[], labels=[],
+                                unknown_segments=[])
+        s.add(correction)
+        s.flush()
+        s.add(TrainingSample(correction_id=correction.id, source_series_uid=study.series_uid,
+                             model_name=TEST_MODEL, split=split, state=state, path=rel,
+                             slices=int(sample.image.shape[0]), size=len(data),
+                             annotated=list(sample.annotated)))
 
 
 def model_json(model_file: Path) -> str:

@@ -5,68 +5,34 @@ the hub down while updates are produced -> they wait, then arrive exactly once."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from federation_grpc.hub.config import load_config
 from federation_grpc.hub.service import HubService
-from tests.federation.hubproc import REPO, HubProcess, write_config
+from tests.federation.hubproc import HubProcess
 from tests.node.conftest import node_process, status_json, wait_until, write_node_config  # noqa: F401
 
-from .conftest import federated_node_data, model_json, outbox, seed_update, serving
-
-
-def _hub_cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "federation_grpc.hub.cli", *args],
-                            capture_output=True, text=True, timeout=60, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def _certs(folder: Path, nodes: int) -> dict[str, Any]:
-    _hub_cli("certs", str(folder), *[a for i in range(nodes) for a in ("--node", f"site{i}")])
-    made: dict[str, Any] = {"ca": folder / "ca.pem"}
-    for name in ("hub", *(f"site{i}" for i in range(nodes))):
-        made[name] = (folder / f"{name}.pem", folder / f"{name}.key")
-    assert all(p.exists() for v in made.values() for p in (v if isinstance(v, tuple) else (v,)))
-    return made
-
-
-class _Certs(dict):  # type: ignore[type-arg]
-    """The shape hubproc.write_config expects: certs["ca"].cert, certs["hub"].key."""
-
-    class Pair:
-        def __init__(self, cert: Path, key: Path | None = None) -> None:
-            self.cert, self.key = cert, key
-
-
-def _hub(tmp_path: Path, certs: dict[str, Any], model_file: Path) -> tuple[Path, HubService]:
-    shaped = _Certs(ca=_Certs.Pair(certs["ca"]), hub=_Certs.Pair(*certs["hub"]))
-    config = write_config(tmp_path / "hub.toml", tmp_path / "hubdata", shaped)
-    (tmp_path / "model.json").write_text(model_json(model_file))
-    _hub_cli("init-model", "--weights", str(model_file), "--config",
-             str(tmp_path / "model.json"), "--hub-config", str(config))
-    return config, HubService(load_config(config))
+from .conftest import federated_node_data, outbox, seed_update, serving
+from .processes import UNPUBLISHED, hub_cli, hub_with_model, make_site_certs
 
 
 def _generation_updates(svc: HubService) -> list[str]:
-    return [u for g in svc.list_generations() for u in g.update_ids]
+    """The updates merged into published generations (a candidate waiting for
+    federated evaluation lists the updates it holds, not merged yet)."""
+    return [u for g in svc.list_generations() if g.status not in UNPUBLISHED
+            for u in g.update_ids]
 
 
 def test_three_node_processes_follow_the_hub_generations(
     tmp_path: Path, node_process: Any, model_file: Path  # noqa: F811
 ) -> None:
-    certs = _certs(tmp_path / "certs", 3)
-    config, svc = _hub(tmp_path, certs, model_file)
+    certs = make_site_certs(tmp_path / "certs", 3)
+    config, svc = hub_with_model(tmp_path, certs, model_file)
     hub = HubProcess(config, tmp_path / "hub.log")
     sites = []
     try:
         for i in range(3):
-            token = _hub_cli("enrol", "--config", str(config)).strip()
+            token = hub_cli("enrol", "--config", str(config)).strip()
             data_dir = tmp_path / f"site{i}"
             data = federated_node_data(data_dir, model_file, f"127.0.0.1:{hub.port}",
                                        token=token,
@@ -75,7 +41,7 @@ def test_three_node_processes_follow_the_hub_generations(
             sites.append((path, data_dir, f"sqlite:///{(data_dir / 'node.db').resolve()}"))
         for path, _, _ in sites:
             node_process(path)
-        assert len(_hub_cli("nodes", "--config", str(config)).split("site")) > 1
+        assert len(hub_cli("nodes", "--config", str(config)).split("site")) > 1
 
         # Site 0 learns something: generation 1, served by all three.
         seed_update(sites[0][2], model_file, sites[0][1], seed=1)
@@ -109,11 +75,11 @@ def test_three_node_processes_follow_the_hub_generations(
 def test_updates_made_while_the_hub_is_down_arrive_once_it_is_back(
     tmp_path: Path, node_process: Any, model_file: Path  # noqa: F811
 ) -> None:
-    certs = _certs(tmp_path / "certs", 1)
-    config, svc = _hub(tmp_path, certs, model_file)
+    certs = make_site_certs(tmp_path / "certs", 1)
+    config, svc = hub_with_model(tmp_path, certs, model_file)
     hub = HubProcess(config, tmp_path / "hub.log")
     port = hub.port
-    token = _hub_cli("enrol", "--config", str(config)).strip()
+    token = hub_cli("enrol", "--config", str(config)).strip()
     data_dir = tmp_path / "site0"
     url = f"sqlite:///{(data_dir / 'node.db').resolve()}"
     data = federated_node_data(data_dir, model_file, f"127.0.0.1:{port}", token=token,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,7 @@ import torch
 from sqlalchemy import select
 
 from dicom_node.config import load_config
-from dicom_node.learning.bootstrap import STARTER_DIR
-from dicom_node.learning.incremental import cut_sample, encode_sample
-from dicom_node.learning.weights import load_model, model_to_bytes, save_model
+from dicom_node.learning.weights import load_model, model_to_bytes
 from dicom_node.node import Node
 from dicom_node.pipeline.flow import JobKind
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
@@ -29,27 +25,27 @@ from dicom_node.pipeline.site_adaptation import ROLLED_BACK_EVENT, SITE_CHECK, r
 from dicom_node.status import node_status, render_status
 from dicom_node.store.models import (
     AuditEvent,
-    Correction,
     ModelVersion,
     SampleState,
-    TrainingSample,
 )
 from tests.corrections.helpers import TEST_MODEL, Study
 from tests.deploy.conftest import subprocess_env
 from tests.node.conftest import wait_until, write_node_config
 
-from .conftest import federated_node_data, node_tls, seed_update, serving
-
-LABELS = ("body", "liver", "spleen", "kidney_left", "kidney_right")
+from .conftest import (
+    federated_node_data,
+    node_tls,
+    seed_update,
+    serving,
+    starter_as_test_model,
+    write_sample,
+)
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped starter under the test model's name (hub and nodes start from it)."""
-    model, config = load_model(STARTER_DIR / "model.safetensors")
-    folder = tmp_path_factory.mktemp("starter")
-    return save_model(model, replace(config, name=TEST_MODEL),
-                      folder / f"{TEST_MODEL}.safetensors")
+    return starter_as_test_model(tmp_path_factory.mktemp("starter"))
 
 
 def _node(tmp_path: Path, data: dict[str, Any]) -> Node:
@@ -59,27 +55,7 @@ def _node(tmp_path: Path, data: dict[str, Any]) -> Node:
 def _sample(node: Node, study: Study, state: str, every: int = 2) -> None:
     """A corrected case as the correction intake keeps it (trained or held out)."""
     _, config = node.parts.models.get(TEST_MODEL)
-    truth = study.truth_in_volume_order()
-    sample = cut_sample(study.volume().pixels, truth, range(0, truth.shape[0], every),
-                        LABELS, config)
-    rel = f"samples/{uuid.uuid4().hex}.npz"
-    data = encode_sample(sample)
-    (node.config.node.data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-    (node.config.node.data_dir / rel).write_bytes(data)
-    split = "validation" if state == SampleState.HELD_OUT else "training"
-    with node.parts.db.session() as s:
-        correction = Correction(seg_sop_instance_uid=f"2.25.{uuid.uuid4().int}",
-                                seg_series_uid=f"2.25.{uuid.uuid4().int}",
-                                source_series_uid=study.series_uid, model_name=TEST_MODEL,
-                                ai_generation=0, state="recorded", split=split,
-                                dice={"liver": 0.5}, changed_slices=[], labels=[],
-                                unknown_segments=[])
-        s.add(correction)
-        s.flush()
-        s.add(TrainingSample(correction_id=correction.id, source_series_uid=study.series_uid,
-                             model_name=TEST_MODEL, split=split, state=state, path=rel,
-                             slices=int(sample.image.shape[0]), size=len(data),
-                             annotated=list(sample.annotated)))
+    write_sample(node.parts.db, node.config.node.data_dir, config, study, state, every)
 
 
 def _harmful(model_file: Path) -> bytes:
