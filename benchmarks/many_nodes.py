@@ -5,7 +5,9 @@ asyncio loop and one TLS connection per node each), while ``--clients`` other no
 upload at once. Prints, from each generation's publication (its ``created_at``) to each
 node's receipt: the delay until the last node was told (p50, p99 over generations) and
 per node (p50, p99), how many nodes missed the final generation and how many
-(node, generation) notices were missed, the hub's peak RSS and open file descriptors.
+(node, generation) notices were missed (a generation replaced before a node's next event
+is named in that event's ``superseded``: told, not downloaded), the hub's peak RSS and
+open file descriptors.
 Run as ``many_nodes.py watch SPEC OUT``, it is one watcher process.
 ``benchmarks/replicas.py`` runs the same fleet against hub replicas on one PostgreSQL.
 
@@ -91,7 +93,9 @@ async def _watch_all(spec: dict, out: Path) -> None:  # type: ignore[type-arg]
                         if not seen[index]:
                             started[0] += 1
                             settled()
-                        seen[index].append((event.generation.number, time.time()))
+                        now = time.time()  # replaced meanwhile: named, not sent
+                        seen[index].extend((n, now) for n in event.superseded)
+                        seen[index].append((event.generation.number, now))
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.CANCELLED:
                     print(f"watch {index}: {error.code().name}", file=sys.stderr, flush=True)

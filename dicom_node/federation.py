@@ -227,6 +227,11 @@ class FederationAgent:
             try:
                 known = known_hub_generation(self.db, name)
                 for generation in self.client().watch(known, self._stop):
+                    if generation.superseded:
+                        LOGGER.info("hub generations %s were published and replaced by %d "
+                                    "meanwhile: only %d is fetched",
+                                    list(generation.superseded)[:20], generation.number,
+                                    generation.number)
                     self.apply(generation)
                     failures = 0
             except Exception as exc:  # the hub, the disk or a bad generation: retry later

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,12 @@ class Generation:
     config_json: str
     status: str
     update_ids: tuple[str, ...] = ()
+    # Generations published since the watcher's previous one that this one replaced.
+    superseded: tuple[int, ...] = ()
 
     @classmethod
-    def from_proto(cls, message: pb.GenerationInfo) -> Generation:
+    def from_proto(cls, message: pb.GenerationInfo,
+                   superseded: Sequence[int] = ()) -> Generation:
         return cls(
             number=message.number,
             parent=message.parent,
@@ -48,6 +51,7 @@ class Generation:
             config_json=message.config_json,
             status=message.status,
             update_ids=tuple(message.update_ids),
+            superseded=tuple(superseded),
         )
 
 
@@ -81,7 +85,7 @@ def watch_generations(
                 failures = 0
                 if event.HasField("generation") and event.generation.number != known:
                     known = event.generation.number
-                    yield Generation.from_proto(event.generation)
+                    yield Generation.from_proto(event.generation, event.superseded)
         except grpc.RpcError as error:
             if stop.is_set():
                 return

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tessera/federation/v1/federation.proto\x12\x15tessera.federation.v1\"=\n\x0c\x45nrolRequest\x12\x17\n\x0f\x65nrolment_token\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"4\n\rEnrolResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nnode_token\x18\x02 \x01(\t\"\x99\x02\n\x0eGenerationInfo\x12\x0e\n\x06number\x18\x01 \x01(\x03\x12\x0e\n\x06parent\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x12\n\nupdate_ids\x18\x07 \x03(\t\x12\x10\n\x08node_ids\x18\x08 \x03(\t\x12\x10\n\x08strategy\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\x12\x0f\n\x07\x63urrent\x18\x0b \x01(\x08\x12\x1d\n\x10validation_score\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05notes\x18\r \x01(\tB\x13\n\x11_validation_score\"3\n\x17WatchGenerationsRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\x03\"_\n\x0fGenerationEvent\x12\x39\n\ngeneration\x18\x01 \x01(\x0b\x32%.tessera.federation.v1.GenerationInfo\x12\x11\n\tkeepalive\x18\x02 \x01(\x08\"S\n\x19\x44ownloadGenerationRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\"Q\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x9e\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61se_generation\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\x16\n\x0etrained_groups\x18\x04 \x03(\t\x12L\n\rlocal_metrics\x18\x05 \x03(\x0b\x32\x35.tessera.federation.v1.UpdateHeader.LocalMetricsEntry\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0e\n\x06offset\x18\x08 \x01(\x03\x1a\x33\n\x11LocalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\x13UploadUpdateRequest\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32#.tessera.federation.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x99\x01\n\x14UploadUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".tessera.federation.v1.UpdateState\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmerged_into\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\xa0\x01\n\x0cMetricRecord\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12?\n\x06values\x18\x03 \x03(\x0b\x32/.tessera.federation.v1.MetricRecord.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x14ReportMetricsRequest\x12\x34\n\x07records\x18\x01 \x03(\x0b\x32#.tessera.federation.v1.MetricRecord\")\n\x15ReportMetricsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"o\n\x0e\x45valuationTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_generation\x18\x02 \x01(\x03\x12\x1c\n\x14reference_generation\x18\x03 \x01(\x03\x12\x10\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\t\"\x1d\n\x1b\x46\x65tchEvaluationTasksRequest\"T\n\x1c\x46\x65tchEvaluationTasksResponse\x12\x34\n\x05tasks\x18\x01 \x03(\x0b\x32%.tessera.federation.v1.EvaluationTask\"u\n\x1dSubmitEvaluationResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_score\x18\x02 \x01(\x01\x12\x17\n\x0freference_score\x18\x03 \x01(\x01\x12\x11\n\tnum_cases\x18\x04 \x01(\x03\"2\n\x1eSubmitEvaluationResultResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*\xae\x01\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14UPDATE_STATE_PARTIAL\x10\x01\x12\x19\n\x15UPDATE_STATE_RECEIVED\x10\x02\x12\x17\n\x13UPDATE_STATE_MERGED\x10\x03\x12\x19\n\x15UPDATE_STATE_REJECTED\x10\x04\x12\x18\n\x14UPDATE_STATE_UNKNOWN\x10\x05\x32\x8d\x07\n\nFederation\x12R\n\x05\x45nrol\x12#.tessera.federation.v1.EnrolRequest\x1a$.tessera.federation.v1.EnrolResponse\x12l\n\x10WatchGenerations\x12..tessera.federation.v1.WatchGenerationsRequest\x1a&.tessera.federation.v1.GenerationEvent0\x01\x12n\n\x12\x44ownloadGeneration\x12\x30.tessera.federation.v1.DownloadGenerationRequest\x1a$.tessera.federation.v1.DownloadChunk0\x01\x12i\n\x0cUploadUpdate\x12*.tessera.federation.v1.UploadUpdateRequest\x1a+.tessera.federation.v1.UploadUpdateResponse(\x01\x12m\n\x0fGetUploadStatus\x12-.tessera.federation.v1.GetUploadStatusRequest\x1a+.tessera.federation.v1.UploadUpdateResponse\x12j\n\rReportMetrics\x12+.tessera.federation.v1.ReportMetricsRequest\x1a,.tessera.federation.v1.ReportMetricsResponse\x12\x7f\n\x14\x46\x65tchEvaluationTasks\x12\x32.tessera.federation.v1.FetchEvaluationTasksRequest\x1a\x33.tessera.federation.v1.FetchEvaluationTasksResponse\x12\x85\x01\n\x16SubmitEvaluationResult\x12\x34.tessera.federation.v1.SubmitEvaluationResultRequest\x1a\x35.tessera.federation.v1.SubmitEvaluationResultResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&tessera/federation/v1/federation.proto\x12\x15tessera.federation.v1\"=\n\x0c\x45nrolRequest\x12\x17\n\x0f\x65nrolment_token\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"4\n\rEnrolResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nnode_token\x18\x02 \x01(\t\"\x99\x02\n\x0eGenerationInfo\x12\x0e\n\x06number\x18\x01 \x01(\x03\x12\x0e\n\x06parent\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x12\n\nupdate_ids\x18\x07 \x03(\t\x12\x10\n\x08node_ids\x18\x08 \x03(\t\x12\x10\n\x08strategy\x18\t \x01(\t\x12\x0e\n\x06status\x18\n \x01(\t\x12\x0f\n\x07\x63urrent\x18\x0b \x01(\x08\x12\x1d\n\x10validation_score\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05notes\x18\r \x01(\tB\x13\n\x11_validation_score\"3\n\x17WatchGenerationsRequest\x12\x18\n\x10known_generation\x18\x01 \x01(\x03\"s\n\x0fGenerationEvent\x12\x39\n\ngeneration\x18\x01 \x01(\x0b\x32%.tessera.federation.v1.GenerationInfo\x12\x11\n\tkeepalive\x18\x02 \x01(\x08\x12\x12\n\nsuperseded\x18\x03 \x03(\x03\"S\n\x19\x44ownloadGenerationRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\"Q\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x9e\x02\n\x0cUpdateHeader\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62\x61se_generation\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\x16\n\x0etrained_groups\x18\x04 \x03(\t\x12L\n\rlocal_metrics\x18\x05 \x03(\x0b\x32\x35.tessera.federation.v1.UpdateHeader.LocalMetricsEntry\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x0e\n\x06offset\x18\x08 \x01(\x03\x1a\x33\n\x11LocalMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\x13UploadUpdateRequest\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32#.tessera.federation.v1.UpdateHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x99\x01\n\x14UploadUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".tessera.federation.v1.UpdateState\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bmerged_into\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\"+\n\x16GetUploadStatusRequest\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\xa0\x01\n\x0cMetricRecord\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12?\n\x06values\x18\x03 \x03(\x0b\x32/.tessera.federation.v1.MetricRecord.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x14ReportMetricsRequest\x12\x34\n\x07records\x18\x01 \x03(\x0b\x32#.tessera.federation.v1.MetricRecord\")\n\x15ReportMetricsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"o\n\x0e\x45valuationTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1c\n\x14\x63\x61ndidate_generation\x18\x02 \x01(\x03\x12\x1c\n\x14reference_generation\x18\x03 \x01(\x03\x12\x10\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\t\"\x1d\n\x1b\x46\x65tchEvaluationTasksRequest\"T\n\x1c\x46\x65tchEvaluationTasksResponse\x12\x34\n\x05tasks\x18\x01 \x03(\x0b\x32%.tessera.federation.v1.EvaluationTask\"u\n\x1dSubmitEvaluationResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61ndidate_score\x18\x02 \x01(\x01\x12\x17\n\x0freference_score\x18\x03 \x01(\x01\x12\x11\n\tnum_cases\x18\x04 \x01(\x03\"2\n\x1eSubmitEvaluationResultResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*\xae\x01\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14UPDATE_STATE_PARTIAL\x10\x01\x12\x19\n\x15UPDATE_STATE_RECEIVED\x10\x02\x12\x17\n\x13UPDATE_STATE_MERGED\x10\x03\x12\x19\n\x15UPDATE_STATE_REJECTED\x10\x04\x12\x18\n\x14UPDATE_STATE_UNKNOWN\x10\x05\x32\x8d\x07\n\nFederation\x12R\n\x05\x45nrol\x12#.tessera.federation.v1.EnrolRequest\x1a$.tessera.federation.v1.EnrolResponse\x12l\n\x10WatchGenerations\x12..tessera.federation.v1.WatchGenerationsRequest\x1a&.tessera.federation.v1.GenerationEvent0\x01\x12n\n\x12\x44ownloadGeneration\x12\x30.tessera.federation.v1.DownloadGenerationRequest\x1a$.tessera.federation.v1.DownloadChunk0\x01\x12i\n\x0cUploadUpdate\x12*.tessera.federation.v1.UploadUpdateRequest\x1a+.tessera.federation.v1.UploadUpdateResponse(\x01\x12m\n\x0fGetUploadStatus\x12-.tessera.federation.v1.GetUploadStatusRequest\x1a+.tessera.federation.v1.UploadUpdateResponse\x12j\n\rReportMetrics\x12+.tessera.federation.v1.ReportMetricsRequest\x1a,.tessera.federation.v1.ReportMetricsResponse\x12\x7f\n\x14\x46\x65tchEvaluationTasks\x12\x32.tessera.federation.v1.FetchEvaluationTasksRequest\x1a\x33.tessera.federation.v1.FetchEvaluationTasksResponse\x12\x85\x01\n\x16SubmitEvaluationResult\x12\x34.tessera.federation.v1.SubmitEvaluationResultRequest\x1a\x35.tessera.federation.v1.SubmitEvaluationResultResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_LOCALMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_METRICRECORD_VALUESENTRY']._loaded_options = None
   _globals['_METRICRECORD_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_UPDATESTATE']._serialized_start=2063
-  _globals['_UPDATESTATE']._serialized_end=2237
+  _globals['_UPDATESTATE']._serialized_start=2083
+  _globals['_UPDATESTATE']._serialized_end=2257
   _globals['_ENROLREQUEST']._serialized_start=65
   _globals['_ENROLREQUEST']._serialized_end=126
   _globals['_ENROLRESPONSE']._serialized_start=128
@@ -46,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHGENERATIONSREQUEST']._serialized_start=466
   _globals['_WATCHGENERATIONSREQUEST']._serialized_end=517
   _globals['_GENERATIONEVENT']._serialized_start=519
-  _globals['_GENERATIONEVENT']._serialized_end=614
-  _globals['_DOWNLOADGENERATIONREQUEST']._serialized_start=616
-  _globals['_DOWNLOADGENERATIONREQUEST']._serialized_end=699
-  _globals['_DOWNLOADCHUNK']._serialized_start=701
-  _globals['_DOWNLOADCHUNK']._serialized_end=782
-  _globals['_UPDATEHEADER']._serialized_start=785
-  _globals['_UPDATEHEADER']._serialized_end=1071
-  _globals['_UPDATEHEADER_LOCALMETRICSENTRY']._serialized_start=1020
-  _globals['_UPDATEHEADER_LOCALMETRICSENTRY']._serialized_end=1071
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1073
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1174
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1177
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1330
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=1332
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=1375
-  _globals['_METRICRECORD']._serialized_start=1378
-  _globals['_METRICRECORD']._serialized_end=1538
-  _globals['_METRICRECORD_VALUESENTRY']._serialized_start=1493
-  _globals['_METRICRECORD_VALUESENTRY']._serialized_end=1538
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=1540
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=1616
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1618
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1659
-  _globals['_EVALUATIONTASK']._serialized_start=1661
-  _globals['_EVALUATIONTASK']._serialized_end=1772
-  _globals['_FETCHEVALUATIONTASKSREQUEST']._serialized_start=1774
-  _globals['_FETCHEVALUATIONTASKSREQUEST']._serialized_end=1803
-  _globals['_FETCHEVALUATIONTASKSRESPONSE']._serialized_start=1805
-  _globals['_FETCHEVALUATIONTASKSRESPONSE']._serialized_end=1889
-  _globals['_SUBMITEVALUATIONRESULTREQUEST']._serialized_start=1891
-  _globals['_SUBMITEVALUATIONRESULTREQUEST']._serialized_end=2008
-  _globals['_SUBMITEVALUATIONRESULTRESPONSE']._serialized_start=2010
-  _globals['_SUBMITEVALUATIONRESULTRESPONSE']._serialized_end=2060
-  _globals['_FEDERATION']._serialized_start=2240
-  _globals['_FEDERATION']._serialized_end=3149
+  _globals['_GENERATIONEVENT']._serialized_end=634
+  _globals['_DOWNLOADGENERATIONREQUEST']._serialized_start=636
+  _globals['_DOWNLOADGENERATIONREQUEST']._serialized_end=719
+  _globals['_DOWNLOADCHUNK']._serialized_start=721
+  _globals['_DOWNLOADCHUNK']._serialized_end=802
+  _globals['_UPDATEHEADER']._serialized_start=805
+  _globals['_UPDATEHEADER']._serialized_end=1091
+  _globals['_UPDATEHEADER_LOCALMETRICSENTRY']._serialized_start=1040
+  _globals['_UPDATEHEADER_LOCALMETRICSENTRY']._serialized_end=1091
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1093
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1194
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1197
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1350
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=1352
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=1395
+  _globals['_METRICRECORD']._serialized_start=1398
+  _globals['_METRICRECORD']._serialized_end=1558
+  _globals['_METRICRECORD_VALUESENTRY']._serialized_start=1513
+  _globals['_METRICRECORD_VALUESENTRY']._serialized_end=1558
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=1560
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=1636
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1638
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1679
+  _globals['_EVALUATIONTASK']._serialized_start=1681
+  _globals['_EVALUATIONTASK']._serialized_end=1792
+  _globals['_FETCHEVALUATIONTASKSREQUEST']._serialized_start=1794
+  _globals['_FETCHEVALUATIONTASKSREQUEST']._serialized_end=1823
+  _globals['_FETCHEVALUATIONTASKSRESPONSE']._serialized_start=1825
+  _globals['_FETCHEVALUATIONTASKSRESPONSE']._serialized_end=1909
+  _globals['_SUBMITEVALUATIONRESULTREQUEST']._serialized_start=1911
+  _globals['_SUBMITEVALUATIONRESULTREQUEST']._serialized_end=2028
+  _globals['_SUBMITEVALUATIONRESULTRESPONSE']._serialized_start=2030
+  _globals['_SUBMITEVALUATIONRESULTRESPONSE']._serialized_end=2080
+  _globals['_FEDERATION']._serialized_start=2260
+  _globals['_FEDERATION']._serialized_end=3169
 # @@protoc_insertion_point(module_scope)

@@ -75,12 +75,14 @@ class WatchGenerationsRequest(_message.Message):
     def __init__(self, known_generation: _Optional[int] = ...) -> None: ...
 
 class GenerationEvent(_message.Message):
-    __slots__ = ("generation", "keepalive")
+    __slots__ = ("generation", "keepalive", "superseded")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
     generation: GenerationInfo
     keepalive: bool
-    def __init__(self, generation: _Optional[_Union[GenerationInfo, _Mapping]] = ..., keepalive: _Optional[bool] = ...) -> None: ...
+    superseded: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, generation: _Optional[_Union[GenerationInfo, _Mapping]] = ..., keepalive: _Optional[bool] = ..., superseded: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DownloadGenerationRequest(_message.Message):
     __slots__ = ("generation", "offset", "chunk_size")

@@ -93,7 +93,9 @@ class FederationServicer:
 
     def WatchGenerations(self, request, context):
         """Streams the current generation at once, then each new current generation
-        (after a merge, a promotion or a rollback). Keep-alive events are sent while idle.
+        (after a merge, a promotion or a rollback). Generations published meanwhile and
+        already replaced are named in the event's `superseded`, not sent one by one (a
+        node downloads the newest only). Keep-alive events are sent while idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -282,6 +282,17 @@ class GenerationLedger:
             state = session.get(HubStateRow, 1)
             return state.version if state else 0
 
+    def published_numbers(self, limit: int = 256) -> tuple[int, ...]:
+        """The newest ``limit`` generations ever published (not candidates, not refused),
+        oldest first: what a watcher that fell behind has missed."""
+        with self.store.session() as session:
+            numbers = session.scalars(
+                select(GenerationRow.number)
+                .where(GenerationRow.status.not_in(
+                    (GenerationStatus.CANDIDATE, GenerationStatus.REJECTED)))
+                .order_by(GenerationRow.number.desc()).limit(limit))
+            return tuple(sorted(numbers))
+
     def current_generation(self) -> GenerationView | None:
         number = self.current_number()
         return None if number is None else self.generation(number)

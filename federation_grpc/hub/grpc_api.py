@@ -140,7 +140,8 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
             state = self.service.watch_state(version, self.watch_poll_s)
             version, current = state.version, state.current
             if current is not None and current.number != last_sent:
-                yield pb.GenerationEvent(generation=serde.generation_to_proto(current))
+                yield pb.GenerationEvent(generation=serde.generation_to_proto(current),
+                                         superseded=state.superseded(last_sent))
                 last_sent, last_event = current.number, time.monotonic()
             elif time.monotonic() - last_event >= self.keepalive_s:
                 yield pb.GenerationEvent(keepalive=True)

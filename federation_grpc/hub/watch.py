@@ -1,11 +1,13 @@
 """What every watcher of generations needs, read once per change and shared.
 
 Each ``WatchGenerations`` stream waits for the current generation to change, then sends
-it. With a thousand nodes watching, reading the state version and the current
-generation from the store once per stream and per change would be thousands of queries
-(and connections) at each publication, all at once. :class:`CurrentWatch` reads them
-once per change notice (and, for changes made by another process, which send no
-notice here, at most once per poll interval) and hands every stream the same snapshot.
+it, naming the generations published since its last event that the current one already
+replaced (a watcher is told of every generation and downloads only the newest). With a
+thousand nodes watching, reading the state version and the current generation from the
+store once per stream and per change would be thousands of queries (and connections) at
+each publication, all at once. :class:`CurrentWatch` reads them (and the numbers
+published) once per change notice (and, for changes made by another process, which send
+no notice here, at most once per poll interval) and hands every stream the same snapshot.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class CurrentState:
     current: GenerationView | None
     notice: int
     read_at: float
+    published: tuple[int, ...] = ()  # the newest generations published, oldest first
+
+    def superseded(self, last_sent: int) -> list[int]:
+        """Generations published after ``last_sent`` that the current one replaced."""
+        if self.current is None or last_sent < 0:
+            return []
+        return [n for n in self.published if last_sent < n < self.current.number]
 
 
 class CurrentWatch:
@@ -46,7 +55,8 @@ class CurrentWatch:
             seen = self.ledger.wait_for_notice(-1, 0)
             read_at = time.monotonic()
             version = self.ledger.state_version()
-            state = CurrentState(version, self.ledger.current_generation(), seen, read_at)
+            state = CurrentState(version, self.ledger.current_generation(), seen, read_at,
+                                 self.ledger.published_numbers())
             self._state = state
             return state
 

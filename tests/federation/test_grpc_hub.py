@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import grpc
@@ -180,4 +181,29 @@ def test_download_resumes_across_a_hub_restart(start_hub) -> None:  # type: igno
     assert offsets == sorted(set(offsets)), "no byte was fetched twice"
     for server in replacement:
         server.stop(grace=0.1)
+    client.close()
+
+
+def test_a_watcher_behind_is_told_of_every_generation_it_missed(hub: RunningHub) -> None:
+    """Generations published and replaced before a watcher's next event are named in it
+    (``superseded``), oldest first; only the newest comes."""
+    client = hub.enrolled_client()
+    for number in (1, 2, 3):
+        client.upload(save(nudged(small_model(), ALL_GROUPS)), meta(base=number - 1))
+        deadline = time.monotonic() + 30
+        while hub.service.current_number() != number and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert hub.service.current_number() == 3
+    stop = threading.Event()
+    first = next(iter(client.watch(known_generation=0, stop=stop)))
+    stop.set()
+    assert (first.number, first.superseded) == (3, (1, 2))
+    stop = threading.Event()
+    from_one = next(iter(client.watch(known_generation=1, stop=stop)))
+    stop.set()
+    assert (from_one.number, from_one.superseded) == (3, (2,))
+    stop = threading.Event()
+    fresh = next(iter(client.watch(known_generation=-1, stop=stop)))
+    stop.set()
+    assert (fresh.number, fresh.superseded) == (3, ())  # a new node: nothing it missed
     client.close()
