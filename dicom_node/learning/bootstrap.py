@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from dicom_node.errors import DicomNodeError
-from dicom_node.learning.bootstrap_3d import ct_3d_config, train_3d, volume_samples
 from dicom_node.learning.bootstrap_data import BootstrapData, source
 from dicom_node.learning.errors import LearningError
 from dicom_node.learning.model_config import ModelConfig
@@ -27,7 +26,6 @@ from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample, samples_from_volume
 from dicom_node.learning.training import ProgressHook, TrainingReport, train
-from dicom_node.learning.volume_inference import segment_any
 from dicom_node.learning.weights import save_model
 
 LOGGER = logging.getLogger(__name__)
@@ -110,6 +108,8 @@ def evaluate(
     data: BootstrapData | None = None,
 ) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
     """3D Dice per label on fresh phantom subjects: ``(mean per label, per subject)``."""
+    from dicom_node.learning.volume_inference import segment_any  # MONAI: see bootstrap()
+
     data = data or source("ct")
     per_subject = []
     for i in indexes:
@@ -173,6 +173,10 @@ def bootstrap(
     elif plan.data != "ct":
         raise LearningError(f"--arch {plan.arch} is a 3D starter for --data ct only")
     else:
+        # MONAI (3 s to import) only when a 3D starter is trained: the `tessera` command
+        # every node process starts through imports this module.
+        from dicom_node.learning.bootstrap_3d import ct_3d_config, train_3d, volume_samples
+
         config = ct_3d_config(plan.arch)
         volumes = volume_samples(data, config, plan.site, range(plan.subjects), plan.seed)
         say(f"training on {len(volumes)} volumes (budget {plan.time_budget_s:.0f} s)")

@@ -7,6 +7,9 @@ to the model's spacing or shape (trilinear), intensity steps (MONAI transforms),
 windows of ``roi_size``, ``sw_batch_size`` at a time; the blended softmax is resampled
 back (trilinear) and reoriented before the label is chosen. Memory is bounded by the
 window (activations) plus one probability volume per channel at the model's grid.
+
+MONAI is imported where it is used (3 s): a node serving only 2D models, and every
+``tessera`` command, start without it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
-from monai.transforms import NormalizeIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
 from dicom_node.learning.device import autocast, on_device
 from dicom_node.learning.errors import ModelConfigError
@@ -72,6 +73,12 @@ def apply_intensity(x: torch.Tensor, steps: tuple[IntensityStep, ...]) -> torch.
     The result is a plain tensor: MONAI's MetaTensor would carry its metadata through
     every layer of the network (measured: most of a training step's time).
     """
+    from monai.transforms import (
+        NormalizeIntensity,
+        ScaleIntensityRange,
+        ScaleIntensityRangePercentiles,
+    )
+
     for step in steps:
         if step.op == "window":
             x = _plain(ScaleIntensityRange(step.lower, step.upper, -1.0, 1.0, clip=True)(x))
@@ -142,6 +149,8 @@ def segment_volume_3d(
         with autocast(device, amp):
             logits = model(window)[NETWORK_HEAD]
         return logits.float().softmax(dim=1)
+
+    from monai.inferers import sliding_window_inference
 
     with torch.inference_mode():
         probs = sliding_window_inference(
