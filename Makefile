@@ -25,7 +25,7 @@ js:
 	@if [ -f tests/js/package.json ]; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; fi
 
 test: setup peers js
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check dicom_node federation_grpc viewer_bridge tests benchmarks
