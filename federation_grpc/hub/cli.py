@@ -179,7 +179,7 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
         current = service.current_generation()
         labels = head_labels(current.config_json) if current is not None else {}
         table = Table("node", "name", "enrolled", "last seen", "updates", "heads (labels)",
-                      "certificate", "revoked")
+                      "certificate", "evaluates", "revoked")
         for n in service.list_nodes():
             table.add_row(
                 n.node_id,
@@ -189,6 +189,7 @@ def nodes(config: ConfigOption = DEFAULT_CONFIG) -> None:
                 str(n.updates),
                 describe_heads(n.trained_heads, labels) or "-",
                 n.cert_sha256[:16] or "-",
+                n.evaluator_seen.isoformat(timespec="seconds") if n.evaluator_seen else "-",
                 "yes" if n.revoked else "",
             )
         out().print(table)

@@ -65,6 +65,8 @@ class NodeView:
     trained_heads: tuple[str, ...] = ()
     # sha256 of the client certificate its token is bound to ("" while unbound).
     cert_sha256: str = ""
+    # When it last asked for federated evaluation tasks (None: it does not take part).
+    evaluator_seen: datetime | None = None
 
 
 @dataclass(frozen=True)

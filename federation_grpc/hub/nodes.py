@@ -201,4 +201,5 @@ def _node_view(row: NodeRow, updates: int) -> NodeView:
         last_seen=as_utc(row.last_seen) if row.last_seen else None,
         updates=updates,
         cert_sha256=row.cert_sha256 or "",
+        evaluator_seen=as_utc(row.evaluator_seen) if row.evaluator_seen else None,
     )

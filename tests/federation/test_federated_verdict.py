@@ -37,6 +37,8 @@ def test_auto_waits_for_the_nodes_once_two_take_part(tmp_path: Path, evaluators:
     nodes = [enrol(svc, f"site{i}") for i in range(3)]
     for node in nodes[:evaluators]:
         assert svc.fetch_evaluation_tasks(node) == []  # asking makes it an evaluator
+    seen = {n.node_id: n.evaluator_seen for n in svc.list_nodes()}
+    assert [seen[n] is not None for n in nodes] == [i < evaluators for i in range(3)]
     one_update(svc, nodes[2])
     if evaluators < 2:
         assert svc.current_number() == 1  # merged and published at once, as before
