@@ -79,11 +79,14 @@ def test_nodes_without_held_out_cases_answer_and_the_candidate_is_not_judged(
     said = f"no held-out cases at {', '.join(sorted(nodes))}"
     if unjudged == "accept":
         assert svc.current_number() == task.candidate_generation
+        assert svc.ledger.published_numbers() == (0, task.candidate_generation)
         assert generation.notes.startswith("not judged: 0 of the 2 sites needed")
         assert said in generation.notes
         assert generation.validation_score is None
     else:
         assert svc.current_number() == 0 and generation.status == "REJECTED"
+        # a watcher is never told of it (WatchGenerations' superseded lists published ones)
+        assert svc.ledger.published_numbers() == (0,)
         (rejection,) = svc.list_rejections()
         assert rejection.reasons[0].startswith("not judged") and said in rejection.reasons[0]
     svc.close()
