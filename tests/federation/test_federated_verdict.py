@@ -31,6 +31,14 @@ def one_update(svc: HubService, node: str) -> None:
     svc.aggregator.process_pending()
 
 
+def evaluating(svc: HubService, count: int) -> list[str]:
+    """``count`` enrolled nodes that asked for evaluation tasks (they take part)."""
+    nodes = [enrol(svc, f"site{i}") for i in range(count)]
+    for node in nodes:
+        assert svc.fetch_evaluation_tasks(node) == []
+    return nodes
+
+
 @pytest.mark.parametrize("evaluators", [0, 1, 2])
 def test_auto_waits_for_the_nodes_once_two_take_part(tmp_path: Path, evaluators: int) -> None:
     svc = hub(tmp_path)  # the defaults: federated_evaluation = "auto"
@@ -51,9 +59,7 @@ def test_auto_waits_for_the_nodes_once_two_take_part(tmp_path: Path, evaluators:
 
 def test_a_revoked_node_is_not_an_evaluator(tmp_path: Path) -> None:
     svc = hub(tmp_path)
-    nodes = [enrol(svc, f"site{i}") for i in range(2)]
-    for node in nodes:
-        svc.fetch_evaluation_tasks(node)
+    nodes = evaluating(svc, 2)
     svc.revoke_node(nodes[1])
     one_update(svc, nodes[0])
     assert svc.current_number() == 1
@@ -65,9 +71,7 @@ def test_nodes_without_held_out_cases_answer_and_the_candidate_is_not_judged(
     tmp_path: Path, unjudged: str
 ) -> None:
     svc = hub(tmp_path, unjudged=unjudged)
-    nodes = [enrol(svc, f"site{i}") for i in range(2)]
-    for node in nodes:
-        svc.fetch_evaluation_tasks(node)
+    nodes = evaluating(svc, 2)
     one_update(svc, nodes[0])
     (task,) = svc.fetch_evaluation_tasks(nodes[0])
     assert svc.submit_evaluation_result(nodes[0], task.task_id, 0.0, 0.0, 0)
@@ -94,9 +98,7 @@ def test_nodes_without_held_out_cases_answer_and_the_candidate_is_not_judged(
 
 def test_one_harmed_site_refuses_a_candidate_too_few_sites_judged(tmp_path: Path) -> None:
     svc = hub(tmp_path)
-    nodes = [enrol(svc, f"site{i}") for i in range(3)]
-    for node in nodes:
-        svc.fetch_evaluation_tasks(node)
+    nodes = evaluating(svc, 3)
     one_update(svc, nodes[0])
     (task,) = svc.fetch_evaluation_tasks(nodes[0])
     svc.submit_evaluation_result(nodes[0], task.task_id, 0.0, 0.0, 0)
@@ -113,9 +115,7 @@ def test_one_harmed_site_refuses_a_candidate_too_few_sites_judged(tmp_path: Path
 
 def test_a_silent_evaluator_is_named_at_the_deadline(tmp_path: Path) -> None:
     svc = hub(tmp_path, evaluation_timeout_s=0.0)
-    nodes = [enrol(svc, f"site{i}") for i in range(2)]
-    for node in nodes:
-        svc.fetch_evaluation_tasks(node)
+    nodes = evaluating(svc, 2)
     one_update(svc, nodes[0])
     svc.aggregator.process_pending()  # past the deadline at once: nobody answered
     assert svc.current_number() == 1
