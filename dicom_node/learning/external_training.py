@@ -34,19 +34,12 @@ from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices, resize_labels
 from dicom_node.learning.training import TrainingReport
 from dicom_node.learning.volume_inference import prepare_volume, to_ras
+from dicom_node.learning.volume_samples import VolumeSample
+
+__all__ = ["VolumeSample", "check_policy", "class_balanced_window", "marginal_log_probs",
+           "train_external"]
 
 LOGGER = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VolumeSample:
-    """A corrected volume: raw intensities, label values, which labels are annotated."""
-
-    image: np.ndarray
-    labels: np.ndarray
-    annotated: frozenset[str]
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    affine: np.ndarray | None = None
 
 
 def check_policy(policy: TrainingPolicy) -> None:

@@ -148,6 +148,9 @@ def train_round(
     return candidate, report
 
 
+Overlaps = dict[str, tuple[int, int]]  # label -> (|pred & truth|, |pred| + |truth|)
+
+
 def evaluate_slices(
     model: SegmentationNetwork, config: ModelConfig, samples: Sequence[StoredSample],
     *, batch_size: int = 16,
@@ -156,12 +159,40 @@ def evaluate_slices(
 
     Voxel counts are summed over every slice before the ratio, so small structures on
     a few slices do not dominate. Labels no sample annotates are left out. 2D networks
-    only (a 3D network is scored on volumes).
+    only (a 3D network is scored on volumes: ``learning.evaluation.evaluate_samples``).
     """
+    return pooled_dice(slice_overlaps(model, config, samples, batch_size=batch_size))
+
+
+def pooled_dice(overlaps: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+    """Dice per label from summed voxel counts (1.0 where both are empty), plus
+    ``mean`` over the labels."""
+    out = {name: (2.0 * inter / total if total else 1.0)
+           for name, (inter, total) in overlaps.items()}
+    if out:
+        out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def add_overlaps(into: Overlaps, pred: np.ndarray, truth: np.ndarray, config: ModelConfig,
+                 annotated: Iterable[str]) -> None:
+    """Add the voxel counts of ``annotated`` labels in one prediction to ``into``."""
+    for name in annotated:
+        value = config.label(name).value
+        p, t = pred == value, truth == value
+        inter, total = into.get(name, (0, 0))
+        into[name] = (inter + int(np.logical_and(p, t).sum()),
+                      total + int(p.sum()) + int(t.sum()))
+
+
+def slice_overlaps(
+    model: SegmentationNetwork, config: ModelConfig, samples: Sequence[StoredSample],
+    *, batch_size: int = 16,
+) -> Overlaps:
+    """The voxel counts :func:`evaluate_slices` pools, per annotated label."""
     if config.spatial_dims != 2:
         raise TrainingError(f"model {config.name!r} is 3D: slice evaluation needs a 2D one")
-    inter: dict[str, int] = {}
-    total: dict[str, int] = {}
+    overlaps: Overlaps = {}
     pp = config.preprocessing
     heads = list(config.active_head_names)
     widths = [config.head(h).num_classes for h in heads]
@@ -177,16 +208,9 @@ def evaluate_slices(
                     stacked, size=(rows, cols), mode="bilinear", align_corners=False)
                 probs = dict(zip(heads, stacked.split(widths, dim=1), strict=True))
                 pred = combine_heads(probs, config)[0].numpy()
-                truth = sample.labels[start:start + batch_size]
-                for name in sample.annotated:
-                    value = config.label(name).value
-                    p, t = pred == value, truth == value
-                    inter[name] = inter.get(name, 0) + int(np.logical_and(p, t).sum())
-                    total[name] = total.get(name, 0) + int(p.sum()) + int(t.sum())
-    out = {name: (2.0 * inter[name] / total[name] if total[name] else 1.0) for name in total}
-    if out:
-        out["mean"] = float(np.mean(list(out.values())))
-    return out
+                add_overlaps(overlaps, pred, sample.labels[start:start + batch_size], config,
+                             sample.annotated)
+    return overlaps
 
 
 def accept_candidate(
@@ -203,13 +227,17 @@ def accept_candidate(
 
 
 # -- the update artifact ------------------------------------------------------------------
-def trained_groups(report: TrainingReport) -> list[str]:
+def trained_groups(report: TrainingReport, config: ModelConfig | None = None) -> list[str]:
+    """The parameter groups a round changed: an external network's one group
+    ``network``, else the encoder (unless frozen) and each trained head."""
+    if config is not None and config.is_external:
+        return list(config.parameter_groups())
     groups = [] if report.encoder_frozen else ["encoder"]
     return groups + [f"heads.{h}" for h in report.trained_heads]
 
 
 def update_artifact(
-    model: MultiHeadUNet, groups: Sequence[str], metadata: Mapping[str, object]
+    model: SegmentationNetwork, groups: Sequence[str], metadata: Mapping[str, object]
 ) -> tuple[bytes, dict[str, str]]:
     """Safetensors of the changed parameter groups, with the metadata as strings."""
     meta = {"format": UPDATE_FORMAT,

@@ -1,6 +1,8 @@
 """The training sample a correction becomes: the slices it changed plus their neighbours,
 cut from the source volume with the corrected labels of the structures this hospital
-annotates, written durably to ``<data_dir>/samples/<SEG SOP Instance UID>.npz``; and its
+annotates (for the multi-head U-Net), or the whole corrected volume with its spacing and
+affine (for an external network, 2D or 3D: ``learning.volume_samples``), written durably
+to ``<data_dir>/samples/<SEG SOP Instance UID>.npz``; and its
 place in the training set: its split (train or held out), the earlier samples of the same
 series it supersedes, and whether enough samples wait to queue a training round.
 """
@@ -19,6 +21,7 @@ from dicom_node.config import LearningSettings
 from dicom_node.learning.incremental import cut_sample, encode_sample, with_neighbours
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.partial_labels import fill_enclosing
+from dicom_node.learning.volume_samples import encode_volume_sample, volume_sample
 from dicom_node.pipeline.flow import JobKind, TrainingPayload, enqueue
 from dicom_node.pipeline.volume import Volume
 from dicom_node.store.durable import write_atomic
@@ -35,19 +38,27 @@ def write_sample(data_dir: Path, draft: Correction, volume: Volume, corrected: n
                  annotated: list[str], model_config: ModelConfig,
                  neighbour_slices: int) -> TrainingSample:
     """Cut and write the sample of ``draft`` (its changed slices are known); returns its
-    row, not yet added to a session."""
-    keep = with_neighbours(draft.changed_slices, neighbour_slices, volume.shape[0])
-    sample = cut_sample(volume.pixels.astype(np.float32), corrected, keep, annotated,
-                        model_config)
-    # A body segment cut around organs this hospital does not annotate leaves holes.
-    sample = replace(sample, labels=fill_enclosing(sample.labels, annotated, model_config))
-    data = encode_sample(sample)
+    row, not yet added to a session. The served model decides the kind: a volume sample
+    for an external network (``slices`` counts the volume's), else the slice cut."""
+    if model_config.is_external:
+        labels = fill_enclosing(corrected, annotated, model_config)
+        data = encode_volume_sample(volume_sample(volume.pixels, labels, annotated,
+                                                  volume.spacing, volume.affine))
+        kept = volume.shape[0]
+    else:
+        keep = with_neighbours(draft.changed_slices, neighbour_slices, volume.shape[0])
+        sample = cut_sample(volume.pixels.astype(np.float32), corrected, keep, annotated,
+                            model_config)
+        # A body segment cut around organs this hospital does not annotate leaves holes.
+        sample = replace(sample, labels=fill_enclosing(sample.labels, annotated,
+                                                       model_config))
+        data, kept = encode_sample(sample), len(keep)
     rel = f"{SAMPLES_DIR}/{uid_file_stem(draft.seg_sop_instance_uid)}.npz"
     # Durable: the row that names it commits next, and a sample is a radiologist's work.
     write_atomic(data_dir / rel, data, durable=True)
     return TrainingSample(
         source_series_uid=draft.source_series_uid or "", model_name=draft.model_name or "",
-        state=SampleState.PENDING, path=rel, slices=len(keep), size=len(data),
+        state=SampleState.PENDING, path=rel, slices=kept, size=len(data),
         annotated=annotated, split="train")
 
 

@@ -37,22 +37,18 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import FederationSettings, LearningSettings
 from dicom_node.errors import DicomNodeError
-from dicom_node.learning.incremental import (
-    StoredSample,
-    copy_model,
-    evaluate_slices,
-    train_round,
-)
+from dicom_node.learning.evaluation import HeldOutSample, evaluate_samples
+from dicom_node.learning.incremental import copy_model, train_round
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.weights import load_model, save_model
 from dicom_node.pipeline.flow import AdaptPayload, JobKind
 from dicom_node.pipeline.model_sources import ModelRegistry
-from dicom_node.pipeline.trainer import (
+from dicom_node.pipeline.training_samples import (
     beating,
     held_out_rows,
-    load_sample,
+    load_held_out,
     policy_of,
     replay_slices,
     trained_rows,
@@ -157,12 +153,12 @@ class GenerationAdapter:
         if lineage is None:
             return None
         model, config = self.models.get(name)
-        held = [load_sample(self.data_dir, r) for r in lineage.held_rows]
+        held = [load_held_out(self.data_dir, r) for r in lineage.held_rows]
         replay = (replay_slices(self.data_dir, lineage.replay_rows,
                                 self.learning.replay_max_slices)
                   if isinstance(model, MultiHeadUNet) and config.spatial_dims == 2 else [])
         scores: dict[str, float] = {}
-        scorable = config.spatial_dims == 2 and bool(held)
+        scorable = bool(held)  # slices or whole volumes (an external network)
         if scorable:
             scores["generation"] = _mean(model, config, held)
         t0 = time.monotonic()
@@ -327,8 +323,8 @@ def rebase(generation: MultiHeadUNet, config: ModelConfig, served: SegmentationN
 
 
 def _mean(model: SegmentationNetwork, config: ModelConfig,
-          held: list[StoredSample]) -> float:
-    return round(evaluate_slices(model, config, held).get("mean", 0.0), 4)
+          held: list[HeldOutSample]) -> float:
+    return round(evaluate_samples(model, config, held).get("mean", 0.0), 4)
 
 
 def _verdict(generation: int, previous: int, scores: dict[str, float], cases: int,

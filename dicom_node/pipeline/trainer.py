@@ -1,9 +1,13 @@
 """The incremental trainer job: pending corrected samples -> candidate -> gate -> serve.
 
     pending samples + replay buffer --train_round--> candidate (generation g+1)
-      --held-out corrected slices--> accept (Dice falls <= margin) or reject
+      --held-out corrected cases--> accept (Dice falls <= margin) or reject
       --> ModelVersion row (lineage), weights under data_dir/models,
           update artifact in the update outbox, ModelRegistry.replace (hot swap)
+
+The multi-head U-Net trains on slices (``learning.incremental``); an external network
+(MONAI, TorchScript) on whole corrected volumes (``pipeline.external_round``). Both are
+judged by ``learning.evaluation.evaluate_samples`` and committed the same way.
 
 Nothing is replaced before the new version is committed, so a crash at any point
 leaves the serving model as it was and the job is retried (at-least-once). A retry
@@ -20,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -30,19 +34,17 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.device import resolve_device
-from dicom_node.learning.errors import TrainingError
+from dicom_node.learning.evaluation import HeldOutSample, evaluate_samples
+from dicom_node.learning.external import ExternalNetwork
 from dicom_node.learning.incremental import (
     StoredSample,
     accept_candidate,
-    decode_sample,
-    evaluate_slices,
     train_round,
     trained_groups,
     update_artifact,
 )
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
-from dicom_node.learning.policy import TrainingPolicy
+from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.training import TrainingProgress, TrainingReport
@@ -50,6 +52,15 @@ from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
 from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.seg import deterministic_uid
+from dicom_node.pipeline.training_samples import (
+    beating,
+    held_out_rows,
+    load_held_out,
+    load_sample,
+    policy_of,
+    replay_slices,
+    trained_rows,
+)
 from dicom_node.pipeline.versions import (
     LOCAL_FLOOR,
     activate_serving,
@@ -67,65 +78,24 @@ from dicom_node.store.models import (
     UpdateOutboxItem,
 )
 from dicom_node.store.private import private_dir
+from dicom_node.worker import PermanentJobError
+
+if TYPE_CHECKING:
+    from dicom_node.pipeline.external_round import ExternalRounds
 
 LOGGER = logging.getLogger(__name__)
 
-HEARTBEAT_STEPS = 20  # a training job renews its lease every this many steps
+@dataclass(frozen=True)
+class TrainedCandidate:
+    """A round's trained copy, before it is judged: its config, report and figures, and
+    the rehearsal gate that judges it (multi-head U-Net only)."""
 
-
-def beating(beat: Callable[[], None], *hooks: Callable[[TrainingProgress], None]
-            ) -> Callable[[TrainingProgress], None]:
-    """A progress hook for a training job: ``hooks`` at every step, and ``beat`` (the
-    job's lease heartbeat) every :data:`HEARTBEAT_STEPS` steps."""
-    def hook(p: TrainingProgress) -> None:
-        for each in hooks:
-            each(p)
-        if p.step % HEARTBEAT_STEPS == 0:
-            beat()
-
-    return hook
-
-
-def policy_of(learning: LearningSettings) -> TrainingPolicy:
-    """The node's round policy: ``[learning.round]`` plus what the node decides here (the
-    device, its threads, the anchors' share of a batch)."""
-    return learning.round.policy(num_threads=learning.threads,
-                                 anchor_fraction=learning.rehearsal.anchor_fraction,
-                                 device=str(resolve_device(learning.device)))
-
-
-def held_out_rows(s: Session, name: str) -> list[TrainingSample]:
-    """The model's held-out corrected cases (never trained on), oldest first: what the
-    node's acceptance gate scores a candidate on, and what it answers the hub's
-    federated evaluation tasks with."""
-    return list(s.execute(select(TrainingSample).where(
-        TrainingSample.model_name == name, TrainingSample.state == SampleState.HELD_OUT
-    ).order_by(TrainingSample.id)).scalars())
-
-
-def trained_rows(s: Session, name: str) -> list[TrainingSample]:
-    """The model's replay buffer: samples trained on and not evicted, newest first."""
-    return list(s.execute(select(TrainingSample).where(
-        TrainingSample.model_name == name, TrainingSample.state == SampleState.TRAINED
-    ).order_by(TrainingSample.id.desc())).scalars())
-
-
-def load_sample(data_dir: Path, row: TrainingSample) -> StoredSample:
-    return decode_sample((data_dir / row.path).read_bytes())
-
-
-def replay_slices(data_dir: Path, rows: list[TrainingSample], budget: int) -> list[SliceSample]:
-    """The slices of ``rows`` (newest first) within ``budget`` slices; an unreadable
-    sample is skipped with a warning."""
-    out: list[SliceSample] = []
-    for row in rows:
-        if len(out) + row.slices > budget:
-            continue
-        try:
-            out += load_sample(data_dir, row).slice_samples()
-        except OSError as exc:
-            LOGGER.warning("replay sample %d unreadable: %s", row.id, exc)
-    return out
+    model: SegmentationNetwork
+    config: ModelConfig
+    report: TrainingReport
+    training: dict[str, Any]
+    gate: AnchorGate | None = None
+    anchor_slices: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,7 +105,7 @@ class RoundOutcome:
     name: str
     base_config: ModelConfig  # the generation the round started from
     config: ModelConfig  # the candidate's (a pending head it trained is active)
-    model: MultiHeadUNet
+    model: SegmentationNetwork
     report: TrainingReport
     sample_ids: tuple[int, ...]
     update_id: str
@@ -159,6 +129,7 @@ class IncrementalTrainer:
         self.data_dir = data_dir
         self.local_floor = LOCAL_FLOOR if federated else 0
         self._gates: dict[tuple[object, ...], AnchorGate] = {}
+        self._external: ExternalRounds | None = None  # built at an external model's round
         # Called with (attempt, progress) at every training step (tests inject crashes here).
         self.step_hooks: list[Callable[[int, TrainingProgress], None]] = []
         activate_serving(db, models)  # local versions survive a restart
@@ -189,41 +160,66 @@ class IncrementalTrainer:
         done = self._committed(name, update_id)
         if done is not None:
             return done
-        if not isinstance(base_model, MultiHeadUNet):
-            # Rounds from corrections are slice rounds with per-head masking: they need
-            # separate heads (an external network is one group, see learning.external).
-            raise TrainingError(
-                f"model {name!r} ({base_config.architecture[:40]}) is served but not trained "
-                "from corrections on the node: that needs the multi-head U-Net")
+        held = [load_held_out(self.data_dir, r) for r in held_rows]
+        t0 = time.monotonic()
+        if isinstance(base_model, MultiHeadUNet):
+            trained = self._slice_round(base_model, base_config, new_rows, replay_rows,
+                                        attempt, beat)
+        else:  # an external network: whole volumes, one group (pipeline.external_round)
+            trained = self._external_round(name, base_model, base_config, new_rows,
+                                           replay_rows)
+        beat()
+        accepted, verdict, scores = self._judge(base_model, base_config, trained, held)
+        trained.training["seconds"] = round(time.monotonic() - t0, 2)
+        beat()
+        return self._commit(RoundOutcome(
+            name=name, base_config=base_config, config=trained.config, model=trained.model,
+            report=trained.report, sample_ids=tuple(sample_ids), update_id=update_id,
+            accepted=accepted, verdict=verdict,
+            metrics={**scores, "training": trained.training, "verdict": verdict}))
+
+    def _slice_round(self, base_model: MultiHeadUNet, base_config: ModelConfig,
+                     new_rows: list[TrainingSample], replay_rows: list[TrainingSample],
+                     attempt: int, beat: Callable[[], None]) -> TrainedCandidate:
+        """Train a copy of the multi-head U-Net on the new and replayed slices."""
         new = [x for r in new_rows for x in self._load(r).slice_samples()]
         replay = self._replay(replay_rows)
-        held = [self._load(r) for r in held_rows]
         # Labels of an added head: train that head alone on the frozen encoder.
         policy = continual_policy(base_config, {n for x in new for n in x.annotated},
                                   policy_of(self.learning))
         LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
-                    name, base_config.generation, len(new), len(new_rows), len(replay))
-        t0 = time.monotonic()
+                    base_config.name, base_config.generation, len(new), len(new_rows),
+                    len(replay))
         anchors, gate = self._rehearsal(base_config)
-        moments = (optimiser_state.load(self._moments_path(name))
+        moments = (optimiser_state.load(self._moments_path(base_config.name))
                    if self.learning.keep_optimiser_state else None)
         candidate, report = train_round(base_model, base_config, new, replay, policy,
                                         anchors=anchors, progress=self._progress(attempt, beat),
                                         optimiser_state=moments)
-        beat()
-        cand_config = after_round(base_config, report)  # a pending head it trained is active
-        accepted, verdict, scores = self._judge(base_model, base_config, candidate,
-                                                cand_config, held, gate, len(anchors))
-        training = {"slices": len(new), "replay_slices": len(replay), "steps": report.steps,
-                    "epochs": report.epochs_completed, "losses": list(report.epoch_losses),
-                    "stopped_by_time_budget": report.stopped_by_time_budget,
-                    "seconds": round(time.monotonic() - t0, 2)}
-        beat()
-        return self._commit(RoundOutcome(
-            name=name, base_config=base_config, config=cand_config, model=candidate,
-            report=report, sample_ids=tuple(sample_ids), update_id=update_id,
-            accepted=accepted, verdict=verdict,
-            metrics={**scores, "training": training, "verdict": verdict}))
+        return TrainedCandidate(
+            candidate, after_round(base_config, report),  # a pending head it trained is active
+            report, {"slices": len(new), "replay_slices": len(replay), "steps": report.steps,
+                     "epochs": report.epochs_completed, "losses": list(report.epoch_losses),
+                     "stopped_by_time_budget": report.stopped_by_time_budget},
+            gate, len(anchors))
+
+    def _external_round(self, name: str, base_model: SegmentationNetwork,
+                        base_config: ModelConfig, new_rows: list[TrainingSample],
+                        replay_rows: list[TrainingSample]) -> TrainedCandidate:
+        """Train a copy of an external network on the new and replayed volumes; a policy
+        it cannot follow is refused for good (the samples stay pending)."""
+        from dicom_node.pipeline.external_round import ExternalRoundRefused, ExternalRounds
+
+        if self._external is None:  # MONAI is imported here, for nodes that train one
+            self._external = ExternalRounds(self.learning, self.data_dir)
+        assert isinstance(base_model, ExternalNetwork)
+        try:
+            model, report, training = self._external.train(
+                name, base_model, base_config, new_rows, replay_rows,
+                policy_of(self.learning), self.models.code_dirs(name))
+        except ExternalRoundRefused as exc:
+            raise PermanentJobError(f"training {name}: {exc}") from exc
+        return TrainedCandidate(model, base_config, report, training)
 
     def _rows(self, name: str, base_config: ModelConfig
               ) -> tuple[list[TrainingSample], list[TrainingSample], list[TrainingSample]]:
@@ -247,23 +243,29 @@ class IncrementalTrainer:
             activate_serving(self.db, self.models, name)
         return done
 
-    def _judge(self, base_model: MultiHeadUNet, base_config: ModelConfig,
-               candidate: MultiHeadUNet, cand_config: ModelConfig, held: list[StoredSample],
-               gate: AnchorGate | None, anchor_slices: int
+    def _judge(self, base_model: SegmentationNetwork, base_config: ModelConfig,
+               trained: TrainedCandidate, held: list[HeldOutSample]
                ) -> tuple[bool, str, dict[str, Any]]:
         """Whether the candidate may serve: held-out Dice within the acceptance margin of
         the base's, and the rehearsal anchors not forgotten; with the scores."""
-        base_dice = evaluate_slices(base_model, base_config, held) if held else None
-        cand_dice = evaluate_slices(candidate, cand_config, held) if held else None
+        device = str(resolve_device(self.learning.device))
+        base_dice = evaluate_samples(base_model, base_config, held, device=device) \
+            if held else None
+        cand_dice = evaluate_samples(trained.model, trained.config, held, device=device) \
+            if held else None
         accepted, verdict = accept_candidate(base_dice, cand_dice,
                                              self.learning.acceptance_margin)
-        check = gate.check(base_model, base_config, candidate, cand_config) if gate else None
+        gate = trained.gate
+        check = (gate.check(base_model, base_config, trained.model, trained.config)
+                 if gate is not None and isinstance(base_model, MultiHeadUNet)
+                 and isinstance(trained.model, MultiHeadUNet) else None)
         if check is not None:  # a round that forgets the anchors is not served
             accepted, verdict = accepted and check.accepted, f"{verdict}; {check.verdict}"
         return accepted, verdict, {
             "held_out": {"base": base_dice, "candidate": cand_dice, "cases": len(held)},
             "anchors": None if check is None else {
-                "base": check.base, "candidate": check.candidate, "slices": anchor_slices}}
+                "base": check.base, "candidate": check.candidate,
+                "slices": trained.anchor_slices}}
 
     def _commit(self, outcome: RoundOutcome) -> ModelVersion:
         """Record the round: weights, the version row, the update (if served), the samples
@@ -278,7 +280,7 @@ class IncrementalTrainer:
         config = outcome.config.with_generation(generation)
         path = save_model(candidate, config,
                           self.data_dir / "models" / name / f"generation-{generation:05d}")
-        groups = trained_groups(report)
+        groups = trained_groups(report, config)
         update_path, meta = (self._write_update(outcome, generation, groups) if accepted
                              else (None, {}))
         now = datetime.now(UTC)
