@@ -1,0 +1,105 @@
+"""A federated round of an imported MONAI 3D network between two nodes under mTLS
+(issue 23): node 1 segments a study, a radiologist's SEG trains a round there, its
+update of the one group ``network`` goes to a real hub in this process, which merges
+it into generation 1; node 2, which never saw a correction, serves generation 1 with
+exactly the hub's weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dicom_node.config import load_config
+from dicom_node.federation import hub_update_id
+from dicom_node.node import Node
+from tests.corrections.external_model import EXTERNAL_MODEL, imported_monai_model
+from tests.corrections.helpers import (
+    Study,
+    learning_section,
+    radiologist_seg,
+    segment_rule,
+    segmentation_of,
+)
+from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
+from tests.federation_node.conftest import (
+    InProcessHub,
+    federated_node_data,
+    node_tls,
+    outbox,
+    serving,
+)
+from tests.node.conftest import storescu, wait_until, write_node_config
+
+
+@pytest.fixture
+def monai_hub(tmp_path: Path, certs: Any) -> Iterator[tuple[InProcessHub, Path]]:  # noqa: F811
+    """A hub under mTLS, with its default gate, whose generation 0 is the imported MONAI
+    network."""
+    from federation_grpc.hub.config import HubConfig, TlsConfig
+    from federation_grpc.hub.process import HubServer
+    from federation_grpc.hub.service import HubService
+
+    model_path = imported_monai_model(tmp_path / "import")
+    config = HubConfig(data_dir=tmp_path / "hub", port=0, max_workers=16,
+                       tls=TlsConfig(certs["ca"].cert, certs["hub"].cert, certs["hub"].key))
+    service = HubService(config)
+    service.init_model(model_path.read_bytes(), model_path.with_suffix(".json").read_text())
+    server = HubServer(config, service, watch_poll_s=0.2, keepalive_s=1.0).start()
+    try:
+        yield InProcessHub(server, service), model_path
+    finally:
+        server.stop(grace=0.5)
+        service.close()
+
+
+def _node(tmp_path: Path, name: str, hub: InProcessHub, model_path: Path, tls: Any) -> Node:
+    data = federated_node_data(tmp_path / name, model_path, hub.target, token=hub.token(),
+                               tls=tls)
+    data["models"] = {EXTERNAL_MODEL: str(model_path)}
+    data["rules"] = [segment_rule(EXTERNAL_MODEL)]
+    data["learning"] = learning_section()
+    data["federation"]["model"] = EXTERNAL_MODEL
+    return Node(load_config(write_node_config(tmp_path / f"{name}.toml", data), env={}))
+
+
+@pytest.mark.slow
+def test_a_round_of_an_imported_model_federates_to_a_second_node(
+        tmp_path: Path, monai_hub: tuple[InProcessHub, Path], certs: Any) -> None:  # noqa: F811
+    hub, model_path = monai_hub
+    node1 = _node(tmp_path, "site1", hub, model_path, node_tls(certs, "node1")).start()
+    node2 = _node(tmp_path, "site2", hub, model_path, node_tls(certs, "node2")).start()
+    url1 = node1.config.node.resolved_database_url()
+    url2 = node2.config.node.resolved_database_url()
+    try:
+        study = Study("B", 0, seed=7400, slices=24)
+        assert storescu(node1.port, *study.write(tmp_path / "study")).returncode == 0
+        wait_until(lambda: segmentation_of(node1, study.series_uid), timeout=120,
+                   what="node 1's AI segmentation")
+        seg_path, _ = radiologist_seg(study, tmp_path / "seg.dcm")
+        assert storescu(node1.port, seg_path, options=("-R",)).returncode == 0
+
+        wait_until(lambda: hub.current() >= 1, timeout=180, what="hub generation 1")
+        [(update_id, state, _, error)] = outbox(url1)
+        assert (state, error) == ("sent", None)
+        generation = hub.service.list_generations()[-1]
+        assert generation.number == 1 and len(generation.update_ids) == 1
+        node_id = node1.parts.federation.node_id
+        assert generation.update_ids == (hub_update_id(node_id, update_id),)
+        wait_until(lambda: serving(url2) == (1, "hub"), timeout=60,
+                   what="node 2 to serve hub generation 1")
+        model, config = node2.parts.models.get(EXTERNAL_MODEL)
+        assert config.generation == 1 and config.architecture == "monai:UNet"
+        merged = hub.service.generation_tensors(1)
+        before = hub.service.generation_tensors(0)
+        served = model.state_dict()
+        assert set(merged) == set(served) and all(k.startswith("network.") for k in merged)
+        for name, value in merged.items():
+            np.testing.assert_array_equal(served[name].numpy(), value)
+        assert any(not np.array_equal(merged[k], before[k]) for k in merged)  # it learned
+    finally:
+        node1.stop()
+        node2.stop()
