@@ -174,7 +174,8 @@ def _store(event: Event, store: InstanceStore, max_bytes: int,
                   transfer_syntax_uid=header.transfer_syntax_uid, source_ae=peer.ae_title)
     try:
         # The digest covers the dataset without file meta: hash what was received.
-        outcome = store.ingest(data, header, peer, digest=hashlib.sha256(dataset).hexdigest())
+        # Durable on return (the intake journal's fdatasync); file and row come behind.
+        outcome = store.receive(data, header, peer, digest=hashlib.sha256(dataset).hexdigest())
     except Exception as exc:
         LOGGER.exception("cannot store %s from %s", header.sop_instance_uid,
                          escaped(peer.address))

@@ -15,23 +15,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import replace
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.dicom.meta import dataset_offset
 from dicom_node.dicom.parse import InstanceHeader
 from dicom_node.errors import StoreError
+from dicom_node.store.applier import BatchApplier
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
+from dicom_node.store.instance_index import index_instance
 from dicom_node.store.intent import Peer, from_intent, intent_of
-from dicom_node.store.journal import IntakeJournal, read_segment, sync_written
-from dicom_node.store.models import AuditEvent, Instance, Series, SeriesState, Study
+from dicom_node.store.journal import IntakeJournal, Ticket, read_segment, sync_written
+from dicom_node.store.models import AuditEvent, Instance
 from dicom_node.store.space import DiskWatermark
 
 LOGGER = logging.getLogger(__name__)
@@ -49,28 +51,26 @@ def dataset_digest(data: bytes) -> str:
     return hashlib.sha256(memoryview(data)[offset:]).hexdigest()
 
 
-def _indexable(header: InstanceHeader) -> InstanceHeader:
-    """``header`` as every index backend holds it. PostgreSQL refuses a NUL inside text
-    and an integer beyond 32 bits (an invalid DICOM IS value), both of which SQLite
-    takes: NULs are dropped, such a number is left out. The file keeps what was sent."""
-
-    def text(value: str | None) -> str | None:
-        return None if value is None else (value.replace("\x00", "") or None)
-
-    def int32(value: int | None) -> int | None:
-        return value if value is not None and -(2**31) <= value < 2**31 else None
-
-    return replace(header, modality=text(header.modality), body_part=text(header.body_part),
-                   series_description=text(header.series_description),
-                   study_date=text(header.study_date),
-                   series_number=int32(header.series_number),
-                   instance_number=int32(header.instance_number))
-
-
 class IngestOutcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"                  # the same dataset already stored
     DUPLICATE_CONFLICT = "duplicate-conflict"  # same UID, other bytes: first kept
+    JOURNALED = "journaled"  # durable in the intake journal; file and row come behind
+
+
+Applied = Callable[[str, IngestOutcome], None]  # (series UID, outcome) once indexed
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A journaled instance waiting for its file and index row (see :meth:`receive`)."""
+
+    ticket: Ticket
+    data: bytes
+    header: InstanceHeader
+    peer: Peer
+    digest: str
+    on_applied: Applied | None = None
 
 
 class InstanceStore:
@@ -82,6 +82,7 @@ class InstanceStore:
         self.files = files
         self.space = space
         self.journal: IntakeJournal | None = None
+        self._applier: BatchApplier[Received] | None = None
         self._writer = threading.Lock()
 
     def space_refusal(self) -> str | None:
@@ -121,32 +122,105 @@ class InstanceStore:
             journal.applied(ticket, written)
         return outcome
 
+    def receive(self, data: bytes, header: InstanceHeader, peer: Peer, *,
+                digest: str | None = None, on_applied: Applied | None = None
+                ) -> IngestOutcome:
+        """Make ``data`` durable and return; with an intake journal its file and index
+        row are written behind the return, in batches (``on_applied`` is called once they
+        are), and the outcome is ``JOURNALED``. Without one, as :meth:`ingest`.
+
+        Raises as :meth:`ingest` (the caller answers 0xA700): nothing is acknowledged
+        that is not durable.
+        """
+        digest = digest or dataset_digest(data)
+        journal, applier = self.journal, self._applier
+        if journal is None or applier is None:
+            outcome = self.ingest(data, header, peer, digest=digest)
+            if on_applied is not None:
+                on_applied(header.series_uid, outcome)
+            return outcome
+        ticket = journal.append(intent_of(header, peer, False, digest), data)
+        try:
+            journal.commit(ticket.seq)
+            applier.put(Received(ticket, data, header, peer, digest, on_applied))
+        except BaseException:
+            journal.applied(ticket, None)  # not acknowledged: replayed at the next start
+            raise
+        return IngestOutcome.JOURNALED
+
+    def _apply_batch(self, batch: list[Received]) -> None:
+        """Files and rows of journaled instances in one transaction; if it fails, one by
+        one, and an instance that still cannot be applied is quarantined with an audit
+        event (it was acknowledged: its bytes are kept)."""
+        done: list[tuple[IngestOutcome | None, Path | None, str | None]]
+        try:
+            with self._writer, self.db.relaxed_session() as s:
+                done = [self._apply_in(s, r.data, r.header, r.peer, False, r.digest)
+                        for r in batch]
+        except Exception:
+            LOGGER.warning("a batch of %d journaled instance(s) failed; applied one by one",
+                           len(batch), exc_info=True)
+            done = [self._apply_alone(r) for r in batch]
+        for r, (outcome, path, conflict) in zip(batch, done, strict=True):
+            if conflict is not None:
+                self._conflict(r.data, r.header, r.peer, conflict)
+            if self.journal is not None:
+                self.journal.applied(r.ticket, path)
+            if r.on_applied is not None and outcome is not None:
+                try:
+                    r.on_applied(r.header.series_uid, outcome)
+                except Exception:
+                    LOGGER.exception("callback failed for %s", r.header.sop_instance_uid)
+
+    def _apply_alone(self, r: Received, attempts: int = 3
+                     ) -> tuple[IngestOutcome | None, Path | None, str | None]:
+        for attempt in range(1, attempts + 1):
+            try:
+                with self._writer, self.db.relaxed_session() as s:
+                    return self._apply_in(s, r.data, r.header, r.peer, False, r.digest)
+            except Exception as exc:
+                if attempt < attempts:
+                    time.sleep(0.5 * attempt)
+                    continue
+                LOGGER.exception("cannot index %s; kept in quarantine",
+                                 r.header.sop_instance_uid)
+                self.quarantine(r.data, "store-failed", f"acknowledged, cannot index: {exc}",
+                                r.peer, r.header.sop_instance_uid, r.header.series_uid)
+        return None, None, None
+
     def _apply(self, data: bytes, header: InstanceHeader, peer: Peer, produced_here: bool,
                digest: str, *, repair: bool = False) -> tuple[IngestOutcome, Path | None]:
         """File and index row for a journaled instance, neither synced; idempotent.
         ``repair`` (replay) also rewrites a stored file whose bytes are not the record's."""
-        rel = self.files.relative_path(header.study_uid, header.series_uid,
-                                       header.sop_instance_uid)
-        conflict: str | None = None
         # One writer at a time in this process: concurrent associations otherwise meet
         # at SQLite's write lock, whose busy handler sleeps in steps of milliseconds.
         with self._writer, self.db.relaxed_session() as s:
-            existing = s.execute(
-                select(Instance.sha256, Instance.path).where(
-                    Instance.sop_instance_uid == header.sop_instance_uid)
-            ).first()
-            if existing is None:
-                path = self.files.place(rel, data)
-                self._index(s, header, peer, rel, len(data), digest, produced_here)
-                return IngestOutcome.STORED, path
-            if existing.sha256 == digest or self._same_dataset(existing.path, digest):
-                if repair and existing.path == rel and not self._same_dataset(rel, digest):
-                    return IngestOutcome.DUPLICATE, self.files.place(rel, data)
-                return IngestOutcome.DUPLICATE, None
-            conflict = existing.path
-        if not repair:
+            outcome, path, conflict = self._apply_in(s, data, header, peer, produced_here,
+                                                     digest, repair=repair)
+        if conflict is not None and not repair:
             self._conflict(data, header, peer, conflict)
-        return IngestOutcome.DUPLICATE_CONFLICT, None
+        return outcome, path
+
+    def _apply_in(self, s: Session, data: bytes, header: InstanceHeader, peer: Peer,
+                  produced_here: bool, digest: str, *, repair: bool = False
+                  ) -> tuple[IngestOutcome, Path | None, str | None]:
+        """:meth:`_apply` in the caller's transaction; the third value is the path of
+        the stored first version when ``data`` conflicts with it."""
+        rel = self.files.relative_path(header.study_uid, header.series_uid,
+                                       header.sop_instance_uid)
+        existing = s.execute(
+            select(Instance.sha256, Instance.path).where(
+                Instance.sop_instance_uid == header.sop_instance_uid)
+        ).first()
+        if existing is None:
+            path = self.files.place(rel, data)
+            index_instance(s, header, peer, rel, len(data), digest, produced_here)
+            return IngestOutcome.STORED, path, None
+        if existing.sha256 == digest or self._same_dataset(existing.path, digest):
+            if repair and existing.path == rel and not self._same_dataset(rel, digest):
+                return IngestOutcome.DUPLICATE, self.files.place(rel, data), None
+            return IngestOutcome.DUPLICATE, None, None
+        return IngestOutcome.DUPLICATE_CONFLICT, None, existing.path
 
     def _ingest_synced(self, data: bytes, header: InstanceHeader, peer: Peer,
                        produced_here: bool, digest: str) -> IngestOutcome:
@@ -169,7 +243,7 @@ class InstanceStore:
                     conflict = existing.path
                 else:
                     self.files.publish(staged, rel)
-                    self._index(s, header, peer, rel, len(data), digest, produced_here)
+                    index_instance(s, header, peer, rel, len(data), digest, produced_here)
                     return IngestOutcome.STORED
         finally:
             staged.unlink(missing_ok=True)
@@ -209,13 +283,23 @@ class InstanceStore:
         journal.drop_leftover()
         journal.start(self.db.sync)
         self.journal = journal
+        self._applier = BatchApplier(self._apply_batch, name="intake-apply")
         return replayed
 
     def close_journal(self) -> None:
-        """Checkpoint and release the journal; later ingests are synced one by one."""
+        """Apply what was received, checkpoint and release the journal; later ingests
+        are synced one by one."""
+        applier, self._applier = self._applier, None
+        if applier is not None:
+            applier.stop()
         journal, self.journal = self.journal, None
         if journal is not None:
             journal.close()
+
+    def wait_applied(self, timeout_s: float = 30.0) -> bool:
+        """Whether every instance received so far has its file and row (tests, tools)."""
+        applier = self._applier
+        return applier is None or applier.wait_idle(timeout_s)
 
     def _same_dataset(self, relative: str, digest: str) -> bool:
         """Whether the stored file's dataset has ``digest`` (rows from before the digest
@@ -224,60 +308,6 @@ class InstanceStore:
             return dataset_digest(self.files.read(relative)) == digest
         except (OSError, StoreError):
             return False
-
-    def _index(self, s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
-               digest: str, produced_here: bool) -> None:
-        # Core statements, not ORM objects: this runs once per received instance.
-        header = _indexable(header)
-        now = datetime.now(UTC)
-        row = s.execute(select(Series.id, Series.state).where(
-            Series.series_uid == header.series_uid)).first()
-        series_id = row.id if row is not None else self._new_series(s, header, peer, now)
-        s.execute(insert(Instance).values(
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            series_id=series_id,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            instance_number=header.instance_number,
-            path=rel,
-            size=size,
-            sha256=digest,
-            calling_ae=peer.ae_title,
-            received_at=now,
-        ))
-        values: dict[str, Any] = {"instance_count": Series.instance_count + 1,
-                                  "last_received_at": now}
-        if produced_here:
-            values.update(state=SeriesState.COMPLETE, completed_at=now)
-        elif row is not None and row.state != SeriesState.RECEIVING:
-            LOGGER.info("late instance reopens series %s (was %s)", header.series_uid,
-                        row.state)
-            values.update(state=SeriesState.RECEIVING, state_reason=None)
-        s.execute(update(Series).where(Series.id == series_id).values(**values))
-
-    def _new_series(self, s: Session, header: InstanceHeader, peer: Peer,
-                    now: datetime) -> int:
-        study_id = s.execute(select(Study.id).where(
-            Study.study_uid == header.study_uid)).scalar_one_or_none()
-        if study_id is None:
-            study_id = s.execute(insert(Study).values(
-                study_uid=header.study_uid, study_date=header.study_date, created_at=now,
-            ).returning(Study.id)).scalar_one()
-        return int(s.execute(insert(Series).values(
-            series_uid=header.series_uid,
-            study_id=study_id,
-            modality=header.modality,
-            body_part=header.body_part,
-            series_description=header.series_description,
-            series_number=header.series_number,
-            sop_class_uid=header.sop_class_uid,
-            calling_ae=peer.ae_title,
-            called_ae=peer.called_ae,
-            state=SeriesState.RECEIVING,
-            instance_count=0,
-            first_received_at=now,
-            last_received_at=now,
-        ).returning(Series.id)).scalar_one())
 
     def quarantine(
         self,

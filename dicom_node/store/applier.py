@@ -1,0 +1,94 @@
+"""Work applied behind an acknowledgement, in batches, by one thread.
+
+The intake journal makes a received instance durable before the C-STORE is answered;
+its file and index row need not hold up the answer. :class:`BatchApplier` takes such
+records from the association threads and applies them on its own thread, as many as
+have gathered (up to ``max_batch``) at a time, so one index transaction serves several
+instances. ``put`` blocks while ``max_waiting`` records wait (back-pressure: the
+associations slow down rather than memory growing), and :meth:`stop` applies every
+record put before it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from dicom_node.errors import StoreError
+
+LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BatchApplier(Generic[T]):
+    def __init__(self, apply: Callable[[list[T]], None], *, name: str,
+                 max_waiting: int = 256, max_batch: int = 64) -> None:
+        """``apply`` handles its own failures (an exception is logged, and the batch is
+        counted as applied)."""
+        self._apply = apply
+        self.max_waiting = max_waiting
+        self.max_batch = max_batch
+        self._waiting: deque[T] = deque()
+        self._busy = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self.batches = 0  # how many apply calls, for the benchmark's figures
+        self.applied = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: T) -> None:
+        with self._cond:
+            while len(self._waiting) >= self.max_waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                raise StoreError("the node is stopping: nothing more is applied")
+            self._waiting.append(item)
+            self._cond.notify_all()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._waiting and not self._busy
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Whether everything put so far was applied within ``timeout_s``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._waiting and not self._busy,
+                                       timeout_s)
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Apply what waits, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            LOGGER.error("%s: %d record(s) still waiting after %.0f s", self._thread.name,
+                         len(self._waiting), timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if not self._waiting:
+                    return  # stopping, and nothing left
+                batch = [self._waiting.popleft()
+                         for _ in range(min(self.max_batch, len(self._waiting)))]
+                self._busy = True
+                self._cond.notify_all()  # room for the associations waiting in put()
+            try:
+                self._apply(batch)
+            except Exception:
+                LOGGER.exception("%s: applying %d record(s) failed", self._thread.name,
+                                 len(batch))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self.batches += 1
+                    self.applied += len(batch)
+                    self._cond.notify_all()

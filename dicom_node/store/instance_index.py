@@ -1,0 +1,91 @@
+"""The index rows of a received instance: its study and series (made on first sight)
+and the instance row, in the caller's transaction; values every backend can hold."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.dicom.parse import InstanceHeader
+from dicom_node.store.intent import Peer
+from dicom_node.store.models import Instance, Series, SeriesState, Study
+
+LOGGER = logging.getLogger(__name__)
+
+
+def indexable(header: InstanceHeader) -> InstanceHeader:
+    """``header`` as every index backend holds it. PostgreSQL refuses a NUL inside text
+    and an integer beyond 32 bits (an invalid DICOM IS value), both of which SQLite
+    takes: NULs are dropped, such a number is left out. The file keeps what was sent."""
+
+    def text(value: str | None) -> str | None:
+        return None if value is None else (value.replace("\x00", "") or None)
+
+    def int32(value: int | None) -> int | None:
+        return value if value is not None and -(2**31) <= value < 2**31 else None
+
+    return replace(header, modality=text(header.modality), body_part=text(header.body_part),
+                   series_description=text(header.series_description),
+                   study_date=text(header.study_date),
+                   series_number=int32(header.series_number),
+                   instance_number=int32(header.instance_number))
+
+
+def index_instance(s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
+           digest: str, produced_here: bool) -> None:
+    # Core statements, not ORM objects: this runs once per received instance.
+    header = indexable(header)
+    now = datetime.now(UTC)
+    row = s.execute(select(Series.id, Series.state).where(
+        Series.series_uid == header.series_uid)).first()
+    series_id = row.id if row is not None else _new_series(s, header, peer, now)
+    s.execute(insert(Instance).values(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        series_id=series_id,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        instance_number=header.instance_number,
+        path=rel,
+        size=size,
+        sha256=digest,
+        calling_ae=peer.ae_title,
+        received_at=now,
+    ))
+    values: dict[str, Any] = {"instance_count": Series.instance_count + 1,
+                              "last_received_at": now}
+    if produced_here:
+        values.update(state=SeriesState.COMPLETE, completed_at=now)
+    elif row is not None and row.state != SeriesState.RECEIVING:
+        LOGGER.info("late instance reopens series %s (was %s)", header.series_uid,
+                    row.state)
+        values.update(state=SeriesState.RECEIVING, state_reason=None)
+    s.execute(update(Series).where(Series.id == series_id).values(**values))
+
+def _new_series(s: Session, header: InstanceHeader, peer: Peer,
+                now: datetime) -> int:
+    study_id = s.execute(select(Study.id).where(
+        Study.study_uid == header.study_uid)).scalar_one_or_none()
+    if study_id is None:
+        study_id = s.execute(insert(Study).values(
+            study_uid=header.study_uid, study_date=header.study_date, created_at=now,
+        ).returning(Study.id)).scalar_one()
+    return int(s.execute(insert(Series).values(
+        series_uid=header.series_uid,
+        study_id=study_id,
+        modality=header.modality,
+        body_part=header.body_part,
+        series_description=header.series_description,
+        series_number=header.series_number,
+        sop_class_uid=header.sop_class_uid,
+        calling_ae=peer.ae_title,
+        called_ae=peer.called_ae,
+        state=SeriesState.RECEIVING,
+        instance_count=0,
+        first_received_at=now,
+        last_received_at=now,
+    ).returning(Series.id)).scalar_one())
