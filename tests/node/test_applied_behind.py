@@ -1,0 +1,99 @@
+"""Files and index rows written behind the acknowledgement (issue 24): the applier
+applies in batches, holds the associations back when too much waits, applies everything
+before it stops; an instance that cannot be indexed is quarantined with its reason, the
+others of its batch are indexed, and the journal can still checkpoint."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from dicom_node.errors import StoreError
+from dicom_node.store import instances
+from dicom_node.store.applier import BatchApplier
+from dicom_node.store.instances import IngestOutcome, Peer
+from dicom_node.store.models import AuditEvent, Instance
+from tests.node.conftest import make_ct_series
+from tests.node.test_journal_replay import header_of, make_store
+
+
+def test_the_applier_batches_holds_back_and_applies_everything_before_it_stops() -> None:
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def apply(batch: list[int]) -> None:
+        gate.wait(30)
+        batches.append(batch)
+
+    applier: BatchApplier[int] = BatchApplier(apply, name="test-apply", max_waiting=3,
+                                              max_batch=1)
+    for i in range(4):  # one held by the blocked thread, three waiting
+        applier.put(i)
+    blocked = threading.Thread(target=applier.put, args=(4,))
+    blocked.start()
+    blocked.join(0.5)
+    assert blocked.is_alive(), "a put beyond max_waiting waits for room"
+    gate.set()
+    blocked.join(30)
+    assert not blocked.is_alive()
+    applier.stop()
+    assert [b for b in batches] == [[0], [1], [2], [3], [4]] and applier.applied == 5
+    with pytest.raises(StoreError, match="stopping"):
+        applier.put(5)
+
+    gate.clear()
+    batches.clear()
+    together: BatchApplier[int] = BatchApplier(apply, name="test-batch", max_batch=64)
+    together.put(0)  # the thread takes it and waits at the gate ...
+    while together.idle():
+        threading.Event().wait(0.01)
+    for i in range(1, 10):  # ... while nine gather
+        together.put(i)
+    gate.set()
+    together.stop()
+    assert batches[1:] == [list(range(1, 10))] or batches == [list(range(10))]
+
+
+def test_an_instance_that_cannot_be_indexed_is_quarantined_and_its_batch_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    series = make_ct_series(tmp_path / "ct", 4)
+    store = make_store(tmp_path)
+    store.open_journal(tmp_path / "intake")
+    bad = series.sop_uids[2]
+    real = instances.index_instance
+
+    def index(s, header, *args):  # type: ignore[no-untyped-def]
+        if header.sop_instance_uid == bad:
+            raise ValueError("the index refuses this row")
+        return real(s, header, *args)
+
+    monkeypatch.setattr(instances, "index_instance", index)
+    monkeypatch.setattr(instances.time, "sleep", lambda s: None)  # the retries' pauses
+    told: list[tuple[str, IngestOutcome]] = []
+    try:
+        for path in series.files:
+            data = path.read_bytes()
+            outcome = store.receive(data, header_of(data), Peer(ae_title="BEHIND"),
+                                    on_applied=lambda *a: told.append(a))
+            assert outcome == IngestOutcome.JOURNALED
+        assert store.wait_applied(60)
+        with store.db.session() as s:
+            uids = set(s.execute(select(Instance.sop_instance_uid)).scalars())
+            events = list(s.execute(select(AuditEvent).where(
+                AuditEvent.kind == "store-failed")).scalars())
+        assert uids == set(series.sop_uids) - {bad}
+        (event,) = events
+        assert event.sop_instance_uid == bad and "the index refuses this row" in event.reason
+        kept = list((tmp_path / "quarantine").rglob("*"))
+        assert any(p.is_file() and p.read_bytes() == series.files[2].read_bytes()
+                   for p in kept), kept
+        assert sorted(o for _, o in told) == [IngestOutcome.STORED] * 3
+        assert store.journal is not None and store.journal.checkpoint() >= 1
+    finally:
+        store.close_journal()
+    with store.db.session() as s:
+        assert s.execute(select(func.count()).select_from(Instance)).scalar_one() == 3
