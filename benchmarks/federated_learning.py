@@ -74,7 +74,7 @@ from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.weights import load_model
-from dicom_node.pipeline.trainer import policy_of
+from dicom_node.pipeline.training_samples import policy_of
 
 plt = pyplot()
 

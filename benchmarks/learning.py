@@ -57,7 +57,7 @@ from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.weights import load_model
 from dicom_node.phantom import ct
-from dicom_node.pipeline.trainer import policy_of
+from dicom_node.pipeline.training_samples import policy_of
 
 plt = pyplot()  # files only; at start so a missing `bench` extra fails at once
 

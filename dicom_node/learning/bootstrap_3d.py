@@ -20,7 +20,7 @@ from typing import Any
 from dicom_node.learning.bootstrap_data import BootstrapData
 from dicom_node.learning.errors import LearningError
 from dicom_node.learning.external import ExternalNetwork, NetworkSpec
-from dicom_node.learning.external_training import VolumeSample, train_external
+from dicom_node.learning.external_training import train_external
 from dicom_node.learning.model_config import ModelConfig, abdomen_ct_config, external_config
 from dicom_node.learning.network import build_network
 from dicom_node.learning.policy import TrainingPolicy
@@ -31,6 +31,7 @@ from dicom_node.learning.preprocessing_spec import (
     VolumePreprocessing,
 )
 from dicom_node.learning.training import TrainingReport
+from dicom_node.learning.volume_samples import VolumeSample
 
 __all__ = ["ARCHITECTURES", "ROI", "SPACING_MM", "ct_3d_config", "train_3d", "volume_samples"]
 

@@ -36,9 +36,6 @@ from dicom_node.learning.training import TrainingReport
 from dicom_node.learning.volume_inference import prepare_volume, to_ras
 from dicom_node.learning.volume_samples import VolumeSample
 
-__all__ = ["VolumeSample", "check_policy", "class_balanced_window", "marginal_log_probs",
-           "train_external"]
-
 LOGGER = logging.getLogger(__name__)
 
 

@@ -5,8 +5,8 @@ a candidate generation waits for nodes to score it. This node answers each open 
 by scoring the candidate and the task's reference generation on its held-out corrected
 cases (the ``held-out`` training samples: every ``validation_every``-th correction,
 never trained on) with the same pooled Dice its own acceptance gate uses
-(``evaluate_slices``), and submits the two means with the number of cases. Nothing
-else leaves: no slices, no UIDs.
+(``evaluate_samples``: slices, or whole volumes for an external network), and submits
+the two means with the number of cases. Nothing else leaves: no slices, no UIDs.
 
 A node without held-out cases (or whose cases annotate no label of the model) answers
 with no cases: it cannot judge, and the hub need not wait for it (``num_cases`` 0; the
@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.learning.incremental import StoredSample, decode_sample, evaluate_slices
+from dicom_node.learning.evaluation import HeldOutSample, decode_any_sample, evaluate_samples
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.weights import model_from_bytes
 from dicom_node.pipeline.hub_generations import hub_config_for
 from dicom_node.pipeline.model_sources import ModelRegistry
-from dicom_node.pipeline.trainer import held_out_rows
+from dicom_node.pipeline.training_samples import held_out_rows
 from dicom_node.store.db import Database
 from federation_grpc.client import FederationClient
 from federation_grpc.errors import FailedPrecondition, NotFound, PermissionDenied
@@ -55,13 +55,13 @@ class EvaluationResponder:
         self._settled: set[str] = set()  # answered or skipped for good
         self.rounds = 0  # answer() calls, for status and tests
 
-    def held_out(self) -> list[StoredSample]:
+    def held_out(self) -> list[HeldOutSample]:
         with self.db.session() as s:
             paths = [row.path for row in held_out_rows(s, self.name)]
         samples = []
         for path in paths:
             try:
-                samples.append(decode_sample((self.data_dir / path).read_bytes()))
+                samples.append(decode_any_sample((self.data_dir / path).read_bytes()))
             except (OSError, ValueError, KeyError) as exc:
                 LOGGER.warning("held-out sample %s unreadable, left out: %s", path, exc)
         return samples
@@ -115,9 +115,9 @@ class EvaluationResponder:
         return answers
 
     def _score(self, client: FederationClient, generation: int,
-               held: list[StoredSample]) -> float | None:
+               held: list[HeldOutSample]) -> float | None:
         model, config = self._model(client.download(generation), generation)
-        mean = evaluate_slices(model, config, held).get("mean")
+        mean = evaluate_samples(model, config, held).get("mean")
         return mean if mean is not None and math.isfinite(mean) else None
 
     def _model(self, data: bytes, generation: int) -> tuple[SegmentationNetwork, ModelConfig]:

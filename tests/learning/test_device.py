@@ -15,7 +15,7 @@ from dicom_node.learning.errors import LearningError
 from dicom_node.learning.model_config import abdomen_ct_config
 from dicom_node.learning.network import build_model
 from dicom_node.learning.volume_inference import segment_any
-from dicom_node.pipeline.trainer import policy_of
+from dicom_node.pipeline.training_samples import policy_of
 
 
 def test_auto_is_cuda_only_where_torch_sees_one() -> None:

@@ -15,7 +15,6 @@ from torch import nn
 from dicom_node.learning.errors import ModelConfigError, TrainingError, WeightsError
 from dicom_node.learning.external import NetworkSpec, sha256_file
 from dicom_node.learning.external_training import (
-    VolumeSample,
     class_balanced_window,
     marginal_log_probs,
     train_external,
@@ -31,6 +30,7 @@ from dicom_node.learning.preprocessing_spec import (
     VolumePreprocessing,
 )
 from dicom_node.learning.volume_inference import segment_any
+from dicom_node.learning.volume_samples import VolumeSample
 from dicom_node.learning.weights import (
     apply_groups,
     extract_groups,

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from dicom_node.learning.errors import WeightsError
 from dicom_node.learning.external import sha256_file
-from dicom_node.learning.external_training import VolumeSample, train_external
+from dicom_node.learning.external_training import train_external
 from dicom_node.learning.model_import import ModelImportError, import_bundle, import_torchscript
 from dicom_node.learning.policy import TrainingPolicy
+from dicom_node.learning.volume_samples import VolumeSample
 from dicom_node.learning.weights import (
     apply_groups,
     extract_groups,

@@ -22,7 +22,7 @@ from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.slices import samples_from_volume
 from dicom_node.learning.training import train
 from dicom_node.phantom.ct import generate_subject
-from dicom_node.pipeline.trainer import policy_of
+from dicom_node.pipeline.training_samples import policy_of
 from tests.learning.conftest import toy_volume
 
 ALL = {"body", "liver", "spleen", "kidney_left", "kidney_right"}
