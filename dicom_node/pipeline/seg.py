@@ -81,6 +81,9 @@ class SegAlgorithm:
     name: str
     generation: int = 0
     algorithm_type: SegAlgorithmType | str = SegAlgorithmType.AUTOMATIC
+    # > 0: the series gained instances after its SEG by this generation was made, and
+    # was segmented again; the new SEG is another instance of the same SEG series.
+    revision: int = 0
 
     @property
     def kind(self) -> SegAlgorithmType:
@@ -99,13 +102,17 @@ def deterministic_uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(map(str, parts))).int}"
 
 
-def seg_uids(source_series_uid: str, model_name: str, generation: int) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID) of the SEG of a series by a model generation.
+def seg_uids(source_series_uid: str, model_name: str, generation: int,
+             revision: int = 0) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of the SEG of a series by a model generation
+    (its ``revision``-th, after the series gained instances: same series, new instance).
 
     Deterministic, so a re-run of the same job produces the same object, not a duplicate.
     """
     base = (source_series_uid, model_name, generation)
-    return deterministic_uid(*base, "seg-series"), deterministic_uid(*base, "seg-instance")
+    again = (f"revision-{revision}",) if revision else ()
+    return (deterministic_uid(*base, "seg-series"),
+            deterministic_uid(*base, "seg-instance", *again))
 
 
 def build_seg(
@@ -134,7 +141,8 @@ def build_seg(
     descriptions = _segment_descriptions(volume, specs, algorithm)
     kind = algorithm.kind
 
-    series_uid, sop_uid = seg_uids(volume.series_instance_uid, algorithm.name, algorithm.generation)
+    series_uid, sop_uid = seg_uids(volume.series_instance_uid, algorithm.name,
+                                   algorithm.generation, algorithm.revision)
     if series_number is None:
         manual = kind is SegAlgorithmType.MANUAL
         series_number = GROUND_TRUTH_SERIES_NUMBER if manual else AI_SERIES_NUMBER

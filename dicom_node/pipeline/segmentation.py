@@ -1,7 +1,10 @@
 """The inference job: series -> volume -> model -> DICOM-SEG -> store -> outbox.
 
 Idempotent: the SEG's UIDs are derived from (series, model, generation), and a
-series already segmented by that generation is only re-queued for export.
+series already segmented by that generation is only re-queued for export, unless it
+gained instances since (a sender that paused longer than the assembler's quiet period
+completes the series twice): then it is segmented again, as a new instance of the same
+SEG series (``revision``), so the SEG never covers part of a series for good.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from dicom_node.config import DicomSettings, InferenceSettings, RoutingRule
 from dicom_node.dicom.meta import dataset_offset
@@ -163,24 +166,30 @@ class SegmentationJob(SeriesStage):
             self._refuse(series_uid, f"rule {payload.rule!r}: {exc}")
             return
         existing = self._existing(series_uid, mconfig)
+        revision = 0
         if existing is not None:
-            LOGGER.info("series %s already segmented by %s gen %d; re-queueing export",
-                        series_uid, mconfig.name, mconfig.generation)
-            self._export(existing.seg_series_uid, existing.seg_sop_instance_uid, destinations)
-            self._set_state(series_uid, SeriesState.SEGMENTED, None)
-            return
+            revision = self._revision(series_uid, existing)
+            if not revision:
+                LOGGER.info("series %s already segmented by %s gen %d; re-queueing export",
+                            series_uid, mconfig.name, mconfig.generation)
+                self._export(existing.seg_series_uid, existing.seg_sop_instance_uid,
+                             destinations)
+                self._set_state(series_uid, SeriesState.SEGMENTED, None)
+                return
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        volume = self._read_volume(series_uid, mconfig)
-        if volume is None:
+        read = self._read_volume(series_uid, mconfig)
+        if read is None:
             return
+        volume, instances = read
         timings["volume_s"] = time.perf_counter() - t0
         heartbeat()
         seg = self._segment(series_uid, model, mconfig, volume, payload.rule, heartbeat,
-                            timings)
+                            timings, revision)
         header = self._store_seg(seg, timings)
-        self._record(series_uid, mconfig, header, seg.domain, timings)
+        self._record(series_uid, mconfig, header, seg.domain, timings,
+                     {"source_instances": instances, "revision": revision})
         if not seg.domain.in_domain and self._holds_out_of_domain(payload.rule):
             destinations = []  # held back: the SEG is stored, status says why
         # Quality metrics feed monitoring, not the SEG: their own job, after delivery.
@@ -192,8 +201,10 @@ class SegmentationJob(SeriesStage):
                     series_uid, mconfig.name, mconfig.generation, volume.shape[0],
                     time.perf_counter() - t0, timings["inference_s"])
 
-    def _read_volume(self, series_uid: str, mconfig: ModelConfig) -> Volume | None:
-        """The series as one volume; None (and the series refused) if it cannot be."""
+    def _read_volume(self, series_uid: str, mconfig: ModelConfig
+                     ) -> tuple[Volume, int] | None:
+        """The series as one volume, with the number of instances it was read from;
+        None (and the series refused) if it cannot be."""
         with self.db.session() as s:
             paths = list(s.execute(select(Instance.path).join(Series).where(
                 Series.series_uid == series_uid)).scalars())
@@ -201,17 +212,18 @@ class SegmentationJob(SeriesStage):
             with collector_paused():
                 datasets = [pydicom.dcmread(self.files.absolute(p)) for p in paths]
                 return build_volume(
-                    datasets, allowed_modalities={mconfig.preprocessing.modality.value})
+                    datasets, allowed_modalities={mconfig.preprocessing.modality.value}
+                ), len(paths)
         except SeriesRefused as exc:
             self._refuse(series_uid, str(exc))
             return None
 
     def _segment(self, series_uid: str, model: SegmentationNetwork, mconfig: ModelConfig,
                  volume: Volume, rule: str, heartbeat: Callable[[], None],
-                 timings: dict[str, float]) -> EncodedSeg:
+                 timings: dict[str, float], revision: int = 0) -> EncodedSeg:
         """Run the model and encode its SEG; the SEG's template is built while it runs."""
         specs = segment_specs(mconfig)
-        algorithm = SegAlgorithm(mconfig.name, mconfig.generation)
+        algorithm = SegAlgorithm(mconfig.name, mconfig.generation, revision=revision)
         with ThreadPoolExecutor(1, thread_name_prefix="seg-template") as pool:
             # The SEG is encoded while the model runs; only its pixels wait for it.
             template = pool.submit(_prepare_template, volume, specs, algorithm)
@@ -252,13 +264,27 @@ class SegmentationJob(SeriesStage):
         return header
 
     def _record(self, series_uid: str, mconfig: ModelConfig, header: InstanceHeader,
-                domain: DomainVerdict, timings: dict[str, float]) -> None:
+                domain: DomainVerdict, timings: dict[str, float],
+                coverage: dict[str, int]) -> None:
+        """The segmentation's row (a revision replaces the row of the SEG it supersedes:
+        one per series, model and generation)."""
+        metrics = {"domain": domain.to_json(), **coverage}
         with self.db.session() as s:
-            s.add(Segmentation(
-                series_uid=series_uid, model_name=mconfig.name, generation=mconfig.generation,
-                seg_series_uid=header.series_uid, seg_sop_instance_uid=header.sop_instance_uid,
-                metrics={"domain": domain.to_json()}, timings=timings,
-                created_at=datetime.now(UTC)))
+            row = s.execute(select(Segmentation).where(
+                Segmentation.series_uid == series_uid,
+                Segmentation.model_name == mconfig.name,
+                Segmentation.generation == mconfig.generation)).scalar_one_or_none()
+            if row is None:
+                s.add(Segmentation(
+                    series_uid=series_uid, model_name=mconfig.name,
+                    generation=mconfig.generation, seg_series_uid=header.series_uid,
+                    seg_sop_instance_uid=header.sop_instance_uid, metrics=metrics,
+                    timings=timings, created_at=datetime.now(UTC)))
+            else:
+                row.seg_series_uid, row.seg_sop_instance_uid = (header.series_uid,
+                                                                header.sop_instance_uid)
+                row.metrics, row.timings = metrics, timings
+                row.created_at = datetime.now(UTC)
             s.execute(update(Series).where(Series.series_uid == series_uid)
                       .values(state=SeriesState.SEGMENTED, state_reason=None))
 
@@ -277,6 +303,23 @@ class SegmentationJob(SeriesStage):
 
     def on_dead(self, job: ClaimedJob, error: str) -> None:
         self._set_state(InferencePayload.of(job).series_uid, SeriesState.FAILED, error)
+
+    def _revision(self, series_uid: str, existing: Segmentation) -> int:
+        """0 when ``existing`` covers the series as it is now; else the next revision (the
+        series gained instances since). A row from before coverage was recorded counts as
+        covering the series."""
+        metrics = existing.metrics or {}
+        covered = int(metrics.get("source_instances") or 0)
+        with self.db.session() as s:
+            now = s.execute(select(func.count(Instance.id)).join(Series).where(
+                Series.series_uid == series_uid)).scalar_one()
+        if not covered or now <= covered:
+            return 0
+        revision = int(metrics.get("revision") or 0) + 1
+        LOGGER.warning("series %s gained %d instance(s) since its SEG by %s gen %d was made "
+                       "from %d: segmented again (revision %d)", series_uid, now - covered,
+                       existing.model_name, existing.generation, covered, revision)
+        return revision
 
     def _existing(self, series_uid: str, mconfig: ModelConfig) -> Segmentation | None:
         with self.db.session() as s:

@@ -27,7 +27,7 @@ from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.volume import build_volume
 from dicom_node.status import node_status
-from dicom_node.store.models import Segmentation, Series
+from dicom_node.store.models import Instance, Segmentation, Series
 from tests.node.conftest import Orthanc, echoscu, node_config_data, storescu, wait_until
 
 
@@ -197,3 +197,52 @@ def test_rerunning_an_inference_job_makes_no_second_seg(
     assert len(rows) == 1
     assert rows[0].seg_sop_instance_uid == segs[0].sop_instance_uid
     assert node_status(node.parts.db)["events"]["counts"].get("duplicate-conflict") is None
+
+
+def test_a_series_that_gains_instances_after_its_seg_is_segmented_again(
+    tmp_path: Path, start_node: Any, untrained_model: Path
+) -> None:
+    """A sender that pauses longer than the quiet period completes the series twice: the
+    second completion segments it again from every instance (issue 21's A 0.41), as a new
+    instance of the same SEG series; the same series again makes no third SEG."""
+    data = node_config_data(tmp_path / "node", rules=[segment_rule("untrained-ct")])
+    data["models"] = {"untrained-ct": str(untrained_model)}
+    node = start_node(data)
+    datasets = subject_datasets(generate_subject("A", 3, seed=7004))[:24]
+    files = write_series(datasets, tmp_path / "series")
+    uid = str(datasets[0].SeriesInstanceUID)
+
+    def segmentation() -> Segmentation | None:
+        with node.parts.db.session() as s:
+            row = s.execute(select(Segmentation).where(
+                Segmentation.series_uid == uid)).scalar_one_or_none()
+            if row is not None:
+                s.expunge(row)
+            return row
+
+    assert storescu(node.port, *files[:10]).returncode == 0
+    first = wait_until(segmentation, timeout=120, what="the SEG of the first 10 slices")
+    assert first.metrics["source_instances"] == 10 and first.metrics["revision"] == 0
+    assert storescu(node.port, *files[10:]).returncode == 0
+    again = wait_until(lambda: (r := segmentation()) is not None
+                       and r.metrics.get("source_instances") == 24 and r, timeout=120,
+                       what="the series segmented again from all 24 slices")
+    assert again.metrics["revision"] == 1
+    assert again.seg_series_uid == first.seg_series_uid
+    assert again.seg_sop_instance_uid != first.seg_sop_instance_uid
+    with node.parts.db.session() as s:
+        segs = {i.sop_instance_uid: i.path for i in s.execute(select(Instance).where(
+            Instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4")).scalars()}
+    assert set(segs) == {first.seg_sop_instance_uid, again.seg_sop_instance_uid}
+    seg = pydicom.dcmread(node.parts.files.absolute(segs[again.seg_sop_instance_uid]))
+    assert int(seg.NumberOfFrames) >= 1
+    referenced = {r.ReferencedSOPInstanceUID for r in
+                  seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {str(d.SOPInstanceUID) for d in datasets}
+
+    # Sent once more (duplicates): nothing gained, no third SEG.
+    assert storescu(node.port, *files[:3]).returncode == 0
+    wait_until(lambda: _state(node, uid)[0] == "segmented", timeout=60, what="settled")
+    with node.parts.db.session() as s:
+        assert len(s.execute(select(Instance).where(
+            Instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4")).scalars().all()) == 2
