@@ -252,10 +252,13 @@ def _one_study(node: Node, site: str, rnd: int, seed: int, root: Path, learn: bo
     found: list[Segmentation] = []
 
     def segmented() -> bool:
+        # Scored once the SEG covers every slice sent: on a loaded machine a pause in the
+        # sending can complete the series early, and the node segments it again.
         row = _segmentation(node, series_uid)
-        if row is not None:
+        whole = row is not None and (row.metrics or {}).get("source_instances") == len(datasets)
+        if whole:
             found.append(row)
-        return row is not None
+        return whole
 
     if not wait_for(segmented, timeout_s, 0.5):
         LOGGER.error("site %s round %d: no segmentation within %.0f s", site, rnd, timeout_s)
