@@ -255,10 +255,10 @@ def _one_study(node: Node, site: str, rnd: int, seed: int, root: Path, learn: bo
         # Scored once the SEG covers every slice sent: on a loaded machine a pause in the
         # sending can complete the series early, and the node segments it again.
         row = _segmentation(node, series_uid)
-        whole = row is not None and (row.metrics or {}).get("source_instances") == len(datasets)
-        if whole:
-            found.append(row)
-        return whole
+        if row is None or (row.metrics or {}).get("source_instances") != len(datasets):
+            return False
+        found.append(row)
+        return True
 
     if not wait_for(segmented, timeout_s, 0.5):
         LOGGER.error("site %s round %d: no segmentation within %.0f s", site, rnd, timeout_s)

@@ -7,6 +7,7 @@ one label renamed, one segment the model does not know) and dcmqi's
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import json
@@ -325,3 +326,16 @@ def stored_dataset(node: Any, sop_uid: str) -> pydicom.Dataset:
 def versions(node: Any) -> list[ModelVersion]:
     with node.parts.db.session() as s:
         return list(s.execute(select(ModelVersion).order_by(ModelVersion.generation)).scalars())
+
+
+def half_matrix(study: Study) -> list[pydicom.Dataset]:
+    """The same instances (UIDs) at half the matrix: a SEG on them has other geometry."""
+    out = []
+    for ds in study.datasets:
+        small = copy.deepcopy(ds)
+        arr = ds.pixel_array[::2, ::2].copy()
+        small.Rows, small.Columns = arr.shape
+        small.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
+        small.PixelData = arr.tobytes()
+        out.append(small)
+    return out

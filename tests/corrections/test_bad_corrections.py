@@ -6,7 +6,6 @@ training job is retried.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from dicom_node.store.models import AuditEvent, Correction, Instance, Job, Train
 from tests.corrections.helpers import (
     TEST_MODEL,
     Study,
+    half_matrix,
     learning_section,
     radiologist_seg,
     segment_rule,
@@ -50,19 +50,6 @@ def _corrections(node: Any) -> dict[str, Correction]:
         return {c.seg_sop_instance_uid: c for c in s.execute(select(Correction)).scalars()}
 
 
-def _downsampled(study: Study) -> list[pydicom.Dataset]:
-    """The same instances (UIDs) at half the matrix: a SEG on them has other frame geometry."""
-    out = []
-    for ds in study.datasets:
-        small = copy.deepcopy(ds)
-        arr = ds.pixel_array[::2, ::2].copy()
-        small.Rows, small.Columns = arr.shape
-        small.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
-        small.PixelData = arr.tobytes()
-        out.append(small)
-    return out
-
-
 @pytest.mark.slow
 def test_bad_corrections_are_flagged_with_reasons_and_never_trained_on(
     tmp_path: Path, start_node: Any
@@ -85,7 +72,7 @@ def test_bad_corrections_are_flagged_with_reasons_and_never_trained_on(
     bad["never segmented"], _ = radiologist_seg(never, tmp_path / "b" / "2.dcm", specs=LIVER,
                                                 labels=never.truth_in_volume_order(),
                                                 author="r2")
-    small = build_volume(_downsampled(segmented))
+    small = build_volume(half_matrix(segmented))
     bad["frame size"], _ = radiologist_seg(segmented, tmp_path / "b" / "3.dcm", specs=LIVER,
                                            labels=truth[:, ::2, ::2], volume=small, author="r3")
     bad["empty"], _ = radiologist_seg(segmented, tmp_path / "b" / "4.dcm", specs=LIVER,

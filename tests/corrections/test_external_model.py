@@ -9,7 +9,6 @@ and puts an update of the one group ``network`` in the outbox.
 
 from __future__ import annotations
 
-import copy
 import json
 import uuid
 from pathlib import Path
@@ -46,6 +45,7 @@ from tests.corrections.external_model import (
 from tests.corrections.helpers import (
     Study,
     correction_for,
+    half_matrix,
     learning_section,
     radiologist_seg,
     versions,
@@ -62,19 +62,6 @@ from tests.node.test_segmentation import orthanc_segs, segment_rule
 
 KIDNEY = [s for s in CT_SEGMENTS if s.name == "kidney_left"]
 LIVER = [s for s in CT_SEGMENTS if s.name == "liver"]
-
-
-def _half_matrix(study: Study) -> list[pydicom.Dataset]:
-    """The same instances (UIDs) at half the matrix: a SEG on them has other geometry."""
-    out = []
-    for ds in study.datasets:
-        small = copy.deepcopy(ds)
-        arr = ds.pixel_array[::2, ::2].copy()
-        small.Rows, small.Columns = arr.shape
-        small.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
-        small.PixelData = arr.tobytes()
-        out.append(small)
-    return out
 
 
 def _sop_uid(path: Path) -> str:
@@ -145,7 +132,7 @@ def _bad_corrections_lose_nothing(node: Any, study: Study, folder: Path) -> None
     """A SEG on other geometry, and one of a structure the model lacks: flagged with the
     reason, stored, no sample, the served version and the earlier sample untouched."""
     truth = study.truth_in_volume_order()
-    small = build_volume(_half_matrix(study))
+    small = build_volume(half_matrix(study))
     bad = {
         "frame size": radiologist_seg(study, folder / "1.dcm", specs=LIVER,
                                       labels=truth[:, ::2, ::2], volume=small,
