@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,14 +41,22 @@ def test_model_list_of_an_empty_directory(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "no models" in result.output
 
 
-def _toy_subject(site: str, index: int, seed: int) -> SimpleNamespace:
-    image, labels = toy_volume(seed=1000 * seed + index, slices=4, rows=40, cols=40)
-    return SimpleNamespace(image=image, labels=labels, spacing=(3.0, 1.5, 1.5))
+def _toy_subjects(slices: int, size: int, spacing: tuple[float, float, float]
+                  ) -> Callable[[str, int, int], SimpleNamespace]:
+    """A phantom source's ``subject`` that makes small toy volumes instead."""
+
+    def subject(site: str, index: int, seed: int) -> SimpleNamespace:
+        image, labels = toy_volume(seed=1000 * seed + index, slices=slices, rows=size,
+                                   cols=size)
+        return SimpleNamespace(image=image, labels=labels, spacing=spacing)
+
+    return subject
 
 
 def test_bootstrap_command_on_toy_subjects(tmp_path: Path, monkeypatch) -> None:
     ct = bootstrap_data.SOURCES["ct"]
-    monkeypatch.setitem(bootstrap_data.SOURCES, "ct", replace(ct, subject=_toy_subject))
+    monkeypatch.setitem(bootstrap_data.SOURCES, "ct",
+                        replace(ct, subject=_toy_subjects(4, 40, (3.0, 1.5, 1.5))))
     args = [
         "model",
         "bootstrap",
@@ -101,14 +110,10 @@ def test_bootstrap_trains_saves_and_reports_dice(tmp_path: Path) -> None:
     assert (tmp_path / "model.json").exists()
 
 
-def _toy_volume_subject(site: str, index: int, seed: int) -> SimpleNamespace:
-    image, labels = toy_volume(seed=1000 * seed + index, slices=16, rows=48, cols=48)
-    return SimpleNamespace(image=image, labels=labels, spacing=(4.0, 4.0, 4.0))
-
-
 def test_bootstrap_of_a_3d_starter(tmp_path: Path, monkeypatch) -> None:
     ct = bootstrap_data.SOURCES["ct"]
-    monkeypatch.setitem(bootstrap_data.SOURCES, "ct", replace(ct, subject=_toy_volume_subject))
+    monkeypatch.setitem(bootstrap_data.SOURCES, "ct",
+                        replace(ct, subject=_toy_subjects(16, 48, (4.0, 4.0, 4.0))))
     monkeypatch.setattr(bootstrap_3d, "ROI", (16, 16, 16))
     base = ["model", "bootstrap", "--subjects", "2", "--held-out", "1", "--time-budget", "3"]
     result = runner.invoke(app, [*base, "--arch", "segresnet", "--out", str(tmp_path)],
