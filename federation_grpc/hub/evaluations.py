@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from federation_grpc.errors import InvalidRequest, NotFound
 from federation_grpc.hub.domain import EvaluationTaskView
+from federation_grpc.hub.nodes import SeenThrottle
 from federation_grpc.hub.store import (
     EvaluationResultRow,
     EvaluationTaskRow,
@@ -28,14 +29,11 @@ from federation_grpc.hub.store import (
     utcnow,
 )
 
-# A node asking again within this long is not written down again.
-_SEEN_EVERY = timedelta(seconds=30)
-
 
 class EvaluationTasks:
     def __init__(self, store: HubStore) -> None:
         self.store = store
-        self._seen: dict[str, datetime] = {}  # node -> evaluator_seen as last written
+        self._seen = SeenThrottle()  # a node asking again soon is not written again
 
     @staticmethod
     def evaluators(session: Session, window_s: float) -> set[str]:
@@ -45,13 +43,12 @@ class EvaluationTasks:
             NodeRow.evaluator_seen >= since, NodeRow.revoked.is_(False))))
 
     def _mark_evaluator(self, session: Session, node_id: str, now: datetime) -> None:
-        seen = self._seen.get(node_id)
-        if seen is not None and now - seen < _SEEN_EVERY:
+        if not self._seen.due(node_id, now):
             return
         row = session.get(NodeRow, node_id)
         if row is not None:
             row.evaluator_seen = now
-            self._seen[node_id] = now
+            self._seen.written(node_id, now)
 
     def open(self, session: Session, candidate: int, reference: int, timeout_s: float) -> None:
         """Ask the nodes to score ``candidate`` against ``reference`` (caller's transaction)."""

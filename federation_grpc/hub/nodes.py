@@ -35,7 +35,6 @@ from federation_grpc.hub.store import (
 
 LOGGER = logging.getLogger(__name__)
 
-_LAST_SEEN_EVERY = timedelta(seconds=30)
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -44,13 +43,32 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class SeenThrottle:
+    """When a node was last written down as seen, by this process: a node seen again
+    within ``every`` is not written again (a row write per call would be a write per RPC,
+    and the times are read in minutes)."""
+
+    def __init__(self, every: timedelta = timedelta(seconds=30)) -> None:
+        self.every = every
+        self._written: dict[str, datetime] = {}
+
+    def due(self, node_id: str, now: datetime) -> bool:
+        """Whether ``node_id`` seen at ``now`` is to be written down."""
+        written = self._written.get(node_id)
+        return written is None or now - written >= self.every
+
+    def written(self, node_id: str, now: datetime) -> None:
+        """``node_id`` was written down as seen at ``now``."""
+        self._written[node_id] = now
+
+
 class NodeRegistry:
     """Who the nodes are and how they prove it."""
 
     def __init__(self, store: HubStore, config: HubConfig) -> None:
         self.store = store
         self.config = config
-        self._last_seen: dict[str, datetime] = {}
+        self._last_seen = SeenThrottle()
 
     def create_enrolment_token(self, ttl_s: int = 0, note: str = "") -> tuple[str, datetime]:
         token = secrets.token_urlsafe(32)
@@ -93,7 +111,7 @@ class NodeRegistry:
                 )
             )
         # Enrolling is being seen: the node's next calls need not write it again.
-        self._last_seen[node_id] = now
+        self._last_seen.written(node_id, now)
         LOGGER.info("node %s enrolled (certificate %s)", node_id, cert_sha256[:16] or "none")
         return Enrolment(node_id=node_id, node_token=node_token)
 
@@ -134,10 +152,9 @@ class NodeRegistry:
                     "(a renewed certificate needs `tessera hub rebind`)"
                 )
             now = utcnow()
-            seen = self._last_seen.get(row.node_id)
-            if seen is None or now - seen > _LAST_SEEN_EVERY:
+            if self._last_seen.due(row.node_id, now):
                 row.last_seen = now
-                self._last_seen[row.node_id] = now
+                self._last_seen.written(row.node_id, now)
             return row.node_id
 
     def check_admin(self, admin_token: str) -> None:
