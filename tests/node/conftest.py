@@ -418,16 +418,24 @@ class StoreSCP:
     proc: subprocess.Popen[bytes] | None = None
     _log_file: Any = field(default=None, repr=False)
 
+    @property
+    def incoming(self) -> Path:
+        """Where storescp writes; a file moves to ``directory`` once it is complete."""
+        return self.directory.with_name(self.directory.name + ".incoming")
+
     def start(self) -> StoreSCP:
         exe = require_binary(STORESCP)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log.open("ab")
         # +uf: unique file names, so a second delivery of an instance is a second file
         # (-uf, the default, names files by SOP Instance UID and overwrites a duplicate).
         # +xa: accept every transfer syntax (compressed ones stay as received).
+        # -xcr: storescp runs this after a file is written, so ``received`` never lists
+        # one that is still being written (a reader saw a SEG without its Pixel Data).
         self.proc = subprocess.Popen(
-            [exe, "-v", "+uf", "+xa", "-aet", "STORESCP", "-od", str(self.directory),
-             str(self.port)],
+            [exe, "-v", "+uf", "+xa", "-aet", "STORESCP", "-od", str(self.incoming),
+             "-xcr", f"mv #p/#f {self.directory}/#f", str(self.port)],
             stdout=self._log_file, stderr=subprocess.STDOUT, env=peer_env())
         wait_until(self._listening, timeout=20, what=f"storescp on port {self.port}")
         return self
@@ -439,7 +447,13 @@ class StoreSCP:
         result = echoscu(self.port, called_ae="STORESCP")
         return result.returncode == 0
 
-    def received(self) -> list[Path]:
+    def received(self, settle_s: float = 10.0) -> list[Path]:
+        """The complete files. storescp answers a C-STORE once its file is written and
+        moves it here just after, so a file still in ``incoming`` is either being
+        written or about to move: wait (up to ``settle_s``) for those to land."""
+        deadline = time.monotonic() + settle_s
+        while any(self.incoming.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         return sorted(p for p in self.directory.iterdir() if p.is_file())
 
     def received_sop_uids(self) -> list[str]:
