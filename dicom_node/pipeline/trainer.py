@@ -51,6 +51,7 @@ from dicom_node.learning.training import TrainingProgress, TrainingReport
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
 from dicom_node.pipeline.model_sources import ModelRegistry
+from dicom_node.pipeline.round_update import round_on_hub_generation
 from dicom_node.pipeline.seg import deterministic_uid
 from dicom_node.pipeline.training_samples import (
     beating,
@@ -104,6 +105,7 @@ class RoundOutcome:
 
     name: str
     base_config: ModelConfig  # the generation the round started from
+    start: SegmentationNetwork  # its weights
     config: ModelConfig  # the candidate's (a pending head it trained is active)
     model: SegmentationNetwork
     report: TrainingReport
@@ -173,7 +175,8 @@ class IncrementalTrainer:
         trained.training["seconds"] = round(time.monotonic() - t0, 2)
         beat()
         return self._commit(RoundOutcome(
-            name=name, base_config=base_config, config=trained.config, model=trained.model,
+            name=name, base_config=base_config, start=base_model, config=trained.config,
+            model=trained.model,
             report=trained.report, sample_ids=tuple(sample_ids), update_id=update_id,
             accepted=accepted, verdict=verdict,
             metrics={**scores, "training": trained.training, "verdict": verdict}))
@@ -320,7 +323,10 @@ class IncrementalTrainer:
         """The served round's update for the hub (its trained groups, durable) and its
         metadata."""
         name, base_generation = outcome.name, outcome.base_config.generation
-        data, meta = update_artifact(outcome.model, groups, {
+        with self.db.session() as s:  # this round's change only (pipeline.round_update)
+            sent = round_on_hub_generation(s, name, base_generation, outcome.start,
+                                           outcome.model, outcome.config)
+        data, meta = update_artifact(sent, groups, {
             "update_id": outcome.update_id, "model": name, "base_generation": base_generation,
             "local_generation": generation, "num_samples": len(outcome.sample_ids),
             "num_slices": outcome.metrics["training"]["slices"], "trained_groups": groups,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from sqlalchemy import select
 
 from dicom_node.config import load_config
@@ -22,11 +23,13 @@ from dicom_node.node import Node
 from dicom_node.pipeline.flow import JobKind
 from dicom_node.pipeline.hub_generations import known_hub_generation, serve_hub_generation
 from dicom_node.pipeline.site_adaptation import ROLLED_BACK_EVENT, SITE_CHECK, rebase
+from dicom_node.pipeline.trainer import IncrementalTrainer
 from dicom_node.status import node_status, render_status
 from dicom_node.store.models import (
     AuditEvent,
     ModelVersion,
     SampleState,
+    UpdateOutboxItem,
 )
 from tests.corrections.helpers import TEST_MODEL, Study
 from tests.deploy.conftest import subprocess_env
@@ -142,8 +145,30 @@ def test_a_shifted_site_serves_its_fine_tune_of_a_hub_generation(
         assert known_hub_generation(node.parts.db, TEST_MODEL) == 1
         # A retry of the job (a crash after the commit) changes nothing.
         assert _adapter(node).adapt(TEST_MODEL, 1, -1) is None
+        _sends_only_its_round(node, Path(versions[1].path))
     finally:
         node.parts.db.dispose()
+
+
+def _sends_only_its_round(node: Node, generation_path: Path) -> None:
+    """A round from the adapted version: the update is generation 1 plus the round's own
+    change, not the fine-tune the hub would otherwise count as learning at every round."""
+    adapted, _ = node.parts.models.get(TEST_MODEL)
+    _sample(node, Study("C", 3, seed=11), SampleState.PENDING)
+    trainer = next(h for h in node.parts.handlers if isinstance(h, IncrementalTrainer))
+    version = trainer.train(TEST_MODEL)
+    assert version is not None and version.state == "serving", version
+    trained, _ = node.parts.models.get(TEST_MODEL)
+    with node.parts.db.session() as s:
+        item = s.execute(select(UpdateOutboxItem)).scalar_one()
+        assert item.base_generation == version.parent_generation
+    sent = load_file(item.path)
+    generation, _ = load_model(generation_path)
+    g, a, t = (m.state_dict() for m in (generation, adapted, trained))
+    moved = [k for k in sent if not t[k].equal(a[k]) and not a[k].equal(g[k])]
+    assert moved, "the round changed no tensor the fine-tune had changed"
+    for key in moved:
+        torch.testing.assert_close(sent[key], g[key] + (t[key] - a[key]))
 
 
 def test_a_generation_worse_here_is_rolled_back_and_not_fetched_again(
