@@ -32,6 +32,7 @@ from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.weights import model_from_bytes
+from dicom_node.pipeline.round_update import moved_onto
 from dicom_node.pipeline.site_adaptation import rebase
 from federation_grpc.hub.config import GateConfig
 from federation_grpc.hub.service import HubService
@@ -135,9 +136,11 @@ def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
     hub (merged at once by a one-at-a-time strategy); each site's candidate."""
     config = ex.init[1]
     base = 0 if hub is None else hub.require_current().number
+    base_model = None if hub is None else current_model(hub, config)
     rounds: dict[str, MultiHeadUNet] = {}  # what each node serves until the swap
     for i, s in enumerate(SITES):
         site = sites[s]
+        start = site.model
         candidate, groups = correct_and_train(
             site, ex.data(s, r - 1, ex.args.data_seed),
             replace(ex.policy, seed=seed * 1000 + r * 10 + i), ex.args)
@@ -148,7 +151,9 @@ def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
         if s == ex.args.shifted_site:
             diag["served_before"] = served_before[s]
             diag["candidate"] = score(candidate, config, ex.held[s])
-        payload, _ = update_artifact(candidate, groups, {"site": s})
+        assert base_model is not None  # the round's own change, as a node sends it
+        sent = moved_onto(base_model, start, candidate, config)
+        payload, _ = update_artifact(sent, groups, {"site": s})
         upload(hub, nodes[s], payload, groups, base)
         if hub.strategy.batch_size() == 1:
             hub.aggregator.process_pending()
