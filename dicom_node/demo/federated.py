@@ -238,8 +238,10 @@ def _swapped(nodes: list[Node], generation: int) -> bool:
 def _merged(service: Any) -> int:
     """Updates the hub has decided on: merged into the current generation's lineage, or
     refused (a candidate waiting for federated evaluation is neither yet)."""
+    from federation_grpc.hub.generations import UNPUBLISHED
+
     merged = sum(len(g.update_ids) for g in service.list_generations()
-                 if g.status not in ("CANDIDATE", "REJECTED"))
+                 if g.status not in UNPUBLISHED)
     return merged + len(service.list_rejections(1000))
 
 

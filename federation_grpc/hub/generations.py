@@ -48,6 +48,10 @@ LOGGER = logging.getLogger(__name__)
 
 TENSOR_CACHE_SIZE = 4
 
+# Generations never published: a candidate under federated evaluation, or one refused;
+# their updates are not merged (a StrEnum, so the statuses of views match as strings).
+UNPUBLISHED = frozenset({GenerationStatus.CANDIDATE, GenerationStatus.REJECTED})
+
 
 @dataclass(frozen=True)
 class NewGeneration:
@@ -234,7 +238,7 @@ class GenerationLedger:
             row = session.get(GenerationRow, target)
             if row is None:
                 raise NotFound(f"no generation {target}")
-            if row.status in (GenerationStatus.REJECTED, GenerationStatus.CANDIDATE):
+            if row.status in UNPUBLISHED:
                 raise FailedPrecondition(f"generation {target} is {row.status}")
             if target != current.number:
                 current.status = GenerationStatus.ROLLED_BACK
@@ -288,8 +292,7 @@ class GenerationLedger:
         with self.store.session() as session:
             numbers = session.scalars(
                 select(GenerationRow.number)
-                .where(GenerationRow.status.not_in(
-                    (GenerationStatus.CANDIDATE, GenerationStatus.REJECTED)))
+                .where(GenerationRow.status.not_in(UNPUBLISHED))
                 .order_by(GenerationRow.number.desc()).limit(limit))
             return tuple(sorted(numbers))
 

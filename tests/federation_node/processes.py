@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from federation_grpc.hub.config import load_config
+from federation_grpc.hub.generations import UNPUBLISHED as UNPUBLISHED
 from federation_grpc.hub.service import HubService
 from tests.federation.hubproc import REPO, write_config
 
 from .conftest import model_json
-
-# Generations whose updates are not merged: waiting for federated evaluation, or refused.
-UNPUBLISHED = ("CANDIDATE", "REJECTED")
 
 
 def hub_cli(*args: str) -> str:
