@@ -181,7 +181,7 @@ class Aggregator:
         scales = [self._clip_scale(row, c) for row, c in zip(rows, contributions, strict=True)]
         sha, size = merge_to_file(scratch, self.strategy, current_tensors, contributions, scales)
         candidate = read_tensors(scratch)
-        if self.gate.evaluator is None and self._federated():
+        if self.gate.evaluator is None and self.config.gate.federated(self._evaluators):
             bad = non_finite_tensors(candidate)
             if bad:
                 self._reject(rows, [f"merged candidate has non-finite values in {bad[:5]}"])
@@ -265,14 +265,10 @@ class Aggregator:
             )
         LOGGER.info("candidate %d waits for federated evaluation", number)
 
-    def _federated(self) -> bool:
-        """Whether a candidate waits for the nodes' verdict (``[gate] federated_evaluation``)."""
-        gate = self.config.gate
-        if gate.federated_evaluation != "auto":
-            return bool(gate.federated_evaluation)
+    def _evaluators(self) -> int:
+        """How many nodes take part in federated evaluation now."""
         with self.store.session() as session:
-            evaluators = self.evaluations.evaluators(session, gate.evaluator_window_s)
-        return gate.federated(len(evaluators))
+            return len(self.evaluations.evaluators(session, self.config.gate.evaluator_window_s))
 
     def _decide_open_candidate(self) -> bool:
         """Settle an open federated evaluation if it can be; True while one stays open."""

@@ -6,7 +6,7 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,11 +215,12 @@ class GateConfig:
             raise InvalidRequest("[gate] evaluation_timeout_s must not be negative and "
                                  "evaluator_window_s must be positive")
 
-    def federated(self, evaluators: int) -> bool:
-        """Whether candidates wait for federated evaluation, with ``evaluators`` nodes
-        taking part (the hub's own evaluator, when set, is checked before this)."""
+    def federated(self, evaluators: Callable[[], int]) -> bool:
+        """Whether candidates wait for federated evaluation; ``evaluators`` counts the
+        nodes taking part and is called only in "auto" (the hub's own evaluator, when
+        set, is checked before this)."""
         if self.federated_evaluation == "auto":
-            return evaluators >= 2
+            return evaluators() >= 2
         return bool(self.federated_evaluation)
 
 
