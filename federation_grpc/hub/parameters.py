@@ -5,8 +5,8 @@ group ``heads.<head>``; every other name belongs to the group named by its first
 component (``encoder``, ``bottleneck``, …). A node declares the groups it trained
 (partial labels), merges go group by group (:mod:`strategies`), and the gate and the
 intake measure and check updates with the norms and finiteness checks here. Those walk
-each tensor block by block (:func:`~federation_grpc.hub.tensorfile.blocks_of`), so a
-memory-mapped model of gigabytes is checked in the memory of one block.
+each tensor block by block (:class:`~federation_grpc.hub.tensorfile.BlockReader`), so a
+model of gigabytes is checked in the memory of one block, read by position from its file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from federation_grpc.hub.tensorfile import blocks_of, drop_pages, flat_blocks
+from federation_grpc.hub.tensorfile import BlockReader, blocks_of, flat_blocks
 
 HEADS_PREFIX = "heads."
 
@@ -55,12 +55,10 @@ def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]
     total = 0.0
     for name, value in update.items():
         if np.issubdtype(value.dtype, np.floating):
-            mine, theirs = value.reshape(-1), base[name].reshape(-1)
-            for part in flat_blocks(mine.size, _BLOCK):
-                delta = mine[part] - theirs[part]
+            mine, theirs = BlockReader(value, _BLOCK), BlockReader(base[name], _BLOCK)
+            for part in flat_blocks(mine.flat.size, _BLOCK):
+                delta = mine.read(part) - theirs.read(part)
                 total += float(np.dot(delta, delta))
-                drop_pages(mine[part])
-                drop_pages(theirs[part])
     return math.sqrt(total)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from federation_grpc.hub.tensorfile import drop_pages, flat_blocks
+from federation_grpc.hub.tensorfile import BlockReader, flat_blocks
 
 
 def capped_shares(weights: Sequence[float], max_share: float = 1.0) -> np.ndarray:
@@ -86,17 +86,15 @@ _BLOCK = 1 << 18
 
 def delta_norm(tensors: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
     """L2 norm (float64) of ``tensors - base`` over the floating tensors ``base`` holds,
-    taken block by block (a memory-mapped model is read one block at a time)."""
+    taken block by block (a model in a file is read one block at a time)."""
     total = 0.0
     for name, value in tensors.items():
         if name not in base or not np.issubdtype(value.dtype, np.floating):
             continue
-        mine, theirs = value.reshape(-1), base[name].reshape(-1)
-        for part in flat_blocks(mine.size, _BLOCK):
-            delta = mine[part].astype(np.float64) - theirs[part]
+        mine, theirs = BlockReader(value, _BLOCK), BlockReader(base[name], _BLOCK)
+        for part in flat_blocks(mine.flat.size, _BLOCK):
+            delta = mine.read(part).astype(np.float64) - theirs.read(part)
             total += float(np.dot(delta, delta))
-            drop_pages(mine[part])
-            drop_pages(theirs[part])
     return math.sqrt(total)
 
 

@@ -3,11 +3,12 @@
 Every strategy in :mod:`strategies` is elementwise within a tensor (FedAsync's mix,
 FedBuff's and FedAvg's weighted or trimmed mean), so a merge of whole models equals the
 same merge run on matching slices of them. :func:`merge_to_file` runs the strategy on
-one slice of one tensor at a time, from the memory-mapped current generation, updates
-and bases, and writes each merged slice straight into the new safetensors file; the
-mapped pages of each slice are handed back once it is written. The hub's peak memory
-for a merge is then a few blocks, whatever the model size and however many updates
-are folded (the block shrinks as more updates take part).
+one slice of one tensor at a time, read by position from the files of the current
+generation, the updates and their bases (one reused buffer per tensor and file, see
+:class:`~federation_grpc.hub.tensorfile.BlockReader`), and writes each merged slice
+straight into the new safetensors file. The hub's peak memory for a merge is then a
+few blocks per update, whatever the model size and however many updates are folded
+(the block shrinks as more updates take part).
 
 A clipped update (``[aggregation] clip_norm``) takes part with its scale: each slice is
 ``base + scale * (update - base)`` (:func:`~federation_grpc.hub.robust.scale_delta`).
@@ -23,7 +24,7 @@ import numpy as np
 from federation_grpc.hub.contributions import Contribution
 from federation_grpc.hub.robust import scale_delta
 from federation_grpc.hub.strategies import Strategy
-from federation_grpc.hub.tensorfile import drop_pages, flat_blocks, write_blocks
+from federation_grpc.hub.tensorfile import BlockReader, flat_blocks, write_blocks
 
 # float64 bytes all the updates' slices of one block may take together.
 BLOCK_BUDGET_BYTES = 16 << 20
@@ -62,20 +63,16 @@ def merged_blocks(
     elements = block_elements(len(contributions))
     for name, _, shape in layout:
         size = int(np.prod(shape, dtype=np.int64))
-        flat_current = current[name].reshape(-1) if name in current else None
-        flats = [
-            (c.tensors[name].reshape(-1) if name in c.tensors else None,
-             c.base[name].reshape(-1) if name in c.base else None)
-            for c in contributions
-        ]
+        now = _reader(current, name, elements)
+        readers = [(_reader(c.tensors, name, elements), _reader(c.base, name, elements))
+                   for c in contributions]
         for part in flat_blocks(size, elements):
-            now = {} if flat_current is None else {name: flat_current[part]}
             sliced = []
             for contribution, scale, (mine, theirs) in zip(
-                contributions, scales, flats, strict=True
+                contributions, scales, readers, strict=True
             ):
-                value = None if mine is None else mine[part]
-                start = None if theirs is None else theirs[part]
+                value = None if mine is None else mine.read(part)
+                start = None if theirs is None else theirs.read(part)
                 if (value is not None and start is not None and scale != 1.0
                         and np.issubdtype(value.dtype, np.floating)):
                     value = scale_delta(value, start, scale)
@@ -85,10 +82,12 @@ def merged_blocks(
                     num_samples=contribution.num_samples,
                     staleness=contribution.staleness,
                 ))
-            yield name, strategy.merge(now, sliced)[name]
-            for array in (*now.values(), *(a[part] for pair in flats for a in pair
-                                           if a is not None)):
-                drop_pages(array)
+            slice_now = {} if now is None else {name: now.read(part)}
+            yield name, strategy.merge(slice_now, sliced)[name]
+
+
+def _reader(tensors: Mapping[str, np.ndarray], name: str, elements: int) -> BlockReader | None:
+    return BlockReader(tensors[name], elements) if name in tensors else None
 
 
 def merge_to_file(

@@ -1,4 +1,5 @@
-"""Safetensors files without copies: read as views over a memory map, write as streamed.
+"""Safetensors files without copies: read as views over a memory map or by position,
+written as streamed.
 
 The hub handles whole models on every update (10 MB and more) and a merge touches
 several of them, so the ``bytes`` round trips of ``safetensors.numpy.load``/``save``
@@ -14,10 +15,16 @@ well-formed entries, offsets that leave a gap, overlap or run past the file, or 
 that do not match the shape are refused; nothing in the file is executed.
 
 Memory stays bounded by a block, not by the model: code that walks a tensor goes
-block by block (:func:`flat_blocks`) and hands each block's pages back to the kernel
-when done (:func:`drop_pages`), since pages of a mapped file that were read count in
-the process's resident set until they are unmapped. A new file can be written from a
-stream of blocks (:func:`write_blocks`) whose values are computed as they are written.
+block by block (:class:`BlockReader`, :func:`blocks_of`), and a block of a tensor read
+here comes from the file by position (``preadv``) into one buffer reused for every block
+of that tensor, not from the map. Pages of a mapped file that were read count in the
+process's resident set until they are unmapped, and handing them back by ``madvise``
+leaked: the kernel maps the cached pages around each fault (fault-around, 64 kB), so a
+block that does not start on such a boundary mapped again the tail of the block before
+it, about a fifth of every model a merge walked stayed resident. The map is still there
+for code that takes a whole tensor at once (an evaluator). A new file can be written
+from a stream of blocks (:func:`write_blocks`) whose values are computed as they are
+written.
 
 A mapped file must not be truncated while its arrays live (the process would get
 SIGBUS): the hub maps only blobs (content-addressed, never rewritten) and a staged
@@ -32,6 +39,7 @@ import math
 import mmap
 import os
 import struct
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeGuard
@@ -69,50 +77,93 @@ def flat_blocks(size: int, elements: int) -> Iterator[slice]:
         yield slice(start, min(size, start + step))
 
 
-def blocks_of(array: np.ndarray, elements: int = BLOCK_BYTES // 4) -> Iterator[np.ndarray]:
-    """The array as flat blocks; the pages of each block are dropped after its use."""
-    flat = array.reshape(-1)
-    for part in flat_blocks(flat.size, elements):
-        block = flat[part]
-        yield block
-        drop_pages(block)
+class _MappedFile(mmap.mmap):
+    """A read-only map of a file that keeps the file open (``fd``) for positioned reads."""
+
+    fd: int
 
 
-def drop_pages(array: np.ndarray) -> None:
-    """Give the resident pages of a file-mapped, contiguous array back to the kernel.
-
-    The file's bytes stay in the page cache; the next read maps them again. A no-op for
-    arrays that do not view a memory-mapped file.
-    """
+def _file_position(array: np.ndarray) -> tuple[int, int] | None:
+    """``(fd, byte offset in the file)`` of a contiguous array over a file mapped by
+    :func:`read_tensors`; None for any other array."""
     owner: object = array
     while isinstance(owner, np.ndarray):
         owner = owner.base
     if (
         not isinstance(owner, memoryview)
-        or not isinstance(owner.obj, mmap.mmap)
+        or not isinstance(owner.obj, _MappedFile)
         or array.nbytes == 0
         or not array.flags.c_contiguous
     ):
-        return
+        return None
     origin = np.frombuffer(owner, dtype=np.uint8, count=1).ctypes.data
-    begin = array.ctypes.data - origin
-    aligned = begin - begin % mmap.PAGESIZE
-    owner.obj.madvise(mmap.MADV_DONTNEED, aligned, begin + array.nbytes - aligned)
+    return owner.obj.fd, array.ctypes.data - origin
+
+
+class BlockReader:
+    """Flat slices of one tensor. For a tensor of a file read by :func:`read_tensors`
+    each slice is read by position into one buffer of at most ``elements``, reused for
+    every slice, so no page of the map is touched; for any other array it is a view.
+    A slice is read-only and valid until the next :meth:`read`."""
+
+    def __init__(self, array: np.ndarray, elements: int = BLOCK_BYTES // 4) -> None:
+        self.flat = array.reshape(-1)
+        self._source = _file_position(self.flat)
+        count = min(max(1, elements), self.flat.size) if self._source else 0
+        self._buffer = np.empty(count, dtype=self.flat.dtype)
+
+    def read(self, part: slice) -> np.ndarray:
+        """``flat[part]`` for a slice of at most ``elements`` (step 1)."""
+        if self._source is None:
+            return self.flat[part]
+        fd, origin = self._source
+        start, stop, _ = part.indices(self.flat.size)
+        if stop - start > self._buffer.size:
+            raise ValueError(f"a block of {stop - start} elements, the reader holds "
+                             f"{self._buffer.size}")
+        block = self._buffer[: max(0, stop - start)]
+        _read_at(fd, block.view(np.uint8).data, origin + start * block.itemsize)
+        view = block.view()
+        view.flags.writeable = False
+        return view
+
+
+def _read_at(fd: int, into: memoryview, offset: int) -> None:
+    while into:
+        got = os.preadv(fd, [into], offset)
+        if got <= 0:
+            raise OSError(f"file ended {len(into)} bytes short of a tensor's block")
+        into, offset = into[got:], offset + got
+
+
+def blocks_of(array: np.ndarray, elements: int = BLOCK_BYTES // 4) -> Iterator[np.ndarray]:
+    """The array as flat blocks of at most ``elements``, each valid until the next
+    (see :class:`BlockReader`)."""
+    reader = BlockReader(array, elements)
+    for part in flat_blocks(reader.flat.size, elements):
+        yield reader.read(part)
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file as read-only arrays over one memory map.
+    """Tensors of a safetensors file as read-only arrays over one memory map (walk them
+    with :class:`BlockReader` or :func:`blocks_of` to read blocks by position instead).
 
     Raises
     ------
     InvalidRequest
         The file is not a well-formed safetensors file (see the module text).
     """
-    with path.open("rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
         if size < 8:
             raise InvalidRequest("not a valid safetensors payload: shorter than its header")
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped = _MappedFile(fd, 0, access=mmap.ACCESS_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+    mapped.fd = fd
+    weakref.finalize(mapped, os.close, fd)  # the file stays open while the map lives
     header_len = struct.unpack_from("<Q", mapped, 0)[0]
     if header_len > min(size - 8, MAX_HEADER_BYTES):
         raise InvalidRequest("not a valid safetensors payload: header length out of bounds")

@@ -118,3 +118,26 @@ def test_reading_a_mapped_model_block_by_block_keeps_its_pages_out_of_memory(
     grown = _rss_file_kb() - before
     assert total == size // 4
     assert grown < (size >> 10) // 4, f"{grown} kB of a {size >> 20} MB file stayed resident"
+
+
+def test_a_merge_of_mapped_models_keeps_their_pages_out_of_memory(tmp_path: Path) -> None:
+    # The blocks of a merge of several updates start anywhere in a page: read from the
+    # map and handed back by madvise, the pages around each block's start stayed mapped.
+    size = 16 << 20
+    rng = np.random.default_rng(0)
+    for name in ("current", "u1", "u2", "u3"):
+        write_tensors(tmp_path / name, {"w": rng.random(size // 4, dtype=np.float32)})
+    current = read_tensors(tmp_path / "current")
+    updates = [agg.Contribution(read_tensors(tmp_path / name), current, 10, 0)
+               for name in ("u1", "u2", "u3")]
+    assert streamed_merge.block_elements(3) * 4 % 4096  # blocks not page-aligned
+    (tmp_path / "warm").mkdir()
+    warm = contributions(tmp_path / "warm")
+    merge_to_file(tmp_path / "warm" / "merged", agg.FedAvg(round_size=3), *warm)
+    before = _rss_file_kb()  # (the code's own pages are in already)
+    merge_to_file(tmp_path / "merged", agg.FedAvg(round_size=3), current, updates)
+    grown = _rss_file_kb() - before
+    expected = (updates[0].tensors["w"].astype(np.float64) + updates[1].tensors["w"]
+                + updates[2].tensors["w"]) / 3
+    np.testing.assert_allclose(read_tensors(tmp_path / "merged")["w"], expected, rtol=1e-6)
+    assert grown < (size >> 10) // 16, f"{grown} kB of four {size >> 20} MB files stayed resident"
