@@ -16,7 +16,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -73,6 +74,22 @@ class Received:
     on_applied: Applied | None = None
 
 
+@contextmanager
+def _journaled(journal: IntakeJournal, intent: bytes, data: bytes) -> Iterator[Ticket]:
+    """Append a record and make it durable; the body applies it or hands it on, and
+    whoever holds the ticket then marks it applied. If the commit or the body fails,
+    the record is marked applied with nothing written, so that it holds up no
+    checkpoint (the instance is not acknowledged; a start before the next checkpoint
+    replays it)."""
+    ticket = journal.append(intent, data)
+    try:
+        journal.commit(ticket.seq)
+        yield ticket
+    except BaseException:
+        journal.applied(ticket, None)
+        raise
+
+
 class InstanceStore:
     """Stores received instances durably and indexes them."""
 
@@ -113,13 +130,9 @@ class InstanceStore:
         journal = self.journal
         if journal is None:
             return self._ingest_synced(data, header, peer, produced_here, digest)
-        ticket = journal.append(intent_of(header, peer, produced_here, digest), data)
-        written: Path | None = None
-        try:
-            journal.commit(ticket.seq)
+        with _journaled(journal, intent_of(header, peer, produced_here, digest), data) as ticket:
             outcome, written = self._apply(data, header, peer, produced_here, digest)
-        finally:
-            journal.applied(ticket, written)
+        journal.applied(ticket, written)
         return outcome
 
     def receive(self, data: bytes, header: InstanceHeader, peer: Peer, *,
@@ -139,14 +152,9 @@ class InstanceStore:
             if on_applied is not None:
                 on_applied(header.series_uid, outcome)
             return outcome
-        ticket = journal.append(intent_of(header, peer, False, digest), data)
-        try:
-            journal.commit(ticket.seq)
+        with _journaled(journal, intent_of(header, peer, False, digest), data) as ticket:
             applier.put(Received(ticket, data, header, peer, digest, on_applied))
-        except BaseException:
-            journal.applied(ticket, None)  # not acknowledged: replayed at the next start
-            raise
-        return IngestOutcome.JOURNALED
+        return IngestOutcome.JOURNALED  # the applier marks it applied
 
     def _apply_batch(self, batch: list[Received]) -> None:
         """Files and rows of journaled instances in one transaction; if it fails, one by
