@@ -27,7 +27,7 @@ from federation_grpc.hub.strategies import Strategy
 from federation_grpc.hub.tensorfile import BlockReader, flat_blocks, write_blocks
 
 # float64 bytes all the updates' slices of one block may take together.
-BLOCK_BUDGET_BYTES = 16 << 20
+BLOCK_BUDGET_BYTES = 8 << 20
 MIN_BLOCK = 4096
 
 Layout = list[tuple[str, np.dtype, tuple[int, ...]]]

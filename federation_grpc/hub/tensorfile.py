@@ -67,7 +67,7 @@ _CODES = {(dtype.kind, dtype.itemsize): code for code, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's bound
 _WRITE_BLOCK = 1 << 22
 # Bytes of one block of one tensor that code walking a tensor touches at a time.
-BLOCK_BYTES = 4 << 20
+BLOCK_BYTES = 1 << 20
 
 
 def flat_blocks(size: int, elements: int) -> Iterator[slice]:
@@ -158,17 +158,20 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
         size = os.fstat(fd).st_size
         if size < 8:
             raise InvalidRequest("not a valid safetensors payload: shorter than its header")
+        header_len = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise InvalidRequest("not a valid safetensors payload: header length out of bounds")
+        # Read, not mapped: a fault on the map would map the pages around it too.
+        raw = bytearray(header_len)
+        _read_at(fd, memoryview(raw), 8)
         mapped = _MappedFile(fd, 0, access=mmap.ACCESS_READ)
     except BaseException:
         os.close(fd)
         raise
     mapped.fd = fd
     weakref.finalize(mapped, os.close, fd)  # the file stays open while the map lives
-    header_len = struct.unpack_from("<Q", mapped, 0)[0]
-    if header_len > min(size - 8, MAX_HEADER_BYTES):
-        raise InvalidRequest("not a valid safetensors payload: header length out of bounds")
     start = 8 + header_len
-    entries = _entries(bytes(mapped[8:start]))
+    entries = _entries(bytes(raw))
     out: dict[str, np.ndarray] = {}
     cursor = 0
     for begin, end, name, dtype, shape in sorted(entries):
