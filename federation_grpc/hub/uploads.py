@@ -332,7 +332,7 @@ class UploadIntake:
         if digest != header.sha256:
             self.discard(header, node_id, "sha256 of the received bytes does not match the header")
         # A burst of uploads ends at once: checking them a few at a time keeps the blocks
-        # in memory (and the mapped pages read) to a few, whatever the number of nodes.
+        # in memory to a few, whatever the number of nodes.
         with self._checking:
             return self._checked(node_id, header, staged)
 
