@@ -28,10 +28,10 @@ import logging
 from sqlalchemy.orm import Session
 
 from dicom_node.errors import DicomNodeError
-from dicom_node.learning.incremental import copy_model
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.weights import load_model
+from dicom_node.pipeline.site_adaptation import rebase
 from dicom_node.pipeline.versions import hub_base_generation, is_local_generation, version_row
 
 LOGGER = logging.getLogger(__name__)
@@ -65,13 +65,6 @@ def round_on_hub_generation(s: Session, name: str, start_generation: int,
 def moved_onto(generation: SegmentationNetwork, start: SegmentationNetwork,
                trained: MultiHeadUNet, config: ModelConfig) -> MultiHeadUNet:
     """``generation + (trained - start)`` for the floating tensors the three share with
-    the same shape; any other tensor as trained."""
-    out = copy_model(trained, config)
-    state = out.state_dict()
-    base, origin = generation.state_dict(), start.state_dict()
-    for key, tensor in state.items():
-        if (key in base and key in origin and tensor.is_floating_point()
-                and base[key].shape == origin[key].shape == tensor.shape):
-            tensor += base[key].to(tensor.dtype) - origin[key].to(tensor.dtype)
-    out.load_state_dict(state)
-    return out
+    the same shape; any other tensor as trained (``rebase`` with the roles turned:
+    the trained model carried by the generation's difference from the start)."""
+    return rebase(trained, config, generation, start)
