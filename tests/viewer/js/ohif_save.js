@@ -103,7 +103,10 @@ async function paint(page, c, out) {
 // hover; on a busy machine it may miss the first hover, so also try the keyboard
 // (ArrowRight opens a submenu) and, failing that, reopen the menu.
 async function openStoreDialog(page, out) {
+  // The store dialog, opened from ⋮ → Export → DICOM SEG; a click the menu swallowed
+  // (it closed as the submenu opened) is tried again rather than waited on.
   const seg = page.getByText('DICOM SEG', { exact: true });
+  const dialog = page.locator('[role=dialog]').filter({ hasText: 'Store Segmentation' });
   for (let attempt = 1; attempt <= 4; attempt++) {
     await page.locator('[data-cy^="segmentation-collapsed-more-btn"]').first().click();
     const exportItem = page.getByRole('menuitem').filter({ hasText: 'Export' }).first();
@@ -113,14 +116,22 @@ async function openStoreDialog(page, out) {
     try {
       await seg.waitFor({ timeout: 5000 });
       await seg.click();
-      return;
     } catch (e) {
       out.steps.push(`export submenu did not open (try ${attempt})`);
       await page.keyboard.press('Escape');
       await page.keyboard.press('Escape');
+      continue;
+    }
+    try {
+      await dialog.waitFor({ timeout: 10000 });
+      return dialog;
+    } catch (e) {
+      out.steps.push(`store dialog did not open (try ${attempt})`);
+      await page.keyboard.press('Escape');
+      await page.keyboard.press('Escape');
     }
   }
-  throw new Error('the Export submenu never showed "DICOM SEG"');
+  throw new Error('the store dialog never opened (⋮ → Export → DICOM SEG)');
 }
 
 async function runCase(ctx, opt, c) {
@@ -186,9 +197,7 @@ async function runCase(ctx, opt, c) {
     await shot('after-brush');
 
     // segmentation ⋮ → Export → DICOM SEG → "Store Segmentation" → Save
-    await openStoreDialog(page, out);
-    const dialog = page.locator('[role=dialog]').filter({ hasText: 'Store Segmentation' });
-    await dialog.waitFor({ timeout: 10000 });
+    const dialog = await openStoreDialog(page, out);
     out.steps.push('store dialog');
     const [resp] = await Promise.all([
       page.waitForResponse(r => r.request().method() === 'POST' &&
