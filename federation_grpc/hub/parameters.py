@@ -12,11 +12,13 @@ model of gigabytes is checked in the memory of one block, read by position from 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from federation_grpc.hub.tensorfile import BlockReader, blocks_of, flat_blocks
+from federation_grpc.hub.tensorfile import BlockReader, blocks_of, flat_blocks, mapped_position
 
 HEADS_PREFIX = "heads."
 
@@ -41,7 +43,30 @@ def groups_of(names: Sequence[str] | Mapping[str, object]) -> dict[str, list[str
     return out
 
 
+# Sums of squares of the tensors of files read by read_tensors, by map (held weakly)
+# and position: every update is checked against its base generation's norm, and a
+# file never changes while mapped, so each base tensor is read for it once.
+_SQUARES: weakref.WeakKeyDictionary[object, dict[tuple[int, int, str], float]] = (
+    weakref.WeakKeyDictionary())
+_SQUARES_LOCK = threading.Lock()
+
+
 def _sum_squares(values: np.ndarray) -> float:
+    where = mapped_position(values)
+    if where is None:
+        return _summed_squares(values)
+    mapped, offset = where
+    key = (offset, values.size, values.dtype.str)
+    with _SQUARES_LOCK:
+        known = _SQUARES.setdefault(mapped, {}).get(key)
+    if known is None:
+        known = _summed_squares(values)
+        with _SQUARES_LOCK:
+            _SQUARES.setdefault(mapped, {})[key] = known
+    return known
+
+
+def _summed_squares(values: np.ndarray) -> float:
     # A dot product in the tensor's own precision is fast (BLAS) and exact enough for a
     # bound; the total is accumulated in Python float (double).
     return sum(float(np.dot(block, block)) for block in blocks_of(values))

@@ -63,16 +63,18 @@ def merged_blocks(
     elements = block_elements(len(contributions))
     for name, _, shape in layout:
         size = int(np.prod(shape, dtype=np.int64))
-        now = _reader(current, name, elements)
-        readers = [(_reader(c.tensors, name, elements), _reader(c.base, name, elements))
-                   for c in contributions]
+        inputs = _Inputs(elements)
+        now = inputs.add(current.get(name))
+        keys = [(inputs.add(c.tensors.get(name)), inputs.add(c.base.get(name)))
+                for c in contributions]
         for part in flat_blocks(size, elements):
+            block = inputs.read(part)
             sliced = []
             for contribution, scale, (mine, theirs) in zip(
-                contributions, scales, readers, strict=True
+                contributions, scales, keys, strict=True
             ):
-                value = None if mine is None else mine.read(part)
-                start = None if theirs is None else theirs.read(part)
+                value = block.get(mine)
+                start = block.get(theirs)
                 if (value is not None and start is not None and scale != 1.0
                         and np.issubdtype(value.dtype, np.floating)):
                     value = scale_delta(value, start, scale)
@@ -82,12 +84,30 @@ def merged_blocks(
                     num_samples=contribution.num_samples,
                     staleness=contribution.staleness,
                 ))
-            slice_now = {} if now is None else {name: now.read(part)}
+            slice_now = {} if now is None else {name: block[now]}
             yield name, strategy.merge(slice_now, sliced)[name]
 
 
-def _reader(tensors: Mapping[str, np.ndarray], name: str, elements: int) -> BlockReader | None:
-    return BlockReader(tensors[name], elements) if name in tensors else None
+class _Inputs:
+    """The distinct arrays one tensor's merge reads, each with its reader: a base is often
+    the current generation itself (the same array), and then each block is read once."""
+
+    def __init__(self, elements: int) -> None:
+        self.elements = elements
+        self.readers: dict[int, BlockReader] = {}
+
+    def add(self, array: np.ndarray | None) -> int | None:
+        """A key for ``array`` (the same for the same array); None for none."""
+        if array is None:
+            return None
+        key = id(array)  # stable: the caller's mappings hold the arrays during the merge
+        if key not in self.readers:
+            self.readers[key] = BlockReader(array, self.elements)
+        return key
+
+    def read(self, part: slice) -> dict[int | None, np.ndarray]:
+        """Each array's slice ``part``, by key."""
+        return {key: reader.read(part) for key, reader in self.readers.items()}
 
 
 def merge_to_file(

@@ -19,10 +19,13 @@ block by block (:class:`BlockReader`, :func:`blocks_of`), and a block of a tenso
 here comes from the file by position (``preadv``) into one buffer reused for every block
 of that tensor, not from the map. Pages of a mapped file that were read count in the
 process's resident set until they are unmapped, and handing them back by ``madvise``
-leaked: the kernel maps the cached pages around each fault (fault-around, 64 kB), so a
-block that does not start on such a boundary mapped again the tail of the block before
-it, about a fifth of every model a merge walked stayed resident. The map is still there
-for code that takes a whole tensor at once (an evaluator). A new file can be written
+leaked: a fault maps more than the page it needs (the kernel maps cached pages around
+it), so a block that did not start on a page boundary mapped again pages before it that
+the block before had handed back; a merge left about a fifth of every model it walked
+resident, and widening the ``madvise`` to 64 kB did not stop it. A positioned read
+costs a copy, so a merge reads each distinct input once per block and the norm of a
+base tensor is kept per map (:mod:`parameters`). The map is still there for code that
+takes a whole tensor at once (an evaluator). A new file can be written
 from a stream of blocks (:func:`write_blocks`) whose values are computed as they are
 written.
 
@@ -83,9 +86,13 @@ class _MappedFile(mmap.mmap):
     fd: int
 
 
-def _file_position(array: np.ndarray) -> tuple[int, int] | None:
-    """``(fd, byte offset in the file)`` of a contiguous array over a file mapped by
-    :func:`read_tensors`; None for any other array."""
+def mapped_position(array: np.ndarray) -> tuple[mmap.mmap, int] | None:
+    """The map of a file read by :func:`read_tensors` that a contiguous array views, and
+    the array's byte offset in that file; None for any other array."""
+    return _mapped_position(array)
+
+
+def _mapped_position(array: np.ndarray) -> tuple[_MappedFile, int] | None:
     owner: object = array
     while isinstance(owner, np.ndarray):
         owner = owner.base
@@ -97,7 +104,7 @@ def _file_position(array: np.ndarray) -> tuple[int, int] | None:
     ):
         return None
     origin = np.frombuffer(owner, dtype=np.uint8, count=1).ctypes.data
-    return owner.obj.fd, array.ctypes.data - origin
+    return owner.obj, array.ctypes.data - origin
 
 
 class BlockReader:
@@ -108,7 +115,8 @@ class BlockReader:
 
     def __init__(self, array: np.ndarray, elements: int = BLOCK_BYTES // 4) -> None:
         self.flat = array.reshape(-1)
-        self._source = _file_position(self.flat)
+        where = _mapped_position(self.flat)
+        self._source = None if where is None else (where[0].fd, where[1])
         count = min(max(1, elements), self.flat.size) if self._source else 0
         self._buffer = np.empty(count, dtype=self.flat.dtype)
 

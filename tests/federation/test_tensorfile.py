@@ -12,7 +12,8 @@ from safetensors.numpy import load, save
 
 from federation_grpc.errors import InvalidRequest
 from federation_grpc.hub.blobs import BlobStore, sha256_file
-from federation_grpc.hub.tensorfile import read_tensors, write_tensors
+from federation_grpc.hub.parameters import tensors_norm
+from federation_grpc.hub.tensorfile import BlockReader, read_tensors, write_tensors
 
 
 def tensors() -> dict[str, np.ndarray]:
@@ -71,6 +72,30 @@ def test_non_contiguous_and_read_only_inputs_are_written_correctly(tmp_path: Pat
     got = load(out.read_bytes())
     np.testing.assert_array_equal(got["t"], base.T)
     np.testing.assert_array_equal(got["v"], base)
+
+
+def test_blocks_read_by_position_equal_the_mapped_values(tmp_path: Path) -> None:
+    write_tensors(tmp_path / "t", tensors())
+    for name, value in read_tensors(tmp_path / "t").items():
+        reader = BlockReader(value, 5)
+        walked = [reader.read(slice(at, min(value.size, at + 5))).copy()
+                  for at in range(0, value.size, 5)]
+        flat = np.concatenate(walked) if walked else np.empty(0, value.dtype)
+        np.testing.assert_array_equal(flat, tensors()[name].reshape(-1), err_msg=name)
+    with pytest.raises(ValueError, match="holds 5"):
+        BlockReader(read_tensors(tmp_path / "t")["encoder.weight"], 5).read(slice(0, 6))
+
+
+def test_the_norm_of_a_mapped_tensor_is_its_own_files(tmp_path: Path) -> None:
+    # Norms of mapped tensors are kept per map and position: two files with the same
+    # layout must not share them.
+    for name, scale in (("a", 1.0), ("b", 3.0)):
+        write_tensors(tmp_path / name, {"w": np.full(100, scale, dtype=np.float32)})
+    for _ in range(2):
+        assert tensors_norm(read_tensors(tmp_path / "a")) == pytest.approx(10.0)
+        held = read_tensors(tmp_path / "b")
+        assert tensors_norm(held) == pytest.approx(30.0)
+        assert tensors_norm(held) == pytest.approx(30.0)
 
 
 def _file(
