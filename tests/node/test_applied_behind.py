@@ -97,3 +97,33 @@ def test_an_instance_that_cannot_be_indexed_is_quarantined_and_its_batch_indexed
         store.close_journal()
     with store.db.session() as s:
         assert s.execute(select(func.count()).select_from(Instance)).scalar_one() == 3
+
+
+def test_an_ingest_that_fails_is_not_acknowledged_and_holds_up_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """STOW-RS's synchronous path: the record is journaled, the index refuses it, the
+    caller sees the error (no acknowledgement), and the journal still checkpoints."""
+    series = make_ct_series(tmp_path / "ct", 2)
+    store = make_store(tmp_path)
+    store.open_journal(tmp_path / "intake")
+
+    def refuse(*args: object) -> None:
+        raise ValueError("the index refuses this row")
+
+    try:
+        first = series.files[0].read_bytes()
+        monkeypatch.setattr(instances, "index_instance", refuse)
+        with pytest.raises(ValueError, match="refuses"):
+            store.ingest(first, header_of(first), Peer(ae_title="STOW"))
+        monkeypatch.undo()
+        second = series.files[1].read_bytes()
+        assert store.ingest(second, header_of(second), Peer(ae_title="STOW")) == (
+            IngestOutcome.STORED)
+        assert store.journal is not None
+        assert store.journal.checkpoint(timeout_s=5) >= 1, "the failed record holds it up"
+    finally:
+        store.close_journal()
+    with store.db.session() as s:
+        assert set(s.execute(select(Instance.sop_instance_uid)).scalars()) == {
+            series.sop_uids[1]}
