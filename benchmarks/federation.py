@@ -84,7 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--strategy", default="fedasync", choices=["fedasync", "fedbuff", "fedavg"])
     parser.add_argument("--buffer-size", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--chunk-mb", type=float, default=1.0, help="upload chunk size")
+    parser.add_argument("--chunk-mb", type=float, default=0.25,
+                        help="upload chunk size (a node's [federation] chunk_kb default)")
     parser.add_argument(
         "--insecure", action="store_true", help="no TLS (hub --insecure-loopback), to see TLS cost"
     )

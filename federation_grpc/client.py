@@ -50,7 +50,7 @@ class FederationClient:
         node_token: str = "",
         insecure: bool = False,
         retry: RetryPolicy | None = None,
-        chunk_size: int = 1024 * 1024,
+        chunk_size: int = 256 * 1024,
         timeout_s: float = 120.0,
         server_name: str | None = None,
         interceptors: Sequence[Interceptor] = (),

@@ -51,7 +51,7 @@ class FederationSettings(Section):
     adapt: bool = True
     adapt_epochs: int = Field(3, ge=1, le=100)
     adapt_time_budget_s: float = Field(30.0, gt=0)
-    chunk_kb: int = Field(1024, ge=1, le=4096)
+    chunk_kb: int = Field(256, ge=1, le=4096)
     rpc_timeout_s: float = Field(120.0, gt=0)
 
     @model_validator(mode="after")
