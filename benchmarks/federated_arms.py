@@ -151,13 +151,30 @@ def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
         if s == ex.args.shifted_site:
             diag["served_before"] = served_before[s]
             diag["candidate"] = score(candidate, config, ex.held[s])
-        assert base_model is not None  # the round's own change, as a node sends it
-        sent = moved_onto(base_model, start, candidate, config)
+        assert base_model is not None
+        sent, samples = hub_round(ex, site, base_model, start, candidate, config,
+                                  replace(ex.policy, seed=seed * 1000 + r * 10 + 7 + i))
         payload, _ = update_artifact(sent, groups, {"site": s})
-        upload(hub, nodes[s], payload, groups, base)
+        upload(hub, nodes[s], payload, groups, base, num_samples=samples)
         if hub.strategy.batch_size() == 1:
             hub.aggregator.process_pending()
     return rounds
+
+
+def hub_round(ex: Experiment, site: Site, generation: MultiHeadUNet, start: MultiHeadUNet,
+              candidate: MultiHeadUNet, config: ModelConfig, policy: TrainingPolicy
+              ) -> tuple[MultiHeadUNet, int]:
+    """What the site sends and for how many corrections. ``--hub-round served``: the
+    round's own change on the generation (``round_update.moved_onto``, as a node does),
+    one correction. ``generation``: a round trained from the generation itself on the
+    new correction and the replay buffer (FedAvg's local training), for all of them."""
+    if ex.args.hub_round == "served":
+        return moved_onto(generation, start, candidate, config), 1
+    new, *older = site.replay
+    replay = replay_within(older, ex.args.replay_max_slices)
+    trained, _ = train_round(generation, config, new, replay, policy)
+    kept = {id(x) for x in replay}
+    return trained, 1 + sum(1 for o in older if o and id(o[0]) in kept)
 
 
 def serve_generation(ex: Experiment, sites: dict[str, Site], hub: HubService,

@@ -185,6 +185,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=node.round.epochs)
     p.add_argument("--neighbours", type=int, default=node.neighbour_slices)
     p.add_argument("--replay-max-slices", type=int, default=node.replay_max_slices)
+    p.add_argument("--hub-round", choices=("served", "generation"), default="served",
+                   help="what a site sends: its round's own change on the generation "
+                        "(the node), or a round trained from the generation")
     p.add_argument("--keep-optimiser-state", action=argparse.BooleanOptionalAction,
                    default=node.keep_optimiser_state)
     p.add_argument("--threads", type=int, default=node.threads)
