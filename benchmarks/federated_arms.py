@@ -32,7 +32,6 @@ from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.weights import model_from_bytes
-from dicom_node.pipeline.round_update import moved_onto
 from dicom_node.pipeline.site_adaptation import rebase
 from federation_grpc.hub.config import GateConfig
 from federation_grpc.hub.service import HubService
@@ -131,7 +130,7 @@ def arm_scores(arm: str, config: ModelConfig, held: dict[str, list[Case]],
 
 def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
                 nodes: dict[str, str], r: int, seed: int, served_before: dict[str, float],
-                diag: dict[str, float]) -> dict[str, MultiHeadUNet]:
+                diag: dict[str, float], adapt: bool) -> dict[str, MultiHeadUNet]:
     """Round ``r`` at every site: a correction, a round of training, the update to the
     hub (merged at once by a one-at-a-time strategy); each site's candidate."""
     config = ex.init[1]
@@ -153,7 +152,8 @@ def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
             diag["candidate"] = score(candidate, config, ex.held[s])
         assert base_model is not None
         sent, samples = hub_round(ex, site, base_model, start, candidate, config,
-                                  replace(ex.policy, seed=seed * 1000 + r * 10 + 7 + i))
+                                  replace(ex.policy, seed=seed * 1000 + r * 10 + 7 + i),
+                                  adapt)
         payload, _ = update_artifact(sent, groups, {"site": s})
         upload(hub, nodes[s], payload, groups, base, num_samples=samples)
         if hub.strategy.batch_size() == 1:
@@ -162,19 +162,23 @@ def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
 
 
 def hub_round(ex: Experiment, site: Site, generation: MultiHeadUNet, start: MultiHeadUNet,
-              candidate: MultiHeadUNet, config: ModelConfig, policy: TrainingPolicy
-              ) -> tuple[MultiHeadUNet, int]:
-    """What the site sends and for how many corrections. ``--hub-round served``: the
-    round's own change on the generation (``round_update.moved_onto``, as a node does),
-    one correction. ``generation``: a round trained from the generation itself on the
-    new correction and the replay buffer (FedAvg's local training), for all of them."""
-    if ex.args.hub_round == "served":
-        return moved_onto(generation, start, candidate, config), 1
+              candidate: MultiHeadUNet, config: ModelConfig, policy: TrainingPolicy,
+              adapt: bool) -> tuple[MultiHeadUNet, int]:
+    """What a site sends, and for how many corrections (the new one and those replayed),
+    as a node does: a round that started from the generation as trained; at a site
+    serving its own fine-tune, a round trained again from the generation on the same
+    corrections (``pipeline.round_update``). ``--hub-round as-trained``: the fine-tune's
+    round as trained (before); ``change``: only that round's change, on the generation."""
     new, *older = site.replay
     replay = replay_within(older, ex.args.replay_max_slices)
-    trained, _ = train_round(generation, config, new, replay, policy)
     kept = {id(x) for x in replay}
-    return trained, 1 + sum(1 for o in older if o and id(o[0]) in kept)
+    samples = 1 + sum(1 for o in older if o and id(o[0]) in kept)
+    if not adapt or ex.args.hub_round == "as-trained":
+        return candidate, samples
+    if ex.args.hub_round == "change":  # generation + (candidate - start)
+        return rebase(candidate, config, generation, start), samples
+    trained, _ = train_round(generation, config, new, replay, policy)
+    return trained, samples
 
 
 def serve_generation(ex: Experiment, sites: dict[str, Site], hub: HubService,
@@ -244,7 +248,8 @@ def run_arm(arm: str, ex: Experiment, seed: int) -> dict[str, Any]:
             for r in range(1, args.generations + 1):
                 t0 = time.monotonic()
                 diag: dict[str, float] = {}
-                rounds = train_sites(ex, sites, hub, nodes, r, seed, rows[-1]["dice"], diag)
+                rounds = train_sites(ex, sites, hub, nodes, r, seed, rows[-1]["dice"], diag,
+                                     arm.endswith(ADAPT))
                 served = None
                 if hub is not None:
                     served = serve_generation(ex, sites, hub, rounds, hub_model, r, seed,

@@ -8,7 +8,8 @@ is "corrected" to its ground truth, and one round of the node's own training run
 the site's earlier corrections, the node's ``[learning]`` policy with ``--time-budget``,
 Adam's moments kept between a site's rounds). The update goes to the real hub
 (``HubService`` in this process: upload intake, validation, the configured strategy,
-the gate), declaring ``num_samples = 1`` as a node does for one correction; a
+the gate), declaring as ``num_samples`` the corrections the round trained on (the new
+one and those replayed), as a node does; a
 one-at-a-time strategy merges each update as it arrives, as a live hub does when the
 sites' updates come seconds apart. After each round every site serves the hub's current
 generation (a site's local gains are replaced, as on a node).
@@ -25,6 +26,8 @@ Arms, side by side in one run, from the same starter and the same studies:
   (``pipeline.site_adaptation``): the generation plus what the site learned on top of
   the generation before (``rebase``), fine-tuned on its replay buffer
   (``--adapt-epochs``, ``--adapt-time-budget``). ``union`` is the hub's shared model.
+  Such a site's update is, as on a node (``pipeline.round_update``), a second round
+  trained from the generation on the same corrections (``--hub-round``).
 
 Every hub arm's gate scores candidates on a validation set (``--validation`` subjects
 per site, never trained on or scored); Dafne's margin is 0.001, the others' the hub's
@@ -185,9 +188,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=node.round.epochs)
     p.add_argument("--neighbours", type=int, default=node.neighbour_slices)
     p.add_argument("--replay-max-slices", type=int, default=node.replay_max_slices)
-    p.add_argument("--hub-round", choices=("served", "generation"), default="served",
-                   help="what a site sends: its round's own change on the generation "
-                        "(the node), or a round trained from the generation")
+    p.add_argument("--hub-round", choices=("generation", "as-trained", "change"),
+                   default="generation",
+                   help="what an adapting site sends: a round trained from the generation "
+                        "(the node), its fine-tune's round as trained, or only that round's "
+                        "change")
     p.add_argument("--keep-optimiser-state", action=argparse.BooleanOptionalAction,
                    default=node.keep_optimiser_state)
     p.add_argument("--threads", type=int, default=node.threads)

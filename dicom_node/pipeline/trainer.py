@@ -17,7 +17,6 @@ only re-applies its outcome.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +40,6 @@ from dicom_node.learning.incremental import (
     accept_candidate,
     train_round,
     trained_groups,
-    update_artifact,
 )
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
@@ -51,7 +49,7 @@ from dicom_node.learning.training import TrainingProgress, TrainingReport
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import ActivatePayload, JobKind, TrainingPayload
 from dicom_node.pipeline.model_sources import ModelRegistry
-from dicom_node.pipeline.round_update import round_on_hub_generation
+from dicom_node.pipeline.round_update import hub_origin, write_update
 from dicom_node.pipeline.seg import deterministic_uid
 from dicom_node.pipeline.training_samples import (
     beating,
@@ -69,7 +67,6 @@ from dicom_node.pipeline.versions import (
     next_generation,
 )
 from dicom_node.store.db import Database
-from dicom_node.store.durable import write_atomic
 from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import (
     ModelVersion,
@@ -78,7 +75,6 @@ from dicom_node.store.models import (
     TrainingSample,
     UpdateOutboxItem,
 )
-from dicom_node.store.private import private_dir
 from dicom_node.worker import PermanentJobError
 
 if TYPE_CHECKING:
@@ -105,7 +101,6 @@ class RoundOutcome:
 
     name: str
     base_config: ModelConfig  # the generation the round started from
-    start: SegmentationNetwork  # its weights
     config: ModelConfig  # the candidate's (a pending head it trained is active)
     model: SegmentationNetwork
     report: TrainingReport
@@ -114,6 +109,8 @@ class RoundOutcome:
     accepted: bool
     verdict: str
     metrics: dict[str, Any]
+    hub_round: TrainedCandidate | None = None  # trained from the hub generation, to send
+    replayed: int = 0  # corrections replayed in the round
 
 
 class IncrementalTrainer:
@@ -174,17 +171,23 @@ class IncrementalTrainer:
         accepted, verdict, scores = self._judge(base_model, base_config, trained, held)
         trained.training["seconds"] = round(time.monotonic() - t0, 2)
         beat()
+        origin = hub_origin(self.db, name, base_config.generation) if (
+            accepted and isinstance(base_model, MultiHeadUNet)) else None
+        hub_round = None if origin is None else self._slice_round(
+            *origin, new_rows, replay_rows, attempt, beat, moments=False)
         return self._commit(RoundOutcome(
-            name=name, base_config=base_config, start=base_model, config=trained.config,
-            model=trained.model,
+            name=name, base_config=base_config, config=trained.config, model=trained.model,
             report=trained.report, sample_ids=tuple(sample_ids), update_id=update_id,
             accepted=accepted, verdict=verdict,
-            metrics={**scores, "training": trained.training, "verdict": verdict}))
+            metrics={**scores, "training": trained.training, "verdict": verdict},
+            hub_round=hub_round, replayed=len(replay_rows)))
 
     def _slice_round(self, base_model: MultiHeadUNet, base_config: ModelConfig,
                      new_rows: list[TrainingSample], replay_rows: list[TrainingSample],
-                     attempt: int, beat: Callable[[], None]) -> TrainedCandidate:
-        """Train a copy of the multi-head U-Net on the new and replayed slices."""
+                     attempt: int, beat: Callable[[], None], *, moments: bool = True
+                     ) -> TrainedCandidate:
+        """Train a copy of the multi-head U-Net on the new and replayed slices (Adam's
+        moments of the served rounds kept, unless ``moments`` is false)."""
         new = [x for r in new_rows for x in self._load(r).slice_samples()]
         replay = self._replay(replay_rows)
         # Labels of an added head: train that head alone on the frozen encoder.
@@ -194,11 +197,11 @@ class IncrementalTrainer:
                     base_config.name, base_config.generation, len(new), len(new_rows),
                     len(replay))
         anchors, gate = self._rehearsal(base_config)
-        moments = (optimiser_state.load(self._moments_path(base_config.name))
-                   if self.learning.keep_optimiser_state else None)
+        state = (optimiser_state.load(self._moments_path(base_config.name))
+                 if moments and self.learning.keep_optimiser_state else None)
         candidate, report = train_round(base_model, base_config, new, replay, policy,
                                         anchors=anchors, progress=self._progress(attempt, beat),
-                                        optimiser_state=moments)
+                                        optimiser_state=state)
         return TrainedCandidate(
             candidate, after_round(base_config, report),  # a pending head it trained is active
             report, {"slices": len(new), "replay_slices": len(replay), "steps": report.steps,
@@ -320,23 +323,19 @@ class IncrementalTrainer:
 
     def _write_update(self, outcome: RoundOutcome, generation: int, groups: list[str]
                       ) -> tuple[Path, dict[str, str]]:
-        """The served round's update for the hub (its trained groups, durable) and its
-        metadata."""
-        name, base_generation = outcome.name, outcome.base_config.generation
-        with self.db.session() as s:  # this round's change only (pipeline.round_update)
-            sent = round_on_hub_generation(s, name, base_generation, outcome.start,
-                                           outcome.model, outcome.config)
-        data, meta = update_artifact(sent, groups, {
-            "update_id": outcome.update_id, "model": name, "base_generation": base_generation,
-            "local_generation": generation, "num_samples": len(outcome.sample_ids),
+        """The served round's update for the hub, durable, and its metadata: the round
+        trained from the hub generation when it started from a local version
+        (``pipeline.round_update``), for every correction it trained on."""
+        sent, hub_round = outcome.model, outcome.hub_round
+        if hub_round is not None:
+            sent, groups = hub_round.model, trained_groups(hub_round.report, hub_round.config)
+        return write_update(self.data_dir, outcome.update_id, sent, groups, {
+            "update_id": outcome.update_id, "model": outcome.name,
+            "base_generation": outcome.base_config.generation, "local_generation": generation,
+            "num_samples": len(outcome.sample_ids) + outcome.replayed,
             "num_slices": outcome.metrics["training"]["slices"], "trained_groups": groups,
-            "validation": outcome.metrics["held_out"]})
-        update_path = self.data_dir / "updates" / f"{outcome.update_id}.safetensors"
-        private_dir(update_path.parent)
-        write_atomic(update_path, data, durable=True)
-        write_atomic(update_path.with_suffix(".json"), json.dumps(meta, indent=2).encode(),
-                     durable=True)
-        return update_path, meta
+            "validation": outcome.metrics["held_out"],
+            "trained_from": "hub generation" if hub_round is not None else "served version"})
 
     def _keep_moments(self, name: str, generation: int, report: TrainingReport) -> None:
         if report.optimiser_state is None:  # a refused round's moments are dropped

@@ -145,14 +145,15 @@ def test_a_shifted_site_serves_its_fine_tune_of_a_hub_generation(
         assert known_hub_generation(node.parts.db, TEST_MODEL) == 1
         # A retry of the job (a crash after the commit) changes nothing.
         assert _adapter(node).adapt(TEST_MODEL, 1, -1) is None
-        _sends_only_its_round(node, Path(versions[1].path))
+        _sends_a_round_from_the_generation(node, Path(versions[1].path))
     finally:
         node.parts.db.dispose()
 
 
-def _sends_only_its_round(node: Node, generation_path: Path) -> None:
-    """A round from the adapted version: the update is generation 1 plus the round's own
-    change, not the fine-tune the hub would otherwise count as learning at every round."""
+def _sends_a_round_from_the_generation(node: Node, generation_path: Path) -> None:
+    """A round from the adapted version serves as trained; the update for the hub is a
+    round trained from generation 1 itself on the same corrections (pipeline.round_update):
+    neither the fine-tune again nor the round's tiny change alone."""
     adapted, _ = node.parts.models.get(TEST_MODEL)
     _sample(node, Study("C", 3, seed=11), SampleState.PENDING)
     trainer = next(h for h in node.parts.handlers if isinstance(h, IncrementalTrainer))
@@ -162,13 +163,19 @@ def _sends_only_its_round(node: Node, generation_path: Path) -> None:
     with node.parts.db.session() as s:
         item = s.execute(select(UpdateOutboxItem)).scalar_one()
         assert item.base_generation == version.parent_generation
+    assert item.meta["trained_from"] == "hub generation"
+    assert item.meta["num_samples"] == "4"  # the new correction and the 3 replayed
     sent = load_file(item.path)
     generation, _ = load_model(generation_path)
     g, a, t = (m.state_dict() for m in (generation, adapted, trained))
-    moved = [k for k in sent if not t[k].equal(a[k]) and not a[k].equal(g[k])]
-    assert moved, "the round changed no tensor the fine-tune had changed"
-    for key in moved:
-        torch.testing.assert_close(sent[key], g[key] + (t[key] - a[key]))
+
+    def distance(x: dict[str, torch.Tensor], keys: list[str]) -> float:
+        return sum(float((sent[k] - x[k]).norm()) for k in keys)
+
+    encoder = [k for k in sent if k.startswith("encoder.") and g[k].is_floating_point()]
+    assert encoder and distance(g, encoder) < distance(a, encoder), "not trained from g"
+    assert not all(sent[k].equal(g[k]) for k in sent), "it learned nothing"
+    assert not all(sent[k].equal(t[k]) for k in sent), "the served round was sent"
 
 
 def test_a_generation_worse_here_is_rolled_back_and_not_fetched_again(
