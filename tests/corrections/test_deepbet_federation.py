@@ -40,7 +40,9 @@ from tests.corrections.helpers import (
 from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
 from tests.federation_node.conftest import (
     InProcessHub,
+    assert_serves_hub_weights,
     federated_node_data,
+    mtls_hub,
     node_tls,
     outbox,
     serving,
@@ -64,21 +66,8 @@ def install_deepbet(models: Path) -> Path:
 def deepbet_hub(tmp_path: Path, certs: Any) -> Iterator[InProcessHub]:  # noqa: F811
     """A hub under mTLS, with its default gate, whose generation 0 is deepbet's weights
     (the hub never holds the script)."""
-    from federation_grpc.hub.config import HubConfig, TlsConfig
-    from federation_grpc.hub.process import HubServer
-    from federation_grpc.hub.service import HubService
-
-    weights = install_deepbet(tmp_path / "import")
-    config = HubConfig(data_dir=tmp_path / "hub", port=0, max_workers=16,
-                       tls=TlsConfig(certs["ca"].cert, certs["hub"].cert, certs["hub"].key))
-    service = HubService(config)
-    service.init_model(weights.read_bytes(), weights.with_suffix(".json").read_text())
-    server = HubServer(config, service, watch_poll_s=0.2, keepalive_s=1.0).start()
-    try:
-        yield InProcessHub(server, service)
-    finally:
-        server.stop(grace=0.5)
-        service.close()
+    with mtls_hub(tmp_path / "hub", certs, install_deepbet(tmp_path / "import")) as hub:
+        yield hub
 
 
 def _node(tmp_path: Path, name: str, hub: InProcessHub, tls: Any) -> Node:
@@ -143,15 +132,8 @@ def test_a_correction_to_deepbet_federates_to_a_second_node_that_serves_it(
         wait_until(lambda: serving(url2) == (1, "hub"), timeout=60,
                    what="node 2 to serve hub generation 1")
 
-        model, config = node2.parts.models.get(MODEL)
-        assert config.generation == 1 and config.architecture.startswith("torchscript:")
-        merged = hub.service.generation_tensors(1)
-        start = hub.service.generation_tensors(0)
-        served = model.state_dict()
-        assert set(merged) == set(served) and all(k.startswith("network.") for k in merged)
-        for name, value in merged.items():
-            np.testing.assert_array_equal(served[name].numpy(), value)
-        assert any(not np.array_equal(merged[k], start[k]) for k in merged)  # it learned
+        config = assert_serves_hub_weights(hub, node2, MODEL)
+        assert config.architecture.startswith("torchscript:")
 
         # node 2 segments the same series with generation 1: closer to the correction
         assert storescu(node2.port, *series).returncode == 0

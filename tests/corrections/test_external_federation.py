@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from dicom_node.config import load_config
@@ -27,7 +26,9 @@ from tests.corrections.helpers import (
 from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
 from tests.federation_node.conftest import (
     InProcessHub,
+    assert_serves_hub_weights,
     federated_node_data,
+    mtls_hub,
     node_tls,
     outbox,
     serving,
@@ -39,21 +40,9 @@ from tests.node.conftest import storescu, wait_until, write_node_config
 def monai_hub(tmp_path: Path, certs: Any) -> Iterator[tuple[InProcessHub, Path]]:  # noqa: F811
     """A hub under mTLS, with its default gate, whose generation 0 is the imported MONAI
     network."""
-    from federation_grpc.hub.config import HubConfig, TlsConfig
-    from federation_grpc.hub.process import HubServer
-    from federation_grpc.hub.service import HubService
-
     model_path = imported_monai_model(tmp_path / "import")
-    config = HubConfig(data_dir=tmp_path / "hub", port=0, max_workers=16,
-                       tls=TlsConfig(certs["ca"].cert, certs["hub"].cert, certs["hub"].key))
-    service = HubService(config)
-    service.init_model(model_path.read_bytes(), model_path.with_suffix(".json").read_text())
-    server = HubServer(config, service, watch_poll_s=0.2, keepalive_s=1.0).start()
-    try:
-        yield InProcessHub(server, service), model_path
-    finally:
-        server.stop(grace=0.5)
-        service.close()
+    with mtls_hub(tmp_path / "hub", certs, model_path) as hub:
+        yield hub, model_path
 
 
 def _node(tmp_path: Path, name: str, hub: InProcessHub, model_path: Path, tls: Any) -> Node:
@@ -91,15 +80,8 @@ def test_a_round_of_an_imported_model_federates_to_a_second_node(
         assert generation.update_ids == (hub_update_id(node_id, update_id),)
         wait_until(lambda: serving(url2) == (1, "hub"), timeout=60,
                    what="node 2 to serve hub generation 1")
-        model, config = node2.parts.models.get(EXTERNAL_MODEL)
-        assert config.generation == 1 and config.architecture == "monai:UNet"
-        merged = hub.service.generation_tensors(1)
-        before = hub.service.generation_tensors(0)
-        served = model.state_dict()
-        assert set(merged) == set(served) and all(k.startswith("network.") for k in merged)
-        for name, value in merged.items():
-            np.testing.assert_array_equal(served[name].numpy(), value)
-        assert any(not np.array_equal(merged[k], before[k]) for k in merged)  # it learned
+        config = assert_serves_hub_weights(hub, node2, EXTERNAL_MODEL)
+        assert config.architecture == "monai:UNet"
     finally:
         node1.stop()
         node2.stop()

@@ -7,6 +7,7 @@ import hashlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,44 @@ class InProcessHub:
 
     def current(self) -> int:
         return int(self.service.require_current().number)
+
+
+def assert_serves_hub_weights(hub: InProcessHub, node: Any, model: str,
+                              generation: int = 1) -> Any:
+    """``node`` serves exactly the hub's ``generation`` of an imported ``model`` (every
+    tensor, all in its ``network`` group), which learned (differs from generation 0);
+    returns the served config."""
+    served_model, config = node.parts.models.get(model)
+    assert config.generation == generation
+    merged = hub.service.generation_tensors(generation)
+    start = hub.service.generation_tensors(0)
+    served = served_model.state_dict()
+    assert set(merged) == set(served) and all(k.startswith("network.") for k in merged)
+    for name, value in merged.items():
+        np.testing.assert_array_equal(served[name].numpy(), value)
+    assert any(not np.array_equal(merged[k], start[k]) for k in merged)  # it learned
+    return config
+
+
+@contextmanager
+def mtls_hub(data_dir: Path, certs: Any,  # noqa: F811
+             weights: Path) -> Iterator[InProcessHub]:
+    """A hub under mutual TLS with its defaults, whose generation 0 is ``weights`` (its
+    JSON beside it)."""
+    from federation_grpc.hub.config import HubConfig, TlsConfig
+    from federation_grpc.hub.process import HubServer
+    from federation_grpc.hub.service import HubService
+
+    config = HubConfig(data_dir=data_dir, port=0, max_workers=16,
+                       tls=TlsConfig(certs["ca"].cert, certs["hub"].cert, certs["hub"].key))
+    service = HubService(config)
+    service.init_model(weights.read_bytes(), model_json(weights))
+    server = HubServer(config, service, watch_poll_s=0.2, keepalive_s=1.0).start()
+    try:
+        yield InProcessHub(server, service)
+    finally:
+        server.stop(grace=0.5)
+        service.close()
 
 
 @pytest.fixture
