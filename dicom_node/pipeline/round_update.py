@@ -30,12 +30,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dicom_node.errors import DicomNodeError
 from dicom_node.learning.incremental import update_artifact
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
-from dicom_node.learning.weights import load_model
-from dicom_node.pipeline.versions import hub_base_generation, is_local_generation, version_row
+from dicom_node.pipeline.versions import (
+    hub_base_generation,
+    is_local_generation,
+    load_version,
+    version_row,
+)
 from dicom_node.store.db import Database
 from dicom_node.store.durable import write_atomic
 from dicom_node.store.private import private_dir
@@ -55,16 +58,12 @@ def hub_origin(db: Database, name: str, start_generation: int
         hub = hub_base_generation(s, name, start_generation)
         row = version_row(s, name, hub) if not is_local_generation(hub) else None
         path = row.path if row is not None else None
-    if not path:
-        LOGGER.warning("%s: hub generation %d's weights are not here; the update is the "
-                       "round as trained from local version %d", name, hub, start_generation)
+    loaded = load_version(name, hub, path)
+    if loaded is None:
+        LOGGER.warning("%s: hub generation %d's weights not here; the update is the round "
+                       "as trained from local version %d", name, hub, start_generation)
         return None
-    try:
-        model, config = load_model(path)
-    except (DicomNodeError, OSError) as exc:
-        LOGGER.warning("%s: hub generation %d not loaded (%s); the update is the round as "
-                       "trained", name, hub, exc)
-        return None
+    model, config = loaded
     return (model, config) if isinstance(model, MultiHeadUNet) else None
 
 

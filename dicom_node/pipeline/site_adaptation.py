@@ -36,13 +36,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import FederationSettings, LearningSettings
-from dicom_node.errors import DicomNodeError
 from dicom_node.learning.evaluation import HeldOutSample, evaluate_samples
 from dicom_node.learning.incremental import copy_model, train_round
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
 from dicom_node.learning.slices import SliceSample
-from dicom_node.learning.weights import load_model, save_model
+from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import AdaptPayload, JobKind
 from dicom_node.pipeline.model_sources import ModelRegistry
 from dicom_node.pipeline.training_samples import (
@@ -56,6 +55,7 @@ from dicom_node.pipeline.training_samples import (
 from dicom_node.pipeline.versions import (
     LOCAL_FLOOR,
     hub_base_generation,
+    load_version,
     next_generation,
     serving_version,
     version_row,
@@ -162,7 +162,7 @@ class GenerationAdapter:
         if scorable:
             scores["generation"] = _mean(model, config, held)
         t0 = time.monotonic()
-        before_model = self._load(name, previous, lineage.before_path)
+        before_model = load_version(name, previous, lineage.before_path)
         if before_model is not None and scorable:
             scores["previous"] = _mean(*before_model, held)
         adapted = self._fit(name, model, config, before_model, lineage, replay, beat)
@@ -215,7 +215,7 @@ class GenerationAdapter:
         hub generation carried to the new one (rebase), then fine-tuned on the replay
         buffer; None if there is nothing to carry or train on."""
         start = model
-        base_model = (self._load(name, lineage.base, lineage.base_path)
+        base_model = (load_version(name, lineage.base, lineage.base_path)
                       if before_model is not None else None)
         if isinstance(model, MultiHeadUNet) and before_model is not None and base_model:
             start = rebase(model, config, before_model[0], base_model[0])
@@ -282,17 +282,6 @@ class GenerationAdapter:
         self.models.replace(name, model, config)
         LOGGER.warning("%s: %s", name, check.verdict)
         return check
-
-    def _load(self, name: str, generation: int, path: str | None
-              ) -> tuple[SegmentationNetwork, ModelConfig] | None:
-        if path is None:
-            return None
-        try:
-            return load_model(path)
-        except (DicomNodeError, OSError) as exc:
-            LOGGER.warning("%s generation %d not loaded (its weights: %s)", name, generation,
-                           exc)
-            return None
 
     @staticmethod
     def _still_serving(s: Session, name: str, generation: int) -> ModelVersion | None:

@@ -83,6 +83,15 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
+class RoundSlices:
+    """A round's new slices (from ``corrections`` corrections) and its replayed ones."""
+
+    new: list[SliceSample]
+    replay: list[SliceSample]
+    corrections: int
+
+
+@dataclass(frozen=True)
 class TrainedCandidate:
     """A round's trained copy, before it is judged: its config, report and figures, and
     the rehearsal gate that judges it (multi-head U-Net only)."""
@@ -161,9 +170,10 @@ class IncrementalTrainer:
             return done
         held = [load_held_out(self.data_dir, r) for r in held_rows]
         t0 = time.monotonic()
+        slices = None
         if isinstance(base_model, MultiHeadUNet):
-            trained = self._slice_round(base_model, base_config, new_rows, replay_rows,
-                                        attempt, beat)
+            slices = self._round_slices(new_rows, replay_rows)
+            trained = self._slice_round(base_model, base_config, slices, attempt, beat)
         else:  # an external network: whole volumes, one group (pipeline.external_round)
             trained = self._external_round(name, base_model, base_config, new_rows,
                                            replay_rows)
@@ -172,9 +182,9 @@ class IncrementalTrainer:
         trained.training["seconds"] = round(time.monotonic() - t0, 2)
         beat()
         origin = hub_origin(self.db, name, base_config.generation) if (
-            accepted and isinstance(base_model, MultiHeadUNet)) else None
-        hub_round = None if origin is None else self._slice_round(
-            *origin, new_rows, replay_rows, attempt, beat, moments=False)
+            accepted and slices is not None) else None
+        hub_round = None if origin is None or slices is None else self._slice_round(
+            *origin, slices, attempt, beat, moments=False)
         return self._commit(RoundOutcome(
             name=name, base_config=base_config, config=trained.config, model=trained.model,
             report=trained.report, sample_ids=tuple(sample_ids), update_id=update_id,
@@ -182,19 +192,23 @@ class IncrementalTrainer:
             metrics={**scores, "training": trained.training, "verdict": verdict},
             hub_round=hub_round, replayed=len(replay_rows)))
 
+    def _round_slices(self, new_rows: list[TrainingSample],
+                      replay_rows: list[TrainingSample]) -> RoundSlices:
+        """The round's new and replayed slices, read once for every training of it."""
+        return RoundSlices([x for r in new_rows for x in self._load(r).slice_samples()],
+                           self._replay(replay_rows), len(new_rows))
+
     def _slice_round(self, base_model: MultiHeadUNet, base_config: ModelConfig,
-                     new_rows: list[TrainingSample], replay_rows: list[TrainingSample],
-                     attempt: int, beat: Callable[[], None], *, moments: bool = True
-                     ) -> TrainedCandidate:
+                     slices: RoundSlices, attempt: int, beat: Callable[[], None], *,
+                     moments: bool = True) -> TrainedCandidate:
         """Train a copy of the multi-head U-Net on the new and replayed slices (Adam's
         moments of the served rounds kept, unless ``moments`` is false)."""
-        new = [x for r in new_rows for x in self._load(r).slice_samples()]
-        replay = self._replay(replay_rows)
+        new, replay = slices.new, slices.replay
         # Labels of an added head: train that head alone on the frozen encoder.
         policy = continual_policy(base_config, {n for x in new for n in x.annotated},
                                   policy_of(self.learning))
         LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
-                    base_config.name, base_config.generation, len(new), len(new_rows),
+                    base_config.name, base_config.generation, len(new), slices.corrections,
                     len(replay))
         anchors, gate = self._rehearsal(base_config)
         state = (optimiser_state.load(self._moments_path(base_config.name))

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.weights import load_model
 from dicom_node.loop_health import LoopHealth
 from dicom_node.pipeline.flow import ActivatePayload, enqueue
@@ -42,6 +43,20 @@ LOGGER = logging.getLogger(__name__)
 
 class VersionError(DicomNodeError):
     pass
+
+
+def load_version(name: str, generation: int, path: str | None, *, level: int = logging.WARNING
+                 ) -> tuple[SegmentationNetwork, ModelConfig] | None:
+    """Version ``generation`` of ``name`` loaded from ``path``; None (logged at ``level``)
+    when it has no weights file or they do not load."""
+    if path is None:
+        return None
+    try:
+        return load_model(path)
+    except (DicomNodeError, OSError) as exc:
+        LOGGER.log(level, "%s generation %d not loaded from %s: %s", name, generation, path,
+                   exc)
+        return None
 
 
 def version_row(s: Session, name: str, generation: int) -> ModelVersion | None:
@@ -115,14 +130,10 @@ def activate_serving(db: Database, models: ModelRegistry, name: str | None = Non
         rows = list(s.execute(q.order_by(ModelVersion.id)).scalars())
     done = []
     for row in rows:
-        if row.path is None:
+        loaded = load_version(row.name, row.generation, row.path, level=logging.ERROR)
+        if loaded is None:
             continue
-        try:
-            model, config = load_model(row.path)
-        except (DicomNodeError, OSError) as exc:
-            LOGGER.error("cannot load serving version %s gen %d from %s: %s", row.name,
-                         row.generation, row.path, exc)
-            continue
+        model, config = loaded
         models.replace(row.name, model, config)
         done.append(f"{row.name}:{row.generation}")
         LOGGER.info("serving %s generation %d (%s)", row.name, row.generation, row.origin)
