@@ -101,10 +101,13 @@ def correct_and_train(site: Site, case: Case, policy: TrainingPolicy, args: argp
 
 
 def hub_for(folder: Path, strategy: str, init: tuple[MultiHeadUNet, ModelConfig],
-            evaluator: UnionEvaluator | None) -> HubService:
-    """The arm's hub: Dafne's gate margin 0.001, the others' the hub's default."""
+            evaluator: UnionEvaluator | None,
+            aggregation: Mapping[str, float] | None = None) -> HubService:
+    """The arm's hub: Dafne's gate margin 0.001, the others' the hub's default;
+    ``aggregation`` overrides ``[aggregation]`` settings (``--aggregation``)."""
     margin = 0.001 if strategy == "dafne" else GateConfig().validation_margin
     return start_hub(folder, strategy, len(SITES), *init, evaluator,
+                     aggregation=aggregation if strategy != "dafne" else None,
                      validation_margin=margin)
 
 
@@ -241,7 +244,8 @@ def run_arm(arm: str, ex: Experiment, seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tessera-fl-") as tmp:
         hub = None if arm == "local" else hub_for(
             Path(tmp) / "hub", arm.removesuffix(ADAPT), ex.init,
-            UnionEvaluator(config, ex.validation) if ex.validation else None)
+            UnionEvaluator(config, ex.validation) if ex.validation else None,
+            args.aggregation)
         try:
             nodes = {} if hub is None else {s: enrol(hub, s) for s in SITES}
             hub_model = model0  # the generation the sites' models descend from

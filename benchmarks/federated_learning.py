@@ -62,7 +62,7 @@ import argparse
 import itertools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadUNet
 from dicom_node.learning.weights import load_model
 from dicom_node.pipeline.training_samples import policy_of
+from federation_grpc.hub.config import AggregationConfig
 
 plt = pyplot()
 
@@ -168,6 +169,20 @@ def plot(per_seed: dict[int, dict[str, dict]], arms: Sequence[str], path: Path,
     save_figure(fig, path, dpi=110)
 
 
+def aggregation_options(text: str) -> dict[str, float]:
+    """``key=value,...`` of ``[aggregation]`` numbers (``--aggregation``)."""
+    known = {f.name: f.default for f in fields(AggregationConfig) if f.name != "strategy"}
+    out: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key.strip() not in known:
+            raise argparse.ArgumentTypeError(f"unknown [aggregation] setting {key!r}; "
+                                             f"expected one of {sorted(known)}")
+        number = float(value)
+        out[key.strip()] = int(number) if isinstance(known[key.strip()], int) else number
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     node = LearningSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -193,6 +208,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="what an adapting site sends: a round trained from the generation "
                         "(the node), its fine-tune's round as trained, or only that round's "
                         "change")
+    p.add_argument("--aggregation", type=aggregation_options, default={},
+                   help="hub [aggregation] settings for the strategy arms, e.g. "
+                        "'sample_halfpoint=2,alpha=0.8' (Dafne's arm keeps its own)")
     p.add_argument("--keep-optimiser-state", action=argparse.BooleanOptionalAction,
                    default=node.keep_optimiser_state)
     p.add_argument("--threads", type=int, default=node.threads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,15 @@ from federation_grpc.hub.service import HubService
 
 
 def start_hub(folder: Path, strategy: str, buffer_size: int, model: MultiHeadUNet,
-              config: ModelConfig, evaluator: Any = None, **gate: Any) -> HubService:
-    """A hub under ``folder`` whose generation 0 is ``model``; ``gate`` overrides the
-    gate's defaults; ``evaluator`` scores candidates for the gate."""
+              config: ModelConfig, evaluator: Any = None,
+              aggregation: Mapping[str, float] | None = None, **gate: Any) -> HubService:
+    """A hub under ``folder`` whose generation 0 is ``model``; ``aggregation`` and
+    ``gate`` override the ``[aggregation]`` and ``[gate]`` defaults; ``evaluator`` scores
+    candidates for the gate."""
     hub = HubService(HubConfig(
         data_dir=folder, port=0,
-        aggregation=replace(AggregationConfig(), strategy=strategy, buffer_size=buffer_size),
+        aggregation=replace(AggregationConfig(), strategy=strategy, buffer_size=buffer_size,
+                            **(aggregation or {})),
         gate=replace(GateConfig(), **gate)), evaluator=evaluator)
     try:
         hub.init_model(model_to_bytes(model, config), config.to_json())
