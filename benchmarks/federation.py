@@ -18,6 +18,9 @@ one gRPC channel each) each upload one full-size update at once. Prints:
 * CPU seconds per GB uploaded (hub and nodes together) against the raw copy's: unlike
   throughput, this barely moves when other work shares the cores.
 
+``--hold-merges`` keeps every merge until all uploads are in, to measure the intake on
+its own (by default, fedasync merges while the rest still upload, on the same cores).
+
 Bounded: one update per client, and ``--timeout`` seconds overall.
 
     python benchmarks/federation.py --clients 50 --size-mb 10
@@ -83,6 +86,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size-mb", type=float, default=10.0)
     parser.add_argument("--strategy", default="fedasync", choices=["fedasync", "fedbuff", "fedavg"])
     parser.add_argument("--buffer-size", type=int, default=10)
+    parser.add_argument(
+        "--hold-merges", action="store_true",
+        help="the intake alone: no merge until every upload is in (fedbuff with a buffer "
+        "of --clients), as the bare gRPC server merges nothing either")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--chunk-mb", type=float, default=0.25,
                         help="upload chunk size (a node's [federation] chunk_kb default)")
@@ -107,6 +114,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.replicas > 1 and args.watchers < 1:
         parser.error("--replicas needs --watchers (one or more)")
+    if args.hold_merges:
+        args.strategy, args.buffer_size = "fedbuff", args.clients
     return args
 
 
@@ -240,6 +249,7 @@ def upload_figures(args: argparse.Namespace, p: Prepared, run: Uploads,
         "clients": args.clients,
         "update_mb": round(total_bytes / len(p.updates) / 1e6, 2),
         "strategy": args.strategy,
+        "merges_held": args.hold_merges,
         "uploaded": len(run.ended),
         "merged": len(merged),
         "rejected": len(merged_into) - len(merged),
