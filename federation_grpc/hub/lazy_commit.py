@@ -6,9 +6,9 @@ the node would send it again from byte 0 (the staged bytes are truncated then): 
 the hub acknowledged would be lost. Its commit need not wait for an fsync. Under a burst
 the wait was long: SQLite writes one transaction at a time, and fifty uploads opening at
 once queued behind each other's fsync of the write-ahead log while the other streams
-filled the page cache (0.6 s at the median, 0.85 s at worst, before a stream's first
-chunk; under 2 ms and 25 ms without the fsync, benchmarks/federation.py --clients 50
---size-mb 10 --hold-merges).
+filled the page cache: 0.6 s at the median, 0.85 s at worst, before a stream's first
+chunk; 10 ms and 41 ms without the fsync (benchmarks/federation.py --clients 50
+--size-mb 10 --hold-merges, two loaded cores).
 
 * SQLite (WAL): the transaction runs under ``PRAGMA synchronous=NORMAL`` and its
   connection is set back to FULL before it goes back to the pool (or is discarded).

@@ -55,8 +55,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # update and the base block by block into buffers of its own (about 3 MB), so this bounds
 # memory to a few tens of MB whatever the number of nodes. Fifty uploads of a burst end
 # together: two lanes held their responses up to 1.2 s after their last byte (half the
-# burst waited 0.46 s or more); eight took that wait to under 0.1 s at the same peak RSS
-# (benchmarks/federation.py --clients 50 --size-mb 10 --hold-merges).
+# burst waited 0.46 s or more); eight took that wait to about 0.1 s at worst, at the
+# same peak RSS (benchmarks/federation.py --clients 50 --size-mb 10 --hold-merges).
 CONCURRENT_CHECKS = 8
 _STATE = {
     UpdateStatus.PARTIAL: UploadState.PARTIAL,
