@@ -61,7 +61,9 @@ max_calls_per_node = 16
 # fedbuff (buffer K updates, apply their mean delta) or fedavg.
 strategy = "fedasync"
 alpha = 0.8
-sample_halfpoint = 16.0
+# An update of n corrections mixes with weight alpha * n/(n + sample_halfpoint) *
+# staleness discount, at most max_update_share: 1 gives one correction 0.4.
+sample_halfpoint = 1.0
 staleness_exponent = 0.5
 buffer_size = 3
 server_lr = 1.0
@@ -145,7 +147,7 @@ class Limits:
 class AggregationConfig:
     strategy: str = "fedasync"
     alpha: float = 0.8
-    sample_halfpoint: float = 16.0
+    sample_halfpoint: float = 1.0
     staleness_exponent: float = 0.5
     buffer_size: int = 3
     server_lr: float = 1.0

@@ -175,7 +175,7 @@ class FedAsync:
     """Merge each update as it arrives, weighted by sample count and staleness."""
 
     alpha: float = 0.8
-    sample_halfpoint: float = 16.0
+    sample_halfpoint: float = 1.0
     staleness_exponent: float = 0.5
     # Under a burst, fold up to this many waiting updates (one after another, each with
     # its own weight) into one generation instead of publishing each intermediate.

@@ -125,7 +125,9 @@ def test_the_share_report_names_what_the_cap_took() -> None:
     report = agg.capped_shares_report(agg.FedAvg(3, max_update_share=0.5), [liar, *honest])
     assert report[0][0] == pytest.approx(100_000 / 100_016)
     assert [given for _, given in report] == pytest.approx([0.5, 0.25, 0.25])
-    fedasync = agg.capped_shares_report(agg.FedAsync(max_update_share=0.5), [liar])
+    fedasync = agg.capped_shares_report(
+        agg.FedAsync(max_update_share=0.5, sample_halfpoint=16), [liar])
     assert fedasync[0] == pytest.approx((0.8 * 100_000 / 100_016, 0.5))
-    few = agg.capped_shares_report(agg.FedAsync(max_update_share=0.5), [honest[0]])
+    few = agg.capped_shares_report(
+        agg.FedAsync(max_update_share=0.5, sample_halfpoint=16), [honest[0]])
     assert few[0][0] == few[0][1] == pytest.approx(0.8 * 8 / 24)
