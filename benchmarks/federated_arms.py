@@ -180,7 +180,8 @@ def hub_round(ex: Experiment, site: Site, generation: MultiHeadUNet, start: Mult
         return candidate, samples
     if ex.args.hub_round == "change":  # generation + (candidate - start)
         return rebase(candidate, config, generation, start), samples
-    trained, _ = train_round(generation, config, new, replay, policy)
+    trained, _ = train_round(generation, config, new, replay,
+                             replace(policy, l2sp_alpha=ex.args.hub_round_l2sp))
     return trained, samples
 
 
