@@ -22,8 +22,9 @@ STAGES = (  # (label, function name, file name ending): cumulative time per inst
     ("  Part 10 framing", "part10", "dicom/meta.py"),
     ("  journal append", "append", "store/journal.py"),
     ("  journal commit (fdatasync, shared)", "commit", "store/journal.py"),
-    ("  file + index row (unsynced)", "_apply", "store/instances.py"),
-    ("    index statements", "_index", "store/instances.py"),
+    ("applier (its own thread, behind the answer)", "_apply_batch", "store/instances.py"),
+    ("  duplicate check + index statements", "_apply_in", "store/instances.py"),
+    ("    index statements", "index_instance", "store/instance_index.py"),
     ("    file write (no fsync)", "place", "store/files.py"),
     ("DIMSE decode (pynetdicom)", "receive_primitive", "dicom/association.py"),
     ("DUL reactor (pynetdicom, whole thread)", "run_reactor", "pynetdicom/dul.py"),
@@ -41,10 +42,11 @@ def stage_table(stats: pstats.Stats, instances: int) -> str:
 
 
 def carries_associations(prof: cProfile.Profile) -> bool:
-    """Whether a thread carried associations (the acceptor's association and DUL
-    threads); the idle job workers and assembler would only add their waits."""
+    """Whether a thread carried associations or applied what they received (the
+    acceptor's association and DUL threads, the applier); the idle job workers and
+    assembler would only add their waits."""
     keys = pstats.Stats(prof).stats  # type: ignore[attr-defined]
-    return any(fn in ("handle_store", "run_reactor") for _, _, fn in keys)
+    return any(fn in ("handle_store", "run_reactor", "_apply_batch") for _, _, fn in keys)
 
 
 def profiled_send(batches: list[list[Path]], work: Path
@@ -86,7 +88,8 @@ def profile_node(batches: list[list[Path]], scratch: Path, top: int) -> str:
     busy = [p for p in profilers if carries_associations(p)]
     out = io.StringIO()
     out.write(f"node in-process under cProfile: {rate:.0f} instances/s "
-              f"(profiling overhead included); {len(busy)} association thread(s) shown\n")
+              f"(profiling overhead included); {len(busy)} thread(s) shown "
+              "(associations, applier)\n")
     if commits[1]:
         out.write(f"group commit: {commits[0]} journal records, {commits[1]} fdatasyncs "
                   f"({commits[0] / commits[1]:.2f} instances per fsync)\n")
