@@ -4,9 +4,10 @@ and the instance row, in the caller's transaction; values every backend can hold
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
@@ -36,8 +37,18 @@ def indexable(header: InstanceHeader) -> InstanceHeader:
                    instance_number=int32(header.instance_number))
 
 
+class IndexItem(NamedTuple):
+    """A new instance to index: its header, sender, file (relative), size and digest."""
+
+    header: InstanceHeader
+    peer: Peer
+    rel: str
+    size: int
+    digest: str
+
+
 def index_instance(s: Session, header: InstanceHeader, peer: Peer, rel: str, size: int,
-           digest: str, produced_here: bool) -> None:
+                   digest: str, produced_here: bool) -> None:
     # Core statements, not ORM objects: this runs once per received instance.
     header = indexable(header)
     now = datetime.now(UTC)
@@ -45,26 +56,54 @@ def index_instance(s: Session, header: InstanceHeader, peer: Peer, rel: str, siz
         Series.series_uid == header.series_uid)).first()
     series_id = row.id if row is not None else _new_series(s, header, peer, now)
     s.execute(insert(Instance).values(
-        sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid,
-        series_id=series_id,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-        instance_number=header.instance_number,
-        path=rel,
-        size=size,
-        sha256=digest,
-        calling_ae=peer.ae_title,
-        received_at=now,
-    ))
-    values: dict[str, Any] = {"instance_count": Series.instance_count + 1,
+        **_instance_values(IndexItem(header, peer, rel, size, digest), series_id, now)))
+    _count(s, series_id, row, header.series_uid, 1, produced_here, now)
+
+
+def index_instances(s: Session, items: Sequence[IndexItem]) -> None:
+    """The rows of several received instances, none indexed yet and no two alike, in
+    the caller's transaction: a statement or two per series and one for all the
+    instance rows, where :func:`index_instance` takes four per instance."""
+    now = datetime.now(UTC)
+    by_series: dict[str, list[IndexItem]] = {}
+    for item in items:
+        item = item._replace(header=indexable(item.header))
+        by_series.setdefault(item.header.series_uid, []).append(item)
+    known = {row.series_uid: row for row in s.execute(
+        select(Series.series_uid, Series.id, Series.state).where(
+            Series.series_uid.in_(list(by_series))))}
+    rows = []
+    for uid, members in by_series.items():
+        row = known.get(uid)
+        series_id = (row.id if row is not None
+                     else _new_series(s, members[0].header, members[0].peer, now))
+        rows += [_instance_values(m, series_id, now) for m in members]
+        _count(s, series_id, row, uid, len(members), False, now)
+    s.execute(insert(Instance), rows)
+
+
+def _instance_values(item: IndexItem, series_id: int, now: datetime) -> dict[str, Any]:
+    header = item.header
+    return {"sop_instance_uid": header.sop_instance_uid,
+            "sop_class_uid": header.sop_class_uid, "series_id": series_id,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "instance_number": header.instance_number, "path": item.rel,
+            "size": item.size, "sha256": item.digest, "calling_ae": item.peer.ae_title,
+            "received_at": now}
+
+
+def _count(s: Session, series_id: int, row: Any, series_uid: str, added: int,
+           produced_here: bool, now: datetime) -> None:
+    """Count ``added`` instances into the series; a late one reopens it."""
+    values: dict[str, Any] = {"instance_count": Series.instance_count + added,
                               "last_received_at": now}
     if produced_here:
         values.update(state=SeriesState.COMPLETE, completed_at=now)
     elif row is not None and row.state != SeriesState.RECEIVING:
-        LOGGER.info("late instance reopens series %s (was %s)", header.series_uid,
-                    row.state)
+        LOGGER.info("late instance reopens series %s (was %s)", series_uid, row.state)
         values.update(state=SeriesState.RECEIVING, state_reason=None)
     s.execute(update(Series).where(Series.id == series_id).values(**values))
+
 
 def _new_series(s: Session, header: InstanceHeader, peer: Peer,
                 now: datetime) -> int:

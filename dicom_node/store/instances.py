@@ -31,7 +31,7 @@ from dicom_node.errors import StoreError
 from dicom_node.store.applier import BatchApplier
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
-from dicom_node.store.instance_index import index_instance
+from dicom_node.store.instance_index import IndexItem, index_instance, index_instances
 from dicom_node.store.intent import Peer, from_intent, intent_of
 from dicom_node.store.journal import IntakeJournal, Ticket, read_segment, sync_written
 from dicom_node.store.models import AuditEvent, Instance
@@ -163,8 +163,7 @@ class InstanceStore:
         done: list[tuple[IngestOutcome | None, Path | None, str | None]]
         try:
             with self._writer, self.db.relaxed_session() as s:
-                done = [self._apply_in(s, r.data, r.header, r.peer, False, r.digest)
-                        for r in batch]
+                done = self._apply_all(s, batch)
         except Exception:
             LOGGER.warning("a batch of %d journaled instance(s) failed; applied one by one",
                            len(batch), exc_info=True)
@@ -179,6 +178,26 @@ class InstanceStore:
                     r.on_applied(r.header.series_uid, outcome)
                 except Exception:
                     LOGGER.exception("callback failed for %s", r.header.sop_instance_uid)
+
+    def _apply_all(self, s: Session, batch: list[Received]
+                   ) -> list[tuple[IngestOutcome | None, Path | None, str | None]]:
+        """A batch in the caller's transaction: when none of it is indexed yet and no
+        instance comes twice (the usual case), its files and then its rows in a few
+        statements (:func:`index_instances`); otherwise one by one."""
+        sops = [r.header.sop_instance_uid for r in batch]
+        if len(set(sops)) < len(sops) or s.execute(select(Instance.id).where(
+                Instance.sop_instance_uid.in_(sops)).limit(1)).first() is not None:
+            return [self._apply_in(s, r.data, r.header, r.peer, False, r.digest)
+                    for r in batch]
+        items: list[IndexItem] = []
+        done: list[tuple[IngestOutcome | None, Path | None, str | None]] = []
+        for r in batch:
+            rel = self.files.relative_path(r.header.study_uid, r.header.series_uid,
+                                           r.header.sop_instance_uid)
+            done.append((IngestOutcome.STORED, self.files.place(rel, r.data), None))
+            items.append(IndexItem(r.header, r.peer, rel, len(r.data), r.digest))
+        index_instances(s, items)
+        return done
 
     def _apply_alone(self, r: Received, attempts: int = 3
                      ) -> tuple[IngestOutcome | None, Path | None, str | None]:

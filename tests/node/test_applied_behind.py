@@ -64,14 +64,20 @@ def test_an_instance_that_cannot_be_indexed_is_quarantined_and_its_batch_indexed
     store = make_store(tmp_path)
     store.open_journal(tmp_path / "intake")
     bad = series.sop_uids[2]
-    real = instances.index_instance
+    real, real_many = instances.index_instance, instances.index_instances
 
     def index(s, header, *args):  # type: ignore[no-untyped-def]
         if header.sop_instance_uid == bad:
             raise ValueError("the index refuses this row")
         return real(s, header, *args)
 
+    def index_many(s, items):  # type: ignore[no-untyped-def]
+        if any(item.header.sop_instance_uid == bad for item in items):
+            raise ValueError("the index refuses this row")
+        return real_many(s, items)
+
     monkeypatch.setattr(instances, "index_instance", index)
+    monkeypatch.setattr(instances, "index_instances", index_many)
     monkeypatch.setattr(instances.time, "sleep", lambda s: None)  # the retries' pauses
     told: list[tuple[str, IngestOutcome]] = []
     try:
