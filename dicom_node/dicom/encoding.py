@@ -26,6 +26,10 @@ class EncodingError(InvalidDatasetError):
     """The encoded dataset is truncated, inconsistent or exceeds a limit."""
 
 
+def _label(tag: int) -> str:
+    return f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
 class _Walker:
     def __init__(self, data: bytes, little: bool, max_value: int,
                  wanted: frozenset[int] = frozenset()) -> None:
@@ -37,6 +41,7 @@ class _Walker:
         self.max_value = max_value
         self.u16 = struct.Struct("<H" if little else ">H")
         self.u32 = struct.Struct("<I" if little else ">I")
+        self.tag_pair = struct.Struct("<HH" if little else ">HH")
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos + n > self.end:
@@ -47,8 +52,7 @@ class _Walker:
 
     def _tag(self, pos: int) -> int:
         self._need(pos, 4, "element tag")
-        group = self.u16.unpack_from(self.data, pos)[0]
-        elem = self.u16.unpack_from(self.data, pos + 2)[0]
+        group, elem = self.tag_pair.unpack_from(self.data, pos)
         return (group << 16) | elem
 
     def dataset(self, pos: int, end: int, implicit: bool, depth: int, in_item: bool) -> int:
@@ -63,7 +67,6 @@ class _Walker:
                 self._need(pos, 8, "item delimiter")
                 return pos + 8
             pos, vr, length = self._header(pos, tag, implicit)
-            label = f"element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
             if length == UNDEFINED:
                 if implicit or vr in (b"SQ", b"UN"):
                     # An undefined-length UN is an implicit VR little endian sequence.
@@ -71,13 +74,14 @@ class _Walker:
                 elif tag == 0x7FE00010:
                     pos = self.fragments(pos)
                 else:
-                    raise EncodingError(f"{label} has undefined length but VR {vr.decode()}")
+                    raise EncodingError(
+                        f"{_label(tag)} has undefined length but VR {vr.decode()}")
                 continue
             if length > self.max_value:
-                raise EncodingError(
-                    f"{label} declares {length} bytes, over the limit of {self.max_value}"
-                )
-            self._need(pos, length, f"value of {label}")
+                raise EncodingError(f"{_label(tag)} declares {length} bytes, over the "
+                                    f"limit of {self.max_value}")
+            if pos + length > self.end:  # the label is made only for the error
+                self._need(pos, length, f"value of {_label(tag)}")
             if depth == 0 and tag in self.wanted:
                 self.found[tag] = self.data[pos : pos + length]
             pos += length
