@@ -118,6 +118,8 @@ device = "auto"           # where training rounds run: auto, cpu or cuda
 annotated_labels = []     # labels this hospital corrects, e.g. ["liver"]; empty: all
 train_every = 1           # train after every N corrections
 keep_optimiser_state = true # Adam's moments carry over between rounds (stay local)
+hub_round_l2sp = 1.0      # a federated update trained again from the hub generation is
+                          # pulled toward it (FedProx); 0: off
 validation_every = 5      # every 5th correction is held out for evaluation
 acceptance_margin = 0.01
 

@@ -130,6 +130,12 @@ class LearningSettings(Section):
     # fresh Adam's first steps are full-size whatever the gradient, and rounds are
     # short (benchmarks/partial_labels.py). They never leave the node.
     keep_optimiser_state: bool = True
+    # A federated round that started from a local version sends, as its update, a second
+    # round trained from the hub generation (pipeline/round_update.py); that round is
+    # pulled toward the generation with this L2-SP strength (FedProx's proximal term),
+    # so a site's update carries less that undoes what other sites taught the shared
+    # model (benchmarks/federated_learning.py --hub-round-l2sp). 0: off.
+    hub_round_l2sp: float = Field(1.0, ge=0)
     validation_every: int = Field(5, ge=0)      # every Nth correction is held out; 0: none
     acceptance_margin: float = Field(0.01, ge=0, le=1)
     max_correction_mb: float = Field(256.0, gt=0)  # larger SEGs are flagged, not read

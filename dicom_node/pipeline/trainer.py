@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,7 +184,8 @@ class IncrementalTrainer:
         origin = hub_origin(self.db, name, base_config.generation) if (
             accepted and slices is not None) else None
         hub_round = None if origin is None or slices is None else self._slice_round(
-            *origin, slices, attempt, beat, moments=False)
+            *origin, slices, attempt, beat, moments=False,
+            l2sp=self.learning.hub_round_l2sp)
         return self._commit(RoundOutcome(
             name=name, base_config=base_config, config=trained.config, model=trained.model,
             report=trained.report, sample_ids=tuple(sample_ids), update_id=update_id,
@@ -200,13 +201,16 @@ class IncrementalTrainer:
 
     def _slice_round(self, base_model: MultiHeadUNet, base_config: ModelConfig,
                      slices: RoundSlices, attempt: int, beat: Callable[[], None], *,
-                     moments: bool = True) -> TrainedCandidate:
+                     moments: bool = True, l2sp: float = 0.0) -> TrainedCandidate:
         """Train a copy of the multi-head U-Net on the new and replayed slices (Adam's
-        moments of the served rounds kept, unless ``moments`` is false)."""
+        moments of the served rounds kept, unless ``moments`` is false; ``l2sp``, when
+        set, the L2-SP pull toward ``base_model``)."""
         new, replay = slices.new, slices.replay
         # Labels of an added head: train that head alone on the frozen encoder.
         policy = continual_policy(base_config, {n for x in new for n in x.annotated},
                                   policy_of(self.learning))
+        if l2sp:
+            policy = replace(policy, l2sp_alpha=l2sp)
         LOGGER.info("training %s gen %d: %d new slices from %d corrections, %d replay slices",
                     base_config.name, base_config.generation, len(new), slices.corrections,
                     len(replay))
