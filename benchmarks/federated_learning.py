@@ -211,9 +211,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--aggregation", type=aggregation_options, default={},
                    help="hub [aggregation] settings for the strategy arms, e.g. "
                         "'sample_halfpoint=2,alpha=0.8' (Dafne's arm keeps its own)")
-    p.add_argument("--hub-round-l2sp", type=float, default=0.0,
+    p.add_argument("--hub-round-l2sp", type=float, default=node.hub_round_l2sp,
                    help="L2-SP pull toward the generation in an adapting site's hub round "
-                        "(FedProx's proximal term; 0: off)")
+                        "(FedProx's proximal term, the node's [learning] hub_round_l2sp; "
+                        "0: off)")
     p.add_argument("--keep-optimiser-state", action=argparse.BooleanOptionalAction,
                    default=node.keep_optimiser_state)
     p.add_argument("--threads", type=int, default=node.threads)
