@@ -69,11 +69,6 @@ def poll_fast(event: Event) -> None:
     event.assoc.dul._run_loop_delay = DUL_POLL_S
 
 
-def sender_done(event: Event, store: InstanceStore) -> None:
-    """An association ended: what it sent is indexed now, not after the linger."""
-    store.flush_applied()
-
-
 def peer_of(event: Event) -> Peer:
     return peer_of_association(event.assoc)
 
@@ -270,8 +265,6 @@ def start_scp(
         (evt.EVT_REQUESTED, handle_requested, [settings, store]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store, max_bytes, on_stored]),
-        (evt.EVT_RELEASED, sender_done, [store]),
-        (evt.EVT_ABORTED, sender_done, [store]),
     ]
     context = server_ssl_context(settings)
     reporter = LimitReporter(store.audit, settings.limit_report_interval_s)

@@ -3,10 +3,10 @@
 The intake journal makes a received instance durable before the C-STORE is answered;
 its file and index row need not hold up the answer. :class:`BatchApplier` takes such
 records from the association threads and applies them on its own thread, as many as
-have gathered (up to ``max_batch``, after lingering ``linger_s`` for more) at a time,
-so one index transaction serves several instances. ``put`` blocks while
-``max_waiting`` records wait (back-pressure: the associations slow down rather than
-memory growing), and :meth:`stop` applies every record put before it returns.
+have gathered (up to ``max_batch``) at a time, so one index transaction serves several
+instances. ``put`` blocks while ``max_waiting`` records wait (back-pressure: the
+associations slow down rather than memory growing), and :meth:`stop` applies every
+record put before it returns.
 """
 
 from __future__ import annotations
@@ -26,20 +26,15 @@ T = TypeVar("T")
 
 class BatchApplier(Generic[T]):
     def __init__(self, apply: Callable[[list[T]], None], *, name: str,
-                 max_waiting: int = 256, max_batch: int = 64,
-                 linger_s: float = 0.05) -> None:
+                 max_waiting: int = 256, max_batch: int = 64) -> None:
         """``apply`` handles its own failures (an exception is logged, and the batch is
-        counted as applied). A batch smaller than ``max_batch`` waits up to ``linger_s``
-        for more records, so that one association's instances (one every few
-        milliseconds) share a transaction instead of taking one each."""
+        counted as applied)."""
         self._apply = apply
         self.max_waiting = max_waiting
         self.max_batch = max_batch
-        self.linger_s = linger_s
         self._waiting: deque[T] = deque()
         self._busy = False
         self._stopping = False
-        self._flushing = False  # apply what waits without lingering
         self._cond = threading.Condition()
         self.batches = 0  # how many apply calls, for the benchmark's figures
         self.applied = 0
@@ -53,12 +48,6 @@ class BatchApplier(Generic[T]):
             if self._stopping:
                 raise StoreError("the node is stopping: nothing more is applied")
             self._waiting.append(item)
-            self._cond.notify_all()
-
-    def flush(self) -> None:
-        """Apply what waits now, without lingering for more (a sender has finished)."""
-        with self._cond:
-            self._flushing = True
             self._cond.notify_all()
 
     def idle(self) -> bool:
@@ -88,12 +77,8 @@ class BatchApplier(Generic[T]):
                     self._cond.wait()
                 if not self._waiting:
                     return  # stopping, and nothing left
-                if self.linger_s > 0:
-                    self._cond.wait_for(lambda: len(self._waiting) >= self.max_batch
-                                        or self._stopping or self._flushing, self.linger_s)
                 batch = [self._waiting.popleft()
                          for _ in range(min(self.max_batch, len(self._waiting)))]
-                self._flushing = self._flushing and bool(self._waiting)
                 self._busy = True
                 self._cond.notify_all()  # room for the associations waiting in put()
             try:

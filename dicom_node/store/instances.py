@@ -323,12 +323,6 @@ class InstanceStore:
         if journal is not None:
             journal.close()
 
-    def flush_applied(self) -> None:
-        """Write what the applier holds now (an association has ended): its instances
-        are indexed at once rather than after the applier's linger."""
-        if self._applier is not None:
-            self._applier.flush()
-
     def wait_applied(self, timeout_s: float = 30.0) -> bool:
         """Whether every instance received so far has its file and row (tests, tools)."""
         applier = self._applier
