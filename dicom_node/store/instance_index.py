@@ -67,7 +67,7 @@ def index_instances(s: Session, items: Sequence[IndexItem]) -> None:
     now = datetime.now(UTC)
     by_series: dict[str, list[IndexItem]] = {}
     for item in items:
-        item = item._replace(header=indexable(item.header))
+        item = IndexItem(indexable(item.header), item.peer, item.rel, item.size, item.digest)
         by_series.setdefault(item.header.series_uid, []).append(item)
     known = {row.series_uid: row for row in s.execute(
         select(Series.series_uid, Series.id, Series.state).where(
