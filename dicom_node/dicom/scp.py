@@ -21,6 +21,7 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -51,6 +52,9 @@ OVERSIZE_KEPT_BYTES = 64 * 1024 * 1024
 # several such naps fall into every C-STORE round trip. Associations are short-lived,
 # so a shorter poll buys ~50% throughput for a little CPU while one is open.
 DUL_POLL_S = 0.0001
+# How long a release waits for its association's instances to be indexed before it is
+# answered anyway (they are durable in the journal either way).
+SETTLE_TIMEOUT_S = 30.0
 
 
 def set_nodelay(event: Event) -> None:
@@ -67,6 +71,23 @@ def poll_fast(event: Event) -> None:
     """Shorten the DUL thread's idle poll once the association is accepted (not before:
     a crowd of connections that never associate must not spin)."""
     event.assoc.dul._run_loop_delay = DUL_POLL_S
+
+
+def release_settles(event: Event, store: InstanceStore) -> None:
+    """The peer asks to release (the reactor thread, before it answers): what was
+    received so far is written and indexed first, so a sender that saw its release
+    answered finds every instance in the index, not a moment later."""
+    primitive = getattr(event, "primitive", None)
+    if (isinstance(primitive, A_RELEASE) and primitive.result is None
+            and not store.settle_received(SETTLE_TIMEOUT_S)):
+        LOGGER.warning("release from %s answered before its instances were indexed "
+                       "(still applying after %.0f s)",
+                       escaped(peer_of(event).ae_title or ""), SETTLE_TIMEOUT_S)
+
+
+def sender_gone(event: Event, store: InstanceStore) -> None:
+    """The association was aborted: index what it sent without lingering for more."""
+    store.flush_received()
 
 
 def peer_of(event: Event) -> Peer:
@@ -265,6 +286,8 @@ def start_scp(
         (evt.EVT_REQUESTED, handle_requested, [settings, store]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store, max_bytes, on_stored]),
+        (evt.EVT_ACSE_RECV, release_settles, [store]),
+        (evt.EVT_ABORTED, sender_gone, [store]),
     ]
     context = server_ssl_context(settings)
     reporter = LimitReporter(store.audit, settings.limit_report_interval_s)

@@ -7,6 +7,7 @@ before they become path components, so a hostile UID cannot escape the root.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,11 @@ class InstanceFiles:
         return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
     def absolute(self, relative: str) -> Path:
-        path = (self.root / relative).resolve()
+        """``relative`` under the root, refused if it climbs out (``..``, an absolute
+        path). Lexical, without touching the disk (one instance file per call on the
+        intake path): the root is the node's own 0700 directory, so no one else can
+        plant a symlink inside it."""
+        path = Path(os.path.normpath(self.root / relative))
         if not path.is_relative_to(self.root):
             raise StoreError(f"path escapes the instance root: {relative!r}")
         return path

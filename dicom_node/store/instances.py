@@ -60,6 +60,9 @@ class IngestOutcome(StrEnum):
 
 
 Applied = Callable[[str, IngestOutcome], None]  # (series UID, outcome) once indexed
+# What applying one received instance gave: its outcome (None: quarantined), the file
+# written (to sync at the journal's checkpoint) and a conflict to record, if any.
+AppliedOne = tuple[IngestOutcome | None, Path | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +163,7 @@ class InstanceStore:
         """Files and rows of journaled instances in one transaction; if it fails, one by
         one, and an instance that still cannot be applied is quarantined with an audit
         event (it was acknowledged: its bytes are kept)."""
-        done: list[tuple[IngestOutcome | None, Path | None, str | None]]
+        done: list[AppliedOne]
         try:
             with self._writer, self.db.relaxed_session() as s:
                 done = self._apply_all(s, batch)
@@ -180,7 +183,7 @@ class InstanceStore:
                     LOGGER.exception("callback failed for %s", r.header.sop_instance_uid)
 
     def _apply_all(self, s: Session, batch: list[Received]
-                   ) -> list[tuple[IngestOutcome | None, Path | None, str | None]]:
+                   ) -> list[AppliedOne]:
         """A batch in the caller's transaction: when none of it is indexed yet and no
         instance comes twice (the usual case), its files and then its rows in a few
         statements (:func:`index_instances`); otherwise one by one."""
@@ -190,7 +193,7 @@ class InstanceStore:
             return [self._apply_in(s, r.data, r.header, r.peer, False, r.digest)
                     for r in batch]
         items: list[IndexItem] = []
-        done: list[tuple[IngestOutcome | None, Path | None, str | None]] = []
+        done: list[AppliedOne] = []
         for r in batch:
             rel = self.files.relative_path(r.header.study_uid, r.header.series_uid,
                                            r.header.sop_instance_uid)
@@ -200,7 +203,7 @@ class InstanceStore:
         return done
 
     def _apply_alone(self, r: Received, attempts: int = 3
-                     ) -> tuple[IngestOutcome | None, Path | None, str | None]:
+                     ) -> AppliedOne:
         for attempt in range(1, attempts + 1):
             try:
                 with self._writer, self.db.relaxed_session() as s:
@@ -322,6 +325,18 @@ class InstanceStore:
         journal, self.journal = self.journal, None
         if journal is not None:
             journal.close()
+
+    def settle_received(self, timeout_s: float) -> bool:
+        """Write the files and rows of every instance received so far now (a sender asks
+        to release: what it sent is indexed before it is answered); whether that
+        finished within ``timeout_s``. Other associations go on meanwhile."""
+        applier = self._applier
+        return applier is None or applier.settle(timeout_s)
+
+    def flush_received(self) -> None:
+        """Write what was received so far without lingering for more (a sender aborted)."""
+        if self._applier is not None:
+            self._applier.flush()
 
     def wait_applied(self, timeout_s: float = 30.0) -> bool:
         """Whether every instance received so far has its file and row (tests, tools)."""

@@ -57,6 +57,28 @@ def test_the_applier_batches_holds_back_and_applies_everything_before_it_stops()
     assert batches[1:] == [list(range(1, 10))] or batches == [list(range(10))]
 
 
+def test_the_applier_lingers_for_a_fuller_batch_until_someone_waits_for_it() -> None:
+    batches: list[list[int]] = []
+    lingering: BatchApplier[int] = BatchApplier(batches.append, name="test-linger",
+                                                linger_s=60.0)
+    for i in range(3):
+        lingering.put(i)
+    threading.Event().wait(0.3)
+    assert batches == [], "a small batch lingers for more"
+    assert lingering.settle(30), "a settle cuts the linger short and waits for the batch"
+    assert batches == [[0, 1, 2]]
+    lingering.put(3)
+    lingering.flush()  # an aborted sender: applied without anyone waiting for it
+    for _ in range(300):
+        if lingering.applied == 4:
+            break
+        threading.Event().wait(0.1)
+    assert batches == [[0, 1, 2], [3]]
+    lingering.put(4)
+    lingering.stop()  # a stop applies what waits, lingering or not
+    assert batches[-1] == [4] and lingering.applied == 5
+
+
 def test_an_instance_that_cannot_be_indexed_is_quarantined_and_its_batch_indexed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.node import Node
+from dicom_node.store import applier
 from dicom_node.store.models import Series, SeriesState
 from tests.node.conftest import (
     Index,
@@ -119,3 +120,27 @@ def test_conflicting_duplicate_keeps_first_and_quarantines_newcomer(
     assert kept.parent == (data_dir / "quarantine").resolve()
     assert dataset_bytes(kept.read_bytes()) == dataset_bytes(second)
     assert kept.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("end", ["release", "abort"])
+def test_an_association_s_instances_are_indexed_when_it_ends_not_after_the_linger(
+    end: str, tmp_path: Path, start_node: Callable[..., Node],
+    open_index: Callable[[Path], Index], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The applier lingers for a fuller batch (here a minute, so nothing else would
+    index them): a release is answered only once the association's instances are
+    indexed, and an abort has them indexed at once."""
+    monkeypatch.setattr(applier, "LINGER_S", 60.0)
+    series = make_ct_series(tmp_path / "ct", 5)
+    data_dir = tmp_path / "node"
+    node = start_node(node_config_data(data_dir))
+    index = open_index(data_dir)
+    result = storescu(node.port, *series.files,
+                      options=("-v", "--abort") if end == "abort" else ("-v",))
+    assert _store_ok(result.stdout + result.stderr) == 5, result.stdout + result.stderr
+    if end == "release":
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert index.sop_uids() == set(series.sop_uids), "released before it was indexed"
+    else:
+        wait_until(lambda: index.sop_uids() == set(series.sop_uids), timeout=20,
+                   what="an aborted association's instances indexed")
