@@ -58,10 +58,12 @@ def hub_origin(db: Database, name: str, start_generation: int
         hub = hub_base_generation(s, name, start_generation)
         row = version_row(s, name, hub) if not is_local_generation(hub) else None
         path = row.path if row is not None else None
-    loaded = load_version(name, hub, path)
-    if loaded is None:
+    if path is None:
         LOGGER.warning("%s: hub generation %d's weights not here; the update is the round "
                        "as trained from local version %d", name, hub, start_generation)
+        return None
+    loaded = load_version(name, hub, path)  # a failure to load is logged there
+    if loaded is None:
         return None
     model, config = loaded
     return (model, config) if isinstance(model, MultiHeadUNet) else None

@@ -82,6 +82,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class RoundSlices:
     """A round's new slices (from ``corrections`` corrections) and its replayed ones."""
