@@ -103,12 +103,14 @@ def correct_and_train(site: Site, case: Case, policy: TrainingPolicy, args: argp
 def hub_for(folder: Path, strategy: str, init: tuple[MultiHeadUNet, ModelConfig],
             evaluator: UnionEvaluator | None,
             aggregation: Mapping[str, float] | None = None) -> HubService:
-    """The arm's hub: Dafne's gate margin 0.001, the others' the hub's default;
-    ``aggregation`` overrides ``[aggregation]`` settings (``--aggregation``)."""
-    margin = 0.001 if strategy == "dafne" else GateConfig().validation_margin
+    """The arm's hub: Dafne's gate (margin 0.001, accept or refuse the whole step),
+    the others' the hub's defaults; ``aggregation`` overrides ``[aggregation]``
+    settings (``--aggregation``)."""
+    if strategy == "dafne":
+        return start_hub(folder, strategy, len(SITES), *init, evaluator,
+                         validation_margin=0.001, backtrack=0)
     return start_hub(folder, strategy, len(SITES), *init, evaluator,
-                     aggregation=aggregation if strategy != "dafne" else None,
-                     validation_margin=margin)
+                     aggregation=aggregation, validation_margin=GateConfig().validation_margin)
 
 
 def arm_scores(arm: str, config: ModelConfig, held: dict[str, list[Case]],

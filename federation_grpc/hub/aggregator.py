@@ -149,13 +149,20 @@ class Aggregator:
         return keep
 
     def _merge(self, rows: Sequence[UpdateRow]) -> int:
-        scratch = self.blobs.scratch_path()
+        scratches: list[Path] = []
         try:
-            return self._merge_into(rows, scratch)
+            return self._merge_into(rows, scratches)
         finally:
-            scratch.unlink(missing_ok=True)  # adopted into the blob store, or refused
+            for scratch in scratches:  # adopted into the blob store, or refused
+                scratch.unlink(missing_ok=True)
 
-    def _merge_into(self, rows: Sequence[UpdateRow], scratch: Path) -> int:
+    def _scratch(self, scratches: list[Path]) -> Path:
+        """A new scratch file (each candidate its own: an earlier one may still be
+        mapped by its readers), removed by :meth:`_merge` unless adopted."""
+        scratches.append(self.blobs.scratch_path())
+        return scratches[-1]
+
+    def _merge_into(self, rows: Sequence[UpdateRow], scratches: list[Path]) -> int:
         ledger = self.ledger
         current = ledger.require_current()
         lineage = ledger.lineage(current.number)
@@ -179,6 +186,7 @@ class Aggregator:
                     row.update_id, row.node_id, row.num_samples, asked, given,
                 )
         scales = [self._clip_scale(row, c) for row, c in zip(rows, contributions, strict=True)]
+        scratch = self._scratch(scratches)
         sha, size = merge_to_file(scratch, self.strategy, current_tensors, contributions, scales)
         candidate = read_tensors(scratch)
         if self.gate.evaluator is None and self.config.gate.federated(self._evaluators):
@@ -193,13 +201,33 @@ class Aggregator:
         verdict = self.gate.check_candidate(
             candidate, current.number, current_tensors, current.config_json
         )
+        if not verdict.accepted and len(rows) > 1 and self.strategy.batch_size() == 1:
+            # One harmful update must not sink the others folded with it: retry alone.
+            LOGGER.info("fold of %d updates refused; merging them one by one", len(rows))
+            numbers = [self._merge([row]) for row in rows]
+            return max(numbers)
+        step = 1.0
+        for _ in range(self.config.gate.backtrack):
+            if verdict.accepted or verdict.candidate_score is None:
+                break  # accepted, or refused for a reason a smaller step does not mend
+            step /= 2
+            LOGGER.info("candidate from %s scored %.4f against %.4f; merging again at "
+                        "1/%d of the step", ", ".join(r.update_id for r in rows),
+                        verdict.candidate_score, verdict.reference_score or 0.0,
+                        round(1 / step))
+            scratch = self._scratch(scratches)
+            sha, size = merge_to_file(scratch, self.strategy, current_tensors, contributions,
+                                      [scale * step for scale in scales])
+            candidate = read_tensors(scratch)
+            verdict = self.gate.check_candidate(
+                candidate, current.number, current_tensors, current.config_json
+            )
         if not verdict.accepted:
-            if len(rows) > 1 and self.strategy.batch_size() == 1:
-                # One harmful update must not sink the others folded with it: retry alone.
-                LOGGER.info("fold of %d updates refused; merging them one by one", len(rows))
-                numbers = [self._merge([row]) for row in rows]
-                return max(numbers)
-            self._reject(rows, verdict.reasons)
+            reasons = list(verdict.reasons)
+            if step < 1.0 and verdict.candidate_score is not None:
+                reasons.append(f"also refused at 1/{round(1 / step)} of its step "
+                               "([gate] backtrack)")
+            self._reject(rows, reasons)
             return -1
         new = self._new_generation(
             scratch, sha, size, candidate, current.number, current.config_json,
@@ -208,8 +236,9 @@ class Aggregator:
         with self.store.session() as session:
             number = ledger.publish(session, new, merged=[row.update_id for row in rows])
         LOGGER.info(
-            "generation %d published from %d update(s) on top of %d",
+            "generation %d published from %d update(s) on top of %d%s",
             number, len(rows), current.number,
+            f" at 1/{round(1 / step)} of their step" if step < 1.0 else "",
         )
         self.gate.remember(number, verdict.candidate_score)
         return number

@@ -89,6 +89,11 @@ max_update_norm = 0.0
 max_relative_update_norm = 1.0
 # A candidate may score at most this much below the current generation.
 validation_margin = 0.005
+# A candidate the hub's evaluator scores too low is merged again with the updates'
+# steps halved, up to this many times, before they are refused: an update that pulls
+# the shared model towards one site still gives what the other sites can bear. 0 refuses
+# at once. (Federated evaluation on nodes judges the full step only.)
+backtrack = 2
 # Hub validation set: "package.module:attr", an Evaluator (see federation_grpc.hub.gate).
 evaluator = ""
 # Federated evaluation on nodes' held-out cases when no evaluator is set: "auto" turns it
@@ -197,6 +202,7 @@ class GateConfig:
     max_update_norm: float = 0.0
     max_relative_update_norm: float = 1.0
     validation_margin: float = 0.005
+    backtrack: int = 2
     evaluator: str = ""
     federated_evaluation: bool | str = "auto"
     min_evaluations: int = 2
@@ -211,6 +217,8 @@ class GateConfig:
             raise InvalidRequest('[gate] federated_evaluation must be "auto", true or false')
         if self.unjudged not in ("accept", "reject"):
             raise InvalidRequest('[gate] unjudged must be "accept" or "reject"')
+        if not 0 <= self.backtrack <= 8:
+            raise InvalidRequest("[gate] backtrack must be between 0 and 8")
         if self.min_evaluations < 1:
             raise InvalidRequest("[gate] min_evaluations must be at least 1")
         if self.evaluation_timeout_s < 0 or self.evaluator_window_s <= 0:

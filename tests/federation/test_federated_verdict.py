@@ -147,6 +147,8 @@ def test_scores_judged_by_enough_sites_decide_without_a_note() -> None:
     ('[gate]\nunjudged = "maybe"\n', "unjudged must be"),
     ('[gate]\nmin_evaluations = 0\n', "min_evaluations must be at least 1"),
     ('[gate]\nevaluator_window_s = 0\n', "evaluator_window_s must be positive"),
+    ('[gate]\nbacktrack = -1\n', "backtrack must be between 0 and 8"),
+    ('[gate]\nbacktrack = 40\n', "backtrack must be between 0 and 8"),
 ])
 def test_bad_gate_settings_are_refused_by_name(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "hub.toml"

@@ -83,12 +83,44 @@ def test_update_that_lowers_validation_score_is_rejected(tmp_path: Path) -> None
     assert (
         "validation score" in rejection.reasons[0] and "below the current" in rejection.reasons[0]
     )
+    assert "also refused at 1/4 of its step" in rejection.reasons[-1]
     towards = {k: v for k, v in target().items() if not k.startswith("heads.spleen")}
     assert send(svc, node, towards).state == UploadState.RECEIVED
     assert svc.aggregator.process_pending() == [1]
     generation = svc.generation(1)
     assert generation.validation_score is not None
     assert generation.validation_score > -TARGET_SHIFT * 100
+    svc.close()
+
+
+@pytest.mark.parametrize("backtrack", [2, 0])
+def test_a_step_past_the_optimum_is_merged_at_half_step_rather_than_refused(
+    tmp_path: Path, backtrack: int,
+) -> None:
+    """The update points the right way but goes too far: its full mixing step lands
+    further from the target than the current generation, half of it lands closer."""
+    svc = gated_service(tmp_path, evaluator="tests.federation.evaluators:TowardsTarget",
+                        validation_margin=1e-4, backtrack=backtrack)
+    node = enrol(svc)
+    start = small_model()
+    past = {k: v + 6 * TARGET_SHIFT for k, v in start.items() if not k.startswith("heads.spleen")}
+    assert send(svc, node, past).state == UploadState.RECEIVED
+    published = svc.aggregator.process_pending()
+    if backtrack == 0:
+        assert published == [] and svc.current_number() == 0
+        (rejection,) = svc.list_rejections()
+        assert "below the current" in rejection.reasons[0]
+        assert not any("also refused" in r for r in rejection.reasons)
+        return
+    assert published == [1] and svc.list_rejections() == []
+    merged = svc.generation_tensors(1)
+    goal = target()
+    moved = [float(np.mean(merged[k] - start[k])) for k in past]
+    # Half of the strategy's step (FedAsync: at most half the way to the update).
+    assert all(0 < m < 6 * TARGET_SHIFT * 0.5 / 2 + 1e-6 for m in moved), moved
+    assert sum(float(np.linalg.norm(merged[k] - goal[k])) for k in past) < sum(
+        float(np.linalg.norm(start[k] - goal[k])) for k in past)
+    assert svc.generation(1).validation_score is not None
     svc.close()
 
 
