@@ -24,8 +24,12 @@ peers:
 js:
 	@if [ -f tests/js/package.json ]; then npm ci --prefix tests/js --no-audit --no-fund --loglevel=error; fi
 
+# Test files are shared among TEST_WORKERS processes (pytest-xdist; a file's tests stay
+# together, so its module fixtures are made once): 2 halves the suite on 2 cores.
+TEST_WORKERS ?= 2
+
 test: setup peers js
-	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check dicom_node federation_grpc viewer_bridge tests benchmarks

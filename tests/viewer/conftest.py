@@ -6,6 +6,8 @@ is picked by the OS on loopback.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -140,8 +142,9 @@ def chromium_path() -> str:
 
 def ensure_ohif() -> Path:
     """OHIF's prebuilt viewer with our app-config.js (fetched with npm once, cached)."""
-    result = subprocess.run(["bash", str(REPO / "deploy" / "ohif" / "fetch-ohif.sh")],
-                            capture_output=True, text=True, timeout=600)
+    with one_at_a_time(OHIF_DIST.parent):  # parallel test workers share the cache
+        result = subprocess.run(["bash", str(REPO / "deploy" / "ohif" / "fetch-ohif.sh")],
+                                capture_output=True, text=True, timeout=600)
     if result.returncode != 0 or not (OHIF_DIST / "index.html").exists():
         missing(f"cannot fetch OHIF: {result.stderr[-2000:]}")
     return OHIF_DIST
@@ -149,6 +152,12 @@ def ensure_ohif() -> Path:
 
 def ensure_playwright() -> Path:
     js = Path(__file__).resolve().parent / "js"
+    with one_at_a_time(js):
+        _install_playwright(js)
+    return js
+
+
+def _install_playwright(js: Path) -> None:
     if not (js / "node_modules" / "playwright-core").exists():
         npm = require_binary("npm")
         result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=js,
@@ -156,5 +165,16 @@ def ensure_playwright() -> Path:
                                 env={**os.environ, "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"})
         if result.returncode != 0:
             missing(f"npm ci failed in {js}: {result.stderr[-2000:]}")
-    return js
+
+
+@contextlib.contextmanager
+def one_at_a_time(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (``.lock`` inside it) between test processes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
