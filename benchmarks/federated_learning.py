@@ -188,8 +188,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", choices=("ct", "mr"), default="ct")
     p.add_argument("--generations", type=int, default=10, help="rounds (one study per site)")
-    p.add_argument("--seeds", type=lambda v: list(range(int(v))), default=list(range(3)),
-                   help="how many training seeds (0..N-1)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="how many training seeds (--first-seed onwards)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first training seed (to add seeds to an earlier run's)")
     p.add_argument("--arms", type=lambda v: v.split(","), default=list(ARMS))
     p.add_argument("--ours", default="fedasync+adapt",
                    help="the arm the targets judge (the node and hub defaults)")
@@ -224,6 +226,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "three updates (see diagnose)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "federated_learning")
     args = p.parse_args(argv)
+    if args.seeds < 1 or args.first_seed < 0:
+        p.error("--seeds must be at least 1 and --first-seed not negative")
+    args.seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     args.shifted_site = "C" if args.data == "ct" else "B"
     return args
 

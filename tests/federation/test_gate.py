@@ -72,7 +72,8 @@ def test_relative_norm_bound_is_on_by_default(service: HubService) -> None:
 
 def test_update_that_lowers_validation_score_is_rejected(tmp_path: Path) -> None:
     svc = gated_service(
-        tmp_path, evaluator="tests.federation.evaluators:TowardsTarget", validation_margin=1e-4
+        tmp_path, evaluator="tests.federation.evaluators:TowardsTarget", validation_margin=1e-4,
+        backtrack=2,
     )
     node = enrol(svc)
     away = {k: v - 0.2 for k, v in small_model().items() if not k.startswith("heads.spleen")}
