@@ -29,6 +29,7 @@ Bounded: one update per client, and ``--timeout`` seconds overall.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -195,7 +196,10 @@ def upload_all(clients: list[FederationClient], updates: list[tuple[bytes, tuple
 
     def push(index: int) -> None:
         payload, groups = updates[index]
-        meta = UpdateMetadata(run.ids[index], 0, 20, groups, {"dice": 0.8})
+        # A node hashes its update when it writes it (pipeline.round_update), not when
+        # it sends it: the hash is taken before the timed window, as there.
+        meta = UpdateMetadata(run.ids[index], 0, 20, groups, {"dice": 0.8},
+                              sha256=hashlib.sha256(payload).hexdigest())
         go.wait()
         results[run.ids[index]] = clients[index].upload(payload, meta)
         run.ended[run.ids[index]] = time.perf_counter()

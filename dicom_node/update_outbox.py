@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,10 @@ from dicom_node.store.models import OutboxState, UpdateOutboxItem
 from federation_grpc.uploading import UpdateMetadata
 
 LOGGER = logging.getLogger(__name__)
+
+# The update file's sha256, in its metadata since it was written (pipeline.round_update).
+PAYLOAD_SHA256 = "payload_sha256"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,10 @@ def update_metadata(hub_id: str, hub_base: int, meta: dict[str, Any]) -> UpdateM
         local["held_out.cases"] = float(validation["cases"])
     if str(meta.get("num_slices", "")).isdigit():
         local["num_slices"] = float(meta["num_slices"])
+    sha = meta.get(PAYLOAD_SHA256)
     return UpdateMetadata(
         update_id=hub_id, base_generation=hub_base,
         num_samples=int(meta.get("num_samples", "1")), trained_groups=tuple(groups),
-        local_metrics={k: v for k, v in local.items() if math.isfinite(v)})
+        local_metrics={k: v for k, v in local.items() if math.isfinite(v)},
+        # an update written before the hash was kept is hashed when it is sent
+        sha256=sha if isinstance(sha, str) and _HEX64.match(sha) else None)

@@ -36,6 +36,9 @@ class UpdateMetadata:
     num_samples: int
     trained_groups: tuple[str, ...]
     local_metrics: dict[str, float] = field(default_factory=dict)
+    # The payload's sha256 when the node kept it from writing the update (its bytes on
+    # disk are then checked against it by the hub); None: hashed before sending.
+    sha256: str | None = None
 
 
 def open_upload(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
@@ -67,7 +70,7 @@ def upload_update(
     HubUnavailable
         The upload was not complete after ``settings.retry.attempts`` attempts.
     """
-    sha = hashlib.sha256(payload).hexdigest()
+    sha = meta.sha256 or hashlib.sha256(payload).hexdigest()
     last: grpc.RpcError | None = None
     for attempt in range(settings.retry.attempts):
         status = status_of(meta.update_id)

@@ -25,6 +25,7 @@ once. An imported network (not our multi-head U-Net) sends its round as trained.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,7 @@ from dicom_node.pipeline.versions import (
 from dicom_node.store.db import Database
 from dicom_node.store.durable import write_atomic
 from dicom_node.store.private import private_dir
+from dicom_node.update_outbox import PAYLOAD_SHA256
 
 LOGGER = logging.getLogger(__name__)
 
@@ -72,8 +74,12 @@ def hub_origin(db: Database, name: str, start_generation: int
 def write_update(data_dir: Path, update_id: str, model: SegmentationNetwork,
                  groups: Sequence[str], metadata: Mapping[str, object]
                  ) -> tuple[Path, dict[str, str]]:
-    """The update's trained groups and its metadata, durable under ``updates/``."""
+    """The update's trained groups and its metadata, durable under ``updates/``; the
+    metadata returned (and beside the file) adds the file's sha256, which the upload
+    declares to the hub: bytes that change on disk before they are sent are refused
+    there, and the upload need not read the file twice."""
     data, meta = update_artifact(model, groups, metadata)
+    meta = {**meta, PAYLOAD_SHA256: hashlib.sha256(data).hexdigest()}
     path = data_dir / "updates" / f"{update_id}.safetensors"
     private_dir(path.parent)
     write_atomic(path, data, durable=True)

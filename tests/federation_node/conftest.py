@@ -32,6 +32,7 @@ from dicom_node.store.models import (
     TrainingSample,
     UpdateOutboxItem,
 )
+from dicom_node.update_outbox import PAYLOAD_SHA256
 from federation_grpc.wire import serialize_upload_request
 from tests.corrections.helpers import (
     TEST_MODEL,
@@ -217,7 +218,9 @@ def seed_update(db_url: str, model_file: Path, data_dir: Path, *, base: int = 0,
             "validation": '{"base": {"mean": 0.5}, "candidate": {"mean": 0.52}, "cases": 1}'}
     path = data_dir / "updates" / f"{update_id}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(arrays_to_bytes(arrays, meta))
+    data = arrays_to_bytes(arrays, meta)
+    path.write_bytes(data)
+    meta[PAYLOAD_SHA256] = hashlib.sha256(data).hexdigest()  # as write_update keeps it
     db = Database(db_url)
     try:
         with db.session() as s:

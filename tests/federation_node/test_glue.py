@@ -98,6 +98,31 @@ def test_local_versions_are_numbered_apart_from_hub_generations(
         node.parts.db.dispose()
 
 
+def test_an_update_whose_bytes_changed_on_disk_is_refused_by_the_hub_and_kept_out(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+) -> None:
+    """The upload declares the sha256 kept since the update was written, so bytes that
+    changed on disk since (a bad sector, a hand edit) are refused at the hub, and the
+    outbox row says why instead of retrying for ever."""
+    hub = start_hub()
+    data = federated_node_data(tmp_path / "site", model_file, hub.target, token=hub.token(),
+                               tls=node_tls(certs), watch=False)
+    node = _node(tmp_path, data)
+    url = node.config.node.resolved_database_url()
+    try:
+        update = seed_update(url, model_file, node.config.node.data_dir)
+        path = node.config.node.data_dir / "updates" / f"{update}.safetensors"
+        changed = bytearray(path.read_bytes())
+        changed[-1] ^= 0x01  # one bit of the last tensor
+        path.write_bytes(bytes(changed))
+        assert node.parts.federation.upload_pending() == 0
+        [(uid, state, _, error)] = outbox(url)
+        assert (uid, state) == (update, "dead") and "sha256" in (error or ""), error
+        assert hub.current() == 0
+    finally:
+        node.parts.db.dispose()
+
+
 def test_interrupted_download_resumes_by_offset(
     tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
 ) -> None:
