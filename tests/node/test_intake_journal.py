@@ -191,7 +191,10 @@ def test_kill_9_at_random_points_acknowledged_equals_indexed(
         kill_after = rng.randint(1, backend.per_series - 1)
         acked = send_and_kill_after(node.port, series.files, node, kill_after)
         where = f"seed {SEED}, {backend.name}, rep {rep}"
-        assert len(acked) == kill_after, f"{where}: storescu went on after the kill"
+        # The node may answer one more C-STORE between the test seeing the kill_after-th
+        # answer and the SIGKILL landing (more so on a busy machine): every answer
+        # storescu saw was sent before the node died, so each must be kept all the same.
+        assert len(acked) >= kill_after, f"{where}: storescu saw fewer answers than sent"
         acknowledged.update({uid_of[f]: f for f in acked})
         sent.update(series.sop_uids)
         node = node_process(config)  # replays what the killed one left
