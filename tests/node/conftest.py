@@ -25,6 +25,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DS
 from sqlalchemy import func, select
 
 from dicom_node.config import load_config
@@ -134,8 +135,10 @@ def make_ct_series(directory: Path, count: int, *, source: str = "CT_small.dcm",
         ds.SeriesDescription = description
         ds.InstanceNumber = i + 1
         if "ImagePositionPatient" in template:
-            ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + i]
-            ds.SliceLocation = origin[2] + i
+            # A DS holds at most 16 characters: -63.699997 + 1 is -62.699996999999996.
+            ds.ImagePositionPatient = [DS(v, auto_format=True)
+                                       for v in (origin[0], origin[1], origin[2] + i)]
+            ds.SliceLocation = DS(origin[2] + i, auto_format=True)
         path = directory / f"{i + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
