@@ -48,7 +48,7 @@ from harness import Clock, pyplot, save_figure, scores_text, timed, write_json
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.network import MultiHeadNetwork, build_model
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample, samples_from_volume
@@ -91,7 +91,7 @@ def _known(labels: np.ndarray, config: ModelConfig) -> np.ndarray:
 _HELD: dict[tuple[str, str, int, int], PhantomSubject] = {}
 
 
-def evaluate(model: MultiHeadUNet, config: ModelConfig, scenario: Scenario, site: str,
+def evaluate(model: MultiHeadNetwork, config: ModelConfig, scenario: Scenario, site: str,
              indexes: Sequence[int], seed: int, names: Sequence[str]) -> dict[str, float]:
     per = []
     for i in indexes:
@@ -111,7 +111,7 @@ def policy(args: argparse.Namespace, epochs: int, **kw: object) -> TrainingPolic
                           seed=args.seed, time_budget_s=args.phase_budget, **kw)  # type: ignore[arg-type]
 
 
-def state_of(model: MultiHeadUNet, prefix: str) -> dict[str, torch.Tensor]:
+def state_of(model: MultiHeadNetwork, prefix: str) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
 
 
@@ -130,7 +130,7 @@ class Setup:
     b_held: range
     head_epochs: int
 
-    def scores(self, model: MultiHeadUNet, config: ModelConfig, site: str
+    def scores(self, model: MultiHeadNetwork, config: ModelConfig, site: str
                ) -> dict[str, float]:
         """Held-out Dice at the old site (its labels) or the new one (the added head's)."""
         sc, seed = self.scenario, self.args.seed
@@ -172,7 +172,7 @@ class Phase:
     new: dict[str, float] = field(default_factory=dict)
 
 
-def train_starter(st: Setup) -> tuple[MultiHeadUNet, Phase]:
+def train_starter(st: Setup) -> tuple[MultiHeadNetwork, Phase]:
     """Heads of the old site's labels from scratch on its slices."""
     starter = build_model(st.base)
     report, seconds = timed(train, starter, st.base, st.old_samples,
@@ -183,7 +183,7 @@ def train_starter(st: Setup) -> tuple[MultiHeadUNet, Phase]:
     return starter, phase
 
 
-def train_continual(st: Setup, starter: MultiHeadUNet) -> tuple[Phase, list[str]]:
+def train_continual(st: Setup, starter: MultiHeadNetwork) -> tuple[Phase, list[str]]:
     """The node's path: the starter plus the seeded head, trained alone on the frozen
     encoder; the groups whose tensors changed."""
     sc = st.scenario

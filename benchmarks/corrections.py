@@ -9,11 +9,11 @@ import numpy as np
 from dicom_node.learning.incremental import cut_sample, touched_slices, with_neighbours
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.slices import SliceSample
 
 
-def correction_sample(model: MultiHeadUNet, config: ModelConfig, image: np.ndarray,
+def correction_sample(model: MultiHeadNetwork, config: ModelConfig, image: np.ndarray,
                       labels: np.ndarray, spacing: tuple, neighbours: int
                       ) -> tuple[np.ndarray, list[SliceSample]]:
     """The model's segmentation of ``image`` and the training samples of its correction

@@ -27,7 +27,7 @@ from subjects import Case
 from dicom_node.learning.incremental import train_round, trained_groups, update_artifact
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample
@@ -42,7 +42,7 @@ ADAPT = "+adapt"  # the arm's sites serve their own fine-tune of each generation
 SITES = ("A", "B", "C")
 
 
-def score(model: MultiHeadUNet, config: ModelConfig, cases: Sequence[Case]) -> float:
+def score(model: MultiHeadNetwork, config: ModelConfig, cases: Sequence[Case]) -> float:
     """Mean over ``cases`` of the 3D Dice averaged over labels."""
     per = []
     for image, truth, spacing in cases:
@@ -66,7 +66,7 @@ class UnionEvaluator:
 @dataclass
 class Site:
     name: str
-    model: MultiHeadUNet
+    model: MultiHeadNetwork
     config: ModelConfig
     replay: list[list[SliceSample]] = field(default_factory=list)
     moments: dict | None = None
@@ -77,7 +77,7 @@ class Experiment:
     """What every arm of a run shares: the starter, the studies, the held-out and
     validation subjects, the node's policy and the options."""
 
-    init: tuple[MultiHeadUNet, ModelConfig]
+    init: tuple[MultiHeadNetwork, ModelConfig]
     data: Callable[..., Case]
     held: dict[str, list[Case]]
     validation: list[Case]
@@ -87,7 +87,7 @@ class Experiment:
 
 
 def correct_and_train(site: Site, case: Case, policy: TrainingPolicy, args: argparse.Namespace,
-                      ) -> tuple[MultiHeadUNet, list[str]]:
+                      ) -> tuple[MultiHeadNetwork, list[str]]:
     """One correction at ``site``: segment, take the touched slices, train a round."""
     image, labels, spacing = case
     _, sample = correction_sample(site.model, site.config, image, labels, spacing,
@@ -100,7 +100,7 @@ def correct_and_train(site: Site, case: Case, policy: TrainingPolicy, args: argp
     return candidate, trained_groups(report)
 
 
-def hub_for(folder: Path, strategy: str, init: tuple[MultiHeadUNet, ModelConfig],
+def hub_for(folder: Path, strategy: str, init: tuple[MultiHeadNetwork, ModelConfig],
             evaluator: UnionEvaluator | None,
             aggregation: Mapping[str, float] | None = None) -> HubService:
     """The arm's hub: Dafne's gate (margin 0.001, accept or refuse the whole step),
@@ -114,8 +114,8 @@ def hub_for(folder: Path, strategy: str, init: tuple[MultiHeadUNet, ModelConfig]
 
 
 def arm_scores(arm: str, config: ModelConfig, held: dict[str, list[Case]],
-               models: dict[str, MultiHeadUNet], last: bool = True,
-               shared: MultiHeadUNet | None = None) -> dict[str, float]:
+               models: dict[str, MultiHeadNetwork], last: bool = True,
+               shared: MultiHeadNetwork | None = None) -> dict[str, float]:
     """Dice of each site's held-out subjects with the model it serves, and the union's."""
     if arm.endswith(ADAPT) and shared is not None:  # each site its fine-tune; the union: hub's
         out = {s: score(models[s], config, held[s]) for s in SITES}
@@ -135,13 +135,13 @@ def arm_scores(arm: str, config: ModelConfig, held: dict[str, list[Case]],
 
 def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
                 nodes: dict[str, str], r: int, seed: int, served_before: dict[str, float],
-                diag: dict[str, float], adapt: bool) -> dict[str, MultiHeadUNet]:
+                diag: dict[str, float], adapt: bool) -> dict[str, MultiHeadNetwork]:
     """Round ``r`` at every site: a correction, a round of training, the update to the
     hub (merged at once by a one-at-a-time strategy); each site's candidate."""
     config = ex.init[1]
     base = 0 if hub is None else hub.require_current().number
     base_model = None if hub is None else current_model(hub, config)
-    rounds: dict[str, MultiHeadUNet] = {}  # what each node serves until the swap
+    rounds: dict[str, MultiHeadNetwork] = {}  # what each node serves until the swap
     for i, s in enumerate(SITES):
         site = sites[s]
         start = site.model
@@ -166,9 +166,9 @@ def train_sites(ex: Experiment, sites: dict[str, Site], hub: HubService | None,
     return rounds
 
 
-def hub_round(ex: Experiment, site: Site, generation: MultiHeadUNet, start: MultiHeadUNet,
-              candidate: MultiHeadUNet, config: ModelConfig, policy: TrainingPolicy,
-              adapt: bool) -> tuple[MultiHeadUNet, int]:
+def hub_round(ex: Experiment, site: Site, generation: MultiHeadNetwork, start: MultiHeadNetwork,
+              candidate: MultiHeadNetwork, config: ModelConfig, policy: TrainingPolicy,
+              adapt: bool) -> tuple[MultiHeadNetwork, int]:
     """What a site sends, and for how many corrections (the new one and those replayed),
     as a node does: a round that started from the generation as trained; at a site
     serving its own fine-tune, a round trained again from the generation on the same
@@ -188,8 +188,8 @@ def hub_round(ex: Experiment, site: Site, generation: MultiHeadUNet, start: Mult
 
 
 def serve_generation(ex: Experiment, sites: dict[str, Site], hub: HubService,
-                     rounds: dict[str, MultiHeadUNet], hub_model: MultiHeadUNet, r: int,
-                     seed: int, adapt: bool) -> MultiHeadUNet:
+                     rounds: dict[str, MultiHeadNetwork], hub_model: MultiHeadNetwork, r: int,
+                     seed: int, adapt: bool) -> MultiHeadNetwork:
     """Every node swaps to the hub's current generation or, adapting, to its own fine-tune
     of it (the generation plus what the site learned on its base); the generation."""
     config, args = ex.init[1], ex.args
@@ -273,8 +273,8 @@ def run_arm(arm: str, ex: Experiment, seed: int) -> dict[str, Any]:
     return {"rows": rows}
 
 
-def merged_by(strategy: str, init: tuple[MultiHeadUNet, ModelConfig],
-              updates: dict[str, tuple[bytes, list[str]]]) -> tuple[MultiHeadUNet, int]:
+def merged_by(strategy: str, init: tuple[MultiHeadNetwork, ModelConfig],
+              updates: dict[str, tuple[bytes, list[str]]]) -> tuple[MultiHeadNetwork, int]:
     """``strategy``'s real hub merging ``updates`` as they arrive (all from generation 0):
     the model it then serves and that generation's number."""
     with tempfile.TemporaryDirectory(prefix="tessera-fl-diag-") as tmp:

@@ -75,7 +75,7 @@ from subjects import Case, cached
 from dicom_node.config import FederationSettings, LearningSettings, NodeConfig
 from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.weights import load_model
 from dicom_node.pipeline.training_samples import policy_of
 from federation_grpc.hub.config import AggregationConfig
@@ -93,7 +93,7 @@ def dataset(kind: str) -> Callable[[str, int, int], Case]:
     return cached("ct", generate_subject)
 
 
-def starter(args: argparse.Namespace) -> tuple[MultiHeadUNet, ModelConfig]:
+def starter(args: argparse.Namespace) -> tuple[MultiHeadNetwork, ModelConfig]:
     if args.data == "mr":
         from learning import mr_starter  # bootstrapped from MR site A, cached
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes
 from federation_grpc.hub.config import AggregationConfig, GateConfig, HubConfig
 from federation_grpc.hub.domain import UpdateHeader, UploadState
 from federation_grpc.hub.service import HubService
 
 
-def start_hub(folder: Path, strategy: str, buffer_size: int, model: MultiHeadUNet,
+def start_hub(folder: Path, strategy: str, buffer_size: int, model: MultiHeadNetwork,
               config: ModelConfig, evaluator: Any = None,
               aggregation: Mapping[str, float] | None = None, **gate: Any) -> HubService:
     """A hub under ``folder`` whose generation 0 is ``model``; ``aggregation`` and
@@ -58,8 +58,8 @@ def upload(hub: HubService, node_id: str, payload: bytes, groups: list[str], bas
     return header.update_id
 
 
-def current_model(hub: HubService, config: ModelConfig) -> MultiHeadUNet:
+def current_model(hub: HubService, config: ModelConfig) -> MultiHeadNetwork:
     """The model of the hub's current generation."""
     model, _ = model_from_bytes(hub.blobs.get(hub.require_current().sha256), config)
-    assert isinstance(model, MultiHeadUNet)
+    assert isinstance(model, MultiHeadNetwork)
     return model

@@ -13,7 +13,7 @@ from subjects import Case, cached
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.label_specs import AddedHead, HeadSpec, LabelSpec
 from dicom_node.learning.model_config import ModelConfig, abdomen_ct_config
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import PreparedSlices, prepare_samples, samples_from_volume
@@ -80,7 +80,7 @@ def site_slices(task: Task, site: str, subjects: int, seed: int,
     return prepare_samples(samples, config)
 
 
-def score(model: MultiHeadUNet, config: ModelConfig, heads: Sequence[str],
+def score(model: MultiHeadNetwork, config: ModelConfig, heads: Sequence[str],
           cases: Sequence[Case]) -> dict[str, float]:
     """Mean 3D Dice per label over ``cases``, running only ``heads`` (others pending)."""
     pending = tuple(AddedHead(h, 0) for h in config.head_names if h not in heads)

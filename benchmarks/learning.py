@@ -50,7 +50,7 @@ from dicom_node.learning.bootstrap import STARTER_DIR, BootstrapPlan, bootstrap
 from dicom_node.learning.incremental import train_round
 from dicom_node.learning.inference import segment_volume
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.policy import RehearsalPlan, TrainingPolicy
 from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.scores import dice_per_label
@@ -82,7 +82,7 @@ def phantom_case(site: str, index: int, seed: int, data: str = "ct") -> Case:
     return Case(s.image.astype(np.float32), s.labels, s.spacing)
 
 
-def score(model: MultiHeadUNet, config: ModelConfig, cases: list[Case]) -> dict[str, float]:
+def score(model: MultiHeadNetwork, config: ModelConfig, cases: list[Case]) -> dict[str, float]:
     per = [dice_per_label(segment_volume(model, config, c.image, c.spacing).labels, c.labels,
                           config.label_values) for c in cases]
     out = {k: float(np.mean([d[k] for d in per])) for k in config.label_values}
@@ -94,7 +94,7 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def mr_starter(args: argparse.Namespace) -> tuple[MultiHeadUNet, ModelConfig, str]:
+def mr_starter(args: argparse.Namespace) -> tuple[MultiHeadNetwork, ModelConfig, str]:
     """The node's MR head model (``tessera model bootstrap --data mr``), from MR site A
     with this run's subjects and budget (cached)."""
     cached = args.out / "starter-mr-A" / "model.safetensors"
@@ -111,7 +111,7 @@ def mr_starter(args: argparse.Namespace) -> tuple[MultiHeadUNet, ModelConfig, st
     return result.model, result.config, f"bootstrapped MR ({result.path})"
 
 
-def starter(args: argparse.Namespace) -> tuple[MultiHeadUNet, ModelConfig, str]:
+def starter(args: argparse.Namespace) -> tuple[MultiHeadNetwork, ModelConfig, str]:
     if args.data == "mr":
         return mr_starter(args)
     shipped = STARTER_DIR / "model.safetensors"
@@ -202,7 +202,7 @@ def rehearsal(config: ModelConfig, plan: RehearsalPlan
 class Learner:
     """The serving model of the shifted site's node and what its rounds carry over."""
 
-    model: MultiHeadUNet
+    model: MultiHeadNetwork
     config: ModelConfig
     moments: dict | None  # Adam's, kept by served rounds
     replay: list[list[SliceSample]] = field(default_factory=list)

@@ -72,7 +72,7 @@ from dicom_node.config import LearningSettings
 from dicom_node.learning.incremental import copy_model, trained_groups, update_artifact
 from dicom_node.learning.label_specs import AddedHead
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, build_model
+from dicom_node.learning.network import MultiHeadNetwork, build_model
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.slices import PreparedSlices
 from dicom_node.learning.training import TrainingReport, train
@@ -85,9 +85,9 @@ Scores = dict[str, dict[str, float]]  # set-up -> label -> Dice
 
 
 # -- training ---------------------------------------------------------------------------
-def local_round(model: MultiHeadUNet, config: ModelConfig, data: PreparedSlices,
+def local_round(model: MultiHeadNetwork, config: ModelConfig, data: PreparedSlices,
                 epochs: int, args: argparse.Namespace, seed: int, distill_other_heads: float = 0.0,
-                optimiser_state: dict | None = None) -> tuple[MultiHeadUNet, TrainingReport]:
+                optimiser_state: dict | None = None) -> tuple[MultiHeadNetwork, TrainingReport]:
     """A node's local training, on a copy (the node's policy, fixed epochs), continuing
     Adam from ``optimiser_state`` if given (the report carries it on)."""
     candidate = copy_model(model, config)
@@ -98,7 +98,7 @@ def local_round(model: MultiHeadUNet, config: ModelConfig, data: PreparedSlices,
     return candidate, train(candidate, config, data, policy, optimiser_state=optimiser_state)
 
 
-def hub_service(folder: Path, strategy: str, init: MultiHeadUNet,
+def hub_service(folder: Path, strategy: str, init: MultiHeadNetwork,
                 config: ModelConfig) -> HubService:
     # Weights from a random start move far in a round; the norm bound is for
     # fine-tuning a working model (the operator would widen it for such a start).
@@ -134,9 +134,9 @@ def federated_round(hub: HubService, nodes: dict[str, str], config: ModelConfig,
     return {"round": r + 1, "generation": made[-1], "updates": sent}
 
 
-def federate(init: MultiHeadUNet, config: ModelConfig, data: dict[str, PreparedSlices],
+def federate(init: MultiHeadNetwork, config: ModelConfig, data: dict[str, PreparedSlices],
              heads: Sequence[str], args: argparse.Namespace, seed: int,
-             log: Log) -> tuple[MultiHeadUNet, list[dict]]:
+             log: Log) -> tuple[MultiHeadNetwork, list[dict]]:
     """``--rounds`` rounds through the real hub (the sites train ``heads`` between them);
     returns the final global model."""
     rounds: list[dict] = []
@@ -222,7 +222,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def single_sites(init: MultiHeadUNet, task: Task, data: dict[str, PreparedSlices],
+def single_sites(init: MultiHeadNetwork, task: Task, data: dict[str, PreparedSlices],
                  cases: list, args: argparse.Namespace, seed: int, log: Log,
                  results: Scores, steps: dict[str, int]) -> None:
     """Each site alone from ``init``: its model's Dice on its own labels' heads."""

@@ -21,7 +21,7 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.learning.bootstrap_data import BootstrapData, source
 from dicom_node.learning.errors import LearningError
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork, build_model
+from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork, build_model
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import SliceSample, samples_from_volume
@@ -31,12 +31,15 @@ from dicom_node.learning.weights import save_model
 LOGGER = logging.getLogger(__name__)
 
 STARTER_DIR = Path(__file__).resolve().parent / "starter"
+# The starter's heads on a 2D MONAI UNet encoder (dicom_node.learning.monai_heads).
+MONAI_HEADS_ARCH = "unet2d-monai"
 
 
 @dataclass(frozen=True)
 class BootstrapPlan:
-    """``arch``: ``unet2d`` (our multi-head 2D U-Net, the shipped starter) or a 3D MONAI
-    network for CT (:data:`~dicom_node.learning.bootstrap_3d.ARCHITECTURES`)."""
+    """``arch``: ``unet2d`` (our multi-head 2D U-Net, the shipped starter),
+    ``unet2d-monai`` (the same heads on a 2D MONAI UNet encoder) or a 3D MONAI network
+    for CT (:data:`~dicom_node.learning.bootstrap_3d.ARCHITECTURES`)."""
 
     data: str = "ct"
     arch: str = "unet2d"
@@ -123,9 +126,13 @@ def evaluate(
 
 def _train_2d(plan: BootstrapPlan, data: BootstrapData, say: Callable[[str], None],
               progress: ProgressHook | None
-              ) -> tuple[MultiHeadUNet, ModelConfig, TrainingReport]:
+              ) -> tuple[MultiHeadNetwork, ModelConfig, TrainingReport]:
     """Our multi-head U-Net on slices of the phantom subjects."""
     config = data.config(plan.input_size)
+    if plan.arch == MONAI_HEADS_ARCH:
+        from dicom_node.learning.monai_heads import with_monai_unet_encoder  # imports MONAI
+
+        config = with_monai_unet_encoder(config)
     model = build_model(config)
     try:
         samples = collect_samples(config, plan.site, range(plan.subjects), plan.seed,
@@ -168,7 +175,7 @@ def bootstrap(
     torch.manual_seed(plan.seed)
     say(f"generating {plan.subjects} phantom subjects of site {plan.site} ({data.description})")
     model: SegmentationNetwork
-    if plan.arch == "unet2d":
+    if plan.arch in ("unet2d", MONAI_HEADS_ARCH):
         model, config, report = _train_2d(plan, data, say, progress)
     elif plan.data != "ct":
         raise LearningError(f"--arch {plan.arch} is a 3D starter for --data ct only")

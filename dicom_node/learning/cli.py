@@ -70,7 +70,8 @@ def bootstrap_command(
     input_size: Annotated[int, typer.Option(help="In-plane size the network sees.")] = 128,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     arch: Annotated[str, typer.Option(
-        help="unet2d: our multi-head 2D U-Net (the shipped starter); segresnet or dynunet: "
+        help="unet2d: our multi-head 2D U-Net (the shipped starter); unet2d-monai: the "
+             "same heads on a 2D MONAI UNet encoder; segresnet or dynunet: "
              "a 3D MONAI network for --data ct, trained on whole volumes at 4 mm (needs "
              "--out; serve it through [models]).")] = "unet2d",
 ) -> None:

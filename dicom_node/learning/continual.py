@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.training import TrainingReport
 
@@ -47,7 +47,7 @@ def _tensor_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
 
 
-def init_head_arrays(model: MultiHeadUNet, head: str, seed: int) -> dict[str, np.ndarray]:
+def init_head_arrays(model: MultiHeadNetwork, head: str, seed: int) -> dict[str, np.ndarray]:
     """Deterministic initial weights of ``heads.<head>`` (float32, keyed by full name).
 
     Convolutions (and transposed ones) get PyTorch's default scheme, uniform in
@@ -84,7 +84,7 @@ def init_head_arrays(model: MultiHeadUNet, head: str, seed: int) -> dict[str, np
 
 
 def pending_init_state(
-    model: MultiHeadUNet, config: ModelConfig, present: Iterable[str]
+    model: MultiHeadNetwork, config: ModelConfig, present: Iterable[str]
 ) -> dict[str, torch.Tensor]:
     """Seeded tensors for every pending head none of whose tensors are in ``present``.
 

@@ -17,8 +17,10 @@ Head/encoder split: such a network has no separate heads. It is one head named
 ``network`` that owns every label (output channel 0 is background, channel *i* the
 head's *i*-th label), and its parameters form one group, ``network``, that the hub
 merges whole from every update. Partial labels (training only some heads), continual
-heads and head distillation need separate heads, i.e. our multi-head U-Net: training
-refuses them on an external network with :class:`~dicom_node.learning.errors.TrainingError`.
+heads and head distillation need separate heads, i.e. our multi-head U-Net or a MONAI
+network as the encoder of our heads (``monai-heads:<Class>``, see
+:mod:`dicom_node.learning.monai_heads`): training refuses them on an external network
+with :class:`~dicom_node.learning.errors.TrainingError`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ from dicom_node.learning.errors import ModelConfigError
 LOGGER = logging.getLogger(__name__)
 
 MONAI_PREFIX = "monai:"
+# A MONAI network as the shared encoder of named heads (dicom_node.learning.monai_heads).
+MONAI_HEADS_PREFIX = "monai-heads:"
+# What refusals of head-wise training on an external network point to.
+WITH_HEADS = ("a network with heads (the multi-head U-Net, or a MONAI network as the "
+              f"encoder of heads: architecture '{MONAI_HEADS_PREFIX}<Class>')")
 TORCHSCRIPT_PREFIX = "torchscript:"
 NETWORK_HEAD = "network"
 TORCHSCRIPT_DIR = "torchscript"
@@ -129,8 +136,9 @@ def is_external(architecture: str) -> bool:
 
 
 def monai_class_name(architecture: str) -> str:
-    """``monai:UNet`` -> ``UNet``; refuses names outside :data:`MONAI_NETWORKS`."""
-    name = architecture.removeprefix(MONAI_PREFIX)
+    """``monai:UNet`` (or ``monai-heads:UNet``) -> ``UNet``; refuses names outside
+    :data:`MONAI_NETWORKS`."""
+    name = architecture.removeprefix(MONAI_PREFIX).removeprefix(MONAI_HEADS_PREFIX)
     if name not in MONAI_NETWORKS:
         raise ModelConfigError(
             f"MONAI network {name[:64]!r} is not allowed (allowed: {sorted(MONAI_NETWORKS)})"
@@ -239,20 +247,26 @@ def _fill_aliases(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any
             state[prefix + alias] = state[prefix + name]
 
 
+def build_monai(architecture: str, spec: NetworkSpec) -> ExternalNetwork:
+    """The allowed MONAI class ``architecture`` names, built from ``spec.args`` (random
+    weights)."""
+    from monai.networks import nets  # heavy import, needed only for MONAI models
+
+    cls = getattr(nets, monai_class_name(architecture))
+    try:
+        network = cls(**dict(spec.args))
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ModelConfigError(f"{architecture}: bad network.args: {exc}") from exc
+    return ExternalNetwork(network, spec)
+
+
 def build_external(
     architecture: str, spec: NetworkSpec, code_dirs: Iterable[Path] = ()
 ) -> ExternalNetwork:
     """Instantiate an external network (random weights for MONAI; the scripted ones
     keep the weights in their file until the config's safetensors replace them)."""
     if architecture.startswith(MONAI_PREFIX):
-        from monai.networks import nets  # heavy import, needed only for MONAI models
-
-        cls = getattr(nets, monai_class_name(architecture))
-        try:
-            network = cls(**dict(spec.args))
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise ModelConfigError(f"{architecture}: bad network.args: {exc}") from exc
-        return ExternalNetwork(network, spec)
+        return build_monai(architecture, spec)
     if architecture.startswith(TORCHSCRIPT_PREFIX):
         path = torchscript_file(code_dirs, torchscript_sha256(architecture))
         # A local file the operator installed and whose hash the config names; bytes

@@ -12,7 +12,8 @@ softmax of log-probabilities returns them unchanged).
 volume prepared exactly as for inference (reorientation, resampling, intensity); 2D
 networks on slices prepared as for inference. The network is one parameter group
 (``network``): policies that train some heads only, freeze an encoder or distil other
-heads are refused (they need our multi-head U-Net).
+heads are refused (they need a network with heads, see
+:data:`~dicom_node.learning.external.WITH_HEADS`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from dicom_node.learning.errors import TrainingError
-from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
+from dicom_node.learning.external import NETWORK_HEAD, WITH_HEADS, ExternalNetwork
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices, resize_labels
@@ -43,9 +44,9 @@ def check_policy(policy: TrainingPolicy) -> None:
     """Refuse what needs separate heads (see :mod:`dicom_node.learning.external`)."""
     if policy.freeze_encoder or (policy.heads is not None and policy.heads != (NETWORK_HEAD,)):
         raise TrainingError("an external network is one group 'network': training some heads "
-                            "on a frozen encoder (continual heads) needs the multi-head U-Net")
+                            f"on a frozen encoder (continual heads) needs {WITH_HEADS}")
     if policy.distill_weight or policy.distill_other_heads:
-        raise TrainingError("distillation between heads needs the multi-head U-Net")
+        raise TrainingError(f"distillation between heads needs {WITH_HEADS}")
 
 
 def _prepared(sample: VolumeSample, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.inference import combine_heads
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
+from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices
 from dicom_node.learning.slices import SliceSample
@@ -115,15 +115,15 @@ def decode_sample(data: bytes) -> StoredSample:
 
 
 # -- a round of training ------------------------------------------------------------------
-def copy_model(model: MultiHeadUNet, config: ModelConfig) -> MultiHeadUNet:
+def copy_model(model: MultiHeadNetwork, config: ModelConfig) -> MultiHeadNetwork:
     """An independent copy (through safetensors bytes, as everywhere else)."""
     copied, _ = model_from_bytes(_model_to_bytes(model, config), config)
-    assert isinstance(copied, MultiHeadUNet)  # the config names the multi-head U-Net
+    assert isinstance(copied, MultiHeadNetwork)  # the config names the multi-head U-Net
     return copied
 
 
 def train_round(
-    model: MultiHeadUNet,
+    model: MultiHeadNetwork,
     config: ModelConfig,
     new: Sequence[SliceSample],
     replay: Sequence[SliceSample],
@@ -132,7 +132,7 @@ def train_round(
     anchors: Sequence[SliceSample] = (),
     progress: ProgressHook | None = None,
     optimiser_state: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[MultiHeadUNet, TrainingReport]:
+) -> tuple[MultiHeadNetwork, TrainingReport]:
     """Train a copy of ``model`` on ``new`` plus ``replay`` (and rehearsal ``anchors``),
     continuing Adam from ``optimiser_state`` if given (see :func:`train`).
 

@@ -31,10 +31,14 @@ from typing import Any
 
 from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.external import (
+    MONAI_HEADS_PREFIX,
     NETWORK_HEAD,
+    WITH_HEADS,
+    NetworkOutput,
     NetworkSpec,
     check_architecture,
     is_external,
+    monai_class_name,
 )
 from dicom_node.learning.label_specs import AddedHead, HeadSpec, LabelSpec
 from dicom_node.learning.preprocessing_spec import Preprocessing
@@ -127,6 +131,9 @@ class ModelConfig:
         if self.is_external:
             self._check_external()
             return
+        if self.has_monai_encoder:
+            self._check_monai_encoder()
+            return
         if self.network is not None:
             raise ModelConfigError(f"network: not used by architecture {self.architecture!r}")
         size, depth = self.preprocessing.input_size, self.hyperparameters.depth
@@ -143,9 +150,9 @@ class ModelConfig:
         if len(self.heads) != 1 or self.heads[0].name != NETWORK_HEAD:
             raise ModelConfigError(
                 f"heads: an external network has one head {NETWORK_HEAD!r} owning every label "
-                "(separate heads need the multi-head U-Net)")
+                f"(separate heads need {WITH_HEADS})")
         if self.added_heads:
-            raise ModelConfigError("added_heads: continual heads need the multi-head U-Net")
+            raise ModelConfigError(f"added_heads: continual heads need {WITH_HEADS}")
         labels = self.heads[0].labels
         if net.out_channels != len(labels) + 1:
             raise ModelConfigError(
@@ -162,6 +169,33 @@ class ModelConfig:
                 f"network.args.in_channels is {net.in_channels}, preprocessing gives "
                 f"{pp.in_channels}")
 
+    def _check_monai_encoder(self) -> None:
+        monai_class_name(self.architecture)
+        net = self.network
+        if net is None:
+            raise ModelConfigError(f"architecture {self.architecture!r} needs a 'network' object "
+                                   "(the encoder's arguments)")
+        if net.spatial_dims != 2:
+            raise ModelConfigError("network.args.spatial_dims: heads on a MONAI encoder train "
+                                   "on slices, as the U-Net's do; it must be 2")
+        if net.in_channels != self.preprocessing.in_channels:
+            raise ModelConfigError(
+                f"network.args.in_channels is {net.in_channels}, preprocessing gives "
+                f"{self.preprocessing.in_channels}")
+        if net.output is not NetworkOutput.LOGITS:
+            raise ModelConfigError("network.output: an encoder's output feeds the heads; "
+                                   "it must be 'logits' (features)")
+        groups = self.hyperparameters.norm_groups
+        if net.out_channels % groups:
+            raise ModelConfigError(
+                f"network.args.out_channels {net.out_channels} (the features each head "
+                f"reads) must be divisible by hyperparameters.norm_groups {groups}")
+
+    @property
+    def has_monai_encoder(self) -> bool:
+        """A MONAI network as the shared encoder of named heads (``monai-heads:<Class>``)."""
+        return self.architecture.startswith(MONAI_HEADS_PREFIX)
+
     @property
     def is_external(self) -> bool:
         """A MONAI or TorchScript network (one head, one parameter group)."""
@@ -169,7 +203,7 @@ class ModelConfig:
 
     @property
     def spatial_dims(self) -> int:
-        return 2 if self.network is None else self.network.spatial_dims
+        return 2 if self.network is None or self.has_monai_encoder else self.network.spatial_dims
 
     # -- lookups -------------------------------------------------------------------
     def label(self, name: str) -> LabelSpec:

@@ -1,4 +1,5 @@
-"""The 2D U-Net with one shared encoder and named decoder heads.
+"""Networks with one shared encoder and named heads: our 2D U-Net, and (in
+:mod:`dicom_node.learning.monai_heads`) a MONAI network as the encoder.
 
 Parameter names are a contract with the hub: encoder and bottleneck parameters start
 with ``encoder.``, a head's with ``heads.<head name>.``, and there is nothing else (no
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ from dicom_node.learning.model_config import ModelConfig
 LOGGER = logging.getLogger(__name__)
 
 
-def _conv_block(c_in: int, c_out: int, n_convs: int, groups: int) -> nn.Sequential:
+def conv_block(c_in: int, c_out: int, n_convs: int, groups: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(n_convs):
         layers += [
@@ -42,7 +44,7 @@ class Encoder(nn.Module):
         self.levels = nn.ModuleList()
         c_prev = in_channels
         for c in channels:
-            self.levels.append(_conv_block(c_prev, c, 2, groups))
+            self.levels.append(conv_block(c_prev, c, 2, groups))
             c_prev = c
         self.pool = nn.MaxPool2d(2)
 
@@ -67,7 +69,7 @@ class DecoderHead(nn.Module):
         self.blocks = nn.ModuleList()
         for deep, shallow in zip(channels[:0:-1], channels[-2::-1], strict=True):
             self.ups.append(nn.ConvTranspose2d(deep, shallow, 2, stride=2))
-            self.blocks.append(_conv_block(2 * shallow, shallow, n_convs, groups))
+            self.blocks.append(conv_block(2 * shallow, shallow, n_convs, groups))
         self.out = nn.Conv2d(channels[0], num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -77,8 +79,39 @@ class DecoderHead(nn.Module):
         return self.out(x)
 
 
-class MultiHeadUNet(nn.Module):
-    """``forward(x, heads)`` returns ``{head name: logits (N, classes, H, W)}``."""
+class MultiHeadNetwork(nn.Module):
+    """A shared ``encoder`` and a ``heads`` dict: ``forward(x, heads)`` returns
+    ``{head name: logits (N, classes, H, W)}``. Everything that works per head (partial
+    labels, continual heads, distillation, rehearsal, the hub's parameter groups) works
+    on any subclass; a subclass sets ``encoder`` and says how a head is made."""
+
+    encoder: nn.Module
+    heads: nn.ModuleDict
+
+    def _make_head(self, head: HeadSpec) -> nn.Module:
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> Any:
+        """What every head reads: the encoder's output."""
+        return self.encoder(x)
+
+    def add_head(self, head: HeadSpec) -> None:
+        """Add a freshly initialised head (continual classes); existing weights untouched."""
+        if head.name in self.heads:
+            raise ModelConfigError(f"heads.{head.name} already exists")
+        device = next(self.encoder.parameters()).device
+        self.heads[head.name] = self._make_head(head).to(device)
+
+    def forward(
+        self, x: torch.Tensor, heads: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        features = self.features(x)
+        names = list(self.heads.keys()) if heads is None else list(heads)
+        return {name: self.heads[name](features) for name in names}
+
+
+class MultiHeadUNet(MultiHeadNetwork):
+    """Our U-Net: each head is a whole decoder over the encoder's levels (skips)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -91,28 +124,14 @@ class MultiHeadUNet(nn.Module):
         hp = self._hp
         return DecoderHead(hp.channels, head.num_classes, hp.decoder_convs, hp.norm_groups)
 
-    def add_head(self, head: HeadSpec) -> None:
-        """Add a freshly initialised head (continual classes); existing weights untouched."""
-        if head.name in self.heads:
-            raise ModelConfigError(f"heads.{head.name} already exists")
-        device = next(self.encoder.parameters()).device
-        self.heads[head.name] = self._make_head(head).to(device)
-
-    def forward(
-        self, x: torch.Tensor, heads: Iterable[str] | None = None
-    ) -> dict[str, torch.Tensor]:
-        features = self.encoder(x)
-        names = list(self.heads.keys()) if heads is None else list(heads)
-        return {name: self.heads[name](features) for name in names}
-
 
 ARCHITECTURES: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "unet2d-multihead": MultiHeadUNet,
 }
 
 
-# Any network a model config can name: ours (with heads) or an external one.
-SegmentationNetwork = MultiHeadUNet | ExternalNetwork
+# Any network a model config can name: one with heads or an external one.
+SegmentationNetwork = MultiHeadNetwork | ExternalNetwork
 
 
 def build_network(config: ModelConfig, code_dirs: Iterable[Path] = ()) -> SegmentationNetwork:
@@ -125,9 +144,13 @@ def build_network(config: ModelConfig, code_dirs: Iterable[Path] = ()) -> Segmen
     return build_model(config)
 
 
-def build_model(config: ModelConfig) -> MultiHeadUNet:
+def build_model(config: ModelConfig) -> MultiHeadNetwork:
     """Instantiate the registered multi-head architecture named by ``config`` (random
     weights); external networks come from :func:`build_network`."""
+    if config.has_monai_encoder:
+        from dicom_node.learning.monai_heads import MonaiMultiHead  # imports MONAI
+
+        return MonaiMultiHead(config)
     try:
         factory = ARCHITECTURES[config.architecture]
     except KeyError:
@@ -136,7 +159,7 @@ def build_model(config: ModelConfig) -> MultiHeadUNet:
             f"(known: {sorted(ARCHITECTURES)})"
         ) from None
     model = factory(config)
-    assert isinstance(model, MultiHeadUNet)
+    assert isinstance(model, MultiHeadNetwork)
     return model
 
 

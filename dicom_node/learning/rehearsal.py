@@ -34,7 +34,7 @@ import numpy as np
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.incremental import StoredSample, accept_candidate, evaluate_slices
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.policy import RehearsalPlan
 from dicom_node.learning.preprocessing import intensity_range
 from dicom_node.learning.preprocessing_spec import Modality, Preprocessing
@@ -85,17 +85,17 @@ class AnchorGate:
                          a.annotated, a.mr_range)
             for a in anchors
         )
-        self._scores: weakref.WeakKeyDictionary[MultiHeadUNet, dict[str, float]] = (
+        self._scores: weakref.WeakKeyDictionary[MultiHeadNetwork, dict[str, float]] = (
             weakref.WeakKeyDictionary())
 
-    def score(self, model: MultiHeadUNet, config: ModelConfig) -> dict[str, float]:
+    def score(self, model: MultiHeadNetwork, config: ModelConfig) -> dict[str, float]:
         if model not in self._scores:
             self._scores[model] = evaluate_slices(model, config, self.slices)
         return self._scores[model]
 
     def check(
-        self, base: MultiHeadUNet, base_config: ModelConfig,
-        candidate: MultiHeadUNet, candidate_config: ModelConfig,
+        self, base: MultiHeadNetwork, base_config: ModelConfig,
+        candidate: MultiHeadNetwork, candidate_config: ModelConfig,
     ) -> AnchorCheck:
         before = self.score(base, base_config)
         after = self.score(candidate, candidate_config)

@@ -28,7 +28,7 @@ from dicom_node.learning.losses import (
     masked_loss,
 )
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet
+from dicom_node.learning.network import MultiHeadNetwork
 from dicom_node.learning.optimiser_state import OptimiserState
 from dicom_node.learning.optimiser_state import capture as capture_optimiser
 from dicom_node.learning.optimiser_state import restore as restore_optimiser
@@ -73,7 +73,7 @@ ProgressHook = Callable[[TrainingProgress], None]
 
 
 def train(
-    model: MultiHeadUNet,
+    model: MultiHeadNetwork,
     config: ModelConfig,
     samples: Sequence[SliceSample] | PreparedSlices,
     policy: TrainingPolicy,
@@ -128,12 +128,12 @@ class _Optimisation:
 
     optimiser: torch.optim.Optimizer
     anchor: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter, value at the start)
-    teacher: MultiHeadUNet | None
+    teacher: MultiHeadNetwork | None
     others: list[str]  # active heads not trained, distilled through the encoder
 
 
 def _optimisation(
-    model: MultiHeadUNet,
+    model: MultiHeadNetwork,
     config: ModelConfig,
     heads: list[str],
     policy: TrainingPolicy,
@@ -173,7 +173,7 @@ class _Round:
 
     def __init__(
         self,
-        model: MultiHeadUNet,
+        model: MultiHeadNetwork,
         config: ModelConfig,
         heads: list[str],
         policy: TrainingPolicy,
@@ -242,7 +242,7 @@ class _Round:
         model, heads, policy, others = self.model, self.heads, self.policy, self.opt.others
         targets = head_targets(y, ann, self.config)
         with torch.set_grad_enabled(not policy.freeze_encoder):
-            features = model.encoder(x)
+            features = model.features(x)
         logits = {h: model.heads[h](features) for h in heads}
         loss = masked_loss(logits, targets, policy.dice_weight)
         if loss is None:  # this batch annotates nothing the trained heads own

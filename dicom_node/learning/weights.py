@@ -27,7 +27,7 @@ from dicom_node.learning.continual import pending_init_state
 from dicom_node.learning.errors import ModelConfigError, WeightsError
 from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork, build_network
+from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork, build_network
 from dicom_node.learning.safetensors_io import MAX_HEADER_BYTES, read_metadata
 from dicom_node.store.durable import SHARED_FILE, write_atomic
 
@@ -124,7 +124,7 @@ def model_from_bytes(
         model = build_network(config, code_dirs)
     except ModelConfigError as exc:
         raise WeightsError(f"model {config.name!r}: {exc}") from exc
-    if isinstance(model, MultiHeadUNet):
+    if isinstance(model, MultiHeadNetwork):
         # A pending added head has no trained weights anywhere yet: every node makes the
         # same ones from the config's seed (continual classes).
         state = {**state, **pending_init_state(model, config, state)}

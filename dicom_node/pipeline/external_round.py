@@ -30,7 +30,7 @@ from typing import Any
 from dicom_node.config import LearningSettings
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.evaluation import decode_any_sample
-from dicom_node.learning.external import ExternalNetwork
+from dicom_node.learning.external import WITH_HEADS, ExternalNetwork
 from dicom_node.learning.external_training import train_external
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.policy import TrainingPolicy
@@ -67,9 +67,8 @@ def external_policy(learning: LearningSettings, policy: TrainingPolicy
              if key in explicit and getattr(policy, key) != off]
     if asked:
         raise ExternalRoundRefused(
-            f"[learning.round] {', '.join(asked)} needs the multi-head U-Net's separate "
-            "heads; an external network is one group 'network': remove the setting(s) "
-            "to train it from corrections")
+            f"[learning.round] {', '.join(asked)} needs {WITH_HEADS}; an external network "
+            "is one group 'network': remove the setting(s) to train it from corrections")
     left_out = [f"{key} = {getattr(policy, key):g}" for key, off in HEAD_SETTINGS.items()
                 if getattr(policy, key) != off]
     if policy.anchor_fraction:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dicom_node.learning.incremental import update_artifact
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
+from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork
 from dicom_node.pipeline.versions import (
     hub_base_generation,
     is_local_generation,
@@ -49,7 +49,7 @@ LOGGER = logging.getLogger(__name__)
 
 
 def hub_origin(db: Database, name: str, start_generation: int
-               ) -> tuple[MultiHeadUNet, ModelConfig] | None:
+               ) -> tuple[MultiHeadNetwork, ModelConfig] | None:
     """The hub generation a round from local version ``start_generation`` descends from,
     loaded, to train the hub's round from; None when the round starts from a hub
     generation (it is the hub's round), or when that generation cannot be had (logged:
@@ -68,7 +68,7 @@ def hub_origin(db: Database, name: str, start_generation: int
     if loaded is None:
         return None
     model, config = loaded
-    return (model, config) if isinstance(model, MultiHeadUNet) else None
+    return (model, config) if isinstance(model, MultiHeadNetwork) else None
 
 
 def write_update(data_dir: Path, update_id: str, model: SegmentationNetwork,

@@ -39,7 +39,7 @@ from dicom_node.config import FederationSettings, LearningSettings
 from dicom_node.learning.evaluation import HeldOutSample, evaluate_samples
 from dicom_node.learning.incremental import copy_model, train_round
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
+from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork
 from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.weights import save_model
 from dicom_node.pipeline.flow import AdaptPayload, JobKind
@@ -156,7 +156,7 @@ class GenerationAdapter:
         held = [load_held_out(self.data_dir, r) for r in lineage.held_rows]
         replay = (replay_slices(self.data_dir, lineage.replay_rows,
                                 self.learning.replay_max_slices)
-                  if isinstance(model, MultiHeadUNet) and config.spatial_dims == 2 else [])
+                  if isinstance(model, MultiHeadNetwork) and config.spatial_dims == 2 else [])
         scores: dict[str, float] = {}
         scorable = bool(held)  # slices or whole volumes (an external network)
         if scorable:
@@ -210,23 +210,23 @@ class GenerationAdapter:
     def _fit(self, name: str, model: SegmentationNetwork, config: ModelConfig,
              before_model: tuple[SegmentationNetwork, ModelConfig] | None, lineage: Lineage,
              replay: list[SliceSample], beat: Callable[[], None]
-             ) -> tuple[MultiHeadUNet, ModelConfig] | None:
+             ) -> tuple[MultiHeadNetwork, ModelConfig] | None:
         """The site's version of the generation: what the site had learned on top of its
         hub generation carried to the new one (rebase), then fine-tuned on the replay
         buffer; None if there is nothing to carry or train on."""
         start = model
         base_model = (load_version(name, lineage.base, lineage.base_path)
                       if before_model is not None else None)
-        if isinstance(model, MultiHeadUNet) and before_model is not None and base_model:
+        if isinstance(model, MultiHeadNetwork) and before_model is not None and base_model:
             start = rebase(model, config, before_model[0], base_model[0])
-        if replay and isinstance(start, MultiHeadUNet):
+        if replay and isinstance(start, MultiHeadNetwork):
             fs = self.federation
             policy = replace(policy_of(self.learning), epochs=fs.adapt_epochs,
                              time_budget_s=fs.adapt_time_budget_s, anchor_fraction=0.0)
             tuned, _ = train_round(start, config, replay, [], policy,
                                    progress=beating(beat))
             return tuned, config
-        if start is not model and isinstance(start, MultiHeadUNet):
+        if start is not model and isinstance(start, MultiHeadNetwork):
             return start, config
         return None
 
@@ -240,7 +240,7 @@ class GenerationAdapter:
         LOGGER.info("%s: %s", name, check.verdict)
         return check
 
-    def _serve_adapted(self, name: str, check: SiteCheck, model: MultiHeadUNet,
+    def _serve_adapted(self, name: str, check: SiteCheck, model: MultiHeadNetwork,
                        config: ModelConfig) -> SiteCheck | None:
         with self.db.session() as s:
             number = next_generation(s, name, check.generation, local_floor=LOCAL_FLOOR)
@@ -294,8 +294,8 @@ class GenerationAdapter:
         return row
 
 
-def rebase(generation: MultiHeadUNet, config: ModelConfig, served: SegmentationNetwork,
-           base: SegmentationNetwork) -> MultiHeadUNet:
+def rebase(generation: MultiHeadNetwork, config: ModelConfig, served: SegmentationNetwork,
+           base: SegmentationNetwork) -> MultiHeadNetwork:
     """``generation + (served - base)``: the change this site made on top of hub
     generation ``base`` (its rounds and fine-tunes), applied to the new generation.
     Tensors the three do not share with the same shape (a head the hub added) are the

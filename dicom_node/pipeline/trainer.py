@@ -42,7 +42,7 @@ from dicom_node.learning.incremental import (
     trained_groups,
 )
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadUNet, SegmentationNetwork
+from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork
 from dicom_node.learning.rehearsal import AnchorGate, anchor_set, anchor_slices
 from dicom_node.learning.slices import SliceSample
 from dicom_node.learning.training import TrainingProgress, TrainingReport
@@ -172,7 +172,7 @@ class IncrementalTrainer:
         held = [load_held_out(self.data_dir, r) for r in held_rows]
         t0 = time.monotonic()
         slices = None
-        if isinstance(base_model, MultiHeadUNet):
+        if isinstance(base_model, MultiHeadNetwork):
             slices = self._round_slices(new_rows, replay_rows)
             trained = self._slice_round(base_model, base_config, slices, attempt, beat)
         else:  # an external network: whole volumes, one group (pipeline.external_round)
@@ -200,7 +200,7 @@ class IncrementalTrainer:
         return RoundSlices([x for r in new_rows for x in self._load(r).slice_samples()],
                            self._replay(replay_rows), len(new_rows))
 
-    def _slice_round(self, base_model: MultiHeadUNet, base_config: ModelConfig,
+    def _slice_round(self, base_model: MultiHeadNetwork, base_config: ModelConfig,
                      slices: RoundSlices, attempt: int, beat: Callable[[], None], *,
                      moments: bool = True, l2sp: float = 0.0) -> TrainedCandidate:
         """Train a copy of the multi-head U-Net on the new and replayed slices (Adam's
@@ -282,8 +282,8 @@ class IncrementalTrainer:
                                              self.learning.acceptance_margin)
         gate = trained.gate
         check = (gate.check(base_model, base_config, trained.model, trained.config)
-                 if gate is not None and isinstance(base_model, MultiHeadUNet)
-                 and isinstance(trained.model, MultiHeadUNet) else None)
+                 if gate is not None and isinstance(base_model, MultiHeadNetwork)
+                 and isinstance(trained.model, MultiHeadNetwork) else None)
         if check is not None:  # a round that forgets the anchors is not served
             accepted, verdict = accepted and check.accepted, f"{verdict}; {check.verdict}"
         return accepted, verdict, {

@@ -45,13 +45,19 @@ TUMOUR = SegmentSpec.from_rgb(9, "lesion", codes.SCT.MorphologicallyAbnormalStru
                               Code("108369006", "SCT", "Neoplasm"), (250, 250, 0))
 
 
-def tiny_model(folder: Path, name: str = TEST_MODEL) -> Path:
-    """A small untrained model: fast on two cores; learning only has to run, not shine."""
+def tiny_model(folder: Path, name: str = TEST_MODEL, monai_encoder: bool = False) -> Path:
+    """A small untrained model: fast on two cores; learning only has to run, not shine.
+    ``monai_encoder``: a MONAI UNet as the encoder of the same heads
+    (``monai-heads:UNet``) instead of our U-Net's."""
     from dataclasses import replace
 
     config: ModelConfig = replace(
         abdomen_ct_config(input_size=64, name=name),
         hyperparameters=UNetHyperparameters(channels=(8, 16, 32), norm_groups=4))
+    if monai_encoder:
+        from dicom_node.learning.monai_heads import with_monai_unet_encoder
+
+        config = with_monai_unet_encoder(config, features=8, channels=(8, 16, 32))
     return save_model(build_model(config), config, folder / f"{name}.safetensors")
 
 

@@ -175,7 +175,7 @@ def test_a_round_with_head_settings_on_an_external_model_is_refused_with_the_rea
                                       Study("B", 0, seed=7400, slices=8), "pending")
         trainer = next(h for h in node.parts.handlers if isinstance(h, IncrementalTrainer))
         with pytest.raises(PermanentJobError,
-                           match=r"distill_weight = 5 needs the multi-head U-Net"):
+                           match=r"distill_weight = 5 needs a network with heads"):
             trainer.train(EXTERNAL_MODEL)
         with node.parts.db.session() as s:
             assert s.get(TrainingSample, sample_id).state == "pending"

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.safetensors_io import read_metadata
 from dicom_node.learning.scores import dice_per_label
-from dicom_node.learning.weights import arrays_from_bytes
+from dicom_node.learning.weights import arrays_from_bytes, group_of
 from dicom_node.pipeline.seg_read import read_seg_labels
 from dicom_node.pipeline.segmentation import segment_specs
 from dicom_node.pipeline.versions import list_versions
@@ -42,10 +42,11 @@ from tests.corrections.helpers import (
 from tests.node.conftest import echoscu, node_config_data, storescu, tessera, wait_until
 
 
-def _node(tmp_path: Path, start_node: Any, **learning: Any) -> Any:
+def _node(tmp_path: Path, start_node: Any, monai_encoder: bool = False,
+          **learning: Any) -> Any:
     data = node_config_data(tmp_path / "node", rules=[segment_rule()],
                             learning=learning_section(**learning))
-    data["models"] = {TEST_MODEL: str(tiny_model(tmp_path))}
+    data["models"] = {TEST_MODEL: str(tiny_model(tmp_path, monai_encoder=monai_encoder))}
     return start_node(data)
 
 
@@ -82,6 +83,36 @@ def _moments_generation(path: Path) -> str | None:
 
 
 @pytest.mark.slow
+def test_a_monai_encoder_with_heads_serves_learns_a_liver_only_correction_and_sends_its_groups(
+    tmp_path: Path, start_node: Any
+) -> None:
+    """A model whose encoder is a MONAI UNet (``monai-heads:UNet``), end to end: it
+    segments a study into a SEG, a radiologist's liver-only correction (a site that
+    annotates the liver alone) trains the encoder and ``heads.liver`` only, the update
+    carries exactly those groups, and the next study is segmented by the new version."""
+    node = _node(tmp_path, start_node, monai_encoder=True, annotated_labels=["liver"])
+    assert node.parts.models.get(TEST_MODEL)[1].architecture == "monai-heads:UNet"
+    first = Study("B", 0, seed=7310)
+    _send_and_segment(node, first, tmp_path / "s1", generation=0)
+    seg_path, _ = radiologist_seg(first, tmp_path / "corr1" / "seg.dcm")
+    sent = pydicom.dcmread(seg_path)
+    assert storescu(node.port, seg_path, options=("-R",)).returncode == 0
+    corr = wait_until(lambda: correction_for(node, str(sent.SOPInstanceUID)), timeout=60,
+                      what="the correction")
+    assert corr.state == "recorded", corr.reason
+    wait_until(lambda: [v for v in versions(node) if v.generation == 1 and v.state == "serving"],
+               timeout=120, what="generation 1 serving")
+    with node.parts.db.session() as s:
+        item = s.execute(select(UpdateOutboxItem)).scalar_one()
+    arrays, meta = arrays_from_bytes(Path(item.path).read_bytes())
+    assert {group_of(name) for name in arrays} == {"encoder", "heads.liver"}
+    assert all(name.startswith(("encoder.network.", "heads.liver.")) for name in arrays)
+    assert json.loads(meta["trained_groups"]) == ["encoder", "heads.liver"]
+    second = Study("B", 1, seed=7310)
+    ai2 = _send_and_segment(node, second, tmp_path / "s2", generation=1)
+    assert _algorithm_version(stored_dataset(node, ai2.seg_sop_instance_uid)) == "1"
+
+
 def test_correction_trains_a_new_version_that_serves_the_next_study(
     tmp_path: Path, start_node: Any
 ) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dicom_node.learning.model_config import ModelConfig, UNetHyperparameters, abdomen_ct_config
+from dicom_node.learning.monai_heads import with_monai_unet_encoder
 
 # label values of abdomen_ct_config
 BODY, LIVER, SPLEEN, KIDNEY_LEFT, KIDNEY_RIGHT = 1, 2, 3, 4, 5
@@ -51,6 +52,17 @@ def toy_volume(
 def tiny_config() -> ModelConfig:
     config = abdomen_ct_config(input_size=32)
     return replace(config, hyperparameters=UNetHyperparameters(channels=(8, 16, 32), norm_groups=4))
+
+
+def with_monai_encoder(config: ModelConfig) -> ModelConfig:
+    """``config`` with a small MONAI UNet as the encoder of the same heads."""
+    return with_monai_unet_encoder(config, features=8, channels=(8, 16, 32))
+
+
+@pytest.fixture(params=["unet", "monai-heads"])
+def any_heads_config(request: pytest.FixtureRequest, tiny_config: ModelConfig) -> ModelConfig:
+    """The tiny config on each architecture with heads: our U-Net, a MONAI encoder."""
+    return tiny_config if request.param == "unet" else with_monai_encoder(tiny_config)
 
 
 @pytest.fixture(autouse=True)

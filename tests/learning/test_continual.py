@@ -36,9 +36,10 @@ KIDNEY_LABELS = (LabelSpec("kidney_left", KIDNEY_LEFT, "18639004", "Left kidney"
 
 
 @pytest.fixture
-def starter_config(tiny_config: ModelConfig) -> ModelConfig:
+def starter_config(any_heads_config: ModelConfig) -> ModelConfig:
     """The tiny config without kidneys: body, liver, spleen."""
-    return replace(tiny_config, labels=tiny_config.labels[:3], heads=tiny_config.heads[:3])
+    return replace(any_heads_config, labels=any_heads_config.labels[:3],
+                   heads=any_heads_config.heads[:3])
 
 
 @pytest.fixture

@@ -39,10 +39,11 @@ def test_declared_labels_map_to_the_heads_that_own_them(tiny_config: ModelConfig
 
 
 def test_a_liver_only_round_uploads_the_encoder_and_heads_liver_only(
-    tiny_config: ModelConfig,
+    any_heads_config: ModelConfig,
 ) -> None:
     """What a hospital with ``annotated_labels = ["liver"]`` sends: the spleen (drawn or
     not) and the body are not its labels, so their heads neither train nor travel."""
+    tiny_config = any_heads_config
     model = build_model(tiny_config)
     image, labels = toy_volume(slices=4)
     samples = samples_from_volume(image, labels, {"liver"}, tiny_config)  # spleen drawn too

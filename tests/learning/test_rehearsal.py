@@ -124,8 +124,9 @@ def _trained(config: ModelConfig) -> tuple[torch.nn.Module, StoredSample]:
 
 
 def test_the_anchor_gate_refuses_a_round_that_forgets(
-    tiny_config: ModelConfig, monkeypatch: pytest.MonkeyPatch,
+    any_heads_config: ModelConfig, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    tiny_config = any_heads_config
     base, anchors = _trained(tiny_config)
     calls = []
     real = rehearsal.evaluate_slices

@@ -1,0 +1,84 @@
+"""A MONAI network as the shared encoder of named heads (``monai-heads:<Class>``).
+
+An imported MONAI network (``monai:<Class>``) is one head owning every label, so what
+works per head (partial labels by head, continual heads, head distillation, the hub's
+per-head merge) does not apply to it. This architecture gives a MONAI network heads:
+
+- **encoder:** the MONAI class (from the same allowlist, built from the JSON
+  ``network.args``) with ``out_channels`` = the number of *features* it hands the
+  heads, at the input's resolution. Its parameters are ``encoder.network.…``, one
+  group, as the U-Net's encoder is.
+- **heads:** per head, ``hyperparameters.decoder_convs`` 3x3 convolutions with
+  GroupNorm (``norm_groups``) and ReLU over those features, then a 1x1 convolution to
+  the head's classes (background + its labels). Parameters ``heads.<name>.…``; a new
+  head (continual classes) is one more such block, initialised from its seed like a
+  U-Net head (:func:`dicom_node.learning.continual.init_head_arrays`).
+
+So the split is: the MONAI network is the encoder, the heads are ours. Models of this
+architecture train on slices through the same code as the U-Net (2D only).
+
+    {"architecture": "monai-heads:UNet",
+     "network": {"args": {"spatial_dims": 2, "in_channels": 2, "out_channels": 16,
+                          "channels": [16, 32, 64], "strides": [2, 2]}}, ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from dicom_node.learning.external import (
+    MONAI_HEADS_PREFIX,
+    NETWORK_HEAD,
+    ExternalNetwork,
+    NetworkSpec,
+    build_monai,
+)
+from dicom_node.learning.label_specs import HeadSpec
+from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadNetwork, conv_block
+
+
+class FeatureHead(nn.Module):
+    """Convolutions over the encoder's features, ending in logits."""
+
+    def __init__(self, features: int, num_classes: int, n_convs: int, groups: int) -> None:
+        super().__init__()
+        self.block = conv_block(features, features, n_convs, groups)
+        self.out = nn.Conv2d(features, num_classes, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.block(features))
+
+
+class MonaiMultiHead(MultiHeadNetwork):
+    """``forward(x, heads)`` returns ``{head name: logits (N, classes, H, W)}``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        assert config.network is not None  # checked when the config was built
+        self._features = config.network.out_channels
+        self._hp = config.hyperparameters
+        self.encoder: ExternalNetwork = build_monai(config.architecture, config.network)
+        self.heads = nn.ModuleDict({h.name: self._make_head(h) for h in config.heads})
+
+    def _make_head(self, head: HeadSpec) -> FeatureHead:
+        return FeatureHead(self._features, head.num_classes, self._hp.decoder_convs,
+                           self._hp.norm_groups)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)[NETWORK_HEAD]
+
+
+def with_monai_unet_encoder(config: ModelConfig, features: int = 16,
+                            channels: Sequence[int] = (16, 32, 64, 128)) -> ModelConfig:
+    """``config``'s heads on a MONAI ``UNet`` encoder handing them ``features`` channels
+    (each level after the first halves the resolution, as in our U-Net)."""
+    args = {"spatial_dims": 2, "in_channels": config.preprocessing.in_channels,
+            "out_channels": features, "channels": list(channels),
+            "strides": [2] * (len(channels) - 1)}
+    return replace(config, architecture=f"{MONAI_HEADS_PREFIX}UNet",
+                   network=NetworkSpec(args=args))
