@@ -194,12 +194,13 @@ def site_dice(path: Path | None, subjects: int) -> dict[str, float]:
 
 def run_model(model: tuple[str, Path | None], args: argparse.Namespace,
               work: Path, pacs: OrthancPacs) -> dict[str, float]:
-    config = node_config(work / model[0], pacs, args.quiet, model)
+    """``work``: this model's own folder (two model files may carry the same name)."""
+    config = node_config(work, pacs, args.quiet, model)
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
     slices_per_s: list[float] = []
     with Node(config) as node:
         for rep in range(args.repeats):
-            repetition(node, config, pacs, work / model[0], rep, stages, slices_per_s)
+            repetition(node, config, pacs, work, rep, stages, slices_per_s)
     return report(stages, slices_per_s, args, model[0])
 
 
@@ -218,10 +219,10 @@ def main() -> int:
     models: list[tuple[str, Path | None]] = [(STARTER_MODEL, None)]
     models += [(_model_name(path), path) for path in args.model]
     pacs = OrthancPacs(work / "pacs")
-    results = {}
+    results: list[dict[str, float]] = []
     try:
-        for model in models:
-            results[model[0]] = run_model(model, args, work, pacs)
+        for i, model in enumerate(models):
+            results.append(run_model(model, args, work / f"{i}-{model[0]}", pacs))
     finally:
         pacs.stop()
     if args.model:
@@ -235,16 +236,16 @@ def _model_name(path: Path) -> str:
     return read_file_config(path).name
 
 
-def side_by_side(models: list[tuple[str, Path | None]], results: dict[str, dict[str, float]],
+def side_by_side(models: list[tuple[str, Path | None]], results: list[dict[str, float]],
                  args: argparse.Namespace) -> None:
     """Each model's turnaround, inference and Dice at sites A-D, one row each."""
     print(f"\nSide by side (Dice: mean over labels, {args.dice_subjects} unseen subjects "
           "per site):")
     print(f"  {'model':<28} {'total s':>8} {'infer s':>8} {'A':>7} {'B':>7} {'C':>7} {'D':>7}")
-    for name, path in models:
+    for (name, path), r in zip(models, results, strict=True):
         dice = site_dice(path, args.dice_subjects)
-        r = results[name]
-        print(f"  {name:<28} {r['total_excl_quiet']:8.2f} {r['inference']:8.2f} "
+        label = name if path is None else f"{name} ({path.parent.name}/{path.name})"[:28]
+        print(f"  {label:<28} {r['total_excl_quiet']:8.2f} {r['inference']:8.2f} "
               + " ".join(f"{dice[s]:7.4f}" for s in "ABCD"))
 
 
