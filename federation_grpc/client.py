@@ -131,8 +131,10 @@ class FederationClient:
     ) -> UploadStatus:
         """Upload an update until the hub holds all of it; safe to call again after a crash.
 
-        Each attempt first asks the hub how many bytes it holds for ``meta.update_id`` and
-        sends only the rest; an update the hub already has is not sent again.
+        The first attempt starts at byte 0; the hub answers an update it already holds
+        (partly: a node that crashed mid-upload) with its status instead of taking the
+        bytes again. An attempt after an interrupted one asks the hub how many bytes it
+        holds for ``meta.update_id`` and sends only the rest.
         """
         return upload_update(self._upload_call, self.upload_status, self._settings(),
                              self.chunk_size, payload, meta, on_chunk)

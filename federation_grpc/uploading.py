@@ -61,7 +61,8 @@ def upload_update(
 ) -> UploadStatus:
     """Upload an update until the hub holds all of it; safe to call again after a crash.
 
-    ``status_of`` asks the hub what it holds of an update id.
+    ``status_of`` asks the hub what it holds of an update id, before an attempt after an
+    interrupted one.
 
     Raises
     ------
@@ -72,8 +73,13 @@ def upload_update(
     """
     sha = meta.sha256 or hashlib.sha256(payload).hexdigest()
     last: grpc.RpcError | None = None
+    # The first attempt sends from byte 0 without asking: the hub answers the header of
+    # an update it already holds (partly) with its status, and the next attempt resumes
+    # from there. One call per update instead of two when nothing was sent before.
+    known: UploadStatus | None = UploadStatus(meta.update_id, UploadState.UNKNOWN)
     for attempt in range(settings.retry.attempts):
-        status = status_of(meta.update_id)
+        status = known if known is not None else status_of(meta.update_id)
+        known = None
         if status.state in (UploadState.RECEIVED, UploadState.MERGED, UploadState.REJECTED):
             return status
         offset = status.received_bytes if status.state == UploadState.PARTIAL else 0
@@ -101,6 +107,7 @@ def upload_update(
         result = upload_status_from_proto(response)
         if result.state != UploadState.PARTIAL:
             return result
+        known = result  # where the hub stands: the next attempt resumes there
     raise HubUnavailable(
         f"upload {meta.update_id}: not complete after {settings.retry.attempts} attempts"
     ) from last

@@ -221,6 +221,11 @@ class UploadIntake:
                 if row.status != UpdateStatus.PARTIAL:
                     return self._status(row)
                 _check_same(row, header)
+                held = self.staging.size(header.update_id)
+                if header.offset < held:
+                    # A node that starts over (its first attempt sends from byte 0 without
+                    # asking first) is told where to resume instead of sending it all again.
+                    return UploadStatus(header.update_id, UploadState.PARTIAL, held)
             else:
                 if header.offset != 0:
                     raise FailedPrecondition(

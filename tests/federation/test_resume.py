@@ -11,9 +11,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from federation_grpc.client import FederationClient
 from federation_grpc.connection import ClientTls, RetryPolicy
+from federation_grpc.errors import HubUnavailable
 from federation_grpc.hub.config import load_config
 from federation_grpc.hub.domain import UploadState
 from federation_grpc.hub.service import HubService
@@ -108,3 +110,50 @@ def test_update_and_download_resume_after_a_killed_connection(  # type: ignore[n
     # Upload, merge and download of a 96 MB model moved the hub's peak by less than half
     # of it: nothing held the whole payload.
     assert grown < size // 1024 // 2, f"hub peak grew by {grown} kB"
+
+
+def test_a_node_restarted_mid_upload_resumes_where_the_hub_stopped(  # type: ignore[no-untyped-def]
+    tmp_path: Path, certs
+) -> None:
+    """The node's process dies half-way through an upload (here: its one attempt is cut)
+    and a new process sends the update again, starting at byte 0 without asking: the hub
+    answers with what it holds and the new process sends only the rest."""
+    config = write_config(tmp_path / "hub.toml", tmp_path / "data", certs)
+    write_tensors(tmp_path / "g0.safetensors", model(0))
+    setup = HubService(load_config(config))
+    setup.init_model(tmp_path / "g0.safetensors", MODEL_CONFIG)
+    token, _ = setup.create_enrolment_token()
+    setup.close()
+    write_tensors(tmp_path / "update.safetensors", model(1, step=0.01))
+    payload = (tmp_path / "update.safetensors").read_bytes()
+    size = len(payload)
+    tls = ClientTls.from_files(certs["ca"].cert, certs["node1"].cert, certs["node1"].key)
+    hub = HubProcess(config, tmp_path / "hub.log")
+    first_run = CutProxy(hub.port, cut_after=size // 2, direction="up")
+    second_run = CutProxy(hub.port, cut_after=size * 4, direction="up")  # counts only
+    meta = UpdateMetadata(str(uuid.uuid4()), 0, 20, ("encoder", "heads.liver"), {})
+    try:
+        dying = FederationClient(first_run.target, tls=tls, chunk_size=CHUNK,
+                                 retry=RetryPolicy(attempts=1))
+        dying.enrol(token, "restarting site")
+        with pytest.raises(HubUnavailable):
+            dying.upload(payload, meta)
+        dying.close()
+        asking = FederationClient(f"127.0.0.1:{hub.port}", tls=tls, node_token=dying.node_token)
+        held = asking.upload_status(meta.update_id)
+        asking.close()
+        assert held.state == UploadState.PARTIAL and 0 < held.received_bytes < size
+        restarted = FederationClient(second_run.target, tls=tls, chunk_size=CHUNK,
+                                     node_token=dying.node_token,
+                                     retry=RetryPolicy(attempts=4, initial_backoff_s=0.05))
+        status = restarted.upload(payload, meta)
+        restarted.close()
+        assert status.state in (UploadState.RECEIVED, UploadState.MERGED), status
+        # What went up the second time: the rest, plus framing and the chunks in flight
+        # when the hub answered the first header; not the whole payload again.
+        assert second_run.forwarded["up"] < size - held.received_bytes + size // 4, (
+            second_run.forwarded, held)
+    finally:
+        first_run.close()
+        second_run.close()
+        hub.stop()

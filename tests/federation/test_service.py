@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
 from federation_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
-from federation_grpc.hub.domain import UploadState
+from federation_grpc.hub.domain import UploadState, UploadStatus
 from federation_grpc.hub.service import HubService
+from federation_grpc.hub.uploads import UploadSession
 
 from .conftest import MODEL_CONFIG, enrol, make_update, small_model, upload
 
@@ -67,3 +70,24 @@ def test_rollback_moves_current_and_refuses_updates_from_the_abandoned_line(
     assert service.current_number() == 1
     with pytest.raises(FailedPrecondition):
         service.init_model(save(small_model()), MODEL_CONFIG)
+
+
+def test_a_node_starting_over_is_told_where_to_resume_and_nothing_held_is_lost(
+    service: HubService,
+) -> None:
+    """A node that crashed mid-upload sends its update from byte 0 again without asking
+    first: the hub answers the header with what it holds, and keeps those bytes."""
+    node = enrol(service)
+    payload, header = make_update(small_model())
+    half = len(payload) // 2
+    first = service.uploads.begin(node, header)
+    assert isinstance(first, UploadSession)
+    first.write(payload[:half])
+    assert first.finish() == UploadStatus(header.update_id, UploadState.PARTIAL, half)
+    again = service.uploads.begin(node, header)  # offset 0
+    assert again == UploadStatus(header.update_id, UploadState.PARTIAL, half)
+    assert service.uploads.staging.size(header.update_id) == half
+    rest = service.uploads.begin(node, replace(header, offset=half))
+    assert isinstance(rest, UploadSession)
+    rest.write(payload[half:])
+    assert rest.finish().state == UploadState.RECEIVED
