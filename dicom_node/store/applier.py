@@ -63,18 +63,23 @@ class BatchApplier(Generic[T]):
             self._put += 1
             self._cond.notify_all()
 
+    def _no_linger(self) -> int:
+        """Have what was put so far applied without lingering for more; the count of
+        records put so far. Called holding ``_cond``."""
+        self._settle_upto = self._put
+        self._cond.notify_all()
+        return self._put
+
     def flush(self) -> None:
         """Apply what was put so far without lingering for more (a sender is gone)."""
         with self._cond:
-            self._settle_upto = self._put
-            self._cond.notify_all()
+            self._no_linger()
 
     def settle(self, timeout_s: float) -> bool:
         """Apply what was put so far without lingering, and wait for it; whether it was
         applied within ``timeout_s``. Records put meanwhile are not waited for."""
         with self._cond:
-            upto = self._settle_upto = self._put
-            self._cond.notify_all()
+            upto = self._no_linger()
             return self._cond.wait_for(lambda: self.applied >= upto, timeout_s)
 
     def idle(self) -> bool:
@@ -84,8 +89,7 @@ class BatchApplier(Generic[T]):
     def wait_idle(self, timeout_s: float) -> bool:
         """Whether everything put so far was applied within ``timeout_s``."""
         with self._cond:
-            self._settle_upto = self._put
-            self._cond.notify_all()
+            self._no_linger()
             return self._cond.wait_for(lambda: not self._waiting and not self._busy,
                                        timeout_s)
 

@@ -162,6 +162,16 @@ class Aggregator:
         scratches.append(self.blobs.scratch_path())
         return scratches[-1]
 
+    def _merged_candidate(
+        self, scratches: list[Path], current: Tensors, contributions: Sequence[Contribution],
+        scales: Sequence[float],
+    ) -> tuple[Path, str, int, Tensors]:
+        """The strategy's merge of ``contributions`` (each delta scaled by its scale) onto
+        ``current``, written to a new scratch file: ``(file, sha256, size, its tensors)``."""
+        scratch = self._scratch(scratches)
+        sha, size = merge_to_file(scratch, self.strategy, current, contributions, scales)
+        return scratch, sha, size, read_tensors(scratch)
+
     def _merge_into(self, rows: Sequence[UpdateRow], scratches: list[Path]) -> int:
         ledger = self.ledger
         current = ledger.require_current()
@@ -186,9 +196,8 @@ class Aggregator:
                     row.update_id, row.node_id, row.num_samples, asked, given,
                 )
         scales = [self._clip_scale(row, c) for row, c in zip(rows, contributions, strict=True)]
-        scratch = self._scratch(scratches)
-        sha, size = merge_to_file(scratch, self.strategy, current_tensors, contributions, scales)
-        candidate = read_tensors(scratch)
+        scratch, sha, size, candidate = self._merged_candidate(
+            scratches, current_tensors, contributions, scales)
         if self.gate.evaluator is None and self.config.gate.federated(self._evaluators):
             bad = non_finite_tensors(candidate)
             if bad:
@@ -215,10 +224,8 @@ class Aggregator:
                         "1/%d of the step", ", ".join(r.update_id for r in rows),
                         verdict.candidate_score, verdict.reference_score or 0.0,
                         round(1 / step))
-            scratch = self._scratch(scratches)
-            sha, size = merge_to_file(scratch, self.strategy, current_tensors, contributions,
-                                      [scale * step for scale in scales])
-            candidate = read_tensors(scratch)
+            scratch, sha, size, candidate = self._merged_candidate(
+                scratches, current_tensors, contributions, [scale * step for scale in scales])
             verdict = self.gate.check_candidate(
                 candidate, current.number, current_tensors, current.config_json
             )

@@ -81,6 +81,21 @@ def test_bootstrap_command_on_toy_subjects(tmp_path: Path, monkeypatch) -> None:
     assert config.preprocessing.input_size == 32
 
 
+def test_bootstrap_of_the_starters_heads_on_a_monai_encoder(tmp_path: Path, monkeypatch) -> None:
+    ct = bootstrap_data.SOURCES["ct"]
+    monkeypatch.setitem(bootstrap_data.SOURCES, "ct",
+                        replace(ct, subject=_toy_subjects(4, 40, (3.0, 1.5, 1.5))))
+    args = ["model", "bootstrap", "--subjects", "2", "--held-out", "1", "--time-budget", "60",
+            "--input-size", "32", "--epochs", "1", "--arch", "unet2d-monai",
+            "--out", str(tmp_path)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "held-out Dice" in result.output and "1 full epochs on 8 slices" in result.output
+    _, config = load_model(tmp_path / "model.safetensors")
+    assert config.architecture == "monai-heads:UNet" and config.spatial_dims == 2
+    assert config.head_names == ct.config(32).head_names
+
+
 @pytest.mark.slow
 def test_bootstrap_trains_saves_and_reports_dice(tmp_path: Path) -> None:
     args = [
