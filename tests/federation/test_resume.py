@@ -58,19 +58,26 @@ def peak_rss_kb(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_update_and_download_resume_after_a_killed_connection(  # type: ignore[no-untyped-def]
-    tmp_path: Path, certs
-) -> None:
+def hub_and_update(tmp_path: Path, certs) -> tuple[Path, str, bytes, ClientTls]:  # type: ignore[no-untyped-def]
+    """A hub's config with generation 0 (from a file, streamed), an enrolment token, an
+    update's bytes, and node1's mutual-TLS credentials."""
     config = write_config(tmp_path / "hub.toml", tmp_path / "data", certs)
     write_tensors(tmp_path / "g0.safetensors", model(0))
     setup = HubService(load_config(config))
-    setup.init_model(tmp_path / "g0.safetensors", MODEL_CONFIG)  # from the file, streamed
+    setup.init_model(tmp_path / "g0.safetensors", MODEL_CONFIG)
     token, _ = setup.create_enrolment_token()
     setup.close()
     write_tensors(tmp_path / "update.safetensors", model(1, step=0.01))
     payload = (tmp_path / "update.safetensors").read_bytes()
-    size = len(payload)
     tls = ClientTls.from_files(certs["ca"].cert, certs["node1"].cert, certs["node1"].key)
+    return config, token, payload, tls
+
+
+def test_update_and_download_resume_after_a_killed_connection(  # type: ignore[no-untyped-def]
+    tmp_path: Path, certs
+) -> None:
+    config, token, payload, tls = hub_and_update(tmp_path, certs)
+    size = len(payload)
     retry = RetryPolicy(attempts=8, initial_backoff_s=0.05, max_backoff_s=0.5)
     hub = HubProcess(config, tmp_path / "hub.log")
     up = CutProxy(hub.port, cut_after=size // 2, direction="up")
@@ -118,16 +125,8 @@ def test_a_node_restarted_mid_upload_resumes_where_the_hub_stopped(  # type: ign
     """The node's process dies half-way through an upload (here: its one attempt is cut)
     and a new process sends the update again, starting at byte 0 without asking: the hub
     answers with what it holds and the new process sends only the rest."""
-    config = write_config(tmp_path / "hub.toml", tmp_path / "data", certs)
-    write_tensors(tmp_path / "g0.safetensors", model(0))
-    setup = HubService(load_config(config))
-    setup.init_model(tmp_path / "g0.safetensors", MODEL_CONFIG)
-    token, _ = setup.create_enrolment_token()
-    setup.close()
-    write_tensors(tmp_path / "update.safetensors", model(1, step=0.01))
-    payload = (tmp_path / "update.safetensors").read_bytes()
+    config, token, payload, tls = hub_and_update(tmp_path, certs)
     size = len(payload)
-    tls = ClientTls.from_files(certs["ca"].cert, certs["node1"].cert, certs["node1"].key)
     hub = HubProcess(config, tmp_path / "hub.log")
     first_run = CutProxy(hub.port, cut_after=size // 2, direction="up")
     second_run = CutProxy(hub.port, cut_after=size * 4, direction="up")  # counts only
