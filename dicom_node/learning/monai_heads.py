@@ -39,7 +39,7 @@ from dicom_node.learning.external import (
 )
 from dicom_node.learning.label_specs import HeadSpec
 from dicom_node.learning.model_config import ModelConfig
-from dicom_node.learning.network import MultiHeadNetwork, conv_block
+from dicom_node.learning.multihead import MultiHeadNetwork, conv_block
 
 
 class FeatureHead(nn.Module):
