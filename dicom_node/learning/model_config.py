@@ -164,10 +164,15 @@ class ModelConfig:
                 raise ModelConfigError("preprocessing.volume is required for a 3D network")
             if net.in_channels != 1:
                 raise ModelConfigError("network.args.in_channels: 3D networks take 1 channel")
-        elif net.in_channels != pp.in_channels:
+        else:
+            self._check_slice_channels(net)
+
+    def _check_slice_channels(self, net: NetworkSpec) -> None:
+        """A 2D network takes the channels the slice preprocessing makes."""
+        if net.in_channels != self.preprocessing.in_channels:
             raise ModelConfigError(
                 f"network.args.in_channels is {net.in_channels}, preprocessing gives "
-                f"{pp.in_channels}")
+                f"{self.preprocessing.in_channels}")
 
     def _check_monai_encoder(self) -> None:
         monai_class_name(self.architecture)
@@ -178,10 +183,7 @@ class ModelConfig:
         if net.spatial_dims != 2:
             raise ModelConfigError("network.args.spatial_dims: heads on a MONAI encoder train "
                                    "on slices, as the U-Net's do; it must be 2")
-        if net.in_channels != self.preprocessing.in_channels:
-            raise ModelConfigError(
-                f"network.args.in_channels is {net.in_channels}, preprocessing gives "
-                f"{self.preprocessing.in_channels}")
+        self._check_slice_channels(net)
         if net.output is not NetworkOutput.LOGITS:
             raise ModelConfigError("network.output: an encoder's output feeds the heads; "
                                    "it must be 'logits' (features)")
@@ -203,7 +205,7 @@ class ModelConfig:
 
     @property
     def spatial_dims(self) -> int:
-        return 2 if self.network is None or self.has_monai_encoder else self.network.spatial_dims
+        return 2 if self.network is None else self.network.spatial_dims
 
     # -- lookups -------------------------------------------------------------------
     def label(self, name: str) -> LabelSpec:
