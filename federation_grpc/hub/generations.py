@@ -85,6 +85,7 @@ class GenerationLedger:
         self._cache_lock = threading.Lock()
         self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._configs: dict[int, str] = {}
+        self._published: set[int] = set()
 
     def close(self) -> None:
         """Wake every watcher (the hub is stopping)."""
@@ -295,6 +296,23 @@ class GenerationLedger:
                 .where(GenerationRow.status.not_in(UNPUBLISHED))
                 .order_by(GenerationRow.number.desc()).limit(limit))
             return tuple(sorted(numbers))
+
+    def is_published(self, number: int) -> bool:
+        """Whether generation ``number`` was ever published (ACTIVE or ROLLED_BACK), i.e. a
+        base a node may train from. Once published a generation stays so (a candidate is
+        published or refused, never the reverse), so a yes is remembered: a burst of
+        uploads on one base asks the store once, on any replica."""
+        with self._cache_lock:
+            if number in self._published:
+                return True
+        with self.store.session() as session:
+            status = session.scalar(
+                select(GenerationRow.status).where(GenerationRow.number == number))
+        if status is None or status in UNPUBLISHED:
+            return False
+        with self._cache_lock:
+            self._published.add(number)
+        return True
 
     def current_generation(self) -> GenerationView | None:
         number = self.current_number()

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from federation_grpc.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 from federation_grpc.hub.config import HubConfig
@@ -132,30 +132,43 @@ class NodeRegistry:
         if not node_token:
             raise Unauthenticated("missing node token (metadata 'authorization: Bearer ...')")
         with self.store.session() as session:
-            row = session.scalar(
-                select(NodeRow).where(NodeRow.token_sha256 == hash_token(node_token))
-            )
+            # Three columns, not the ORM row: this runs before every RPC a node makes.
+            row = session.execute(
+                select(NodeRow.node_id, NodeRow.revoked, NodeRow.cert_sha256)
+                .where(NodeRow.token_sha256 == hash_token(node_token))
+            ).one_or_none()
             if row is None:
                 raise Unauthenticated("unknown node token")
+            node_id, bound = row.node_id, row.cert_sha256
             if row.revoked:
-                raise PermissionDenied(f"node {row.node_id} is revoked")
-            if row.cert_sha256 is None and cert_sha256:
-                row.cert_sha256 = cert_sha256
-                LOGGER.warning("node %s bound to certificate %s at first use",
-                               row.node_id, cert_sha256[:16])
-            elif (row.cert_sha256 or "") != cert_sha256:
+                raise PermissionDenied(f"node {node_id} is revoked")
+            if bound is None and cert_sha256:
+                # Only if still unbound: of two first calls over different certificates,
+                # one binds and the other is refused below.
+                taken = session.execute(
+                    update(NodeRow)
+                    .where(NodeRow.node_id == node_id, NodeRow.cert_sha256.is_(None))
+                    .values(cert_sha256=cert_sha256))
+                if taken.rowcount == 1:  # type: ignore[attr-defined]
+                    bound = cert_sha256
+                    LOGGER.warning("node %s bound to certificate %s at first use",
+                                   node_id, cert_sha256[:16])
+                else:
+                    bound = session.scalar(
+                        select(NodeRow.cert_sha256).where(NodeRow.node_id == node_id))
+            if (bound or "") != cert_sha256:
                 LOGGER.warning("node %s token presented over certificate %s, bound to %s",
-                               row.node_id, cert_sha256[:16] or "none",
-                               (row.cert_sha256 or "none")[:16])
+                               node_id, cert_sha256[:16] or "none", (bound or "none")[:16])
                 raise PermissionDenied(
-                    f"the token of node {row.node_id} is bound to another client certificate "
+                    f"the token of node {node_id} is bound to another client certificate "
                     "(a renewed certificate needs `tessera hub rebind`)"
                 )
             now = utcnow()
-            if self._last_seen.due(row.node_id, now):
-                row.last_seen = now
-                self._last_seen.written(row.node_id, now)
-            return row.node_id
+            if self._last_seen.due(node_id, now):
+                session.execute(
+                    update(NodeRow).where(NodeRow.node_id == node_id).values(last_seen=now))
+                self._last_seen.written(node_id, now)
+            return str(node_id)
 
     def check_admin(self, admin_token: str) -> None:
         expected = self.config.admin_token_sha256

@@ -39,8 +39,6 @@ from federation_grpc.hub.partial_labels import check_trained_groups, generation_
 from federation_grpc.hub.rejections import RejectionLog
 from federation_grpc.hub.reports import check_numbers
 from federation_grpc.hub.store import (
-    GenerationRow,
-    GenerationStatus,
     HubStore,
     UpdateRow,
     UpdateStatus,
@@ -306,15 +304,8 @@ class UploadIntake:
         ):
             raise InvalidRequest("trained_groups must be non-empty and without repeats")
         check_numbers(header.local_metrics, "local_metrics")
-        with self.store.session() as session:
-            base = session.get(GenerationRow, header.base_generation)
-            if base is None or base.status in (
-                GenerationStatus.CANDIDATE,
-                GenerationStatus.REJECTED,
-            ):
-                raise InvalidRequest(
-                    f"base_generation {header.base_generation} is not a generation"
-                )
+        if not self.ledger.is_published(header.base_generation):
+            raise InvalidRequest(f"base_generation {header.base_generation} is not a generation")
         return UpdateHeader(
             update_id=_canonical_id(header.update_id),
             base_generation=header.base_generation,

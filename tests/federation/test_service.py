@@ -91,3 +91,65 @@ def test_a_node_starting_over_is_told_where_to_resume_and_nothing_held_is_lost(
     assert isinstance(rest, UploadSession)
     rest.write(payload[half:])
     assert rest.finish().state == UploadState.RECEIVED
+
+
+def test_an_update_on_a_generation_never_published_is_refused_until_it_is(
+    service: HubService,
+) -> None:
+    """The base check remembers published generations (a burst of uploads on one base asks
+    the store once): a candidate is no base until published, a refused one never is."""
+    from federation_grpc.errors import InvalidRequest
+    from federation_grpc.hub.store import GenerationRow, GenerationStatus
+
+    node = enrol(service)
+    sha = service.generation(0).sha256
+    with service.store.session() as session:
+        for number, status in ((1, GenerationStatus.CANDIDATE), (2, GenerationStatus.REJECTED)):
+            session.add(GenerationRow(number=number, parent=0, sha256=sha, size_bytes=1,
+                                      config_json=MODEL_CONFIG, status=status))
+    payload, header = make_update(small_model())
+    for base in (1, 2, 7):
+        on_it = replace(header, base_generation=base)
+        with pytest.raises(InvalidRequest, match=f"base_generation {base} is not a generation"):
+            upload(service, node, payload, on_it)
+    with service.store.session() as session:
+        service.ledger.publish(session, 1)
+    assert upload(service, node, payload, replace(header, base_generation=1)).state == (
+        UploadState.RECEIVED)
+    with pytest.raises(InvalidRequest, match="base_generation 2 is not a generation"):
+        upload(service, node, payload, replace(header, base_generation=2))
+
+
+def test_of_two_first_calls_over_different_certificates_one_binds_the_other_is_refused(
+    service: HubService,
+) -> None:
+    """A node enrolled without a certificate is bound by its first call; two first calls at
+    once (a stolen token racing its owner) cannot both be let in."""
+    import threading
+
+    outcomes: dict[tuple[int, str], str] = {}
+    tokens = []
+    for i in range(8):
+        token, _ = service.create_enrolment_token()
+        tokens.append(service.enrol(token, f"site {i}").node_token)
+    start = threading.Barrier(2 * len(tokens))
+
+    def call(i: int, cert: str) -> None:
+        start.wait()
+        try:
+            service.authenticate(tokens[i], cert)
+            outcomes[(i, cert)] = "in"
+        except PermissionDenied:
+            outcomes[(i, cert)] = "refused"
+
+    threads = [threading.Thread(target=call, args=(i, cert))
+               for i in range(len(tokens)) for cert in ("a" * 64, "b" * 64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    bound = {n.display_name: n.cert_sha256 for n in service.list_nodes()}
+    for i in range(len(tokens)):
+        let_in = [cert for cert in ("a" * 64, "b" * 64) if outcomes[(i, cert)] == "in"]
+        assert len(let_in) == 1, (i, outcomes)
+        assert bound[f"site {i}"] == let_in[0]
