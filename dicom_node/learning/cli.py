@@ -15,7 +15,9 @@ from rich.table import Table
 
 from dicom_node.learning import model_import
 from dicom_node.learning.bootstrap import (
+    MONAI_HEADS_ARCH,
     STARTER_DIR,
+    TWO_D_ARCHES,
     BootstrapPlan,
     BootstrapResult,
     bootstrap,
@@ -70,10 +72,10 @@ def bootstrap_command(
     input_size: Annotated[int, typer.Option(help="In-plane size the network sees.")] = 128,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     arch: Annotated[str, typer.Option(
-        help="unet2d: our multi-head 2D U-Net (the shipped starter); unet2d-monai: the "
-             "same heads on a 2D MONAI UNet encoder; segresnet or dynunet: "
-             "a 3D MONAI network for --data ct, trained on whole volumes at 4 mm (needs "
-             "--out; serve it through [models]).")] = "unet2d",
+        help="unet2d-monai: the starter's heads on a 2D MONAI UNet encoder (the shipped "
+             "starter); unet2d: our own multi-head 2D U-Net (earlier starters); segresnet "
+             "or dynunet: a 3D MONAI network for --data ct, trained on whole volumes at "
+             "4 mm (needs --out; serve it through [models]).")] = MONAI_HEADS_ARCH,
 ) -> None:
     """Train a starter model from phantom subjects and print held-out Dice per label.
 
@@ -84,9 +86,9 @@ def bootstrap_command(
         console.print(f"[red]bootstrap failed:[/red] unknown --data {escape(data)!r}; "
                       f"known: {', '.join(SOURCES)}")
         raise typer.Exit(2)
-    if arch != "unet2d" and out is None:
+    if arch not in TWO_D_ARCHES and out is None:
         console.print(f"[red]bootstrap failed:[/red] --arch {escape(arch)} needs --out (the "
-                      "shipped starter stays the 2D U-Net)")
+                      "shipped starter and the MR model are 2D)")
         raise typer.Exit(2)
     out = out if out is not None else _default_out(data, config)
     plan = BootstrapPlan(
