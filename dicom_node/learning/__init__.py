@@ -5,7 +5,8 @@
 - :mod:`~dicom_node.learning.multihead`: a network with heads, one shared ``encoder``
   and named ``heads``; parameter names are the hub's contract (``encoder.*``,
   ``heads.<name>.*``). :mod:`~dicom_node.learning.network` is our 2D U-Net, and
-  :mod:`~dicom_node.learning.monai_heads` a MONAI network as the encoder of our heads.
+  :mod:`~dicom_node.learning.monai_heads` a MONAI network as the encoder of our heads
+  (the shipped starter's architecture).
 - :mod:`~dicom_node.learning.weights`: safetensors + JSON I/O (never unpickles) and the
   parameter-group extract/apply used by federation.
 - :mod:`~dicom_node.learning.training`: a round of training (policy, step loop, time
