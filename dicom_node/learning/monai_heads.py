@@ -13,6 +13,8 @@ per-head merge) does not apply to it. This architecture gives a MONAI network he
   the head's classes (background + its labels). Parameters ``heads.<name>.…``; a new
   head (continual classes) is one more such block, initialised from its seed like a
   U-Net head (:func:`dicom_node.learning.continual.init_head_arrays`).
+- **no buffers:** an encoder that keeps running statistics (batch norm) is refused: a
+  head-only round freezes the encoder, and the statistics would still move.
 
 So the split is: the MONAI network is the encoder, the heads are ours. Models of this
 architecture train on slices through the same code as the U-Net (2D only).
@@ -30,6 +32,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.external import (
     MONAI_HEADS_PREFIX,
     NETWORK_HEAD,
@@ -63,6 +66,14 @@ class MonaiMultiHead(MultiHeadNetwork):
         self._features = config.network.out_channels
         self._hp = config.hyperparameters
         self.encoder: ExternalNetwork = build_monai(config.architecture, config.network)
+        kept = [name for name, _ in self.encoder.named_buffers()]
+        if kept:
+            # A head-only round freezes the encoder, yet batch norm would still move its
+            # running statistics, and the hub would merge them as weights.
+            raise ModelConfigError(
+                f"network.args: the encoder keeps running statistics ({kept[0]}, ...); a "
+                "network with heads must keep none: use instance or group norm (MONAI's "
+                "default), not batch norm")
         self.heads = nn.ModuleDict({h.name: self._make_head(h) for h in config.heads})
 
     def _make_head(self, head: HeadSpec) -> FeatureHead:

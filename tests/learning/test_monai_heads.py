@@ -68,6 +68,18 @@ def test_a_bad_monai_encoder_config_is_refused_naming_the_field(
         ModelConfig.from_dict(data)
 
 
+@pytest.mark.parametrize("norm", ["batch", ["instance", {"track_running_stats": True}]])
+def test_an_encoder_keeping_running_statistics_is_refused(
+        tiny_config: ModelConfig, norm: object) -> None:
+    """A frozen encoder must not change: batch norm's statistics would (and be merged)."""
+    data = with_monai_encoder(tiny_config).to_dict()
+    data["network"]["args"]["norm"] = norm
+    with pytest.raises(ModelConfigError, match="running statistics"):
+        build_model(ModelConfig.from_dict(data))
+    data["network"]["args"]["norm"] = ["group", {"num_groups": 4}]
+    assert not list(build_model(ModelConfig.from_dict(data)).buffers())
+
+
 def test_distilling_the_other_heads_holds_them_while_a_liver_only_round_moves_the_encoder(
         tiny_config: ModelConfig) -> None:
     """A liver-only round changes the shared MONAI encoder under the spleen and kidney
