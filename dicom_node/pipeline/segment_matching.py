@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from dicom_node.dicom.peer_text import escaped
 from dicom_node.pipeline.label_codings import LABEL_CODINGS
 from dicom_node.pipeline.seg import SegmentSpec
 
@@ -132,12 +133,8 @@ def match_segments(infos: Sequence[SegmentInfo], specs: Sequence[SegmentSpec]) -
             mapping[info.number] = found.pop()
         else:
             LOGGER.warning("segment %d (%s, coded %s %s) matches no model label",
-                           info.number, _escaped(info.label_name),
-                           _escaped(info.property_type.scheme_designator),
-                           _escaped(info.property_type.value))
+                           info.number, escaped(info.label_name, 64),
+                           escaped(info.property_type.scheme_designator, 64),
+                           escaped(info.property_type.value, 64))
     return mapping
 
-
-def _escaped(text: str, limit: int = 64) -> str:
-    """A peer-controlled text, safe to log: escaped and truncated."""
-    return ascii(text[:limit])

@@ -74,3 +74,13 @@ def test_snomed_designators_compare_by_concept_not_by_meaning() -> None:
     assert same_concept(Code("85756007", "SCT", "Tissue"), Code("85756007", "SNM3", "tissue"))
     assert not same_concept(Code("10200004", "SCT", "Liver"), Code("10200004", "DCM", "Liver"))
     assert not same_concept(KIDNEY, None) and same_concept(None, None)
+
+
+def test_a_segment_matching_nothing_is_logged_escaped_and_truncated(caplog) -> None:  # type: ignore[no-untyped-def]
+    hostile = "\x1b[2J\nFAKE: liver accepted " + "x" * 500
+    with caplog.at_level("WARNING", logger="dicom_node.pipeline.segment_matching"):
+        assert match_segments([_info(hostile, Code("1\n2", "99\x1b", "odd"))], SPECS) == {}
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "matches no model label" in line
+    assert "\x1b" not in line and "\n" not in line and "\\x1b" in line
+    assert "x" * 100 not in line and "...(+" in line
