@@ -14,10 +14,12 @@ _DEFAULT_VALIDATION = (_SETTINGS.reading_validation_mode, _SETTINGS.writing_vali
 
 @pytest.fixture(autouse=True)
 def pydicom_default_validation(request: pytest.FixtureRequest) -> Iterator[None]:
-    """pydicom's validation modes are process-wide, and a test (or a library, such as
-    dicomweb_client's file client, which sets RAISE around a call and leaves it there if
-    the call raises) can leave them strict: every test starts from pydicom's defaults,
-    so what it reads does not depend on the tests that ran before it in its process."""
+    """pydicom's validation modes are process-wide, and a test or a library can leave
+    them strict (``Dataset.to_json_dict(suppress_invalid_tags=True)`` saves the reading
+    mode, sets RAISE and puts back what it saw: from several threads at once the last
+    put-back can be RAISE; that is what the viewer bridge's metadata did): every test
+    starts from pydicom's defaults, so what it reads does not depend on the tests that
+    ran before it in its process."""
     _SETTINGS.reading_validation_mode, _SETTINGS.writing_validation_mode = _DEFAULT_VALIDATION
     yield
     left = (_SETTINGS.reading_validation_mode, _SETTINGS.writing_validation_mode)

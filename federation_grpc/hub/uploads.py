@@ -229,6 +229,7 @@ class UploadIntake:
                     raise FailedPrecondition(
                         f"update {header.update_id} is unknown; start at offset 0"
                     )
+                held = 0
                 session.add(
                     UpdateRow(
                         update_id=header.update_id,
@@ -242,10 +243,9 @@ class UploadIntake:
                         status=UpdateStatus.PARTIAL,
                     )
                 )
-        staged = self.staging.size(header.update_id)
-        if header.offset > staged:
+        if header.offset > held:
             raise FailedPrecondition(
-                f"hub holds {staged} bytes of update {header.update_id}; resume from there"
+                f"hub holds {held} bytes of update {header.update_id}; resume from there"
             )
         with self._lock:
             if header.update_id in self._active:

@@ -87,10 +87,15 @@ def test_a_node_starting_over_is_told_where_to_resume_and_nothing_held_is_lost(
     again = service.uploads.begin(node, header)  # offset 0
     assert again == UploadStatus(header.update_id, UploadState.PARTIAL, half)
     assert service.uploads.staging.size(header.update_id) == half
+    with pytest.raises(FailedPrecondition, match=f"hub holds {half} bytes"):
+        service.uploads.begin(node, replace(header, offset=half + 1))  # past what is held
     rest = service.uploads.begin(node, replace(header, offset=half))
     assert isinstance(rest, UploadSession)
     rest.write(payload[half:])
     assert rest.finish().state == UploadState.RECEIVED
+    _, unknown = make_update(small_model())
+    with pytest.raises(FailedPrecondition, match="unknown; start at offset 0"):
+        service.uploads.begin(node, replace(unknown, offset=5))
 
 
 def test_an_update_on_a_generation_never_published_is_refused_until_it_is(
