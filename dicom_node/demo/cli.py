@@ -68,9 +68,15 @@ def _federated(sites: int, rounds: int, seed: int, work_dir: Path | None, as_jso
     from rich.table import Table
 
     from dicom_node.demo.federated import plot_report, run_federated_demo
+    from dicom_node.errors import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    report = run_federated_demo(sites=sites, rounds=rounds, seed=seed, workdir=work_dir)
+    try:
+        report = run_federated_demo(sites=sites, rounds=rounds, seed=seed, workdir=work_dir)
+    except ConfigError as error:
+        Console(stderr=True).print(f"[red]demo failed:[/red] {error}", markup=True,
+                                   highlight=False)
+        raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return

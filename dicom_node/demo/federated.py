@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from dicom_node.config import load_config
 from dicom_node.demo.run import send_to_node, wait_for, write_study
+from dicom_node.errors import ConfigError
 from dicom_node.learning.bootstrap import STARTER_DIR
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.node import Node
@@ -186,6 +187,9 @@ def run_federated_demo(*, sites: int = 3, rounds: int = 2, seed: int = 2000,
     started = time.monotonic()
     names = list(SITE_PROFILES[:sites])
     root = workdir or Path(tempfile.mkdtemp(prefix="tessera-fed-demo-"))
+    if (root / "hub").exists():
+        raise ConfigError(f"{root} holds an earlier federated demo (its hub/); "
+                          "give --work-dir an empty or new folder")
     root.mkdir(parents=True, exist_ok=True)
     service, server = _start_hub(root)
     nodes: dict[str, Node] = {}

@@ -28,3 +28,18 @@ def test_federated_demo_advances_generations_at_every_site(tmp_path: Path) -> No
     assert report.workdir == tmp_path
     png = plot_report(report, tmp_path / "demo.png")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_work_dir_holding_an_earlier_demo_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    earlier = tmp_path / "hub" / "hub.db"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier demo's hub")
+    result = CliRunner().invoke(app, ["demo", "--sites", "2", "--work-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "holds an earlier federated demo" in result.output
+    assert "Traceback" not in result.output
+    assert earlier.read_bytes() == b"an earlier demo's hub"
