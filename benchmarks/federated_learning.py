@@ -1,7 +1,7 @@
 """The Dafne experiment across hospitals: does the federation make every site better?
 
 Three sites (CT phantom: A and B similar, C shifted, low contrast and 5 mm slices; the
-shipped starter scores ~0.96 at A/B and ~0.49 at C) each receive a stream of studies,
+shipped starter scores ~0.96 at A/B and ~0.56 at C) each receive a stream of studies,
 one per generation round. At every site the serving model segments the study, the study
 is "corrected" to its ground truth, and one round of the node's own training runs on it
 (``dicom_node.learning.incremental.train_round``: touched slices + neighbours, replay of
