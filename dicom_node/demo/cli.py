@@ -65,6 +65,7 @@ def demo(
 
 def _federated(sites: int, rounds: int, seed: int, work_dir: Path | None, as_json: bool) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dicom_node.demo.federated import plot_report, run_federated_demo
@@ -74,8 +75,9 @@ def _federated(sites: int, rounds: int, seed: int, work_dir: Path | None, as_jso
     try:
         report = run_federated_demo(sites=sites, rounds=rounds, seed=seed, workdir=work_dir)
     except ConfigError as error:
-        Console(stderr=True).print(f"[red]demo failed:[/red] {error}", markup=True,
-                                   highlight=False)
+        # One line, never folded at the terminal's width (a path can be long).
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]demo failed:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
