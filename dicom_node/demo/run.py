@@ -20,7 +20,12 @@ from pydicom import Dataset
 
 from dicom_node.config import Destination, NodeConfig, load_config
 from dicom_node.demo.pacs import Pacs, start_pacs
-from dicom_node.dicom.scu import OutgoingInstance, is_delivered, send_instances
+from dicom_node.dicom.scu import (
+    AssociationFailed,
+    OutgoingInstance,
+    is_delivered,
+    send_instances,
+)
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.node import Node
 from dicom_node.pipeline.model_sources import STARTER_MODEL
@@ -89,15 +94,38 @@ def write_study(datasets: list[Dataset], folder: Path) -> list[OutgoingInstance]
 
 def send_to_node(node: Node, items: list[OutgoingInstance], calling_ae: str = "DEMOPACS") -> int:
     """C-STORE ``items`` to the node; returns how many it acknowledged."""
-    acked = 0
-
-    def on_result(_item: OutgoingInstance, status: int | None, _err: str | None) -> None:
-        nonlocal acked
-        acked += is_delivered(status)
-
     target = Destination(ae_title=node.config.dicom.ae_title, host="127.0.0.1", port=node.port)
-    send_instances(target, calling_ae, items, on_result)
-    return acked
+    return send_until_acknowledged(target, calling_ae, items)
+
+
+def send_until_acknowledged(destination: Destination, calling_ae: str,
+                            items: list[OutgoingInstance], *, attempts: int = 2,
+                            timeout_s: float = 30.0) -> int:
+    """C-STORE ``items``; an association lost before every instance was answered is
+    opened again for the unanswered ones, up to ``attempts`` associations in all (as a
+    PACS router retries; the receiver keeps one copy of an instance sent twice). Returns
+    how many were acknowledged; a refusal (a failure status) is not sent again.
+
+    pynetdicom's requestor can lose a response to a race between its reactor thread and
+    ``send_c_store`` (the reactor takes the response as an unexpected message, the
+    sender waits out the DIMSE timeout): seen once on a loaded machine."""
+    answered: dict[str, int | None] = {}
+
+    def on_result(item: OutgoingInstance, status: int | None, _err: str | None) -> None:
+        if status is not None:
+            answered[item.sop_instance_uid] = status
+
+    for attempt in range(1, attempts + 1):
+        pending = [i for i in items if i.sop_instance_uid not in answered]
+        try:
+            send_instances(destination, calling_ae, pending, on_result, timeout_s=timeout_s)
+            break
+        except AssociationFailed as error:
+            if attempt == attempts:
+                raise
+            LOGGER.warning("%s; sending the %d unanswered instances again", error,
+                           len(items) - len(answered))
+    return sum(is_delivered(status) for status in answered.values())
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> bool:
