@@ -67,7 +67,7 @@ def init_head_arrays(model: MultiHeadNetwork, head: str, seed: int) -> dict[str,
         if not own:
             continue
         full = prefix + (f"{module_name}." if module_name else "")
-        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+        if isinstance(module, nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d):
             shape = tuple(module.weight.shape)
             fan_in = shape[1] * math.prod(shape[2:])
             bound = 1.0 / math.sqrt(fan_in)

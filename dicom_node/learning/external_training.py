@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from dicom_node.learning.errors import TrainingError
@@ -34,8 +33,8 @@ from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing import intensity_range, prepare_slices, resize_labels
 from dicom_node.learning.training import TrainingReport
-from dicom_node.learning.volume_inference import prepare_volume, to_ras
 from dicom_node.learning.volume_samples import VolumeSample
+from dicom_node.learning.volume_windows import class_balanced_window, volume_pair
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,39 +55,14 @@ def _prepared(sample: VolumeSample, config: ModelConfig) -> tuple[torch.Tensor, 
     channel = np.zeros(sample.labels.shape, dtype=np.uint8)
     for j, name in enumerate(config.heads[0].labels, start=1):
         channel[sample.labels == config.label(name).value] = j
-    y = torch.from_numpy(channel)
     pp = config.preprocessing
     if config.spatial_dims == 2:
         x = prepare_slices(sample.image, pp, intensity_range(sample.image, pp))
+        y = torch.from_numpy(channel)
         return x, resize_labels(y, (pp.input_size, pp.input_size)).long()
     assert pp.volume is not None
-    x, orient = prepare_volume(sample.image, sample.spacing, pp.volume, sample.affine)
-    t = y[None].float()
-    if orient is not None:
-        t = to_ras(t, *orient)
-    t = F.interpolate(t[None], size=tuple(x.shape[2:]), mode="nearest-exact")[0]
+    x, t = volume_pair(sample, channel, pp.volume)
     return x, t.long()
-
-
-def class_balanced_window(x: torch.Tensor, y: torch.Tensor, roi: Sequence[int],
-                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``roi`` window (padded where the volume is smaller), 3D, centred on a voxel of a
-    class drawn uniformly from those the target shows (as MONAI's
-    ``RandCropByLabelClasses`` with equal ratios): a small organ is in as many windows
-    as the background, which a uniform window would give it only by its volume."""
-    pad = [max(0, r - s) for r, s in zip(roi, x.shape[2:], strict=True)]
-    if any(pad):
-        spec = [p for d in reversed(pad) for p in (0, d)]
-        x = F.pad(x, spec, value=float(x.min()))
-        y = F.pad(y, spec, value=0)
-    classes = torch.unique(y[0])
-    picked = classes[int(torch.randint(0, len(classes), (1,), generator=gen))]
-    voxels = torch.nonzero(y[0] == picked)
-    centre = voxels[int(torch.randint(0, len(voxels), (1,), generator=gen))].tolist()
-    starts = [min(max(c - r // 2, 0), s - r)
-              for c, r, s in zip(centre, roi, x.shape[2:], strict=True)]
-    sl = tuple(slice(a, a + r) for a, r in zip(starts, roi, strict=True))
-    return x[(slice(None), slice(None), *sl)], y[(slice(None), *sl)]
 
 
 def marginal_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:

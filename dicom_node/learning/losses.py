@@ -20,11 +20,12 @@ from dicom_node.learning.model_config import ModelConfig
 def head_targets(
     labels: torch.Tensor, annotated: torch.Tensor, config: ModelConfig
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per head: ``(target (N, H, W) long in 0..K, annotated (N, K) bool)``.
+    """Per head: ``(target (N, *spatial) long in 0..K, annotated (N, K) bool)``.
 
     An enclosing label's target is every labelled voxel; unannotated labels map to 0.
     """
     index = {lab.name: i for i, lab in enumerate(config.labels)}
+    spatial = (1,) * (labels.dim() - 1)
     out = {}
     for head in config.heads:
         target = torch.zeros(labels.shape, dtype=torch.long, device=labels.device)
@@ -32,7 +33,7 @@ def head_targets(
         for j, name in enumerate(head.labels, start=1):
             spec = config.label(name)
             hit = labels != 0 if spec.enclosing else labels == spec.value
-            target = torch.where(hit & ann[:, j - 1, None, None], j, target)
+            target = torch.where(hit & ann[:, j - 1].view(-1, *spatial), j, target)
         out[head.name] = (target, ann)
     return out
 
@@ -55,24 +56,30 @@ def masked_loss(
         logp = F.log_softmax(z.float(), dim=1)
         # log P(background or an unannotated label of this head)
         merged = torch.cat([torch.ones_like(ann[:, :1]), ~ann], dim=1)
-        bias = torch.where(merged, 0.0, -torch.inf).to(logp.dtype)[:, :, None, None]
+        bias = _per_voxel(torch.where(merged, 0.0, -torch.inf).to(logp.dtype), logp)
         log_bg = torch.logsumexp(logp + bias, dim=1)
         nll = torch.where(target > 0, -logp.gather(1, target[:, None])[:, 0], -log_bg)
         w = weight.to(logp.dtype)
-        loss = (nll.mean(dim=(1, 2)) * w).sum() / w.sum()
+        loss = (nll.flatten(1).mean(dim=1) * w).sum() / w.sum()
         if dice_weight:
             loss = loss + dice_weight * _soft_dice_loss(logp, target, ann)
         total = loss if total is None else total + loss
     return total
 
 
+def _per_voxel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` values viewed to broadcast over ``like``'s ``(N, K, *spatial)``."""
+    return values.view(*values.shape, *(1,) * (like.dim() - 2))
+
+
 def _soft_dice_loss(logp: torch.Tensor, target: torch.Tensor, ann: torch.Tensor) -> torch.Tensor:
     """``1 - Dice`` of a head's labels, mean over the labels some sample annotates."""
     prob = logp[:, 1:].exp()
-    onehot = F.one_hot(target, logp.shape[1])[..., 1:].permute(0, 3, 1, 2).to(prob.dtype)
-    m = ann.to(prob.dtype)[:, :, None, None]
-    inter = (prob * onehot * m).sum(dim=(0, 2, 3))
-    denom = ((prob + onehot) * m).sum(dim=(0, 2, 3))
+    onehot = F.one_hot(target, logp.shape[1])[..., 1:].movedim(-1, 1).to(prob.dtype)
+    m = _per_voxel(ann.to(prob.dtype), prob)
+    dims = (0, *range(2, prob.dim()))
+    inter = (prob * onehot * m).sum(dim=dims)
+    denom = ((prob + onehot) * m).sum(dim=dims)
     present = ann.any(dim=0)
     dice = (2 * inter + 1.0) / (denom + 1.0)
     return (1 - dice[present]).mean()

@@ -158,18 +158,17 @@ class ModelConfig:
             raise ModelConfigError(
                 f"labels: the network has {net.out_channels} output channels (background + "
                 f"{net.out_channels - 1} labels) but {len(labels)} labels are given")
-        pp = self.preprocessing
+        self._check_input(net)
+
+    def _check_input(self, net: NetworkSpec) -> None:
+        """A 3D network takes one channel of a volume prepared by ``preprocessing.volume``;
+        a 2D one the channels the slice preprocessing makes."""
         if net.spatial_dims == 3:
-            if pp.volume is None:
+            if self.preprocessing.volume is None:
                 raise ModelConfigError("preprocessing.volume is required for a 3D network")
             if net.in_channels != 1:
                 raise ModelConfigError("network.args.in_channels: 3D networks take 1 channel")
-        else:
-            self._check_slice_channels(net)
-
-    def _check_slice_channels(self, net: NetworkSpec) -> None:
-        """A 2D network takes the channels the slice preprocessing makes."""
-        if net.in_channels != self.preprocessing.in_channels:
+        elif net.in_channels != self.preprocessing.in_channels:
             raise ModelConfigError(
                 f"network.args.in_channels is {net.in_channels}, preprocessing gives "
                 f"{self.preprocessing.in_channels}")
@@ -180,10 +179,7 @@ class ModelConfig:
         if net is None:
             raise ModelConfigError(f"architecture {self.architecture!r} needs a 'network' object "
                                    "(the encoder's arguments)")
-        if net.spatial_dims != 2:
-            raise ModelConfigError("network.args.spatial_dims: heads on a MONAI encoder train "
-                                   "on slices, as the U-Net's do; it must be 2")
-        self._check_slice_channels(net)
+        self._check_input(net)
         if net.output is not NetworkOutput.LOGITS:
             raise ModelConfigError("network.output: an encoder's output feeds the heads; "
                                    "it must be 'logits' (features)")
@@ -206,6 +202,12 @@ class ModelConfig:
     @property
     def spatial_dims(self) -> int:
         return 2 if self.network is None else self.network.spatial_dims
+
+    @property
+    def trains_on_volumes(self) -> bool:
+        """Corrections are kept and trained as whole volumes (an external network, or
+        heads on a 3D encoder); else as slices."""
+        return self.is_external or self.spatial_dims == 3
 
     # -- lookups -------------------------------------------------------------------
     def label(self, name: str) -> LabelSpec:

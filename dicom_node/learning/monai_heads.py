@@ -17,7 +17,11 @@ per-head merge) does not apply to it. This architecture gives a MONAI network he
   head-only round freezes the encoder, and the statistics would still move.
 
 So the split is: the MONAI network is the encoder, the heads are ours. Models of this
-architecture train on slices through the same code as the U-Net (2D only).
+architecture train through the same code as the U-Net (:func:`~dicom_node.learning.
+training.train`): on slices in 2D; in 3D (``spatial_dims`` 3, 3x3x3 head convolutions,
+``preprocessing.volume`` required) on class-balanced windows of whole volumes
+(:mod:`~dicom_node.learning.volume_windows`), served by the sliding-window inferer with
+every head's softmax blended.
 
     {"architecture": "monai-heads:UNet",
      "network": {"args": {"spatial_dims": 2, "in_channels": 2, "out_channels": 16,
@@ -48,22 +52,24 @@ from dicom_node.learning.multihead import MultiHeadNetwork, conv_block
 class FeatureHead(nn.Module):
     """Convolutions over the encoder's features, ending in logits."""
 
-    def __init__(self, features: int, num_classes: int, n_convs: int, groups: int) -> None:
+    def __init__(self, features: int, num_classes: int, n_convs: int, groups: int,
+                 spatial_dims: int = 2) -> None:
         super().__init__()
-        self.block = conv_block(features, features, n_convs, groups)
-        self.out = nn.Conv2d(features, num_classes, 1)
+        self.block = conv_block(features, features, n_convs, groups, spatial_dims)
+        self.out = (nn.Conv3d if spatial_dims == 3 else nn.Conv2d)(features, num_classes, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.out(self.block(features))
 
 
 class MonaiMultiHead(MultiHeadNetwork):
-    """``forward(x, heads)`` returns ``{head name: logits (N, classes, H, W)}``."""
+    """``forward(x, heads)`` returns ``{head name: logits (N, classes, *spatial)}``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         assert config.network is not None  # checked when the config was built
         self._features = config.network.out_channels
+        self.spatial_dims = config.network.spatial_dims
         self._hp = config.hyperparameters
         self.encoder: ExternalNetwork = build_monai(config.architecture, config.network)
         kept = [name for name, _ in self.encoder.named_buffers()]
@@ -78,17 +84,20 @@ class MonaiMultiHead(MultiHeadNetwork):
 
     def _make_head(self, head: HeadSpec) -> FeatureHead:
         return FeatureHead(self._features, head.num_classes, self._hp.decoder_convs,
-                           self._hp.norm_groups)
+                           self._hp.norm_groups, self.spatial_dims)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[NETWORK_HEAD]
 
 
 def with_monai_unet_encoder(config: ModelConfig, features: int = 16,
-                            channels: Sequence[int] = (16, 32, 64, 128)) -> ModelConfig:
+                            channels: Sequence[int] = (16, 32, 64, 128),
+                            spatial_dims: int = 2) -> ModelConfig:
     """``config``'s heads on a MONAI ``UNet`` encoder handing them ``features`` channels
-    (each level after the first halves the resolution, as in our U-Net)."""
-    args = {"spatial_dims": 2, "in_channels": config.preprocessing.in_channels,
+    (each level after the first halves the resolution, as in our U-Net). In 3D the
+    encoder takes one channel, the volume ``config.preprocessing.volume`` prepares."""
+    in_channels = 1 if spatial_dims == 3 else config.preprocessing.in_channels
+    args = {"spatial_dims": spatial_dims, "in_channels": in_channels,
             "out_channels": features, "channels": list(channels),
             "strides": [2] * (len(channels) - 1)}
     return replace(config, architecture=f"{MONAI_HEADS_PREFIX}UNet",

@@ -17,11 +17,14 @@ from dicom_node.learning.errors import ModelConfigError
 from dicom_node.learning.label_specs import HeadSpec
 
 
-def conv_block(c_in: int, c_out: int, n_convs: int, groups: int) -> nn.Sequential:
+def conv_block(c_in: int, c_out: int, n_convs: int, groups: int,
+               spatial_dims: int = 2) -> nn.Sequential:
+    """``n_convs`` times: a 3x3 (3x3x3) convolution, GroupNorm, ReLU."""
+    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
     layers: list[nn.Module] = []
     for i in range(n_convs):
         layers += [
-            nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False),
+            conv(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False),
             nn.GroupNorm(groups, c_out),
             nn.ReLU(inplace=True),
         ]
@@ -30,9 +33,10 @@ def conv_block(c_in: int, c_out: int, n_convs: int, groups: int) -> nn.Sequentia
 
 class MultiHeadNetwork(nn.Module):
     """A shared ``encoder`` and a ``heads`` dict: ``forward(x, heads)`` returns
-    ``{head name: logits (N, classes, H, W)}``. Everything that works per head (partial
-    labels, continual heads, distillation, rehearsal, the hub's parameter groups) works
-    on any subclass; a subclass sets ``encoder`` and says how a head is made."""
+    ``{head name: logits (N, classes, *spatial)}`` (``H, W``, or ``D, H, W`` in 3D).
+    Everything that works per head (partial labels, continual heads, distillation,
+    rehearsal, the hub's parameter groups) works on any subclass; a subclass sets
+    ``encoder`` and says how a head is made."""
 
     encoder: nn.Module
     heads: nn.ModuleDict

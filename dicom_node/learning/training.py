@@ -1,10 +1,13 @@
 """A round of training: the policy, the step loop within a time budget, the report.
 
-Training runs on 2D slices (:mod:`~dicom_node.learning.slices`) with a masked (marginal)
-loss for partial labels (:mod:`~dicom_node.learning.losses`), per head: a head is only
-run when it is trained, so a hospital annotating the liver updates the encoder and
-``heads.liver`` only. Continual classes: ``freeze_encoder`` plus ``heads``. Batches mix
-new samples, replay and anchors, augmented (:mod:`~dicom_node.learning.batches`).
+Training runs on 2D slices (:mod:`~dicom_node.learning.slices`), or for heads on a 3D
+encoder on windows of whole volumes (:mod:`~dicom_node.learning.volume_windows`), with
+a masked (marginal) loss for partial labels (:mod:`~dicom_node.learning.losses`), per
+head: a head is only run when it is trained, so a hospital annotating the liver updates
+the encoder and ``heads.liver`` only. Continual classes: ``freeze_encoder`` plus
+``heads``. Slice batches mix new samples, replay and anchors, augmented
+(:mod:`~dicom_node.learning.batches`); volumes come with their replay already among
+them, one window per step.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dicom_node.learning.slices import (
     prepared_or_none,
 )
 from dicom_node.learning.thread_tuning import ThreadTuner
+from dicom_node.learning.volume_windows import PreparedVolumes, WindowSource
 
 LOGGER = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ ProgressHook = Callable[[TrainingProgress], None]
 def train(
     model: MultiHeadNetwork,
     config: ModelConfig,
-    samples: Sequence[SliceSample] | PreparedSlices,
+    samples: Sequence[SliceSample] | PreparedSlices | PreparedVolumes,
     policy: TrainingPolicy,
     *,
     replay: Sequence[SliceSample] | PreparedSlices = (),
@@ -88,11 +92,19 @@ def train(
     ``optimiser_state`` (from the previous round's report, ``{}`` for a first round)
     seeds Adam's moments of the parameters it fits, and the report then carries the
     moments after this round (:mod:`dicom_node.learning.optimiser_state`); ``None``
-    starts afresh and keeps nothing.
+    starts afresh and keeps nothing. A 3D model takes :class:`PreparedVolumes` (its
+    replay among them; no anchors), a 2D one slices.
     """
-    data = samples if isinstance(samples, PreparedSlices) else prepare_samples(samples, config)
-    old = prepared_or_none(replay, config)
-    anc = prepared_or_none(anchors, config)
+    if (config.spatial_dims == 3) != isinstance(samples, PreparedVolumes):
+        raise TrainingError(f"model {config.name!r} is {config.spatial_dims}D: it trains on "
+                            f"{'volumes' if config.spatial_dims == 3 else 'slices'}")
+    if isinstance(samples, PreparedVolumes):
+        if replay or anchors:
+            raise TrainingError("volumes carry their replay among the samples; no anchors")
+        data: PreparedSlices | PreparedVolumes = samples
+    else:
+        data = samples if isinstance(samples, PreparedSlices) else prepare_samples(samples,
+                                                                                   config)
     if len(data) == 0:
         raise TrainingError("no training samples")
     heads = _heads_to_train(config, data, policy)
@@ -105,10 +117,9 @@ def train(
     model.to(device).train()
     opt = _optimisation(model, config, heads, policy, optimiser_state)
     gen = torch.Generator().manual_seed(policy.seed)
-    plan = plan_batches(policy.batch_size, policy.replay_fraction, policy.anchor_fraction,
-                        len(data), old, anc)
-    loop = _Round(model, config, heads, policy, opt, BatchSource(data, old, anc, plan, gen,
-                  policy.augment), device, tuner, progress)
+    loop = _Round(model, config, heads, policy, opt,
+                  _batch_source(config, data, replay, anchors, policy, gen), device, tuner,
+                  progress)
     try:
         loop.run()
     finally:
@@ -119,6 +130,22 @@ def train(
         torch.set_num_threads(threads_before)
     return loop.report(
         None if optimiser_state is None else capture_optimiser(model, opt.optimiser))
+
+
+def _batch_source(
+    config: ModelConfig, data: PreparedSlices | PreparedVolumes,
+    replay: Sequence[SliceSample] | PreparedSlices, anchors: Sequence[SliceSample] | PreparedSlices,
+    policy: TrainingPolicy, gen: torch.Generator,
+) -> BatchSource | WindowSource:
+    """Windows of volumes, or batches of slices mixing new samples, replay and anchors."""
+    if isinstance(data, PreparedVolumes):
+        assert config.preprocessing.volume is not None  # a 3D config has it
+        return WindowSource(data, config.preprocessing.volume.roi_size, gen)
+    old = prepared_or_none(replay, config)
+    anc = prepared_or_none(anchors, config)
+    plan = plan_batches(policy.batch_size, policy.replay_fraction, policy.anchor_fraction,
+                        len(data), old, anc)
+    return BatchSource(data, old, anc, plan, gen, policy.augment)
 
 
 @dataclass
@@ -178,7 +205,7 @@ class _Round:
         heads: list[str],
         policy: TrainingPolicy,
         opt: _Optimisation,
-        source: BatchSource,
+        source: BatchSource | WindowSource,
         device: torch.device,
         tuner: ThreadTuner | None,
         progress: ProgressHook | None,
@@ -271,7 +298,8 @@ class _Round:
             encoder_frozen=self.policy.freeze_encoder, optimiser_state=optimiser_state)
 
 
-def _heads_to_train(config: ModelConfig, data: PreparedSlices, policy: TrainingPolicy) -> list[str]:
+def _heads_to_train(config: ModelConfig, data: PreparedSlices | PreparedVolumes,
+                    policy: TrainingPolicy) -> list[str]:
     names = [lab.name for lab in config.labels]
     annotated = {names[i] for i in torch.nonzero(data.annotated.any(dim=0)).flatten().tolist()}
     useful = [h.name for h in config.heads if annotated & set(h.labels)]

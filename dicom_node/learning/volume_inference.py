@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from dicom_node.learning.device import autocast, on_device
 from dicom_node.learning.errors import ModelConfigError
-from dicom_node.learning.external import NETWORK_HEAD, ExternalNetwork
 from dicom_node.learning.inference import SegmentationResult, combine_heads, segment_volume
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import SegmentationNetwork
@@ -127,7 +126,7 @@ def prepare_volume(
 
 
 def segment_volume_3d(
-    model: ExternalNetwork,
+    model: SegmentationNetwork,
     config: ModelConfig,
     volume: np.ndarray,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -136,19 +135,22 @@ def segment_volume_3d(
     device: str | torch.device = "cpu",
     amp: bool = False,
 ) -> SegmentationResult:
-    """Segment a ``(slices, rows, cols)`` volume with a 3D network (see module doc);
-    ``amp``: float16 autocast on CUDA."""
+    """Segment a ``(slices, rows, cols)`` volume with a 3D network (see module doc),
+    its heads' softmax blended side by side and combined as in 2D; ``amp``: float16
+    autocast on CUDA."""
     vp = config.preprocessing.volume
     if vp is None or volume.ndim != 3:
         raise ModelConfigError("3D inference needs preprocessing.volume and a 3D volume")
     device = torch.device(device)
     model = on_device(model, device).eval()
     x, orient = prepare_volume(volume, spacing, vp, affine)
+    heads = list(config.active_head_names)  # pending added heads never run
+    widths = [config.head(h).num_classes for h in heads]
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
-            logits = model(window)[NETWORK_HEAD]
-        return logits.float().softmax(dim=1)
+            logits = model(window, heads)
+        return torch.cat([logits[h].float().softmax(dim=1) for h in heads], dim=1)
 
     from monai.inferers import sliding_window_inference
 
@@ -165,14 +167,16 @@ def segment_volume_3d(
         if orient is not None:
             probs = from_ras(probs, *orient)
         probs = probs.permute(1, 0, 2, 3).contiguous()  # (slices, C, rows, cols)
-        labels, confidence = combine_heads({NETWORK_HEAD: probs}, config)
-        entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=1) / math.log(probs.shape[1])
+        per_head = dict(zip(heads, probs.split(widths, dim=1), strict=True))
+        labels, confidence = combine_heads(per_head, config)
+        entropy = {h: (-(p * p.clamp_min(1e-8).log()).sum(dim=1) / math.log(p.shape[1])
+                       ).numpy().astype(np.float16) for h, p in per_head.items()}
     LOGGER.debug("segmented a %s volume with %s generation %d", volume.shape, config.name,
                  config.generation)
     return SegmentationResult(
         labels=labels.numpy(),
         confidence=confidence.float().numpy(),
-        entropy={NETWORK_HEAD: entropy.numpy().astype(np.float16)},
+        entropy=entropy,
         spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
         model_name=config.name,
         generation=config.generation,
@@ -194,8 +198,6 @@ def segment_any(
     ``amp``."""
     device = torch.device(device)
     if config.spatial_dims == 3:
-        if not isinstance(model, ExternalNetwork):
-            raise ModelConfigError(f"model {config.name!r}: a 3D config needs a 3D network")
         return segment_volume_3d(model, config, volume, spacing, affine=affine, device=device,
                                  amp=amp)
     with autocast(device, amp):

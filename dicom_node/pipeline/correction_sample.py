@@ -39,8 +39,9 @@ def write_sample(data_dir: Path, draft: Correction, volume: Volume, corrected: n
                  neighbour_slices: int) -> TrainingSample:
     """Cut and write the sample of ``draft`` (its changed slices are known); returns its
     row, not yet added to a session. The served model decides the kind: a volume sample
-    for an external network (``slices`` counts the volume's), else the slice cut."""
-    if model_config.is_external:
+    for a model that trains on volumes (an external network, heads on a 3D encoder;
+    ``slices`` counts the volume's), else the slice cut."""
+    if model_config.trains_on_volumes:
         labels = fill_enclosing(corrected, annotated, model_config)
         data = encode_volume_sample(volume_sample(volume.pixels, labels, annotated,
                                                   volume.spacing, volume.affine))

@@ -1,9 +1,15 @@
-"""The training part of a round on an external (MONAI or TorchScript) network.
+"""The training part of a round on whole volumes: an external (MONAI or TorchScript)
+network, or heads on a 3D MONAI encoder.
 
     pending volume samples + replay volumes (within ``replay_max_slices``)
       --copy of the served network--> train_external (MONAI Dice-CE, partial labels
       merged into background, random ROI windows in 3D) within [learning.round]'s
       epochs and time budget --> candidate, report
+
+Heads on a 3D encoder train instead through ``learning.training.train`` on windows of
+the same volumes (:mod:`~dicom_node.learning.volume_windows`), with the node's policy
+as in 2D (encoder rate, distillation, an added head alone on the frozen encoder), less
+the rehearsal anchors (slices of the 2D starter).
 
 The trainer (:class:`~dicom_node.pipeline.trainer.IncrementalTrainer`) judges the
 candidate on the held-out volumes with the same gate as the multi-head U-Net's
@@ -28,14 +34,17 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import LearningSettings
+from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.errors import TrainingError
 from dicom_node.learning.evaluation import decode_any_sample
 from dicom_node.learning.external import WITH_HEADS, ExternalNetwork
 from dicom_node.learning.external_training import train_external
 from dicom_node.learning.model_config import ModelConfig
+from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork
 from dicom_node.learning.policy import TrainingPolicy
-from dicom_node.learning.training import TrainingReport
+from dicom_node.learning.training import TrainingReport, train
 from dicom_node.learning.volume_samples import VolumeSample
+from dicom_node.learning.volume_windows import prepare_volumes
 from dicom_node.learning.weights import model_from_bytes, model_to_bytes
 from dicom_node.store.models import TrainingSample
 
@@ -106,18 +115,19 @@ def load_volumes(data_dir: Path, rows: Iterable[TrainingSample], *, strict: bool
 
 
 class ExternalRounds:
-    """Trains candidates of external networks for the trainer (one per node process)."""
+    """Trains candidates on whole volumes for the trainer (one per node process): of
+    external networks, and of heads on a 3D encoder."""
 
     def __init__(self, learning: LearningSettings, data_dir: Path) -> None:
         self.learning = learning
         self.data_dir = data_dir
         self._told: set[str] = set()  # models whose left-out settings were logged
 
-    def train(self, name: str, model: ExternalNetwork, config: ModelConfig,
+    def train(self, name: str, model: SegmentationNetwork, config: ModelConfig,
               new_rows: Sequence[TrainingSample], replay_rows: Sequence[TrainingSample],
               policy: TrainingPolicy, code_dirs: Iterable[Path] = ()
-              ) -> tuple[ExternalNetwork, TrainingReport, dict[str, Any]]:
-        """A trained copy of ``model``, its report and the round's training figures.
+              ) -> tuple[SegmentationNetwork, ModelConfig, TrainingReport, dict[str, Any]]:
+        """A trained copy of ``model``, its config, its report and the round's figures.
 
         Raises
         ------
@@ -126,11 +136,6 @@ class ExternalRounds:
         TrainingError
             No pending sample is a volume sample of a label of the model.
         """
-        policy, left_out = external_policy(self.learning, policy)
-        if left_out and name not in self._told:
-            self._told.add(name)
-            LOGGER.info("training %s (external network, one group 'network'): left out of "
-                        "its rounds: %s", name, "; ".join(left_out))
         new = load_volumes(self.data_dir, new_rows, strict=True)
         if not new:
             raise TrainingError(f"model {name!r}: no pending volume sample to train on")
@@ -140,9 +145,24 @@ class ExternalRounds:
                     config.generation, len(new), len(replay))
         candidate, _ = model_from_bytes(model_to_bytes(model, config), config,
                                         code_dirs=code_dirs)
-        assert isinstance(candidate, ExternalNetwork)  # the config names an external one
         t0 = time.monotonic()
-        report = train_external(candidate, config, [*new, *replay], policy)
+        left_out: list[str] = []
+        if isinstance(candidate, MultiHeadNetwork):  # heads on a 3D encoder
+            # Labels of an added head: that head alone on the frozen encoder, as in 2D;
+            # the anchors are slices of the 2D starter, and replay is among the volumes.
+            policy = replace(continual_policy(config, {n for v in new for n in v.annotated},
+                                              policy), anchor_fraction=0.0,
+                             replay_fraction=0.0)
+            report = train(candidate, config, prepare_volumes([*new, *replay], config), policy)
+            config = after_round(config, report)
+        else:
+            policy, left_out = external_policy(self.learning, policy)
+            if left_out and name not in self._told:
+                self._told.add(name)
+                LOGGER.info("training %s (external network, one group 'network'): left out "
+                            "of its rounds: %s", name, "; ".join(left_out))
+            assert isinstance(candidate, ExternalNetwork)  # the config names an external one
+            report = train_external(candidate, config, [*new, *replay], policy)
         training = {"volumes": len(new), "replay_volumes": len(replay),
                     "slices": sum(int(s.image.shape[0]) for s in new),
                     "replay_slices": sum(int(s.image.shape[0]) for s in replay),
@@ -150,4 +170,4 @@ class ExternalRounds:
                     "losses": list(report.epoch_losses),
                     "stopped_by_time_budget": report.stopped_by_time_budget,
                     "seconds": round(time.monotonic() - t0, 2), "left_out": left_out}
-        return candidate, report, training
+        return candidate, config, report, training

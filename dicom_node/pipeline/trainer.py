@@ -34,7 +34,6 @@ from dicom_node.learning import optimiser_state
 from dicom_node.learning.continual import after_round, continual_policy
 from dicom_node.learning.device import resolve_device
 from dicom_node.learning.evaluation import HeldOutSample, evaluate_samples
-from dicom_node.learning.external import ExternalNetwork
 from dicom_node.learning.incremental import (
     StoredSample,
     accept_candidate,
@@ -172,12 +171,12 @@ class IncrementalTrainer:
         held = [load_held_out(self.data_dir, r) for r in held_rows]
         t0 = time.monotonic()
         slices = None
-        if isinstance(base_model, MultiHeadNetwork):
+        if isinstance(base_model, MultiHeadNetwork) and not base_config.trains_on_volumes:
             slices = self._round_slices(new_rows, replay_rows)
             trained = self._slice_round(base_model, base_config, slices, attempt, beat)
-        else:  # an external network: whole volumes, one group (pipeline.external_round)
-            trained = self._external_round(name, base_model, base_config, new_rows,
-                                           replay_rows)
+        else:  # an external network or heads on a 3D encoder: whole volumes
+            trained = self._volume_round(name, base_model, base_config, new_rows,
+                                         replay_rows)
         beat()
         accepted, verdict, scores = self._judge(base_model, base_config, trained, held)
         trained.training["seconds"] = round(time.monotonic() - t0, 2)
@@ -228,23 +227,23 @@ class IncrementalTrainer:
                      "stopped_by_time_budget": report.stopped_by_time_budget},
             gate, len(anchors))
 
-    def _external_round(self, name: str, base_model: SegmentationNetwork,
-                        base_config: ModelConfig, new_rows: list[TrainingSample],
-                        replay_rows: list[TrainingSample]) -> TrainedCandidate:
-        """Train a copy of an external network on the new and replayed volumes; a policy
-        it cannot follow is refused for good (the samples stay pending)."""
+    def _volume_round(self, name: str, base_model: SegmentationNetwork,
+                      base_config: ModelConfig, new_rows: list[TrainingSample],
+                      replay_rows: list[TrainingSample]) -> TrainedCandidate:
+        """Train a copy of an external network, or of heads on a 3D encoder, on the new
+        and replayed volumes (pipeline.external_round); a policy an external network
+        cannot follow is refused for good (the samples stay pending)."""
         from dicom_node.pipeline.external_round import ExternalRoundRefused, ExternalRounds
 
         if self._external is None:  # MONAI is imported here, for nodes that train one
             self._external = ExternalRounds(self.learning, self.data_dir)
-        assert isinstance(base_model, ExternalNetwork)
         try:
-            model, report, training = self._external.train(
+            model, config, report, training = self._external.train(
                 name, base_model, base_config, new_rows, replay_rows,
                 policy_of(self.learning), self.models.code_dirs(name))
         except ExternalRoundRefused as exc:
             raise PermanentJobError(f"training {name}: {exc}") from exc
-        return TrainedCandidate(model, base_config, report, training)
+        return TrainedCandidate(model, config, report, training)
 
     def _rows(self, name: str, base_config: ModelConfig
               ) -> tuple[list[TrainingSample], list[TrainingSample], list[TrainingSample]]:

@@ -73,14 +73,17 @@ def in_model_values(phantom_labels: np.ndarray) -> np.ndarray:
 
 def add_volume_sample(db: Database, data_dir: Path, study: Study, state: str,
                       annotated: tuple[str, ...] = ("liver", "spleen"),
-                      series_uid: str | None = None) -> int:
-    """A corrected case of ``study`` as the intake keeps it for an external network
-    (state ``held-out``: every validation_every-th correction; ``pending``: not trained
-    yet), recorded as of series ``series_uid`` (the study's by default); returns the
-    sample's id."""
+                      series_uid: str | None = None, model: str = EXTERNAL_MODEL) -> int:
+    """A corrected case of ``study`` as the intake keeps it for a model trained on
+    volumes (state ``held-out``: every validation_every-th correction; ``pending``: not
+    trained yet), recorded as of series ``series_uid`` (the study's by default); returns
+    the sample's id. Labels in the imported model's values for :data:`EXTERNAL_MODEL`,
+    else the phantom's."""
     volume = study.volume()
     series_uid = series_uid or study.series_uid
-    sample = volume_sample(volume.pixels, in_model_values(study.truth_in_volume_order()),
+    truth = study.truth_in_volume_order()
+    sample = volume_sample(volume.pixels,
+                           in_model_values(truth) if model == EXTERNAL_MODEL else truth,
                            annotated, volume.spacing, volume.affine)
     rel = f"samples/{uuid.uuid4().hex}.npz"
     data = encode_volume_sample(sample)
@@ -91,14 +94,14 @@ def add_volume_sample(db: Database, data_dir: Path, study: Study, state: str,
         correction = Correction(seg_sop_instance_uid=f"2.25.{uuid.uuid4().int}",
                                 seg_series_uid=f"2.25.{uuid.uuid4().int}",
                                 source_series_uid=series_uid,
-                                model_name=EXTERNAL_MODEL, ai_generation=0,
+                                model_name=model, ai_generation=0,
                                 state="recorded", split=split, dice={},
                                 changed_slices=[0], labels=list(annotated),
                                 unknown_segments=[])
         s.add(correction)
         s.flush()
         row = TrainingSample(correction_id=correction.id, source_series_uid=series_uid,
-                             model_name=EXTERNAL_MODEL, split=split, state=state, path=rel,
+                             model_name=model, split=split, state=state, path=rel,
                              slices=volume.shape[0], size=len(data),
                              annotated=list(annotated))
         s.add(row)

@@ -14,11 +14,7 @@ from torch import nn
 
 from dicom_node.learning.errors import ModelConfigError, TrainingError, WeightsError
 from dicom_node.learning.external import NetworkSpec, sha256_file
-from dicom_node.learning.external_training import (
-    class_balanced_window,
-    marginal_log_probs,
-    train_external,
-)
+from dicom_node.learning.external_training import marginal_log_probs, train_external
 from dicom_node.learning.label_specs import LabelSpec
 from dicom_node.learning.model_config import ModelConfig, external_config
 from dicom_node.learning.network import build_network
@@ -31,6 +27,7 @@ from dicom_node.learning.preprocessing_spec import (
 )
 from dicom_node.learning.volume_inference import segment_any
 from dicom_node.learning.volume_samples import VolumeSample
+from dicom_node.learning.volume_windows import class_balanced_window
 from dicom_node.learning.weights import (
     apply_groups,
     extract_groups,

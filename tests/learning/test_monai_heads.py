@@ -55,7 +55,7 @@ def _edit(data: dict, where: str, value: object) -> None:
 @pytest.mark.parametrize(("where", "value", "match"), [
     ("architecture", "monai-heads:Evil", "is not allowed"),
     ("network", None, "needs a 'network' object"),
-    ("network.args.spatial_dims", 3, "must be 2"),
+    ("network.args.spatial_dims", 3, r"preprocessing\.volume is required"),
     ("network.args.in_channels", 1, "preprocessing gives 2"),
     ("network.args.out_channels", 6, "divisible by"),
     ("network.output", "probabilities", "features"),
