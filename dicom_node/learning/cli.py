@@ -75,7 +75,8 @@ def bootstrap_command(
         help="unet2d-monai: the starter's heads on a 2D MONAI UNet encoder (the shipped "
              "starter); unet2d: our own multi-head 2D U-Net (earlier starters); segresnet "
              "or dynunet: a 3D MONAI network for --data ct, trained on whole volumes at "
-             "4 mm (needs --out; serve it through [models]).")] = MONAI_HEADS_ARCH,
+             "4 mm; unet3d-monai: the starter's heads on a 3D MONAI UNet encoder, likewise "
+             "(3D needs --out; serve it through [models]).")] = MONAI_HEADS_ARCH,
 ) -> None:
     """Train a starter model from phantom subjects and print held-out Dice per label.
 

@@ -19,7 +19,9 @@ from dicom_node.learning.model_import import import_bundle
 from dicom_node.learning.volume_samples import encode_volume_sample, volume_sample
 from dicom_node.store.db import Database
 from dicom_node.store.models import Correction, TrainingSample
-from tests.corrections.helpers import Study
+from tests.corrections.helpers import Study, learning_section
+from tests.node.conftest import node_config_data
+from tests.node.test_segmentation import segment_rule
 
 EXTERNAL_MODEL = "abdomen-monai-3d"
 NET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3,
@@ -109,6 +111,19 @@ def add_volume_sample(db: Database, data_dir: Path, study: Study, state: str,
         return int(row.id)
 
 
-def node_models(data: dict[str, Any], model_path: Path) -> dict[str, Any]:
-    data["models"] = {EXTERNAL_MODEL: str(model_path)}
+def node_models(data: dict[str, Any], model_path: Path, model: str = EXTERNAL_MODEL
+                ) -> dict[str, Any]:
+    data["models"] = {model: str(model_path)}
     return data
+
+
+def segmenting_node_data(node_dir: Path, orthanc_port: int, model_path: Path,
+                         model: str = EXTERNAL_MODEL) -> dict[str, Any]:
+    """A node serving ``model`` from ``model_path`` to CT series, sending its SEG to the
+    Orthanc at ``orthanc_port`` and serving any round that trains (margin 1)."""
+    data = node_config_data(
+        node_dir, rules=[segment_rule(model, "pacs")],
+        destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
+                               "port": orthanc_port}},
+        learning=learning_section(acceptance_margin=1.0))
+    return node_models(data, model_path, model)

@@ -41,6 +41,7 @@ from tests.corrections.external_model import (
     imported_monai_model,
     in_model_values,
     node_models,
+    segmenting_node_data,
 )
 from tests.corrections.helpers import (
     Study,
@@ -71,13 +72,8 @@ def _sop_uid(path: Path) -> str:
 @pytest.mark.slow
 def test_a_monai_3d_model_serves_learns_from_a_correction_and_refuses_bad_ones(
         tmp_path: Path, start_node: Any, orthanc: Orthanc) -> None:  # noqa: F811
-    model_path = imported_monai_model(tmp_path)
-    data = node_config_data(
-        tmp_path / "node", rules=[segment_rule(EXTERNAL_MODEL, "pacs")],
-        destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
-                               "port": orthanc.dicom_port}},
-        learning=learning_section(acceptance_margin=1.0))
-    node = start_node(node_models(data, model_path))
+    node = start_node(segmenting_node_data(tmp_path / "node", orthanc.dicom_port,
+                                           imported_monai_model(tmp_path)))
     study = Study("B", 0, seed=7400, slices=24)
     # a held-out case the round is judged on (another series of the same subject)
     add_volume_sample(node.parts.db, tmp_path / "node", study, "held-out",

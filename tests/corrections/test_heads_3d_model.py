@@ -35,16 +35,15 @@ from dicom_node.learning.volume_samples import decode_volume_sample
 from dicom_node.learning.weights import group_of, save_model
 from dicom_node.phantom.codes import CT_SEGMENTS
 from dicom_node.store.models import TrainingSample, UpdateOutboxItem
-from tests.corrections.external_model import add_volume_sample
-from tests.corrections.helpers import Study, learning_section, radiologist_seg, versions
+from tests.corrections.external_model import add_volume_sample, segmenting_node_data
+from tests.corrections.helpers import Study, radiologist_seg, versions
 from tests.node.conftest import (  # noqa: F401 - orthanc is a pytest fixture
     Orthanc,
-    node_config_data,
     orthanc,
     storescu,
     wait_until,
 )
-from tests.node.test_segmentation import orthanc_segs, segment_rule
+from tests.node.test_segmentation import orthanc_segs
 
 MODEL = "abdomen-heads-3d"
 LIVER = [s for s in CT_SEGMENTS if s.name == "liver"]
@@ -67,14 +66,8 @@ def heads_3d_model(root: Path) -> Path:
 @pytest.mark.slow
 def test_a_liver_correction_trains_the_3d_encoder_and_the_liver_head_only(
         tmp_path: Path, start_node: Any, orthanc: Orthanc) -> None:  # noqa: F811
-    model_path = heads_3d_model(tmp_path)
-    data = node_config_data(
-        tmp_path / "node", rules=[segment_rule(MODEL, "pacs")],
-        destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
-                               "port": orthanc.dicom_port}},
-        learning=learning_section(acceptance_margin=1.0))
-    data["models"] = {MODEL: str(model_path)}
-    node = start_node(data)
+    node = start_node(segmenting_node_data(tmp_path / "node", orthanc.dicom_port,
+                                           heads_3d_model(tmp_path), MODEL))
     study = Study("B", 0, seed=7400, slices=24)
     add_volume_sample(node.parts.db, tmp_path / "node", study, "held-out", ("liver", "spleen"),
                       series_uid=f"2.25.{uuid.uuid4().int}", model=MODEL)
