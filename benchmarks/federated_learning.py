@@ -21,7 +21,9 @@ Arms, side by side in one run, from the same starter and the same studies:
 * ``fedasync``, ``fedbuff``, ``fedavg``: the shipped strategies with the hub defaults
   (FedBuff/FedAvg buffer one update per site);
 * ``delta``: each update's delta added on arrival (``aggregation.DeltaAsync``);
-* ``fedasync+adapt``, ``delta+adapt``: that strategy at the hub, and every site serves
+* ``fedasync+adapt``, ``delta+adapt`` (``delta+adapt`` is what the hub's and the
+  node's defaults do, and the arm ``--ours`` judges): that strategy at the hub, and every
+  site serves
   its own fit of each generation as a node with ``[federation] adapt`` does
   (``pipeline.site_adaptation``): the generation plus what the site learned on top of
   the generation before (``rebase``), fine-tuned on its replay buffer
@@ -193,7 +195,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=0,
                    help="the first training seed (to add seeds to an earlier run's)")
     p.add_argument("--arms", type=lambda v: v.split(","), default=list(ARMS))
-    p.add_argument("--ours", default="fedasync+adapt",
+    p.add_argument("--ours", default="delta+adapt",
                    help="the arm the targets judge (the node and hub defaults)")
     fed = FederationSettings()
     p.add_argument("--adapt-epochs", type=int, default=fed.adapt_epochs)

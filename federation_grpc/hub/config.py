@@ -57,23 +57,33 @@ max_num_samples = 100000
 max_calls_per_node = 16
 
 [aggregation]
-# fedasync (merge each update, weighted by samples and staleness),
-# fedbuff (buffer K updates, apply their mean delta) or fedavg.
-strategy = "fedasync"
+# delta (add each update's change from its own base generation on arrival, times
+# server_lr and the staleness discount; the default), fedasync (mix each update in,
+# weighted by samples and staleness), fedbuff (buffer K updates, apply their mean
+# delta), fedavg, or dafne (Dafne's merge: 0.5 current + 0.5 update; for comparison).
+# delta met issue 21's targets (benchmarks/federated_learning.py, README).
+strategy = "delta"
+# fedasync's mixing weight before the sample and staleness factors.
 alpha = 0.8
 # An update of n corrections mixes with weight alpha * n/(n + sample_halfpoint) *
 # staleness discount, at most max_update_share: 1 gives one correction 0.4.
 sample_halfpoint = 1.0
+# Staleness discount (1 + generations behind) ** -staleness_exponent (delta, fedasync,
+# fedbuff).
 staleness_exponent = 0.5
+# fedbuff/fedavg: updates per merge.
 buffer_size = 3
+# delta and fedbuff: the step applied is server_lr times the update's change.
 server_lr = 1.0
-# fedasync under a burst: fold up to this many waiting updates (each with its own
+# delta/fedasync under a burst: fold up to this many waiting updates (each with its own
 # weight) into one generation, so the hub catches up instead of saving every step.
 max_pending_fold = 32
 # Robust weighting. No single update makes more than this share of a merge: fedasync
 # caps its mixing weight (merged = (1-w) current + w update, w <= share); fedbuff and
 # fedavg cap each update's normalised weight and renormalise the others (with fewer
-# than 1/share updates in a group, they get equal shares). 1 disables the cap.
+# than 1/share updates in a group, they get equal shares). 1 disables the cap. delta
+# weighs every update the same (server_lr x staleness), whatever num_samples it
+# declares: its change is bounded by clip_norm and the gate's update norms instead.
 max_update_share = 0.5
 # Clip each update's change from its base generation to this L2 norm before merging
 # (every strategy); 0 disables. The gate's max_update_norm refuses instead of clipping.
@@ -151,7 +161,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    strategy: str = "fedasync"
+    strategy: str = "delta"
     alpha: float = 0.8
     sample_halfpoint: float = 1.0
     staleness_exponent: float = 0.5

@@ -23,7 +23,7 @@ def test_operator_workflow(tmp_path: Path) -> None:
     assert runner.invoke(hub_app, ["init", str(config)]).exit_code == 0
     text = config.read_text().replace('data_dir = "var/hub"', f'data_dir = "{tmp_path / "data"}"')
     config.write_text(text)
-    assert load_config(config).aggregation.strategy == "fedasync"
+    assert load_config(config).aggregation.strategy == "delta"
     weights, model_json = tmp_path / "model.safetensors", tmp_path / "model.json"
     weights.write_bytes(save(small_model()))
     model_json.write_text(MODEL_CONFIG)

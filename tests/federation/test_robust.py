@@ -111,8 +111,11 @@ def test_config_passes_the_robust_options_and_checks_their_ranges() -> None:
     )
     assert isinstance(fedbuff, agg.FedBuff)
     assert (fedbuff.max_update_share, fedbuff.trim_fraction) == (0.5, 0.2)
-    fedasync = agg.make_strategy("fedasync", **AggregationConfig().strategy_options())
+    fedasync = agg.make_strategy(
+        "fedasync", **AggregationConfig(strategy="fedasync").strategy_options())
     assert isinstance(fedasync, agg.FedAsync) and fedasync.max_update_share == 0.5
+    delta = agg.make_strategy("delta", **AggregationConfig().strategy_options())
+    assert isinstance(delta, agg.DeltaAsync) and delta.server_lr == 1.0
     for bad in ({"max_update_share": 0.0}, {"clip_norm": -1.0}, {"trim_fraction": 0.5}):
         with pytest.raises(InvalidRequest):
             AggregationConfig(**bad)  # type: ignore[arg-type]
@@ -131,3 +134,19 @@ def test_the_share_report_names_what_the_cap_took() -> None:
     few = agg.capped_shares_report(
         agg.FedAsync(max_update_share=0.5, sample_halfpoint=16), [honest[0]])
     assert few[0][0] == few[0][1] == pytest.approx(0.8 * 8 / 24)
+
+
+def test_delta_gives_a_lying_sample_count_no_weight() -> None:
+    """The default strategy adds each change at server_lr x staleness discount: a node
+    declaring 2**62 samples moves the model exactly as far as one declaring 1."""
+    current = model(0.0)
+    strategy = agg.make_strategy("delta", **AggregationConfig().strategy_options())
+    honest = [agg.Contribution(model(1.0), current, num_samples=1, staleness=0),
+              agg.Contribution(model(-1.0), current, num_samples=1, staleness=0)]
+    liar = [agg.Contribution(model(1.0), current, num_samples=2**62, staleness=0),
+            honest[1]]
+    for name, value in strategy.merge(current, honest).items():
+        np.testing.assert_array_equal(value, strategy.merge(current, liar)[name])
+        np.testing.assert_array_equal(value, current[name])  # the two changes cancel
+    stale = strategy.merge(current, [agg.Contribution(model(1.0), current, 2**62, staleness=3)])
+    assert stale["encoder.conv.weight"][0, 0] == pytest.approx(0.5)  # (1 + 3) ** -0.5

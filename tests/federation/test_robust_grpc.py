@@ -168,10 +168,13 @@ def test_a_lying_node_takes_at_most_its_share_of_a_fedavg_round(  # type: ignore
 # --- 3. clipping and trimming ------------------------------------------------------------
 
 
-def test_a_clipped_outlier_moves_the_model_by_at_most_the_clip(start_hub) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("strategy", "step"), [("delta", 1.0), ("fedasync", 0.5)])
+def test_a_clipped_outlier_moves_the_model_by_at_most_the_clip(  # type: ignore[no-untyped-def]
+        start_hub, strategy: str, step: float) -> None:
     base, clip = starter(), 0.5
     hub = start_hub(
-        base, model_config=starter_config(), aggregation={"clip_norm": clip}
+        base, model_config=starter_config(),
+        aggregation={"clip_norm": clip, "strategy": strategy}
     )
     client = hub.enrolled_client()
     outlier = swapped_labels(base)
@@ -180,8 +183,9 @@ def test_a_clipped_outlier_moves_the_model_by_at_most_the_clip(start_hub) -> Non
     wait_for_generation(hub, 1)
     merged = load(client.download(1))
     moved = update_norm({n: merged[n] for n in outlier}, base)
-    # FedAsync mixes at most max_update_share (0.5) of a delta clipped to 0.5.
-    assert 0.1 < moved <= 0.5 * clip + 1e-4
+    # delta (the default) adds the change clipped to 0.5 whole (server_lr 1); FedAsync
+    # mixes at most max_update_share (0.5) of it.
+    assert 0.1 < moved <= step * clip + 1e-4
     client.close()
 
 

@@ -205,8 +205,10 @@ def node_tls(certs: Any, who: str = "node1") -> tuple[Path, Path, Path]:  # noqa
 
 
 def seed_update(db_url: str, model_file: Path, data_dir: Path, *, base: int = 0,
-                seed: int = 0, step: float = 0.01) -> str:
-    """Put an update in a node's outbox as a training round would (encoder nudged)."""
+                seed: int = 0, step: float = 0.005) -> str:
+    """Put an update in a node's outbox as a training round would (encoder nudged by
+    ``step`` x normal noise: the hub's default strategy, delta, applies the change whole;
+    FedAsync mixed in half of the earlier 0.01)."""
     model, _ = load_model(model_file)
     rng = np.random.default_rng(seed)
     arrays = {name: (t.detach().numpy() + step * rng.normal(size=t.shape)).astype(np.float32)
