@@ -109,7 +109,7 @@ def send_until_acknowledged(destination: Destination, calling_ae: str,
     pynetdicom's requestor can lose a response to a race between its reactor thread and
     ``send_c_store`` (the reactor takes the response as an unexpected message, the
     sender waits out the DIMSE timeout): seen once on a loaded machine."""
-    answered: dict[str, int | None] = {}
+    answered: dict[str, int] = {}
 
     def on_result(item: OutgoingInstance, status: int | None, _err: str | None) -> None:
         if status is not None:

@@ -30,6 +30,7 @@ from dicom_node.learning.errors import LearningError
 from dicom_node.learning.external import NetworkSpec
 from dicom_node.learning.external_training import train_external
 from dicom_node.learning.model_config import ModelConfig, abdomen_ct_config, external_config
+from dicom_node.learning.monai_heads import with_monai_unet_encoder
 from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork, build_network
 from dicom_node.learning.policy import TrainingPolicy
 from dicom_node.learning.preprocessing_spec import (
@@ -74,8 +75,6 @@ def ct_3d_config(arch: str, name: str | None = None) -> ModelConfig:
                                  roi_size=ROI, overlap=0.25)
     preprocessing = Preprocessing(modality=Modality.CT, volume=volume)
     if arch == HEADS_ARCH:
-        from dicom_node.learning.monai_heads import with_monai_unet_encoder
-
         heads = replace(abdomen_ct_config(name=name or f"tessera-abdomen-ct-{arch}"),
                         preprocessing=preprocessing)
         return with_monai_unet_encoder(heads, spatial_dims=3)

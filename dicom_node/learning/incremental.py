@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dicom_node.learning.errors import TrainingError
-from dicom_node.learning.inference import combine_heads
+from dicom_node.learning.inference import combine_heads, split_heads, stacked_softmax
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import MultiHeadNetwork, SegmentationNetwork
 from dicom_node.learning.policy import TrainingPolicy
@@ -195,7 +195,6 @@ def slice_overlaps(
     overlaps: Overlaps = {}
     pp = config.preprocessing
     heads = list(config.active_head_names)
-    widths = [config.head(h).num_classes for h in heads]
     model.eval()
     with torch.inference_mode():
         for sample in samples:
@@ -203,10 +202,10 @@ def slice_overlaps(
             for start in range(0, sample.image.shape[0], batch_size):
                 x = prepare_slices(sample.image[start:start + batch_size], pp, sample.mr_range)
                 logits = model(x, heads)
-                stacked = torch.cat([logits[h].float().softmax(dim=1) for h in heads], dim=1)
                 stacked = torch.nn.functional.interpolate(
-                    stacked, size=(rows, cols), mode="bilinear", align_corners=False)
-                probs = dict(zip(heads, stacked.split(widths, dim=1), strict=True))
+                    stacked_softmax(logits, heads), size=(rows, cols), mode="bilinear",
+                    align_corners=False)
+                probs = split_heads(stacked, heads, config)
                 pred = combine_heads(probs, config)[0].numpy()
                 add_overlaps(overlaps, pred, sample.labels[start:start + batch_size], config,
                              sample.annotated)

@@ -59,6 +59,24 @@ def _argmax_classes(p: torch.Tensor) -> torch.Tensor:
     return best
 
 
+def stacked_softmax(logits: Mapping[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
+    """The ``heads``' softmax side by side on the class axis, to be resampled or blended
+    together and split back with :func:`split_heads`."""
+    return torch.cat([logits[h].float().softmax(dim=1) for h in heads], dim=1)
+
+
+def split_heads(stacked: torch.Tensor, heads: list[str], config: ModelConfig
+                ) -> dict[str, torch.Tensor]:
+    """:func:`stacked_softmax`'s tensor back into ``{head: (N, classes, ...)}``."""
+    widths = [config.head(h).num_classes for h in heads]
+    return dict(zip(heads, stacked.split(widths, dim=1), strict=True))
+
+
+def normalised_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Softmax entropy over the class axis divided by ``log(classes)``, in [0, 1]."""
+    return -(p * p.clamp_min(1e-8).log()).sum(dim=1) / math.log(p.shape[1])
+
+
 def combine_heads(
     probs: Mapping[str, torch.Tensor], config: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +135,6 @@ def segment_volume(
     pp = config.preprocessing
     mr_range = intensity_range(volume, pp)
     head_names = list(config.active_head_names)  # pending added heads never run
-    widths = [config.head(h).num_classes for h in head_names]
     labels = np.zeros(volume.shape, dtype=np.uint8)
     confidence = np.zeros(volume.shape, dtype=np.float32)
     entropy = {h: np.zeros(volume.shape, dtype=np.float16) for h in head_names}
@@ -126,17 +143,15 @@ def segment_volume(
             stop = min(n, start + batch_size)
             x = prepare_slices(volume[start:stop], pp, mr_range).to(device)
             logits = model(x, head_names)
-            stacked = torch.cat([logits[h].float().softmax(dim=1) for h in head_names], dim=1)
             stacked = F.interpolate(
-                stacked, size=(rows, cols), mode="bilinear", align_corners=False
-            ).cpu()
-            probs = dict(zip(head_names, stacked.split(widths, dim=1), strict=True))
+                stacked_softmax(logits, head_names), size=(rows, cols), mode="bilinear",
+                align_corners=False).cpu()
+            probs = split_heads(stacked, head_names, config)
             lab, conf = combine_heads(probs, config)
             labels[start:stop] = lab.numpy()
             confidence[start:stop] = conf.numpy()
             for h, p in probs.items():
-                ent = -(p * p.clamp_min(1e-8).log()).sum(dim=1) / math.log(p.shape[1])
-                entropy[h][start:stop] = ent.numpy()
+                entropy[h][start:stop] = normalised_entropy(p).numpy()
     LOGGER.debug("segmented %d slices with %s generation %d", n, config.name, config.generation)
     return SegmentationResult(
         labels=labels,

@@ -15,7 +15,6 @@ MONAI is imported where it is used (3 s): a node serving only 2D models, and eve
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -23,7 +22,14 @@ import torch.nn.functional as F
 
 from dicom_node.learning.device import autocast, on_device
 from dicom_node.learning.errors import ModelConfigError
-from dicom_node.learning.inference import SegmentationResult, combine_heads, segment_volume
+from dicom_node.learning.inference import (
+    SegmentationResult,
+    combine_heads,
+    normalised_entropy,
+    segment_volume,
+    split_heads,
+    stacked_softmax,
+)
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.network import SegmentationNetwork
 from dicom_node.learning.preprocessing_spec import IntensityStep, VolumePreprocessing
@@ -145,12 +151,11 @@ def segment_volume_3d(
     model = on_device(model, device).eval()
     x, orient = prepare_volume(volume, spacing, vp, affine)
     heads = list(config.active_head_names)  # pending added heads never run
-    widths = [config.head(h).num_classes for h in heads]
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
             logits = model(window, heads)
-        return torch.cat([logits[h].float().softmax(dim=1) for h in heads], dim=1)
+        return stacked_softmax(logits, heads)
 
     from monai.inferers import sliding_window_inference
 
@@ -167,10 +172,10 @@ def segment_volume_3d(
         if orient is not None:
             probs = from_ras(probs, *orient)
         probs = probs.permute(1, 0, 2, 3).contiguous()  # (slices, C, rows, cols)
-        per_head = dict(zip(heads, probs.split(widths, dim=1), strict=True))
+        per_head = split_heads(probs, heads, config)
         labels, confidence = combine_heads(per_head, config)
-        entropy = {h: (-(p * p.clamp_min(1e-8).log()).sum(dim=1) / math.log(p.shape[1])
-                       ).numpy().astype(np.float16) for h, p in per_head.items()}
+        entropy = {h: normalised_entropy(p).numpy().astype(np.float16)
+                   for h, p in per_head.items()}
     LOGGER.debug("segmented a %s volume with %s generation %d", volume.shape, config.name,
                  config.generation)
     return SegmentationResult(

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dicom_node.learning.continual import after_round, continual_policy
+from dicom_node.learning.continual import after_round, continual_policy, head_groups_changed
 from dicom_node.learning.errors import ModelConfigError, TrainingError
 from dicom_node.learning.label_specs import HeadSpec
 from dicom_node.learning.model_config import ModelConfig
@@ -57,7 +57,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _changed_groups(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
-    return {group_of(k) for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    return head_groups_changed(before, model.state_dict())
 
 
 def test_a_3d_encoder_has_the_same_groups_and_3d_heads(config_3d: ModelConfig) -> None:
