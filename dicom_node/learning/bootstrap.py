@@ -194,7 +194,7 @@ def bootstrap(
         say(f"training on {len(volumes)} volumes (budget {plan.time_budget_s:.0f} s)")
         model, report = train_3d(config, volumes, learning_rate=plan.learning_rate,
                                  time_budget_s=plan.time_budget_s, seed=plan.seed,
-                                 device=plan.device)
+                                 device=plan.device, progress=progress)
     say(f"scoring on {plan.held_out} held-out subjects")
     held = range(plan.subjects, plan.subjects + plan.held_out)
     mean, per_subject = evaluate(model, config, plan.site, held, plan.seed, plan.device, data)

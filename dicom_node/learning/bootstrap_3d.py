@@ -39,7 +39,7 @@ from dicom_node.learning.preprocessing_spec import (
     Preprocessing,
     VolumePreprocessing,
 )
-from dicom_node.learning.training import TrainingReport, train
+from dicom_node.learning.training import ProgressHook, TrainingReport, train
 from dicom_node.learning.volume_samples import VolumeSample
 from dicom_node.learning.volume_windows import prepare_volumes
 
@@ -103,12 +103,16 @@ def volume_samples(data: BootstrapData, config: ModelConfig, site: str,
 
 
 def train_3d(config: ModelConfig, samples: Sequence[VolumeSample], *, learning_rate: float,
-             time_budget_s: float, seed: int, device: str
+             time_budget_s: float, seed: int, device: str,
+             progress: ProgressHook | None = None
              ) -> tuple[SegmentationNetwork, TrainingReport]:
-    """A fresh network of ``config`` trained on ``samples`` until the budget ends it."""
+    """A fresh network of ``config`` trained on ``samples`` until the budget ends it;
+    ``progress`` is told of each step of a heads model (an external network's loop
+    reports nothing)."""
     model = build_network(config)
     policy = TrainingPolicy(epochs=100_000, learning_rate=learning_rate, augment=False,
                             time_budget_s=time_budget_s, device=device, seed=seed)
     if isinstance(model, MultiHeadNetwork):
-        return model, train(model, config, prepare_volumes(samples, config), policy)
+        return model, train(model, config, prepare_volumes(samples, config), policy,
+                            progress=progress)
     return model, train_external(model, config, samples, policy)

@@ -4,11 +4,13 @@ works on volume windows, and the sliding-window inferer combines the heads."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
+from dicom_node.learning.bootstrap_3d import train_3d
 from dicom_node.learning.continual import after_round, continual_policy, head_groups_changed
 from dicom_node.learning.errors import ModelConfigError, TrainingError
 from dicom_node.learning.label_specs import HeadSpec
@@ -24,7 +26,7 @@ from dicom_node.learning.preprocessing_spec import (
 )
 from dicom_node.learning.scores import dice_per_label
 from dicom_node.learning.slices import samples_from_volume
-from dicom_node.learning.training import train
+from dicom_node.learning.training import TrainingProgress, train
 from dicom_node.learning.volume_inference import segment_any
 from dicom_node.learning.volume_samples import VolumeSample
 from dicom_node.learning.volume_windows import prepare_volumes
@@ -135,3 +137,15 @@ def test_slices_and_volumes_do_not_mix(config_3d: ModelConfig,
         prepare_volumes([_volume({"liver"})], tiny_config)
     with pytest.raises(TrainingError, match="not in model"):
         prepare_volumes([_volume({"pancreas"})], config_3d)
+
+
+def test_the_3d_starter_reports_each_step_of_its_heads(config_3d: ModelConfig) -> None:
+    """`tessera model bootstrap --arch unet3d-monai` shows the loss of the steps it runs
+    (the bar read "step 0 loss nan" while a 3D heads starter trained)."""
+    seen: list[TrainingProgress] = []
+    everything = frozenset(lab.name for lab in config_3d.labels)
+    _, report = train_3d(config_3d, [_volume(set(everything), s) for s in (0, 1)],
+                         learning_rate=3e-3, time_budget_s=3.0, seed=0, device="cpu",
+                         progress=seen.append)
+    assert seen and seen[-1].step == report.steps, (len(seen), report.steps)
+    assert all(math.isfinite(p.loss) for p in seen)
