@@ -42,6 +42,9 @@ class _Walker:
         self.u16 = struct.Struct("<H" if little else ">H")
         self.u32 = struct.Struct("<I" if little else ">I")
         self.tag_pair = struct.Struct("<HH" if little else ">HH")
+        # group, element, VR, 16-bit length (explicit VR); group, element, 32-bit length
+        self.explicit_header = struct.Struct("<HH2sH" if little else ">HH2sH")
+        self.implicit_header = struct.Struct("<HHI" if little else ">HHI")
 
     def _need(self, pos: int, n: int, what: str) -> None:
         if pos + n > self.end:
@@ -56,17 +59,42 @@ class _Walker:
         return (group << 16) | elem
 
     def dataset(self, pos: int, end: int, implicit: bool, depth: int, in_item: bool) -> int:
-        """Walk elements from ``pos``; returns the position after the dataset."""
+        """Walk elements from ``pos``; returns the position after the dataset.
+
+        The hot loop of every received instance (a CT slice has ~260 elements): an
+        element whose header lies wholly inside the data is read with one unpack and no
+        method calls; the last few bytes go through :meth:`_tag`/:meth:`_header`, which
+        name what a truncated header lacks. Both paths accept and refuse the same bytes.
+        """
         if depth > _MAX_DEPTH:
             raise EncodingError(f"sequences nested deeper than {_MAX_DEPTH}")
+        data, limit, max_value = self.data, self.end, self.max_value
+        wanted = self.wanted if depth == 0 else frozenset()
+        explicit_header = self.explicit_header.unpack_from
+        implicit_header = self.implicit_header.unpack_from
+        u32 = self.u32.unpack_from
         while pos < end:
-            tag = self._tag(pos)
-            if tag == _ITEM_DELIM:
-                if not in_item:
-                    raise EncodingError(f"item delimiter outside an item at byte {pos}")
-                self._need(pos, 8, "item delimiter")
-                return pos + 8
-            pos, vr, length = self._header(pos, tag, implicit)
+            if pos + 12 > limit:  # near the end: the careful path
+                tag = self._tag(pos)
+                if tag == _ITEM_DELIM:
+                    return self._item_delimiter(pos, in_item)
+                pos, vr, length = self._header(pos, tag, implicit)
+            else:
+                group, elem, vr, length = explicit_header(data, pos)
+                tag = (group << 16) | elem
+                if tag == _ITEM_DELIM:
+                    return self._item_delimiter(pos, in_item)
+                if implicit or group == 0xFFFE:
+                    length = implicit_header(data, pos)[2]
+                    vr = b""
+                    pos += 8
+                elif vr in _LONG_VRS:
+                    length = u32(data, pos + 8)[0]
+                    pos += 12
+                elif 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+                    pos += 8
+                else:
+                    raise EncodingError(f"invalid VR {vr!r} at byte {pos + 4}")
             if length == UNDEFINED:
                 if implicit or vr in (b"SQ", b"UN"):
                     # An undefined-length UN is an implicit VR little endian sequence.
@@ -77,17 +105,23 @@ class _Walker:
                     raise EncodingError(
                         f"{_label(tag)} has undefined length but VR {vr.decode()}")
                 continue
-            if length > self.max_value:
+            if length > max_value:
                 raise EncodingError(f"{_label(tag)} declares {length} bytes, over the "
-                                    f"limit of {self.max_value}")
-            if pos + length > self.end:  # the label is made only for the error
+                                    f"limit of {max_value}")
+            if pos + length > limit:  # the label is made only for the error
                 self._need(pos, length, f"value of {_label(tag)}")
-            if depth == 0 and tag in self.wanted:
-                self.found[tag] = self.data[pos : pos + length]
+            if tag in wanted:
+                self.found[tag] = data[pos : pos + length]
             pos += length
         if in_item:
             raise EncodingError("truncated dataset: item not closed by its delimiter")
         return pos
+
+    def _item_delimiter(self, pos: int, in_item: bool) -> int:
+        if not in_item:
+            raise EncodingError(f"item delimiter outside an item at byte {pos}")
+        self._need(pos, 8, "item delimiter")
+        return pos + 8
 
     def _header(self, pos: int, tag: int, implicit: bool) -> tuple[int, bytes, int]:
         if implicit or (tag >> 16) == 0xFFFE:
