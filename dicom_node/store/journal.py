@@ -13,6 +13,15 @@ Group commit: threads that append while another thread's ``fdatasync`` is runnin
 for it and then share the next one, so one fsync acknowledges every instance that was
 waiting at that moment, across associations.
 
+Preallocated segments: a record written inside a file's existing length changes no
+metadata, so its ``fdatasync`` flushes only the data (0.21 against 0.36-0.45 ms per
+38 KiB record on the development machine's ext4). The journal therefore keeps one
+*spare*, a segment file already written to its full length: zeros at first (made in
+the background at start), afterwards a checkpointed segment recycled as PostgreSQL
+recycles WAL files. A rotation takes the spare when there is one. Every record names
+its segment's number, so the old records a recycled file still holds past the new
+ones never pass for new ones at replay; numbers only grow, the spare's included.
+
 One process owns a journal directory at a time (``flock`` on ``LOCK``).
 """
 
@@ -34,10 +43,17 @@ from dicom_node.store.private import private_dir
 
 LOGGER = logging.getLogger(__name__)
 
-MAGIC = b"TSJ1"
-_FRAME = struct.Struct("<4sIQI")  # magic, intent length, data length, crc32(intent+data)
+MAGIC = b"TSJ2"
+# magic, segment number, intent length, data length, crc32(intent + data)
+_FRAME = struct.Struct("<4sQIQI")
+# Records of journals written before segments were recycled (no segment number): read
+# only from the start of a segment, before any TSJ2 record.
+_LEGACY_MAGIC = b"TSJ1"
+_LEGACY_FRAME = struct.Struct("<4sIQI")
 SEGMENT_BYTES = 64 * 2**20
 CHECKPOINT_S = 10.0
+SPARE_SUFFIX = ".spare"
+_ZEROS = bytes(2**20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +69,8 @@ class _Segment:
     number: int
     path: Path
     fd: int
-    size: int = 0
+    size: int = 0                      # bytes of records written (from offset 0)
+    preallocated: bool = False         # a spare renamed: written to its full length
     pending: int = 0                   # appended, not yet reported applied
     written: set[Path] = field(default_factory=set)  # files to fsync at checkpoint
 
@@ -62,30 +79,80 @@ def _segment_name(number: int) -> str:
     return f"{number:012d}.journal"
 
 
-def frame(intent: bytes, data: bytes) -> bytes:
-    """The header of one record (followed by ``intent`` and ``data``)."""
-    return _FRAME.pack(MAGIC, len(intent), len(data), zlib.crc32(data, zlib.crc32(intent)))
+def frame(intent: bytes, data: bytes, segment: int) -> bytes:
+    """The header of one record of segment number ``segment`` (followed by ``intent``
+    and ``data``)."""
+    return _header(segment, intent, data, zlib.crc32(data, zlib.crc32(intent)))
+
+
+def _header(segment: int, intent: bytes, data: bytes, crc: int) -> bytes:
+    return _FRAME.pack(MAGIC, segment, len(intent), len(data), crc)
+
+
+def _record_at(data: bytes, offset: int, segment: int, legacy: bool
+               ) -> tuple[int, int, int] | None:
+    """``(body start, intent length, end)`` of the record at ``offset``, or ``None``
+    where the segment's records end: zeros, a record never finished (its crash came
+    before the fdatasync, so it was never acknowledged), another segment's old record
+    in a recycled file, or garbage."""
+    magic = data[offset:offset + 4]
+    if magic == MAGIC and offset + _FRAME.size <= len(data):
+        _, number, intent_len, data_len, crc = _FRAME.unpack_from(data, offset)
+        if number != segment:
+            return None
+        start = offset + _FRAME.size
+    elif magic == _LEGACY_MAGIC and legacy and offset + _LEGACY_FRAME.size <= len(data):
+        _, intent_len, data_len, crc = _LEGACY_FRAME.unpack_from(data, offset)
+        start = offset + _LEGACY_FRAME.size
+    else:
+        return None
+    end = start + intent_len + data_len
+    if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != crc:
+        return None
+    return start, intent_len, end
 
 
 def read_segment(path: Path) -> Iterator[tuple[bytes, bytes]]:
-    """The whole records of one segment, in order; stops at a torn or corrupt tail
-    (a record that was never acknowledged: the fdatasync comes after the write)."""
+    """The whole records of one segment (named ``<number>.journal``), in order, up to
+    the first place that holds none (see :func:`_record_at`)."""
+    number = int(path.stem)
     data = path.read_bytes()
     offset = 0
-    while offset + _FRAME.size <= len(data):
-        magic, intent_len, data_len, crc = _FRAME.unpack_from(data, offset)
-        start = offset + _FRAME.size
-        end = start + intent_len + data_len
-        if magic != MAGIC or end > len(data):
-            break
-        body = memoryview(data)[start:end]
-        if zlib.crc32(body) != crc:
-            break
-        yield bytes(body[:intent_len]), bytes(body[intent_len:])
+    legacy = True
+    while (record := _record_at(data, offset, number, legacy)) is not None:
+        start, intent_len, end = record
+        legacy = legacy and data[offset:offset + 4] == _LEGACY_MAGIC
+        yield data[start:start + intent_len], data[start + intent_len:end]
         offset = end
-    if offset != len(data):
-        LOGGER.warning("intake journal %s: %d bytes of unacknowledged tail ignored",
-                       path.name, len(data) - offset)
+    rest = len(data) - offset
+    if rest and data.count(0, offset) != rest:
+        LOGGER.info("intake journal %s: %d records' bytes read; the %d after them are an "
+                    "unfinished record or a recycled segment's old ones (never "
+                    "acknowledged in this segment)", path.name, offset, rest)
+
+
+def _write_at(fd: int, parts: tuple[bytes, ...], offset: int) -> None:
+    total = sum(len(p) for p in parts)
+    done = os.pwritev(fd, parts, offset)
+    if done == total:
+        return
+    rest = memoryview(b"".join(parts))[done:]
+    while rest:
+        n = os.pwrite(fd, rest, offset + done)
+        rest, done = rest[n:], done + n
+
+
+def _fill_zeros(path: Path, size: int) -> None:
+    """Write zeros from ``path``'s end (made if missing) up to ``size`` bytes, and
+    fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        offset = os.fstat(fd).st_size
+        while offset < size:
+            offset += os.pwrite(fd, memoryview(_ZEROS)[:size - offset], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class IntakeJournal:
@@ -104,12 +171,18 @@ class IntakeJournal:
             raise StoreError(f"intake journal {directory} is in use by another process") \
                 from exc
         self._cond = threading.Condition()
+        self._checkpointing = threading.Lock()  # one checkpoint (and spare) at a time
         self._written = 0
         self._durable = 0
         self._syncing = False
         self._closed = False
         self.leftover = sorted(self.directory.glob("*.journal"))
-        last = int(self.leftover[-1].stem) if self.leftover else 0
+        spares = sorted(self.directory.glob(f"*{SPARE_SUFFIX}"))
+        for extra in spares[:-1]:  # one is kept; more can only come from a crash
+            extra.unlink()
+        self._spare: Path | None = spares[-1] if spares else None
+        # Numbers only grow, past every number a spare's old records may carry.
+        last = max((int(p.stem) for p in [*self.leftover, *spares]), default=0)
         self._old: list[_Segment] = []
         self._current = self._open_segment(last + 1)
         self._due = threading.Event()
@@ -119,10 +192,14 @@ class IntakeJournal:
         self.records = 0
 
     def _open_segment(self, number: int) -> _Segment:
+        """Segment ``number``: the spare renamed, when there is one, else a new file."""
         path = self.directory / _segment_name(number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            os.rename(spare, path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         fsync_dir(self.directory)
-        return _Segment(number, path, fd)
+        return _Segment(number, path, fd, preallocated=spare is not None)
 
     def start(self, sync_index: Callable[[], None]) -> None:
         """Start the background checkpointer; ``sync_index`` makes the index durable."""
@@ -135,13 +212,14 @@ class IntakeJournal:
 
     def append(self, intent: bytes, data: bytes) -> Ticket:
         """Write one record (not yet durable: see :meth:`commit`)."""
-        head = frame(intent, data)
+        crc = zlib.crc32(data, zlib.crc32(intent))  # outside the lock
         with self._cond:
             if self._closed:
                 raise StoreError("intake journal closed")
             seg = self._current
+            head = _header(seg.number, intent, data, crc)
             try:
-                _write_all(seg.fd, (head, intent, data))
+                _write_at(seg.fd, (head, intent, data), seg.size)
             except OSError as exc:
                 raise StoreError(f"cannot append to the intake journal: {exc}") from exc
             seg.size += len(head) + len(intent) + len(data)
@@ -190,6 +268,14 @@ class IntakeJournal:
     # -- checkpoints ------------------------------------------------------------------
 
     def _checkpoint_loop(self) -> None:
+        if self._spare is None and not self._closed:
+            try:  # the first spare; straight onto it unless the current one was a spare
+                with self._checkpointing:
+                    self._make_spare()
+                if not self._current.preallocated:
+                    self.rotate()
+            except Exception:
+                LOGGER.exception("intake journal: cannot make a spare segment; later")
         while not self._closed:
             self._due.wait(self.checkpoint_s)
             self._due.clear()
@@ -200,34 +286,74 @@ class IntakeJournal:
             except Exception:
                 LOGGER.exception("intake journal checkpoint failed; retried later")
 
+    def _make_spare(self) -> None:
+        """Zeros, written and synced, under a spare's name (outside ``_cond``: appends
+        go on meanwhile)."""
+        path = self.directory / f"{self._current.number:012d}{SPARE_SUFFIX}"
+        try:
+            _fill_zeros(path, self.segment_bytes)
+            fsync_dir(self.directory)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        with self._cond:
+            self._spare = path
+
+    def rotate(self) -> None:
+        """Move on to a new segment (the spare, if one is ready); the old one is
+        dropped at a later checkpoint, once its records are applied."""
+        with self._checkpointing, self._cond:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """Called holding ``_cond``."""
+        if self._closed:
+            return
+        while self._syncing:
+            self._cond.wait()
+        old = self._current
+        if old.size:
+            os.fdatasync(old.fd)  # its records stay durable in the old segment
+            self._durable = self._written
+        self._current = self._open_segment(old.number + 1)
+        if old.size:
+            self._old.append(old)
+        else:
+            os.close(old.fd)
+            old.path.unlink(missing_ok=True)
+
     def checkpoint(self, *, timeout_s: float = 60.0) -> int:
         """Make every applied record durable in its final place and drop its segments;
-        returns how many segments were dropped."""
-        with self._cond:
-            if self._current.size == 0 and not self._old:
-                return 0
-            while self._syncing:
-                self._cond.wait()
-            if self._current.size:
-                # Rotate: the old segment is synced so that its records stay durable.
-                old = self._current
-                os.fdatasync(old.fd)
-                self._durable = self._written
-                self._current = self._open_segment(old.number + 1)
-                self._old.append(old)
-            done = self._cond.wait_for(lambda: all(s.pending <= 0 for s in self._old),
-                                       timeout_s)
-            if not done:
-                LOGGER.warning("intake checkpoint: records still being applied; later")
-                return 0
-            segments, self._old = self._old, []
-        sync_written(set().union(*(s.written for s in segments)))
-        self._sync_index()
-        for seg in segments:
-            os.close(seg.fd)
-            seg.path.unlink(missing_ok=True)
-        fsync_dir(self.directory)
-        return len(segments)
+        returns how many segments were dropped. The newest dropped segment becomes the
+        spare when there is none."""
+        with self._checkpointing:
+            with self._cond:
+                if self._closed or (self._current.size == 0 and not self._old):
+                    return 0
+                if self._current.size:
+                    self._rotate()
+                done = self._cond.wait_for(lambda: all(s.pending <= 0 for s in self._old),
+                                           timeout_s)
+                if not done:
+                    LOGGER.warning("intake checkpoint: records still being applied; later")
+                    return 0
+                segments, self._old = self._old, []
+                recycle = segments[-1] if segments and self._spare is None else None
+            sync_written(set().union(*(s.written for s in segments)))
+            self._sync_index()
+            for seg in segments:
+                os.close(seg.fd)
+                if seg is recycle:
+                    spare = seg.path.with_name(f"{seg.number:012d}{SPARE_SUFFIX}")
+                    os.rename(seg.path, spare)
+                else:
+                    seg.path.unlink(missing_ok=True)
+            fsync_dir(self.directory)
+            if recycle is not None:
+                _fill_zeros(spare, self.segment_bytes)  # a short segment grows to size
+                with self._cond:
+                    self._spare = spare
+            return len(segments)
 
     def drop_leftover(self) -> None:
         """Delete the segments found at start once they are replayed and synced."""
@@ -237,30 +363,23 @@ class IntakeJournal:
         fsync_dir(self.directory)
 
     def close(self) -> None:
-        """Final checkpoint, then release the directory."""
+        """Final checkpoint, then release the directory (the spare is deleted: a
+        stopped node keeps no preallocated space)."""
         try:
             self.checkpoint()
         finally:
-            with self._cond:
-                self._closed = True
-                self._cond.notify_all()
-            self._due.set()
-            if self._current.size == 0:
+            with self._checkpointing:
+                with self._cond:
+                    self._closed = True
+                    self._cond.notify_all()
+                self._due.set()
                 os.close(self._current.fd)
-                self._current.path.unlink(missing_ok=True)
-            else:
-                os.close(self._current.fd)
-            os.close(self._lock_fd)
-
-
-def _write_all(fd: int, parts: tuple[bytes, ...]) -> None:
-    total = sum(len(p) for p in parts)
-    done = os.writev(fd, parts)
-    if done == total:
-        return
-    rest = memoryview(b"".join(parts))[done:]
-    while rest:
-        rest = rest[os.write(fd, rest):]
+                if self._current.size == 0:
+                    self._current.path.unlink(missing_ok=True)
+                if self._spare is not None:
+                    self._spare.unlink(missing_ok=True)
+                    self._spare = None
+                os.close(self._lock_fd)
 
 
 def sync_written(paths: set[Path]) -> None:

@@ -227,7 +227,7 @@ def write_unapplied_journal(data_dir: Path, files: list[Path]) -> Path:
             data = path.read_bytes()
             intent = intent_of(header_of(data), Peer(ae_title="REPLAYTEST"), False,
                                dataset_digest(data))
-            out.write(frame(intent, data) + intent + data)
+            out.write(frame(intent, data, 1) + intent + data)
         os.fsync(out.fileno())
     return segment
 

@@ -47,7 +47,7 @@ def test_one_fdatasync_covers_every_record_written_before_it(
     assert journal.fsyncs == 1 and journal.records == 3
     segment = journal.directory / f"{tickets[0].segment:012d}.journal"
     with segment.open("ab") as out:  # a record torn by a crash mid-write
-        out.write(frame(b"{}", b"x" * 50) + b"{}" + b"x" * 10)
+        out.write(frame(b"{}", b"x" * 50, tickets[0].segment) + b"{}" + b"x" * 10)
     assert [data for _, data in read_segment(segment)] == [bytes([i]) * 100 for i in range(3)]
 
 
@@ -64,7 +64,7 @@ def test_replay_rewrites_a_file_its_index_row_points_at_but_the_disk_lost(
         # Indexed (the relaxed commit reached the disk) ...
         assert store.ingest(data, header, peer) == IngestOutcome.STORED
         records.append(frame(intent := intent_of(header, peer, False, dataset_digest(data)),
-                             data) + intent + data)
+                             data, 1) + intent + data)
     lost = store.files.root / store.files.relative_path(
         series.study_uid, series.series_uid, series.sop_uids[1])
     lost.write_bytes(b"")  # ... but the file's data blocks did not (power cut)
