@@ -268,14 +268,15 @@ class IntakeJournal:
     # -- checkpoints ------------------------------------------------------------------
 
     def _checkpoint_loop(self) -> None:
-        if self._spare is None and not self._closed:
-            try:  # the first spare; straight onto it unless the current one was a spare
+        try:  # onto a spare unless the current segment was one, and a spare ready
+            if not self._current.preallocated:
                 with self._checkpointing:
                     self._make_spare()
-                if not self._current.preallocated:
-                    self.rotate()
-            except Exception:
-                LOGGER.exception("intake journal: cannot make a spare segment; later")
+                self.rotate()
+            with self._checkpointing:
+                self._make_spare()
+        except Exception:
+            LOGGER.exception("intake journal: cannot make a spare segment; later")
         while not self._closed:
             self._due.wait(self.checkpoint_s)
             self._due.clear()
@@ -287,8 +288,10 @@ class IntakeJournal:
                 LOGGER.exception("intake journal checkpoint failed; retried later")
 
     def _make_spare(self) -> None:
-        """Zeros, written and synced, under a spare's name (outside ``_cond``: appends
-        go on meanwhile)."""
+        """Zeros, written and synced, under a spare's name, unless there is a spare
+        (outside ``_cond``: appends go on meanwhile)."""
+        if self._spare is not None or self._closed:
+            return
         path = self.directory / f"{self._current.number:012d}{SPARE_SUFFIX}"
         try:
             _fill_zeros(path, self.segment_bytes)

@@ -38,8 +38,10 @@ def test_the_journal_serves_from_a_spare_and_recycles_checkpointed_segments(
     journal = IntakeJournal(directory, segment_bytes=SEGMENT, checkpoint_s=3600)
     journal.start(lambda: None)
     try:
-        # At start: a spare of zeros, then straight onto it (the empty first one goes).
-        wait_until(lambda: segment_path(directory, 2).exists(), timeout=30)
+        # At start: a spare of zeros, straight onto it (the empty first one goes), and
+        # the next spare.
+        wait_until(lambda: segment_path(directory, 2).exists()
+                   and list(directory.glob(f"*{SPARE_SUFFIX}")), timeout=30)
         assert segment_path(directory, 2).stat().st_size == SEGMENT
         assert not segment_path(directory, 1).exists()
         old = [bytes([i]) * 5000 for i in range(1, 21)]
@@ -48,7 +50,8 @@ def test_the_journal_serves_from_a_spare_and_recycles_checkpointed_segments(
         assert journal.checkpoint() == 1
         spare = directory / f"{2:012d}{SPARE_SUFFIX}"
         assert spare.stat().st_size == SEGMENT and not segment_path(directory, 2).exists()
-        assert write_and_apply(journal, [b"between"]) == 3  # no spare at that rotation
+        assert write_and_apply(journal, [b"between"]) == 3
+        assert segment_path(directory, 3).stat().st_size == SEGMENT  # the start's spare
         assert journal.checkpoint() == 1
         # As long as the first two old records: the third old one starts right after.
         new = [b"\xaa" * 5000, b"\xbb" * 5000]
