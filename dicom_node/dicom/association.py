@@ -42,6 +42,7 @@ from pynetdicom.utils import make_target
 
 from dicom_node.dicom.peer_text import escaped
 from dicom_node.dicom.status import Status
+from dicom_node.dicom.store_response import store_response_pdv
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ PENDING_POLL_S = 0.01
 # (up to this long) wakes it the moment a message is complete; the reactor's other
 # checks (release, abort, idle timer) run between waits as before.
 REACTOR_WAIT_S = 0.005
+# A P-DATA-TF PDU's header (6 bytes) and its one item's length and context ID (5).
+_PDATA_OVERHEAD = 11
+_PYNETDICOM_HANDLERS = "pynetdicom._handlers"  # its standard logging handlers' module
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,22 @@ class GuardedDIMSE(DIMSEServiceProvider):
         self._limits = limits
         self._hooks = hooks
         self._dropped = 0  # data set bytes of the current message thrown away
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        # A C-STORE response is written straight to its bytes (dicom/store_response.py)
+        # unless something besides pynetdicom's own (silent) logging handler listens for
+        # the DIMSE message pynetdicom would build, or the peer's PDU is too small.
+        pdv = store_response_pdv(primitive)
+        listeners = cast(list[tuple[Any, Any]], self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
+        if (pdv is None or (0 < self.maximum_pdu_size < len(pdv) + _PDATA_OVERHEAD)
+                or any(getattr(handler, "__module__", None) != _PYNETDICOM_HANDLERS
+                       for handler, _ in listeners)):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # pynetdicom checks for a list [ID, PDV] (its annotation says tuple).
+        pdata.presentation_data_value_list = [[context_id, pdv]]  # type: ignore[list-item]
+        self.dul.send_pdu(pdata)
 
     def get_msg(self, block: bool = False) -> Any:
         if block:
