@@ -294,7 +294,8 @@ class InstanceStore:
         """Replay what an earlier run left in the journal at ``directory`` (idempotent:
         a replay killed half-way is simply done again), make it durable, then journal
         every later ingest. Returns the number of records replayed."""
-        journal = IntakeJournal(directory)
+        space = self.space
+        journal = IntakeJournal(directory, room_for=space.room_for if space else None)
         replayed = 0
         written: set[Path] = set()
         for segment in journal.leftover:

@@ -159,10 +159,14 @@ class IntakeJournal:
     """Append-only segments under ``directory``; see the module docstring."""
 
     def __init__(self, directory: Path, *, segment_bytes: int = SEGMENT_BYTES,
-                 checkpoint_s: float = CHECKPOINT_S) -> None:
+                 checkpoint_s: float = CHECKPOINT_S,
+                 room_for: Callable[[int], bool] | None = None) -> None:
+        """``room_for(n)``: whether ``n`` more bytes may be preallocated (the node's disk
+        watermark); without room a segment simply grows as it is written."""
         self.directory = private_dir(directory)
         self.segment_bytes = segment_bytes
         self.checkpoint_s = checkpoint_s
+        self._room_for = room_for or (lambda n: True)
         self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -272,7 +276,8 @@ class IntakeJournal:
             if not self._current.preallocated:
                 with self._checkpointing:
                     self._make_spare()
-                self.rotate()
+                if self._spare is not None:
+                    self.rotate()
             with self._checkpointing:
                 self._make_spare()
         except Exception:
@@ -293,14 +298,30 @@ class IntakeJournal:
         if self._spare is not None or self._closed:
             return
         path = self.directory / f"{self._current.number:012d}{SPARE_SUFFIX}"
+        if self._grow(path):
+            with self._cond:
+                self._spare = path
+
+    def _grow(self, path: Path) -> bool:
+        """Write ``path`` with zeros up to ``segment_bytes`` if the disk has room for
+        it; whether it is now a spare. Without room, or on failure, it is removed."""
         try:
-            _fill_zeros(path, self.segment_bytes)
-            fsync_dir(self.directory)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        with self._cond:
-            self._spare = path
+            have = path.stat().st_size
+        except FileNotFoundError:
+            have = 0
+        try:
+            if self._room_for(self.segment_bytes - have):
+                _fill_zeros(path, self.segment_bytes)
+                fsync_dir(self.directory)
+                return True
+            LOGGER.info("intake journal: no spare segment (%d MiB would take the disk "
+                        "below its watermark); segments grow as they are written",
+                        (self.segment_bytes - have) >> 20)
+        except OSError as exc:
+            LOGGER.warning("intake journal: cannot preallocate a segment (%s); segments "
+                           "grow as they are written", exc)
+        path.unlink(missing_ok=True)
+        return False
 
     def rotate(self) -> None:
         """Move on to a new segment (the spare, if one is ready); the old one is
@@ -352,8 +373,7 @@ class IntakeJournal:
                 else:
                     seg.path.unlink(missing_ok=True)
             fsync_dir(self.directory)
-            if recycle is not None:
-                _fill_zeros(spare, self.segment_bytes)  # a short segment grows to size
+            if recycle is not None and self._grow(spare):  # a short segment grows to size
                 with self._cond:
                     self._spare = spare
             return len(segments)

@@ -30,6 +30,17 @@ class DiskWatermark:
         self._low = False
         self._lock = threading.Lock()
 
+    def room_for(self, extra_bytes: int) -> bool:
+        """Whether ``extra_bytes`` more could be written and the file system still be
+        above the watermark (the intake journal asks before preallocating a segment)."""
+        try:
+            usage = shutil.disk_usage(self.path)
+        except OSError:
+            return False
+        free = usage.free - extra_bytes
+        return free >= self.min_free_bytes and (
+            not usage.total or 100.0 * free / usage.total >= self.min_free_percent)
+
     def refusal(self) -> str | None:
         """Why new instances are refused now, or ``None`` when there is room."""
         try:

@@ -126,3 +126,24 @@ def test_records_from_before_the_segment_number_still_replay(tmp_path: Path) -> 
     path.write_bytes(frame(b"{}", b"mine", 7) + b"{}" + b"mine"
                      + frame(b"{}", b"stale", 6) + b"{}" + b"stale")
     assert [data for _, data in read_segment(path)] == [b"mine"]
+
+
+def test_without_room_below_the_watermark_segments_just_grow(tmp_path: Path) -> None:
+    """Preallocation never takes the disk below the node's watermark: asked and told
+    there is no room, the journal keeps no spare, its segment grows as records come,
+    and checkpoints go on."""
+    directory = tmp_path / "intake"
+    asked: list[int] = []
+    journal = IntakeJournal(directory, segment_bytes=SEGMENT, checkpoint_s=3600,
+                            room_for=lambda n: bool(asked.append(n)))
+    journal.start(lambda: None)
+    try:
+        wait_until(lambda: len(asked) >= 2, timeout=30)  # the start's two spares
+        assert asked[0] == SEGMENT
+        assert write_and_apply(journal, [b"x" * 5000]) == 1  # no move to a spare
+        assert segment_path(directory, 1).stat().st_size < SEGMENT
+        assert journal.checkpoint() == 1  # and the dropped segment is not kept either
+        assert not list(directory.glob(f"*{SPARE_SUFFIX}"))
+        assert not segment_path(directory, 1).exists()
+    finally:
+        journal.close()
