@@ -79,6 +79,10 @@ def _segment_name(number: int) -> str:
     return f"{number:012d}.journal"
 
 
+def _spare_name(number: int) -> str:
+    return f"{number:012d}{SPARE_SUFFIX}"
+
+
 def frame(intent: bytes, data: bytes, segment: int) -> bytes:
     """The header of one record of segment number ``segment`` (followed by ``intent``
     and ``data``)."""
@@ -144,10 +148,13 @@ def _write_at(fd: int, parts: tuple[bytes, ...], offset: int) -> None:
 
 def _fill_zeros(path: Path, size: int) -> None:
     """Write zeros from ``path``'s end (made if missing) up to ``size`` bytes, and
-    fsync it."""
+    fsync it; a file already that long is left alone (a recycled full segment, at
+    every checkpoint of a busy node)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         offset = os.fstat(fd).st_size
+        if offset >= size:
+            return
         while offset < size:
             offset += os.pwrite(fd, memoryview(_ZEROS)[:size - offset], offset)
         os.fsync(fd)
@@ -297,7 +304,7 @@ class IntakeJournal:
         (outside ``_cond``: appends go on meanwhile)."""
         if self._spare is not None or self._closed:
             return
-        path = self.directory / f"{self._current.number:012d}{SPARE_SUFFIX}"
+        path = self.directory / _spare_name(self._current.number)
         if self._grow(path):
             with self._cond:
                 self._spare = path
@@ -312,7 +319,8 @@ class IntakeJournal:
         try:
             if self._room_for(self.segment_bytes - have):
                 _fill_zeros(path, self.segment_bytes)
-                fsync_dir(self.directory)
+                if not have:  # made here; a recycled segment's rename is synced already
+                    fsync_dir(self.directory)
                 return True
             LOGGER.info("intake journal: no spare segment (%d MiB would take the disk "
                         "below its watermark); segments grow as they are written",
@@ -368,7 +376,7 @@ class IntakeJournal:
             for seg in segments:
                 os.close(seg.fd)
                 if seg is recycle:
-                    spare = seg.path.with_name(f"{seg.number:012d}{SPARE_SUFFIX}")
+                    spare = self.directory / _spare_name(seg.number)
                     os.rename(seg.path, spare)
                 else:
                     seg.path.unlink(missing_ok=True)

@@ -37,9 +37,13 @@ class DiskWatermark:
             usage = shutil.disk_usage(self.path)
         except OSError:
             return False
-        free = usage.free - extra_bytes
-        return free >= self.min_free_bytes and (
-            not usage.total or 100.0 * free / usage.total >= self.min_free_percent)
+        return not self._below(usage.free - extra_bytes, usage.total)[0]
+
+    def _below(self, free: int, total: int) -> tuple[bool, float]:
+        """Whether ``free`` bytes of ``total`` are below the watermark, and their percent
+        (0 for a file system that reports no size)."""
+        percent = 100.0 * free / total if total else 0.0
+        return free < self.min_free_bytes or percent < self.min_free_percent, percent
 
     def refusal(self) -> str | None:
         """Why new instances are refused now, or ``None`` when there is room."""
@@ -48,8 +52,8 @@ class DiskWatermark:
         except OSError as exc:
             reason: str | None = f"cannot read the free space of {self.path}: {exc}"
         else:
-            percent = 100.0 * usage.free / usage.total if usage.total else 0.0
-            if usage.free < self.min_free_bytes or percent < self.min_free_percent:
+            below, percent = self._below(usage.free, usage.total)
+            if below:
                 reason = (f"disk below the watermark: {usage.free // 2**20} MiB free "
                           f"({percent:.1f}%), the node keeps at least "
                           f"{self.min_free_bytes // 2**20} MiB and {self.min_free_percent:g}%")
