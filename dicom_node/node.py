@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dicom_node.config import NodeConfig
+from dicom_node.dicom.receiver_pool import ReceiverPool, replay_retired_journals
 from dicom_node.dicom.scp import RunningSCP, start_scp
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.learning.errors import ModelConfigError
@@ -57,8 +58,7 @@ from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import InstanceStore
 from dicom_node.store.jobs import Backoff, JobQueue
-from dicom_node.store.private import private_dir
-from dicom_node.store.space import DiskWatermark
+from dicom_node.store.opening import journal_dir, open_store
 from dicom_node.worker import JobHandler, JobWorker
 
 LOGGER = logging.getLogger(__name__)
@@ -105,17 +105,8 @@ class NodeParts:
 
     @classmethod
     def build(cls, config: NodeConfig) -> NodeParts:
-        private_dir(config.node.data_dir)
-        db = Database(config.node.resolved_database_url())
-        db.create_schema()
-        node = config.node
-        files = InstanceFiles(config.files_dir, config.quarantine_dir,
-                              quarantine_max_files=node.quarantine_max_files,
-                              quarantine_max_bytes=int(node.quarantine_max_mb * 2**20))
-        store = InstanceStore(db, files)
-        store.space = DiskWatermark(
-            files.root, int(node.min_free_mb * 2**20), node.min_free_percent,
-            on_change=lambda low, reason: store.audit("disk-low" if low else "disk-ok", reason))
+        store = open_store(config)
+        db, files, node = store.db, store.files, config.node
         queue = JobQueue(db, lease_s=config.jobs.lease_s)
         parts = cls(config=config, db=db, files=files, store=store,
                     queue=queue, assembler=SeriesAssembler(
@@ -195,6 +186,7 @@ class Node:
         self._stop = threading.Event()
         self._assembler_thread: threading.Thread | None = None
         self.scp: RunningSCP | None = None
+        self.receivers: ReceiverPool | None = None  # with [dicom] receivers above 1
         self.bridge: RunningHttp | None = None  # the HTTP front end, when started
         self.worker = JobWorker(
             self.parts.queue, self.parts.handlers, threads=config.jobs.workers,
@@ -220,7 +212,8 @@ class Node:
         if self.serve_dicom:
             # The receiving process owns the intake journal: what an earlier run
             # acknowledged but had not yet checkpointed is replayed first.
-            self.parts.store.open_journal(self.config.node.data_dir / "intake")
+            self.parts.store.open_journal(journal_dir(self.config, 0))
+            replay_retired_journals(self.config, self.parts.store)
             # Only the process that receives may restart quiet periods; workers that
             # join a running node must not delay its series.
             self.parts.assembler.resume_after_restart()
@@ -230,7 +223,10 @@ class Node:
                                                   name="series-assembler", daemon=True)
         self._assembler_thread.start()
         if self.serve_dicom:
-            self.scp = start_scp(self.config.dicom, self.parts.store)
+            self.scp = start_scp(self.config.dicom, self.parts.store,
+                                 share=self.config.dicom.receivers)
+            if self.config.dicom.receivers > 1:
+                self.receivers = ReceiverPool(self.config).start(self.scp.server)
             if self.config.http.enabled and self.http is not None:
                 self.bridge = self.http(self.config, self.parts.db, self.parts.files,
                                         self.parts.store)
@@ -263,6 +259,8 @@ class Node:
             self.bridge.shutdown()
         if self.scp is not None:
             self.scp.shutdown()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.follower.stop()
         self.worker.stop()
         if self._assembler_thread is not None:

@@ -19,7 +19,7 @@ outcomes), ``tessera_node_outbox_items{destination,state}``,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,16 +53,47 @@ JOBS_FINISHED = Counter(
     ["kind", "outcome"])
 
 
+# The ingest counters by the name a receiving process forwards them under.
+# (the counter, how many labels it takes)
+INGEST_COUNTERS = {"received": (INSTANCES_RECEIVED, 1), "refused": (INSTANCES_REFUSED, 2),
+                   "connection-refused": (CONNECTIONS_REFUSED, 1)}
+CountSink = Callable[[str, tuple[str, ...]], None]
+_sink: list[CountSink] = []  # set in a receiving process: its counts go to the node
+
+
+def forward_counts(sink: CountSink) -> None:
+    """From now on, hand this process's ingest counts to ``sink`` (a receiving process
+    sends them to the node's own process, whose /metrics shows them) instead of
+    counting them here."""
+    _sink[:] = [sink]
+
+
+def add_count(name: str, labels: tuple[str, ...]) -> None:
+    """Count one ingest event forwarded by a receiving process; an unknown name or the
+    wrong number of labels raises ValueError."""
+    counter, arity = INGEST_COUNTERS.get(name, (None, 0))
+    if counter is None or len(labels) != arity or not all(isinstance(v, str) for v in labels):
+        raise ValueError(f"not an ingest counter: {name!r} with {len(labels)} label(s)")
+    counter.labels(*labels).inc()
+
+
+def _count(name: str, labels: tuple[str, ...]) -> None:
+    if _sink:
+        _sink[0](name, labels)
+    else:
+        INGEST_COUNTERS[name][0].labels(*labels).inc()
+
+
 def count_received(source: str) -> None:
-    INSTANCES_RECEIVED.labels(source).inc()
+    _count("received", (source,))
 
 
 def count_refused(source: str, status: int) -> None:
-    INSTANCES_REFUSED.labels(source, f"0x{status:04X}").inc()
+    _count("refused", (source, f"0x{status:04X}"))
 
 
 def count_connection_refused(kind: str) -> None:
-    CONNECTIONS_REFUSED.labels(kind).inc()
+    _count("connection-refused", (kind,))
 
 
 def observe_job(kind: str, outcome: str, seconds: float) -> None:

@@ -27,6 +27,10 @@ ae_title = "TESSERA"
 host = "127.0.0.1"        # 0.0.0.0 to accept from the network (then widen the allowlist)
 port = 11112
 max_associations = 10
+# Receiving processes: more than one spreads concurrent associations over as many
+# CPUs (one per core at most is a good start); each has its own intake journal under
+# data_dir/intake, and max_associations is shared among them.
+receivers = 1
 network_timeout_s = 60
 max_instance_mb = 1024    # larger datasets are refused with 0xA700
 # Hostile or broken peers: a connection must send its whole association request within

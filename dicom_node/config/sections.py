@@ -67,6 +67,11 @@ class DicomSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)
     max_associations: int = Field(10, ge=1, le=1000)
+    # Receiving processes (dicom_node.dicom.receiver_pool): with more than one, this
+    # process accepts every connection and hands it to the receiver holding the fewest,
+    # itself included; each keeps its own intake journal. max_associations is shared
+    # among them (each takes its share, rounded up); the connection limits stay whole.
+    receivers: int = Field(1, ge=1, le=64)
     network_timeout_s: float = Field(60.0, gt=0)
     max_instance_mb: float = Field(1024.0, gt=0)
     # Connection hygiene (dicom_node.dicom.connections): a connection that has not sent

@@ -89,10 +89,16 @@ class Connection:
     opened: float
     association: Any = None          # the pynetdicom Association once created
     timed_out: bool = False
+    # Handed to a receiving process, which times it out itself and says when it closes.
+    handed: bool = False
+    tag: int | None = None           # the node's number of a connection handed here
     _release: Callable[[Connection], None] | None = field(default=None, repr=False)
 
     def associated(self) -> bool:
-        """Whether the whole A-ASSOCIATE-RQ has arrived (the timeout no longer applies)."""
+        """Whether the whole A-ASSOCIATE-RQ has arrived, or the connection was handed to
+        a receiving process (either way, this guard's timeout no longer applies)."""
+        if self.handed:
+            return True
         return self.association is not None and self.association.requestor.primitive is not None
 
     def release(self) -> None:
@@ -111,11 +117,13 @@ class ConnectionGuard:
 
     def __init__(self, limits: ConnectionLimits, reporter: LimitReporter,
                  address_allowed: Callable[[str], bool],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_release: Callable[[Connection], None] | None = None) -> None:
         self.limits = limits
         self.reporter = reporter
         self._address_allowed = address_allowed
         self._clock = clock
+        self._on_release = on_release
         self._lock = threading.Lock()
         self._open: dict[str, set[Connection]] = defaultdict(set)
         self._stop = threading.Event()
@@ -149,6 +157,8 @@ class ConnectionGuard:
                 held.discard(conn)
                 if not held:
                     del self._open[conn.address]
+        if self._on_release is not None:
+            self._on_release(conn)
 
     def open_connections(self, address: str | None = None) -> int:
         with self._lock:

@@ -27,11 +27,16 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import DicomSettings
 from dicom_node.dicom.association import AssociationHooks, AssociationLimits, NodeAE
-from dicom_node.dicom.connections import ConnectionGuard, ConnectionLimits, LimitReporter
+from dicom_node.dicom.connections import (
+    Connection,
+    ConnectionGuard,
+    ConnectionLimits,
+    LimitReporter,
+)
 from dicom_node.dicom.meta import part10
 from dicom_node.dicom.parse import RefusedInstance, parse_instance
 from dicom_node.dicom.peer_text import escape_library_logs, escaped
-from dicom_node.dicom.server import GuardedAssociationServer
+from dicom_node.dicom.server import GuardedAssociationServer, HandedAssociationServer
 from dicom_node.dicom.status import Status
 from dicom_node.prometheus import count_received, count_refused
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer
@@ -275,10 +280,50 @@ def start_scp(
     settings: DicomSettings,
     store: InstanceStore,
     on_stored: StoredCallback | None = None,
+    *,
+    share: int = 1,
 ) -> RunningSCP:
-    """Start the SCP in background threads; ``settings.port`` 0 lets the OS pick."""
+    """Start the SCP in background threads; ``settings.port`` 0 lets the OS pick.
+    ``share``: how many receiving processes share ``max_associations`` (this one takes
+    its part, rounded up)."""
+    reporter = LimitReporter(store.audit, settings.limit_report_interval_s)
+    guard = ConnectionGuard(
+        ConnectionLimits(settings.association_timeout_s, settings.max_connections_per_address,
+                         settings.max_connections),
+        reporter, settings.allows_address)
+    return _serve(settings, store, on_stored, reporter, guard, share,
+                  (settings.host, settings.port), GuardedAssociationServer)
+
+
+def serve_handed(settings: DicomSettings, store: InstanceStore, control: socket.socket,
+                 address: tuple[str, int], *, share: int,
+                 ) -> tuple[RunningSCP, threading.Event]:
+    """Start the SCP of a receiving process: it serves what the node's process hands it
+    over ``control`` (``address``: where the node listens). The event is set once the
+    node's process has closed its end."""
+    reporter = LimitReporter(store.audit, settings.limit_report_interval_s)
+    holder: list[HandedAssociationServer] = []
+
+    def closed(conn: Connection) -> None:
+        if conn.tag is not None and holder:
+            holder[0].closed(conn.tag)
+
+    # The node's process applied the allowlist networks and the connection limits.
+    guard = ConnectionGuard(ConnectionLimits(settings.association_timeout_s, 1 << 30),
+                            reporter, lambda _address: True, on_release=closed)
+    running = _serve(settings, store, None, reporter, guard, share, address,
+                     HandedAssociationServer, control=control)
+    holder.append(cast(HandedAssociationServer, running.server))
+    return running, holder[0].ended
+
+
+def _serve(settings: DicomSettings, store: InstanceStore, on_stored: StoredCallback | None,
+           reporter: LimitReporter, guard: ConnectionGuard, share: int,
+           address: tuple[str, int], server_class: type[GuardedAssociationServer],
+           **server_args: Any) -> RunningSCP:
     escape_library_logs("pynetdicom")
     ae = build_ae(settings)
+    ae.maximum_associations = -(-settings.max_associations // share)
     max_bytes = int(settings.max_instance_mb * 1024 * 1024)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, set_nodelay),
@@ -288,27 +333,23 @@ def start_scp(
         (evt.EVT_C_STORE, handle_store, [store, max_bytes, on_stored]),
         (evt.EVT_ACSE_RECV, release_settles, [store]),
         (evt.EVT_ABORTED, sender_gone, [store]),
+        (evt.EVT_REJECTED, handle_rejected, [reporter, ae.maximum_associations]),
     ]
     context = server_ssl_context(settings)
-    reporter = LimitReporter(store.audit, settings.limit_report_interval_s)
-    handlers.append((evt.EVT_REJECTED, handle_rejected, [reporter, settings.max_associations]))
-    guard = ConnectionGuard(
-        ConnectionLimits(settings.association_timeout_s, settings.max_connections_per_address,
-                         settings.max_connections),
-        reporter, settings.allows_address)
     server = cast(GuardedAssociationServer, ae.make_server(
-        (settings.host, settings.port), ssl_context=context, evt_handlers=handlers,
-        server_class=GuardedAssociationServer, guard=guard,
+        address, ssl_context=context, evt_handlers=handlers,
+        server_class=server_class, guard=guard,
         # A data set over the instance limit is refused (0xA700) either way; up to
         # OVERSIZE_KEPT_BYTES past the limit it is still kept whole for the quarantine,
         # beyond that its bytes are dropped as they arrive so memory stays bounded.
         limits=AssociationLimits(settings.max_association_request_kb * 1024,
                                  max_bytes + OVERSIZE_KEPT_BYTES),
         hooks=association_hooks(store, reporter), backlog=settings.listen_backlog,
-        socket_timeout_s=settings.network_timeout_s))
+        socket_timeout_s=settings.network_timeout_s, **server_args))
     guard.start()
     threading.Thread(target=server.serve_forever, name="dicom-scp-accept",
                      daemon=True).start()
-    LOGGER.info("DICOM SCP %s listening on %s:%s%s", settings.ae_title, settings.host,
-                server.server_address[1], " (TLS)" if context else "")
+    if server_class is GuardedAssociationServer:
+        LOGGER.info("DICOM SCP %s listening on %s:%s%s", settings.ae_title, settings.host,
+                    server.server_address[1], " (TLS)" if context else "")
     return RunningSCP(ae, server)

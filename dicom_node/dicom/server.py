@@ -15,11 +15,14 @@ Subclasses of :class:`ThreadedAssociationServer` and its request handler:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import socketserver
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from typing import Any
@@ -92,6 +95,10 @@ def _nothing() -> None:
     return None
 
 
+# (the accepted socket, the peer's address, its admitted connection) -> handed or not
+HandOff = Callable[[socket.socket, tuple[str, int], Connection], bool]
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """The SCP's listening socket; see the module docstring."""
 
@@ -109,6 +116,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.socket_timeout_s = socket_timeout_s
         self._admitted: dict[Any, Connection] = {}
         self._admitted_lock = threading.Lock()
+        # With receiving processes (dicom_node.dicom.receiver_pool): whether one took an
+        # admitted connection; if not, this process serves it.
+        self.hand_off: HandOff | None = None
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
                          request_handler=GuardedRequestHandler)
 
@@ -129,6 +139,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             self._admitted[request] = conn
         return True
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        hand_off = self.hand_off
+        if hand_off is not None:
+            with self._admitted_lock:
+                conn = self._admitted.get(request)
+            if conn is not None and hand_off(request, client_address, conn):
+                self.take_connection(request)
+                request.close()  # this process's copy only: the receiver serves it
+                return
+        super().process_request(request, client_address)
+
     def take_connection(self, request: Any) -> Connection | None:
         with self._admitted_lock:
             return self._admitted.pop(request, None)
@@ -146,3 +167,91 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.guard.stop()
         if self in self.ae._servers:
             self.ae._servers.remove(self)
+
+
+class HandedAssociationServer(GuardedAssociationServer):
+    """The SCP of a receiving process: it listens on no port but serves the connections
+    the node's process hands it over ``control``, a Unix socket (the connection's file
+    descriptor and a JSON header ``{"id": n, "address": [host, port]}`` per message).
+
+    Each handed connection passes this process's own guard, whose only limit is the
+    association timeout (the node's process admitted it); when one closes,
+    ``on_closed`` gets the node's number for it. ``ended`` is set once the node's
+    process has closed its end of ``control``.
+    """
+
+    def __init__(self, *args: Any, control: socket.socket, **kwargs: Any) -> None:
+        self.control = control
+        self.ended = threading.Event()
+        self._numbers: dict[Any, int] = {}
+        super().__init__(*args, **kwargs)
+        assert self.socket is not None
+        self.socket.close()  # never bound: the node's process listens
+        self.socket = control
+
+    def server_bind(self) -> None:
+        return None
+
+    def server_activate(self) -> None:
+        return None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        try:
+            message, fds, _, _ = socket.recv_fds(self.control, HANDED_HEADER_MAX, 1)
+        except OSError:
+            message, fds = b"", []
+        if not message:
+            self.ended.set()
+            time.sleep(0.05)  # until shut down: serve_forever would spin on the EOF
+            raise OSError("the node's process closed the receiver's control socket")
+        sock = socket.socket(fileno=fds[0]) if fds else None
+        try:
+            number, address = _handed_header(message)
+        except ValueError as exc:
+            if sock is not None:
+                sock.close()
+            LOGGER.error("receiver: unreadable hand-off from the node (%s)", escaped(exc))
+            raise OSError("unreadable hand-off") from exc
+        if sock is None:
+            LOGGER.error("receiver: connection %d came without its socket", number)
+            self.closed(number)
+            raise OSError("hand-off without a socket")
+        sock.settimeout(self.socket_timeout_s)
+        if self.ssl_context:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        with self._admitted_lock:
+            self._numbers[sock] = number
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        admitted = super().verify_request(request, client_address)
+        with self._admitted_lock:
+            number = self._numbers.pop(request)
+            conn = self._admitted.get(request)
+        if conn is not None:
+            conn.tag = number  # reported closed by the guard's on_release
+        else:
+            self.closed(number)
+        return admitted
+
+    def closed(self, number: int) -> None:
+        """Tell the node's process that its connection ``number`` is closed."""
+        with contextlib.suppress(OSError):
+            self.control.send(json.dumps({"closed": number}).encode())
+
+
+HANDED_HEADER_MAX = 1024
+
+
+def _handed_header(message: bytes) -> tuple[int, tuple[str, int]]:
+    """The node's number and peer address of a handed connection; ValueError if the
+    message is not one."""
+    doc = json.loads(message)
+    if not isinstance(doc, dict):
+        raise ValueError(f"not a hand-off: {message[:80]!r}")
+    number, address = doc.get("id"), doc.get("address")
+    if (not isinstance(number, int) or not isinstance(address, list) or len(address) != 2
+            or not isinstance(address[0], str) or not isinstance(address[1], int)):
+        raise ValueError(f"not a hand-off: {message[:80]!r}")
+    return number, (address[0], address[1])
