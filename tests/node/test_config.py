@@ -39,6 +39,7 @@ BAD = {
     "unknown-key": ("[dicom]\nprot = 104\n", ["dicom.prot"]),
     "wrong-type": ('[dicom]\nport = "eleven"\n', ["dicom.port"]),
     "out-of-range": ("[dicom]\nport = 70000\n", ["dicom.port"]),
+    "no-receiver": ("[dicom]\nreceivers = 0\n", ["dicom.receivers"]),
     "unknown-destination": (
         '[[rules]]\nname = "r"\naction = "forward"\ndestinations = ["nowhere"]\n',
         ["rules[0].destinations", "nowhere"]),

@@ -1,0 +1,277 @@
+"""Receiving processes (``[dicom] receivers``, issue 24): the node's process admits every
+connection and hands it to the receiver holding the fewest; each receiver journals what
+it acknowledges, so kill -9 of a receiver, or of the whole node, loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from dicom_node.config import load_config
+from dicom_node.dicom.receiver_pool import ReceiverPool
+from dicom_node.dicom.scp import serve_handed
+from dicom_node.node import Node
+from dicom_node.prometheus import add_count
+from dicom_node.store.opening import journal_dir, open_store
+from tests.node.conftest import (
+    CT_IMAGE_STORAGE,
+    Index,
+    NodeProcess,
+    dataset_bytes,
+    make_ct_series,
+    node_config_data,
+    storescu,
+    wait_until,
+    write_node_config,
+)
+from tests.node.test_intake_journal import send_and_kill_after
+
+RECEIVED = "tessera_node_instances_received_total"
+
+
+def two_receivers(data_dir: Path, **dicom: Any) -> dict[str, Any]:
+    return node_config_data(data_dir, quiet_s=3, dicom={"receivers": 2, **dicom})
+
+
+def pool_of(node: Node) -> ReceiverPool:
+    assert node.receivers is not None, "the node started no receiving process"
+    return node.receivers
+
+
+def associate(port: int) -> Association:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CT_IMAGE_STORAGE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TESSERA")
+    assert assoc.is_established
+    return assoc
+
+
+def received_count() -> float:
+    return REGISTRY.get_sample_value(RECEIVED, {"source": "dicom"}) or 0.0
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid``, whichever of its threads started them."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+@pytest.fixture
+def open_node(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Node]]:
+    """In-process nodes (their receivers are real processes); stopped at teardown."""
+    nodes: list[Node] = []
+
+    def _open(data: dict[str, Any]) -> Node:
+        config = load_config(write_node_config(tmp_path / f"n{len(nodes)}.toml", data), env={})
+        nodes.append(Node(config).start())
+        return nodes[-1]
+
+    yield _open
+    for node in nodes:
+        node.stop()
+
+
+def test_connections_go_to_the_receiver_holding_fewest_and_every_instance_is_indexed(
+    tmp_path: Path, open_node: Callable[[dict[str, Any]], Node],
+) -> None:
+    node = open_node(two_receivers(tmp_path / "node"))
+    pool = pool_of(node)
+    assert pool.ready() == 1
+    series = make_ct_series(tmp_path / "ct", 6)
+    before = received_count()
+
+    first = associate(node.port)   # a tie: the receiving process takes it
+    wait_until(lambda: pool.held() == {1: 1}, what="the first association in receiver 1")
+    second = associate(node.port)  # the receiver holds more: the node's process serves
+    third = associate(node.port)   # a tie again: the receiver
+    wait_until(lambda: pool.held() == {1: 2}, what="the third association in receiver 1")
+    for i, assoc in enumerate((first, second, third, first, second, third)):
+        status = assoc.send_c_store(dcmread(series.files[i]))
+        assert status.Status == 0x0000, f"C-STORE {i}: {status}"
+    for assoc in (first, second, third):
+        assoc.release()
+    wait_until(lambda: pool.held() == {1: 0}, what="the receiver's closes reported")
+
+    index = Index(tmp_path / "node")
+    try:
+        wait_until(lambda: index.instance_count() == 6, what="every instance indexed")
+        assert index.sop_uids() == set(series.sop_uids)
+    finally:
+        index.close()
+    # The receiver's counts reach the node's /metrics (4 of the 6 were its own).
+    assert received_count() - before == 6
+
+
+def test_a_receiver_killed_mid_send_is_restarted_and_what_it_acknowledged_is_indexed(
+    tmp_path: Path, open_node: Callable[[dict[str, Any]], Node],
+) -> None:
+    node = open_node(two_receivers(tmp_path / "node"))
+    pool = pool_of(node)
+    (old_pid,) = pool.pids().values()
+    series = make_ct_series(tmp_path / "ct", 120)
+    uid_of = dict(zip(series.files, series.sop_uids, strict=True))
+
+    class Receiver:  # the one association goes to the receiving process (a tie)
+        @staticmethod
+        def kill() -> None:
+            os.kill(old_pid, signal.SIGKILL)
+
+    acknowledged = send_and_kill_after(node.port, series.files, Receiver(), 40)
+    assert 40 <= len(acknowledged) < len(series.files)
+    wait_until(lambda: pool.ready() == 1 and old_pid not in pool.pids().values(),
+               timeout=60, what="receiver 1 started again")
+    index = Index(tmp_path / "node")
+    try:
+        stored = wait_until(lambda: (s := index.instance_paths()).keys() >= {
+            uid_of[f] for f in acknowledged} and s, timeout=60,
+            what="every acknowledged instance indexed after the restart")
+        for path in acknowledged:
+            assert dataset_bytes(stored[uid_of[path]]) == dataset_bytes(path)
+        # The new receiver takes the rest.
+        rest = [f for f in series.files if f not in acknowledged]
+        result = storescu(node.port, *rest)
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_until(lambda: index.instance_count() == len(series.files), timeout=60,
+                   what="the whole series indexed")
+    finally:
+        index.close()
+
+
+class WholeNode:
+    """kill -9 of a node process and its receivers, all at once."""
+
+    def __init__(self, node: NodeProcess) -> None:
+        self.node = node
+        self.receivers = children_of(node.proc.pid)
+
+    def kill(self) -> None:
+        for pid in self.receivers:
+            os.kill(pid, signal.SIGKILL)
+        self.node.kill()
+
+
+@pytest.mark.peers
+def test_kill_9_of_the_whole_node_then_fewer_receivers_replays_the_retired_journal(
+    tmp_path: Path, node_process: Callable[..., NodeProcess],
+) -> None:
+    data_dir = tmp_path / "node"
+    two = write_node_config(tmp_path / "two.toml", two_receivers(data_dir))
+    one = write_node_config(tmp_path / "one.toml", node_config_data(data_dir, quiet_s=3))
+    series = make_ct_series(tmp_path / "ct", 120)
+    uid_of = dict(zip(series.files, series.sop_uids, strict=True))
+
+    first = node_process(two)
+    whole = WholeNode(first)
+    assert len(whole.receivers) == 1, "one receiving process beside the node's"
+    acknowledged = send_and_kill_after(first.port, series.files, whole, 50)
+    assert 50 <= len(acknowledged) < len(series.files)
+    assert (data_dir / "intake-1").is_dir()
+
+    node_process(one)  # receivers = 1: receiver 1's journal is replayed here
+    index = Index(data_dir)
+    try:
+        stored = index.instance_paths()
+        missing = {uid_of[f] for f in acknowledged} - set(stored)
+        assert not missing, f"acknowledged, not indexed: {sorted(missing)[:3]}"
+        for path in acknowledged:
+            assert dataset_bytes(stored[uid_of[path]]) == dataset_bytes(path)
+        assert not (data_dir / "intake-1").exists(), "the retired journal is removed"
+    finally:
+        index.close()
+
+
+@pytest.mark.peers
+def test_receivers_stop_when_the_node_process_dies(
+    tmp_path: Path, node_process: Callable[..., NodeProcess],
+) -> None:
+    node = node_process(write_node_config(tmp_path / "node.toml",
+                                          two_receivers(tmp_path / "node")))
+    (receiver,) = children_of(node.proc.pid)
+    series = make_ct_series(tmp_path / "ct", 5)
+    result = storescu(node.port, *series.files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    node.kill()
+    deadline = time.monotonic() + 30
+    while alive(receiver) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(receiver), "the receiver outlived the node's process"
+
+
+def test_max_associations_is_shared_among_the_receivers(
+    tmp_path: Path, open_node: Callable[[dict[str, Any]], Node],
+) -> None:
+    node = open_node(two_receivers(tmp_path / "node", max_associations=2))
+    pool = pool_of(node)
+    first = associate(node.port)   # receiver 1 (its share: 1)
+    wait_until(lambda: pool.held() == {1: 1}, what="the first association in receiver 1")
+    second = associate(node.port)  # the node's process (its share: 1)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CT_IMAGE_STORAGE)
+    third = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert third.is_rejected, "a third association past max_associations = 2"
+    for assoc in (first, second):
+        assoc.release()
+
+
+def test_a_receiver_survives_an_unreadable_hand_off(tmp_path: Path) -> None:
+    config = load_config(write_node_config(tmp_path / "node.toml",
+                                           two_receivers(tmp_path / "node")), env={})
+    store = open_store(config)
+    store.open_journal(journal_dir(config, 1))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    scp, ended = serve_handed(config.dicom, store, theirs, ("127.0.0.1", 0), share=2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        garbage = socket.socket()
+        for message in (b"\xff not json", b'{"id": "1", "address": 5}', b"[]",
+                        b'{"id": 1, "address": ["' + b"\x1b" * 2000 + b'", 1]}'):
+            socket.send_fds(ours, [message], [garbage.fileno()])
+        ours.send(b'{"id": 7, "address": ["127.0.0.1", 1]}')  # no socket with it
+        assert ours.recv(4096) == b'{"closed": 7}'
+        garbage.close()
+        # A well-formed hand-off after all that is served.
+        client = socket.create_connection(listener.getsockname())
+        accepted, peer = listener.accept()
+        socket.send_fds(ours, [b'{"id": 8, "address": ["127.0.0.1", %d]}' % peer[1]],
+                        [accepted.fileno()])
+        accepted.close()
+        client.close()  # closed before associating: the receiver reports it closed
+        assert ours.recv(4096) == b'{"closed": 8}'
+        assert not ended.is_set()
+        ours.shutdown(socket.SHUT_WR)
+        wait_until(ended.is_set, timeout=10, what="the receiver to see the node's end")
+    finally:
+        listener.close()
+        scp.shutdown()
+        store.close_journal()
+        store.db.dispose()
+
+
+def test_only_the_ingest_counters_can_be_forwarded() -> None:
+    for name, labels in (("jobs", ("x",)), ("received", ()), ("received", ("a", "b")),
+                         ("refused", ("dicom", 5))):
+        with pytest.raises(ValueError, match="not an ingest counter"):
+            add_count(name, labels)  # type: ignore[arg-type]
+    before = received_count()
+    add_count("received", ("dicom",))
+    assert received_count() == before + 1
