@@ -6,10 +6,13 @@ storage every repetition, repetitions interleaved across receivers. Prints the
 median instances/s of each and the ratios node/storescp and node/Orthanc.
 
     python benchmarks/ingest.py [--count 500] [--repeats 3] [--associations 1] [--profile]
+        [--targets node,node:2,storescp,orthanc,bare]
 
 Receivers: the node, dcmtk storescp, Orthanc and a bare pynetdicom SCP that accepts and
-discards (``bare_scp.py``: pynetdicom's own floor). ``--associations N`` splits the
-instances into N series sent by N storescu processes in parallel. Each figure comes with
+discards (``bare_scp.py``: pynetdicom's own floor); ``node:N`` in ``--targets`` is the
+node with N receiving processes (``dicom.receivers``), its peak RSS their sum.
+``--associations N`` splits the instances into N series sent by N storescu processes in
+parallel. Each figure comes with
 the load average and the receiver's peak RSS; whether Orthanc fsyncs is checked with
 strace. ``--profile`` also runs the node in-process under cProfile (every thread) for
 one send and prints a per-stage breakdown and the functions where the time goes. Every
@@ -33,7 +36,7 @@ import pydicom
 from harness import ECHOSCU, STORESCP, STORESCU, load_average, missing_peer, peak_rss_mib, wait_for
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from receivers import ORTHANC, STARTERS, orthanc_fsyncs, send_all
+from receivers import ORTHANC, orthanc_fsyncs, process_tree, send_all, start
 
 
 def make_batches(directory: Path, count: int, associations: int) -> list[list[Path]]:
@@ -74,7 +77,7 @@ def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int) -> R
     files = [f for b in batches for f in b]
     work = scratch / f"{name}-{rep}"
     work.mkdir()
-    receiver = STARTERS[name](work)
+    receiver = start(name, work)
     try:
         elapsed = send_all(receiver.port, receiver.called, batches)
         with contextlib.suppress(TimeoutError):  # the bare SCP counts at release
@@ -82,7 +85,9 @@ def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int) -> R
         stored = receiver.count()
         if stored != len(files):
             raise RuntimeError(f"{name} holds {stored} of {len(files)} instances")
-        return Result(len(files) / elapsed, peak_rss_mib(receiver.proc.pid))
+        # The node's receiving processes included: the sum of each one's peak.
+        rss = sum(peak_rss_mib(pid) for pid in process_tree(receiver.proc.pid))
+        return Result(len(files) / elapsed, rss)
     finally:
         receiver.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -93,7 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--targets", default="node,storescp,orthanc,bare")
+    parser.add_argument("--targets", default="node,storescp,orthanc,bare",
+                        help="receivers, comma-separated; node:N is the node with N "
+                             "receiving processes (dicom.receivers)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--associations", type=int, default=1,
@@ -123,10 +130,10 @@ def report(results: dict[str, list[Result]], associations: int) -> None:
         spread = ", ".join(f"{r.rate:.0f}" for r in results[name])
         rss = max(r.rss_mib for r in results[name])
         print(f"  {name:<9} {value:7.1f}   ({spread})  peak RSS {rss:.0f} MiB")
-    if "node" in medians:
+    for node in (t for t in medians if t == "node" or t.startswith("node:")):
         for peer in ("storescp", "orthanc", "bare"):
             if peer in medians:
-                print(f"  node/{peer:<9} {medians['node'] / medians[peer]:.2f}")
+                print(f"  {node}/{peer:<9} {medians[node] / medians[peer]:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ storescu senders that feed them (one association per batch, in parallel)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -92,11 +93,13 @@ def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return line_box[0] if line_box else ""
 
 
-def start_node(work: Path) -> Receiver:
-    """``tessera node serve`` with the default (durable) settings, port 0."""
+def start_node(work: Path, receivers: int = 1) -> Receiver:
+    """``tessera node serve`` with the default (durable) settings, port 0, and
+    ``receivers`` receiving processes (``dicom.receivers``)."""
     data_dir = work / "node"
     config = work / "node.toml"
-    config.write_text(f'[node]\ndata_dir = "{data_dir}"\n[dicom]\nport = 0\n')
+    config.write_text(f'[node]\ndata_dir = "{data_dir}"\n'
+                      f'[dicom]\nport = 0\nreceivers = {receivers}\n')
     log = (work / "node.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "viewer_bridge.main", "node", "serve",
                              "--config", str(config)],
@@ -112,6 +115,16 @@ def start_node(work: Path) -> Receiver:
             return int(conn.execute("select count(*) from instance").fetchone()[0])
 
     return Receiver("node", "TESSERA", port, proc, count)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its child processes (the node's receivers), whichever thread started
+    them."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
 
 
 def start_storescp(work: Path) -> Receiver:
@@ -145,6 +158,14 @@ def start_bare(work: Path) -> Receiver:
 
 STARTERS = {"node": start_node, "storescp": start_storescp, "orthanc": start_orthanc,
             "bare": start_bare}
+
+
+def start(name: str, work: Path) -> Receiver:
+    """The receiver a target names: one of :data:`STARTERS`, or ``node:N``, the node
+    with N receiving processes."""
+    if name.startswith("node:"):
+        return start_node(work, receivers=int(name.removeprefix("node:")))
+    return STARTERS[name](work)
 
 
 def orthanc_fsyncs(batch: list[Path], scratch: Path) -> str:
