@@ -10,7 +10,9 @@ median instances/s of each and the ratios node/storescp and node/Orthanc.
 
 Receivers: the node, dcmtk storescp, Orthanc and a bare pynetdicom SCP that accepts and
 discards (``bare_scp.py``: pynetdicom's own floor); ``node:N`` in ``--targets`` is the
-node with N receiving processes (``dicom.receivers``), its peak RSS their sum.
+node with N receiving processes (``dicom.receivers``), its peak RSS their sum, and
+``bare:N`` N bare pynetdicom SCPs on their own ports, the associations split evenly
+among them (pynetdicom's own ceiling on N processes).
 ``--associations N`` splits the instances into N series sent by N storescu processes in
 parallel. Each figure comes with
 the load average and the receiver's peak RSS; whether Orthanc fsyncs is checked with
@@ -36,7 +38,7 @@ import pydicom
 from harness import ECHOSCU, STORESCP, STORESCU, load_average, missing_peer, peak_rss_mib, wait_for
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from receivers import ORTHANC, orthanc_fsyncs, process_tree, send_all, start
+from receivers import ORTHANC, orthanc_fsyncs, send_all, start
 
 
 def make_batches(directory: Path, count: int, associations: int) -> list[list[Path]]:
@@ -79,14 +81,14 @@ def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int) -> R
     work.mkdir()
     receiver = start(name, work)
     try:
-        elapsed = send_all(receiver.port, receiver.called, batches)
+        elapsed = send_all(receiver.ports, receiver.called, batches)
         with contextlib.suppress(TimeoutError):  # the bare SCP counts at release
             wait_for(lambda: receiver.count() >= len(files), 10, f"{name}'s count")
         stored = receiver.count()
         if stored != len(files):
             raise RuntimeError(f"{name} holds {stored} of {len(files)} instances")
         # The node's receiving processes included: the sum of each one's peak.
-        rss = sum(peak_rss_mib(pid) for pid in process_tree(receiver.proc.pid))
+        rss = sum(peak_rss_mib(pid) for pid in receiver.pids)
         return Result(len(files) / elapsed, rss)
     finally:
         receiver.stop()
@@ -130,8 +132,10 @@ def report(results: dict[str, list[Result]], associations: int) -> None:
         spread = ", ".join(f"{r.rate:.0f}" for r in results[name])
         rss = max(r.rss_mib for r in results[name])
         print(f"  {name:<9} {value:7.1f}   ({spread})  peak RSS {rss:.0f} MiB")
+    peers = [t for t in medians if t in ("storescp", "orthanc", "bare") or
+             t.startswith("bare:")]
     for node in (t for t in medians if t == "node" or t.startswith("node:")):
-        for peer in ("storescp", "orthanc", "bare"):
+        for peer in peers:
             if peer in medians:
                 print(f"  {node}/{peer:<9} {medians[node] / medians[peer]:.2f}")
 

@@ -69,7 +69,7 @@ def profiled_send(batches: list[list[Path]], work: Path
     threading.setprofile(hook)
     try:
         node.start()
-        rate = count / send_all(node.port, "TESSERA", batches)
+        rate = count / send_all([node.port], "TESSERA", batches)
         journal = node.parts.store.journal
         commits = (journal.records, journal.fsyncs) if journal is not None else (0, 0)
     finally:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,20 @@ class Receiver:
     port: int
     proc: subprocess.Popen[Any]
     count: Callable[[], int]
+    more: list[Receiver] = field(default_factory=list)  # bare:N's other processes
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.port, *(m.port for m in self.more)]
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process of the receiver (the node's receiving processes included)."""
+        return [pid for r in (self, *self.more) for pid in process_tree(r.proc.pid)]
 
     def stop(self) -> None:
+        for other in self.more:
+            other.stop()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -57,20 +69,21 @@ def send(port: int, called: str, files: list[Path]) -> float:
     return storescu(port, called, files, calling=CALLING)
 
 
-def send_all(port: int, called: str, batches: list[list[Path]]) -> float:
+def send_all(ports: list[int], called: str, batches: list[list[Path]]) -> float:
     """Seconds until every batch is sent, one storescu (association) per batch, all in
-    parallel."""
+    parallel; batch i goes to ``ports[i % len(ports)]``."""
     if len(batches) == 1:
-        return send(port, called, batches[0])
+        return send(ports[0], called, batches[0])
     errors: list[BaseException] = []
 
-    def one(batch: list[Path]) -> None:
+    def one(port: int, batch: list[Path]) -> None:
         try:
             send(port, called, batch)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(b,)) for b in batches]
+    threads = [threading.Thread(target=one, args=(ports[i % len(ports)], b))
+               for i, b in enumerate(batches)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -156,15 +169,30 @@ def start_bare(work: Path) -> Receiver:
     return Receiver("bare", "BARE", port, proc, lambda: int(count_file.read_text() or 0))
 
 
+def start_bares(work: Path, processes: int) -> Receiver:
+    """``processes`` bare pynetdicom SCPs, each on its own port; the sender splits the
+    associations among them evenly (pynetdicom's own floor on several CPUs, with no
+    hand-off at all)."""
+    bares = []
+    for i in range(processes):
+        (work / str(i)).mkdir()
+        bares.append(start_bare(work / str(i)))
+    first = bares[0]
+    return Receiver(f"bare:{processes}", first.called, first.port, first.proc,
+                    lambda: sum(b.count() for b in bares), bares[1:])
+
+
 STARTERS = {"node": start_node, "storescp": start_storescp, "orthanc": start_orthanc,
             "bare": start_bare}
 
 
 def start(name: str, work: Path) -> Receiver:
-    """The receiver a target names: one of :data:`STARTERS`, or ``node:N``, the node
-    with N receiving processes."""
+    """The receiver a target names: one of :data:`STARTERS`, ``node:N`` (the node with
+    N receiving processes) or ``bare:N`` (N bare pynetdicom SCPs)."""
     if name.startswith("node:"):
         return start_node(work, receivers=int(name.removeprefix("node:")))
+    if name.startswith("bare:"):
+        return start_bares(work, int(name.removeprefix("bare:")))
     return STARTERS[name](work)
 
 

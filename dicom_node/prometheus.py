@@ -9,6 +9,7 @@ workers on one PostgreSQL included).
 Series names: ``tessera_node_instances_received_total{source}``,
 ``tessera_node_instances_refused_total{source,status}``,
 ``tessera_node_dicom_connections_refused_total{kind}``,
+``tessera_node_dicom_receivers_ready``, ``tessera_node_dicom_receiver_exits_total``,
 ``tessera_node_jobs{kind,state}``, ``tessera_node_job_seconds{kind,outcome}``,
 ``tessera_node_jobs_finished_total{kind,outcome}`` (kind ``export`` gives the export
 outcomes), ``tessera_node_outbox_items{destination,state}``,
@@ -21,7 +22,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -45,6 +53,12 @@ CONNECTIONS_REFUSED = Counter(
     "tessera_node_dicom_connections_refused",
     "DICOM connections refused or closed at a limit, by kind (every one, not rate-limited).",
     ["kind"])
+RECEIVERS_READY = Gauge(
+    "tessera_node_dicom_receivers_ready",
+    "Receiving processes taking connections ([dicom] receivers, less the node's own).")
+RECEIVER_EXITS = Counter(
+    "tessera_node_dicom_receiver_exits",
+    "Receiving processes that exited while the node ran (each is started again).")
 JOB_SECONDS = Histogram(
     "tessera_node_job_seconds", "Time a handler took for one job attempt.",
     ["kind", "outcome"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
@@ -94,6 +108,14 @@ def count_refused(source: str, status: int) -> None:
 
 def count_connection_refused(kind: str) -> None:
     _count("connection-refused", (kind,))
+
+
+def receivers_ready(count: int) -> None:
+    RECEIVERS_READY.set(count)
+
+
+def count_receiver_exit() -> None:
+    RECEIVER_EXITS.inc()
 
 
 def observe_job(kind: str, outcome: str, seconds: float) -> None:

@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import json
 import logging
-import pickle
 import shutil
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.dicom.connections import Connection
 from dicom_node.dicom.peer_text import escaped
 from dicom_node.dicom.server import GuardedAssociationServer
-from dicom_node.prometheus import add_count
+from dicom_node.prometheus import add_count, count_receiver_exit, receivers_ready
 from dicom_node.store.instances import InstanceStore
 from dicom_node.store.opening import receiver_journals
 from federation_grpc.jsonlog import JsonFormatter
@@ -205,6 +204,7 @@ class ReceiverPool:
             code = self._gone(receiver)
             if self._stopping.is_set():
                 break
+            count_receiver_exit()
             if time.monotonic() - receiver.started > STEADY_S:
                 delay = self.restart_delay_s
             LOGGER.error("receiver %d exited (code %s); starting it again in %.0f s",
@@ -231,7 +231,7 @@ class ReceiverPool:
         theirs.close()
         assert proc.stdin is not None
         with contextlib.suppress(OSError):  # if it died at once, the read below says so
-            proc.stdin.write(pickle.dumps(self.config))
+            proc.stdin.write(self.config.model_dump_json().encode())
             proc.stdin.close()
         with self._lock:
             receiver.proc, receiver.control = proc, ours
@@ -270,6 +270,7 @@ class ReceiverPool:
         elif "ready" in doc:
             with self._lock:
                 receiver.ready = True
+                receivers_ready(sum(r.ready for r in self._receivers))
             LOGGER.info("receiver %d ready (pid %s)", receiver.number, escaped(doc["ready"]))
         else:
             raise ValueError("no known field")
@@ -278,6 +279,7 @@ class ReceiverPool:
         """The receiver's end closed: its connections no longer count, it is reaped."""
         with self._lock:
             receiver.ready = False
+            receivers_ready(sum(r.ready for r in self._receivers))
             held, receiver.held = receiver.held, {}
             proc, control, receiver.control = receiver.proc, receiver.control, None
         for conn in held.values():

@@ -9,7 +9,7 @@ instances acknowledged but not yet indexed indexes them when it is started again
 and writes files and index rows into the node's one store and database.
 
 Started by the pool as ``python -m dicom_node.dicom.receiver_process`` with the node's
-configuration pickled on stdin and the Unix socket it is handed connections on as an
+configuration as JSON on stdin and the Unix socket it is handed connections on as an
 inherited file descriptor. It says, as JSON messages on that socket, when it is ready,
 when a handed connection closes, and every ingest count (the node's /metrics shows
 them). It ends when the node's process closes its end (or dies) or on SIGTERM,
@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    config: NodeConfig = pickle.load(sys.stdin.buffer)
+    config = NodeConfig.model_validate_json(sys.stdin.buffer.read())
     control = socket.socket(fileno=args.fd)
 
     def say(doc: dict[str, object]) -> None:

@@ -53,11 +53,14 @@ def client_context(tls_dir: Path, with_cert: bool) -> ssl.SSLContext:
     return context
 
 
+@pytest.mark.parametrize("receivers", [1, 2])  # 2: a receiving process does the TLS
 def test_scp_speaks_mutual_tls(tls_dir: Path, start_node: Callable[..., Node],  # noqa: F811
-                               tmp_path: Path) -> None:
+                               tmp_path: Path, receivers: int) -> None:
     node = start_node(node_config_data(tmp_path / "node", dicom={
         "tls_cert": str(tls_dir / "node-dicom.pem"), "tls_key": str(tls_dir / "node-dicom.key"),
-        "tls_ca": str(tls_dir / "ca.pem")}))
+        "tls_ca": str(tls_dir / "ca.pem"), "receivers": receivers}))
+    if receivers > 1:
+        assert node.receivers is not None and node.receivers.ready() == 1
     assert echo(node.port, client_context(tls_dir, with_cert=True)) == 0x0000
     assert echo(node.port, client_context(tls_dir, with_cert=False)) is None, \
         "a peer without a client certificate got in"

@@ -18,7 +18,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from dicom_node.config import load_config
+from dicom_node.config import NodeConfig, load_config
+from dicom_node.config.example import EXAMPLE_CONFIG
 from dicom_node.dicom.receiver_pool import ReceiverPool
 from dicom_node.dicom.scp import serve_handed
 from dicom_node.node import Node
@@ -38,6 +39,8 @@ from tests.node.conftest import (
 from tests.node.test_intake_journal import send_and_kill_after
 
 RECEIVED = "tessera_node_instances_received_total"
+EXITS = "tessera_node_dicom_receiver_exits_total"
+READY = "tessera_node_dicom_receivers_ready"
 
 
 def two_receivers(data_dir: Path, **dicom: Any) -> dict[str, Any]:
@@ -136,10 +139,13 @@ def test_a_receiver_killed_mid_send_is_restarted_and_what_it_acknowledged_is_ind
         def kill() -> None:
             os.kill(old_pid, signal.SIGKILL)
 
+    exits = REGISTRY.get_sample_value(EXITS) or 0.0
     acknowledged = send_and_kill_after(node.port, series.files, Receiver(), 40)
     assert 40 <= len(acknowledged) < len(series.files)
     wait_until(lambda: pool.ready() == 1 and old_pid not in pool.pids().values(),
                timeout=60, what="receiver 1 started again")
+    assert REGISTRY.get_sample_value(EXITS) == exits + 1
+    assert REGISTRY.get_sample_value(READY) == 1
     index = Index(tmp_path / "node")
     try:
         stored = wait_until(lambda: (s := index.instance_paths()).keys() >= {
@@ -275,3 +281,14 @@ def test_only_the_ingest_counters_can_be_forwarded() -> None:
     before = received_count()
     add_count("received", ("dicom",))
     assert received_count() == before + 1
+
+
+def test_the_configuration_reaches_a_receiver_unchanged(tmp_path: Path) -> None:
+    """A receiving process gets the node's configuration as JSON on stdin (never a
+    pickle): every section of the example, overrides included, survives the trip."""
+    path = tmp_path / "node.toml"
+    path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    config = load_config(path, env={"TESSERA_DICOM__RECEIVERS": "3"},
+                         overrides={"dicom.port": 0, "node.data_dir": str(tmp_path / "n")})
+    assert config.rules and config.destinations and config.dicom.receivers == 3
+    assert NodeConfig.model_validate_json(config.model_dump_json()) == config
