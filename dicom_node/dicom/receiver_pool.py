@@ -39,6 +39,7 @@ from dicom_node.dicom.peer_text import escaped
 from dicom_node.dicom.server import GuardedAssociationServer
 from dicom_node.prometheus import add_count, count_receiver_exit, receivers_ready
 from dicom_node.store.instances import InstanceStore
+from dicom_node.store.journal import JournalInUse
 from dicom_node.store.opening import receiver_journals
 from federation_grpc.jsonlog import JsonFormatter
 
@@ -58,7 +59,12 @@ def replay_retired_journals(config: NodeConfig, store: InstanceStore) -> int:
         if number < config.dicom.receivers:
             continue
         retired = InstanceStore(store.db, store.files, store.space)
-        replayed += retired.open_journal(directory)
+        try:
+            replayed += retired.open_journal(directory)
+        except JournalInUse:  # its receiver, outliving a killed node, applies it itself
+            LOGGER.warning("receiver %d's journal is still held by its process (a node "
+                           "before this one); left for a later start", number)
+            continue
         retired.close_journal()
         shutil.rmtree(directory)
         LOGGER.info("receiver %d's journal replayed and removed (dicom.receivers is %d)",

@@ -162,6 +162,10 @@ def _fill_zeros(path: Path, size: int) -> None:
         os.close(fd)
 
 
+class JournalInUse(StoreError):
+    """Another process holds the journal (its ``flock``): it applies its own records."""
+
+
 class IntakeJournal:
     """Append-only segments under ``directory``; see the module docstring."""
 
@@ -179,7 +183,7 @@ class IntakeJournal:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(self._lock_fd)
-            raise StoreError(f"intake journal {directory} is in use by another process") \
+            raise JournalInUse(f"intake journal {directory} is in use by another process") \
                 from exc
         self._cond = threading.Condition()
         self._checkpointing = threading.Lock()  # one checkpoint (and spare) at a time

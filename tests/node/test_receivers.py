@@ -292,3 +292,22 @@ def test_the_configuration_reaches_a_receiver_unchanged(tmp_path: Path) -> None:
                          overrides={"dicom.port": 0, "node.data_dir": str(tmp_path / "n")})
     assert config.rules and config.destinations and config.dicom.receivers == 3
     assert NodeConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_a_retired_journal_still_held_by_its_receiver_is_left_for_a_later_start(
+    tmp_path: Path, open_node: Callable[[dict[str, Any]], Node],
+) -> None:
+    """A node killed with kill -9 leaves its receiver finishing its associations; a node
+    started meanwhile with fewer receivers must start, and leave that journal to it."""
+    data_dir = tmp_path / "node"
+    config = load_config(write_node_config(tmp_path / "two.toml", two_receivers(data_dir)),
+                         env={})
+    held = open_store(config)
+    held.open_journal(journal_dir(config, 1))  # the outliving receiver
+    try:
+        node = open_node(node_config_data(data_dir, quiet_s=3))
+        assert node.receivers is None
+        assert (data_dir / "intake-1" / "LOCK").exists()
+    finally:
+        held.close_journal()
+        held.db.dispose()
