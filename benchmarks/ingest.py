@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--targets", default="node,storescp,orthanc,bare",
+    parser.add_argument("--targets", default="node,node:2,storescp,orthanc,bare,bare:2",
                         help="receivers, comma-separated; node:N is the node with N "
                              "receiving processes (dicom.receivers)")
     parser.add_argument("--profile", action="store_true")
