@@ -5,6 +5,7 @@ it acknowledges, so kill -9 of a receiver, or of the whole node, loses nothing."
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import time
@@ -36,7 +37,7 @@ from tests.node.conftest import (
     wait_until,
     write_node_config,
 )
-from tests.node.test_intake_journal import send_and_kill_after
+from tests.node.test_intake_journal import REPEATS, SEED, send_and_kill_after
 
 RECEIVED = "tessera_node_instances_received_total"
 EXITS = "tessera_node_dicom_receiver_exits_total"
@@ -202,6 +203,40 @@ def test_kill_9_of_the_whole_node_then_fewer_receivers_replays_the_retired_journ
         for path in acknowledged:
             assert dataset_bytes(stored[uid_of[path]]) == dataset_bytes(path)
         assert not (data_dir / "intake-1").exists(), "the retired journal is removed"
+    finally:
+        index.close()
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_kill_9_of_the_whole_node_at_random_points_acknowledged_equals_indexed(
+    tmp_path: Path, node_process: Callable[..., NodeProcess],
+) -> None:
+    """Issue 24's invariant with two receivers: kill -9 of the node and its receiver
+    after a random number of answers, REPEATS times; each start replays both journals."""
+    rng = random.Random(SEED)
+    data_dir = tmp_path / "node"
+    config = write_node_config(tmp_path / "node.toml", two_receivers(data_dir))
+    acknowledged: dict[str, Path] = {}
+    sent: set[str] = set()
+    index = Index(data_dir)
+    try:
+        for rep in range(REPEATS):
+            node = node_process(config)
+            series = make_ct_series(tmp_path / f"ct{rep}", 60)
+            uid_of = dict(zip(series.files, series.sop_uids, strict=True))
+            kill_after = rng.randint(1, 59)
+            acked = send_and_kill_after(node.port, series.files, WholeNode(node), kill_after)
+            where = f"seed {SEED}, rep {rep}, killed after {kill_after}"
+            assert len(acked) >= kill_after, where
+            acknowledged.update({uid_of[f]: f for f in acked})
+            sent.update(series.sop_uids)
+        node_process(config)  # replays what the last kill left
+        stored = wait_until(lambda: (s := index.instance_paths()).keys() >= set(acknowledged)
+                            and s, timeout=60, what="every acknowledged instance indexed")
+        assert set(stored) <= sent
+        for uid, path in acknowledged.items():
+            assert dataset_bytes(stored[uid]) == dataset_bytes(path), uid
     finally:
         index.close()
 
