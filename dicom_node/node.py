@@ -253,6 +253,8 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.receivers is not None:
+            self.receivers.stopping()
         if self.parts.federation is not None:
             self.parts.federation.stop()
         if self.bridge is not None:

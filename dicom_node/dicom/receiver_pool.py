@@ -138,13 +138,18 @@ class ReceiverPool:
         with self._lock:
             return {r.number: len(r.held) for r in self._receivers if r.ready}
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Close every receiver's control socket (each finishes its associations, applies
-        and checkpoints its journal, and exits); kill those still running after
-        ``timeout_s``."""
+    def stopping(self) -> None:
+        """The node is stopping: hand nothing more over, and a receiver that exits from
+        now on (SIGTERM reaches the whole process group) is not started again."""
         self._stopping.set()
         if self._server is not None:
             self._server.hand_off = None
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Close every receiver's control socket (each ends its associations as the
+        node's own SCP does at a stop, applies and checkpoints its journal, and exits);
+        kill those still running after ``timeout_s``."""
+        self.stopping()
         with self._lock:
             for receiver in self._receivers:
                 _end(receiver)
@@ -189,10 +194,14 @@ class ReceiverPool:
             socket.send_fds(control, [header.encode()], [request.fileno()],
                             socket.MSG_DONTWAIT)
         except (OSError, AssertionError) as exc:
-            LOGGER.warning("receiver %d took no connection (%s); served here",
-                           receiver.number, exc)
             with self._lock:
-                receiver.held.pop(number, None)
+                still_held = receiver.held.pop(number, None) is not None
+            if not still_held:  # the receiver ended meanwhile and gave its places back
+                LOGGER.warning("receiver %d ended while taking a connection; closed",
+                               receiver.number)
+                return True  # the server closes it: the peer may try again
+            LOGGER.warning("receiver %d took no connection (%s); served here",
+                           receiver.number, escaped(exc, 200))
             conn.handed = False
             return False
         return True
@@ -202,7 +211,12 @@ class ReceiverPool:
     def _watch(self, receiver: _Receiver) -> None:
         delay = self.restart_delay_s
         while not self._stopping.is_set():
-            if not self._spawn(receiver):
+            try:
+                spawned = self._spawn(receiver)
+            except OSError as exc:  # no socket pair to be had (file descriptors)
+                LOGGER.error("cannot start receiver %d: %s", receiver.number, exc)
+                spawned = False
+            if not spawned:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, MAX_RESTART_DELAY_S)
                 continue
@@ -235,15 +249,15 @@ class ReceiverPool:
             theirs.close()
             return False
         theirs.close()
-        assert proc.stdin is not None
-        with contextlib.suppress(OSError):  # if it died at once, the read below says so
-            proc.stdin.write(self.config.model_dump_json().encode())
-            proc.stdin.close()
         with self._lock:
             receiver.proc, receiver.control = proc, ours
             receiver.started = time.monotonic()
             if self._stopping.is_set():
                 _end(receiver)
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):  # if it died at once, the read below says so
+            proc.stdin.write(self.config.model_dump_json().encode())
+            proc.stdin.close()
         return True
 
     def _read(self, receiver: _Receiver) -> None:
@@ -259,7 +273,7 @@ class ReceiverPool:
                 return
             try:
                 self._take(receiver, json.loads(message))
-            except (ValueError, TypeError, KeyError) as exc:
+            except Exception as exc:  # malformed: never the end of this thread
                 LOGGER.error("receiver %d sent an unreadable message (%s): %s",
                              receiver.number, escaped(exc, 200), escaped(message, 200))
 
@@ -298,7 +312,9 @@ class ReceiverPool:
             return proc.wait(60)
         except subprocess.TimeoutExpired:  # closed its socket but still running
             proc.kill()
-            return proc.wait(10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return proc.wait(10)
+            return None
 
 
 def _end(receiver: _Receiver) -> None:

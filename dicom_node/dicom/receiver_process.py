@@ -13,7 +13,8 @@ configuration as JSON on stdin and the Unix socket it is handed connections on a
 inherited file descriptor. It says, as JSON messages on that socket, when it is ready,
 when a handed connection closes, and every ingest count (the node's /metrics shows
 them). It ends when the node's process closes its end (or dies) or on SIGTERM,
-finishing its associations, applying what it journaled and checkpointing; SIGINT
+ending its associations as the node's own SCP does at a stop, applying what it
+journaled and checkpointing; SIGINT
 (a terminal's Ctrl-C reaches the whole process group) is left to the node's process.
 """
 

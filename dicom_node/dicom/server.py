@@ -57,10 +57,14 @@ class GuardedRequestHandler(RequestHandler):
                 conn.release()
                 self._close()
                 return
-        assoc = self._create_association(conn)
-        conn.association = assoc
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
+        try:
+            assoc = self._create_association(conn)
+            conn.association = assoc
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+        except BaseException:  # e.g. no thread to be had: the place is given back
+            conn.release()
+            raise
 
     def _close(self) -> None:
         with contextlib.suppress(OSError):
@@ -200,26 +204,32 @@ class HandedAssociationServer(GuardedAssociationServer):
             message, fds, _, _ = socket.recv_fds(self.control, HANDED_HEADER_MAX, 1)
         except OSError:
             message, fds = b"", []
-        if not message:
+        if not message and not fds:
             self.ended.set()
             time.sleep(0.05)  # until shut down: serve_forever would spin on the EOF
             raise OSError("the node's process closed the receiver's control socket")
         sock = socket.socket(fileno=fds[0]) if fds else None
         try:
             number, address = _handed_header(message)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             if sock is not None:
                 sock.close()
-            LOGGER.error("receiver: unreadable hand-off from the node (%s)", escaped(exc))
+            LOGGER.error("receiver: unreadable hand-off from the node (%s)",
+                         escaped(type(exc).__name__ + ": " + str(exc), 200))
             raise OSError("unreadable hand-off") from exc
         if sock is None:
             LOGGER.error("receiver: connection %d came without its socket", number)
             self.closed(number)
             raise OSError("hand-off without a socket")
-        sock.settimeout(self.socket_timeout_s)
-        if self.ssl_context:
-            sock = self.ssl_context.wrap_socket(sock, server_side=True,
-                                                do_handshake_on_connect=False)
+        try:
+            sock.settimeout(self.socket_timeout_s)
+            if self.ssl_context:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+        except OSError:  # e.g. reset by the peer already: its place is given back
+            sock.close()
+            self.closed(number)
+            raise
         with self._admitted_lock:
             self._numbers[sock] = number
         return sock, address

@@ -25,6 +25,7 @@ from dicom_node.dicom.receiver_pool import ReceiverPool
 from dicom_node.dicom.scp import serve_handed
 from dicom_node.node import Node
 from dicom_node.prometheus import add_count
+from dicom_node.store.journal import read_segment
 from dicom_node.store.opening import journal_dir, open_store
 from tests.node.conftest import (
     CT_IMAGE_STORAGE,
@@ -192,7 +193,11 @@ def test_kill_9_of_the_whole_node_then_fewer_receivers_replays_the_retired_journ
     assert len(whole.receivers) == 1, "one receiving process beside the node's"
     acknowledged = send_and_kill_after(first.port, series.files, whole, 50)
     assert 50 <= len(acknowledged) < len(series.files)
-    assert (data_dir / "intake-1").is_dir()
+    # The receiving process took the association: its journal holds the records (no
+    # checkpoint within the first 10 s has dropped them).
+    journaled = [intent for segment in sorted((data_dir / "intake-1").glob("*.journal"))
+                 for intent, _ in read_segment(segment)]
+    assert len(journaled) >= 50
 
     node_process(one)  # receivers = 1: receiver 1's journal is replayed here
     index = Index(data_dir)
@@ -280,12 +285,14 @@ def test_a_receiver_survives_an_unreadable_hand_off(tmp_path: Path) -> None:
     store = open_store(config)
     store.open_journal(journal_dir(config, 1))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(10)
     scp, ended = serve_handed(config.dicom, store, theirs, ("127.0.0.1", 0), share=2)
     listener = socket.create_server(("127.0.0.1", 0))
     try:
         garbage = socket.socket()
         for message in (b"\xff not json", b'{"id": "1", "address": 5}', b"[]",
-                        b'{"id": 1, "address": ["' + b"\x1b" * 2000 + b'", 1]}'):
+                        b'{"id": 1, "address": ["' + b"\x1b" * 2000 + b'", 1]}',
+                        b"[" * 1000, b""):
             socket.send_fds(ours, [message], [garbage.fileno()])
         ours.send(b'{"id": 7, "address": ["127.0.0.1", 1]}')  # no socket with it
         assert ours.recv(4096) == b'{"closed": 7}'
@@ -303,6 +310,7 @@ def test_a_receiver_survives_an_unreadable_hand_off(tmp_path: Path) -> None:
         wait_until(ended.is_set, timeout=10, what="the receiver to see the node's end")
     finally:
         listener.close()
+        ours.close()
         scp.shutdown()
         store.close_journal()
         store.db.dispose()
