@@ -39,6 +39,10 @@ def _sqlite_relaxed_pragmas(dbapi_conn: Any, record: Any) -> None:
     dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
 
+# The PostgreSQL advisory lock the relaxed sessions (the intake's writes) take.
+INTAKE_LOCK_KEY = 0x7E55E2A
+
+
 def _sqlite_begin_immediate(conn: Any) -> None:
     # Take the write lock at BEGIN: claims (select then update) cannot interleave
     # between processes, which SQLite would otherwise answer with SQLITE_BUSY.
@@ -91,10 +95,17 @@ class Database:
     @contextmanager
     def relaxed_session(self) -> Iterator[Session]:
         """A session whose commit is not synced to disk (see :meth:`sync`): for rows an
-        intake journal already holds durably."""
+        intake journal already holds durably. One at a time across processes (SQLite's
+        write lock; on PostgreSQL an advisory lock held to the commit)."""
         if not self.is_sqlite:
             with self.session() as session:
                 session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                # One writer of received instances at a time across the node's processes
+                # (its receivers), as SQLite's BEGIN IMMEDIATE gives: a check for an
+                # instance's row and the write of its file and row never interleave
+                # with another process doing the same for the same SOP Instance UID.
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                {"key": INTAKE_LOCK_KEY})
                 yield session
             return
         if self._relaxed is None:

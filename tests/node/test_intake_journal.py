@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -321,3 +322,43 @@ def test_header_values_an_index_refuses_fail_neither_the_store_nor_the_replay(
         assert set(s.execute(select(Series.series_number)).scalars()) - {None} == {1}
         assert None in set(s.execute(select(Instance.instance_number)).scalars())
     db.dispose()
+
+
+@pytest.mark.peers
+def test_on_postgresql_the_intake_writes_of_two_processes_never_interleave(
+    postgres: Postgres,
+) -> None:
+    """Receiving processes share one index: on PostgreSQL a relaxed session (an intake
+    write: check the row, place the file, insert) holds an advisory lock to its commit,
+    as SQLite's BEGIN IMMEDIATE does, so two receivers given two versions of one SOP
+    Instance UID cannot both find no row and both write the file."""
+    first_db, second_db = Database(postgres.url), Database(postgres.url)
+    first_db.create_schema()
+    inside, leave = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with first_db.relaxed_session():
+            inside.set()
+            leave.wait(30)
+            order.append("first")
+
+    def second() -> None:
+        with second_db.relaxed_session():
+            order.append("second")
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    assert inside.wait(30)
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    waiter.join(1.0)
+    try:
+        assert waiter.is_alive() and not order, "a second writer got in beside the first"
+    finally:
+        leave.set()
+        holder.join(30)
+        waiter.join(30)
+        first_db.dispose()
+        second_db.dispose()
+    assert order == ["first", "second"]
