@@ -4,12 +4,18 @@ it acknowledges, so kill -9 of a receiver, or of the whole node, loses nothing."
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import select
 import signal
 import socket
+import struct
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ from tests.node.conftest import (
     write_node_config,
 )
 from tests.node.test_intake_journal import REPEATS, SEED, send_and_kill_after
+from tests.peers import require_binary
 
 RECEIVED = "tessera_node_instances_received_total"
 EXITS = "tessera_node_dicom_receiver_exits_total"
@@ -279,9 +286,12 @@ def test_max_associations_is_shared_among_the_receivers(
         assoc.release()
 
 
-def test_a_receiver_survives_an_unreadable_hand_off(tmp_path: Path) -> None:
-    config = load_config(write_node_config(tmp_path / "node.toml",
-                                           two_receivers(tmp_path / "node")), env={})
+@contextmanager
+def handed_receiver(data: dict[str, Any], tmp_path: Path,
+                    ) -> Iterator[tuple[socket.socket, socket.socket, threading.Event]]:
+    """A receiving process's SCP in this process: the node's end of its control socket,
+    a listener to make connections to hand it, and its ended event."""
+    config = load_config(write_node_config(tmp_path / "node.toml", data), env={})
     store = open_store(config)
     store.open_journal(journal_dir(config, 1))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -289,6 +299,25 @@ def test_a_receiver_survives_an_unreadable_hand_off(tmp_path: Path) -> None:
     scp, ended = serve_handed(config.dicom, store, theirs, ("127.0.0.1", 0), share=2)
     listener = socket.create_server(("127.0.0.1", 0))
     try:
+        yield ours, listener, ended
+    finally:
+        listener.close()
+        ours.close()
+        scp.shutdown()
+        store.close_journal()
+        store.db.dispose()
+
+
+def hand(ours: socket.socket, number: int, sock: socket.socket) -> None:
+    address = sock.getpeername()
+    header = json.dumps({"id": number, "address": [address[0], address[1]]}).encode()
+    socket.send_fds(ours, [header], [sock.fileno()])
+    sock.close()
+
+
+def test_a_receiver_survives_an_unreadable_hand_off(tmp_path: Path) -> None:
+    with handed_receiver(two_receivers(tmp_path / "node"), tmp_path) as (ours, listener,
+                                                                          ended):
         garbage = socket.socket()
         for message in (b"\xff not json", b'{"id": "1", "address": 5}', b"[]",
                         b'{"id": 1, "address": ["' + b"\x1b" * 2000 + b'", 1]}',
@@ -299,21 +328,38 @@ def test_a_receiver_survives_an_unreadable_hand_off(tmp_path: Path) -> None:
         garbage.close()
         # A well-formed hand-off after all that is served.
         client = socket.create_connection(listener.getsockname())
-        accepted, peer = listener.accept()
-        socket.send_fds(ours, [b'{"id": 8, "address": ["127.0.0.1", %d]}' % peer[1]],
-                        [accepted.fileno()])
-        accepted.close()
+        hand(ours, 8, listener.accept()[0])
         client.close()  # closed before associating: the receiver reports it closed
         assert ours.recv(4096) == b'{"closed": 8}'
         assert not ended.is_set()
         ours.shutdown(socket.SHUT_WR)
         wait_until(ended.is_set, timeout=10, what="the receiver to see the node's end")
-    finally:
-        listener.close()
-        ours.close()
-        scp.shutdown()
-        store.close_journal()
-        store.db.dispose()
+
+
+def test_a_tls_connection_reset_before_the_receiver_wraps_it_gives_its_place_back(
+    tmp_path: Path,
+) -> None:
+    """A peer that connects and resets at once (a load balancer's health check): the TLS
+    wrap fails in the receiver, which must still say the connection closed, or its place
+    in the node's guard would never come back."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run([require_binary("/usr/bin/openssl"), "req", "-x509", "-newkey",
+                           "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                           "-days", "1", "-subj", "/CN=localhost"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    data = two_receivers(tmp_path / "node", tls_cert=str(cert), tls_key=str(key))
+    with handed_receiver(data, tmp_path) as (ours, listener, _):
+        client = socket.create_connection(listener.getsockname())
+        accepted = listener.accept()[0]
+        address = accepted.getpeername()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        assert select.select([accepted], [], [], 10)[0], "the reset never arrived"
+        header = json.dumps({"id": 9, "address": [address[0], address[1]]}).encode()
+        socket.send_fds(ours, [header], [accepted.fileno()])
+        accepted.close()
+        assert ours.recv(4096) == b'{"closed": 9}'
 
 
 def test_only_the_ingest_counters_can_be_forwarded() -> None:
