@@ -10,6 +10,7 @@ from pathlib import Path
 from pynetdicom import AE, _config, evt
 
 from dicom_node.config import Destination
+from dicom_node.dicom.requestor import install as install_requestor
 from dicom_node.dicom.scp import set_nodelay
 from dicom_node.errors import DicomNodeError
 
@@ -73,6 +74,7 @@ def send_instances(
         The association could not be established or broke; instances already
         reported through ``on_result`` stay reported.
     """
+    install_requestor()  # pynetdicom's requestor, without its pause race
     for batch in _batches(items):
         ae = AE(ae_title=calling_ae)
         ae.acse_timeout = timeout_s
