@@ -42,8 +42,18 @@ class Checkpoint(threading.Event):
             super().clear()
 
 
-class RequestorAssociation(Association):
-    """A pynetdicom association whose reactor pauses without the race (module docstring)."""
+class _AnyAssociation(type):
+    """``pynetdicom.ae`` uses its name ``Association`` both to build requestors and to
+    count an AE's active associations (``isinstance``): after :func:`install` every
+    association must still count, the node's acceptors included."""
+
+    def __instancecheck__(cls, instance: object) -> bool:
+        return isinstance(instance, Association)
+
+
+class RequestorAssociation(Association, metaclass=_AnyAssociation):
+    """A pynetdicom association whose reactor pauses without the race (module docstring).
+    ``isinstance(x, RequestorAssociation)`` holds for every pynetdicom association."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

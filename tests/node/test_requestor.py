@@ -8,6 +8,7 @@ import threading
 
 import pynetdicom.ae
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from dicom_node.dicom.requestor import RequestorAssociation, install
 
@@ -49,3 +50,12 @@ def test_a_checkpoint_cleared_as_the_reactor_resumes_keeps_it_paused() -> None:
 def test_install_makes_every_requestor_association_one() -> None:
     install()
     assert pynetdicom.ae.Association is RequestorAssociation
+
+
+def test_after_install_the_acceptors_still_count_against_max_associations() -> None:
+    """pynetdicom.ae counts active associations with isinstance against the name it
+    builds requestors from: a node's acceptor must still pass."""
+    install()
+    ae = AE()
+    acceptor = Association(ae, "acceptor")
+    assert isinstance(acceptor, pynetdicom.ae.Association)
