@@ -85,6 +85,7 @@ class GenerationLedger:
         self._cache_lock = threading.Lock()
         self._tensor_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._configs: dict[int, str] = {}
+        self._lineage: tuple[int, ...] = ()  # the last whole lineage asked for
         self._published: set[int] = set()
 
     def close(self) -> None:
@@ -380,16 +381,26 @@ class GenerationLedger:
         )
 
     def lineage(self, number: int) -> list[int]:
-        """``number`` and its ancestors, newest first."""
+        """``number`` and its ancestors, newest first. A generation's parent never
+        changes, so the last whole lineage (ending at a root) is remembered: the
+        aggregator asks for the current generation's at every received update."""
+        with self._cache_lock:
+            if self._lineage and self._lineage[0] == number:
+                return list(self._lineage)
         with self.store.session() as session:
             parents = dict(
                 session.execute(select(GenerationRow.number, GenerationRow.parent)).all()
             )
-        chain = []
+        chain: list[int] = []
+        seen: set[int] = set()
         cursor: int | None = number
-        while cursor is not None and cursor in parents and cursor not in chain:
+        while cursor is not None and cursor in parents and cursor not in seen:
             chain.append(cursor)
+            seen.add(cursor)
             cursor = parents[cursor]
+        if cursor is None and chain:
+            with self._cache_lock:
+                self._lineage = tuple(chain)
         return chain
 
     def generation_config(self, number: int) -> str:

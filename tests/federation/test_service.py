@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load, save
+from sqlalchemy import event
 
 from federation_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from federation_grpc.hub.domain import UploadState, UploadStatus
 from federation_grpc.hub.service import HubService
+from federation_grpc.hub.store import UpdateRow
+from federation_grpc.hub.strategies import make_strategy
 from federation_grpc.hub.uploads import UploadSession
 
-from .conftest import MODEL_CONFIG, enrol, make_update, small_model, upload
+from .conftest import MODEL_CONFIG, enrol, hub_config, make_update, small_model, upload
 
 
 def test_enrolment_token_is_one_time_and_node_token_stored_hashed(service: HubService) -> None:
@@ -48,6 +52,12 @@ def test_update_merges_into_a_new_generation_with_lineage(service: HubService) -
     again = upload(service, node, payload, header)
     assert again.state == UploadState.MERGED and again.merged_into == 1
     assert service.aggregator.process_pending() == []
+    assert service.ledger.lineage(1) == [1, 0]
+    upload(service, node, *make_update(service.generation_tensors(1), seed=2))
+    assert service.aggregator.process_pending() == [2]
+    assert service.ledger.lineage(2) == [2, 1, 0]
+    assert service.ledger.lineage(1) == [1, 0]
+    assert service.ledger.lineage(7) == []
 
 
 def test_rollback_moves_current_and_refuses_updates_from_the_abandoned_line(
@@ -158,3 +168,58 @@ def test_of_two_first_calls_over_different_certificates_one_binds_the_other_is_r
         let_in = [cert for cert in ("a" * 64, "b" * 64) if outcomes[(i, cert)] == "in"]
         assert len(let_in) == 1, (i, outcomes)
         assert bound[f"site {i}"] == let_in[0]
+
+
+def test_a_wake_below_the_buffer_counts_the_waiting_updates_without_loading_them(
+    tmp_path: Path,
+) -> None:
+    """The hub wakes its aggregator at every received update. Below FedBuff's buffer a
+    wake counts what waits; loading every waiting row at each wake made a burst of N
+    uploads into a buffer cost N * N / 2 row loads."""
+    config = hub_config(tmp_path)
+    svc = HubService(replace(config, aggregation=replace(
+        config.aggregation, strategy="fedbuff", buffer_size=4)))
+    loaded: list[str] = []
+
+    def count_load(row: UpdateRow, _context: object) -> None:
+        loaded.append(row.update_id)
+
+    event.listen(UpdateRow, "load", count_load)
+    try:
+        svc.init_model(save(small_model()), MODEL_CONFIG)
+        node = enrol(svc)
+        for seed in range(3):
+            upload(svc, node, *make_update(small_model(), seed=seed))
+            loaded.clear()
+            assert svc.aggregator.process_pending() == []
+            assert loaded == []
+        upload(svc, node, *make_update(small_model(), seed=3))
+        assert svc.aggregator.process_pending() == [1]
+        assert len(svc.generation(1).update_ids) == 4
+    finally:
+        event.remove(UpdateRow, "load", count_load)
+        svc.close()
+
+
+def test_an_update_off_the_lineage_is_refused_at_the_next_wake_below_the_buffer(
+    tmp_path: Path,
+) -> None:
+    """Counting instead of loading must not leave an update on a rolled-back base
+    waiting for a buffer that it will never join."""
+    config = hub_config(tmp_path)
+    svc = HubService(replace(config, aggregation=replace(
+        config.aggregation, strategy="fedbuff", buffer_size=1)))
+    try:
+        svc.init_model(save(small_model()), MODEL_CONFIG)
+        node = enrol(svc)
+        upload(svc, node, *make_update(small_model()))
+        assert svc.aggregator.process_pending() == [1]
+        svc.rollback()
+        svc.aggregator.strategy = make_strategy("fedbuff", buffer_size=4)
+        payload, header = make_update(svc.generation_tensors(1))
+        upload(svc, node, payload, replace(header, base_generation=1))
+        assert svc.aggregator.process_pending() == []
+        assert svc.uploads.status(node, header.update_id).state == UploadState.REJECTED
+        assert "not in the lineage" in svc.list_rejections()[0].reasons[0]
+    finally:
+        svc.close()
