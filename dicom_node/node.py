@@ -226,7 +226,8 @@ class Node:
             self.scp = start_scp(self.config.dicom, self.parts.store,
                                  share=self.config.dicom.receivers)
             if self.config.dicom.receivers > 1:
-                self.receivers = ReceiverPool(self.config).start(self.scp.server)
+                self.receivers = ReceiverPool(self.config, store=self.parts.store).start(
+                    self.scp.server)
             if self.config.http.enabled and self.http is not None:
                 self.bridge = self.http(self.config, self.parts.db, self.parts.files,
                                         self.parts.store)

@@ -144,15 +144,19 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Series by state, outbox by state, dead letters and refusals with reasons."""
+    """Series by state, outbox by state, dead letters and refusals with reasons, and
+    each receiving process's intake journal (who holds it, what it has not applied)."""
     from dicom_node.status import node_status, render_status
+    from dicom_node.store.opening import journal_dir, receiver_journals
     from dicom_node.store.quarantine import Quarantine
 
     cfg = load_or_exit(config)
     quarantine = Quarantine(cfg.quarantine_dir, cfg.node.quarantine_max_files,
                             int(cfg.node.quarantine_max_mb * 2**20))
+    journals = {0: journal_dir(cfg, 0), **receiver_journals(cfg)}
     with open_node_database(config) as db:
-        report = node_status(db, quarantine=quarantine)
+        report = node_status(db, quarantine=quarantine, journals=journals,
+                             receivers=cfg.dicom.receivers)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))
 
 

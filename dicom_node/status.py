@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -10,6 +12,7 @@ from sqlalchemy.orm import Session
 from dicom_node.pipeline.usage import learning_usage, render_learning
 from dicom_node.prometheus import OUT_OF_DOMAIN_EVENT
 from dicom_node.store.db import Database
+from dicom_node.store.journal import journal_holder, journal_records
 from dicom_node.store.models import (
     AuditEvent,
     Job,
@@ -23,8 +26,12 @@ from dicom_node.store.quarantine import Quarantine
 
 
 def node_status(db: Database, *, recent: int = 20,
-                quarantine: Quarantine | None = None) -> dict[str, Any]:
-    """``quarantine``: also report its entries, bytes, cap and dropped entries."""
+                quarantine: Quarantine | None = None,
+                journals: Mapping[int, Path] | None = None,
+                receivers: int = 1) -> dict[str, Any]:
+    """``quarantine``: also report its entries, bytes, cap and dropped entries;
+    ``journals``: the intake journal of each receiving process by number (0: the node's
+    own), whose holder and records are reported against ``[dicom] receivers``."""
     with db.session() as s:
         series = dict(s.execute(select(Series.state, func.count()).group_by(Series.state)).all())
         outbox = _outbox_counts(s)
@@ -55,7 +62,22 @@ def node_status(db: Database, *, recent: int = 20,
         "update_outbox": {"counts": updates, "undelivered": undelivered},
         "federation": federation,
         **({"quarantine": quarantine.usage().to_json()} if quarantine is not None else {}),
+        **({"intake_journals": journal_status(journals, receivers)}
+           if journals is not None else {}),
     }
+
+
+def journal_status(journals: Mapping[int, Path], receivers: int) -> list[dict[str, Any]]:
+    """Each receiving process's intake journal: which process holds it (a running
+    receiver, or the node's own process for number 0) and how many records it holds.
+    A journal nobody holds keeps what its receiver acknowledged and did not checkpoint
+    until it is replayed: by the receiver's next start, by the node's process when the
+    receiver exits, or at the node's start for a number at or above ``receivers``."""
+    return [
+        {"receiver": number, "journal": path.name, "held_by": journal_holder(path),
+         "records": journal_records(path), "retired": number >= receivers}
+        for number, path in sorted(journals.items()) if path.is_dir()
+    ]
 
 
 def _outbox_counts(s: Session) -> dict[str, dict[str, int]]:
@@ -202,6 +224,17 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"Quarantine: {q['entries']} entries, {q['bytes'] / 2**20:.1f} MiB "
                      f"(cap {q['max_entries']} entries, {q['max_bytes'] / 2**20:.0f} MiB); "
                      f"{q['dropped']} oldest dropped to stay within it")
+    if status.get("intake_journals"):
+        lines.append("Intake journals (receiving process: holder, records not checkpointed):")
+        for j in status["intake_journals"]:
+            holder = f"held by pid {j['held_by']}" if j["held_by"] else "not held"
+            note = ""
+            if not j["held_by"] and j["records"]:
+                note = (" (replayed at the node's next start: dicom.receivers no longer "
+                        "runs it)" if j["retired"] else " (replayed when the node starts its "
+                        "receiver)")
+            lines.append(f"  {j['receiver']:<3} {j['journal']:<10} {holder}, "
+                         f"{j['records']} record(s){note}")
     counts = status["events"]["counts"]
     lines.append("Refusals and events: " + (", ".join(f"{k}={v}" for k, v in
                                                      sorted(counts.items())) or "none"))

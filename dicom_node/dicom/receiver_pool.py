@@ -11,9 +11,11 @@ socket (``SCM_RIGHTS``); TLS, the association timeout and everything after happe
 the receiver. ``max_associations`` is shared: each receiver, this process included,
 takes its part, rounded up.
 
-A receiver that exits (killed, crashed) gives back its connections' places and is
-started again after a pause that doubles up to :data:`MAX_RESTART_DELAY_S`; its
-journal is replayed when it starts, so what it acknowledged is indexed then. A
+A receiver that exits (killed, crashed) gives back its connections' places, and this
+process replays its journal at once, so what it acknowledged is indexed even if it
+never starts again; it is started again after a pause that doubles up to
+:data:`MAX_RESTART_DELAY_S` (its own replay at start then finds what this process
+could not apply, if anything). A
 receiver's journal left by a run with more receivers than this one is replayed by the
 node's process at start (:func:`replay_retired_journals`).
 """
@@ -40,7 +42,7 @@ from dicom_node.dicom.server import GuardedAssociationServer
 from dicom_node.prometheus import add_count, count_receiver_exit, receivers_ready
 from dicom_node.store.instances import InstanceStore
 from dicom_node.store.journal import JournalInUse
-from dicom_node.store.opening import receiver_journals
+from dicom_node.store.opening import apply_journal, journal_dir, receiver_journals
 from federation_grpc.jsonlog import JsonFormatter
 
 LOGGER = logging.getLogger(__name__)
@@ -58,14 +60,12 @@ def replay_retired_journals(config: NodeConfig, store: InstanceStore) -> int:
     for number, directory in sorted(receiver_journals(config).items()):
         if number < config.dicom.receivers:
             continue
-        retired = InstanceStore(store.db, store.files, store.space)
         try:
-            replayed += retired.open_journal(directory)
+            replayed += apply_journal(store, directory)
         except JournalInUse:  # its receiver, outliving a killed node, applies it itself
             LOGGER.warning("receiver %d's journal is still held by its process (a node "
                            "before this one); left for a later start", number)
             continue
-        retired.close_journal()
         shutil.rmtree(directory)
         LOGGER.info("receiver %d's journal replayed and removed (dicom.receivers is %d)",
                     number, config.dicom.receivers)
@@ -86,9 +86,12 @@ class _Receiver:
 class ReceiverPool:
     """The receiving processes beside the node's own SCP; see the module docstring."""
 
-    def __init__(self, config: NodeConfig, *, restart_delay_s: float = RESTART_DELAY_S,
-                 ) -> None:
+    def __init__(self, config: NodeConfig, *, store: InstanceStore | None = None,
+                 restart_delay_s: float = RESTART_DELAY_S) -> None:
+        """``store``: the node's, into which the journal of a receiver that exited is
+        applied at once (without it, only the receiver's next start applies it)."""
         self.config = config
+        self.store = store
         self.restart_delay_s = restart_delay_s
         self._receivers = [_Receiver(n) for n in range(1, config.dicom.receivers)]
         self._lock = threading.Lock()
@@ -225,12 +228,32 @@ class ReceiverPool:
             if self._stopping.is_set():
                 break
             count_receiver_exit()
+            self._apply_left(receiver)
             if time.monotonic() - receiver.started > STEADY_S:
                 delay = self.restart_delay_s
             LOGGER.error("receiver %d exited (code %s); starting it again in %.0f s",
                          receiver.number, code, delay)
             self._stopping.wait(delay)
             delay = min(delay * 2, MAX_RESTART_DELAY_S)
+
+    def _apply_left(self, receiver: _Receiver) -> None:
+        """Index now what an exited receiver acknowledged: its restart waits a while, and
+        may fail again and again."""
+        if self.store is None:
+            return
+        try:
+            replayed = apply_journal(self.store, journal_dir(self.config, receiver.number))
+        except JournalInUse:
+            LOGGER.warning("receiver %d's journal is still held (its process has not "
+                           "ended); its next start replays it", receiver.number)
+            return
+        except Exception as exc:  # the restart replays it; never the end of this thread
+            LOGGER.error("receiver %d's journal could not be replayed here (%s); its next "
+                         "start replays it", receiver.number, escaped(exc, 200))
+            return
+        if replayed:
+            LOGGER.info("receiver %d's journal: %d record(s) it acknowledged indexed here",
+                        receiver.number, replayed)
 
     def _spawn(self, receiver: _Receiver) -> bool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -298,19 +298,24 @@ class InstanceStore:
         journal = IntakeJournal(directory, room_for=space.room_for if space else None)
         replayed = 0
         written: set[Path] = set()
-        for segment in journal.leftover:
-            for intent, data in read_segment(segment):
-                header, peer, produced_here, digest = from_intent(intent)
-                _, path = self._apply(data, header, peer, produced_here, digest, repair=True)
-                if path is None:
-                    path = self.files.absolute(self.files.relative_path(
-                        header.study_uid, header.series_uid, header.sop_instance_uid))
-                written.add(path)
-                replayed += 1
-        if replayed:
-            LOGGER.info("intake journal: %d record(s) replayed", replayed)
-        sync_written(written)
-        self.db.sync()
+        try:
+            for segment in journal.leftover:
+                for intent, data in read_segment(segment):
+                    header, peer, produced_here, digest = from_intent(intent)
+                    _, path = self._apply(data, header, peer, produced_here, digest,
+                                          repair=True)
+                    if path is None:
+                        path = self.files.absolute(self.files.relative_path(
+                            header.study_uid, header.series_uid, header.sop_instance_uid))
+                    written.add(path)
+                    replayed += 1
+            if replayed:
+                LOGGER.info("intake journal: %d record(s) replayed", replayed)
+            sync_written(written)
+            self.db.sync()
+        except BaseException:
+            journal.abandon()  # its records stay for the next opening
+            raise
         journal.drop_leftover()
         journal.start(self.db.sync)
         self.journal = journal

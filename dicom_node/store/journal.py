@@ -397,6 +397,18 @@ class IntakeJournal:
         self.leftover = []
         fsync_dir(self.directory)
 
+    def abandon(self) -> None:
+        """Release the directory without a checkpoint (a replay that failed): its
+        segments stay for the next opening."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._due.set()
+        os.close(self._current.fd)
+        if self._current.size == 0:
+            self._current.path.unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
     def close(self) -> None:
         """Final checkpoint, then release the directory (the spare is deleted: a
         stopped node keeps no preallocated space)."""
@@ -415,6 +427,31 @@ class IntakeJournal:
                     self._spare.unlink(missing_ok=True)
                     self._spare = None
                 os.close(self._lock_fd)
+
+
+def journal_holder(directory: Path) -> int | None:
+    """The process id holding the journal at ``directory`` (its ``flock``), read from
+    ``/proc/locks`` without taking the lock; ``None`` when no process holds it (or the
+    system does not say)."""
+    try:
+        lock = os.stat(directory / "LOCK")
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(lock.st_dev):02x}:{os.minor(lock.st_dev):02x}:{lock.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; a waiter's line has "->".
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return int(fields[4]) if fields[4].isdigit() else None
+    return None
+
+
+def journal_records(directory: Path) -> int:
+    """Records in the journal's segments at ``directory``: those not yet checkpointed
+    by the process holding it, or, when none holds it, those its next opening replays."""
+    return sum(1 for segment in sorted(directory.glob("*.journal"))
+               for _ in read_segment(segment))
 
 
 def sync_written(paths: set[Path]) -> None:

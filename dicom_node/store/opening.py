@@ -47,3 +47,18 @@ def receiver_journals(config: NodeConfig) -> dict[int, Path]:
         if number.isdigit() and int(number) > 0 and path.is_dir():
             found[int(number)] = path
     return found
+
+
+def apply_journal(store: InstanceStore, directory: Path) -> int:
+    """Replay the journal at ``directory`` (another receiver's) into ``store``'s index
+    and files, checkpoint it and release it; the records replayed.
+
+    Raises
+    ------
+    JournalInUse
+        A process holds it (that process applies its own records).
+    """
+    other = InstanceStore(store.db, store.files, store.space)
+    replayed = other.open_journal(directory)
+    other.close_journal()
+    return replayed

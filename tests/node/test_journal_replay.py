@@ -15,7 +15,15 @@ from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer, dataset_digest
 from dicom_node.store.intent import intent_of
-from dicom_node.store.journal import IntakeJournal, frame, read_segment
+from dicom_node.store.journal import (
+    IntakeJournal,
+    JournalInUse,
+    frame,
+    journal_holder,
+    journal_records,
+    read_segment,
+)
+from dicom_node.store.opening import apply_journal
 from tests.node.conftest import make_ct_series
 
 
@@ -90,3 +98,60 @@ def test_replay_rewrites_a_file_its_index_row_points_at_but_the_disk_lost(
     finally:
         store.close_journal()
     assert not list((tmp_path / "intake").glob("*.journal"))
+
+
+def test_a_replay_that_fails_lets_the_journal_go_and_keeps_its_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node's process replays an exited receiver's journal while it keeps running: a
+    replay that fails must not keep the journal's lock (the receiver could never open
+    it again) nor drop a record."""
+    series = make_ct_series(tmp_path / "ct", 3)
+    peer = Peer(ae_title="REPLAYTEST")
+    records = []
+    for path in series.files:
+        data = path.read_bytes()
+        intent = intent_of(header_of(data), peer, False, dataset_digest(data))
+        records.append(frame(intent, data, 1) + intent + data)
+    directory = tmp_path / "intake-1"
+    directory.mkdir(mode=0o700)
+    (directory / "000000000001.journal").write_bytes(b"".join(records))
+    assert journal_holder(directory) is None and journal_records(directory) == 3
+
+    store = make_store(tmp_path)
+    real = InstanceStore._apply
+    calls: list[int] = []
+
+    def fail_on_the_second(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk went away")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(InstanceStore, "_apply", fail_on_the_second)
+    with pytest.raises(OSError, match="disk went away"):
+        apply_journal(store, directory)
+    assert len(calls) == 2
+    assert journal_holder(directory) is None and journal_records(directory) == 3
+
+    monkeypatch.setattr(InstanceStore, "_apply", real)
+    assert apply_journal(store, directory) == 3
+    assert journal_records(directory) == 0
+    with store.db.session() as s:
+        from sqlalchemy import func, select
+
+        from dicom_node.store.models import Instance
+        assert s.execute(select(func.count()).select_from(Instance)).scalar_one() == 3
+
+
+def test_the_holder_of_a_journal_is_read_without_taking_it(tmp_path: Path) -> None:
+    journal = IntakeJournal(tmp_path / "intake")
+    try:
+        assert journal_holder(tmp_path / "intake") == os.getpid()
+        with pytest.raises(JournalInUse):
+            IntakeJournal(tmp_path / "intake")
+        assert journal_holder(tmp_path / "intake") == os.getpid()
+    finally:
+        journal.close()
+    assert journal_holder(tmp_path / "intake") is None
+    assert journal_holder(tmp_path / "absent") is None

@@ -31,6 +31,7 @@ from dicom_node.dicom.receiver_pool import ReceiverPool
 from dicom_node.dicom.scp import serve_handed
 from dicom_node.node import Node
 from dicom_node.prometheus import add_count
+from dicom_node.status import journal_status, node_status, render_status
 from dicom_node.store.journal import read_segment
 from dicom_node.store.opening import journal_dir, open_store
 from tests.node.conftest import (
@@ -40,7 +41,9 @@ from tests.node.conftest import (
     dataset_bytes,
     make_ct_series,
     node_config_data,
+    status_json,
     storescu,
+    tessera,
     wait_until,
     write_node_config,
 )
@@ -172,6 +175,51 @@ def test_a_receiver_killed_mid_send_is_restarted_and_what_it_acknowledged_is_ind
         index.close()
 
 
+def test_a_receiver_that_cannot_start_again_leaves_nothing_it_acknowledged_unindexed(
+    tmp_path: Path, open_node: Callable[[dict[str, Any]], Node],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node's process replays an exited receiver's journal at once: a receiver that
+    never comes back (here: no process can be started for it) holds nothing back."""
+    data_dir = tmp_path / "node"
+    node = open_node(two_receivers(data_dir))
+    pool = pool_of(node)
+    (old_pid,) = pool.pids().values()
+    journals = {0: journal_dir(node.config, 0), 1: journal_dir(node.config, 1)}
+    before = journal_status(journals, 2)
+    assert [j["held_by"] for j in before] == [os.getpid(), old_pid]
+    monkeypatch.setattr(pool, "_spawn", lambda receiver: False)
+    series = make_ct_series(tmp_path / "ct", 120)
+    uid_of = dict(zip(series.files, series.sop_uids, strict=True))
+
+    class Receiver:
+        @staticmethod
+        def kill() -> None:
+            os.kill(old_pid, signal.SIGKILL)
+
+    acknowledged = send_and_kill_after(node.port, series.files, Receiver(), 40)
+    assert 40 <= len(acknowledged) < len(series.files)
+    index = Index(data_dir)
+    try:
+        wait_until(lambda: index.instance_paths().keys() >= {uid_of[f] for f in acknowledged},
+                   timeout=60, what="what the receiver acknowledged indexed without it")
+        assert pool.ready() == 0 and pool.pids() == {}
+        # Replayed, checkpointed and let go by the node's process (it holds its own).
+        after = wait_until(lambda: (j := {j["receiver"]: j for j in journal_status(
+            journals, 2)})[1]["held_by"] is None and j, what="receiver 1's journal let go")
+        assert after[0]["held_by"] == os.getpid() and after[1]["records"] == 0
+        assert "not held, 0 record(s)" in render_status(
+            {**node_status(node.parts.db), "intake_journals": list(after.values())})
+        # The node's own SCP takes the rest meanwhile.
+        rest = [f for f in series.files if f not in acknowledged]
+        result = storescu(node.port, *rest)
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_until(lambda: index.instance_count() == len(series.files), timeout=60,
+                   what="the whole series indexed")
+    finally:
+        index.close()
+
+
 class WholeNode:
     """kill -9 of a node process and its receivers, all at once."""
 
@@ -205,6 +253,15 @@ def test_kill_9_of_the_whole_node_then_fewer_receivers_replays_the_retired_journ
     journaled = [intent for segment in sorted((data_dir / "intake-1").glob("*.journal"))
                  for intent, _ in read_segment(segment)]
     assert len(journaled) >= 50
+    # What an operator sees before starting again: nobody holds receiver 1's journal,
+    # and the next start (one receiver) replays what it holds.
+    journals = {j["receiver"]: j for j in status_json(one)["intake_journals"]}
+    assert journals[1] == {"receiver": 1, "journal": "intake-1", "held_by": None,
+                           "records": len(journaled), "retired": True}
+    assert journals[0]["held_by"] is None
+    text = tessera("node", "status", "--config", str(one)).stdout
+    assert "intake-1   not held, " f"{len(journaled)} record(s) (replayed at the node's " \
+        "next start" in text
 
     node_process(one)  # receivers = 1: receiver 1's journal is replayed here
     index = Index(data_dir)
