@@ -259,7 +259,8 @@ def upload_figures(args: argparse.Namespace, p: Prepared, run: Uploads,
         "rejected": len(merged_into) - len(merged),
         "lost": len(run.ids) - len(merged_into),
         "generations": len(set(merged.values())),
-        "merged_updates_per_s": round(len(merged) / (last_generation - run.start), 2),
+        "merged_updates_per_s": round(len(merged) / (last_generation - run.start), 2)
+        if merged else 0.0,
         "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "latency_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3)
         if latencies

@@ -81,8 +81,10 @@ def update_norm(update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]
     for name, value in update.items():
         if np.issubdtype(value.dtype, np.floating):
             mine, theirs = BlockReader(value, _BLOCK), BlockReader(base[name], _BLOCK)
+            buffer = np.empty(min(_BLOCK, mine.flat.size), dtype=value.dtype)
             for part in flat_blocks(mine.flat.size, _BLOCK):
-                delta = mine.read(part) - theirs.read(part)
+                ours = mine.read(part)
+                delta = np.subtract(ours, theirs.read(part), out=buffer[: ours.size])
                 total += float(np.dot(delta, delta))
     return math.sqrt(total)
 
