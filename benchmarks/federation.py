@@ -23,7 +23,10 @@ its own (by default, fedasync merges while the rest still upload, on the same co
 
 Bounded: one update per client, and ``--timeout`` seconds overall.
 
-    python benchmarks/federation.py --clients 50 --size-mb 10
+    python benchmarks/federation.py --clients 50 --size-mb 10 [--repeats 5]
+
+This machine's rates drift by a tenth and more from one minute to the next: compare
+``--repeats`` runs, each of which measures its own bare grpcio floor right before it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="print figures as JSON too")
     parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="runs of the upload mode, each a fresh hub right after its own bare grpcio "
+        "floor; prints the run with the median hub/bare grpcio ratio and every ratio")
+    parser.add_argument(
         "--resume-at", type=float, default=0.0,
         help="large-model mode: one update of --size-mb and its generation's download, "
         "each connection killed at this fraction and resumed (e.g. 0.5)")
@@ -113,6 +120,8 @@ def parse_args() -> argparse.Namespace:
         help="replicas mode (with --watchers): this many hub processes on one PostgreSQL, "
         "nodes spread over them; exits 1 if an update or a notice is lost or duplicated")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more")
     if args.replicas > 1 and args.watchers < 1:
         parser.error("--replicas needs --watchers (one or more)")
     if args.hold_merges:
@@ -141,16 +150,25 @@ def prepare(args: argparse.Namespace, work: Path) -> Prepared:
     # call cap ([limits] max_calls_per_node, keyed by certificate) counts each apart.
     names = tuple(f"node{i}" for i in range(args.clients))
     certs = make_certs(work / "tls", nodes=names)
-    config_path = work / "hub.toml"
-    write_config(config_path, work / "data", certs, args.strategy, args.buffer_size)
     model = make_model(args.size_mb)
-    setup = HubService(load_config(config_path))
-    setup.init_model(save(model), json.dumps({"architecture": "bench"}))
-    tokens = [setup.create_enrolment_token()[0] for _ in range(args.clients)]
-    setup.close()
     print(f"preparing {args.clients} updates of {args.size_mb:g} MB ...", flush=True)
     updates = [make_update(model, i) for i in range(args.clients)]
-    return Prepared(work, names, certs, config_path, tokens, updates)
+    return fresh_hub(args, Prepared(work, names, certs, work / "hub.toml", [], updates),
+                     work, model)
+
+
+def fresh_hub(args: argparse.Namespace, p: Prepared, work: Path,
+              model: dict[str, np.ndarray] | None = None) -> Prepared:
+    """A new hub under ``work`` (config, generation 0, a token per node) for ``p``'s
+    nodes and updates."""
+    config_path = work / "hub.toml"
+    write_config(config_path, work / "data", p.certs, args.strategy, args.buffer_size)
+    setup = HubService(load_config(config_path))
+    setup.init_model(save(model if model is not None else make_model(args.size_mb)),
+                     json.dumps({"architecture": "bench"}))
+    tokens = [setup.create_enrolment_token()[0] for _ in range(args.clients)]
+    setup.close()
+    return replace(p, work=work, config_path=config_path, tokens=tokens)
 
 
 def enrolled_clients(p: Prepared, hub: HubProcess, args: argparse.Namespace,
@@ -306,7 +324,42 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="tessera-fedbench-"))
-    p = prepare(args, work)
+    try:
+        prepared = prepare(args, work)
+        runs = []
+        for rep in range(args.repeats):
+            if rep:
+                (work / f"rep{rep}").mkdir()
+            p = prepared if rep == 0 else fresh_hub(args, prepared, work / f"rep{rep}")
+            runs.append(measure(args, p))
+            shutil.rmtree(p.work / "data")  # the run's updates and generations
+            if args.repeats > 1:
+                print(f"  rep {rep + 1}: hub/bare grpcio {runs[-1]['grpc_vs_bare_grpc']} "
+                      f"(hub {runs[-1]['grpc_upload_mb_s']} MB/s, bare grpcio "
+                      f"{runs[-1]['bare_grpc_mb_s']} MB/s), load {load_average()}",
+                      flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_figures(summary(runs), 22, args.json)
+
+
+def summary(runs: list[dict[str, object]]) -> dict[str, object]:
+    """One run's figures as they are; of several (interleaved: each its own bare grpcio
+    floor right before its hub), the run with the median hub/bare grpcio ratio, with
+    every run's ratio, and what any run lost."""
+    if len(runs) == 1:
+        return runs[0]
+    ratios = [float(r["grpc_vs_bare_grpc"]) for r in runs]  # type: ignore[arg-type]
+    middle = sorted(range(len(runs)), key=lambda i: ratios[i])[(len(runs) - 1) // 2]
+    return {**runs[middle], "repeats": len(runs),
+            "lost": sum(int(r["lost"]) for r in runs),  # type: ignore[call-overload]
+            "grpc_vs_bare_grpc": round(statistics.median(ratios), 3),
+            "grpc_vs_bare_grpc_each": ratios}
+
+
+def measure(args: argparse.Namespace, p: Prepared) -> dict[str, object]:
+    """The bare floors, then the hub of ``p``, on the same payloads: one run's figures."""
+    work = p.work
     chunk_size = int(args.chunk_mb * 1024 * 1024)
     floor = floors(p.payloads, work, p.certs, p.names[0], args.insecure, chunk_size)
 
@@ -333,9 +386,7 @@ def main() -> None:
     hub.stop()
     for client in clients:
         client.close()
-    figures = upload_figures(args, p, run, merged_into, published, memory, floor)
-    shutil.rmtree(work, ignore_errors=True)
-    print_figures(figures, 22, args.json)
+    return upload_figures(args, p, run, merged_into, published, memory, floor)
 
 
 if __name__ == "__main__":
