@@ -131,9 +131,9 @@ class NodeRegistry:
         """
         if not node_token:
             raise Unauthenticated("missing node token (metadata 'authorization: Bearer ...')")
-        with self.store.session() as session:
-            # Three columns, not the ORM row: this runs before every RPC a node makes.
-            row = session.execute(
+        with self.store.engine.begin() as connection:
+            # Core on a connection, not the ORM: this runs before every RPC a node makes.
+            row = connection.execute(
                 select(NodeRow.node_id, NodeRow.revoked, NodeRow.cert_sha256)
                 .where(NodeRow.token_sha256 == hash_token(node_token))
             ).one_or_none()
@@ -145,7 +145,7 @@ class NodeRegistry:
             if bound is None and cert_sha256:
                 # Only if still unbound: of two first calls over different certificates,
                 # one binds and the other is refused below.
-                taken = session.execute(
+                taken = connection.execute(
                     update(NodeRow)
                     .where(NodeRow.node_id == node_id, NodeRow.cert_sha256.is_(None))
                     .values(cert_sha256=cert_sha256))
@@ -154,7 +154,7 @@ class NodeRegistry:
                     LOGGER.warning("node %s bound to certificate %s at first use",
                                    node_id, cert_sha256[:16])
                 else:
-                    bound = session.scalar(
+                    bound = connection.scalar(
                         select(NodeRow.cert_sha256).where(NodeRow.node_id == node_id))
             if (bound or "") != cert_sha256:
                 LOGGER.warning("node %s token presented over certificate %s, bound to %s",
@@ -165,7 +165,7 @@ class NodeRegistry:
                 )
             now = utcnow()
             if self._last_seen.due(node_id, now):
-                session.execute(
+                connection.execute(
                     update(NodeRow).where(NodeRow.node_id == node_id).values(last_seen=now))
                 self._last_seen.written(node_id, now)
             return str(node_id)

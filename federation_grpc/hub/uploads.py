@@ -18,8 +18,11 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+from sqlalchemy import insert, select
+from sqlalchemy import update as update_rows
 
 from federation_grpc.errors import (
     FailedPrecondition,
@@ -33,7 +36,7 @@ from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
 from federation_grpc.hub.gate import UpdateGate
 from federation_grpc.hub.generations import GenerationLedger
 from federation_grpc.hub.heads import new_head_tensors
-from federation_grpc.hub.lazy_commit import lazy_session
+from federation_grpc.hub.lazy_commit import lazy_connection
 from federation_grpc.hub.parameters import groups_of
 from federation_grpc.hub.partial_labels import check_trained_groups, generation_groups
 from federation_grpc.hub.rejections import RejectionLog
@@ -63,6 +66,27 @@ _STATE = {
     UpdateStatus.MERGED: UploadState.MERGED,
     UpdateStatus.REJECTED: UploadState.REJECTED,
 }
+
+
+# The columns of an update's row that its status and a resume need.
+_KEPT = (UpdateRow.update_id, UpdateRow.node_id, UpdateRow.status, UpdateRow.sha256,
+         UpdateRow.total_size, UpdateRow.base_generation, UpdateRow.num_samples,
+         UpdateRow.trained_groups, UpdateRow.merged_into, UpdateRow.reason)
+
+
+class KeptUpdate(Protocol):
+    """An update's row, or those of its columns (:data:`_KEPT`) read without the ORM."""
+
+    update_id: str
+    node_id: str
+    status: str
+    sha256: str
+    total_size: int
+    base_generation: int
+    num_samples: int
+    trained_groups: list[str]
+    merged_into: int | None
+    reason: str
 
 
 class UploadInProgress(FailedPrecondition):
@@ -194,7 +218,7 @@ class UploadIntake:
                 raise PermissionDenied(f"update {update_id} belongs to another node")
             return self._status(row)
 
-    def _status(self, row: UpdateRow) -> UploadStatus:
+    def _status(self, row: KeptUpdate) -> UploadStatus:
         received = row.total_size
         if row.status == UpdateStatus.PARTIAL:
             received = self.staging.size(row.update_id)
@@ -211,8 +235,9 @@ class UploadIntake:
         header = self._validated(header)
         self._check_samples(node_id, header)
         self._check_groups(node_id, header)
-        with lazy_session(self.store) as session:  # the row only serves a resume
-            row = session.get(UpdateRow, header.update_id)
+        with lazy_connection(self.store) as connection:  # the row only serves a resume
+            row = connection.execute(
+                select(*_KEPT).where(UpdateRow.update_id == header.update_id)).one_or_none()
             if row is not None:
                 if row.node_id != node_id:
                     raise PermissionDenied(f"update {header.update_id} belongs to another node")
@@ -230,19 +255,17 @@ class UploadIntake:
                         f"update {header.update_id} is unknown; start at offset 0"
                     )
                 held = 0
-                session.add(
-                    UpdateRow(
-                        update_id=header.update_id,
-                        node_id=node_id,
-                        base_generation=header.base_generation,
-                        num_samples=header.num_samples,
-                        trained_groups=list(header.trained_groups),
-                        local_metrics=header.local_metrics,
-                        total_size=header.total_size,
-                        sha256=header.sha256,
-                        status=UpdateStatus.PARTIAL,
-                    )
-                )
+                connection.execute(insert(UpdateRow).values(
+                    update_id=header.update_id,
+                    node_id=node_id,
+                    base_generation=header.base_generation,
+                    num_samples=header.num_samples,
+                    trained_groups=list(header.trained_groups),
+                    local_metrics=header.local_metrics,
+                    total_size=header.total_size,
+                    sha256=header.sha256,
+                    status=UpdateStatus.PARTIAL,
+                ))
         if header.offset > held:
             raise FailedPrecondition(
                 f"hub holds {held} bytes of update {header.update_id}; resume from there"
@@ -351,26 +374,34 @@ class UploadIntake:
             self.discard(header, node_id, str(exc))
         reasons = self.gate.check_update(
             {k: v for k, v in update.items() if k not in fresh}, base)
-        with self.store.session() as session:
-            row = session.get(UpdateRow, header.update_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"update {header.update_id} vanished during upload")
-            if reasons:
+        if reasons:
+            with self.store.session() as session:
+                row = session.get(UpdateRow, header.update_id, with_for_update=True)
+                if row is None:
+                    raise NotFound(f"update {header.update_id} vanished during upload")
                 self.rejections.reject(session, row, "gate", reasons)
                 self.staging.discard(header.update_id)
-            else:
-                self.blobs.adopt(staged, header.sha256)
-                row.status, row.received_at = UpdateStatus.RECEIVED, utcnow()
-            status = self._status(row)
-        if not reasons:
-            LOGGER.info(
-                "update %s from %s received (%d bytes)",
-                header.update_id,
-                node_id,
-                header.total_size,
-            )
-            self.on_received()
-        return status
+                return self._status(row)
+        # Received: one row's state, in two Core statements (the commit waits for the
+        # disk: the node is told RECEIVED only once the row and the blob are durable).
+        with self.store.engine.begin() as connection:
+            found = connection.execute(
+                select(UpdateRow.status).where(UpdateRow.update_id == header.update_id)
+                .with_for_update()).one_or_none()
+            if found is None:
+                raise NotFound(f"update {header.update_id} vanished during upload")
+            self.blobs.adopt(staged, header.sha256)
+            connection.execute(
+                update_rows(UpdateRow).where(UpdateRow.update_id == header.update_id)
+                .values(status=UpdateStatus.RECEIVED, received_at=utcnow()))
+        LOGGER.info(
+            "update %s from %s received (%d bytes)",
+            header.update_id,
+            node_id,
+            header.total_size,
+        )
+        self.on_received()
+        return UploadStatus(header.update_id, UploadState.RECEIVED, header.total_size)
 
 
 def _canonical_id(update_id: str) -> str:
@@ -380,7 +411,7 @@ def _canonical_id(update_id: str) -> str:
         raise InvalidRequest(f"update_id {update_id[:40]!r} is not a UUID") from exc
 
 
-def _check_same(row: UpdateRow, header: UpdateHeader) -> None:
+def _check_same(row: KeptUpdate, header: UpdateHeader) -> None:
     if (
         row.sha256 != header.sha256
         or row.total_size != header.total_size

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from federation_grpc.hub.domain import UploadState
-from federation_grpc.hub.lazy_commit import lazy_session
+from federation_grpc.hub.lazy_commit import lazy_connection
 from federation_grpc.hub.service import HubService
 from federation_grpc.hub.store import UpdateRow, UpdateStatus
 from tests.federation.conftest import enrol, make_update, small_model
@@ -33,13 +33,13 @@ def test_an_opened_upload_is_kept_lazily_and_every_pooled_connection_stays_synce
     with service.store.session() as session:
         row = session.get(UpdateRow, header.update_id)
         assert row is not None and row.status == UpdateStatus.PARTIAL
-    with lazy_session(service.store) as session:
-        assert session.execute(text("PRAGMA synchronous")).scalar() == _NORMAL
-    with pytest.raises(KeyError), lazy_session(service.store) as session:
-        session.add(UpdateRow(update_id="not-kept", node_id=node, base_generation=0,
-                              num_samples=1, trained_groups=["encoder"], local_metrics={},
-                              total_size=1, sha256="0" * 64, status=UpdateStatus.PARTIAL))
-        session.flush()
+    with lazy_connection(service.store) as connection:
+        assert connection.execute(text("PRAGMA synchronous")).scalar() == _NORMAL
+    with pytest.raises(KeyError), lazy_connection(service.store) as connection:
+        connection.execute(insert(UpdateRow).values(
+            update_id="not-kept", node_id=node, base_generation=0, num_samples=1,
+            trained_groups=["encoder"], local_metrics={}, total_size=1, sha256="0" * 64,
+            status=UpdateStatus.PARTIAL))
         raise KeyError("the transaction fails")
     with service.store.session() as session:
         assert session.get(UpdateRow, "not-kept") is None
