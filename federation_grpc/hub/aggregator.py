@@ -46,6 +46,7 @@ from federation_grpc.hub.tensorfile import read_tensors
 LOGGER = logging.getLogger(__name__)
 
 _TICK_S = 5.0
+SETTLE_S = 0.05
 
 
 class Aggregator:
@@ -60,8 +61,11 @@ class Aggregator:
         config: HubConfig,
         gate: UpdateGate,
         strategy: agg.Strategy,
+        settle_s: float = SETTLE_S,
     ) -> None:
+        """``settle_s``: how long a wake waits for more before a pass."""
         self.store = store
+        self.settle_s = settle_s
         self.ledger = ledger
         self.rejections = rejections
         self.evaluations = evaluations
@@ -94,6 +98,9 @@ class Aggregator:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(_TICK_S)
+            # Every received update wakes the aggregator: the updates of a burst that
+            # arrive within the settling time are taken by one pass, not one pass each.
+            self._stop.wait(self.settle_s)
             self._wake.clear()
             if self._stop.is_set():
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -223,3 +224,30 @@ def test_an_update_off_the_lineage_is_refused_at_the_next_wake_below_the_buffer(
         assert "not in the lineage" in svc.list_rejections()[0].reasons[0]
     finally:
         svc.close()
+
+
+def test_the_updates_of_a_burst_are_taken_by_one_pass_of_the_aggregator(
+    service: HubService, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every received update wakes the aggregator; those within its settling time are
+    taken together (a pass costs a few queries even when there is nothing to merge)."""
+    passes: list[int] = []
+    real = service.aggregator.process_pending
+
+    def counted() -> list[int]:
+        passes.append(1)
+        return real()
+
+    monkeypatch.setattr(service.aggregator, "process_pending", counted)
+    service.aggregator.settle_s = 1.0
+    service.aggregator.start()
+    try:
+        time.sleep(2.5)  # the pass at start (what a restart left RECEIVED) is over
+        passes.clear()
+        for _ in range(20):  # a burst over about 0.2 s
+            service.aggregator.wake()
+            time.sleep(0.01)
+        time.sleep(2.0)  # well past the settling time, well before the 5 s tick
+        assert len(passes) == 1
+    finally:
+        service.aggregator.stop()
