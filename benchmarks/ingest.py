@@ -136,8 +136,7 @@ def report(results: dict[str, list[Result]], associations: int) -> None:
              t.startswith("bare:")]
     for node in (t for t in medians if t == "node" or t.startswith("node:")):
         for peer in peers:
-            if peer in medians:
-                print(f"  {node}/{peer:<9} {medians[node] / medians[peer]:.2f}")
+            print(f"  {node}/{peer:<9} {medians[node] / medians[peer]:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
