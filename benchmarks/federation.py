@@ -104,7 +104,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=1,
         help="runs of the upload mode, each a fresh hub right after its own bare grpcio "
-        "floor; prints the run with the median hub/bare grpcio ratio and every ratio")
+        "floor; prints the median hub/bare grpcio ratio, every ratio, and the other "
+        "figures of the middle run (the lower middle one for an even count: use an odd)")
     parser.add_argument(
         "--resume-at", type=float, default=0.0,
         help="large-model mode: one update of --size-mb and its generation's download, "

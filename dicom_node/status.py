@@ -227,9 +227,10 @@ def render_status(status: dict[str, Any]) -> str:
     if status.get("intake_journals"):
         lines.append("Intake journals (receiving process: holder, records not checkpointed):")
         for j in status["intake_journals"]:
-            holder = f"held by pid {j['held_by']}" if j["held_by"] else "not held"
+            holder = ("not held" if j["held_by"] is None else f"held by pid {j['held_by']}"
+                      if j["held_by"] else "held (by a process not visible from here)")
             note = ""
-            if not j["held_by"] and j["records"]:
+            if j["held_by"] is None and j["records"]:
                 note = (" (replayed at the node's next start: dicom.receivers no longer "
                         "runs it)" if j["retired"] else " (replayed when the node starts its "
                         "receiver)")

@@ -42,7 +42,7 @@ from dicom_node.dicom.server import GuardedAssociationServer
 from dicom_node.prometheus import add_count, count_receiver_exit, receivers_ready
 from dicom_node.store.instances import InstanceStore
 from dicom_node.store.journal import JournalInUse
-from dicom_node.store.opening import apply_journal, journal_dir, receiver_journals
+from dicom_node.store.opening import journal_dir, receiver_journals
 from federation_grpc.jsonlog import JsonFormatter
 
 LOGGER = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def replay_retired_journals(config: NodeConfig, store: InstanceStore) -> int:
         if number < config.dicom.receivers:
             continue
         try:
-            replayed += apply_journal(store, directory)
+            replayed += store.replay_journal(directory)
         except JournalInUse:  # its receiver, outliving a killed node, applies it itself
             LOGGER.warning("receiver %d's journal is still held by its process (a node "
                            "before this one); left for a later start", number)
@@ -242,7 +242,7 @@ class ReceiverPool:
         if self.store is None:
             return
         try:
-            replayed = apply_journal(self.store, journal_dir(self.config, receiver.number))
+            replayed = self.store.replay_journal(journal_dir(self.config, receiver.number))
         except JournalInUse:
             LOGGER.warning("receiver %d's journal is still held (its process has not "
                            "ended); its next start replays it", receiver.number)

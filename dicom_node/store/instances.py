@@ -33,7 +33,13 @@ from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instance_index import IndexItem, index_instance, index_instances
 from dicom_node.store.intent import Peer, from_intent, intent_of
-from dicom_node.store.journal import IntakeJournal, Ticket, read_segment, sync_written
+from dicom_node.store.journal import (
+    IntakeJournal,
+    JournalLeftover,
+    Ticket,
+    read_segment,
+    sync_written,
+)
 from dicom_node.store.models import AuditEvent, Instance
 from dicom_node.store.space import DiskWatermark
 
@@ -296,30 +302,53 @@ class InstanceStore:
         every later ingest. Returns the number of records replayed."""
         space = self.space
         journal = IntakeJournal(directory, room_for=space.room_for if space else None)
-        replayed = 0
-        written: set[Path] = set()
         try:
-            for segment in journal.leftover:
-                for intent, data in read_segment(segment):
-                    header, peer, produced_here, digest = from_intent(intent)
-                    _, path = self._apply(data, header, peer, produced_here, digest,
-                                          repair=True)
-                    if path is None:
-                        path = self.files.absolute(self.files.relative_path(
-                            header.study_uid, header.series_uid, header.sop_instance_uid))
-                    written.add(path)
-                    replayed += 1
-            if replayed:
-                LOGGER.info("intake journal: %d record(s) replayed", replayed)
-            sync_written(written)
-            self.db.sync()
+            replayed = self._replay(journal)
+            journal.start(self.db.sync)
         except BaseException:
             journal.abandon()  # its records stay for the next opening
             raise
-        journal.drop_leftover()
-        journal.start(self.db.sync)
         self.journal = journal
         self._applier = BatchApplier(self._apply_batch, name="intake-apply")
+        return replayed
+
+    def replay_journal(self, directory: Path) -> int:
+        """Replay the journal at ``directory`` (another receiving process's, which is not
+        running) into this store, make it durable and let it go, without journaling into
+        it: its segments and its spare stay as they are for its process's next start.
+        Returns the number of records replayed.
+
+        Raises
+        ------
+        JournalInUse
+            A process holds it (that process applies its own records).
+        """
+        leftover = JournalLeftover(directory)
+        try:
+            return self._replay(leftover)
+        finally:
+            leftover.release()
+
+    def _replay(self, journal: JournalLeftover) -> int:
+        """Apply every record of the journal's leftover segments, make the files and the
+        index durable, then delete those segments."""
+        replayed = 0
+        written: set[Path] = set()
+        for segment in journal.leftover:
+            for intent, data in read_segment(segment):
+                header, peer, produced_here, digest = from_intent(intent)
+                _, path = self._apply(data, header, peer, produced_here, digest, repair=True)
+                if path is None:
+                    path = self.files.absolute(self.files.relative_path(
+                        header.study_uid, header.series_uid, header.sop_instance_uid))
+                written.add(path)
+                replayed += 1
+        if replayed:
+            LOGGER.info("intake journal %s: %d record(s) replayed", journal.directory.name,
+                        replayed)
+        sync_written(written)
+        self.db.sync()
+        journal.drop_leftover()
         return replayed
 
     def close_journal(self) -> None:

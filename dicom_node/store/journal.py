@@ -27,6 +27,7 @@ One process owns a journal directory at a time (``flock`` on ``LOCK``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -166,18 +167,13 @@ class JournalInUse(StoreError):
     """Another process holds the journal (its ``flock``): it applies its own records."""
 
 
-class IntakeJournal:
-    """Append-only segments under ``directory``; see the module docstring."""
+class JournalLeftover:
+    """A journal directory held (its ``flock``) for its leftover segments: what a process
+    that wrote it left there. On its own, to replay another process's journal while that
+    process is not running, without writing into it (its spare stays for it)."""
 
-    def __init__(self, directory: Path, *, segment_bytes: int = SEGMENT_BYTES,
-                 checkpoint_s: float = CHECKPOINT_S,
-                 room_for: Callable[[int], bool] | None = None) -> None:
-        """``room_for(n)``: whether ``n`` more bytes may be preallocated (the node's disk
-        watermark); without room a segment simply grows as it is written."""
+    def __init__(self, directory: Path) -> None:
         self.directory = private_dir(directory)
-        self.segment_bytes = segment_bytes
-        self.checkpoint_s = checkpoint_s
-        self._room_for = room_for or (lambda n: True)
         self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -185,13 +181,38 @@ class IntakeJournal:
             os.close(self._lock_fd)
             raise JournalInUse(f"intake journal {directory} is in use by another process") \
                 from exc
+        self.leftover = sorted(self.directory.glob("*.journal"))
+
+    def drop_leftover(self) -> None:
+        """Delete the segments found at start once they are replayed and synced."""
+        for path in self.leftover:
+            path.unlink(missing_ok=True)
+        self.leftover = []
+        fsync_dir(self.directory)
+
+    def release(self) -> None:
+        """Let the directory go (the segments not dropped stay for the next holder)."""
+        os.close(self._lock_fd)
+
+
+class IntakeJournal(JournalLeftover):
+    """Append-only segments under ``directory``; see the module docstring."""
+
+    def __init__(self, directory: Path, *, segment_bytes: int = SEGMENT_BYTES,
+                 checkpoint_s: float = CHECKPOINT_S,
+                 room_for: Callable[[int], bool] | None = None) -> None:
+        """``room_for(n)``: whether ``n`` more bytes may be preallocated (the node's disk
+        watermark); without room a segment simply grows as it is written."""
+        super().__init__(directory)
+        self.segment_bytes = segment_bytes
+        self.checkpoint_s = checkpoint_s
+        self._room_for = room_for or (lambda n: True)
         self._cond = threading.Condition()
         self._checkpointing = threading.Lock()  # one checkpoint (and spare) at a time
         self._written = 0
         self._durable = 0
         self._syncing = False
         self._closed = False
-        self.leftover = sorted(self.directory.glob("*.journal"))
         spares = sorted(self.directory.glob(f"*{SPARE_SUFFIX}"))
         for extra in spares[:-1]:  # one is kept; more can only come from a crash
             extra.unlink()
@@ -390,16 +411,9 @@ class IntakeJournal:
                     self._spare = spare
             return len(segments)
 
-    def drop_leftover(self) -> None:
-        """Delete the segments found at start once they are replayed and synced."""
-        for path in self.leftover:
-            path.unlink(missing_ok=True)
-        self.leftover = []
-        fsync_dir(self.directory)
-
     def abandon(self) -> None:
-        """Release the directory without a checkpoint (a replay that failed): its
-        segments stay for the next opening."""
+        """Release the directory without a checkpoint (a replay, or the start after it,
+        that failed): the segments not yet dropped stay for the next opening."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -407,7 +421,7 @@ class IntakeJournal:
         os.close(self._current.fd)
         if self._current.size == 0:
             self._current.path.unlink(missing_ok=True)
-        os.close(self._lock_fd)
+        self.release()
 
     def close(self) -> None:
         """Final checkpoint, then release the directory (the spare is deleted: a
@@ -426,13 +440,13 @@ class IntakeJournal:
                 if self._spare is not None:
                     self._spare.unlink(missing_ok=True)
                     self._spare = None
-                os.close(self._lock_fd)
+                self.release()
 
 
 def journal_holder(directory: Path) -> int | None:
     """The process id holding the journal at ``directory`` (its ``flock``), read from
-    ``/proc/locks`` without taking the lock; ``None`` when no process holds it (or the
-    system does not say)."""
+    ``/proc/locks`` without taking the lock: 0 for a holder in another pid namespace,
+    ``None`` when no process holds it (or the system does not say)."""
     try:
         lock = os.stat(directory / "LOCK")
         table = Path("/proc/locks").read_text()
@@ -449,9 +463,13 @@ def journal_holder(directory: Path) -> int | None:
 
 def journal_records(directory: Path) -> int:
     """Records in the journal's segments at ``directory``: those not yet checkpointed
-    by the process holding it, or, when none holds it, those its next opening replays."""
-    return sum(1 for segment in sorted(directory.glob("*.journal"))
-               for _ in read_segment(segment))
+    by the process holding it, or, when none holds it, those its next opening replays.
+    A segment its process's checkpoint removes meanwhile counts none."""
+    count = 0
+    for segment in sorted(directory.glob("*.journal")):
+        with contextlib.suppress(FileNotFoundError):
+            count += sum(1 for _ in read_segment(segment))
+    return count
 
 
 def sync_written(paths: set[Path]) -> None:

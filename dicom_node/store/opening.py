@@ -48,17 +48,3 @@ def receiver_journals(config: NodeConfig) -> dict[int, Path]:
             found[int(number)] = path
     return found
 
-
-def apply_journal(store: InstanceStore, directory: Path) -> int:
-    """Replay the journal at ``directory`` (another receiver's) into ``store``'s index
-    and files, checkpoint it and release it; the records replayed.
-
-    Raises
-    ------
-    JournalInUse
-        A process holds it (that process applies its own records).
-    """
-    other = InstanceStore(store.db, store.files, store.space)
-    replayed = other.open_journal(directory)
-    other.close_journal()
-    return replayed

@@ -386,10 +386,12 @@ class UploadIntake:
         # disk: the node is told RECEIVED only once the row and the blob are durable).
         with self.store.engine.begin() as connection:
             found = connection.execute(
-                select(UpdateRow.status).where(UpdateRow.update_id == header.update_id)
+                select(*_KEPT).where(UpdateRow.update_id == header.update_id)
                 .with_for_update()).one_or_none()
             if found is None:
                 raise NotFound(f"update {header.update_id} vanished during upload")
+            if found.status != UpdateStatus.PARTIAL:  # a replica's stream took it first
+                return self._status(found)
             self.blobs.adopt(staged, header.sha256)
             connection.execute(
                 update_rows(UpdateRow).where(UpdateRow.update_id == header.update_id)

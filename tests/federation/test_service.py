@@ -12,6 +12,7 @@ from safetensors.numpy import load, save
 from sqlalchemy import event
 
 from federation_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from federation_grpc.hub import aggregator as aggregator_module
 from federation_grpc.hub.domain import UploadState, UploadStatus
 from federation_grpc.hub.service import HubService
 from federation_grpc.hub.store import UpdateRow
@@ -238,16 +239,43 @@ def test_the_updates_of_a_burst_are_taken_by_one_pass_of_the_aggregator(
         passes.append(1)
         return real()
 
+    def after(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(passes) < count:
+            assert time.monotonic() < deadline, f"{count} pass(es) expected, {len(passes)}"
+            time.sleep(0.05)
+
     monkeypatch.setattr(service.aggregator, "process_pending", counted)
-    service.aggregator.settle_s = 1.0
+    monkeypatch.setattr(aggregator_module, "_TICK_S", 600.0)  # no pass but the woken
+    service.aggregator.settle_s = 2.0
     service.aggregator.start()
     try:
-        time.sleep(2.5)  # the pass at start (what a restart left RECEIVED) is over
+        after(1)  # the pass at start (what a restart left RECEIVED)
         passes.clear()
-        for _ in range(20):  # a burst over about 0.2 s
+        for _ in range(20):  # a burst over about 0.2 s, well inside the settling time
             service.aggregator.wake()
             time.sleep(0.01)
-        time.sleep(2.0)  # well past the settling time, well before the 5 s tick
+        after(1)
+        time.sleep(0.5)
         assert len(passes) == 1
     finally:
         service.aggregator.stop()
+
+
+def test_an_update_another_replica_took_first_is_not_taken_again(service: HubService) -> None:
+    """Replicas share the database; each guards only its own streams. A stream that
+    completes an update another replica already received reports that state and
+    leaves the row as it is."""
+    node = enrol(service)
+    payload, header = make_update(small_model())
+    opened = service.uploads.begin(node, header)
+    assert isinstance(opened, UploadSession)
+    opened.write(payload)
+    with service.store.session() as session:  # the other replica's stream, and a merge
+        row = session.get(UpdateRow, header.update_id)
+        assert row is not None
+        row.status, row.merged_into = "merged", 0
+    status = opened.finish()
+    assert status.state == UploadState.MERGED and status.merged_into == 0
+    with service.store.session() as session:
+        assert session.get(UpdateRow, header.update_id).status == "merged"  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from dicom_node.store.files import InstanceFiles
 from dicom_node.store.instances import IngestOutcome, InstanceStore, Peer, dataset_digest
 from dicom_node.store.intent import intent_of
 from dicom_node.store.journal import (
+    SPARE_SUFFIX,
     IntakeJournal,
     JournalInUse,
     frame,
@@ -23,7 +24,6 @@ from dicom_node.store.journal import (
     journal_records,
     read_segment,
 )
-from dicom_node.store.opening import apply_journal
 from tests.node.conftest import make_ct_series
 
 
@@ -116,6 +116,8 @@ def test_a_replay_that_fails_lets_the_journal_go_and_keeps_its_records(
     directory = tmp_path / "intake-1"
     directory.mkdir(mode=0o700)
     (directory / "000000000001.journal").write_bytes(b"".join(records))
+    spare = directory / f"000000000002{SPARE_SUFFIX}"
+    spare.write_bytes(bytes(4096))  # its receiver's, for its next start
     assert journal_holder(directory) is None and journal_records(directory) == 3
 
     store = make_store(tmp_path)
@@ -130,18 +132,34 @@ def test_a_replay_that_fails_lets_the_journal_go_and_keeps_its_records(
 
     monkeypatch.setattr(InstanceStore, "_apply", fail_on_the_second)
     with pytest.raises(OSError, match="disk went away"):
-        apply_journal(store, directory)
+        store.replay_journal(directory)
     assert len(calls) == 2
     assert journal_holder(directory) is None and journal_records(directory) == 3
 
     monkeypatch.setattr(InstanceStore, "_apply", real)
-    assert apply_journal(store, directory) == 3
-    assert journal_records(directory) == 0
+    assert store.replay_journal(directory) == 3
+    assert journal_records(directory) == 0 and journal_holder(directory) is None
+    # Replayed without journaling into it: no segment of its own, the spare untouched.
+    assert sorted(p.name for p in directory.iterdir()) == sorted(["LOCK", spare.name])
+    assert spare.stat().st_size == 4096
     with store.db.session() as s:
         from sqlalchemy import func, select
 
         from dicom_node.store.models import Instance
         assert s.execute(select(func.count()).select_from(Instance)).scalar_one() == 3
+
+
+def test_a_journal_whose_start_fails_is_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(self: IntakeJournal, sync_index: object) -> None:
+        raise OSError("no thread to be had")
+
+    monkeypatch.setattr(IntakeJournal, "start", fail)
+    store = make_store(tmp_path)
+    with pytest.raises(OSError, match="no thread"):
+        store.open_journal(tmp_path / "intake")
+    assert journal_holder(tmp_path / "intake") is None
 
 
 def test_the_holder_of_a_journal_is_read_without_taking_it(tmp_path: Path) -> None:
