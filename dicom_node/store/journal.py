@@ -411,9 +411,9 @@ class IntakeJournal(JournalLeftover):
                     self._spare = spare
             return len(segments)
 
-    def abandon(self) -> None:
-        """Release the directory without a checkpoint (a replay, or the start after it,
-        that failed): the segments not yet dropped stay for the next opening."""
+    def _stop_writing(self) -> None:
+        """No more records: the checkpointer ends, the current segment is closed (and
+        deleted when nothing was written to it)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -421,6 +421,11 @@ class IntakeJournal(JournalLeftover):
         os.close(self._current.fd)
         if self._current.size == 0:
             self._current.path.unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """Release the directory without a checkpoint (a replay, or the start after it,
+        that failed): the segments not yet dropped stay for the next opening."""
+        self._stop_writing()
         self.release()
 
     def close(self) -> None:
@@ -430,13 +435,7 @@ class IntakeJournal(JournalLeftover):
             self.checkpoint()
         finally:
             with self._checkpointing:
-                with self._cond:
-                    self._closed = True
-                    self._cond.notify_all()
-                self._due.set()
-                os.close(self._current.fd)
-                if self._current.size == 0:
-                    self._current.path.unlink(missing_ok=True)
+                self._stop_writing()
                 if self._spare is not None:
                     self._spare.unlink(missing_ok=True)
                     self._spare = None

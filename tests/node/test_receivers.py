@@ -165,14 +165,17 @@ def test_a_receiver_killed_mid_send_is_restarted_and_what_it_acknowledged_is_ind
             what="every acknowledged instance indexed after the restart")
         for path in acknowledged:
             assert dataset_bytes(stored[uid_of[path]]) == dataset_bytes(path)
-        # The new receiver takes the rest.
-        rest = [f for f in series.files if f not in acknowledged]
-        result = storescu(node.port, *rest)
-        assert result.returncode == 0, result.stdout + result.stderr
-        wait_until(lambda: index.instance_count() == len(series.files), timeout=60,
-                   what="the whole series indexed")
+        send_the_rest(node.port, series.files, acknowledged, index)  # the new receiver
     finally:
         index.close()
+
+
+def send_the_rest(port: int, files: list[Path], acknowledged: set[Path], index: Index) -> None:
+    """Send what was not acknowledged; then the whole series is indexed."""
+    result = storescu(port, *[f for f in files if f not in acknowledged])
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until(lambda: index.instance_count() == len(files), timeout=60,
+               what="the whole series indexed")
 
 
 def test_a_receiver_that_cannot_start_again_leaves_nothing_it_acknowledged_unindexed(
@@ -210,12 +213,7 @@ def test_a_receiver_that_cannot_start_again_leaves_nothing_it_acknowledged_unind
         assert after[0]["held_by"] == os.getpid() and after[1]["records"] == 0
         assert "not held, 0 record(s)" in render_status(
             {**node_status(node.parts.db), "intake_journals": list(after.values())})
-        # The node's own SCP takes the rest meanwhile.
-        rest = [f for f in series.files if f not in acknowledged]
-        result = storescu(node.port, *rest)
-        assert result.returncode == 0, result.stdout + result.stderr
-        wait_until(lambda: index.instance_count() == len(series.files), timeout=60,
-                   what="the whole series indexed")
+        send_the_rest(node.port, series.files, acknowledged, index)  # the node's own SCP
     finally:
         index.close()
 
