@@ -46,6 +46,10 @@ from federation_grpc.hub.tensorfile import read_tensors
 LOGGER = logging.getLogger(__name__)
 
 _TICK_S = 5.0
+# The received updates by base generation, at every wake: built once.
+_WAITING_BY_BASE = (select(UpdateRow.base_generation, func.count())
+                    .where(UpdateRow.status == UpdateStatus.RECEIVED)
+                    .group_by(UpdateRow.base_generation))
 SETTLE_S = 0.05
 
 
@@ -148,12 +152,8 @@ class Aggregator:
         off it waits to be refused. Counted by base generation in one query: the hub
         wakes the aggregator at every received update, and loading every waiting row at
         each wake made a burst into a buffer (FedBuff) cost its square."""
-        with self.store.session() as session:
-            waiting = session.execute(
-                select(UpdateRow.base_generation, func.count())
-                .where(UpdateRow.status == UpdateStatus.RECEIVED)
-                .group_by(UpdateRow.base_generation)
-            ).all()
+        with self.store.engine.connect() as connection:
+            waiting = connection.execute(_WAITING_BY_BASE).all()
         lineage = set(self.ledger.lineage(current))
         on_lineage = sum(count for base, count in waiting if base in lineage)
         return on_lineage >= size or any(base not in lineage for base, _ in waiting)
