@@ -154,19 +154,16 @@ def prepare(args: argparse.Namespace, work: Path) -> Prepared:
     model = make_model(args.size_mb)
     print(f"preparing {args.clients} updates of {args.size_mb:g} MB ...", flush=True)
     updates = [make_update(model, i) for i in range(args.clients)]
-    return fresh_hub(args, Prepared(work, names, certs, work / "hub.toml", [], updates),
-                     work, model)
+    return fresh_hub(args, Prepared(work, names, certs, work / "hub.toml", [], updates), work)
 
 
-def fresh_hub(args: argparse.Namespace, p: Prepared, work: Path,
-              model: dict[str, np.ndarray] | None = None) -> Prepared:
+def fresh_hub(args: argparse.Namespace, p: Prepared, work: Path) -> Prepared:
     """A new hub under ``work`` (config, generation 0, a token per node) for ``p``'s
-    nodes and updates."""
+    nodes and updates (generation 0 is ``make_model``'s, the same every time)."""
     config_path = work / "hub.toml"
     write_config(config_path, work / "data", p.certs, args.strategy, args.buffer_size)
     setup = HubService(load_config(config_path))
-    setup.init_model(save(model if model is not None else make_model(args.size_mb)),
-                     json.dumps({"architecture": "bench"}))
+    setup.init_model(save(make_model(args.size_mb)), json.dumps({"architecture": "bench"}))
     tokens = [setup.create_enrolment_token()[0] for _ in range(args.clients)]
     setup.close()
     return replace(p, work=work, config_path=config_path, tokens=tokens)

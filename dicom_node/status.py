@@ -227,9 +227,13 @@ def render_status(status: dict[str, Any]) -> str:
     if status.get("intake_journals"):
         lines.append("Intake journals (receiving process: holder, records not checkpointed):")
         for j in status["intake_journals"]:
-            holder = ("not held" if j["held_by"] is None else f"held by pid {j['held_by']}"
-                      if j["held_by"] else "held (by a process not visible from here)")
             note = ""
+            if j["held_by"] is None:
+                holder = "not held"
+            elif j["held_by"]:
+                holder = f"held by pid {j['held_by']}"
+            else:  # a process in another pid namespace
+                holder = "held (by a process not visible from here)"
             if j["held_by"] is None and j["records"]:
                 note = (" (replayed at the node's next start: dicom.receivers no longer "
                         "runs it)" if j["retired"] else " (replayed when the node starts its "

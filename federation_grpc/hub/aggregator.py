@@ -46,11 +46,11 @@ from federation_grpc.hub.tensorfile import read_tensors
 LOGGER = logging.getLogger(__name__)
 
 _TICK_S = 5.0
+SETTLE_S = 0.05
 # The received updates by base generation, at every wake: built once.
 _WAITING_BY_BASE = (select(UpdateRow.base_generation, func.count())
                     .where(UpdateRow.status == UpdateStatus.RECEIVED)
                     .group_by(UpdateRow.base_generation))
-SETTLE_S = 0.05
 
 
 class Aggregator:
@@ -125,9 +125,10 @@ class Aggregator:
                 if current is None:
                     return made
                 size = max(1, self.strategy.batch_size())
-                if not self._may_merge(current, size):
+                lineage = set(self.ledger.lineage(current))
+                if not self._may_merge(lineage, size):
                     return made
-                pending = self._pending_in_lineage(current)
+                pending = self._pending_in_lineage(current, lineage)
                 if len(pending) < size:
                     return made
                 number = self._merge(pending[: max(size, self.strategy.max_batch())])
@@ -147,19 +148,19 @@ class Aggregator:
                 )
             )
 
-    def _may_merge(self, current: int, size: int) -> bool:
-        """Whether ``size`` received updates on the lineage of ``current`` wait, or one
-        off it waits to be refused. Counted by base generation in one query: the hub
+    def _may_merge(self, lineage: set[int], size: int) -> bool:
+        """Whether ``size`` received updates on ``lineage`` (the current generation's)
+        wait, or one off it waits to be refused. Counted by base generation in one query: the hub
         wakes the aggregator at every received update, and loading every waiting row at
         each wake made a burst into a buffer (FedBuff) cost its square."""
         with self.store.engine.connect() as connection:
             waiting = connection.execute(_WAITING_BY_BASE).all()
-        lineage = set(self.ledger.lineage(current))
         on_lineage = sum(count for base, count in waiting if base in lineage)
         return on_lineage >= size or any(base not in lineage for base, _ in waiting)
 
-    def _pending_in_lineage(self, current: int) -> list[UpdateRow]:
-        lineage = set(self.ledger.lineage(current))
+    def _pending_in_lineage(self, current: int, lineage: set[int]) -> list[UpdateRow]:
+        """Received updates on ``lineage`` (``current``'s), oldest first; those off it are
+        refused."""
         keep = []
         for row in self.pending_updates():
             if row.base_generation in lineage:

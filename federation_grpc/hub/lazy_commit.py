@@ -33,7 +33,7 @@ def lazy_connection(store: HubStore) -> Iterator[Connection]:
     """A connection in a transaction that commits at the end (or rolls back on an
     exception) without waiting for the disk. Only for rows whose loss in a power cut is
     harmless. Core statements, not an ORM session: an upload's row is one statement or
-    two, and a session's unit of work cost more than they did."""
+    two."""
     dialect = store.engine.dialect.name
     if dialect != "sqlite":
         with store.engine.begin() as connection:

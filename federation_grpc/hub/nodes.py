@@ -35,7 +35,7 @@ from federation_grpc.hub.store import (
 
 LOGGER = logging.getLogger(__name__)
 
-# Before every RPC a node makes; built once (building it cost more than running it).
+# Before every RPC a node makes: built once, as an upload's statements are (uploads.py).
 _BY_TOKEN = (select(NodeRow.node_id, NodeRow.revoked, NodeRow.cert_sha256)
              .where(NodeRow.token_sha256 == bindparam("token")))
 
@@ -136,7 +136,6 @@ class NodeRegistry:
         if not node_token:
             raise Unauthenticated("missing node token (metadata 'authorization: Bearer ...')")
         with self.store.engine.begin() as connection:
-            # Core on a connection, not the ORM: this runs before every RPC a node makes.
             row = connection.execute(_BY_TOKEN, {"token": hash_token(node_token)}).one_or_none()
             if row is None:
                 raise Unauthenticated("unknown node token")
