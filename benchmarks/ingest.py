@@ -35,7 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from harness import ECHOSCU, STORESCP, STORESCU, load_average, missing_peer, peak_rss_mib, wait_for
+from harness import (
+    ECHOSCU,
+    STORESCP,
+    STORESCU,
+    cpu_seconds,
+    load_average,
+    missing_peer,
+    peak_rss_mib,
+    wait_for,
+)
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from receivers import ORTHANC, orthanc_fsyncs, send_all, start
@@ -73,6 +82,17 @@ def make_instances(directory: Path, count: int) -> list[Path]:
 class Result:
     rate: float
     rss_mib: float
+    cpu_ms: float  # the receiver's CPU per instance, its processes together, until indexed
+    sender_ms: float  # storescu's CPU per instance
+
+
+def tree_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each process still alive."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = cpu_seconds(pid)
+    return out
 
 
 def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int) -> Result:
@@ -81,15 +101,20 @@ def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int) -> R
     work.mkdir()
     receiver = start(name, work)
     try:
+        before, senders = tree_cpu(receiver.pids), os.times()
         elapsed = send_all(receiver.ports, receiver.called, batches)
+        senders_cpu = sum(os.times()[2:4]) - sum(senders[2:4])  # the reaped storescus
         with contextlib.suppress(TimeoutError):  # the bare SCP counts at release
             wait_for(lambda: receiver.count() >= len(files), 10, f"{name}'s count")
         stored = receiver.count()
         if stored != len(files):
             raise RuntimeError(f"{name} holds {stored} of {len(files)} instances")
+        after = tree_cpu(receiver.pids)
+        used = sum(after[pid] - before.get(pid, 0.0) for pid in after)
         # The node's receiving processes included: the sum of each one's peak.
         rss = sum(peak_rss_mib(pid) for pid in receiver.pids)
-        return Result(len(files) / elapsed, rss)
+        return Result(len(files) / elapsed, rss, 1000 * used / len(files),
+                      1000 * senders_cpu / len(files))
     finally:
         receiver.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -119,6 +144,7 @@ def repetitions(targets: list[str], batches: list[list[Path]], scratch: Path,
             result = run_once(name, batches, scratch, rep)
             results[name].append(result)
             print(f"  rep {rep + 1} {name:<9} {result.rate:7.1f} instances/s  "
+                  f"CPU {result.cpu_ms:4.2f} ms/instance (storescu {result.sender_ms:4.2f})  "
                   f"peak RSS {result.rss_mib:6.0f} MiB  load {load_average(1)}", flush=True)
     return results
 
@@ -132,6 +158,15 @@ def report(results: dict[str, list[Result]], associations: int) -> None:
         spread = ", ".join(f"{r.rate:.0f}" for r in results[name])
         rss = max(r.rss_mib for r in results[name])
         print(f"  {name:<9} {value:7.1f}   ({spread})  peak RSS {rss:.0f} MiB")
+    cpus = os.cpu_count() or 1
+    print(f"\nCPU per instance, median (ms; the receiver's processes until every instance "
+          f"is indexed, and the storescu senders); the ceiling is what {cpus} CPUs allow "
+          "when receiver and senders share them")
+    for name, rs in results.items():
+        cpu = statistics.median(r.cpu_ms for r in rs)
+        sender = statistics.median(r.sender_ms for r in rs)
+        print(f"  {name:<9} {cpu:5.2f} + storescu {sender:4.2f}  ceiling "
+              f"{1000 * cpus / (cpu + sender):7.1f} instances/s")
     peers = [t for t in medians if t in ("storescp", "orthanc", "bare") or
              t.startswith("bare:")]
     for node in (t for t in medians if t == "node" or t.startswith("node:")):

@@ -15,6 +15,7 @@ Subclasses of :class:`ThreadedAssociationServer` and its request handler:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import socket
@@ -23,7 +24,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from copy import deepcopy
 from datetime import datetime
 from typing import Any
 
@@ -84,7 +84,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        assoc.acceptor.supported_contexts = deepcopy(server.contexts)
+        assoc.acceptor.supported_contexts = acceptor_contexts(server.contexts)
         assoc.requestor.address_info = self.remote
         for event, handlers in server._handlers.items():
             if event.is_intervention and handlers:
@@ -93,6 +93,19 @@ class GuardedRequestHandler(RequestHandler):
                 for handler, args in handlers:  # type: ignore[misc]
                     assoc.bind(event, handler, args)
         return assoc
+
+
+def acceptor_contexts(contexts: list[Any]) -> list[Any]:
+    """An association's own copy of the server's presentation contexts.
+
+    pynetdicom deep-copies them for every association. The node supports every storage
+    SOP class in every transfer syntax (171 contexts, 39 syntaxes each), and a deep copy
+    builds each of those 6,669 UIDs again, validating each with a regular expression:
+    51 ms of CPU per association, measured. Negotiation only reads the acceptor's
+    contexts (it answers with contexts of its own), so each is copied shallowly: its
+    attributes are its own, the UIDs (immutable) and the list of transfer syntaxes
+    are shared with the server's."""
+    return [copy.copy(context) for context in contexts]
 
 
 def _nothing() -> None:
