@@ -15,6 +15,7 @@ import typer
 
 from dicom_node.config import EXAMPLE_CONFIG, NodeConfig, load_config
 from dicom_node.errors import ConfigError
+from dicom_node.startup_heap import freeze_startup_objects
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -65,7 +66,9 @@ def run_until_signal(make: Callable[[], Node], announce: Callable[[Node], dict[s
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        node = make().start()
+        built = make()
+        freeze_startup_objects()  # built, not started: no work in flight yet
+        node = built.start()
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
