@@ -178,3 +178,35 @@ def test_data_set_far_over_the_limit_is_dropped_as_it_arrives_and_gets_a700(
     assert len(events) == 1 and "data set of more than" in (events[0].reason or ""), \
         [e.reason for e in events]
     assert open_index(data_dir).instance_count() == 0
+
+
+
+def test_a_command_uid_pydicom_would_warn_about_is_refused_without_its_warning(
+    tmp_path: Path, chunked_send_without_uid_checks: None,
+    start_node: Callable[..., Node], open_index: Callable[[Path], Index],
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node reads values without pydicom's validation (``read_values_unvalidated``),
+    which would only warn, quoting the peer's value, and cost a regular expression per
+    value. A command's UID with letters and a terminal escape is refused by the node's
+    own check as before, and nothing of pydicom's is logged from the node's threads."""
+    caplog.set_level(logging.DEBUG)
+    series = make_ct_series(tmp_path / "ct", 1)
+    odd_uid = "1.2.826.abc\x1b[2J"
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(part10(encode(pydicom.dcmread(series.files[0])), CTImageStorage, odd_uid))
+    data_dir = tmp_path / "node"
+    node = start_node(node_config_data(data_dir))
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # the SCU's own records
+    ae = AE(ae_title="ODDUID")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(bad)
+        assert status and int(status.Status) == 0xA900, status
+    finally:
+        assoc.release()
+    assert open_index(data_dir).instance_count() == 0
+    assert not [(r.name, r.getMessage()) for r in caplog.records
+                if r.name.startswith("pydicom") and r.threadName != "MainThread"]
