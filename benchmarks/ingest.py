@@ -6,7 +6,7 @@ storage every repetition, repetitions interleaved across receivers. Prints the
 median instances/s of each and the ratios node/storescp and node/Orthanc.
 
     python benchmarks/ingest.py [--count 500] [--repeats 3] [--associations 1] [--profile]
-        [--targets node,node:2,storescp,orthanc,bare]
+        [--per-association K] [--targets node,node:2,storescp,orthanc,bare]
 
 Receivers: the node, dcmtk storescp, Orthanc and a bare pynetdicom SCP that accepts and
 discards (``bare_scp.py``: pynetdicom's own floor); ``node:N`` in ``--targets`` is the
@@ -14,8 +14,10 @@ node with N receiving processes (``dicom.receivers``), its peak RSS their sum, a
 ``bare:N`` N bare pynetdicom SCPs on their own ports, the associations split evenly
 among them (pynetdicom's own ceiling on N processes).
 ``--associations N`` splits the instances into N series sent by N storescu processes in
-parallel. Each figure comes with
-the load average and the receiver's peak RSS; whether Orthanc fsyncs is checked with
+parallel, and ``--per-association K`` has each send its series in associations of K
+instances, one after another (what an association costs). Each figure comes with
+the load average, the receiver's peak RSS and its CPU per instance (with the ceiling
+the machine's CPUs allow); whether Orthanc fsyncs is checked with
 strace. ``--profile`` also runs the node in-process under cProfile (every thread) for
 one send and prints a per-stage breakdown and the functions where the time goes. Every
 wait is bounded.
@@ -95,14 +97,15 @@ def tree_cpu(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int) -> Result:
+def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int,
+             per_association: int = 0) -> Result:
     files = [f for b in batches for f in b]
     work = scratch / f"{name}-{rep}"
     work.mkdir()
     receiver = start(name, work)
     try:
         before, senders = tree_cpu(receiver.pids), os.times()
-        elapsed = send_all(receiver.ports, receiver.called, batches)
+        elapsed = send_all(receiver.ports, receiver.called, batches, per_association)
         senders_cpu = sum(os.times()[2:4]) - sum(senders[2:4])  # the reaped storescus
         with contextlib.suppress(TimeoutError):  # the bare SCP counts at release
             wait_for(lambda: receiver.count() >= len(files), 10, f"{name}'s count")
@@ -132,16 +135,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--associations", type=int, default=1,
                         help="storescu processes in parallel, each with its own series")
+    parser.add_argument("--per-association", type=int, default=0, metavar="K",
+                        help="each storescu process sends its series in associations of K "
+                             "instances, one after another (a PACS that opens one per "
+                             "study or per few instances); 0: its whole series in one")
     return parser.parse_args(argv)
 
 
 def repetitions(targets: list[str], batches: list[list[Path]], scratch: Path,
-                repeats: int) -> dict[str, list[Result]]:
+                repeats: int, per_association: int = 0) -> dict[str, list[Result]]:
     """Every receiver once per repetition, interleaved; a line per send."""
     results: dict[str, list[Result]] = {t: [] for t in targets}
     for rep in range(repeats):
         for name in targets:
-            result = run_once(name, batches, scratch, rep)
+            result = run_once(name, batches, scratch, rep, per_association)
             results[name].append(result)
             print(f"  rep {rep + 1} {name:<9} {result.rate:7.1f} instances/s  "
                   f"CPU {result.cpu_ms:4.2f} ms/instance (storescu {result.sender_ms:4.2f})  "
@@ -191,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         files = [f for b in batches for f in b]
         size = sum(f.stat().st_size for f in files)
         print(f"{len(files)} instances ({size / len(files) / 1024:.1f} KiB each) in "
-              f"{args.associations} association(s) in parallel, one series each, "
+              f"{args.associations} association(s) in parallel, one series each"
+              + (f" (sent {args.per_association} instance(s) per association)"
+                 if args.per_association else "") + ", "
               f"{args.repeats} repetitions, storescu with TCP_NODELAY=1; "
               f"{os.cpu_count()} CPUs, load average {load_average(1)}", flush=True)
-        report(repetitions(targets, batches, scratch, args.repeats), args.associations)
+        report(repetitions(targets, batches, scratch, args.repeats, args.per_association),
+               args.associations)
         if "orthanc" in targets:
             print(orthanc_fsyncs(files[:20], scratch))
         if args.profile:

@@ -64,21 +64,26 @@ class Receiver:
                 self.proc.wait(10)
 
 
-def send(port: int, called: str, files: list[Path]) -> float:
-    """Seconds storescu needs to send ``files`` in one association (fails loudly)."""
-    return storescu(port, called, files, calling=CALLING)
+def send(port: int, called: str, files: list[Path], per_association: int = 0) -> float:
+    """Seconds storescu needs to send ``files`` in one association, or one after another
+    in associations of ``per_association`` instances each (fails loudly)."""
+    step = per_association or len(files)
+    return sum(storescu(port, called, files[i:i + step], calling=CALLING)
+               for i in range(0, len(files), step))
 
 
-def send_all(ports: list[int], called: str, batches: list[list[Path]]) -> float:
-    """Seconds until every batch is sent, one storescu (association) per batch, all in
-    parallel; batch i goes to ``ports[i % len(ports)]``."""
+def send_all(ports: list[int], called: str, batches: list[list[Path]],
+             per_association: int = 0) -> float:
+    """Seconds until every batch is sent, one storescu per batch, all in parallel, each
+    in one association or in associations of ``per_association`` instances one after
+    another; batch i goes to ``ports[i % len(ports)]``."""
     if len(batches) == 1:
-        return send(ports[0], called, batches[0])
+        return send(ports[0], called, batches[0], per_association)
     errors: list[BaseException] = []
 
     def one(port: int, batch: list[Path]) -> None:
         try:
-            send(port, called, batch)
+            send(port, called, batch, per_association)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
