@@ -113,6 +113,9 @@ def run_once(name: str, batches: list[list[Path]], scratch: Path, rep: int,
         if stored != len(files):
             raise RuntimeError(f"{name} holds {stored} of {len(files)} instances")
         after = tree_cpu(receiver.pids)
+        if set(after) != set(before):  # a receiving process exited (and was replaced)
+            print(f"  ({name}: its processes changed during the send, {sorted(before)} -> "
+                  f"{sorted(after)}: its CPU figure is not comparable)", flush=True)
         used = sum(after[pid] - before.get(pid, 0.0) for pid in after)
         # The node's receiving processes included: the sum of each one's peak.
         rss = sum(peak_rss_mib(pid) for pid in receiver.pids)
@@ -138,7 +141,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--per-association", type=int, default=0, metavar="K",
                         help="each storescu process sends its series in associations of K "
                              "instances, one after another (a PACS that opens one per "
-                             "study or per few instances); 0: its whole series in one")
+                             "study or per few instances); 0: its whole series in one. The "
+                             "rate then includes storescu's start per association: the "
+                             "receiver's CPU per instance is the figure to compare")
     return parser.parse_args(argv)
 
 
@@ -165,7 +170,7 @@ def report(results: dict[str, list[Result]], associations: int) -> None:
         spread = ", ".join(f"{r.rate:.0f}" for r in results[name])
         rss = max(r.rss_mib for r in results[name])
         print(f"  {name:<9} {value:7.1f}   ({spread})  peak RSS {rss:.0f} MiB")
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0))
     print(f"\nCPU per instance, median (ms; the receiver's processes until every instance "
           f"is indexed, and the storescu senders); the ceiling is what {cpus} CPUs allow "
           "when receiver and senders share them")
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (sent {args.per_association} instance(s) per association)"
                  if args.per_association else "") + ", "
               f"{args.repeats} repetitions, storescu with TCP_NODELAY=1; "
-              f"{os.cpu_count()} CPUs, load average {load_average(1)}", flush=True)
+              f"{len(os.sched_getaffinity(0))} CPUs, load average {load_average(1)}", flush=True)
         report(repetitions(targets, batches, scratch, args.repeats, args.per_association),
                args.associations)
         if "orthanc" in targets:

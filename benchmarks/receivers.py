@@ -89,14 +89,18 @@ def send_all(ports: list[int], called: str, batches: list[list[Path]],
 
     threads = [threading.Thread(target=one, args=(ports[i % len(ports)], b))
                for i, b in enumerate(batches)]
+    # Each storescu run is bounded by SEND_TIMEOUT_S; a batch is one or several runs.
+    runs = max(-(-len(b) // (per_association or len(b) or 1)) for b in batches)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(SEND_TIMEOUT_S + 10)
+        t.join(SEND_TIMEOUT_S * runs + 10)
     elapsed = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} storescu failed: {errors[0]}")
+    if any(t.is_alive() for t in threads):
+        raise RuntimeError("a storescu sender did not finish in time")
     return elapsed
 
 

@@ -15,7 +15,7 @@ import typer
 
 from dicom_node.config import EXAMPLE_CONFIG, NodeConfig, load_config
 from dicom_node.errors import ConfigError
-from dicom_node.startup_heap import freeze_startup_objects
+from dicom_node.node_process import prepare_process
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -67,7 +67,7 @@ def run_until_signal(make: Callable[[], Node], announce: Callable[[Node], dict[s
         signal.signal(sig, lambda *_: stop.set())
     try:
         built = make()
-        freeze_startup_objects()  # built, not started: no work in flight yet
+        prepare_process()  # built, not started: no work in flight yet
         node = built.start()
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)

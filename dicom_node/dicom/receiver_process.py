@@ -33,8 +33,8 @@ import threading
 from dicom_node.config import NodeConfig
 from dicom_node.dicom.scp import serve_handed
 from dicom_node.errors import DicomNodeError
+from dicom_node.node_process import prepare_process
 from dicom_node.prometheus import forward_counts
-from dicom_node.startup_heap import freeze_startup_objects
 from dicom_node.store.opening import journal_dir, open_store
 
 LOGGER = logging.getLogger("dicom_node.dicom.receiver_process")  # also when run as __main__
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     forward_counts(lambda name, labels: say({"count": name, "labels": list(labels)}))
     store = open_store(config, create_schema=False)
-    freeze_startup_objects()  # built; the replay and the associations come after
+    prepare_process()  # built; the replay and the associations come after
     try:
         replayed = store.open_journal(journal_dir(config, args.number))
     except (DicomNodeError, OSError) as exc:

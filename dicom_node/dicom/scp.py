@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import pydicom.config
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
@@ -233,21 +232,6 @@ class RunningSCP:
         self.ae.shutdown()
 
 
-def read_values_unvalidated() -> None:
-    """Turn off pydicom's validation of the values it reads, for this process.
-
-    By default pydicom checks every value it reads against its VR (a regular expression
-    for each UID, date, code string, ...) and, on a mismatch, only warns, quoting the
-    value: nothing is refused. pynetdicom reads every UID of an association request and
-    of each DIMSE command this way. The node refuses what it must itself: the command's
-    UIDs (:func:`~dicom_node.dicom.association.invalid_command_uid`), the index's values
-    and the data set's structure (:mod:`dicom_node.dicom.parse`), with messages that
-    quote a peer's text escaped and truncated. Measured with py-spy, this validation was
-    about a fifth of the node's CPU for an association's request and a twentieth for
-    each instance."""
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-
-
 def build_ae(settings: DicomSettings) -> AE:
     ae = NodeAE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
@@ -338,7 +322,6 @@ def _serve(settings: DicomSettings, store: InstanceStore, on_stored: StoredCallb
            address: tuple[str, int], server_class: type[GuardedAssociationServer],
            **server_args: Any) -> RunningSCP:
     escape_library_logs("pynetdicom")
-    read_values_unvalidated()
     ae = build_ae(settings)
     ae.maximum_associations = -(-settings.max_associations // share)
     max_bytes = int(settings.max_instance_mb * 1024 * 1024)

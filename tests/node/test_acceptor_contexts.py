@@ -6,6 +6,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from dicom_node.config.sections import DicomSettings
@@ -34,6 +37,29 @@ def test_an_association_gets_its_own_contexts_over_the_same_uids() -> None:
     assert (server[0].context_id, server[0].result) == (None, None)
 
 
+def test_a_running_association_holds_its_own_contexts_over_the_servers_uids(
+        start_node, tmp_path: Path) -> None:
+    """What an accepted association holds is built by ``acceptor_contexts``: new context
+    objects over the very UID objects of the server's (a deep copy rebuilds them)."""
+    node = start_node(node_config_data(tmp_path / "node"))
+    ae = AE(ae_title="SHARED")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    try:
+        server = node.scp.server
+        accepted = wait_until(lambda: server.active_associations, timeout=10,
+                              what="the node's side of the association")
+        held = accepted[0].acceptor.supported_contexts
+        assert len(held) == len(server.contexts)
+        for mine, theirs in zip(held, server.contexts, strict=True):
+            assert mine is not theirs
+            assert mine.abstract_syntax is theirs.abstract_syntax
+    finally:
+        assoc.release()
+
+
+@pytest.mark.peers
 def test_concurrent_associations_each_negotiate_their_own_transfer_syntax(
         start_node, open_index, tmp_path: Path) -> None:
     """Two storescu at once, one proposing only Implicit VR Little Endian, the other only

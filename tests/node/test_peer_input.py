@@ -25,10 +25,12 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from dicom_node.node import Node
 from tests.node.conftest import (
     Index,
+    NodeProcess,
     echoscu,
     make_ct_series,
     node_config_data,
     wait_until,
+    write_node_config,
 )
 from tests.node.test_malformed import encode, part10
 
@@ -181,22 +183,26 @@ def test_data_set_far_over_the_limit_is_dropped_as_it_arrives_and_gets_a700(
 
 
 
+
+@pytest.mark.parametrize("receivers", [1, 2])
 def test_a_command_uid_pydicom_would_warn_about_is_refused_without_its_warning(
-    tmp_path: Path, chunked_send_without_uid_checks: None,
-    start_node: Callable[..., Node], open_index: Callable[[Path], Index],
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    receivers: int, tmp_path: Path, chunked_send_without_uid_checks: None,
+    node_process: Callable[..., NodeProcess], open_index: Callable[[Path], Index],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The node reads values without pydicom's validation (``read_values_unvalidated``),
-    which would only warn, quoting the peer's value, and cost a regular expression per
-    value. A command's UID with letters and a terminal escape is refused by the node's
-    own check as before, and nothing of pydicom's is logged from the node's threads."""
-    caplog.set_level(logging.DEBUG)
+    """``tessera node serve`` reads values without pydicom's validation
+    (``node_process.prepare_process``), which would only warn, quoting the peer's value,
+    and cost a regular expression per value; so does each receiving process. A command's
+    UID with letters and a terminal escape is refused by the node's own check as before,
+    and pydicom says nothing."""
     series = make_ct_series(tmp_path / "ct", 1)
     odd_uid = "1.2.826.abc\x1b[2J"
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(part10(encode(pydicom.dcmread(series.files[0])), CTImageStorage, odd_uid))
     data_dir = tmp_path / "node"
-    node = start_node(node_config_data(data_dir))
+    config = node_config_data(data_dir)
+    config["dicom"]["receivers"] = receivers
+    node = node_process(write_node_config(tmp_path / "node.toml", config))
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # the SCU's own records
     ae = AE(ae_title="ODDUID")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -207,6 +213,9 @@ def test_a_command_uid_pydicom_would_warn_about_is_refused_without_its_warning(
         assert status and int(status.Status) == 0xA900, status
     finally:
         assoc.release()
-    assert open_index(data_dir).instance_count() == 0
-    assert not [(r.name, r.getMessage()) for r in caplog.records
-                if r.name.startswith("pydicom") and r.threadName != "MainThread"]
+    events = open_index(data_dir).audit("instance-refused")
+    assert len(events) == 1 and events[0].status == 0xA900, [e.reason for e in events]
+    node.stop()
+    log = node.log.read_text(errors="replace")
+    assert "not a valid UID" in log or "AffectedSOPInstanceUID" in log, log[-3000:]
+    assert "Invalid value for VR" not in log, log[-3000:]
