@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             from ingest_profile import profile_node  # imports the node only when asked
 
             print()
-            print(profile_node(batches, scratch, args.top))
+            print(profile_node(batches, scratch, args.top, args.per_association))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

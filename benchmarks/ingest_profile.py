@@ -14,6 +14,7 @@ from receivers import send_all
 
 from dicom_node.config import load_config
 from dicom_node.node import Node
+from dicom_node.node_process import prepare_process
 
 STAGES = (  # (label, function name, file name ending): cumulative time per instance
     ("handle_store (whole handler)", "handle_store", "dicom/scp.py"),
@@ -49,7 +50,7 @@ def carries_associations(prof: cProfile.Profile) -> bool:
     return any(fn in ("handle_store", "run_reactor", "_apply_batch") for _, _, fn in keys)
 
 
-def profiled_send(batches: list[list[Path]], work: Path
+def profiled_send(batches: list[list[Path]], work: Path, per_association: int = 0
                   ) -> tuple[list[cProfile.Profile], float, tuple[int, int]]:
     """One send to an in-process node profiled in every thread: the profiles, the rate
     and the journal's (records, fsyncs)."""
@@ -65,11 +66,12 @@ def profiled_send(batches: list[list[Path]], work: Path
     config = work / "node.toml"
     config.write_text(f'[node]\ndata_dir = "{work / "node"}"\n[dicom]\nport = 0\n')
     node = Node(load_config(config, env={}))
+    prepare_process()  # as `tessera node serve` does once the node is built
     count = sum(len(b) for b in batches)
     threading.setprofile(hook)
     try:
         node.start()
-        rate = count / send_all([node.port], "TESSERA", batches)
+        rate = count / send_all([node.port], "TESSERA", batches, per_association)
         journal = node.parts.store.journal
         commits = (journal.records, journal.fsyncs) if journal is not None else (0, 0)
     finally:
@@ -80,11 +82,12 @@ def profiled_send(batches: list[list[Path]], work: Path
     return profilers, rate, commits
 
 
-def profile_node(batches: list[list[Path]], scratch: Path, top: int) -> str:
+def profile_node(batches: list[list[Path]], scratch: Path, top: int,
+                 per_association: int = 0) -> str:
     """Run the node in-process with cProfile in every thread; one send."""
     work = scratch / "profile"
     work.mkdir()
-    profilers, rate, commits = profiled_send(batches, work)
+    profilers, rate, commits = profiled_send(batches, work, per_association)
     busy = [p for p in profilers if carries_associations(p)]
     out = io.StringIO()
     out.write(f"node in-process under cProfile: {rate:.0f} instances/s "
