@@ -47,4 +47,3 @@ def receiver_journals(config: NodeConfig) -> dict[int, Path]:
         if number.isdigit() and int(number) > 0 and path.is_dir():
             found[int(number)] = path
     return found
-
