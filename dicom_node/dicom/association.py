@@ -2,7 +2,8 @@
 
 Subclasses, not patches, of the installed package:
 
-- :class:`GuardedDUL` reads each PDU's 6-byte header and refuses a declared length
+- :class:`GuardedDUL`, an event-driven upper layer (``dicom/upper_layer.py``), reads
+  each PDU's 6-byte header and refuses a declared length
   over the limit *before* reading the body: the negotiated maximum for P-DATA-TF on an
   established association, ``association_request_bytes`` for everything else (an
   A-ASSOCIATE-RQ from anyone, allowed or not). The peer gets an A-ABORT and the
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import re
 import struct
 import threading
@@ -35,14 +35,15 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_STORE, N_EVENT_REPORT
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.utils import make_target
 
 from dicom_node.dicom.peer_text import escaped
+from dicom_node.dicom.reactor import ReactorAssociation
 from dicom_node.dicom.status import Status
 from dicom_node.dicom.store_response import store_response_pdv
+from dicom_node.dicom.upper_layer import IDLE_WAIT_S, EventDrivenDUL, SignallingQueue
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,12 +55,6 @@ _COMMAND_UIDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "RequestedSOPC
                  "RequestedSOPInstanceUID")
 C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-PENDING_POLL_S = 0.01
-# pynetdicom's acceptor reactor naps 1 ms, then looks at the DIMSE queue without waiting;
-# a C-STORE that completes just after a look waits out the nap. Waiting on the queue
-# (up to this long) wakes it the moment a message is complete; the reactor's other
-# checks (release, abort, idle timer) run between waits as before.
-REACTOR_WAIT_S = 0.005
 # A P-DATA-TF PDU's header (6 bytes) and its one item's length and context ID (5).
 _PDATA_OVERHEAD = 11
 _PYNETDICOM_HANDLERS = "pynetdicom._handlers"  # its standard logging handlers' module
@@ -102,7 +97,7 @@ def invalid_command_uid(command_set: Dataset) -> str | None:
     return None
 
 
-class GuardedDUL(DULServiceProvider):
+class GuardedDUL(EventDrivenDUL):
     """The upper layer: a PDU's declared length is checked before its body is read."""
 
     def __init__(self, assoc: Association, limits: AssociationLimits,
@@ -110,9 +105,6 @@ class GuardedDUL(DULServiceProvider):
         super().__init__(assoc)
         self._limits = limits
         self._hooks = hooks
-        # Until the association is accepted (the SCP then shortens it), an idle DUL
-        # naps 10 ms, not pynetdicom's 1 ms: many silent connections must not spin.
-        self._run_loop_delay = PENDING_POLL_S
 
     def pdu_limit(self, pdu_type: int) -> int:
         if pdu_type == P_DATA_TF and self.assoc.is_established:
@@ -205,14 +197,6 @@ class GuardedDIMSE(DIMSEServiceProvider):
         pdata.presentation_data_value_list = [[context_id, pdv]]  # type: ignore[list-item]
         self.dul.send_pdu(pdata)
 
-    def get_msg(self, block: bool = False) -> Any:
-        if block:
-            return super().get_msg(block=True)
-        try:
-            return self.msg_queue.get(timeout=REACTOR_WAIT_S)
-        except queue.Empty:
-            return None, None
-
     def receive_primitive(self, primitive: P_DATA) -> None:
         # Mirrors DIMSEServiceProvider.receive_primitive (pynetdicom 3.0), with the
         # node's checks between decoding a complete message and converting it.
@@ -293,20 +277,37 @@ class GuardedDIMSE(DIMSEServiceProvider):
         self.send_msg(rsp, context_id)
 
 
-class NodeAssociation(Association):
-    """An acceptor association with the node's upper layer and DIMSE provider."""
+class NodeAssociation(ReactorAssociation):
+    """An acceptor association with the node's upper layer and DIMSE provider, whose
+    reactor waits for work instead of napping: a complete DIMSE message, a primitive
+    from the upper layer (release, abort) or a kill wakes it at once."""
 
     def __init__(self, ae: AE, mode: str, limits: AssociationLimits,
                  hooks: AssociationHooks, on_close: Callable[[], None]) -> None:
         super().__init__(ae, mode)
+        self._work = threading.Event()
         # Replaced before a socket is attached (it queues its first event on the DUL).
         dul = GuardedDUL(self, limits, hooks)
         dul.artim_timer.timeout = self.dul.artim_timer.timeout
         dul._idle_timer.timeout = self.dul._idle_timer.timeout
+        dul.to_user_queue = SignallingQueue(self._work.set)
         self.dul = dul
         self.dimse = GuardedDIMSE(self, limits, hooks)
+        self.dimse.msg_queue = SignallingQueue(self._work.set)
         self._on_close = on_close
         self.bind(evt.EVT_CONN_CLOSE, self._closed)
+
+    def idle(self, served: bool) -> None:
+        # After a turn that served a message, look again at once (another may wait).
+        # Clearing after the wait loses nothing: the turn that follows looks at
+        # everything, and what arrives after the clear sets the event again.
+        if not served:
+            self._work.wait(IDLE_WAIT_S)
+        self._work.clear()
+
+    def kill(self) -> None:
+        self._work.set()
+        super().kill()
 
     def _closed(self, event: evt.Event) -> None:
         self._on_close()

@@ -53,10 +53,6 @@ StoredCallback = Callable[[str, IngestOutcome], None]
 OVERSIZE_KEPT_BYTES = 64 * 1024 * 1024
 
 
-# pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (default 1 ms);
-# several such naps fall into every C-STORE round trip. Associations are short-lived,
-# so a shorter poll buys ~50% throughput for a little CPU while one is open.
-DUL_POLL_S = 0.0001
 # How long a release waits for its association's instances to be indexed before it is
 # answered anyway (they are durable in the journal either way).
 SETTLE_TIMEOUT_S = 30.0
@@ -70,12 +66,6 @@ def set_nodelay(event: Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             LOGGER.debug("could not set TCP_NODELAY", exc_info=True)
-
-
-def poll_fast(event: Event) -> None:
-    """Shorten the DUL thread's idle poll once the association is accepted (not before:
-    a crowd of connections that never associate must not spin)."""
-    event.assoc.dul._run_loop_delay = DUL_POLL_S
 
 
 def release_settles(event: Event, store: InstanceStore) -> None:
@@ -327,7 +317,6 @@ def _serve(settings: DicomSettings, store: InstanceStore, on_stored: StoredCallb
     max_bytes = int(settings.max_instance_mb * 1024 * 1024)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, set_nodelay),
-        (evt.EVT_ACCEPTED, poll_fast),
         (evt.EVT_REQUESTED, handle_requested, [settings, store]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store, max_bytes, on_stored]),

@@ -1,0 +1,119 @@
+"""An accepted association's two threads wait for work instead of polling for it
+(``dicom_node/dicom/upper_layer.py``, ``dicom_node/dicom/reactor.py``): an idle one
+hardly turns, and every kind of work wakes them at once, even with the idle cap far
+longer than any timeout the peer allows."""
+
+from __future__ import annotations
+
+import select
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from dicom_node.dicom import association as association_module
+from dicom_node.dicom import upper_layer
+from dicom_node.dicom.upper_layer import Wakeup
+from tests.node.conftest import make_ct_series, node_config_data, wait_until
+
+IDLE_S = 1.0
+
+
+def _counting(method: Callable[..., Any], counter: list[int]) -> Callable[..., Any]:
+    def counted(*args: Any) -> Any:
+        counter[0] += 1
+        return method(*args)
+    return counted
+
+
+def _scu(timeout_s: float) -> AE:
+    ae = AE(ae_title="REACTOR")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    return ae
+
+
+def test_an_idle_association_hardly_turns_its_reactors(start_node, tmp_path: Path) -> None:
+    """pynetdicom's DUL naps 1 ms (the node used 0.1 ms) and its association reactor
+    1 ms between looks: about a thousand turns a second each, idle or not."""
+    node = start_node(node_config_data(tmp_path / "node"))
+    assoc = _scu(10).associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    try:
+        accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                              what="the node's side of the association")[0]
+        dul_turns, reactor_turns = [0], [0]
+        accepted.dul._is_transport_event = _counting(accepted.dul._is_transport_event,
+                                                     dul_turns)
+        accepted.idle = _counting(accepted.idle, reactor_turns)
+        threading.Event().wait(IDLE_S)
+        limit = 3 * IDLE_S / upper_layer.IDLE_WAIT_S
+        assert 0 < dul_turns[0] <= limit, dul_turns
+        assert 0 < reactor_turns[0] <= limit, reactor_turns
+        assert assoc.send_c_echo().Status == 0x0000  # still serving after all that
+    finally:
+        assoc.release()
+
+
+def test_every_kind_of_work_wakes_the_reactors(start_node, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the idle cap at 60 s and the peer's timeouts at 10 s, anything that only
+    polling would notice times the peer out: C-ECHO and C-STORE (the DIMSE queue, the
+    responses the DUL sends), release (the DUL's primitive to the reactor), abort, and
+the node stopping with an association open (a kill from another thread)."""
+    monkeypatch.setattr(upper_layer, "IDLE_WAIT_S", 60.0)
+    monkeypatch.setattr(association_module, "IDLE_WAIT_S", 60.0)
+    node = start_node(node_config_data(tmp_path / "node"))
+    series = make_ct_series(tmp_path / "in", 5)
+    ae = _scu(10)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                          what="the node's side of the association")[0]
+    assert accepted.dul._run_loop_delay == 60.0  # the cap really is out of reach
+    for _ in range(10):
+        assert assoc.send_c_echo().Status == 0x0000
+    for path in series.files:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
+    wait_until(lambda: not accepted.dul.is_alive(), timeout=10, what="the released DUL")
+
+    aborted = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert aborted.is_established
+    theirs = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                        what="the second association")[0]
+    aborted.abort()
+    wait_until(lambda: not theirs.is_alive() and not theirs.dul.is_alive(), timeout=10,
+               what="the aborted association's threads")
+
+    # The node stops with an association open: its reactors are told from outside.
+    held = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert held.is_established
+    last = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                      what="the third association")[0]
+    stopping = threading.Thread(target=node.stop, daemon=True)
+    stopping.start()
+    stopping.join(20)
+    assert not stopping.is_alive(), "the node did not stop with an association open"
+    wait_until(lambda: not last.is_alive() and not last.dul.is_alive(), timeout=10,
+               what="the threads of the association open at stop")
+
+
+def test_a_wakeup_signals_select_and_is_inert_once_closed() -> None:
+    wakeup = Wakeup()
+    assert select.select([wakeup], [], [], 0)[0] == []
+    for _ in range(100_000):  # more than a pipe holds: a full pipe is already signalled
+        wakeup.signal()
+    assert select.select([wakeup], [], [], 0)[0] == [wakeup]
+    wakeup.clear()
+    assert select.select([wakeup], [], [], 0)[0] == []
+    wakeup.close()
+    wakeup.signal()  # the descriptor's number may already be another file's: no write
+    wakeup.close()
