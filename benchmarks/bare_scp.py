@@ -1,13 +1,13 @@
 """A bare pynetdicom storage SCP for the ingest benchmark: accepts every storage context,
 answers Success and discards the data. pynetdicom's own floor, with the node's knobs
-(raw data set bytes, TCP_NODELAY, the short DUL poll) so the difference to the node is
-the node's own work.
+(raw data set bytes, TCP_NODELAY, the short DUL poll, the maximum PDU) so the difference
+to the node is the node's own work.
 
     python benchmarks/bare_scp.py PORT COUNT_FILE
 
 Writes the number of C-STOREs received so far to COUNT_FILE at each association's end.
-``BARE_MAX_PDU`` sets the maximum PDU it accepts (measured: 16382 vs 262144 made no
-difference beyond noise for 38 KiB instances from storescu).
+It accepts PDUs as large as the node does (``[dicom] max_pdu_kb``); ``BARE_MAX_PDU``
+sets another maximum, in bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.config.sections import DicomSettings
 
 _config.STORE_RECV_CHUNKED_DATASET = False
 # pynetdicom's DUL thread naps this long whenever it finds nothing to do (default 1 ms),
@@ -57,7 +59,8 @@ def main(argv: list[str]) -> int:
 
     ae = AE(ae_title="BARE")
     ae.maximum_associations = 16
-    ae.maximum_pdu_size = int(os.environ.get("BARE_MAX_PDU", str(ae.maximum_pdu_size)))
+    ae.maximum_pdu_size = int(os.environ.get("BARE_MAX_PDU",
+                                             str(DicomSettings().max_pdu_kb * 1024)))
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         if cx.abstract_syntax is not None:

@@ -33,12 +33,13 @@ max_associations = 10
 receivers = 1
 network_timeout_s = 60
 max_instance_mb = 1024    # larger datasets are refused with 0xA700
+max_pdu_kb = 128          # the largest PDU the node receives (dcmtk sends up to 128)
 # Hostile or broken peers: a connection must send its whole association request within
 # association_timeout_s (then it is closed); at most max_connections_per_address at once
 # from one address and max_connections in all; an association request over
-# max_association_request_kb, or a P-DATA-TF PDU over the negotiated maximum, is aborted
-# before it is read. Refusals are logged and audited at most once per kind and address
-# per limit_report_interval_s.
+# max_association_request_kb, or a P-DATA-TF PDU over max_pdu_kb (the negotiated
+# maximum), is aborted before it is read. Refusals are logged and audited at most once
+# per kind and address per limit_report_interval_s.
 association_timeout_s = 10
 max_connections_per_address = 16
 max_connections = 64

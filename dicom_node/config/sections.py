@@ -74,6 +74,11 @@ class DicomSettings(Section):
     receivers: int = Field(1, ge=1, le=64)
     network_timeout_s: float = Field(60.0, gt=0)
     max_instance_mb: float = Field(1024.0, gt=0)
+    # The largest PDU the node receives (its A-ASSOCIATE-AC's maximum length). Each PDU
+    # costs pynetdicom the same work whatever its size, so a 38 KiB CT slice in one PDU
+    # is cheaper than in three of pynetdicom's default 16 KiB; an association buffers
+    # at most one PDU. 128 KiB is the most dcmtk sends or receives.
+    max_pdu_kb: int = Field(128, ge=4, le=16384)
     # Connection hygiene (dicom_node.dicom.connections): a connection that has not sent
     # its whole A-ASSOCIATE-RQ within association_timeout_s is closed; one address holds
     # at most max_connections_per_address connections, the node max_connections in all

@@ -225,6 +225,7 @@ class RunningSCP:
 def build_ae(settings: DicomSettings) -> AE:
     ae = NodeAE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_kb * 1024
     ae.network_timeout = settings.network_timeout_s
     # How long an acceptor waits for the A-ASSOCIATE-RQ (and the ARTIM timer).
     ae.acse_timeout = settings.association_timeout_s

@@ -170,9 +170,10 @@ def test_oversized_p_data_on_an_established_association_is_aborted(
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
     assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 128 * 1024  # [dicom] max_pdu_kb's default
     raw = assoc.dul.socket.socket  # type: ignore[union-attr]
     assert raw is not None
-    # P-DATA-TF declaring 2 GiB, far over the 16382 bytes the node negotiated.
+    # P-DATA-TF declaring 2 GiB, far over the 128 KiB the node negotiated.
     header = b"\x04\x00" + struct.pack(">L", 0x7FFFFFFF)
     with contextlib.suppress(OSError):  # closed while sending: what this test wants
         raw.sendall(header + b"\x00" * (4 << 20))
@@ -182,6 +183,32 @@ def test_oversized_p_data_on_an_established_association_is_aborted(
     events = open_index(data_dir).audit("pdu-oversized")
     assert len(events) == 1 and "P-DATA-TF" in events[0].reason, [e.reason for e in events]
     assert echoscu(node.port).returncode == 0
+
+
+def test_a_pdu_one_byte_over_the_configured_maximum_is_refused_unread(
+    tmp_path: Path, start_node: Callable[..., Node], open_index: Callable[[Path], Index],
+) -> None:
+    """``[dicom] max_pdu_kb`` is what the node offers in its A-ASSOCIATE-AC and what it
+    holds the peer to."""
+    data_dir = tmp_path / "node"
+    node = start_node(node_config_data(data_dir, dicom={"max_pdu_kb": 20}))
+    ae = AE(ae_title="PDUSIZE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 20 * 1024
+    assert assoc.send_c_echo().Status == 0x0000
+    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert raw is not None
+    header = b"\x04\x00" + struct.pack(">L", 20 * 1024 + 1)
+    with contextlib.suppress(OSError):
+        raw.sendall(header + b"\x00" * (20 * 1024 + 1))
+    wait_until(lambda: not assoc.is_established, timeout=10,
+               what="the association aborted")
+    assert assoc.is_aborted
+    events = open_index(data_dir).audit("pdu-oversized")
+    assert len(events) == 1 and "over the limit of 20480" in events[0].reason, \
+        [e.reason for e in events]
 
 
 def test_rejections_at_max_associations_are_audited_once(
