@@ -47,57 +47,65 @@ class BatchApplier(Generic[T]):
         self._settle_upto = 0  # records put before a settle: applied without lingering
         self._busy = False
         self._stopping = False
-        self._cond = threading.Condition()
+        # One lock, two conditions: the applier thread waits on ``_ready`` (woken only
+        # when a batch is due: the first record, a full batch, a settle, a stop), the
+        # others on ``_changed`` (room in the queue, records applied). A put that
+        # neither starts nor fills a batch wakes nobody.
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
         self.batches = 0  # how many apply calls, for the benchmark's figures
         self.applied = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, item: T) -> None:
-        with self._cond:
+        with self._lock:
             while len(self._waiting) >= self.max_waiting and not self._stopping:
-                self._cond.wait()
+                self._changed.wait()
             if self._stopping:
                 raise StoreError("the node is stopping: nothing more is applied")
             self._waiting.append(item)
             self._put += 1
-            self._cond.notify_all()
+            if len(self._waiting) == 1 or len(self._waiting) >= self.max_batch:
+                self._ready.notify()
 
     def _no_linger(self) -> int:
         """Have what was put so far applied without lingering for more; the count of
-        records put so far. Called holding ``_cond``."""
+        records put so far. Called holding ``_lock``."""
         self._settle_upto = self._put
-        self._cond.notify_all()
+        self._ready.notify()
         return self._put
 
     def flush(self) -> None:
         """Apply what was put so far without lingering for more (a sender is gone)."""
-        with self._cond:
+        with self._lock:
             self._no_linger()
 
     def settle(self, timeout_s: float) -> bool:
         """Apply what was put so far without lingering, and wait for it; whether it was
         applied within ``timeout_s``. Records put meanwhile are not waited for."""
-        with self._cond:
+        with self._lock:
             upto = self._no_linger()
-            return self._cond.wait_for(lambda: self.applied >= upto, timeout_s)
+            return self._changed.wait_for(lambda: self.applied >= upto, timeout_s)
 
     def idle(self) -> bool:
-        with self._cond:
+        with self._lock:
             return not self._waiting and not self._busy
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Whether everything put so far was applied within ``timeout_s``."""
-        with self._cond:
+        with self._lock:
             self._no_linger()
-            return self._cond.wait_for(lambda: not self._waiting and not self._busy,
-                                       timeout_s)
+            return self._changed.wait_for(lambda: not self._waiting and not self._busy,
+                                          timeout_s)
 
     def stop(self, timeout_s: float = 120.0) -> None:
         """Apply what waits, then end the thread."""
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+            self._ready.notify()
+            self._changed.notify_all()
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             LOGGER.error("%s: %d record(s) still waiting after %.0f s", self._thread.name,
@@ -111,25 +119,25 @@ class BatchApplier(Generic[T]):
 
     def _run(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._waiting and not self._stopping:
-                    self._cond.wait()
+                    self._ready.wait()
                 if not self._waiting:
                     return  # stopping, and nothing left
                 if self.linger_s > 0:
-                    self._cond.wait_for(self._full_or_wanted, self.linger_s)
+                    self._ready.wait_for(self._full_or_wanted, self.linger_s)
                 batch = [self._waiting.popleft()
                          for _ in range(min(self.max_batch, len(self._waiting)))]
                 self._busy = True
-                self._cond.notify_all()  # room for the associations waiting in put()
+                self._changed.notify_all()  # room for the associations waiting in put()
             try:
                 self._apply(batch)
             except Exception:
                 LOGGER.exception("%s: applying %d record(s) failed", self._thread.name,
                                  len(batch))
             finally:
-                with self._cond:
+                with self._lock:
                     self._busy = False
                     self.batches += 1
                     self.applied += len(batch)
-                    self._cond.notify_all()
+                    self._changed.notify_all()

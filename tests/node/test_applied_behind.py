@@ -79,6 +79,44 @@ def test_the_applier_lingers_for_a_fuller_batch_until_someone_waits_for_it() -> 
     assert batches[-1] == [4] and lingering.applied == 5
 
 
+def test_a_put_that_neither_starts_nor_fills_a_batch_wakes_nobody(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every wake of the applier thread is a context switch and a turn for the GIL; while
+    it lingers, the associations' puts must not wake it one by one."""
+    looks = [0]
+    full_or_wanted = BatchApplier._full_or_wanted
+
+    def counted(self: BatchApplier[int]) -> bool:
+        looks[0] += 1
+        return full_or_wanted(self)
+
+    monkeypatch.setattr(BatchApplier, "_full_or_wanted", counted)
+    batches: list[list[int]] = []
+    applier: BatchApplier[int] = BatchApplier(batches.append, name="test-quiet",
+                                              linger_s=60.0, max_batch=64)
+    applier.put(0)
+    for _ in range(300):  # the first record woke it: it is lingering now
+        if looks[0]:
+            break
+        threading.Event().wait(0.01)
+    for i in range(1, 40):  # spaced as an association's instances are
+        applier.put(i)
+        threading.Event().wait(0.005)
+    threading.Event().wait(0.3)
+    lingering_looks = looks[0]
+    assert applier.settle(30)
+    assert batches == [list(range(40))]
+    assert lingering_looks <= 2, f"the applier looked {lingering_looks} times for 40 puts"
+    for i in range(40, 104):  # a full batch is due at once, linger or not
+        applier.put(i)
+    for _ in range(300):
+        if applier.applied >= 104:
+            break
+        threading.Event().wait(0.1)
+    assert batches[1] == list(range(40, 104))
+    applier.stop()
+
+
 def test_an_instance_that_cannot_be_indexed_is_quarantined_and_its_batch_indexed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
