@@ -58,6 +58,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 # A P-DATA-TF PDU's header (6 bytes) and its one item's length and context ID (5).
 _PDATA_OVERHEAD = 11
 _PYNETDICOM_HANDLERS = "pynetdicom._handlers"  # its standard logging handlers' module
+_LOGGED_EVENTS = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +297,20 @@ class NodeAssociation(ReactorAssociation):
         self.dimse.msg_queue = SignallingQueue(self._work.set)
         self._on_close = on_close
         self.bind(evt.EVT_CONN_CLOSE, self._closed)
+
+    def drop_silent_library_logging(self) -> None:
+        """Unbind pynetdicom's standard logging handlers when its logger would discard
+        what they log. They are bound to every association, log only at INFO and DEBUG,
+        and run for every PDU (taking the AE's lock, shared by all associations) and
+        every DIMSE message (a C-STORE's copies its whole data set to see whether there
+        is one). The node's processes log pynetdicom at WARNING."""
+        if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            return
+        for event in _LOGGED_EVENTS:
+            bound = cast(list[tuple[Any, Any]], self.get_handlers(event))
+            for handler, _ in list(bound):
+                if getattr(handler, "__module__", None) == _PYNETDICOM_HANDLERS:
+                    self.unbind(event, handler)
 
     def idle(self, served: bool) -> None:
         # After a turn that served a message, look again at once (another may wait).

@@ -92,6 +92,7 @@ class GuardedRequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler, args in handlers:  # type: ignore[misc]
                     assoc.bind(event, handler, args)
+        assoc.drop_silent_library_logging()
         return assoc
 
 

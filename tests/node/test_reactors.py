@@ -1,10 +1,12 @@
 """An accepted association's two threads wait for work instead of polling for it
 (``dicom_node/dicom/upper_layer.py``, ``dicom_node/dicom/reactor.py``): an idle one
 hardly turns, and every kind of work wakes them at once, even with the idle cap far
-longer than any timeout the peer allows."""
+longer than any timeout the peer allows. pynetdicom's logging handlers run only where
+their output is kept."""
 
 from __future__ import annotations
 
+import logging
 import select
 import threading
 from collections.abc import Callable
@@ -13,7 +15,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.dicom import association as association_module
@@ -117,3 +119,36 @@ def test_a_wakeup_signals_select_and_is_inert_once_closed() -> None:
     wakeup.close()
     wakeup.signal()  # the descriptor's number may already be another file's: no write
     wakeup.close()
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO])
+def test_pynetdicoms_logging_handlers_run_only_when_their_output_is_kept(
+        start_node, tmp_path: Path, level: int, caplog: pytest.LogCaptureFixture) -> None:
+    """pynetdicom binds handlers to every association that log each PDU and DIMSE
+    message at INFO and DEBUG; the node's processes log pynetdicom at WARNING, where
+    they are unbound. At INFO they stay, and log."""
+    library = logging.getLogger("pynetdicom")
+    previous = library.level
+    library.setLevel(level)
+    try:
+        node = start_node(node_config_data(tmp_path / "node"))
+        series = make_ct_series(tmp_path / "in", 1)
+        with caplog.at_level(level, logger="pynetdicom"):
+            assoc = _scu(10).associate("127.0.0.1", node.port, ae_title="TESSERA")
+            assert assoc.is_established
+            accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                                  what="the node's side of the association")[0]
+            assert assoc.send_c_store(pydicom.dcmread(series.files[0])).Status == 0x0000
+            assoc.release()
+        library_handlers = [
+            handler for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT,
+                                  evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
+            for handler, _ in accepted.get_handlers(event)
+            if handler.__module__ == "pynetdicom._handlers"]
+        stored = [r for r in caplog.records if r.getMessage() == "Received Store Request"]
+        if level == logging.WARNING:
+            assert library_handlers == [] and stored == []
+        else:
+            assert len(library_handlers) == 4 and len(stored) == 1
+    finally:
+        library.setLevel(previous)
