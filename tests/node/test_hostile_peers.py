@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -161,6 +162,19 @@ def test_huge_association_request_from_a_disallowed_ae_is_aborted_before_it_is_r
     assert echoscu(node.port, calling_ae="ALLOWED").returncode == 0
 
 
+def _p_data_aborts(assoc: Any, *, declared: int, sent: int) -> None:
+    """Send a P-DATA-TF header declaring ``declared`` bytes and ``sent`` bytes after it;
+    the node aborts the association."""
+    raw = assoc.dul.socket.socket
+    assert raw is not None
+    header = b"\x04\x00" + struct.pack(">L", declared)
+    with contextlib.suppress(OSError):  # closed while sending: what the tests want
+        raw.sendall(header + b"\x00" * sent)
+    wait_until(lambda: not assoc.is_established, timeout=10,
+               what="the association aborted")
+    assert assoc.is_aborted
+
+
 def test_oversized_p_data_on_an_established_association_is_aborted(
     tmp_path: Path, start_node: Callable[..., Node], open_index: Callable[[Path], Index],
 ) -> None:
@@ -171,15 +185,8 @@ def test_oversized_p_data_on_an_established_association_is_aborted(
     assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
     assert assoc.is_established
     assert assoc.acceptor.maximum_length == 128 * 1024  # [dicom] max_pdu_kb's default
-    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
-    assert raw is not None
     # P-DATA-TF declaring 2 GiB, far over the 128 KiB the node negotiated.
-    header = b"\x04\x00" + struct.pack(">L", 0x7FFFFFFF)
-    with contextlib.suppress(OSError):  # closed while sending: what this test wants
-        raw.sendall(header + b"\x00" * (4 << 20))
-    wait_until(lambda: not assoc.is_established, timeout=10,
-               what="the association aborted")
-    assert assoc.is_aborted
+    _p_data_aborts(assoc, declared=0x7FFFFFFF, sent=4 << 20)
     events = open_index(data_dir).audit("pdu-oversized")
     assert len(events) == 1 and "P-DATA-TF" in events[0].reason, [e.reason for e in events]
     assert echoscu(node.port).returncode == 0
@@ -198,14 +205,7 @@ def test_a_pdu_one_byte_over_the_configured_maximum_is_refused_unread(
     assert assoc.is_established
     assert assoc.acceptor.maximum_length == 20 * 1024
     assert assoc.send_c_echo().Status == 0x0000
-    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
-    assert raw is not None
-    header = b"\x04\x00" + struct.pack(">L", 20 * 1024 + 1)
-    with contextlib.suppress(OSError):
-        raw.sendall(header + b"\x00" * (20 * 1024 + 1))
-    wait_until(lambda: not assoc.is_established, timeout=10,
-               what="the association aborted")
-    assert assoc.is_aborted
+    _p_data_aborts(assoc, declared=20 * 1024 + 1, sent=20 * 1024 + 1)
     events = open_index(data_dir).audit("pdu-oversized")
     assert len(events) == 1 and "over the limit of 20480" in events[0].reason, \
         [e.reason for e in events]
