@@ -162,6 +162,15 @@ def test_huge_association_request_from_a_disallowed_ae_is_aborted_before_it_is_r
     assert echoscu(node.port, calling_ae="ALLOWED").returncode == 0
 
 
+def _associated(node: Node, ae_title: str) -> Any:
+    """An established association (Verification) from ``ae_title`` to ``node``."""
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    return assoc
+
+
 def _p_data_aborts(assoc: Any, *, declared: int, sent: int) -> None:
     """Send a P-DATA-TF header declaring ``declared`` bytes and ``sent`` bytes after it;
     the node aborts the association."""
@@ -180,10 +189,7 @@ def test_oversized_p_data_on_an_established_association_is_aborted(
 ) -> None:
     data_dir = tmp_path / "node"
     node = start_node(node_config_data(data_dir))
-    ae = AE(ae_title="BIGPDU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
-    assert assoc.is_established
+    assoc = _associated(node, "BIGPDU")
     assert assoc.acceptor.maximum_length == 128 * 1024  # [dicom] max_pdu_kb's default
     # P-DATA-TF declaring 2 GiB, far over the 128 KiB the node negotiated.
     _p_data_aborts(assoc, declared=0x7FFFFFFF, sent=4 << 20)
@@ -199,10 +205,7 @@ def test_a_pdu_one_byte_over_the_configured_maximum_is_refused_unread(
     holds the peer to."""
     data_dir = tmp_path / "node"
     node = start_node(node_config_data(data_dir, dicom={"max_pdu_kb": 20}))
-    ae = AE(ae_title="PDUSIZE")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
-    assert assoc.is_established
+    assoc = _associated(node, "PDUSIZE")
     assert assoc.acceptor.maximum_length == 20 * 1024
     assert assoc.send_c_echo().Status == 0x0000
     _p_data_aborts(assoc, declared=20 * 1024 + 1, sent=20 * 1024 + 1)
@@ -216,10 +219,7 @@ def test_rejections_at_max_associations_are_audited_once(
 ) -> None:
     data_dir = tmp_path / "node"
     node = start_node(node_config_data(data_dir, dicom={"max_associations": 1}))
-    ae = AE(ae_title="HOLDER")
-    ae.add_requested_context(Verification)
-    held = ae.associate("127.0.0.1", node.port, ae_title="TESSERA")
-    assert held.is_established
+    held = _associated(node, "HOLDER")
     try:
         for _ in range(3):
             assert echoscu(node.port).returncode != 0
