@@ -3,11 +3,11 @@
 Subclasses, not patches, of the installed package:
 
 - :class:`GuardedDUL`, an event-driven upper layer (``dicom/upper_layer.py``), reads
-  each PDU's 6-byte header and refuses a declared length
-  over the limit *before* reading the body: the negotiated maximum for P-DATA-TF on an
-  established association, ``association_request_bytes`` for everything else (an
-  A-ASSOCIATE-RQ from anyone, allowed or not). The peer gets an A-ABORT and the
-  connection is closed; nothing of the body is buffered.
+  each PDU's 6-byte header and refuses a declared length over the limit *before*
+  reading the body: the negotiated maximum for P-DATA-TF on an established
+  association, ``association_request_bytes`` for everything else (an A-ASSOCIATE-RQ
+  from anyone, allowed or not). The peer gets an A-ABORT and the connection is
+  closed; nothing of the body is buffered.
 - :class:`GuardedDIMSE` answers a C-STORE whose command carries an invalid UID with
   0xA900 and a dataset over ``max_dataset_bytes`` with 0xA700 (dropping its bytes as
   they arrive), instead of aborting the association or buffering without bound.

@@ -171,9 +171,8 @@ class EventDrivenDUL(DULServiceProvider):
         timer (or the idle cap) is due."""
         wakeup = self._wakeup
         assert wakeup is not None
-        timeout = self._run_loop_delay
         # A timer not running reports its whole timeout (or 1 s for none) as remaining.
-        timeout = max(0.0, min(timeout, self.artim_timer.remaining))
+        timeout = max(0.0, min(self._run_loop_delay, self.artim_timer.remaining))
         watched: list[Any] = [wakeup]
         raw = getattr(self.socket, "socket", None)
         if raw is not None and raw.fileno() >= 0:
