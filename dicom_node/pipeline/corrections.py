@@ -49,7 +49,7 @@ from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
-from dicom_node.store.instances import InstanceStore, Peer
+from dicom_node.store.instances import InstanceStore, Peer, audit_event
 from dicom_node.store.jobs import ClaimedJob, JobQueue
 from dicom_node.store.models import (
     Correction,
@@ -259,16 +259,17 @@ class CorrectionIntake(SeriesStage):
 
     def _finish_rejected(self, draft: Correction, exc: NotACorrection) -> CorrectionOutcome:
         draft.state, draft.reason = exc.state, exc.reason
-        with self.db.session() as s:
+        with self.db.session() as s:  # the flag and its audit event commit together
             s.add(draft)
+            if exc.state is CorrectionState.FLAGGED:
+                s.add(audit_event("correction-flagged", exc.reason,
+                                  Peer(ae_title=draft.peer_ae), draft.seg_sop_instance_uid,
+                                  draft.seg_series_uid))
             s.flush()
             outcome = _outcome(draft)
         log = LOGGER.warning if exc.state is CorrectionState.FLAGGED else LOGGER.info
         log("SEG %s from %s: %s: %s", draft.seg_sop_instance_uid, draft.peer_ae,
             exc.state, exc.reason)
-        if exc.state is CorrectionState.FLAGGED:
-            self.store.audit("correction-flagged", exc.reason, Peer(ae_title=draft.peer_ae),
-                             draft.seg_sop_instance_uid, draft.seg_series_uid)
         return outcome
 
     # -- lookups ---------------------------------------------------------------------

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
 from dicom_node.learning import optimiser_state
 from dicom_node.learning.training import TrainingProgress
@@ -50,9 +51,34 @@ def _corrections(node: Any) -> dict[str, Correction]:
         return {c.seg_sop_instance_uid: c for c in s.execute(select(Correction)).scalars()}
 
 
+@pytest.fixture
+def flags_without_audit() -> Any:
+    """SEG UIDs of corrections a transaction flagged without the audit event that says so:
+    a reader (or a crash) between two transactions would see one without the other."""
+    missing: list[str] = []
+
+    def after_flush(session: Session, _context: Any) -> None:
+        seen = session.info.setdefault("flag_audit", (set(), set()))
+        for row in session.new | session.dirty:
+            if isinstance(row, Correction) and row.state == "flagged":
+                seen[0].add(row.seg_sop_instance_uid)
+            elif isinstance(row, AuditEvent) and row.kind == "correction-flagged":
+                seen[1].add(row.sop_instance_uid)
+
+    def after_commit(session: Session) -> None:
+        flagged, audited = session.info.pop("flag_audit", (set(), set()))
+        missing.extend(flagged - audited)
+
+    event.listen(Session, "after_flush", after_flush)
+    event.listen(Session, "after_commit", after_commit)
+    yield missing
+    event.remove(Session, "after_flush", after_flush)
+    event.remove(Session, "after_commit", after_commit)
+
+
 @pytest.mark.slow
 def test_bad_corrections_are_flagged_with_reasons_and_never_trained_on(
-    tmp_path: Path, start_node: Any
+    tmp_path: Path, start_node: Any, flags_without_audit: list[str]
 ) -> None:
     node = _node(tmp_path, start_node, segment_rule(series_description="(?i)axial"),
                  max_correction_frames=100)
@@ -95,6 +121,7 @@ def test_bad_corrections_are_flagged_with_reasons_and_never_trained_on(
         flagged = s.execute(select(AuditEvent).where(
             AuditEvent.kind == "correction-flagged")).scalars().all()
         assert {e.sop_instance_uid for e in flagged} == set(uids.values())
+        assert flags_without_audit == []  # each flag committed with its audit event
         stored = set(s.execute(select(Instance.sop_instance_uid)).scalars())
         assert set(uids.values()) <= stored  # stored, for inspection
         assert s.execute(select(func.count()).select_from(TrainingSample)).scalar_one() == 0
