@@ -79,7 +79,8 @@ class Exporter:
                        OutboxItem.state == OutboxState.PENDING)
                 .order_by(Instance.instance_number, Instance.id)
             ).all()
-        if not rows:
+        if not rows:  # delivered by an earlier attempt that stopped before the mark
+            self._mark_forwarded(series_uid)
             return
         item_ids = {r.sop_instance_uid: r.id for r in rows}
         items = [OutgoingInstance(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax_uid,

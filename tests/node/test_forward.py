@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicom_node.node import Node
-from dicom_node.store.models import Job, JobState, OutboxItem, OutboxState, SeriesState
+from dicom_node.pipeline.export import Exporter
+from dicom_node.pipeline.flow import ExportPayload
+from dicom_node.store.jobs import ClaimedJob
+from dicom_node.store.models import Job, JobState, OutboxItem, OutboxState, Series, SeriesState
 from tests.node.conftest import (
     Index,
     Orthanc,
@@ -92,6 +95,18 @@ def test_forward_rule_delivers_to_orthanc_and_storescp(
     assert len(items) == 200
     assert {i.state for i in items} == {OutboxState.SENT}
     assert Counter(i.destination for i in items) == {"orthanc": 100, "scp": 100}
+
+    # A crash after the last delivery and before the series was marked: the job's retry
+    # finds nothing left to send, sends nothing twice, and marks it.
+    with node.parts.db.session() as s:
+        s.execute(update(Series).where(Series.series_uid == ct100.series_uid)
+                  .values(state=SeriesState.QUEUED))
+    exporter = next(h for h in node.parts.handlers if isinstance(h, Exporter))
+    payload = ExportPayload(ct100.series_uid, "scp")
+    exporter.run(ClaimedJob(0, payload.kind, payload.key, payload.to_json(), 2, 5),
+                 lambda: None)
+    assert index.series_state(ct100.series_uid) == SeriesState.FORWARDED
+    assert len(scp.received()) == 100
 
 
 def test_rule_that_does_not_match_forwards_nothing(
