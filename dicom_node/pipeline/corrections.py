@@ -259,6 +259,10 @@ class CorrectionIntake(SeriesStage):
 
     def _finish_rejected(self, draft: Correction, exc: NotACorrection) -> CorrectionOutcome:
         draft.state, draft.reason = exc.state, exc.reason
+        # Logged first: whoever sees the row (status, a test) finds the line too.
+        log = LOGGER.warning if exc.state is CorrectionState.FLAGGED else LOGGER.info
+        log("SEG %s from %s: %s: %s", draft.seg_sop_instance_uid, draft.peer_ae,
+            exc.state, exc.reason)
         with self.db.session() as s:  # the flag and its audit event commit together
             s.add(draft)
             if exc.state is CorrectionState.FLAGGED:
@@ -266,11 +270,7 @@ class CorrectionIntake(SeriesStage):
                                   Peer(ae_title=draft.peer_ae), draft.seg_sop_instance_uid,
                                   draft.seg_series_uid))
             s.flush()
-            outcome = _outcome(draft)
-        log = LOGGER.warning if exc.state is CorrectionState.FLAGGED else LOGGER.info
-        log("SEG %s from %s: %s: %s", draft.seg_sop_instance_uid, draft.peer_ae,
-            exc.state, exc.reason)
-        return outcome
+            return _outcome(draft)
 
     # -- lookups ---------------------------------------------------------------------
     def _own_by_uid(self, draft: Correction) -> str | None:

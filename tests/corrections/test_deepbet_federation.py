@@ -127,7 +127,10 @@ def test_a_correction_to_deepbet_federates_to_a_second_node_that_serves_it(
         assert version.metrics["trained_groups"] == ["network"]
         training = version.metrics["training"]
         assert training["volumes"] == 1 and training["steps"] >= 1, training
-        [(_, state, _, error)] = outbox(url1)
+        # the node marks its update sent once the upload returns, maybe after the merge
+        [(_, state, _, error)] = wait_until(
+            lambda: [r for r in outbox(url1) if r[1] != "pending"], timeout=30,
+            what="node 1's outbox row settled")
         assert (state, error) == ("sent", None)
         wait_until(lambda: serving(url2) == (1, "hub"), timeout=60,
                    what="node 2 to serve hub generation 1")

@@ -72,7 +72,10 @@ def test_a_round_of_an_imported_model_federates_to_a_second_node(
         assert storescu(node1.port, seg_path, options=("-R",)).returncode == 0
 
         wait_until(lambda: hub.current() >= 1, timeout=180, what="hub generation 1")
-        [(update_id, state, _, error)] = outbox(url1)
+        # the node marks its update sent once the upload returns, maybe after the merge
+        [(update_id, state, _, error)] = wait_until(
+            lambda: [r for r in outbox(url1) if r[1] != "pending"], timeout=30,
+            what="node 1's outbox row settled")
         assert (state, error) == ("sent", None)
         generation = hub.service.list_generations()[-1]
         assert generation.number == 1 and len(generation.update_ids) == 1

@@ -56,6 +56,7 @@ from tests.node.conftest import (  # noqa: F401 - orthanc is a pytest fixture
     node_config_data,
     orthanc,
     storescu,
+    wait_swapped,
     wait_until,
     write_node_config,
 )
@@ -89,7 +90,7 @@ def test_a_monai_3d_model_serves_learns_from_a_correction_and_refuses_bad_ones(
     version = wait_until(lambda: next((v for v in versions(node) if v.origin == "local"),
                                       None), timeout=120, what="a round of the MONAI model")
     assert (version.generation, version.state, version.parent_generation) == (1, "serving", 0)
-    assert node.parts.models.get(EXTERNAL_MODEL)[1].generation == 1  # hot swapped
+    wait_swapped(node, EXTERNAL_MODEL, 1)  # hot swapped
     metrics = version.metrics
     assert metrics["trained_groups"] == ["network"]
     held = metrics["held_out"]

@@ -42,6 +42,7 @@ from tests.node.conftest import (  # noqa: F401 - orthanc is a pytest fixture
     Orthanc,
     orthanc,
     storescu,
+    wait_swapped,
     wait_until,
 )
 from tests.node.test_segmentation import orthanc_segs
@@ -84,6 +85,7 @@ def test_a_liver_correction_trains_the_3d_encoder_and_the_liver_head_only(
     version = wait_until(lambda: next((v for v in versions(node) if v.origin == "local"),
                                       None), timeout=120, what="a round of the 3D heads")
     assert (version.generation, version.state) == (1, "serving")
+    wait_swapped(node, MODEL, 1)
     metrics = version.metrics
     assert metrics["trained_groups"] == ["encoder", "heads.liver"]
     assert metrics["held_out"]["cases"] == 1 and "liver" in metrics["held_out"]["candidate"]

@@ -39,7 +39,14 @@ from tests.corrections.helpers import (
     tiny_model,
     versions,
 )
-from tests.node.conftest import echoscu, node_config_data, storescu, tessera, wait_until
+from tests.node.conftest import (
+    echoscu,
+    node_config_data,
+    storescu,
+    tessera,
+    wait_swapped,
+    wait_until,
+)
 
 
 def _node(tmp_path: Path, start_node: Any, monai_encoder: bool = False,
@@ -142,6 +149,7 @@ def test_correction_trains_a_new_version_that_serves_the_next_study(
                                if v.generation == 1 and v.state == "serving"],
                       timeout=120, what="generation 1 serving")[0]
     assert gen1.parent_generation == 0 and gen1.samples == 1 and gen1.origin == "local"
+    wait_swapped(node, TEST_MODEL, 1)
     assert node.parts.models.get(TEST_MODEL)[1].generation == 1
     with node.parts.db.session() as s:
         sample = s.execute(select(TrainingSample)).scalar_one()

@@ -42,7 +42,7 @@ from tests.corrections.helpers import (
     tiny_model,
 )
 from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
-from tests.node.conftest import node_config_data, start_node  # noqa: F401 - fixtures
+from tests.node.conftest import node_config_data, start_node, wait_swapped  # noqa: F401 - fixtures
 
 __all__ = ["TEST_MODEL"]
 
@@ -114,6 +114,7 @@ def assert_serves_hub_weights(hub: InProcessHub, node: Any, model: str,
     """``node`` serves exactly the hub's ``generation`` of an imported ``model`` (every
     tensor, all in its ``network`` group), which learned (differs from generation 0);
     returns the served config."""
+    wait_swapped(node, model, generation)
     served_model, config = node.parts.models.get(model)
     assert config.generation == generation
     merged = hub.service.generation_tensors(generation)

@@ -42,7 +42,7 @@ from tests.corrections.helpers import (
     stored_dataset,
 )
 from tests.federation.hubproc import REPO, write_config
-from tests.node.conftest import storescu, wait_until, write_node_config
+from tests.node.conftest import storescu, wait_swapped, wait_until, write_node_config
 from tests.peers import SYSTEM_PATH, require_binary, venv_tool
 
 from .conftest import (
@@ -113,6 +113,7 @@ def test_add_head_then_a_kidney_annotating_node_teaches_it_and_its_seg_carries_i
         assert added.returncode == 0, added.stdout + added.stderr
         assert service.require_current().number == 1
         wait_until(lambda: serving(url) == (1, "hub"), timeout=90, what="hub generation 1")
+        wait_swapped(node, TEST_MODEL, 1)
         model, config = node.parts.models.get(TEST_MODEL)
         assert config.pending_heads == ("kidneys",)
         seeded = init_head_arrays(model, "kidneys", 4242)

@@ -17,7 +17,7 @@ from dicom_node.pipeline.versions import LOCAL_FLOOR, next_generation
 from dicom_node.store.models import ModelVersion
 from federation_grpc._proto import federation_pb2 as pb
 from tests.federation.hubproc import REPO
-from tests.node.conftest import wait_until, write_node_config
+from tests.node.conftest import wait_swapped, wait_until, write_node_config
 
 from .conftest import (
     TEST_MODEL,
@@ -47,7 +47,7 @@ def test_node_enrols_once_uploads_and_serves_the_new_hub_generation(
         wait_until(lambda: hub.current() >= 1, timeout=60, what="hub generation 1")
         wait_until(lambda: serving(url) == (1, "hub"), timeout=60,
                    what="the node to serve hub generation 1")
-        assert node.parts.models.get(TEST_MODEL)[1].generation == 1  # hot swapped
+        wait_swapped(node, TEST_MODEL, 1)  # hot swapped
         [(uid, state, attempts, error)] = outbox(url)
         assert (uid, state, attempts, error) == (update, "sent", 1, None)
         generation = hub.service.list_generations()[-1]

@@ -60,6 +60,14 @@ def wait_until(probe: Callable[[], T], *, timeout: float = 30.0, interval: float
     return last
 
 
+def wait_swapped(node: Any, model: str, generation: int, timeout: float = 30.0) -> None:
+    """Wait until ``node`` serves ``generation`` of ``model`` from memory. The node
+    commits a version as serving first and swaps the model in right after, so a test that
+    saw the row and then reads the served model waits for the swap."""
+    wait_until(lambda: node.parts.models.loaded_generation(model) == generation,
+               timeout=timeout, what=f"{model} generation {generation} swapped in")
+
+
 # --------------------------------------------------------------------------- test data
 
 def dataset_bytes(path: Path | bytes) -> bytes:
