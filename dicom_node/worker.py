@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from sqlalchemy.orm import Session
+
 from dicom_node.errors import DicomNodeError
 from dicom_node.loop_health import LoopHealth
 from dicom_node.pipeline.flow import JobKind
@@ -26,8 +28,9 @@ class JobHandler(Protocol):
     def run(self, job: ClaimedJob, heartbeat: Callable[[], None]) -> None:
         """Do the work; raise to fail the attempt (it is retried with backoff)."""
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
-        """Called once when the job is given up (dead-lettered)."""
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
+        """Called once when the job is given up (dead-lettered), inside the transaction
+        that marks it dead: write its consequences through ``s``."""
 
 
 class PermanentJobError(DicomNodeError):
@@ -132,14 +135,13 @@ class JobWorker:
         except Exception as exc:
             permanent = isinstance(exc, PermanentJobError)
             error = f"{type(exc).__name__}: {exc}"
-            state = self.queue.fail(job.id, owner, error, self.backoff, permanent=permanent)
+            state = self.queue.fail(job.id, owner, error, self.backoff, permanent=permanent,
+                                    on_dead=lambda s: handler.on_dead(job, error, s))
             log = LOGGER.error if state == "dead" else LOGGER.warning
             log("job %s (%s %s) attempt %d failed -> %s: %s", job.id, job.kind, job.key,
                 job.attempts, state, error)
             observe_job(job.kind, "dead" if state == "dead" else "retry",
                         time.monotonic() - started)
-            if state == "dead":
-                handler.on_dead(job, error)
             return True
         finally:
             done.set()

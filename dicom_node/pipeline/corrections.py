@@ -332,9 +332,9 @@ class CorrectionJob:
         for uid in uids:
             self.intake.ingest(uid, heartbeat=heartbeat)
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
-        self.intake.store.audit("correction-failed", error,
-                                series_uid=CorrectionPayload.of(job).series_uid)
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
+        s.add(audit_event("correction-failed", error,
+                          series_uid=CorrectionPayload.of(job).series_uid))
 
 
 def queue_correction(s: Session, queue: JobQueue, series: Series) -> None:

@@ -122,15 +122,14 @@ class Exporter:
             raise ExportFailed(f"{len(failures)} instance(s) not delivered, e.g. {failures[0]}")
         self._mark_forwarded(series_uid)
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
         """The job gave up: its undelivered items become dead letters."""
         payload = ExportPayload.of(job)
-        with self.db.session() as s:
-            s.execute(update(OutboxItem).where(
-                OutboxItem.series_uid == payload.series_uid,
-                OutboxItem.destination == payload.destination,
-                OutboxItem.state == OutboxState.PENDING,
-            ).values(state=OutboxState.DEAD, last_error=error[:2000]))
+        s.execute(update(OutboxItem).where(
+            OutboxItem.series_uid == payload.series_uid,
+            OutboxItem.destination == payload.destination,
+            OutboxItem.state == OutboxState.PENDING,
+        ).values(state=OutboxState.DEAD, last_error=error[:2000]))
 
     def _mark_forwarded(self, series_uid: str) -> None:
         with self.db.session() as s:

@@ -137,5 +137,5 @@ class QualityJob:
                 OutboxItem.sop_instance_uid == uid,
                 OutboxItem.state == OutboxState.PENDING, OutboxItem.attempts == 0)))
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
         self.inputs.remove(QualityPayload.of(job).seg_sop_instance_uid)

@@ -141,7 +141,7 @@ class GenerationAdapter:
         payload = AdaptPayload.of(job)
         self.adapt(payload.model, payload.generation, payload.previous, heartbeat=heartbeat)
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
         LOGGER.error("%s job for %s given up (the hub generation keeps serving): %s",
                      job.kind, job.key, error)
 

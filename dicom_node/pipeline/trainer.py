@@ -148,7 +148,7 @@ class IncrementalTrainer:
             return
         self.train(TrainingPayload.of(job).model, attempt=job.attempts, heartbeat=heartbeat)
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
         LOGGER.error("%s job for %s given up: %s", job.kind, job.key, error)
 
     # -- a round ---------------------------------------------------------------------

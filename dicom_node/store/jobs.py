@@ -6,6 +6,12 @@ again. Failures are retried with exponential backoff up to ``max_attempts``, the
 the job is ``dead`` with its last error (a dead letter). On PostgreSQL claims use
 ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent workers never block on one row;
 on SQLite each transaction begins IMMEDIATE, which serialises claims.
+
+Jobs of one kind and key run one at a time: a pending job is not claimed while another
+of its kind and key runs (under a live lease). Enqueueing while one is pending adds
+nothing (the pending job will see the new work when it runs); while one runs, it adds a
+pending job, since the running one may have read its inputs already (a series that grew
+while it was segmented is segmented again).
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, event, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, event, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from dicom_node.errors import DicomNodeError
 from dicom_node.store.db import Database
@@ -87,14 +93,16 @@ class JobQueue:
         unique_active: bool = True,
     ) -> int | None:
         """Add a job; with ``unique_active`` none is added while one of the same kind
-        and key is pending or running (returns ``None`` then)."""
+        and key is pending (returns ``None`` then). One that is running does not count:
+        it may have read its inputs before this call's transaction commits."""
         def _add(s: Session) -> int | None:
             if unique_active:
-                active = s.execute(select(Job.id).where(
-                    Job.kind == kind, Job.key == key,
-                    Job.state.in_((JobState.PENDING, JobState.RUNNING)),
-                )).first()
-                if active is not None:
+                # Locked (PostgreSQL): a claim in flight either commits first, and the
+                # job no longer counts as pending, or waits for this transaction.
+                pending = s.execute(select(Job.id).where(
+                    Job.kind == kind, Job.key == key, Job.state == JobState.PENDING,
+                ).with_for_update()).first()
+                if pending is not None:
                     return None
             job = Job(kind=kind, key=key, payload=payload or {}, max_attempts=max_attempts,
                       state=JobState.PENDING, attempts=0, not_before=datetime.now(UTC))
@@ -109,16 +117,22 @@ class JobQueue:
             return _add(s)
 
     def claim(self, kinds: Iterable[str], owner: str) -> ClaimedJob | None:
-        """Claim the oldest due job of one of ``kinds``, or one whose lease expired."""
+        """Claim the oldest due job of one of ``kinds`` whose kind and key is not running
+        under a live lease, or one whose lease expired."""
         now = datetime.now(UTC)
         kinds = tuple(kinds)
+        running = aliased(Job)
+        same_key_running = exists().where(
+            running.kind == Job.kind, running.key == Job.key,
+            running.state == JobState.RUNNING, running.lease_expires_at >= now)
         with self.db.session() as s:
             row = s.execute(
                 select(Job)
                 .where(
                     Job.kind.in_(kinds),
                     or_(
-                        and_(Job.state == JobState.PENDING, Job.not_before <= now),
+                        and_(Job.state == JobState.PENDING, Job.not_before <= now,
+                             ~same_key_running),
                         and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
                     ),
                 )
@@ -182,8 +196,14 @@ class JobQueue:
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     def fail(self, job_id: int, owner: str, error: str, backoff: Backoff,
-             *, permanent: bool = False) -> str:
-        """Record a failure: retry later, or dead-letter. Returns the new state."""
+             *, permanent: bool = False,
+             on_dead: Callable[[Session], None] | None = None) -> str:
+        """Record a failure: retry later, or dead-letter. Returns the new state.
+
+        ``on_dead`` writes what giving up means (dead letters, a failed series, an audit
+        event) in the transaction that marks the job dead: a crash never leaves one
+        without the other. If it raises, neither is written (the lease then expires and
+        the job is claimed again)."""
         now = datetime.now(UTC)
         with self.db.session() as s:
             job = s.get(Job, job_id)
@@ -194,6 +214,8 @@ class JobQueue:
             if permanent or job.attempts >= job.max_attempts:
                 job.state = JobState.DEAD
                 job.finished_at = now
+                if on_dead is not None:
+                    on_dead(s)
             else:
                 job.state = JobState.PENDING
                 job.not_before = now + timedelta(seconds=backoff.delay(job.attempts))

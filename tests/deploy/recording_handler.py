@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 
 from dicom_node.store.jobs import ClaimedJob
 
@@ -49,7 +50,7 @@ class RecordingHandler:
         time.sleep(float(job.payload.get("sleep_s", 0.0)))
         self._record("test_effect", job)
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
         LOGGER.error("test job %s dead: %s", job.id, error)
 
 

@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from dicom_node.store.db import Database
 from dicom_node.store.jobs import Backoff, JobQueue, LeaseLost
-from dicom_node.store.models import Base, Job, JobState
+from dicom_node.store.models import AuditEvent, Base, Job, JobState
 from tests.node.conftest import Postgres, wait_until
 
 LONG = Backoff(initial_s=60, max_s=600)
@@ -80,6 +81,24 @@ def test_claim_heartbeat_complete(db: Database) -> None:
     assert queue.enqueue("export", "series-1") is not None, "done jobs are not active"
 
 
+def test_work_queued_while_its_job_runs_gets_a_job_of_its_own_that_waits(db: Database) -> None:
+    """A series that grows while it is segmented: the running job may have read it
+    already, so the new work is a second job, run after the first, never beside it."""
+    queue = JobQueue(db, lease_s=30)
+    first = queue.enqueue("inference", "series-1:rule")
+    assert first is not None and queue.claim(["inference"], "A") is not None
+    second = queue.enqueue("inference", "series-1:rule")
+    assert second is not None and second != first
+    assert queue.enqueue("inference", "series-1:rule") is None, "one pending is enough"
+    other = queue.enqueue("inference", "series-2:rule")
+    claimed = queue.claim(["inference"], "B")
+    assert claimed is not None and claimed.id == other, "same key waits, others go on"
+    assert queue.claim(["inference"], "B") is None
+    assert queue.complete(first, "A") is True
+    claimed = queue.claim(["inference"], "B")
+    assert claimed is not None and claimed.id == second
+
+
 def test_expired_lease_is_taken_over_by_another_owner(db: Database) -> None:
     queue = JobQueue(db, lease_s=0.5)
     job_id = queue.enqueue("export", "k")
@@ -130,6 +149,38 @@ def test_permanent_failure_is_dead_at_once(db: Database) -> None:
     assert job_id is not None
     assert queue.claim(["inference"], "A") is not None
     assert queue.fail(job_id, "A", "series refused", LONG, permanent=True) == JobState.DEAD
+
+
+def test_what_giving_up_means_commits_with_the_dead_letter_or_not_at_all(db: Database) -> None:
+    queue = JobQueue(db)
+    job_id = queue.enqueue("export", "k", max_attempts=1)
+    assert job_id is not None and queue.claim(["export"], "A") is not None
+
+    def broken(s: Session) -> None:
+        s.add(AuditEvent(kind="export-failed", reason="written, then the handler broke"))
+        s.flush()
+        raise RuntimeError("handler broke")
+
+    with pytest.raises(RuntimeError, match="handler broke"):
+        queue.fail(job_id, "A", "gave up", LONG, on_dead=broken)
+    assert _job(db, job_id).state == JobState.RUNNING  # still leased: claimed again later
+    with db.session() as s:
+        assert s.execute(select(func.count()).select_from(AuditEvent)).scalar_one() == 0
+
+    seen: list[str] = []
+
+    def consequences(s: Session) -> None:
+        seen.append(s.get_one(Job, job_id).state)
+        s.add(AuditEvent(kind="export-failed", reason="gave up"))
+
+    assert queue.fail(job_id, "A", "gave up", LONG, on_dead=consequences) == JobState.DEAD
+    assert seen == [JobState.DEAD]  # inside the transaction that marks it dead
+    with db.session() as s:
+        assert s.execute(select(AuditEvent.reason)).scalars().all() == ["gave up"]
+
+    retried = queue.enqueue("export", "k2", max_attempts=3)
+    assert retried is not None and queue.claim(["export"], "A") is not None
+    assert queue.fail(retried, "A", "once", LONG, on_dead=broken) == JobState.PENDING
 
 
 def test_backoff_doubles_up_to_the_maximum() -> None:
