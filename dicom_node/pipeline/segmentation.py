@@ -25,6 +25,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from dicom_node.config import DicomSettings, InferenceSettings, RoutingRule
 from dicom_node.dicom.meta import dataset_offset
@@ -170,11 +171,7 @@ class SegmentationJob(SeriesStage):
         if existing is not None:
             revision = self._revision(series_uid, existing)
             if not revision:
-                LOGGER.info("series %s already segmented by %s gen %d; re-queueing export",
-                            series_uid, mconfig.name, mconfig.generation)
-                self._export(existing.seg_series_uid, existing.seg_sop_instance_uid,
-                             destinations)
-                self._set_state(series_uid, SeriesState.SEGMENTED, None)
+                self._requeue(series_uid, mconfig, existing, payload.rule, destinations)
                 return
 
         timings: dict[str, float] = {}
@@ -188,14 +185,15 @@ class SegmentationJob(SeriesStage):
         seg = self._segment(series_uid, model, mconfig, volume, payload.rule, heartbeat,
                             timings, revision)
         header = self._store_seg(seg, timings)
+        # Quality metrics feed monitoring, not the SEG: their own job, after delivery.
+        # Their inputs are kept before the row, so a retry after a crash finds them.
+        result = seg.result
+        self.quality.save(header.sop_instance_uid, result.labels, result.confidence,
+                          result.entropy, result.spacing, mconfig.label_values)
         self._record(series_uid, mconfig, header, seg.domain, timings,
                      {"source_instances": instances, "revision": revision})
         if not seg.domain.in_domain and self._holds_out_of_domain(payload.rule):
             destinations = []  # held back: the SEG is stored, status says why
-        # Quality metrics feed monitoring, not the SEG: their own job, after delivery.
-        result = seg.result
-        self.quality.save(header.sop_instance_uid, result.labels, result.confidence,
-                          result.entropy, result.spacing, mconfig.label_values)
         self._export(header.series_uid, header.sop_instance_uid, destinations, quality=True)
         LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
                     series_uid, mconfig.name, mconfig.generation, volume.shape[0],
@@ -288,6 +286,22 @@ class SegmentationJob(SeriesStage):
             s.execute(update(Series).where(Series.series_uid == series_uid)
                       .values(state=SeriesState.SEGMENTED, state_reason=None))
 
+    def _requeue(self, series_uid: str, mconfig: ModelConfig, existing: Segmentation,
+                 rule: str, destinations: list[str]) -> None:
+        """The series is segmented already (sent again, or a retry after a crash between
+        the row and its export): queue what the first run would have, no more. A SEG held
+        back as out of domain stays held; its quality metrics are queued while their
+        inputs are still on disk."""
+        domain = (existing.metrics or {}).get("domain") or {}
+        held = domain.get("in_domain") is False and self._holds_out_of_domain(rule)
+        LOGGER.info("series %s already segmented by %s gen %d; %s", series_uid, mconfig.name,
+                    mconfig.generation, "its SEG stays held back" if held
+                    else "re-queueing export")
+        uid = existing.seg_sop_instance_uid
+        self._export(existing.seg_series_uid, uid, [] if held else destinations,
+                     quality=self.quality.path(uid).exists())
+        self._set_state(series_uid, SeriesState.SEGMENTED, None)
+
     def _holds_out_of_domain(self, rule_name: str) -> bool:
         rule = next((r for r in self.rules if r.name == rule_name), None)
         return rule is not None and rule.out_of_domain == "hold"
@@ -301,8 +315,9 @@ class SegmentationJob(SeriesStage):
         self.store.audit(OUT_OF_DOMAIN_EVENT, f"{mconfig.name} gen {mconfig.generation}: "
                          f"{domain.reason} ({action})", series_uid=series_uid)
 
-    def on_dead(self, job: ClaimedJob, error: str) -> None:
-        self._set_state(InferencePayload.of(job).series_uid, SeriesState.FAILED, error)
+    def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
+        s.execute(update(Series).where(Series.series_uid == InferencePayload.of(job).series_uid)
+                  .values(state=SeriesState.FAILED, state_reason=error))
 
     def _revision(self, series_uid: str, existing: Segmentation) -> int:
         """0 when ``existing`` covers the series as it is now; else the next revision (the

@@ -16,8 +16,11 @@ from dicom_node.phantom.ct import generate_subject
 from dicom_node.phantom.dicom import subject_datasets
 from dicom_node.phantom.head_ct import CRANIUM, head_ct_subject
 from dicom_node.pipeline.domain import check_domain
+from dicom_node.pipeline.flow import InferencePayload
 from dicom_node.pipeline.model_sources import STARTER_MODEL
+from dicom_node.pipeline.segmentation import SegmentationJob
 from dicom_node.status import node_status, render_status
+from dicom_node.store.jobs import ClaimedJob
 from dicom_node.store.models import Instance, OutboxItem, OutboxState, Segmentation
 from tests.node.conftest import node_config_data, storescu, wait_until
 from tests.node.test_segmentation import write_series
@@ -90,6 +93,16 @@ def test_a_head_ct_given_to_the_abdomen_model_is_marked_and_held(
     assert head_uid in render_status(report)
     assert b"tessera_node_segmentations_out_of_domain_total 1.0" in metrics.render(
         node.parts.db)
+
+    # The job again (the series sent again, or a retry after a crash between the row and
+    # the export): the held SEG stays held, the abdomen's is not delivered twice.
+    segmenter = next(h for h in node.parts.handlers if isinstance(h, SegmentationJob))
+    for series_uid in (head_uid, abdomen_uid):
+        payload = InferencePayload(series_uid, "abdomen", STARTER_MODEL, ("pacs",))
+        segmenter.run(ClaimedJob(0, payload.kind, payload.key, payload.to_json(), 2, 3),
+                      lambda: None)
+    assert _outbox_state(node, head_seg.seg_sop_instance_uid) is None
+    assert _outbox_state(node, abdomen_seg.seg_sop_instance_uid) == OutboxState.SENT
 
 
 def _outbox_state(node: Any, sop_uid: str) -> str | None:
