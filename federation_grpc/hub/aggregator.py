@@ -26,7 +26,7 @@ from federation_grpc.hub.contributions import Contribution, Tensors
 from federation_grpc.hub.evaluations import EvaluationTasks
 from federation_grpc.hub.federated_verdict import judge, waiting
 from federation_grpc.hub.gate import SiteScore, UpdateGate
-from federation_grpc.hub.generations import GenerationLedger, NewGeneration
+from federation_grpc.hub.generations import CurrentMoved, GenerationLedger, NewGeneration
 from federation_grpc.hub.heads import mark_trained
 from federation_grpc.hub.parameters import non_finite_tensors
 from federation_grpc.hub.rejections import RejectionLog
@@ -131,7 +131,11 @@ class Aggregator:
                 pending = self._pending_in_lineage(current, lineage)
                 if len(pending) < size:
                     return made
-                number = self._merge(pending[: max(size, self.strategy.max_batch())])
+                try:
+                    number = self._merge(pending[: max(size, self.strategy.max_batch())])
+                except CurrentMoved as exc:  # the operator moved the pointer meanwhile
+                    LOGGER.warning("merge dropped: %s; its updates wait for the next", exc)
+                    continue
                 if number == -2:  # a candidate now waits for federated evaluation
                     return made
                 if number >= 0:
@@ -351,8 +355,12 @@ class Aggregator:
             if not verdict.accepted:
                 for row in self.ledger.evaluated_updates(session, number):
                     self.rejections.reject(session, row, "gate", verdict.reasons, number)
-            self.ledger.settle(session, number, verdict.score, accepted=verdict.accepted,
-                               notes=verdict.notes)
-        if verdict.accepted:
+            published = self.ledger.settle(session, number, verdict.score,
+                                            accepted=verdict.accepted, notes=verdict.notes)
+        if published:
             LOGGER.info("candidate %d accepted by federated evaluation", number)
+        elif verdict.accepted:
+            LOGGER.warning("candidate %d accepted by federated evaluation, but the current "
+                           "generation moved meanwhile: its updates wait for a merge again",
+                           number)
         return False

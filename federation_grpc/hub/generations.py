@@ -8,6 +8,12 @@ that transaction has committed, so they never read a pointer that is not there y
 
 A generation's lineage is its chain of parents and the updates merged into it (or
 evaluated as it, while it is a candidate).
+
+A generation merged from updates is published only on top of the generation it was
+merged on: if the operator promoted or rolled back meanwhile (those do not wait for a
+merge), the merge is dropped (:class:`CurrentMoved`) and a candidate is rejected, and
+their updates wait for a merge on the new current generation (or are refused if it is
+no longer in their lineage).
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ TENSOR_CACHE_SIZE = 4
 # Generations never published: a candidate under federated evaluation, or one refused;
 # their updates are not merged (a StrEnum, so the statuses of views match as strings).
 UNPUBLISHED = frozenset({GenerationStatus.CANDIDATE, GenerationStatus.REJECTED})
+
+
+class CurrentMoved(FailedPrecondition):
+    """The generation a merge was made on is no longer the current one."""
 
 
 @dataclass(frozen=True)
@@ -141,20 +151,37 @@ class GenerationLedger:
     def settle(
         self, session: Session, candidate: int, score: float | None, accepted: bool,
         notes: Sequence[str] = (),
-    ) -> None:
+    ) -> bool:
         """Record the nodes' verdict on a candidate, with the gate's ``notes``: published
         with the updates it was merged from, or REJECTED (its updates are the caller's to
-        reject)."""
+        reject). Returns whether it was published: an accepted candidate whose parent is
+        no longer current is REJECTED too, and its updates wait for a merge again."""
         row = session.get(GenerationRow, candidate)
         if row is None:
             raise NotFound(f"no generation {candidate}")
         row.validation_score = score
         row.notes = "; ".join(notes)[:4000]
+        current = self.current_in(session)
+        if accepted and row.parent != current:
+            row.status = GenerationStatus.REJECTED
+            row.notes = "; ".join([*notes, f"accepted, but the current generation moved "
+                                   f"from {row.parent} to {current} meanwhile"])[:4000]
+            for update in self.evaluated_updates(session, candidate):
+                update.status, update.candidate_generation = UpdateStatus.RECEIVED, None
+            return False
         if accepted:
             updates = self.evaluated_updates(session, candidate)
             self.publish(session, candidate, merged=[u.update_id for u in updates])
         else:
             row.status = GenerationStatus.REJECTED
+        return accepted
+
+    @staticmethod
+    def current_in(session: Session) -> int | None:
+        """The current generation's number, read (and locked) in ``session``."""
+        state = session.get(HubStateRow, 1, with_for_update=True)
+        assert state is not None, "the hub store has no state row"
+        return state.current_generation
 
     def publish(
         self,
@@ -166,22 +193,33 @@ class GenerationLedger:
         """Make a generation current, in the caller's transaction; return its number.
 
         A :class:`NewGeneration` is stored first; a number names a stored one, which
-        becomes ACTIVE. The updates ``merged`` are marked merged into it (its lineage).
-        Watchers wake when the transaction commits (not at all if it rolls back).
+        becomes ACTIVE. The updates ``merged`` are marked merged into it (its lineage);
+        with any, its parent must still be current, else :class:`CurrentMoved` (the
+        caller's transaction then rolls back). Watchers wake when the transaction
+        commits (not at all if it rolls back).
         """
+        state = session.get(HubStateRow, 1, with_for_update=True)
+        assert state is not None, "the hub store has no state row"
+        if isinstance(generation, NewGeneration):
+            parent = generation.parent
+        else:
+            stored = session.get(GenerationRow, generation)
+            if stored is None:
+                raise NotFound(f"no generation {generation}")
+            parent = stored.parent
+        if merged and parent != state.current_generation:
+            raise CurrentMoved(f"generation {parent} was merged on but generation "
+                               f"{state.current_generation} is current now")
         if isinstance(generation, NewGeneration):
             number = self.record(session, generation, GenerationStatus.ACTIVE)
         else:
             number = generation
             row = session.get(GenerationRow, number)
-            if row is None:
-                raise NotFound(f"no generation {number}")
+            assert row is not None
             row.status = GenerationStatus.ACTIVE
         for update_id in merged:
             update = locked_update(session, update_id)
             update.status, update.merged_into = UpdateStatus.MERGED, number
-        state = session.get(HubStateRow, 1, with_for_update=True)
-        assert state is not None, "the hub store has no state row"
         state.current_generation = number
         state.version += 1
         event.listen(session, "after_commit", lambda _: self._notify(), once=True)
@@ -223,6 +261,9 @@ class GenerationLedger:
                 raise NotFound(f"no generation {number}")
             if row.status == GenerationStatus.REJECTED:
                 raise FailedPrecondition(f"generation {number} was rejected by the gate")
+            if row.status == GenerationStatus.CANDIDATE:
+                raise FailedPrecondition(f"generation {number} is a candidate under "
+                                         "federated evaluation; the nodes' verdict decides")
             self.publish(session, number)
         LOGGER.warning("generation %d promoted by the operator", number)
         return self.generation(number)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save
 
+from federation_grpc.errors import FailedPrecondition
 from federation_grpc.hub.domain import UploadState
+from federation_grpc.hub.generations import NewGeneration
 from federation_grpc.hub.service import HubService
 from federation_grpc.hub.strategies import FedBuff
 
@@ -220,4 +223,60 @@ def test_federated_evaluation_refuses_a_candidate_that_harms_one_site(tmp_path: 
     # One case is too small to judge: reported as such, not counted as the harm.
     assert f"site {nodes[2]}: 0.8000 -> 0.7000 on 1 held-out case(s), too small" in reasons
     assert "below the current" not in reasons
+    svc.close()
+
+
+def test_an_operator_rollback_during_a_merge_is_not_undone_by_it(service: HubService) -> None:
+    """The operator's rollback does not wait for a merge: a merge made on the generation
+    rolled back is dropped, and its update refused as off the lineage, never published
+    over the rollback."""
+    node = enrol(service)
+    upload(service, node, *make_update(small_model()))
+    assert service.aggregator.process_pending() == [1]
+    payload, header = make_update(service.generation_tensors(1), seed=2)
+    header = replace(header, base_generation=1)  # trained on generation 1
+    upload(service, node, payload, header)
+    gate = service.aggregator.gate
+    check = gate.check_candidate
+
+    def rolled_back_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        gate.check_candidate = check
+        service.rollback()  # to generation 0, while generation 1 is merged on
+        return check(*args, **kwargs)
+
+    gate.check_candidate = rolled_back_meanwhile  # type: ignore[method-assign]
+    assert service.aggregator.process_pending() == []
+    assert service.current_number() == 0
+    assert service.generation(1).status == "ROLLED_BACK"
+    (rejection,) = service.list_rejections()
+    assert rejection.update_id == header.update_id
+    assert "not in the lineage" in rejection.reasons[0]
+
+
+def test_a_candidate_accepted_after_a_rollback_is_not_published_and_its_update_waits(
+    tmp_path: Path,
+) -> None:
+    svc = gated_service(tmp_path, federated_evaluation=True, min_evaluations=1)
+    node = enrol(svc, "site")
+    upload(svc, node, *make_update(small_model()))
+    assert svc.aggregator.process_pending() == []
+    (task,) = svc.fetch_evaluation_tasks(node)
+    with pytest.raises(FailedPrecondition, match="candidate"):
+        svc.promote(task.candidate_generation)  # the nodes' verdict decides, not promote
+    # The operator publishes another generation (here: promotes 0 again, a new notice)
+    # while the candidate built on 0 is evaluated; then it is accepted.
+    with svc.store.session() as session:
+        svc.ledger.publish(session, NewGeneration(0, svc.generation(0).sha256,
+                                                  svc.generation(0).size_bytes,
+                                                  MODEL_CONFIG, "operator"))
+    moved_to = svc.current_number()
+    assert moved_to not in (0, task.candidate_generation)
+    assert svc.submit_evaluation_result(node, task.task_id, 0.9, 0.8, 10)
+    svc.aggregator.process_pending()
+    candidate = svc.generation(task.candidate_generation)
+    assert candidate.status == "REJECTED" and "moved" in (candidate.notes or "")
+    assert svc.current_number() != task.candidate_generation
+    assert svc.list_rejections() == []  # not refused: merged again, on the new current
+    (again,) = svc.fetch_evaluation_tasks(node)
+    assert svc.generation(again.candidate_generation).parent == moved_to
     svc.close()
