@@ -48,7 +48,7 @@ from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.prometheus import OUT_OF_DOMAIN_EVENT
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
-from dicom_node.store.instances import InstanceStore, Peer
+from dicom_node.store.instances import InstanceStore, Peer, audit_event
 from dicom_node.store.jobs import ClaimedJob, JobQueue
 from dicom_node.store.models import (
     Instance,
@@ -191,7 +191,7 @@ class SegmentationJob(SeriesStage):
         self.quality.save(header.sop_instance_uid, result.labels, result.confidence,
                           result.entropy, result.spacing, mconfig.label_values)
         self._record(series_uid, mconfig, header, seg.domain, timings,
-                     {"source_instances": instances, "revision": revision})
+                     {"source_instances": instances, "revision": revision}, payload.rule)
         if not seg.domain.in_domain and self._holds_out_of_domain(payload.rule):
             destinations = []  # held back: the SEG is stored, status says why
         self._export(header.series_uid, header.sop_instance_uid, destinations, quality=True)
@@ -235,7 +235,9 @@ class SegmentationJob(SeriesStage):
             domain = check_domain(result.labels, volume.spacing, mconfig.label_values,
                                   self.inference.min_structure_fraction)
             if not domain.in_domain:
-                self._out_of_domain(series_uid, mconfig, domain, rule)
+                LOGGER.warning("series %s: %s gen %d: %s (SEG marked%s)", series_uid,
+                               mconfig.name, mconfig.generation, domain.reason,
+                               ", held back" if self._holds_out_of_domain(rule) else "")
             t2 = time.perf_counter()
             data, syntax = _encode(template, volume, result.labels, specs, algorithm,
                                    None if domain.in_domain else
@@ -263,11 +265,17 @@ class SegmentationJob(SeriesStage):
 
     def _record(self, series_uid: str, mconfig: ModelConfig, header: InstanceHeader,
                 domain: DomainVerdict, timings: dict[str, float],
-                coverage: dict[str, int]) -> None:
+                coverage: dict[str, int], rule: str) -> None:
         """The segmentation's row (a revision replaces the row of the SEG it supersedes:
-        one per series, model and generation)."""
+        one per series, model and generation), with the out-of-domain event when there is
+        one: a retry after a crash records both or neither, never a second event."""
         metrics = {"domain": domain.to_json(), **coverage}
         with self.db.session() as s:
+            if not domain.in_domain:
+                action = "hold" if self._holds_out_of_domain(rule) else "send"
+                s.add(audit_event(OUT_OF_DOMAIN_EVENT, f"{mconfig.name} gen "
+                                  f"{mconfig.generation}: {domain.reason} ({action})",
+                                  series_uid=series_uid))
             row = s.execute(select(Segmentation).where(
                 Segmentation.series_uid == series_uid,
                 Segmentation.model_name == mconfig.name,
@@ -305,15 +313,6 @@ class SegmentationJob(SeriesStage):
     def _holds_out_of_domain(self, rule_name: str) -> bool:
         rule = next((r for r in self.rules if r.name == rule_name), None)
         return rule is not None and rule.out_of_domain == "hold"
-
-    def _out_of_domain(self, series_uid: str, mconfig: ModelConfig, domain: DomainVerdict,
-                       rule_name: str) -> None:
-        action = "hold" if self._holds_out_of_domain(rule_name) else "send"
-        LOGGER.warning("series %s: %s gen %d: %s (SEG marked%s)", series_uid, mconfig.name,
-                       mconfig.generation, domain.reason,
-                       ", held back" if action == "hold" else "")
-        self.store.audit(OUT_OF_DOMAIN_EVENT, f"{mconfig.name} gen {mconfig.generation}: "
-                         f"{domain.reason} ({action})", series_uid=series_uid)
 
     def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
         s.execute(update(Series).where(Series.series_uid == InferencePayload.of(job).series_uid)
@@ -356,9 +355,10 @@ class SegmentationJob(SeriesStage):
 
     def _refuse(self, series_uid: str, reason: str) -> None:
         LOGGER.warning("series %s refused: %s", series_uid, reason)
-        # The event first: whoever sees the series refused (status, a test) finds its event.
-        self.store.audit("series-refused", reason, series_uid=series_uid)
-        self._set_state(series_uid, SeriesState.REFUSED, reason)
+        with self.db.session() as s:  # the state and its event commit together
+            s.add(audit_event("series-refused", reason, series_uid=series_uid))
+            s.execute(update(Series).where(Series.series_uid == series_uid)
+                      .values(state=SeriesState.REFUSED, state_reason=reason))
 
     def _set_state(self, series_uid: str, state: SeriesState, reason: str | None) -> None:
         with self.db.session() as s:
