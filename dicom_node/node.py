@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,6 +63,7 @@ from dicom_node.store.opening import journal_dir, open_store
 from dicom_node.worker import JobHandler, JobWorker
 
 LOGGER = logging.getLogger(__name__)
+SLOW_STOP_STEP_S = 2.0  # a stop step that takes longer is named in the log
 
 
 class RunningHttp(Protocol):
@@ -253,23 +255,35 @@ class Node:
                 wait = health.succeeded()
 
     def stop(self) -> None:
+        """Stop taking work, finish what was received (the journal's final checkpoint),
+        let go of the database; each step that takes long is named in the log."""
+        started = time.monotonic()
         self._stop.set()
         if self.receivers is not None:
             self.receivers.stopping()
-        if self.parts.federation is not None:
-            self.parts.federation.stop()
-        if self.bridge is not None:
-            self.bridge.shutdown()
-        if self.scp is not None:
-            self.scp.shutdown()
-        if self.receivers is not None:
-            self.receivers.stop()
-        self.follower.stop()
-        self.worker.stop()
+        steps: list[tuple[str, Callable[[], object] | None]] = [
+            ("federation", self.parts.federation.stop if self.parts.federation else None),
+            ("viewer bridge", self.bridge.shutdown if self.bridge else None),
+            ("SCP", self.scp.shutdown if self.scp else None),
+            ("receivers", self.receivers.stop if self.receivers else None),
+            ("serving follower", self.follower.stop),
+            ("job workers", self.worker.stop),
+            ("assembler", self._join_assembler),
+            ("intake journal", self.parts.store.close_journal),
+            ("database", self.parts.db.dispose),
+        ]
+        for name, step in steps:
+            if step is None:
+                continue
+            began = time.monotonic()
+            step()
+            if time.monotonic() - began > SLOW_STOP_STEP_S:
+                LOGGER.warning("stopping: %s took %.1f s", name, time.monotonic() - began)
+        LOGGER.info("node stopped in %.1f s", time.monotonic() - started)
+
+    def _join_assembler(self) -> None:
         if self._assembler_thread is not None:
             self._assembler_thread.join(5)
-        self.parts.store.close_journal()
-        self.parts.db.dispose()
 
     def __enter__(self) -> Node:
         return self.start()

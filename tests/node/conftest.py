@@ -304,15 +304,24 @@ class NodeProcess:
         self.proc.wait(30)
         self._log_file.close()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 20.0) -> str | None:
+        """SIGTERM, then SIGKILL after ``grace_s``; None when the node stopped cleanly
+        (exit status 0), else what happened, with the tail of its log."""
+        problem = None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+                problem = f"still running {grace_s:.0f} s after SIGTERM (killed)"
+        if problem is None and self.proc.returncode != 0:
+            problem = f"exit status {self.proc.returncode}"
         self._log_file.close()
+        if problem is None:
+            return None
+        return f"node {problem}; log:\n" + self.log.read_text(errors="replace")[-3000:]
 
 
 @pytest.fixture

@@ -265,7 +265,8 @@ def test_kill_9_during_replay_then_replay_completes(
         seen = index.count()
         assert seen < backend.replayed and segment.exists(), \
             f"seed {SEED}, {backend.name}: the replay finished before the kill ({seen})"
-    node_process(config).stop()
+    problem = node_process(config).stop(grace_s=60)
+    assert problem is None, problem  # its final checkpoint drops the segments
     stored = index.instance_paths()
     assert index.count() == len(stored) == backend.replayed, "each record indexed once"
     assert set(series.sop_uids) == set(stored)
