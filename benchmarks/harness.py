@@ -59,8 +59,8 @@ def storescu(port: int, called: str, files: Sequence[Path], calling: str | None 
                             timeout=timeout)
     elapsed = time.perf_counter() - t0
     if result.returncode != 0:
-        raise RuntimeError(f"storescu to {called} failed: {result.stdout[-2000:]}"
-                           f"{result.stderr[-2000:]}")
+        raise RuntimeError(f"storescu to {called} failed (exit status {result.returncode}): "
+                           f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
     return elapsed
 
 
