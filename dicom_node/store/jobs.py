@@ -97,11 +97,12 @@ class JobQueue:
         it may have read its inputs before this call's transaction commits."""
         def _add(s: Session) -> int | None:
             if unique_active:
-                # Locked (PostgreSQL): a claim in flight either commits first, and the
-                # job no longer counts as pending, or waits for this transaction.
+                # PostgreSQL: a pending job a claim is taking right now (its row locked)
+                # does not count: the claim may read its inputs before this commits.
+                # Skipped, never waited for, so an enqueue never blocks on a claim.
                 pending = s.execute(select(Job.id).where(
                     Job.kind == kind, Job.key == key, Job.state == JobState.PENDING,
-                ).with_for_update()).first()
+                ).with_for_update(skip_locked=True)).first()
                 if pending is not None:
                     return None
             job = Job(kind=kind, key=key, payload=payload or {}, max_attempts=max_attempts,

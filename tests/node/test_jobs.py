@@ -151,6 +151,25 @@ def test_permanent_failure_is_dead_at_once(db: Database) -> None:
     assert queue.fail(job_id, "A", "series refused", LONG, permanent=True) == JobState.DEAD
 
 
+def test_an_enqueue_does_not_wait_for_a_claim_in_flight(db: Database) -> None:
+    """PostgreSQL: a pending job whose row a claim holds (not committed yet) does not
+    count, and is not waited for: the enqueue adds a job of its own at once."""
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises writers; there is no claim in flight to pass")
+    queue = JobQueue(db)
+    first = queue.enqueue("export", "series-1")
+    assert first is not None
+    added: list[int | None] = []
+    with db.session() as claiming:  # a claim that has the row and has not committed
+        claiming.execute(select(Job).where(Job.id == first).with_for_update())
+        enqueuer = threading.Thread(
+            target=lambda: added.append(queue.enqueue("export", "series-1")), daemon=True)
+        enqueuer.start()
+        enqueuer.join(10)
+        assert not enqueuer.is_alive(), "the enqueue waited for the claim"
+    assert added and added[0] not in (None, first)
+
+
 def test_what_giving_up_means_commits_with_the_dead_letter_or_not_at_all(db: Database) -> None:
     queue = JobQueue(db)
     job_id = queue.enqueue("export", "k", max_attempts=1)
