@@ -49,7 +49,7 @@ from dicom_node.pipeline.stage import SeriesStage
 from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
-from dicom_node.store.instances import InstanceStore, Peer, audit_event
+from dicom_node.store.instances import InstanceStore, Peer
 from dicom_node.store.jobs import ClaimedJob, JobQueue
 from dicom_node.store.models import (
     Correction,
@@ -266,9 +266,9 @@ class CorrectionIntake(SeriesStage):
         with self.db.session() as s:  # the flag and its audit event commit together
             s.add(draft)
             if exc.state is CorrectionState.FLAGGED:
-                s.add(audit_event("correction-flagged", exc.reason,
-                                  Peer(ae_title=draft.peer_ae), draft.seg_sop_instance_uid,
-                                  draft.seg_series_uid))
+                self.store.audit("correction-flagged", exc.reason,
+                                 Peer(ae_title=draft.peer_ae), draft.seg_sop_instance_uid,
+                                 draft.seg_series_uid, session=s)
             s.flush()
             return _outcome(draft)
 
@@ -333,8 +333,8 @@ class CorrectionJob:
             self.intake.ingest(uid, heartbeat=heartbeat)
 
     def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
-        s.add(audit_event("correction-failed", error,
-                          series_uid=CorrectionPayload.of(job).series_uid))
+        self.intake.store.audit("correction-failed", error,
+                                series_uid=CorrectionPayload.of(job).series_uid, session=s)
 
 
 def queue_correction(s: Session, queue: JobQueue, series: Series) -> None:

@@ -48,7 +48,7 @@ from dicom_node.pipeline.volume import Volume, build_volume
 from dicom_node.prometheus import OUT_OF_DOMAIN_EVENT
 from dicom_node.store.db import Database
 from dicom_node.store.files import InstanceFiles
-from dicom_node.store.instances import InstanceStore, Peer, audit_event
+from dicom_node.store.instances import InstanceStore, Peer
 from dicom_node.store.jobs import ClaimedJob, JobQueue
 from dicom_node.store.models import (
     Instance,
@@ -273,9 +273,9 @@ class SegmentationJob(SeriesStage):
         with self.db.session() as s:
             if not domain.in_domain:
                 action = "hold" if self._holds_out_of_domain(rule) else "send"
-                s.add(audit_event(OUT_OF_DOMAIN_EVENT, f"{mconfig.name} gen "
-                                  f"{mconfig.generation}: {domain.reason} ({action})",
-                                  series_uid=series_uid))
+                self.store.audit(OUT_OF_DOMAIN_EVENT, f"{mconfig.name} gen "
+                                 f"{mconfig.generation}: {domain.reason} ({action})",
+                                 series_uid=series_uid, session=s)
             row = s.execute(select(Segmentation).where(
                 Segmentation.series_uid == series_uid,
                 Segmentation.model_name == mconfig.name,
@@ -356,7 +356,7 @@ class SegmentationJob(SeriesStage):
     def _refuse(self, series_uid: str, reason: str) -> None:
         LOGGER.warning("series %s refused: %s", series_uid, reason)
         with self.db.session() as s:  # the state and its event commit together
-            s.add(audit_event("series-refused", reason, series_uid=series_uid))
+            self.store.audit("series-refused", reason, series_uid=series_uid, session=s)
             s.execute(update(Series).where(Series.series_uid == series_uid)
                       .values(state=SeriesState.REFUSED, state_reason=reason))
 

@@ -425,29 +425,21 @@ class InstanceStore:
         *,
         status: int | None = None,
         quarantine_path: str | None = None,
+        session: Session | None = None,
     ) -> None:
-        """Record an event for the operator; never raises."""
+        """Record an event for the operator; never raises. With ``session`` it is added
+        to the caller's transaction instead (committed with the change it reports, and
+        failing with it)."""
+        peer = peer or Peer()
+        event = AuditEvent(kind=kind, reason=reason[:2000], peer_ae=peer.ae_title,
+                           peer_address=peer.address, sop_instance_uid=sop_instance_uid,
+                           series_uid=series_uid, status=status,
+                           quarantine_path=quarantine_path)
+        if session is not None:
+            session.add(event)
+            return
         try:
             with self.db.session() as s:
-                s.add(audit_event(kind, reason, peer, sop_instance_uid, series_uid,
-                                  status=status, quarantine_path=quarantine_path))
+                s.add(event)
         except Exception:
             LOGGER.exception("could not record audit event %s", kind)
-
-
-def audit_event(
-    kind: str,
-    reason: str,
-    peer: Peer | None = None,
-    sop_instance_uid: str | None = None,
-    series_uid: str | None = None,
-    *,
-    status: int | None = None,
-    quarantine_path: str | None = None,
-) -> AuditEvent:
-    """The row :meth:`InstanceStore.audit` records, for a caller that must add it in the
-    same transaction as the change it reports."""
-    peer = peer or Peer()
-    return AuditEvent(kind=kind, reason=reason[:2000], peer_ae=peer.ae_title,
-                      peer_address=peer.address, sop_instance_uid=sop_instance_uid,
-                      series_uid=series_uid, status=status, quarantine_path=quarantine_path)
