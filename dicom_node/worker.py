@@ -30,7 +30,8 @@ class JobHandler(Protocol):
 
     def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
         """Called once when the job is given up (dead-lettered), inside the transaction
-        that marks it dead: write its consequences through ``s``."""
+        that marks it dead: write its consequences through ``s``. If it raises, they are
+        rolled back and the job is dead all the same."""
 
 
 class PermanentJobError(DicomNodeError):

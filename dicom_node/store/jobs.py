@@ -20,9 +20,10 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from hashlib import blake2b
 from typing import Any
 
-from sqlalchemy import and_, event, exists, or_, select, update
+from sqlalchemy import and_, event, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from dicom_node.errors import DicomNodeError
@@ -30,6 +31,13 @@ from dicom_node.store.db import Database
 from dicom_node.store.models import Job, JobState
 
 LOGGER = logging.getLogger(__name__)
+
+
+def key_lock_id(kind: str, key: str) -> int:
+    """The PostgreSQL advisory lock a claim of a job of ``kind`` and ``key`` takes for
+    its transaction (a signed 64-bit number)."""
+    return int.from_bytes(blake2b(f"tessera-job:{kind}:{key}".encode(), digest_size=8)
+                          .digest(), "big", signed=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +105,13 @@ class JobQueue:
         it may have read its inputs before this call's transaction commits."""
         def _add(s: Session) -> int | None:
             if unique_active:
-                # PostgreSQL: a pending job a claim is taking right now (its row locked)
-                # does not count: the claim may read its inputs before this commits.
-                # Skipped, never waited for, so an enqueue never blocks on a claim.
+                # PostgreSQL: a pending job a claim is taking right now (its row locked
+                # for update) does not count: the claim may read its inputs before this
+                # commits. Skipped, never waited for, so an enqueue never blocks on a
+                # claim; a share lock, so concurrent enqueues still see each other's.
                 pending = s.execute(select(Job.id).where(
                     Job.kind == kind, Job.key == key, Job.state == JobState.PENDING,
-                ).with_for_update(skip_locked=True)).first()
+                ).with_for_update(read=True, skip_locked=True)).first()
                 if pending is not None:
                     return None
             job = Job(kind=kind, key=key, payload=payload or {}, max_attempts=max_attempts,
@@ -119,13 +128,13 @@ class JobQueue:
 
     def claim(self, kinds: Iterable[str], owner: str) -> ClaimedJob | None:
         """Claim the oldest due job of one of ``kinds`` whose kind and key is not running
-        under a live lease, or one whose lease expired."""
+        (a running one whose lease expired is taken over first), or one whose lease
+        expired."""
         now = datetime.now(UTC)
         kinds = tuple(kinds)
         running = aliased(Job)
         same_key_running = exists().where(
-            running.kind == Job.kind, running.key == Job.key,
-            running.state == JobState.RUNNING, running.lease_expires_at >= now)
+            running.kind == Job.kind, running.key == Job.key, running.state == JobState.RUNNING)
         with self.db.session() as s:
             row = s.execute(
                 select(Job)
@@ -143,6 +152,8 @@ class JobQueue:
             ).scalar_one_or_none()
             if row is None:
                 return None
+            if not self._only_claim_of_its_key(s, row):
+                return None
             if row.state == JobState.RUNNING:
                 LOGGER.warning("job %s (%s) lease of %s expired; taking it over",
                                row.id, row.kind, row.lease_owner)
@@ -152,6 +163,21 @@ class JobQueue:
             row.attempts += 1
             return ClaimedJob(row.id, row.kind, row.key, dict(row.payload or {}),
                               row.attempts, row.max_attempts)
+
+    def _only_claim_of_its_key(self, s: Session, row: Job) -> bool:
+        """PostgreSQL: whether no other claim of ``row``'s kind and key is in flight or
+        committed. Under READ COMMITTED the query that chose ``row`` does not see a claim
+        of another pending job of the same key that has not committed yet: the first
+        claim of a key takes a lock for its transaction, and a later one, once it has
+        the lock, sees the first one's job running. SQLite runs claims one at a time."""
+        if self.db.is_sqlite:
+            return True
+        lock_id = key_lock_id(row.kind, row.key)
+        if not s.execute(select(func.pg_try_advisory_xact_lock(lock_id))).scalar_one():
+            return False
+        return not s.execute(select(exists().where(
+            Job.kind == row.kind, Job.key == row.key, Job.state == JobState.RUNNING,
+            Job.id != row.id))).scalar_one()
 
     def heartbeat(self, job_id: int, owner: str) -> None:
         """Extend the lease; raises :class:`LeaseLost` if another worker holds it now."""
@@ -203,8 +229,9 @@ class JobQueue:
 
         ``on_dead`` writes what giving up means (dead letters, a failed series, an audit
         event) in the transaction that marks the job dead: a crash never leaves one
-        without the other. If it raises, neither is written (the lease then expires and
-        the job is claimed again)."""
+        without the other. If it raises, its writes are rolled back (a savepoint), the
+        job is dead all the same and its error says so: a handler that cannot give up
+        does not keep a job alive."""
         now = datetime.now(UTC)
         with self.db.session() as s:
             job = s.get(Job, job_id)
@@ -216,15 +243,20 @@ class JobQueue:
                 job.state = JobState.DEAD
                 job.finished_at = now
                 if on_dead is not None:
-                    on_dead(s)
+                    try:
+                        with s.begin_nested():
+                            on_dead(s)
+                    except Exception as exc:
+                        LOGGER.exception("job %s (%s %s): giving up failed", job.id, job.kind,
+                                         job.key)
+                        job.last_error = (f"{error}; giving up failed: "
+                                          f"{type(exc).__name__}: {exc}")[:4000]
             else:
                 job.state = JobState.PENDING
                 job.not_before = now + timedelta(seconds=backoff.delay(job.attempts))
             return job.state
 
     def counts(self) -> dict[tuple[str, str], int]:
-        from sqlalchemy import func
-
         with self.db.session() as s:
             rows = s.execute(
                 select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.store.db import Database
-from dicom_node.store.jobs import Backoff, JobQueue, LeaseLost
+from dicom_node.store.jobs import Backoff, JobQueue, LeaseLost, key_lock_id
 from dicom_node.store.models import AuditEvent, Base, Job, JobState
 from tests.node.conftest import Postgres, wait_until
 
@@ -168,6 +168,32 @@ def test_an_enqueue_does_not_wait_for_a_claim_in_flight(db: Database) -> None:
         enqueuer.join(10)
         assert not enqueuer.is_alive(), "the enqueue waited for the claim"
     assert added and added[0] not in (None, first)
+    with db.session() as enqueueing:  # another enqueue of the key, not committed yet
+        enqueueing.execute(select(Job).where(Job.id == added[0]).with_for_update(read=True))
+        assert queue.enqueue("export", "series-1") is None, "it sees the pending one"
+
+
+def test_a_claim_in_flight_keeps_a_second_job_of_its_key_waiting(db: Database) -> None:
+    """PostgreSQL: a claim that has not committed is invisible to the query choosing the
+    next job; the lock each claim takes on its kind and key keeps a second job of the
+    same key from starting beside it."""
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs claims one at a time")
+    queue = JobQueue(db)
+    first = queue.enqueue("export", "series-1")
+    second = queue.enqueue("export", "series-1", unique_active=False)
+    assert first is not None and second is not None
+    with db.session() as claiming:  # a claim of the first, as far as it got
+        claiming.execute(select(Job).where(Job.id == first).with_for_update())
+        assert claiming.execute(select(func.pg_try_advisory_xact_lock(
+            key_lock_id("export", "series-1")))).scalar_one()
+        claiming.execute(update(Job).where(Job.id == first)
+                         .values(state=JobState.RUNNING, lease_owner="A"))
+        assert queue.claim(["export"], "B") is None, "the second started beside the first"
+    assert queue.claim(["export"], "B") is None  # the first runs, committed
+    assert queue.complete(first, "A") is True
+    claimed = queue.claim(["export"], "B")
+    assert claimed is not None and claimed.id == second
 
 
 def test_what_giving_up_means_commits_with_the_dead_letter_or_not_at_all(db: Database) -> None:
@@ -180,19 +206,24 @@ def test_what_giving_up_means_commits_with_the_dead_letter_or_not_at_all(db: Dat
         s.flush()
         raise RuntimeError("handler broke")
 
-    with pytest.raises(RuntimeError, match="handler broke"):
-        queue.fail(job_id, "A", "gave up", LONG, on_dead=broken)
-    assert _job(db, job_id).state == JobState.RUNNING  # still leased: claimed again later
+    # A handler that cannot give up: its writes roll back, the job is dead all the same
+    # (a bad payload fails in on_dead as it failed in run; it must not run for ever).
+    assert queue.fail(job_id, "A", "gave up", LONG, on_dead=broken) == JobState.DEAD
+    row = _job(db, job_id)
+    assert row.state == JobState.DEAD
+    assert row.last_error == "gave up; giving up failed: RuntimeError: handler broke"
     with db.session() as s:
         assert s.execute(select(func.count()).select_from(AuditEvent)).scalar_one() == 0
 
+    second = queue.enqueue("export", "k3", max_attempts=1)
+    assert second is not None and queue.claim(["export"], "A") is not None
     seen: list[str] = []
 
     def consequences(s: Session) -> None:
-        seen.append(s.get_one(Job, job_id).state)
+        seen.append(s.get_one(Job, second).state)
         s.add(AuditEvent(kind="export-failed", reason="gave up"))
 
-    assert queue.fail(job_id, "A", "gave up", LONG, on_dead=consequences) == JobState.DEAD
+    assert queue.fail(second, "A", "gave up", LONG, on_dead=consequences) == JobState.DEAD
     assert seen == [JobState.DEAD]  # inside the transaction that marks it dead
     with db.session() as s:
         assert s.execute(select(AuditEvent.reason)).scalars().all() == ["gave up"]
