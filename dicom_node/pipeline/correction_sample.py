@@ -22,12 +22,12 @@ from dicom_node.learning.incremental import cut_sample, encode_sample, with_neig
 from dicom_node.learning.model_config import ModelConfig
 from dicom_node.learning.partial_labels import fill_enclosing
 from dicom_node.learning.volume_samples import encode_volume_sample, volume_sample
-from dicom_node.pipeline.flow import JobKind, TrainingPayload, enqueue
+from dicom_node.pipeline.flow import TrainingPayload, enqueue
 from dicom_node.pipeline.volume import Volume
 from dicom_node.store.durable import write_atomic
 from dicom_node.store.files import uid_file_stem
 from dicom_node.store.jobs import JobQueue
-from dicom_node.store.models import Correction, Job, JobState, SampleState, TrainingSample
+from dicom_node.store.models import Correction, SampleState, TrainingSample
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,11 +101,7 @@ def queue_training(s: Session, queue: JobQueue, settings: LearningSettings,
         TrainingSample.state == SampleState.PENDING)).scalar_one()
     if int(pending) < settings.train_every:  # autoflush counted this sample
         return False
-    waiting = s.execute(select(Job.id).where(
-        Job.kind == JobKind.TRAINING, Job.key == model_name,
-        Job.state == JobState.PENDING)).first()
-    if waiting is not None:
-        return True
-    # A running round does not include this sample: queue the next one beside it.
-    enqueue(queue, TrainingPayload(model_name), session=s, unique_active=False)
+    # A pending round will take this sample; a running one does not: the next round is
+    # queued and waits for it (the queue runs one job of a kind and key at a time).
+    enqueue(queue, TrainingPayload(model_name), session=s)
     return True

@@ -123,8 +123,14 @@ class Exporter:
         self._mark_forwarded(series_uid)
 
     def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
-        """The job gave up: its undelivered items become dead letters."""
+        """The job gave up: its undelivered items become dead letters, unless a job of
+        the same destination queued meanwhile (items added while this one ran) waits to
+        try them all again."""
         payload = ExportPayload.of(job)
+        if s.execute(select(Job.id).where(
+                Job.kind == JobKind.EXPORT, Job.key == payload.key,
+                Job.state == JobState.PENDING, Job.id != job.id)).first() is not None:
+            return
         s.execute(update(OutboxItem).where(
             OutboxItem.series_uid == payload.series_uid,
             OutboxItem.destination == payload.destination,
@@ -132,10 +138,12 @@ class Exporter:
         ).values(state=OutboxState.DEAD, last_error=error[:2000]))
 
     def _mark_forwarded(self, series_uid: str) -> None:
+        """``forwarded`` once every item of the series is delivered (none pending, none a
+        dead letter) and no other step of it is left."""
         with self.db.session() as s:
             pending = s.execute(select(func.count()).select_from(OutboxItem).where(
                 OutboxItem.series_uid == series_uid,
-                OutboxItem.state == OutboxState.PENDING)).scalar_one()
+                OutboxItem.state.in_((OutboxState.PENDING, OutboxState.DEAD)))).scalar_one()
             other_work = s.execute(select(func.count()).select_from(Job).where(
                 Job.key.startswith(f"{series_uid}:"), Job.kind != JobKind.EXPORT,
                 Job.state.in_((JobState.PENDING, JobState.RUNNING)))).scalar_one()

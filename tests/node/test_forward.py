@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -228,3 +229,28 @@ def test_dead_letter_after_max_attempts(
     dead_items = report["dead_letters"]["outbox"]
     assert {d["sop_instance_uid"] for d in dead_items} == set(series.sop_uids)
     assert all(d["destination"] == "dead" and d["reason"] for d in dead_items)
+
+    # Dead letters are not "forwarded", even when a later run of the job finds nothing
+    # left to send.
+    exporter = next(h for h in node.parts.handlers if isinstance(h, Exporter))
+    payload = ExportPayload(series.series_uid, "dead")
+    claimed = ClaimedJob(job.id, payload.kind, payload.key, payload.to_json(), 2, 2)
+    exporter.run(claimed, lambda: None)
+    assert index.series_state(series.series_uid) == SeriesState.QUEUED
+    # A job that gives up while a successor waits (items queued while it ran) leaves the
+    # items to that successor; without one they are dead letters.
+    with node.parts.db.session() as s:  # not due: the node's workers leave it alone
+        s.execute(update(OutboxItem).values(state=OutboxState.PENDING))
+        successor = node.parts.queue.enqueue(payload.kind, payload.key, payload.to_json(),
+                                             session=s, unique_active=False)
+        assert successor is not None
+        s.execute(update(Job).where(Job.id == successor).values(
+            not_before=datetime.now(UTC) + timedelta(hours=1)))
+    with node.parts.db.session() as s:
+        exporter.on_dead(claimed, "gave up", s)
+    assert {i.state for i in _outbox(index)} == {OutboxState.PENDING}
+    with node.parts.db.session() as s:
+        s.execute(update(Job).where(Job.id == successor).values(state=JobState.DONE))
+    with node.parts.db.session() as s:
+        exporter.on_dead(claimed, "gave up", s)
+    assert {i.state for i in _outbox(index)} == {OutboxState.DEAD}
