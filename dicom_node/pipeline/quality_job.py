@@ -110,6 +110,9 @@ class QualityJob:
                 LOGGER.warning("quality metrics: no segmentation %s; nothing to do", uid)
                 self.inputs.remove(uid)
                 return
+            if "metrics_s" in (seg.timings or {}):  # a second job of this SEG: done
+                self.inputs.remove(uid)
+                return
             if self._delivery_pending(s, uid, seg.created_at):
                 raise JobDeferred(RECHECK_S)
         started = time.perf_counter()

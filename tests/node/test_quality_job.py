@@ -121,3 +121,23 @@ def test_lost_inputs_are_recorded_not_retried_forever(db: Database, tmp_path: Pa
     with db.session() as s:
         metrics = s.execute(select(Segmentation)).scalar_one().metrics
     assert metrics == {"domain": {"in_domain": True}, "quality": "inputs lost"}
+
+
+def test_a_second_job_of_a_seg_whose_metrics_landed_changes_nothing(db: Database,
+                                                                     tmp_path: Path) -> None:
+    """A SEG's quality job queued again (its series sent again while the first ran) finds
+    the figures in and its inputs gone: it keeps the figures, never 'inputs lost'."""
+    inputs = _undelivered_seg(db, tmp_path)
+    queue = JobQueue(db)
+    handler = QualityJob(db, inputs, delivery_wait_s=0)
+    first = _claimed(queue)
+    handler.run(first, lambda: None)
+    assert queue.complete(first.id, "w")
+    with db.session() as s:
+        landed = s.execute(select(Segmentation)).scalar_one()
+        metrics, timings = landed.metrics, landed.timings
+    handler.run(_claimed(queue), lambda: None)
+    with db.session() as s:
+        again = s.execute(select(Segmentation)).scalar_one()
+    assert "quality" not in again.metrics and (again.metrics, again.timings) == (metrics,
+                                                                                  timings)
