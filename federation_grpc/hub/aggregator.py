@@ -269,8 +269,12 @@ class Aggregator:
             scratch, sha, size, candidate, current.number, current.config_json,
             verdict.candidate_score,
         )
-        with self.store.session() as session:
-            number = ledger.publish(session, new, merged=[row.update_id for row in rows])
+        try:
+            with self.store.session() as session:
+                number = ledger.publish(session, new, merged=[row.update_id for row in rows])
+        except CurrentMoved:
+            ledger.drop_unused_blob(new.sha256)
+            raise
         LOGGER.info(
             "generation %d published from %d update(s) on top of %d%s",
             number, len(rows), current.number,

@@ -176,6 +176,14 @@ class GenerationLedger:
             row.status = GenerationStatus.REJECTED
         return accepted
 
+    def drop_unused_blob(self, sha256: str) -> None:
+        """Delete the blob ``sha256`` unless a generation names it (a merge that was
+        dropped adopted it; a merge identical to a stored generation shares its blob)."""
+        with self.store.session() as session:
+            if session.scalar(select(GenerationRow.number).where(
+                    GenerationRow.sha256 == sha256).limit(1)) is None:
+                self.blobs.path(sha256).unlink(missing_ok=True)
+
     @staticmethod
     def current_in(session: Session) -> int | None:
         """The current generation's number, read (and locked) in ``session``."""
@@ -270,10 +278,10 @@ class GenerationLedger:
 
     def rollback(self, to_generation: int = -1) -> GenerationView:
         with self.store.session() as session:
-            state = session.get(HubStateRow, 1)
-            if state is None or state.current_generation is None:
+            number = self.current_in(session)  # locked: a merge publishing waits
+            if number is None:
                 raise FailedPrecondition("the hub has no model yet")
-            current = session.get(GenerationRow, state.current_generation)
+            current = session.get(GenerationRow, number)
             assert current is not None
             target = current.parent if to_generation < 0 else to_generation
             if target is None:

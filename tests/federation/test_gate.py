@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save
+from sqlalchemy import select
 
 from federation_grpc.errors import FailedPrecondition
 from federation_grpc.hub.domain import UploadState
 from federation_grpc.hub.generations import NewGeneration
 from federation_grpc.hub.service import HubService
+from federation_grpc.hub.store import GenerationRow, UpdateRow
 from federation_grpc.hub.strategies import FedBuff
 
 from .conftest import (
@@ -251,6 +253,10 @@ def test_an_operator_rollback_during_a_merge_is_not_undone_by_it(service: HubSer
     (rejection,) = service.list_rejections()
     assert rejection.update_id == header.update_id
     assert "not in the lineage" in rejection.reasons[0]
+    with service.store.session() as s:  # the blobs are generations and updates
+        named = {*s.scalars(select(GenerationRow.sha256)), *s.scalars(select(UpdateRow.sha256))}
+    kept = {p.name for p in service.blobs.root.glob("??/*") if not p.name.startswith(".")}
+    assert kept == named  # the dropped merge's file is not left behind
 
 
 def test_a_candidate_accepted_after_a_rollback_is_not_published_and_its_update_waits(
