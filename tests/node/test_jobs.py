@@ -34,6 +34,17 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     database.dispose()
 
 
+@pytest.fixture
+def pg_db(postgres: Postgres) -> Iterator[Database]:
+    """PostgreSQL alone: for what only happens between claims in flight at once
+    (SQLite runs one writer at a time)."""
+    database = Database(postgres.url)
+    Base.metadata.drop_all(database.engine)
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
 def _job(db: Database, job_id: int) -> Job:
     with db.session() as s:
         job = s.get(Job, job_id)
@@ -151,11 +162,10 @@ def test_permanent_failure_is_dead_at_once(db: Database) -> None:
     assert queue.fail(job_id, "A", "series refused", LONG, permanent=True) == JobState.DEAD
 
 
-def test_an_enqueue_does_not_wait_for_a_claim_in_flight(db: Database) -> None:
-    """PostgreSQL: a pending job whose row a claim holds (not committed yet) does not
-    count, and is not waited for: the enqueue adds a job of its own at once."""
-    if db.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite serialises writers; there is no claim in flight to pass")
+def test_an_enqueue_does_not_wait_for_a_claim_in_flight(pg_db: Database) -> None:
+    """A pending job whose row a claim holds (not committed yet) does not count, and is
+    not waited for: the enqueue adds a job of its own at once."""
+    db = pg_db
     queue = JobQueue(db)
     first = queue.enqueue("export", "series-1")
     assert first is not None
@@ -173,12 +183,11 @@ def test_an_enqueue_does_not_wait_for_a_claim_in_flight(db: Database) -> None:
         assert queue.enqueue("export", "series-1") is None, "it sees the pending one"
 
 
-def test_a_claim_in_flight_keeps_a_second_job_of_its_key_waiting(db: Database) -> None:
-    """PostgreSQL: a claim that has not committed is invisible to the query choosing the
-    next job; the lock each claim takes on its kind and key keeps a second job of the
-    same key from starting beside it."""
-    if db.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite runs claims one at a time")
+def test_a_claim_in_flight_keeps_a_second_job_of_its_key_waiting(pg_db: Database) -> None:
+    """A claim that has not committed is invisible to the query choosing the next job;
+    the lock each claim takes on its kind and key keeps a second job of the same key
+    from starting beside it."""
+    db = pg_db
     queue = JobQueue(db)
     first = queue.enqueue("export", "series-1")
     second = queue.enqueue("export", "series-1", unique_active=False)
