@@ -8,10 +8,12 @@ the job is ``dead`` with its last error (a dead letter). On PostgreSQL claims us
 on SQLite each transaction begins IMMEDIATE, which serialises claims.
 
 Jobs of one kind and key run one at a time: a pending job is not claimed while another
-of its kind and key runs (under a live lease). Enqueueing while one is pending adds
-nothing (the pending job will see the new work when it runs); while one runs, it adds a
-pending job, since the running one may have read its inputs already (a series that grew
-while it was segmented is segmented again).
+of its kind and key runs (one whose lease expired is taken over first); on PostgreSQL a
+claim also takes a transaction lock on its kind and key, for claims that have not
+committed yet. Enqueueing while one is pending adds nothing (the pending job will see
+the new work when it runs); while one runs, it adds a pending job, since the running one
+may have read its inputs already (a series that grew while it was segmented is segmented
+again).
 """
 
 from __future__ import annotations
