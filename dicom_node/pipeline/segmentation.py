@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from sqlalchemy import func, select, update
+from sqlalchemy import Update, func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import DicomSettings, InferenceSettings, RoutingRule
@@ -138,6 +138,12 @@ class EncodedSeg:
     domain: DomainVerdict
 
 
+def _series_state(series_uid: str, state: SeriesState, reason: str | None) -> Update:
+    """The statement that sets a series' state, for the caller's transaction."""
+    return update(Series).where(Series.series_uid == series_uid).values(
+        state=state, state_reason=reason)
+
+
 class SegmentationJob(SeriesStage):
     """Job handler for ``inference`` jobs queued by segment rules."""
 
@@ -166,12 +172,13 @@ class SegmentationJob(SeriesStage):
         except UnknownModel as exc:  # retrying cannot help: refused, with the reason
             self._refuse(series_uid, f"rule {payload.rule!r}: {exc}")
             return
+        hold = self._holds_out_of_domain(payload.rule)  # the rule's out_of_domain action
         existing = self._existing(series_uid, mconfig)
         revision = 0
         if existing is not None:
             revision = self._revision(series_uid, existing)
             if not revision:
-                self._requeue(series_uid, mconfig, existing, payload.rule, destinations)
+                self._requeue(series_uid, mconfig, existing, hold, destinations)
                 return
 
         timings: dict[str, float] = {}
@@ -182,7 +189,7 @@ class SegmentationJob(SeriesStage):
         volume, instances = read
         timings["volume_s"] = time.perf_counter() - t0
         heartbeat()
-        seg = self._segment(series_uid, model, mconfig, volume, payload.rule, heartbeat,
+        seg = self._segment(series_uid, model, mconfig, volume, hold, heartbeat,
                             timings, revision)
         header = self._store_seg(seg, timings)
         # Quality metrics feed monitoring, not the SEG: their own job, after delivery.
@@ -191,8 +198,8 @@ class SegmentationJob(SeriesStage):
         self.quality.save(header.sop_instance_uid, result.labels, result.confidence,
                           result.entropy, result.spacing, mconfig.label_values)
         self._record(series_uid, mconfig, header, seg.domain, timings,
-                     {"source_instances": instances, "revision": revision}, payload.rule)
-        if not seg.domain.in_domain and self._holds_out_of_domain(payload.rule):
+                     {"source_instances": instances, "revision": revision}, hold)
+        if not seg.domain.in_domain and hold:
             destinations = []  # held back: the SEG is stored, status says why
         self._export(header.series_uid, header.sop_instance_uid, destinations, quality=True)
         LOGGER.info("series %s segmented by %s gen %d: %d slices in %.2f s (inference %.2f s)",
@@ -217,7 +224,7 @@ class SegmentationJob(SeriesStage):
             return None
 
     def _segment(self, series_uid: str, model: SegmentationNetwork, mconfig: ModelConfig,
-                 volume: Volume, rule: str, heartbeat: Callable[[], None],
+                 volume: Volume, hold: bool, heartbeat: Callable[[], None],
                  timings: dict[str, float], revision: int = 0) -> EncodedSeg:
         """Run the model and encode its SEG; the SEG's template is built while it runs."""
         specs = segment_specs(mconfig)
@@ -237,7 +244,7 @@ class SegmentationJob(SeriesStage):
             if not domain.in_domain:
                 LOGGER.warning("series %s: %s gen %d: %s (SEG marked%s)", series_uid,
                                mconfig.name, mconfig.generation, domain.reason,
-                               ", held back" if self._holds_out_of_domain(rule) else "")
+                               ", held back" if hold else "")
             t2 = time.perf_counter()
             data, syntax = _encode(template, volume, result.labels, specs, algorithm,
                                    None if domain.in_domain else
@@ -265,14 +272,14 @@ class SegmentationJob(SeriesStage):
 
     def _record(self, series_uid: str, mconfig: ModelConfig, header: InstanceHeader,
                 domain: DomainVerdict, timings: dict[str, float],
-                coverage: dict[str, int], rule: str) -> None:
+                coverage: dict[str, int], hold: bool) -> None:
         """The segmentation's row (a revision replaces the row of the SEG it supersedes:
         one per series, model and generation), with the out-of-domain event when there is
         one: a retry after a crash records both or neither, never a second event."""
         metrics = {"domain": domain.to_json(), **coverage}
         with self.db.session() as s:
             if not domain.in_domain:
-                action = "hold" if self._holds_out_of_domain(rule) else "send"
+                action = "hold" if hold else "send"
                 self.store.audit(OUT_OF_DOMAIN_EVENT, f"{mconfig.name} gen "
                                  f"{mconfig.generation}: {domain.reason} ({action})",
                                  series_uid=series_uid, session=s)
@@ -291,17 +298,16 @@ class SegmentationJob(SeriesStage):
                                                                 header.sop_instance_uid)
                 row.metrics, row.timings = metrics, timings
                 row.created_at = datetime.now(UTC)
-            s.execute(update(Series).where(Series.series_uid == series_uid)
-                      .values(state=SeriesState.SEGMENTED, state_reason=None))
+            s.execute(_series_state(series_uid, SeriesState.SEGMENTED, None))
 
     def _requeue(self, series_uid: str, mconfig: ModelConfig, existing: Segmentation,
-                 rule: str, destinations: list[str]) -> None:
+                 hold: bool, destinations: list[str]) -> None:
         """The series is segmented already (sent again, or a retry after a crash between
         the row and its export): queue what the first run would have, no more. A SEG held
         back as out of domain stays held; its quality metrics are queued while their
         inputs are still on disk."""
         domain = (existing.metrics or {}).get("domain") or {}
-        held = domain.get("in_domain") is False and self._holds_out_of_domain(rule)
+        held = domain.get("in_domain") is False and hold
         LOGGER.info("series %s already segmented by %s gen %d; %s", series_uid, mconfig.name,
                     mconfig.generation, "its SEG stays held back" if held
                     else "re-queueing export")
@@ -315,8 +321,7 @@ class SegmentationJob(SeriesStage):
         return rule is not None and rule.out_of_domain == "hold"
 
     def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
-        s.execute(update(Series).where(Series.series_uid == InferencePayload.of(job).series_uid)
-                  .values(state=SeriesState.FAILED, state_reason=error))
+        s.execute(_series_state(InferencePayload.of(job).series_uid, SeriesState.FAILED, error))
 
     def _revision(self, series_uid: str, existing: Segmentation) -> int:
         """0 when ``existing`` covers the series as it is now; else the next revision (the
@@ -357,10 +362,8 @@ class SegmentationJob(SeriesStage):
         LOGGER.warning("series %s refused: %s", series_uid, reason)
         with self.db.session() as s:  # the state and its event commit together
             self.store.audit("series-refused", reason, series_uid=series_uid, session=s)
-            s.execute(update(Series).where(Series.series_uid == series_uid)
-                      .values(state=SeriesState.REFUSED, state_reason=reason))
+            s.execute(_series_state(series_uid, SeriesState.REFUSED, reason))
 
     def _set_state(self, series_uid: str, state: SeriesState, reason: str | None) -> None:
         with self.db.session() as s:
-            s.execute(update(Series).where(Series.series_uid == series_uid)
-                      .values(state=state, state_reason=reason))
+            s.execute(_series_state(series_uid, state, reason))
