@@ -161,20 +161,18 @@ class GenerationLedger:
             raise NotFound(f"no generation {candidate}")
         row.validation_score = score
         row.notes = "; ".join(notes)[:4000]
-        current = self.current_in(session)
-        if accepted and row.parent != current:
-            row.status = GenerationStatus.REJECTED
-            row.notes = "; ".join([*notes, f"accepted, but the current generation moved "
-                                   f"from {row.parent} to {current} meanwhile"])[:4000]
-            for update in self.evaluated_updates(session, candidate):
-                update.status, update.candidate_generation = UpdateStatus.RECEIVED, None
-            return False
         if accepted:
             updates = self.evaluated_updates(session, candidate)
-            self.publish(session, candidate, merged=[u.update_id for u in updates])
-        else:
-            row.status = GenerationStatus.REJECTED
-        return accepted
+            try:  # publish checks the parent before it writes anything
+                self.publish(session, candidate, merged=[u.update_id for u in updates])
+                return True
+            except CurrentMoved as moved:
+                row.notes = "; ".join([*notes, f"accepted, but the current generation "
+                                       f"moved meanwhile: {moved}"])[:4000]
+                for update in updates:
+                    update.status, update.candidate_generation = UpdateStatus.RECEIVED, None
+        row.status = GenerationStatus.REJECTED
+        return False
 
     def drop_unused_blob(self, sha256: str) -> None:
         """Delete the blob ``sha256`` unless a generation names it (a merge that was
