@@ -44,8 +44,8 @@ from tests.federation_node.conftest import (
     federated_node_data,
     mtls_hub,
     node_tls,
-    outbox,
     serving,
+    settled_outbox,
 )
 from tests.node.conftest import storescu, wait_until, write_node_config
 from tests.node.test_byom_deepbet import DEEPBET, deepbet_model
@@ -127,10 +127,7 @@ def test_a_correction_to_deepbet_federates_to_a_second_node_that_serves_it(
         assert version.metrics["trained_groups"] == ["network"]
         training = version.metrics["training"]
         assert training["volumes"] == 1 and training["steps"] >= 1, training
-        # the node marks its update sent once the upload returns, maybe after the merge
-        [(_, state, _, error)] = wait_until(
-            lambda: [r for r in outbox(url1) if r[1] != "pending"], timeout=30,
-            what="node 1's outbox row settled")
+        [(_, state, _, error)] = settled_outbox(url1)
         assert (state, error) == ("sent", None)
         wait_until(lambda: serving(url2) == (1, "hub"), timeout=60,
                    what="node 2 to serve hub generation 1")

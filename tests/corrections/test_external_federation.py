@@ -30,8 +30,8 @@ from tests.federation_node.conftest import (
     federated_node_data,
     mtls_hub,
     node_tls,
-    outbox,
     serving,
+    settled_outbox,
 )
 from tests.node.conftest import storescu, wait_until, write_node_config
 
@@ -72,10 +72,7 @@ def test_a_round_of_an_imported_model_federates_to_a_second_node(
         assert storescu(node1.port, seg_path, options=("-R",)).returncode == 0
 
         wait_until(lambda: hub.current() >= 1, timeout=180, what="hub generation 1")
-        # the node marks its update sent once the upload returns, maybe after the merge
-        [(update_id, state, _, error)] = wait_until(
-            lambda: [r for r in outbox(url1) if r[1] != "pending"], timeout=30,
-            what="node 1's outbox row settled")
+        [(update_id, state, _, error)] = settled_outbox(url1)
         assert (state, error) == ("sent", None)
         generation = hub.service.list_generations()[-1]
         assert generation.number == 1 and len(generation.update_ids) == 1

@@ -42,7 +42,12 @@ from tests.corrections.helpers import (
     tiny_model,
 )
 from tests.federation.conftest import certs  # noqa: F401 - pytest fixture
-from tests.node.conftest import node_config_data, start_node, wait_swapped  # noqa: F401 - fixtures
+from tests.node.conftest import (  # noqa: F401 - fixtures
+    node_config_data,
+    start_node,
+    wait_swapped,
+    wait_until,
+)
 
 __all__ = ["TEST_MODEL"]
 
@@ -279,6 +284,14 @@ def outbox(db_url: str) -> list[tuple[str, str, int, str | None]]:
                 select(UpdateOutboxItem).order_by(UpdateOutboxItem.id)).scalars()]
     finally:
         db.dispose()
+
+
+def settled_outbox(db_url: str, timeout: float = 30) -> list[tuple[str, str, int, str | None]]:
+    """:func:`outbox` once none of its rows is pending. A node marks its update sent when
+    the upload returns, which can be after the hub has merged it (and published)."""
+    return wait_until(lambda: (lambda rows: rows if all(r[1] != "pending" for r in rows)
+                               else None)(outbox(db_url)),
+                      timeout=timeout, what="the update outbox settled")
 
 
 # -- the wire -----------------------------------------------------------------------------

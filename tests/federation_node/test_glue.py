@@ -27,6 +27,7 @@ from .conftest import (
     outbox,
     seed_update,
     serving,
+    settled_outbox,
 )
 
 
@@ -48,10 +49,7 @@ def test_node_enrols_once_uploads_and_serves_the_new_hub_generation(
         wait_until(lambda: serving(url) == (1, "hub"), timeout=60,
                    what="the node to serve hub generation 1")
         wait_swapped(node, TEST_MODEL, 1)  # hot swapped
-        # the node marks its update sent once the upload returns, maybe after the merge
-        [(uid, state, attempts, error)] = wait_until(
-            lambda: [r for r in outbox(url) if r[1] != "pending"], timeout=30,
-            what="the outbox row settled")
+        [(uid, state, attempts, error)] = settled_outbox(url)
         assert (uid, state, attempts, error) == (update, "sent", 1, None)
         generation = hub.service.list_generations()[-1]
         node_id = node.parts.federation.node_id
