@@ -239,9 +239,25 @@ class UploadIntake:
 
     def begin(self, node_id: str, header: UpdateHeader) -> UploadSession | UploadStatus:
         """Open a session at ``header.offset``, or return the final status of a known update."""
-        header = self._validated(header)
-        self._check_samples(node_id, header)
-        self._check_groups(node_id, header)
+        try:
+            header = self._validated(header)
+            refusal = self._samples_refusal(header) or self._groups_refusal(header)
+        except InvalidRequest:
+            settled = self._settled(node_id, header.update_id)
+            if settled is None:
+                raise
+            return settled
+        if refusal:
+            # An update the hub has taken keeps its outcome whatever the operator has
+            # tightened since: a node resending it (its "sent" mark lost) is told that.
+            settled = self._settled(node_id, header.update_id)
+            if settled is not None:
+                return settled
+            with self.store.session() as session:
+                self.rejections.record(
+                    session, header.update_id, node_id, "validation", [refusal]
+                )
+            raise InvalidRequest(refusal)
         with lazy_connection(self.store) as connection:  # the row only serves a resume
             row = connection.execute(_FIND, {"find_id": header.update_id}).one_or_none()
             if row is not None:
@@ -286,23 +302,26 @@ class UploadIntake:
             self.release(header.update_id)
             raise
 
-    def _check_samples(self, node_id: str, header: UpdateHeader) -> None:
+    def _settled(self, node_id: str, update_id: str) -> UploadStatus | None:
+        """The status of an update the hub has taken (received, merged or rejected), or
+        None for one it has not (unknown, or partly uploaded)."""
+        status = self.status(node_id, update_id)
+        if status.state in (UploadState.UNKNOWN, UploadState.PARTIAL):
+            return None
+        return status
+
+    def _samples_refusal(self, header: UpdateHeader) -> str:
         """``num_samples`` weighs an update in the merge: a value outside
         1..``max_num_samples`` is refused before any byte is taken, and recorded."""
         limit = self.config.limits.max_num_samples
         if 1 <= header.num_samples <= limit:
-            return
-        reason = (
+            return ""
+        return (
             f"num_samples {header.num_samples} is outside 1..{limit} "
             "([limits] max_num_samples)"
         )
-        with self.store.session() as session:
-            self.rejections.record(
-                session, header.update_id, node_id, "validation", [reason]
-            )
-        raise InvalidRequest(reason)
 
-    def _check_groups(self, node_id: str, header: UpdateHeader) -> None:
+    def _groups_refusal(self, header: UpdateHeader) -> str:
         """Partial labels: a declared group must exist in the base generation (or be a
         pending added head); refused before any byte is taken, and recorded."""
         number = header.base_generation
@@ -312,11 +331,8 @@ class UploadIntake:
         try:
             check_trained_groups(header.trained_groups, known, number)
         except InvalidRequest as exc:
-            with self.store.session() as session:
-                self.rejections.record(
-                    session, header.update_id, node_id, "validation", [str(exc)]
-                )
-            raise
+            return str(exc)
+        return ""
 
     def _validated(self, header: UpdateHeader) -> UpdateHeader:
         limit = self.config.limits.max_update_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from federation_grpc.hub.store import UpdateRow
 from federation_grpc.hub.strategies import make_strategy
 from federation_grpc.hub.uploads import UploadSession
 
-from .conftest import MODEL_CONFIG, enrol, hub_config, make_update, small_model, upload
+from .conftest import (
+    ALL_GROUPS,
+    MODEL_CONFIG,
+    enrol,
+    header_for,
+    hub_config,
+    make_update,
+    small_model,
+    upload,
+)
 
 
 def test_enrolment_token_is_one_time_and_node_token_stored_hashed(service: HubService) -> None:
@@ -110,6 +120,42 @@ def test_a_node_starting_over_is_told_where_to_resume_and_nothing_held_is_lost(
         service.uploads.begin(node, replace(unknown, offset=5))
 
 
+def test_an_update_resent_after_the_limits_were_tightened_keeps_its_outcome(
+    tmp_path: Path,
+) -> None:
+    """A node whose "sent" mark was lost sends a received update again. The operator has
+    tightened ``[limits]`` since: the hub answers what it holds, refuses nothing and
+    records no rejection. A new update over the limits is still refused."""
+    from federation_grpc.errors import InvalidRequest
+
+    config = hub_config(tmp_path)
+    first = HubService(config)
+    first.init_model(save(small_model()), MODEL_CONFIG)
+    node = enrol(first)
+    payload, _ = make_update(small_model())
+    header = replace(header_for(payload, ALL_GROUPS), num_samples=40)
+    assert upload(first, node, payload, header).state == UploadState.RECEIVED
+    first.close()
+
+    tightened = replace(config, limits=replace(
+        config.limits, max_num_samples=10, max_update_bytes=len(payload) - 1))
+    hub = HubService(tightened)
+    try:
+        again = upload(hub, node, payload, header)
+        assert again == UploadStatus(header.update_id, UploadState.RECEIVED, len(payload))
+        assert hub.list_rejections() == []
+        fresh = replace(header, update_id=str(uuid.uuid4()))
+        with pytest.raises(InvalidRequest, match="exceeds the limit"):
+            upload(hub, node, payload, fresh)
+        with pytest.raises(InvalidRequest, match=r"num_samples 40 is outside 1\.\.10"):
+            upload(hub, node, payload, replace(fresh, total_size=len(payload) - 1))
+        [refused] = hub.list_rejections()
+        assert refused.update_id == fresh.update_id
+        assert hub.uploads.status(node, fresh.update_id).state == UploadState.UNKNOWN
+    finally:
+        hub.close()
+
+
 def test_an_update_on_a_generation_never_published_is_refused_until_it_is(
     service: HubService,
 ) -> None:
@@ -134,7 +180,8 @@ def test_an_update_on_a_generation_never_published_is_refused_until_it_is(
     assert upload(service, node, payload, replace(header, base_generation=1)).state == (
         UploadState.RECEIVED)
     with pytest.raises(InvalidRequest, match="base_generation 2 is not a generation"):
-        upload(service, node, payload, replace(header, base_generation=2))
+        upload(service, node, payload,
+               replace(header, base_generation=2, update_id=str(uuid.uuid4())))
 
 
 def test_of_two_first_calls_over_different_certificates_one_binds_the_other_is_refused(
