@@ -7,7 +7,9 @@
 - ``site-check``: per hub generation, the held-out Dice this node measured before, as
   received and fine-tuned, and whether it rolled the generation back.
 
-A cursor file (the last row of each kind reported) keeps a record from being sent twice.
+A cursor file (the last row of each kind reported) keeps a record from being sent again,
+and each record's key (``record_key``) keeps one sent twice (a call retried after the hub
+took it, a cursor saved late) from being counted twice at the hub.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def site_check_records(s: Session, model: str, last: int) -> tuple[list[MetricRe
         except TypeError:  # a check stored by another version of the node
             values = None
         if values is not None:
-            records.append(MetricRecord(SITE_CHECK_RECORD, row.generation, values))
+            records.append(MetricRecord(SITE_CHECK_RECORD, row.generation, values,
+                                        record_key(SITE_CHECK_RECORD, row.id)))
     return records, last
 
 
@@ -95,7 +98,8 @@ def metric_records(s: Session, model: str, cursor: dict[str, int]
         values = _segmentation_values(seg)
         base = hub_base_generation(s, model, seg.generation)
         values["local_version"] = 1.0 if seg.generation >= LOCAL_FLOOR else 0.0
-        records.append(MetricRecord(SEGMENTATION_RECORD, base, values))
+        records.append(MetricRecord(SEGMENTATION_RECORD, base, values,
+                                    record_key(SEGMENTATION_RECORD, seg.id)))
     for corr in s.execute(select(Correction).where(
             Correction.id > corr_last).order_by(Correction.id)).scalars():
         if corr.model_name != model or corr.ai_generation is None:
@@ -115,8 +119,17 @@ def metric_records(s: Session, model: str, cursor: dict[str, int]
         values = dict(list(dice.items()) + list(values.items())[:_MAX_VALUES - len(dice) - 1])
         values["local_version"] = 1.0 if corr.ai_generation >= LOCAL_FLOOR else 0.0
         records.append(MetricRecord(
-            CORRECTION_RECORD, hub_base_generation(s, model, corr.ai_generation), values))
+            CORRECTION_RECORD, hub_base_generation(s, model, corr.ai_generation), values,
+            record_key(CORRECTION_RECORD, corr.id)))
     return records, seg_last, corr_last
+
+
+def record_key(kind: str, row_id: int) -> str:
+    """The record's name at the hub, unique among this node's records: its kind and the
+    local row it reports. No time goes with it (a creation time would date a patient's
+    study). A database started afresh numbers its rows anew: it needs fresh credentials
+    too (enrol again), or its new records would be taken for ones the hub holds."""
+    return f"{kind}:{row_id}"
 
 
 def _metrics_pending(seg: Segmentation) -> bool:

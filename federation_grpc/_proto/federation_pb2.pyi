@@ -162,7 +162,7 @@ class GetUploadStatusRequest(_message.Message):
     def __init__(self, update_id: _Optional[str] = ...) -> None: ...
 
 class MetricRecord(_message.Message):
-    __slots__ = ("kind", "generation", "values")
+    __slots__ = ("kind", "generation", "values", "key")
     class ValuesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,10 +173,12 @@ class MetricRecord(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     kind: str
     generation: int
     values: _containers.ScalarMap[str, float]
-    def __init__(self, kind: _Optional[str] = ..., generation: _Optional[int] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    key: str
+    def __init__(self, kind: _Optional[str] = ..., generation: _Optional[int] = ..., values: _Optional[_Mapping[str, float]] = ..., key: _Optional[str] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
     __slots__ = ("records",)

@@ -102,6 +102,9 @@ class MetricRecord:
     kind: str
     generation: int
     values: dict[str, float] = field(default_factory=dict)
+    # The node's own name for the record, unique among its records ("" for none): the
+    # hub keeps one record per node and key, so a retried report is not counted twice.
+    key: str = ""
 
 
 @dataclass(frozen=True)

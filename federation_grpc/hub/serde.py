@@ -93,12 +93,17 @@ def generation_to_proto(view: GenerationView) -> pb.GenerationInfo:
 
 def metric_record_from_proto(message: pb.MetricRecord) -> MetricRecord:
     return MetricRecord(
-        kind=message.kind, generation=message.generation, values=dict(message.values)
+        kind=message.kind,
+        generation=message.generation,
+        values=dict(message.values),
+        key=message.key,
     )
 
 
 def metric_record_to_proto(record: MetricRecord) -> pb.MetricRecord:
-    return pb.MetricRecord(kind=record.kind, generation=record.generation, values=record.values)
+    return pb.MetricRecord(
+        kind=record.kind, generation=record.generation, values=record.values, key=record.key
+    )
 
 
 def task_to_proto(task: EvaluationTaskView) -> pb.EvaluationTask:

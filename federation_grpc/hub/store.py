@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -153,6 +154,10 @@ class MetricRow(Base):
     generation: Mapped[int] = mapped_column(BigInteger)
     values: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The node's name for the record (NULL: none given); one row per node and key.
+    record_key: Mapped[str | None] = mapped_column(String(64), default=None)
+
+    __table_args__ = (UniqueConstraint("node_id", "record_key", name="uq_metrics_node_key"),)
 
 
 class EvaluationTaskRow(Base):

@@ -108,6 +108,31 @@ def test_metrics_are_numbers_only(hub: RunningHub) -> None:
     client.close()
 
 
+def test_a_report_sent_again_is_held_once(hub: RunningHub) -> None:
+    """A node retries a report the hub took (its answer lost), or sends it again after a
+    crash before its cursor was saved: a keyed record is held once per node and key."""
+    from federation_grpc.errors import InvalidRequest
+    from federation_grpc.hub.domain import MetricRecord
+
+    first, second = hub.enrolled_client(), hub.enrolled_client()
+    report = [MetricRecord("segmentation", 0, {"dice.liver": 0.9}, "segmentation:1"),
+              MetricRecord("correction", 0, {"dice.liver": 0.7}, "correction:1"),
+              MetricRecord("segmentation", 0, {"dice.liver": 0.8})]  # no key: always kept
+    assert first.report_metrics(report) == 3
+    assert first.report_metrics(report) == 3  # the call again
+    repeated = MetricRecord("segmentation", 0, {"dice.liver": 0.5}, "segmentation:2")
+    assert first.report_metrics([repeated, repeated]) == 2  # a key twice in one call
+    assert second.report_metrics(report[:1]) == 1  # keys are per node
+    held = [(node, r.key) for node, r in hub.service.metric_records()]
+    assert sorted(key for _, key in held) == sorted(
+        ["segmentation:1", "correction:1", "", "", "segmentation:2", "segmentation:1"])
+    assert len({(node, key) for node, key in held if key}) == 4
+    with pytest.raises(InvalidRequest, match="is not a short identifier"):
+        first.report_metrics([MetricRecord("segmentation", 0, {}, "Doe^John 1970")])
+    first.close()
+    second.close()
+
+
 def big_model() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
     model = small_model()
