@@ -164,8 +164,9 @@ class FederationAgent:
                                           f"(tessera hub enrol) or provide {self.credentials.path}")
                 client = make_client(self.settings, interceptors=self.interceptors)
                 try:
-                    node_id, token = client.enrol(self.settings.enrolment_token,
-                                                  self.settings.display_name)
+                    node_id, token = client.enrol(
+                        self.settings.enrolment_token, self.settings.display_name,
+                        self.credentials.enrolment_request(self.settings.enrolment_token))
                 except BaseException:
                     client.close()
                     raise

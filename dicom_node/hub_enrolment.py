@@ -4,7 +4,9 @@ data directory) and the gRPC client built from the ``[federation]`` settings.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +39,29 @@ class Credentials:
                "enrolled_at": datetime.now(UTC).isoformat()}
         # Durable: a token the hub issued once cannot be asked for again.
         write_atomic(self.path, json.dumps(doc).encode(), durable=True, mode=PRIVATE_FILE)
+        self.request_path.unlink(missing_ok=True)
+
+    @property
+    def request_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".request")
+
+    def enrolment_request(self, enrolment_token: str) -> str:
+        """The id of this node's enrolment with ``enrolment_token``, kept until the
+        credentials are saved: a node killed after the hub enrolled it, before the save,
+        sends the same id again and is answered again (the token is one-time). A new
+        token gets a new id."""
+        token_sha256 = hashlib.sha256(enrolment_token.encode()).hexdigest()
+        try:
+            doc = json.loads(self.request_path.read_text())
+            if doc.get("token_sha256") == token_sha256 and isinstance(doc.get("id"), str):
+                return str(doc["id"])
+        except (FileNotFoundError, ValueError, AttributeError):
+            pass
+        request_id = secrets.token_hex(16)
+        write_atomic(self.request_path,
+                     json.dumps({"id": request_id, "token_sha256": token_sha256}).encode(),
+                     durable=True, mode=PRIVATE_FILE)
+        return request_id
 
 
 def make_client(settings: FederationSettings, node_token: str = "",

@@ -15,6 +15,7 @@ upload in :mod:`federation_grpc.uploading`.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -78,9 +79,20 @@ class FederationClient:
 
     # --- enrolment ----------------------------------------------------------------------
 
-    def enrol(self, enrolment_token: str, display_name: str = "") -> tuple[str, str]:
-        """Trade a one-time enrolment token for ``(node_id, node_token)``; keeps the token."""
-        request = pb.EnrolRequest(enrolment_token=enrolment_token, display_name=display_name)
+    def enrol(
+        self, enrolment_token: str, display_name: str = "", request_id: str = ""
+    ) -> tuple[str, str]:
+        """Trade a one-time enrolment token for ``(node_id, node_token)``; keeps the token.
+
+        ``request_id`` names this enrolment (a random one when not given): the call
+        retried, or made again with the same id after the answer was lost, is answered
+        with the same node id and a new token. Keep it until the credentials are saved.
+        """
+        request = pb.EnrolRequest(
+            enrolment_token=enrolment_token,
+            display_name=display_name,
+            request_id=request_id or uuid.uuid4().hex,
+        )
         settings = self._settings()
         response = settings.run(
             "enrol", lambda: self.stub.Enrol(request, timeout=settings.timeout_s)

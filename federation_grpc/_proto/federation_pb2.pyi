@@ -23,12 +23,14 @@ UPDATE_STATE_REJECTED: UpdateState
 UPDATE_STATE_UNKNOWN: UpdateState
 
 class EnrolRequest(_message.Message):
-    __slots__ = ("enrolment_token", "display_name")
+    __slots__ = ("enrolment_token", "display_name", "request_id")
     ENROLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     enrolment_token: str
     display_name: str
-    def __init__(self, enrolment_token: _Optional[str] = ..., display_name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, enrolment_token: _Optional[str] = ..., display_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EnrolResponse(_message.Message):
     __slots__ = ("node_id", "node_token")

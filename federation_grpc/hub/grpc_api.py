@@ -123,7 +123,10 @@ class FederationServicer(federation_pb2_grpc.FederationServicer):
     @unary
     def Enrol(self, request: pb.EnrolRequest, context: grpc.ServicerContext) -> pb.EnrolResponse:
         enrolment = self.service.enrol(
-            request.enrolment_token, request.display_name, peer_certificate_sha256(context)
+            request.enrolment_token,
+            request.display_name,
+            peer_certificate_sha256(context),
+            request.request_id,
         )
         return pb.EnrolResponse(node_id=enrolment.node_id, node_token=enrolment.node_token)
 

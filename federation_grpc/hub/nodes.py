@@ -18,6 +18,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.orm import Session
 
 from federation_grpc.errors import InvalidRequest, NotFound, PermissionDenied, Unauthenticated
 from federation_grpc.hub.config import HubConfig
@@ -85,39 +86,77 @@ class NodeRegistry:
         return token, expires
 
     def enrol(
-        self, enrolment_token: str, display_name: str = "", cert_sha256: str = ""
+        self,
+        enrolment_token: str,
+        display_name: str = "",
+        cert_sha256: str = "",
+        request_id: str = "",
     ) -> Enrolment:
         """A node id and token for a one-time enrolment token; the token is bound to the
-        client certificate ``cert_sha256`` (sha256 of its DER bytes; "" without TLS)."""
+        client certificate ``cert_sha256`` (sha256 of its DER bytes; "" without TLS).
+
+        ``request_id`` (the node's own random id for this enrolment) makes it safe to
+        send again: a used token presented with the id that used it, over the same
+        certificate and before the token expires, gets the same node id and a new node
+        token, which replaces the first (the node never saved it, or never got it).
+        """
         if not enrolment_token:
             raise Unauthenticated("an enrolment token is required")
         if len(display_name) > 200:
             raise InvalidRequest("display_name is longer than 200 characters")
+        if len(request_id) > 128 or not request_id.isprintable():
+            raise InvalidRequest("request_id is longer than 128 characters or not printable")
         node_token = secrets.token_urlsafe(32)
-        node_id = f"node-{uuid.uuid4().hex[:12]}"
         with self.store.session() as session:
             row = session.get(EnrolmentTokenRow, hash_token(enrolment_token), with_for_update=True)
             if row is None:
                 raise Unauthenticated("unknown enrolment token")
-            if row.used_by is not None:
-                raise PermissionDenied("enrolment token was already used")
             if as_utc(row.expires_at) < utcnow():
                 raise PermissionDenied("enrolment token has expired")
             now = utcnow()
-            row.used_by, row.used_at = node_id, now
-            session.add(
-                NodeRow(
-                    node_id=node_id,
-                    display_name=display_name,
-                    token_sha256=hash_token(node_token),
-                    cert_sha256=cert_sha256 or None,
-                    last_seen=now,
+            if row.used_by is not None:
+                node_id = self._enrolled_again(session, row, cert_sha256, request_id)
+                node = session.get(NodeRow, node_id, with_for_update=True)
+                assert node is not None
+                node.token_sha256, node.last_seen = hash_token(node_token), now
+                again = True
+            else:
+                node_id, again = f"node-{uuid.uuid4().hex[:12]}", False
+                row.used_by, row.used_at = node_id, now
+                row.request_sha256 = hash_token(request_id) if request_id else None
+                session.add(
+                    NodeRow(
+                        node_id=node_id,
+                        display_name=display_name,
+                        token_sha256=hash_token(node_token),
+                        cert_sha256=cert_sha256 or None,
+                        last_seen=now,
+                    )
                 )
-            )
         # Enrolling is being seen: the node's next calls need not write it again.
         self._last_seen.written(node_id, now)
-        LOGGER.info("node %s enrolled (certificate %s)", node_id, cert_sha256[:16] or "none")
+        LOGGER.info("node %s enrolled%s (certificate %s)", node_id,
+                    " again (its request sent again; a new token)" if again else "",
+                    cert_sha256[:16] or "none")
         return Enrolment(node_id=node_id, node_token=node_token)
+
+    @staticmethod
+    def _enrolled_again(
+        session: Session, row: EnrolmentTokenRow, cert_sha256: str, request_id: str
+    ) -> str:
+        """The node a used token enrolled, if this is that enrolment's request again."""
+        if not request_id or row.request_sha256 is None or not hmac.compare_digest(
+            row.request_sha256, hash_token(request_id)
+        ):
+            raise PermissionDenied("enrolment token was already used")
+        node = session.get(NodeRow, row.used_by)
+        if node is None or node.revoked:
+            raise PermissionDenied("enrolment token was already used (its node is revoked)")
+        if node.cert_sha256 is not None and node.cert_sha256 != cert_sha256:
+            raise PermissionDenied(
+                "enrolment token was already used (its request came over another certificate)"
+            )
+        return node.node_id
 
     def authenticate(self, node_token: str, cert_sha256: str = "") -> str:
         """Node id for a node token presented over the client certificate ``cert_sha256``.

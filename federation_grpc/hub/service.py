@@ -112,9 +112,13 @@ class HubService:
         return self.nodes.create_enrolment_token(ttl_s, note)
 
     def enrol(
-        self, enrolment_token: str, display_name: str = "", cert_sha256: str = ""
+        self,
+        enrolment_token: str,
+        display_name: str = "",
+        cert_sha256: str = "",
+        request_id: str = "",
     ) -> Enrolment:
-        return self.nodes.enrol(enrolment_token, display_name, cert_sha256)
+        return self.nodes.enrol(enrolment_token, display_name, cert_sha256, request_id)
 
     def authenticate(self, node_token: str, cert_sha256: str = "") -> str:
         return self.nodes.authenticate(node_token, cert_sha256)

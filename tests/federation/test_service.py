@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,12 @@ import pytest
 from safetensors.numpy import load, save
 from sqlalchemy import event
 
-from federation_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from federation_grpc.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    PermissionDenied,
+    Unauthenticated,
+)
 from federation_grpc.hub import aggregator as aggregator_module
 from federation_grpc.hub.domain import UploadState, UploadStatus
 from federation_grpc.hub.service import HubService
@@ -45,6 +51,51 @@ def test_enrolment_token_is_one_time_and_node_token_stored_hashed(service: HubSe
     service.revoke_node(enrolment.node_id)
     with pytest.raises(PermissionDenied):
         service.authenticate(enrolment.node_token)
+
+
+def test_an_enrolment_sent_again_is_answered_again_and_only_that_one(
+    service: HubService,
+) -> None:
+    """The answer to an enrolment was lost (a retried call, a node killed before it saved
+    its credentials): the same request id gets the same node and a new token, which
+    replaces the first. Anyone else with the token is still refused."""
+    token, _ = service.create_enrolment_token()
+    first = service.enrol(token, "Hospital A", "a" * 64, "request-1")
+    again = service.enrol(token, "Hospital A", "a" * 64, "request-1")
+    assert again.node_id == first.node_id and again.node_token != first.node_token
+    assert service.authenticate(again.node_token, "a" * 64) == first.node_id
+    with pytest.raises(Unauthenticated):
+        service.authenticate(first.node_token, "a" * 64)
+    assert [n.node_id for n in service.list_nodes()] == [first.node_id]
+    for request, cert in (("request-2", "a" * 64), ("", "a" * 64), ("request-1", "b" * 64),
+                          ("request-1", "")):
+        with pytest.raises(PermissionDenied, match="already used"):
+            service.enrol(token, "Hospital A", cert, request)
+    with pytest.raises(InvalidRequest, match="request_id"):
+        service.enrol(token, "Hospital A", "a" * 64, "x" * 129)
+    service.revoke_node(first.node_id)
+    with pytest.raises(PermissionDenied, match="revoked"):
+        service.enrol(token, "Hospital A", "a" * 64, "request-1")
+    # A token used without a request id is one-time, whatever is sent after it.
+    plain, _ = service.create_enrolment_token()
+    service.enrol(plain, "Hospital B")
+    with pytest.raises(PermissionDenied, match="already used"):
+        service.enrol(plain, "Hospital B", "", "")
+
+
+def test_an_enrolment_is_not_answered_again_once_its_token_expired(
+    service: HubService,
+) -> None:
+    from federation_grpc.hub.store import EnrolmentTokenRow
+    from federation_grpc.hub.store import utcnow as hub_now
+
+    token, _ = service.create_enrolment_token()
+    service.enrol(token, "Hospital A", "", "request-1")
+    with service.store.session() as session:
+        for row in session.query(EnrolmentTokenRow):
+            row.expires_at = hub_now() - timedelta(seconds=1)
+    with pytest.raises(PermissionDenied, match="expired"):
+        service.enrol(token, "Hospital A", "", "request-1")
 
 
 def test_update_merges_into_a_new_generation_with_lineage(service: HubService) -> None:
@@ -126,8 +177,6 @@ def test_an_update_resent_after_the_limits_were_tightened_keeps_its_outcome(
     """A node whose "sent" mark was lost sends a received update again. The operator has
     tightened ``[limits]`` since: the hub answers what it holds, refuses nothing and
     records no rejection. A new update over the limits is still refused."""
-    from federation_grpc.errors import InvalidRequest
-
     config = hub_config(tmp_path)
     first = HubService(config)
     first.init_model(save(small_model()), MODEL_CONFIG)
@@ -161,7 +210,6 @@ def test_an_update_on_a_generation_never_published_is_refused_until_it_is(
 ) -> None:
     """The base check remembers published generations (a burst of uploads on one base asks
     the store once): a candidate is no base until published, a refused one never is."""
-    from federation_grpc.errors import InvalidRequest
     from federation_grpc.hub.store import GenerationRow, GenerationStatus
 
     node = enrol(service)

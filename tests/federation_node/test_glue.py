@@ -5,9 +5,11 @@ version numbers apart from the hub's, resume an interrupted download by offset."
 from __future__ import annotations
 
 import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from dicom_node.config import load_config
@@ -16,6 +18,7 @@ from dicom_node.node import Node
 from dicom_node.pipeline.versions import LOCAL_FLOOR, next_generation
 from dicom_node.store.models import ModelVersion
 from federation_grpc._proto import federation_pb2 as pb
+from federation_grpc.errors import HubUnavailable, PermissionDenied
 from tests.federation.hubproc import REPO
 from tests.node.conftest import wait_swapped, wait_until, write_node_config
 
@@ -72,6 +75,77 @@ def test_node_enrols_once_uploads_and_serves_the_new_hub_generation(
         assert [n.node_id for n in hub.service.list_nodes()] == [node_id]
     finally:
         again.stop()
+
+
+class _LostEnrolAnswers(grpc.UnaryUnaryClientInterceptor):
+    """Lets an Enrol call reach the hub, then loses its answer, as a connection that
+    drops after the hub committed: the node sees UNAVAILABLE."""
+
+    def __init__(self, lose: int) -> None:
+        self.lose = lose
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        outcome = continuation(details, request)
+        if details.method.endswith("/Enrol") and self.lose > 0:
+            outcome.result()  # the hub has answered
+            self.lose -= 1
+            raise _Unavailable()
+        return outcome
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection lost after the request (test)"
+
+
+def _agent(tmp_path: Path, hub: Any, certs: Any, model_file: Path, name: str,
+           token: str, lose: int) -> FederationAgent:
+    data = federated_node_data(tmp_path / name, model_file, hub.target, token=token,
+                               tls=node_tls(certs))
+    agent = _node(tmp_path, data, name).parts.federation
+    agent.interceptors.append(_LostEnrolAnswers(lose))
+    return agent
+
+
+def _works(agent: FederationAgent) -> None:
+    """The agent's saved token is the one the hub takes."""
+    assert agent.client().upload_status(str(uuid.uuid4())).state.name == "UNKNOWN"
+    agent.stop()
+
+
+def test_an_enrolment_whose_answer_was_lost_is_answered_again(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path
+) -> None:
+    """The one-time enrolment token is spent at the hub before the node has saved its
+    credentials. A retried call, and a node killed before the save and started again,
+    enrol once more under the same request id: the same node, with the last token."""
+    hub = start_hub()
+    # The call's own retry gets the answer the first attempt lost.
+    retried = _agent(tmp_path, hub, certs, model_file, "retried", hub.token(), lose=1)
+    retried.client()
+    _works(retried)
+    assert not retried.credentials.request_path.exists()
+
+    # Every attempt's answer lost: the node gives up, as if killed before the save ...
+    token = hub.token()
+    killed = _agent(tmp_path, hub, certs, model_file, "killed", token, lose=3)
+    with pytest.raises(HubUnavailable):
+        killed.client()
+    assert killed.credentials.load() is None and killed.credentials.request_path.exists()
+    assert len(hub.service.list_nodes()) == 2  # ... after the hub enrolled it
+    # ... and started again, with the same data directory and token.
+    restarted = _agent(tmp_path, hub, certs, model_file, "killed", token, lose=0)
+    restarted.client()
+    _works(restarted)
+    assert {n.node_id for n in hub.service.list_nodes()} == {
+        retried.node_id, restarted.node_id}
+    # Someone else with the spent token (another request id) is still refused.
+    other = _agent(tmp_path, hub, certs, model_file, "other", token, lose=0)
+    with pytest.raises(PermissionDenied, match="already used"):
+        other.client()
 
 
 def test_local_versions_are_numbered_apart_from_hub_generations(
