@@ -170,10 +170,13 @@ class FederationAgent:
                 except BaseException:
                     client.close()
                     raise
+                client.close()
+                # The event before the file: a crash between them leaves no credentials,
+                # and the next start enrols again under the same request id (the same
+                # node), where the other order could leave an old refusal shown as current.
+                self._audit(ENROLLED_EVENT, f"enrolled as {node_id}")
                 self.credentials.save(node_id, token, self.settings.hub)
                 LOGGER.info("enrolled with hub %s as node %s", self.settings.hub, node_id)
-                self._audit(ENROLLED_EVENT, f"enrolled as {node_id}")
-                client.close()
                 stored = (node_id, token)
             self.node_id = stored[0]
             self._client = make_client(self.settings, stored[1], self.interceptors)

@@ -13,10 +13,11 @@ import grpc
 import pytest
 
 from dicom_node.config import load_config
-from dicom_node.federation import FederationAgent, hub_update_id
+from dicom_node.federation import REFUSED_EVENT, FederationAgent, hub_update_id
 from dicom_node.node import Node
 from dicom_node.pipeline.versions import LOCAL_FLOOR, next_generation
-from dicom_node.store.models import ModelVersion
+from dicom_node.status import node_status
+from dicom_node.store.models import AuditEvent, ModelVersion
 from federation_grpc._proto import federation_pb2 as pb
 from federation_grpc.errors import HubUnavailable, PermissionDenied
 from tests.federation.hubproc import REPO
@@ -146,6 +147,35 @@ def test_an_enrolment_whose_answer_was_lost_is_answered_again(
     other = _agent(tmp_path, hub, certs, model_file, "other", token, lose=0)
     with pytest.raises(PermissionDenied, match="already used"):
         other.client()
+
+
+def test_a_crash_while_enrolling_never_leaves_credentials_beside_an_old_refusal(
+    tmp_path: Path, start_hub: Any, certs: Any, model_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node refused before is enrolled again with a new token. Killed between its two
+    writes (the event, the credentials), it must not keep credentials while its status
+    still shows the refusal; started again, it enrols as the same node."""
+    hub = start_hub()
+    token = hub.token()
+    agent = _agent(tmp_path, hub, certs, model_file, "site", token, lose=0)
+    with agent.db.session() as s:
+        s.add(AuditEvent(kind=REFUSED_EVENT, peer_address="hub", reason="revoked (before)"))
+
+    def killed(kind: str, reason: str) -> None:
+        raise SystemExit("killed while writing the event (test)")
+
+    monkeypatch.setattr(agent, "_audit", killed)
+    with pytest.raises(SystemExit):
+        agent.client()
+    if agent.credentials.load() is not None:
+        assert node_status(agent.db)["federation"]["refused"] is None, "credentials kept, " \
+            "yet the status shows the old refusal"
+    again = _agent(tmp_path, hub, certs, model_file, "site", token, lose=0)
+    again.client()
+    _works(again)
+    assert node_status(again.db)["federation"]["refused"] is None
+    assert [n.node_id for n in hub.service.list_nodes()] == [again.node_id]
 
 
 def test_local_versions_are_numbered_apart_from_hub_generations(
