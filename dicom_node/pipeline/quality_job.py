@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.learning.scores import quality_metrics
 from dicom_node.pipeline.flow import JobKind, QualityPayload
-from dicom_node.store.db import Database
+from dicom_node.store.db import Database, after_commit
 from dicom_node.store.durable import write_atomic
 from dicom_node.store.files import uid_file_stem
 from dicom_node.store.jobs import ClaimedJob
@@ -141,4 +141,6 @@ class QualityJob:
                 OutboxItem.state == OutboxState.PENDING, OutboxItem.attempts == 0)))
 
     def on_dead(self, job: ClaimedJob, error: str, s: Session) -> None:
-        self.inputs.remove(QualityPayload.of(job).seg_sop_instance_uid)
+        # Once the job is dead for good: were that commit lost, a retry needs them.
+        uid = QualityPayload.of(job).seg_sop_instance_uid
+        after_commit(s, lambda: self.inputs.remove(uid))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,24 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     # Take the write lock at BEGIN: claims (select then update) cannot interleave
     # between processes, which SQLite would otherwise answer with SQLITE_BUSY.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run ``action`` once ``session``'s transaction has committed; never if it rolls
+    back. A savepoint's release is not the commit (SQLAlchemy's ``after_commit`` fires
+    for it too): what must wait for the transaction (a file removed, a worker woken)
+    waits for the outermost one."""
+
+    done = False
+
+    def committed(s: Session) -> None:
+        nonlocal done  # (a listener cannot remove itself while the event runs)
+        if done or s.in_nested_transaction():
+            return
+        done = True
+        action()
+
+    event.listen(session, "after_commit", committed)
 
 
 class Database:

@@ -25,11 +25,11 @@ from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
 from typing import Any
 
-from sqlalchemy import and_, event, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from dicom_node.errors import DicomNodeError
-from dicom_node.store.db import Database
+from dicom_node.store.db import Database, after_commit
 from dicom_node.store.models import Job, JobState
 
 LOGGER = logging.getLogger(__name__)
@@ -85,12 +85,12 @@ class JobQueue:
             return
         s.info["tessera.jobs.notify"] = True
 
-        def committed(session: Session) -> None:
-            session.info.pop("tessera.jobs.notify", None)
+        def committed() -> None:
+            s.info.pop("tessera.jobs.notify", None)
             for listener in self._listeners:
                 listener()
 
-        event.listen(s, "after_commit", committed, once=True)
+        after_commit(s, committed)
 
     def enqueue(
         self,

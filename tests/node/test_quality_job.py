@@ -141,3 +141,35 @@ def test_a_second_job_of_a_seg_whose_metrics_landed_changes_nothing(db: Database
         again = s.execute(select(Segmentation)).scalar_one()
     assert "quality" not in again.metrics and (again.metrics, again.timings) == (metrics,
                                                                                   timings)
+
+
+def test_a_dead_jobs_inputs_go_only_once_it_is_dead_for_good(db: Database,
+                                                              tmp_path: Path) -> None:
+    """Giving up removes the inputs when the transaction that marks the job dead commits:
+    not at its savepoint, and not at all if it rolls back (the job runs again, and needs
+    them)."""
+    inputs = _undelivered_seg(db, tmp_path)
+    handler = QualityJob(db, inputs, delivery_wait_s=600)
+    claimed = _claimed(JobQueue(db))
+    with pytest.raises(RuntimeError), db.session() as s:
+        handler.on_dead(claimed, "boom", s)
+        raise RuntimeError("the commit that would mark it dead fails")
+    assert inputs.path(SEG_UID).exists()
+    with db.session() as s:
+        with s.begin_nested():  # as JobQueue.fail calls it
+            handler.on_dead(claimed, "boom", s)
+        assert inputs.path(SEG_UID).exists(), "removed before the commit"
+    assert not inputs.path(SEG_UID).exists()
+    # Through the queue: a job out of attempts.
+    inputs.save(SEG_UID, *_result(), (1.0, 1.0, 1.0), NAMES)
+    queue = JobQueue(db)
+    with db.session() as s:
+        s.execute(Job.__table__.delete())
+    last = _claimed(queue)
+    with db.session() as s:
+        s.execute(Job.__table__.update().values(max_attempts=1))
+    queue.fail(last.id, "w", "boom", Backoff(1, 1),
+               on_dead=lambda s: handler.on_dead(last, "boom", s))
+    with db.session() as s:
+        assert s.execute(select(Job.state)).scalar_one() == JobState.DEAD
+    assert not inputs.path(SEG_UID).exists()
