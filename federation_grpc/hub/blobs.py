@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from federation_grpc.errors import FailedPrecondition
 from federation_grpc.hub.private import open_private, private_dir
 from federation_grpc.hub.tensorfile import write_tensors
 
@@ -115,6 +117,10 @@ class BlobStore:
         return self.path(sha256).read_bytes()
 
 
+class StagingBusy(FailedPrecondition):
+    """Another stream is writing this update right now; retry shortly."""
+
+
 class StagingArea:
     """Partial uploads, one file per update id; the file size is the received offset."""
 
@@ -131,10 +137,35 @@ class StagingArea:
             return 0
 
     def open_at(self, update_id: str, offset: int) -> int:
-        """Prepare to append at ``offset`` (truncating bytes beyond it); return the fd."""
+        """Prepare to append at ``offset`` (truncating bytes beyond it); return the fd.
+
+        The fd holds an exclusive lock on the file until it is closed, so two streams of
+        one update (in this process, or in another replica sharing the data folder) never
+        write it at once.
+
+        Raises
+        ------
+        StagingBusy
+            Another stream holds the file.
+        FailedPrecondition
+            The file holds fewer than ``offset`` bytes (it changed since they were counted).
+        """
         fd = open_private(self.path(update_id), os.O_WRONLY | os.O_CREAT)
-        os.ftruncate(fd, offset)
-        os.lseek(fd, offset, os.SEEK_SET)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise StagingBusy(f"update {update_id} is being uploaded already") from exc
+            held = os.fstat(fd).st_size
+            if held < offset:
+                raise FailedPrecondition(
+                    f"hub holds {held} bytes of update {update_id}; resume from there"
+                )
+            os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def discard(self, update_id: str) -> None:

@@ -30,7 +30,7 @@ from federation_grpc.errors import (
     NotFound,
     PermissionDenied,
 )
-from federation_grpc.hub.blobs import BlobStore, StagingArea
+from federation_grpc.hub.blobs import BlobStore, StagingArea, StagingBusy
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
 from federation_grpc.hub.gate import UpdateGate
@@ -96,8 +96,7 @@ class KeptUpdate(Protocol):
     reason: str
 
 
-class UploadInProgress(FailedPrecondition):
-    """Another stream is writing this update right now; retry shortly."""
+UploadInProgress = StagingBusy  # another stream is writing this update; retry shortly
 
 
 def validate_tensors(
@@ -146,11 +145,15 @@ class UploadSession:
         # Hash as bytes arrive; a resumed upload first hashes what the hub already holds.
         self._digest = hashlib.sha256()
         if offset:
-            with intake.staging.path(header.update_id).open("rb") as held:
-                remaining = offset
-                while remaining and (block := held.read(min(remaining, 1 << 20))):
-                    self._digest.update(block)
-                    remaining -= len(block)
+            try:
+                with intake.staging.path(header.update_id).open("rb") as held:
+                    remaining = offset
+                    while remaining and (block := held.read(min(remaining, 1 << 20))):
+                        self._digest.update(block)
+                        remaining -= len(block)
+            except BaseException:
+                self.close()
+                raise
 
     def write(self, chunk: bytes | memoryview) -> None:
         if self.received + len(chunk) > self.header.total_size:
@@ -167,9 +170,8 @@ class UploadSession:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            os.close(self._fd)  # and with it the staged file's lock
             self._fd = -1
-        self.intake.release(self.header.update_id)
 
     def finish(self) -> UploadStatus:
         """Check and keep a complete update; report the offset of an incomplete one."""
@@ -207,13 +209,7 @@ class UploadIntake:
         self.config = config
         self.gate = gate
         self.on_received = on_received
-        self._lock = threading.Lock()
-        self._active: set[str] = set()
         self._checking = threading.BoundedSemaphore(CONCURRENT_CHECKS)
-
-    def release(self, update_id: str) -> None:
-        with self._lock:
-            self._active.discard(update_id)
 
     def status(self, node_id: str, update_id: str) -> UploadStatus:
         update_id = _canonical_id(update_id)
@@ -292,15 +288,9 @@ class UploadIntake:
             raise FailedPrecondition(
                 f"hub holds {held} bytes of update {header.update_id}; resume from there"
             )
-        with self._lock:
-            if header.update_id in self._active:
-                raise UploadInProgress(f"update {header.update_id} is being uploaded already")
-            self._active.add(header.update_id)
-        try:
-            return UploadSession(self, node_id, header, header.offset)
-        except BaseException:
-            self.release(header.update_id)
-            raise
+        # The staged file's lock keeps a second stream of this update out (StagingBusy),
+        # from this process or another replica sharing the data folder.
+        return UploadSession(self, node_id, header, header.offset)
 
     def _settled(self, node_id: str, update_id: str) -> UploadStatus | None:
         """The status of an update the hub has taken (received, merged or rejected), or

@@ -374,3 +374,37 @@ def test_an_update_another_replica_took_first_is_not_taken_again(service: HubSer
     assert status.state == UploadState.MERGED and status.merged_into == 0
     with service.store.session() as session:
         assert session.get(UpdateRow, header.update_id).status == "merged"  # type: ignore[union-attr]
+
+
+def test_two_replicas_never_write_one_update_at_once(tmp_path: Path) -> None:
+    """Replicas share the data folder. A node whose stream to one replica broke resumes
+    at another before the first has noticed: the second stream waits its turn (ABORTED,
+    retried by the node) instead of writing the same staged file."""
+    from federation_grpc.hub.uploads import UploadInProgress
+
+    config = hub_config(tmp_path)
+    first = HubService(config)
+    first.init_model(save(small_model()), MODEL_CONFIG)
+    second = HubService(config)
+    try:
+        node = enrol(first)
+        payload, header = make_update(small_model())
+        half = len(payload) // 2
+        stream = first.uploads.begin(node, header)
+        assert isinstance(stream, UploadSession)
+        stream.write(payload[:half])
+        resumed = replace(header, offset=half)
+        with pytest.raises(UploadInProgress, match="being uploaded already"):
+            second.uploads.begin(node, resumed)
+        with pytest.raises(UploadInProgress):  # and in the same process
+            first.uploads.begin(node, resumed)
+        assert first.uploads.staging.size(header.update_id) == half, "nothing truncated"
+        stream.close()  # the first replica notices the broken stream
+        rest = second.uploads.begin(node, resumed)
+        assert isinstance(rest, UploadSession)
+        rest.write(payload[half:])
+        assert rest.finish().state == UploadState.RECEIVED
+        assert upload(first, node, payload, header).state == UploadState.RECEIVED
+    finally:
+        second.close()
+        first.close()
