@@ -26,3 +26,25 @@ def pydicom_default_validation(request: pytest.FixtureRequest) -> Iterator[None]
     if left != _DEFAULT_VALIDATION:  # named in the warnings summary, to be mended there
         warnings.warn(f"{request.node.nodeid} left pydicom's validation modes at {left}",
                       stacklevel=1)
+
+
+# The files that take longest (minutes; measured with --durations), in that order. With
+# ``--dist loadfile`` a worker takes whole files in collection order, so a long file
+# collected last (tests/viewer sorts late) leaves the other workers idle at the end.
+# Started first, they run beside the many short files instead.
+LONGEST_FIRST = (
+    "tests/viewer/test_ohif_save.py",
+    "tests/federation_node/test_demo.py",
+    "tests/node/test_intake_journal.py",
+    "tests/node/test_receivers.py",
+    "tests/federation_node/test_processes.py",
+    "tests/corrections/test_learning_loop.py",
+    "tests/node/test_mr_model.py",
+    "tests/federation_node/test_privacy.py",
+    "tests/deploy/test_deploy_files.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
