@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from dicom_node.store.models import Base
 from dicom_node.store.private import private_file
@@ -50,21 +50,35 @@ def _sqlite_begin_immediate(conn: Any) -> None:
 
 
 def after_commit(session: Session, action: Callable[[], None]) -> None:
-    """Run ``action`` once ``session``'s transaction has committed; never if it rolls
-    back. A savepoint's release is not the commit (SQLAlchemy's ``after_commit`` fires
-    for it too): what must wait for the transaction (a file removed, a worker woken)
-    waits for the outermost one."""
-
-    done = False
+    """Run ``action`` once the transaction it is registered in has committed: after the
+    outermost commit, not at a savepoint's release (SQLAlchemy's ``after_commit`` fires
+    for that too). Never if that transaction, a savepoint it was registered in, or one
+    around it rolls back. For what must wait for the commit (a file removed, a worker
+    woken); an action that fails is logged, never raised from the commit."""
+    registered = session.get_nested_transaction() or session.get_transaction()
+    over = False
 
     def committed(s: Session) -> None:
-        nonlocal done  # (a listener cannot remove itself while the event runs)
-        if done or s.in_nested_transaction():
+        nonlocal over  # (a listener cannot remove itself while the event runs)
+        if over or s.in_nested_transaction():
             return
-        done = True
-        action()
+        over = True
+        try:
+            action()
+        except Exception:
+            LOGGER.exception("an action after a commit failed")
+
+    def rolled_back(_s: Session, previous: SessionTransaction) -> None:
+        nonlocal over
+        transaction = registered
+        while transaction is not None:
+            if transaction is previous:
+                over = True
+                return
+            transaction = transaction.parent
 
     event.listen(session, "after_commit", committed)
+    event.listen(session, "after_soft_rollback", rolled_back)
 
 
 class Database:

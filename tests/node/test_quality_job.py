@@ -155,6 +155,11 @@ def test_a_dead_jobs_inputs_go_only_once_it_is_dead_for_good(db: Database,
         handler.on_dead(claimed, "boom", s)
         raise RuntimeError("the commit that would mark it dead fails")
     assert inputs.path(SEG_UID).exists()
+    # Giving up failed: its savepoint rolls back, and the job dies all the same.
+    with db.session() as s, pytest.raises(RuntimeError), s.begin_nested():
+        handler.on_dead(claimed, "boom", s)
+        raise RuntimeError("on_dead failed after it asked for the removal")
+    assert inputs.path(SEG_UID).exists()
     with db.session() as s:
         with s.begin_nested():  # as JobQueue.fail calls it
             handler.on_dead(claimed, "boom", s)
