@@ -85,8 +85,8 @@ class FederationClient:
         """Trade a one-time enrolment token for ``(node_id, node_token)``; keeps the token.
 
         ``request_id`` names this enrolment (a random one when not given): the call
-        retried, or made again with the same id after the answer was lost, is answered
-        with the same node id and a new token. Keep it until the credentials are saved.
+        retried, or made again with the same id after the answer was lost, gets the same
+        answer. Keep it until the credentials are saved.
         """
         request = pb.EnrolRequest(
             enrolment_token=enrolment_token,

@@ -8,6 +8,7 @@ Imports no grpc.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -46,6 +47,15 @@ _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 def hash_token(token: str) -> str:
     """sha256 hex of a token; tokens are 256-bit random, so a fast hash suffices."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _answer(salt: str, request_id: str) -> str:
+    """The node token of an enrolment with a request id: HMAC-SHA256 of the id under the
+    random salt kept with the enrolment token, as ``secrets.token_urlsafe(32)`` spells it.
+    Without the id (the node's secret, sent over TLS) the salt gives nothing away, and
+    without the salt (the hub's) the id gives nothing."""
+    digest = hmac.new(bytes.fromhex(salt), request_id.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 class SeenThrottle:
@@ -95,35 +105,42 @@ class NodeRegistry:
         """A node id and token for a one-time enrolment token; the token is bound to the
         client certificate ``cert_sha256`` (sha256 of its DER bytes; "" without TLS).
 
-        ``request_id`` (the node's own random id for this enrolment) makes it safe to
-        send again: a used token presented with the id that used it, over the same
-        certificate and before the token expires, gets the same node id and a new node
-        token, which replaces the first (the node never saved it, or never got it).
+        ``request_id`` (the node's own random id for this enrolment, 16 to 128
+        characters) makes it safe to send again: the node token is then derived from it
+        and a random salt kept with the enrolment token, so the used token presented with
+        the same id, over the same certificate and before it expires, gets the same
+        answer again (node id and token), however many times and in whatever order the
+        copies arrive. Without an id, a used token is refused.
         """
         if not enrolment_token:
             raise Unauthenticated("an enrolment token is required")
         if len(display_name) > 200:
             raise InvalidRequest("display_name is longer than 200 characters")
-        if len(request_id) > 128 or not request_id.isprintable():
-            raise InvalidRequest("request_id is longer than 128 characters or not printable")
-        node_token = secrets.token_urlsafe(32)
+        if request_id and not (16 <= len(request_id) <= 128 and request_id.isprintable()):
+            raise InvalidRequest("request_id must be 16 to 128 printable characters")
+        key = hash_token(enrolment_token)
+        salt = secrets.token_hex(32)
         with self.store.session() as session:
-            row = session.get(EnrolmentTokenRow, hash_token(enrolment_token), with_for_update=True)
+            row = session.get(EnrolmentTokenRow, key, with_for_update=True)
             if row is None:
                 raise Unauthenticated("unknown enrolment token")
             if as_utc(row.expires_at) < utcnow():
                 raise PermissionDenied("enrolment token has expired")
             now = utcnow()
-            if row.used_by is not None:
-                node_id = self._enrolled_again(session, row, cert_sha256, request_id)
-                node = session.get(NodeRow, node_id, with_for_update=True)
-                assert node is not None
-                node.token_sha256, node.last_seen = hash_token(node_token), now
-                again = True
-            else:
-                node_id, again = f"node-{uuid.uuid4().hex[:12]}", False
-                row.used_by, row.used_at = node_id, now
-                row.request_sha256 = hash_token(request_id) if request_id else None
+            node_id = f"node-{uuid.uuid4().hex[:12]}"
+            # Claimed by one statement, so that of two enrolments at once (SQLite takes
+            # no row lock) exactly one finds the token unused.
+            claimed = row.used_by is None and session.execute(
+                update(EnrolmentTokenRow)
+                .where(EnrolmentTokenRow.token_sha256 == key,
+                       EnrolmentTokenRow.used_by.is_(None))
+                .values(used_by=node_id, used_at=now,
+                        answer_salt=salt if request_id else None)
+                .execution_options(synchronize_session=False)
+            ).rowcount == 1  # type: ignore[attr-defined]
+            if claimed:
+                node_token = (_answer(salt, request_id) if request_id
+                              else secrets.token_urlsafe(32))
                 session.add(
                     NodeRow(
                         node_id=node_id,
@@ -133,30 +150,36 @@ class NodeRegistry:
                         last_seen=now,
                     )
                 )
+            else:
+                session.refresh(row)
+                node_id, node_token = self._answer_again(session, row, cert_sha256,
+                                                         request_id)
         # Enrolling is being seen: the node's next calls need not write it again.
         self._last_seen.written(node_id, now)
         LOGGER.info("node %s enrolled%s (certificate %s)", node_id,
-                    " again (its request sent again; a new token)" if again else "",
+                    "" if claimed else " (its request sent again, answered again)",
                     cert_sha256[:16] or "none")
         return Enrolment(node_id=node_id, node_token=node_token)
 
     @staticmethod
-    def _enrolled_again(
+    def _answer_again(
         session: Session, row: EnrolmentTokenRow, cert_sha256: str, request_id: str
-    ) -> str:
-        """The node a used token enrolled, if this is that enrolment's request again."""
-        if not request_id or row.request_sha256 is None or not hmac.compare_digest(
-            row.request_sha256, hash_token(request_id)
-        ):
+    ) -> tuple[str, str]:
+        """The node id and token a used enrolment token gave, if this is the request
+        that used it (the same id, over the certificate its node is bound to)."""
+        node = session.get(NodeRow, row.used_by) if row.used_by else None
+        if not request_id or row.answer_salt is None or node is None:
             raise PermissionDenied("enrolment token was already used")
-        node = session.get(NodeRow, row.used_by)
-        if node is None or node.revoked:
+        node_token = _answer(row.answer_salt, request_id)
+        if not hmac.compare_digest(node.token_sha256, hash_token(node_token)):
+            raise PermissionDenied("enrolment token was already used")
+        if node.revoked:
             raise PermissionDenied("enrolment token was already used (its node is revoked)")
         if node.cert_sha256 is not None and node.cert_sha256 != cert_sha256:
             raise PermissionDenied(
                 "enrolment token was already used (its request came over another certificate)"
             )
-        return node.node_id
+        return node.node_id, node_token
 
     def authenticate(self, node_token: str, cert_sha256: str = "") -> str:
         """Node id for a node token presented over the client certificate ``cert_sha256``.

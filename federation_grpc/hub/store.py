@@ -88,9 +88,10 @@ class EnrolmentTokenRow(Base):
     note: Mapped[str] = mapped_column(String(200), default="")
     used_by: Mapped[str | None] = mapped_column(String(64), default=None)
     used_at: Mapped[datetime | None] = mapped_column(default=None)
-    # sha256 of the node's request id for the enrolment that used the token (NULL: none
-    # given): the same request sent again is answered again (see ``nodes.enrol``).
-    request_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The random salt (hex) the node token of the enrolment that used the token was
+    # derived with from the node's request id (NULL: none given): the same request sent
+    # again is answered again (see ``nodes.enrol``).
+    answer_salt: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class GenerationRow(Base):

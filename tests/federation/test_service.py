@@ -57,30 +57,62 @@ def test_an_enrolment_sent_again_is_answered_again_and_only_that_one(
     service: HubService,
 ) -> None:
     """The answer to an enrolment was lost (a retried call, a node killed before it saved
-    its credentials): the same request id gets the same node and a new token, which
-    replaces the first. Anyone else with the token is still refused."""
+    its credentials): the same request id gets the same answer, in any order and any
+    number of times. Anyone else with the token is still refused."""
     token, _ = service.create_enrolment_token()
-    first = service.enrol(token, "Hospital A", "a" * 64, "request-1")
-    again = service.enrol(token, "Hospital A", "a" * 64, "request-1")
-    assert again.node_id == first.node_id and again.node_token != first.node_token
-    assert service.authenticate(again.node_token, "a" * 64) == first.node_id
-    with pytest.raises(Unauthenticated):
-        service.authenticate(first.node_token, "a" * 64)
+    request = "request-1-0123456789abcdef"
+    first = service.enrol(token, "Hospital A", "a" * 64, request)
+    again = service.enrol(token, "Hospital A", "a" * 64, request)
+    assert again == first
+    assert service.authenticate(first.node_token, "a" * 64) == first.node_id
     assert [n.node_id for n in service.list_nodes()] == [first.node_id]
-    for request, cert in (("request-2", "a" * 64), ("", "a" * 64), ("request-1", "b" * 64),
-                          ("request-1", "")):
+    raw = b"".join(p.read_bytes() for p in service.config.data_dir.glob("hub.db*"))
+    assert first.node_token.encode() not in raw and request.encode() not in raw
+    for other, cert in ((request + "x", "a" * 64), ("", "a" * 64), (request, "b" * 64),
+                        (request, "")):
         with pytest.raises(PermissionDenied, match="already used"):
-            service.enrol(token, "Hospital A", cert, request)
-    with pytest.raises(InvalidRequest, match="request_id"):
-        service.enrol(token, "Hospital A", "a" * 64, "x" * 129)
+            service.enrol(token, "Hospital A", cert, other)
+    for bad in ("short", "x" * 129, "tab\tin-the-request-id"):
+        with pytest.raises(InvalidRequest, match="request_id"):
+            service.enrol(token, "Hospital A", "a" * 64, bad)
     service.revoke_node(first.node_id)
     with pytest.raises(PermissionDenied, match="revoked"):
-        service.enrol(token, "Hospital A", "a" * 64, "request-1")
+        service.enrol(token, "Hospital A", "a" * 64, request)
     # A token used without a request id is one-time, whatever is sent after it.
     plain, _ = service.create_enrolment_token()
     service.enrol(plain, "Hospital B")
     with pytest.raises(PermissionDenied, match="already used"):
         service.enrol(plain, "Hospital B", "", "")
+
+
+def test_of_enrolments_at_once_with_one_token_one_enrols_and_its_copies_get_its_answer(
+    service: HubService,
+) -> None:
+    """SQLite takes no row lock: the token is claimed by one conditional statement, so
+    two strangers never both enrol with it, and copies of one request share one answer."""
+    import threading
+
+    token, _ = service.create_enrolment_token()
+    requests = ["the-same-request-id-0001"] * 4 + [f"a-stranger-request-{i:04d}" for i in range(4)]
+    start = threading.Barrier(len(requests))
+    answers: list[object] = []
+
+    def enrol_now(request: str) -> None:
+        start.wait()
+        try:
+            answers.append((request, service.enrol(token, "site", "", request)))
+        except PermissionDenied:
+            answers.append((request, None))
+
+    threads = [threading.Thread(target=enrol_now, args=(r,)) for r in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    enrolled = {answer for _, answer in answers if answer is not None}  # type: ignore[misc]
+    assert len(enrolled) == 1 and len(service.list_nodes()) == 1
+    [winner] = {request for request, answer in answers if answer is not None}
+    assert sum(answer is not None for _, answer in answers) == requests.count(winner)
 
 
 def test_an_enrolment_is_not_answered_again_once_its_token_expired(
@@ -90,12 +122,12 @@ def test_an_enrolment_is_not_answered_again_once_its_token_expired(
     from federation_grpc.hub.store import utcnow as hub_now
 
     token, _ = service.create_enrolment_token()
-    service.enrol(token, "Hospital A", "", "request-1")
+    service.enrol(token, "Hospital A", "", "request-1-0123456789")
     with service.store.session() as session:
         for row in session.query(EnrolmentTokenRow):
             row.expires_at = hub_now() - timedelta(seconds=1)
     with pytest.raises(PermissionDenied, match="expired"):
-        service.enrol(token, "Hospital A", "", "request-1")
+        service.enrol(token, "Hospital A", "", "request-1-0123456789")
 
 
 def test_update_merges_into_a_new_generation_with_lineage(service: HubService) -> None:

@@ -122,7 +122,7 @@ def test_an_enrolment_whose_answer_was_lost_is_answered_again(
 ) -> None:
     """The one-time enrolment token is spent at the hub before the node has saved its
     credentials. A retried call, and a node killed before the save and started again,
-    enrol once more under the same request id: the same node, with the last token."""
+    enrol once more under the same request id and get the same answer."""
     hub = start_hub()
     # The call's own retry gets the answer the first attempt lost.
     retried = _agent(tmp_path, hub, certs, model_file, "retried", hub.token(), lose=1)
@@ -153,7 +153,7 @@ def test_a_crash_while_enrolling_never_leaves_credentials_beside_an_old_refusal(
     tmp_path: Path, start_hub: Any, certs: Any, model_file: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A node refused before is enrolled again with a new token. Killed between its two
+    """A node refused before is enrolled again with a new enrolment token. Killed between its two
     writes (the event, the credentials), it must not keep credentials while its status
     still shows the refusal; started again, it enrols as the same node."""
     hub = start_hub()

@@ -1,4 +1,4 @@
-"""enrolment tokens remember the request that used them: a lost answer is answered again
+"""enrolment tokens keep the salt of their answer: a request sent again is answered again
 
 Revision ID: 0005
 Revises: 0004
@@ -21,9 +21,9 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     # NULL: used before the upgrade, or by a node that sent no request id.
     with op.batch_alter_table("enrolment_tokens", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("request_sha256", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("answer_salt", sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("enrolment_tokens", schema=None) as batch_op:
-        batch_op.drop_column("request_sha256")
+        batch_op.drop_column("answer_salt")
