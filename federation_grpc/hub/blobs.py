@@ -141,21 +141,30 @@ class StagingArea:
 
         The fd holds an exclusive lock on the file until it is closed, so two streams of
         one update (in this process, or in another replica sharing the data folder) never
-        write it at once.
+        write it at once. The lock is on the file, not the name: a file renamed into the
+        blob store, or removed, while this call waited is not the one to write.
 
         Raises
         ------
         StagingBusy
-            Another stream holds the file.
+            Another stream holds the file, or it has moved on since the caller looked
+            (ask the hub again where the update stands).
         FailedPrecondition
             The file holds fewer than ``offset`` bytes (it changed since they were counted).
         """
-        fd = open_private(self.path(update_id), os.O_WRONLY | os.O_CREAT)
+        path = self.path(update_id)
+        busy = f"update {update_id} is being uploaded already"
+        try:  # bytes to resume from are never made up: only offset 0 creates the file
+            fd = open_private(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0))
+        except FileNotFoundError as exc:
+            raise StagingBusy(busy) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise StagingBusy(f"update {update_id} is being uploaded already") from exc
+                raise StagingBusy(busy) from exc
+            if not self._names(path, fd):
+                raise StagingBusy(busy)
             held = os.fstat(fd).st_size
             if held < offset:
                 raise FailedPrecondition(
@@ -167,6 +176,16 @@ class StagingArea:
             os.close(fd)
             raise
         return fd
+
+    @staticmethod
+    def _names(path: Path, fd: int) -> bool:
+        """Whether ``path`` still names the file open as ``fd``."""
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
 
     def discard(self, update_id: str) -> None:
         self.path(update_id).unlink(missing_ok=True)

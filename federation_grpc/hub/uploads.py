@@ -157,10 +157,12 @@ class UploadSession:
 
     def write(self, chunk: bytes | memoryview) -> None:
         if self.received + len(chunk) > self.header.total_size:
-            self.close()
-            self.intake.discard(
-                self.header, self.node_id, "more bytes than the declared total_size"
-            )
+            try:  # discarded under the staged file's lock, then let go
+                self.intake.discard(
+                    self.header, self.node_id, "more bytes than the declared total_size"
+                )
+            finally:
+                self.close()
         self._digest.update(chunk)
         view = memoryview(chunk)
         while view:
@@ -402,6 +404,7 @@ class UploadIntake:
             if found is None:
                 raise NotFound(f"update {header.update_id} vanished during upload")
             if found.status != UpdateStatus.PARTIAL:  # a replica's stream took it first
+                self.staging.discard(header.update_id)  # this stream's copy (locked)
                 return self._status(found)
             self.blobs.adopt(staged, header.sha256)
             connection.execute(_MARK_RECEIVED,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -235,6 +236,15 @@ def test_an_update_resent_after_the_limits_were_tightened_keeps_its_outcome(
         assert hub.uploads.status(node, fresh.update_id).state == UploadState.UNKNOWN
     finally:
         hub.close()
+    # The samples' bound alone (the size within the limit): the refusal's own path.
+    samples_only = HubService(replace(config, limits=replace(config.limits,
+                                                             max_num_samples=10)))
+    try:
+        again = upload(samples_only, node, payload, header)
+        assert again == UploadStatus(header.update_id, UploadState.RECEIVED, len(payload))
+        assert len(samples_only.list_rejections()) == 1  # the fresh one's, from before
+    finally:
+        samples_only.close()
 
 
 def test_an_update_on_a_generation_never_published_is_refused_until_it_is(
@@ -390,9 +400,10 @@ def test_the_updates_of_a_burst_are_taken_by_one_pass_of_the_aggregator(
 
 
 def test_an_update_another_replica_took_first_is_not_taken_again(service: HubService) -> None:
-    """Replicas share the database; each guards only its own streams. A stream that
-    completes an update another replica already received reports that state and
-    leaves the row as it is."""
+    """Replicas share the database. A stream that completes an update another replica
+    already received (it started from byte 0 after the other had moved the staged file
+    into the blob store) reports that state, leaves the row as it is, and removes its
+    own staged copy."""
     node = enrol(service)
     payload, header = make_update(small_model())
     opened = service.uploads.begin(node, header)
@@ -406,6 +417,7 @@ def test_an_update_another_replica_took_first_is_not_taken_again(service: HubSer
     assert status.state == UploadState.MERGED and status.merged_into == 0
     with service.store.session() as session:
         assert session.get(UpdateRow, header.update_id).status == "merged"  # type: ignore[union-attr]
+    assert not service.uploads.staging.path(header.update_id).exists(), "an orphan .part"
 
 
 def test_two_replicas_never_write_one_update_at_once(tmp_path: Path) -> None:
@@ -440,3 +452,38 @@ def test_two_replicas_never_write_one_update_at_once(tmp_path: Path) -> None:
     finally:
         second.close()
         first.close()
+
+
+def test_a_staged_file_that_moved_on_is_never_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock is on the file, not its name: a stream that waited while the file was
+    renamed into the blob store (or removed) is told to ask again, and a resume never
+    makes up an empty file to write at an offset."""
+    import fcntl
+
+    from federation_grpc.hub.blobs import StagingArea, StagingBusy
+
+    staging = StagingArea(tmp_path / "staging")
+    first = staging.open_at("u1", 0)
+    os.write(first, b"0123456789")
+    os.close(first)
+    os.rename(staging.path("u1"), tmp_path / "adopted")  # the update was taken
+    with pytest.raises(StagingBusy):
+        staging.open_at("u1", 10)
+    assert not staging.path("u1").exists(), "an empty file made up to resume into"
+
+    second = staging.open_at("u2", 0)
+    os.write(second, b"0123456789")
+    os.close(second)
+    real_flock = fcntl.flock
+
+    def renamed_while_waiting(fd: int, operation: int) -> None:
+        os.rename(staging.path("u2"), tmp_path / "adopted-2")
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", renamed_while_waiting)
+    with pytest.raises(StagingBusy):
+        staging.open_at("u2", 5)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert (tmp_path / "adopted-2").read_bytes() == b"0123456789", "not truncated"
