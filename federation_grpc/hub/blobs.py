@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -126,6 +127,10 @@ class StagingArea:
 
     def __init__(self, root: Path) -> None:
         self.root = private_dir(root)
+        # This process's streams, apart from the file lock: where flock is emulated with
+        # POSIX locks (NFS), two descriptors of one process do not exclude each other.
+        self._open: set[str] = set()
+        self._open_lock = threading.Lock()
 
     def path(self, update_id: str) -> Path:
         return self.root / f"{update_id}.part"
@@ -154,10 +159,17 @@ class StagingArea:
         """
         path = self.path(update_id)
         busy = f"update {update_id} is being uploaded already"
+        with self._open_lock:
+            if update_id in self._open:
+                raise StagingBusy(busy)
+            self._open.add(update_id)
         try:  # bytes to resume from are never made up: only offset 0 creates the file
             fd = open_private(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0))
-        except FileNotFoundError as exc:
-            raise StagingBusy(busy) from exc
+        except BaseException as exc:
+            self._let_go(update_id)
+            if isinstance(exc, FileNotFoundError):
+                raise StagingBusy(busy) from exc
+            raise
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,9 +185,20 @@ class StagingArea:
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
         except BaseException:
-            os.close(fd)
+            self.close(update_id, fd)
             raise
         return fd
+
+    def close(self, update_id: str, fd: int) -> None:
+        """Close a descriptor :meth:`open_at` gave, and with it the stream's lock."""
+        try:
+            os.close(fd)
+        finally:
+            self._let_go(update_id)
+
+    def _let_go(self, update_id: str) -> None:
+        with self._open_lock:
+            self._open.discard(update_id)
 
     @staticmethod
     def _names(path: Path, fd: int) -> bool:

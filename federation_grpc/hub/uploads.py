@@ -172,8 +172,8 @@ class UploadSession:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)  # and with it the staged file's lock
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            self.intake.staging.close(self.header.update_id, fd)
 
     def finish(self) -> UploadStatus:
         """Check and keep a complete update; report the offset of an incomplete one."""

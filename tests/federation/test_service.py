@@ -467,7 +467,7 @@ def test_a_staged_file_that_moved_on_is_never_written(
     staging = StagingArea(tmp_path / "staging")
     first = staging.open_at("u1", 0)
     os.write(first, b"0123456789")
-    os.close(first)
+    staging.close("u1", first)
     os.rename(staging.path("u1"), tmp_path / "adopted")  # the update was taken
     with pytest.raises(StagingBusy):
         staging.open_at("u1", 10)
@@ -475,7 +475,7 @@ def test_a_staged_file_that_moved_on_is_never_written(
 
     second = staging.open_at("u2", 0)
     os.write(second, b"0123456789")
-    os.close(second)
+    staging.close("u2", second)
     real_flock = fcntl.flock
 
     def renamed_while_waiting(fd: int, operation: int) -> None:
@@ -487,3 +487,24 @@ def test_a_staged_file_that_moved_on_is_never_written(
         staging.open_at("u2", 5)
     monkeypatch.setattr(fcntl, "flock", real_flock)
     assert (tmp_path / "adopted-2").read_bytes() == b"0123456789", "not truncated"
+
+
+def test_one_process_never_opens_a_staged_file_twice_even_without_flock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where flock is emulated with POSIX locks (NFS), a process's own descriptors do not
+    exclude each other: the staging area keeps its own streams apart as well."""
+    import fcntl
+
+    from federation_grpc.hub.blobs import StagingArea, StagingBusy
+
+    monkeypatch.setattr(fcntl, "flock", lambda fd, operation: None)
+    staging = StagingArea(tmp_path / "staging")
+    first = staging.open_at("u1", 0)
+    with pytest.raises(StagingBusy):
+        staging.open_at("u1", 0)
+    staging.close("u1", first)
+    staging.close("u1", staging.open_at("u1", 0))  # free again once closed
+    with pytest.raises(StagingBusy):
+        staging.open_at("u2", 4)  # no file to resume: nothing held after the refusal
+    staging.close("u2", staging.open_at("u2", 0))
