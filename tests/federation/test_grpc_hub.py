@@ -175,33 +175,45 @@ def test_corrupt_partial_download_is_detected_and_discarded(start_hub, tmp_path)
 def test_download_resumes_across_a_hub_restart(start_hub) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
+    from federation_grpc.connection import RetryPolicy
     from federation_grpc.hub.process import HubServer
 
     hub = start_hub(big_model())
     svc = hub.service
-    client = hub.enrolled_client(chunk_size=64 * 1024)
+    # Retries that outlast the restart: the port is free only once the old server let go.
+    client = hub.enrolled_client(chunk_size=64 * 1024, retry=RetryPolicy(
+        attempts=12, initial_backoff_s=0.05, max_backoff_s=1.0))
     expected = svc.blobs.get(svc.generation(0).sha256)
     stopped = threading.Event()
+    gone: list[threading.Event] = []
     offsets: list[int] = []
 
     def stop_hub_once(offset: int) -> None:
         offsets.append(offset)
         if not stopped.is_set() and offset >= 4 * 64 * 1024:
+            gone.append(hub.server.server.stop(None))
             stopped.set()
-            hub.server.server.stop(None)
 
     replacement: list[HubServer] = []
 
     def restart() -> None:
         stopped.wait(30)
+        gone[0].wait(30)  # the old server has stopped (its socket may linger a moment)
         config = replace(svc.config, port=hub.server.port)
-        replacement.append(HubServer(config, svc, watch_poll_s=0.2).start())
+        deadline = time.monotonic() + 10
+        while not replacement:
+            try:
+                replacement.append(HubServer(config, svc, watch_poll_s=0.2).start())
+            except RuntimeError:  # "Failed to bind": the old listener is still closing
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     thread = threading.Thread(target=restart)
     thread.start()
     data = client.download(0, on_chunk=stop_hub_once)
     thread.join(timeout=30)
-    assert stopped.is_set(), "the hub went away mid-download"
+    assert stopped.is_set() and replacement, "the hub went away mid-download, and came back"
     assert data == expected
     assert offsets == sorted(set(offsets)), "no byte was fetched twice"
     for server in replacement:
