@@ -346,12 +346,22 @@ class Aggregator:
             task = self.evaluations.open_task(session)
             if task is None:
                 return False
+            number = task.candidate_generation
+            current = self.ledger.current_in(session)
+            if self.ledger.parent_of(session, number) != current:
+                # An operator's promote or rollback moved the pointer: the nodes' work on
+                # this candidate would be for nothing (settle could never publish it).
+                task.open = False
+                self.ledger.abandon(session, number, [
+                    f"the current generation moved to {current} before the nodes' verdict"])
+                LOGGER.warning("candidate %d abandoned: the current generation moved to %s; "
+                               "its updates wait for a merge again", number, current)
+                return False
             answers = [SiteScore(r.node_id, r.candidate_score, r.reference_score, r.num_cases)
                        for r in self.evaluations.results(session, task.task_id)]
             evaluators = self.evaluations.evaluators(session, gate.evaluator_window_s)
             if waiting(answers, evaluators, as_utc(task.deadline) <= utcnow(), gate):
                 return True
-            number = task.candidate_generation
             verdict = judge(answers, evaluators, gate)
             if verdict.notes:
                 LOGGER.warning("candidate %d: %s", number, "; ".join(verdict.notes))

@@ -142,6 +142,14 @@ class GenerationLedger:
         return number
 
     @staticmethod
+    def parent_of(session: Session, number: int) -> int | None:
+        """The parent of generation ``number`` (None for generation 0)."""
+        row = session.get(GenerationRow, number)
+        if row is None:
+            raise NotFound(f"no generation {number}")
+        return row.parent
+
+    @staticmethod
     def evaluated_updates(session: Session, candidate: int) -> list[UpdateRow]:
         """The updates a candidate generation was merged from."""
         return list(
@@ -167,12 +175,24 @@ class GenerationLedger:
                 self.publish(session, candidate, merged=[u.update_id for u in updates])
                 return True
             except CurrentMoved as moved:
-                row.notes = "; ".join([*notes, f"accepted, but the current generation "
-                                       f"moved meanwhile: {moved}"])[:4000]
-                for update in updates:
-                    update.status, update.candidate_generation = UpdateStatus.RECEIVED, None
+                self.abandon(session, candidate,
+                             [*notes, f"accepted, but the current generation moved "
+                                      f"meanwhile: {moved}"])
+                return False
         row.status = GenerationStatus.REJECTED
         return False
+
+    def abandon(self, session: Session, candidate: int, notes: Sequence[str]) -> None:
+        """REJECT a candidate whose parent is no longer current, whatever the nodes
+        would say: its updates wait for a merge again (on the new current generation,
+        or refused there when it is not in their lineage)."""
+        row = session.get(GenerationRow, candidate)
+        if row is None:
+            raise NotFound(f"no generation {candidate}")
+        row.status = GenerationStatus.REJECTED
+        row.notes = "; ".join(notes)[:4000]
+        for update in self.evaluated_updates(session, candidate):
+            update.status, update.candidate_generation = UpdateStatus.RECEIVED, None
 
     def drop_unused_blob(self, sha256: str) -> None:
         """Delete the blob ``sha256`` unless a generation names it (a merge that was

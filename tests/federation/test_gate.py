@@ -286,3 +286,30 @@ def test_a_candidate_accepted_after_a_rollback_is_not_published_and_its_update_w
     (again,) = svc.fetch_evaluation_tasks(node)
     assert svc.generation(again.candidate_generation).parent == moved_to
     svc.close()
+
+
+def test_a_candidate_whose_parent_is_no_longer_current_is_not_left_to_the_nodes(
+    tmp_path: Path,
+) -> None:
+    """The operator moves the pointer while a candidate waits for federated evaluation:
+    the nodes are not asked to judge it (settle could never publish it); its updates are
+    merged again on the new current generation."""
+    svc = gated_service(tmp_path, federated_evaluation=True, min_evaluations=1)
+    node = enrol(svc, "site")
+    upload(svc, node, *make_update(small_model()))
+    assert svc.aggregator.process_pending() == []
+    (task,) = svc.fetch_evaluation_tasks(node)
+    with svc.store.session() as session:
+        svc.ledger.publish(session, NewGeneration(0, svc.generation(0).sha256,
+                                                  svc.generation(0).size_bytes,
+                                                  MODEL_CONFIG, "operator"))
+    moved_to = svc.current_number()
+    svc.aggregator.process_pending()  # no node has answered
+    stale = svc.generation(task.candidate_generation)
+    assert stale.status == "REJECTED" and f"moved to {moved_to}" in (stale.notes or "")
+    (again,) = svc.fetch_evaluation_tasks(node)
+    assert again.task_id != task.task_id
+    assert svc.generation(again.candidate_generation).parent == moved_to
+    assert not svc.submit_evaluation_result(node, task.task_id, 0.9, 0.8, 10)
+    assert svc.list_rejections() == []
+    svc.close()
