@@ -28,20 +28,34 @@ def pydicom_default_validation(request: pytest.FixtureRequest) -> Iterator[None]
                       stacklevel=1)
 
 
-# The files that take longest (minutes; measured with --durations), in that order. With
-# ``--dist loadfile`` a worker takes whole files in collection order, so a long file
-# collected last (tests/viewer sorts late) leaves the other workers idle at the end.
-# Started first, they run beside the many short files instead.
+# The files that take longest, longest first (seconds summed per file from a full run's
+# --junitxml; those over ~20 s). With ``--dist loadfile`` a worker takes whole files in
+# collection order, so a long file collected last (tests/viewer sorts late) leaves the
+# other workers idle at the end. Started first, they run beside the many short files,
+# and what is left at the end is short.
 LONGEST_FIRST = (
     "tests/viewer/test_ohif_save.py",
     "tests/federation_node/test_demo.py",
     "tests/node/test_intake_journal.py",
     "tests/node/test_receivers.py",
-    "tests/federation_node/test_processes.py",
-    "tests/corrections/test_learning_loop.py",
+    "tests/federation_node/test_harm_refused.py",
     "tests/node/test_mr_model.py",
-    "tests/federation_node/test_privacy.py",
+    "tests/federation_node/test_processes.py",
+    "tests/node/test_segmentation.py",
+    "tests/corrections/test_deepbet_federation.py",
+    "tests/corrections/test_learning_loop.py",
+    "tests/federation_node/test_site_adaptation.py",
+    "tests/viewer/test_ohif_browser.py",
+    "tests/node/test_forward.py",
+    "tests/corrections/test_bad_corrections.py",
     "tests/deploy/test_deploy_files.py",
+    "tests/corrections/test_viewer_segs.py",
+    "tests/node/test_demo.py",
+    "tests/test_readme_commands.py",
+    "tests/federation_node/test_privacy.py",
+    "tests/node/test_config.py",
+    "tests/federation_node/test_partial_labels.py",
+    "tests/node/test_byom_deepbet.py",
 )
 
 
