@@ -165,10 +165,11 @@ class StagingArea:
             self._open.add(update_id)
         try:  # bytes to resume from are never made up: only offset 0 creates the file
             fd = open_private(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0))
-        except BaseException as exc:
+        except FileNotFoundError as exc:
             self._let_go(update_id)
-            if isinstance(exc, FileNotFoundError):
-                raise StagingBusy(busy) from exc
+            raise StagingBusy(busy) from exc
+        except BaseException:
+            self._let_go(update_id)
             raise
         try:
             try:
