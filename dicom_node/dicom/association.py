@@ -166,7 +166,7 @@ class GuardedDUL(EventDrivenDUL):
         abort.reason_diagnostic = 0x06
         raw = getattr(self.socket, "socket", None)
         if raw is not None:
-            with contextlib.suppress(OSError):
+            with self.send_lock, contextlib.suppress(OSError):
                 raw.sendall(abort.encode())
         # The state machine closes the socket (AA-4/AA-5); unread bytes make it a reset.
         self.event_queue.put("Evt17")
@@ -185,13 +185,17 @@ class GuardedDIMSE(DIMSEServiceProvider):
     def send_msg(self, primitive: Any, context_id: int) -> None:
         # A C-STORE response is written straight to its bytes (dicom/store_response.py)
         # unless something besides pynetdicom's own (silent) logging handler listens for
-        # the DIMSE message pynetdicom would build, or the peer's PDU is too small.
+        # the DIMSE message pynetdicom would build, or the peer's PDU is too small; and
+        # sent on this thread when the upper layer allows (EventDrivenDUL.send_pdv).
         pdv = store_response_pdv(primitive)
         listeners = cast(list[tuple[Any, Any]], self.assoc.get_handlers(evt.EVT_DIMSE_SENT))
         if (pdv is None or (0 < self.maximum_pdu_size < len(pdv) + _PDATA_OVERHEAD)
                 or any(getattr(handler, "__module__", None) != _PYNETDICOM_HANDLERS
                        for handler, _ in listeners)):
             super().send_msg(primitive, context_id)
+            return
+        dul = self.dul
+        if isinstance(dul, EventDrivenDUL) and dul.send_pdv(context_id, pdv):
             return
         pdata = P_DATA()
         # pynetdicom checks for a list [ID, PDV] (its annotation says tuple).

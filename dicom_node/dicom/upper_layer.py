@@ -12,6 +12,13 @@ other thread signals when it hands the reactor something to do: a primitive to s
 (``send_pdu``), an event (``event_queue``), or an order to stop (``kill_dul``,
 ``stop_dul``). The ARTIM timer bounds the wait, and so does ``_run_loop_delay``, now
 only the longest the reactor waits without a reason.
+
+A presentation data value the association's own thread answers with (a C-STORE
+response) need not travel through the reactor at all: :meth:`EventDrivenDUL.send_pdv`
+writes its P-DATA-TF PDU on the calling thread while the association is established
+over a plain TCP socket, saving a wake of the reactor, a turn of its state machine and
+pynetdicom's PDU encoder for every instance. Every write to the peer holds one lock,
+so PDUs never interleave.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ import logging
 import os
 import queue
 import select
+import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -35,6 +45,11 @@ LOGGER = logging.getLogger(__name__)
 # The longest the reactor waits with nothing to wake it (a safety net: every source of
 # work signals it). An idle association turns its loop this often.
 IDLE_WAIT_S = 0.05
+# A P-DATA-TF PDU holding one presentation data value item (PS3.8 9.3.5): PDU type,
+# reserved, PDU length; the item's length and presentation context ID.
+_P_DATA_TF = struct.Struct(">BBLLB")
+_ESTABLISHED = "Sta6"
+_SENT_EVENTS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT)
 
 
 class Wakeup:
@@ -92,6 +107,36 @@ class EventDrivenDUL(DULServiceProvider):
         self.event_queue = SignallingQueue(self._signal)
         self.to_provider_queue = SignallingQueue(self._signal)
         self._run_loop_delay = IDLE_WAIT_S
+        self.send_lock = threading.Lock()  # held by every write to the peer
+
+    def _send(self, pdu: Any) -> None:
+        with self.send_lock:
+            super()._send(pdu)
+
+    def send_pdv(self, context_id: int, pdv: bytes) -> bool:
+        """Send one presentation data value (message control header and fragment) in a
+        P-DATA-TF PDU on the calling thread; ``False`` when it must go through the
+        reactor instead (:meth:`send_pdu`): the association is not established (a
+        release or an abort under way), the transport is TLS (one SSL object is not
+        written and read from two threads), or someone listens for sent PDUs.
+
+        Only the association's own thread sends P-DATA, so answers keep their order; a
+        send that fails shuts the socket down, which the reactor reads as the transport
+        closing (a partly written PDU leaves nothing to continue)."""
+        raw = getattr(self.socket, "socket", None)
+        if (raw is None or isinstance(raw, ssl.SSLSocket)
+                or self.state_machine.current_state != _ESTABLISHED
+                or any(self.assoc.get_handlers(event) for event in _SENT_EVENTS)):
+            return False
+        pdu = _P_DATA_TF.pack(0x04, 0, len(pdv) + 5, len(pdv) + 1, context_id) + pdv
+        with self.send_lock:
+            try:
+                raw.sendall(pdu)
+            except OSError as exc:
+                LOGGER.debug("sending a P-DATA-TF failed, closing the transport: %s", exc)
+                with contextlib.suppress(OSError):
+                    raw.shutdown(socket.SHUT_RDWR)
+        return True
 
     def _signal(self) -> None:
         """Wake the reactor, unless this is the reactor (it looks again anyway)."""
@@ -160,7 +205,8 @@ class EventDrivenDUL(DULServiceProvider):
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
         if self.socket is not None:
-            self.socket.send(abort.encode())
+            with self.send_lock:
+                self.socket.send(abort.encode())
         self.assoc.is_aborted = True
         self.assoc.is_established = False
         self.assoc._kill = True

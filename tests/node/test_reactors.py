@@ -152,3 +152,62 @@ def test_pynetdicoms_logging_handlers_run_only_when_their_output_is_kept(
             assert len(library_handlers) == 4 and len(stored) == 1
     finally:
         library.setLevel(previous)
+
+
+def test_a_store_answer_is_sent_on_the_associations_own_thread(start_node,
+                                                               tmp_path: Path) -> None:
+    """Each C-STORE response goes out as one P-DATA-TF written by the thread that
+    served the request, not handed to the upper layer's reactor (a wake, a turn of its
+    state machine and pynetdicom's encoder per instance); the peer reads every answer."""
+    node = start_node(node_config_data(tmp_path / "node"))
+    series = make_ct_series(tmp_path / "in", 6)
+    assoc = _scu(10).associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                          what="the node's side of the association")[0]
+    reactor_sends, direct_sends = [0], [0]
+    accepted.dul._send = _counting(accepted.dul._send, reactor_sends)
+    accepted.dul.send_pdv = _counting(accepted.dul.send_pdv, direct_sends)
+    try:
+        for path in series.files:
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+        assert direct_sends[0] == len(series.files)
+        assert reactor_sends[0] == 0
+        assert assoc.send_c_echo().Status == 0x0000  # pynetdicom's own way, in order
+        assert reactor_sends[0] == 1
+    finally:
+        assoc.release()
+    assert assoc.is_released
+
+
+def test_an_answer_that_cannot_be_written_closes_the_association(
+        start_node, tmp_path: Path) -> None:
+    """A partly written PDU leaves nothing to continue: the transport is shut down at
+    once, and the upper layer ends the association as for a peer that went away (the
+    peer, whose timeouts are a minute, would otherwise hold it that long)."""
+    node = start_node(node_config_data(tmp_path / "node"))
+    series = make_ct_series(tmp_path / "in", 1)
+    assoc = _scu(60).associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                          what="the node's side of the association")[0]
+    raw = accepted.dul.socket.socket
+
+    class Failing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(raw, name)
+
+        def sendall(self, data: bytes) -> None:
+            raise ConnectionResetError("simulated")
+
+    accepted.dul.socket.socket = Failing()
+    answers: list[Any] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(assoc.send_c_store(pydicom.dcmread(series.files[0]))),
+        daemon=True)
+    sender.start()
+    wait_until(lambda: not accepted.is_alive() and not accepted.dul.is_alive(), timeout=20,
+               what="the end of the association whose answer failed")
+    sender.join(20)
+    assert answers and not answers[0]  # no answer came: the association ended
+    assert not assoc.is_established
