@@ -14,12 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("dicom_node", "federation_grpc", "viewer_bridge")
 SKIP = ("_proto", "migrations")
 # pynetdicom's internals the DICOM layer relies on: pynetdicom 3.x (pyproject pins
-# >=3.0,<4) has no public hook for its options module, the DUL's reactor handshake and idle
-# timer, a server's handlers, or an association's request dispatch; tests/node covers
+# >=3.0,<4) has no public hook for its options module, the DUL's reactor handshake, idle
+# timer and PDU writes (held to the node's send lock), a server's handlers, or an
+# association's request dispatch; tests/node covers
 # each use. Nothing of the project's own may join this list.
 THIRD_PARTY = {
     "dicom_node/dicom/scp.py": {"from pynetdicom import _config"},
-    "dicom_node/dicom/upper_layer.py": {"self.assoc._dul_ready", "self.assoc._kill"},
+    "dicom_node/dicom/upper_layer.py": {"self.assoc._dul_ready", "self.assoc._kill",
+                                       "super()._send"},
     "dicom_node/dicom/scu.py": {"from pynetdicom import _config"},
     "dicom_node/dicom/server.py": {"assoc._server", "self.ae._servers", "server._handlers"},
     "dicom_node/dicom/association.py": {"dul._idle_timer", "self.dul._idle_timer",
