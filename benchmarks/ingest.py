@@ -162,7 +162,8 @@ def repetitions(targets: list[str], batches: list[list[Path]], scratch: Path,
 
 
 def report(results: dict[str, list[Result]], associations: int) -> None:
-    """The median rate of each receiver, and the node's against each peer."""
+    """The median rate of each receiver, and the node's against each peer: the ratio of
+    the medians, and each repetition's own."""
     medians = {t: statistics.median(r.rate for r in rs) for t, rs in results.items()}
     print(f"\nmedian instances/s ({associations} association(s); "
           f"load average {load_average(1)})")
@@ -183,7 +184,13 @@ def report(results: dict[str, list[Result]], associations: int) -> None:
              t.startswith("bare:")]
     for node in (t for t in medians if t == "node" or t.startswith("node:")):
         for peer in peers:
-            print(f"  {node}/{peer:<9} {medians[node] / medians[peer]:.2f}")
+            # Each repetition's two sends ran minutes apart at most: their ratio leaves
+            # out the machine's slower drift, which the ratio of the medians keeps.
+            paired = [n.rate / p.rate for n, p in zip(results[node], results[peer],
+                                                      strict=True)]
+            print(f"  {node}/{peer:<9} {medians[node] / medians[peer]:.2f}   (per "
+                  f"repetition {', '.join(f'{r:.2f}' for r in paired)}: median "
+                  f"{statistics.median(paired):.2f})")
 
 
 def main(argv: list[str] | None = None) -> int:
