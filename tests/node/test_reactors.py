@@ -154,24 +154,32 @@ def test_pynetdicoms_logging_handlers_run_only_when_their_output_is_kept(
         library.setLevel(previous)
 
 
+def _associated(start_node: Any, tmp_path: Path, instances: int, timeout_s: float
+                ) -> tuple[Any, list[Path], Any, Any]:
+    """A node, a CT series of ``instances`` to send, an association to it (the peer's
+    timeouts ``timeout_s``) and the node's side of that association."""
+    node = start_node(node_config_data(tmp_path / "node"))
+    series = make_ct_series(tmp_path / "in", instances)
+    assoc = _scu(timeout_s).associate("127.0.0.1", node.port, ae_title="TESSERA")
+    assert assoc.is_established
+    accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
+                          what="the node's side of the association")[0]
+    return node, list(series.files), assoc, accepted
+
+
 def test_a_store_answer_is_sent_on_the_associations_own_thread(start_node,
                                                                tmp_path: Path) -> None:
     """Each C-STORE response goes out as one P-DATA-TF written by the thread that
     served the request, not handed to the upper layer's reactor (a wake, a turn of its
     state machine and pynetdicom's encoder per instance); the peer reads every answer."""
-    node = start_node(node_config_data(tmp_path / "node"))
-    series = make_ct_series(tmp_path / "in", 6)
-    assoc = _scu(10).associate("127.0.0.1", node.port, ae_title="TESSERA")
-    assert assoc.is_established
-    accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
-                          what="the node's side of the association")[0]
+    _, files, assoc, accepted = _associated(start_node, tmp_path, 6, 10)
     reactor_sends, direct_sends = [0], [0]
     accepted.dul._send = _counting(accepted.dul._send, reactor_sends)
     accepted.dul.send_pdv = _counting(accepted.dul.send_pdv, direct_sends)
     try:
-        for path in series.files:
+        for path in files:
             assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
-        assert direct_sends[0] == len(series.files)
+        assert direct_sends[0] == len(files)
         assert reactor_sends[0] == 0
         assert assoc.send_c_echo().Status == 0x0000  # pynetdicom's own way, in order
         assert reactor_sends[0] == 1
@@ -185,12 +193,7 @@ def test_an_answer_that_cannot_be_written_closes_the_association(
     """A partly written PDU leaves nothing to continue: the transport is shut down at
     once, and the upper layer ends the association as for a peer that went away (the
     peer, whose timeouts are a minute, would otherwise hold it that long)."""
-    node = start_node(node_config_data(tmp_path / "node"))
-    series = make_ct_series(tmp_path / "in", 1)
-    assoc = _scu(60).associate("127.0.0.1", node.port, ae_title="TESSERA")
-    assert assoc.is_established
-    accepted = wait_until(lambda: node.scp.server.active_associations, timeout=10,
-                          what="the node's side of the association")[0]
+    _, files, assoc, accepted = _associated(start_node, tmp_path, 1, 60)
     raw = accepted.dul.socket.socket
 
     class Failing:
@@ -203,7 +206,7 @@ def test_an_answer_that_cannot_be_written_closes_the_association(
     accepted.dul.socket.socket = Failing()
     answers: list[Any] = []
     sender = threading.Thread(
-        target=lambda: answers.append(assoc.send_c_store(pydicom.dcmread(series.files[0]))),
+        target=lambda: answers.append(assoc.send_c_store(pydicom.dcmread(files[0]))),
         daemon=True)
     sender.start()
     wait_until(lambda: not accepted.is_alive() and not accepted.dul.is_alive(), timeout=20,
