@@ -19,7 +19,6 @@ Subclasses, not patches, of the installed package:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import struct
@@ -164,10 +163,7 @@ class GuardedDUL(EventDrivenDUL):
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x06
-        raw = getattr(self.socket, "socket", None)
-        if raw is not None:
-            with self.send_lock, contextlib.suppress(OSError):
-                raw.sendall(abort.encode())
+        self.send_abort(abort)
         # The state machine closes the socket (AA-4/AA-5); unread bytes make it a reset.
         self.event_queue.put("Evt17")
 

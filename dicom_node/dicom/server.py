@@ -29,11 +29,12 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.dicom.association import AssociationHooks, AssociationLimits, NodeAssociation
 from dicom_node.dicom.connections import Connection, ConnectionGuard
 from dicom_node.dicom.peer_text import escaped
+from dicom_node.dicom.upper_layer import LockedAssociationSocket
 
 LOGGER = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class GuardedRequestHandler(RequestHandler):
                                 on_close=conn.release if conn is not None else _nothing)
         assoc._server = server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.set_socket(LockedAssociationSocket(assoc, client_socket=self.request))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = server.ae_title
         assoc.acceptor.address_info = self.local

@@ -38,7 +38,8 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RP, A_RELEASE_RQ
+from pynetdicom.transport import AssociationSocket
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ IDLE_WAIT_S = 0.05
 # reserved, PDU length; the item's length and presentation context ID.
 _P_DATA_TF = struct.Struct(">BBLLB")
 _ESTABLISHED = "Sta6"
-_SENT_EVENTS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT)
+_SENT_EVENTS = (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION)
+# PDUs after which no answer may follow (PS3.8 9.2: the association is ending).
+_LAST_PDUS = (A_ABORT_RQ, A_RELEASE_RQ, A_RELEASE_RP)
 
 
 class Wakeup:
@@ -108,21 +111,39 @@ class EventDrivenDUL(DULServiceProvider):
         self.to_provider_queue = SignallingQueue(self._signal)
         self._run_loop_delay = IDLE_WAIT_S
         self.send_lock = threading.Lock()  # held by every write to the peer
+        self._ending = False  # an A-ABORT or A-RELEASE was written: no answer follows
 
     def _send(self, pdu: Any) -> None:
         with self.send_lock:
+            if isinstance(pdu, _LAST_PDUS):
+                self._ending = True
             super()._send(pdu)
+
+    def send_abort(self, abort: A_ABORT_RQ) -> None:
+        """Write an A-ABORT past the state machine (which may be broken, or must not see
+        the PDU that provoked it); nothing this association answers follows it."""
+        raw = getattr(self.socket, "socket", None)
+        with self.send_lock:
+            self._ending = True
+            if raw is not None:
+                with contextlib.suppress(OSError):
+                    raw.sendall(abort.encode())
 
     def send_pdv(self, context_id: int, pdv: bytes) -> bool:
         """Send one presentation data value (message control header and fragment) in a
         P-DATA-TF PDU on the calling thread; ``False`` when it must go through the
-        reactor instead (:meth:`send_pdu`): the association is not established (a
-        release or an abort under way), the transport is TLS (one SSL object is not
-        written and read from two threads), or someone listens for sent PDUs.
+        reactor instead (:meth:`send_pdu`): the association is not established or is
+        ending (an A-ABORT or A-RELEASE already written, even if the state machine has
+        not moved yet), the transport is TLS (one SSL object is not written and read
+        from two threads), or someone listens for sent PDUs or state transitions.
 
-        Only the association's own thread sends P-DATA, so answers keep their order; a
-        send that fails shuts the socket down, which the reactor reads as the transport
-        closing (a partly written PDU leaves nothing to continue)."""
+        Answers keep their order: the node negotiates no asynchronous operations, so a
+        peer waits for each answer before its next request, and the reactor's path is
+        taken only in states that never return to Sta6. A send that fails shuts the
+        socket down, which the reactor reads as the transport closing (a partly written
+        PDU leaves nothing to continue). The socket is closed under the same lock
+        (:class:`LockedAssociationSocket`), so its descriptor cannot be closed, and its
+        number handed to another connection, while this writes to it."""
         raw = getattr(self.socket, "socket", None)
         if (raw is None or isinstance(raw, ssl.SSLSocket)
                 or self.state_machine.current_state != _ESTABLISHED
@@ -130,6 +151,8 @@ class EventDrivenDUL(DULServiceProvider):
             return False
         pdu = _P_DATA_TF.pack(0x04, 0, len(pdv) + 5, len(pdv) + 1, context_id) + pdv
         with self.send_lock:
+            if self._ending or raw.fileno() < 0:
+                return False
             try:
                 raw.sendall(pdu)
             except OSError as exc:
@@ -204,9 +227,7 @@ class EventDrivenDUL(DULServiceProvider):
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
-        if self.socket is not None:
-            with self.send_lock:
-                self.socket.send(abort.encode())
+        self.send_abort(abort)
         self.assoc.is_aborted = True
         self.assoc.is_established = False
         self.assoc._kill = True
@@ -232,3 +253,23 @@ class EventDrivenDUL(DULServiceProvider):
             return
         if wakeup in ready:
             wakeup.clear()
+
+
+class LockedAssociationSocket(AssociationSocket):
+    """pynetdicom's association socket, closed under its upper layer's send lock.
+
+    pynetdicom's state machine closes the socket on its own thread while another may be
+    writing an answer (:meth:`EventDrivenDUL.send_pdv`). It is shut down first, without
+    the lock (a write blocked on a peer that does not read fails at once and lets the
+    lock go), then closed holding it."""
+
+    def _shutdown_socket(self) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        dul = self.assoc.dul
+        lock = dul.send_lock if isinstance(dul, EventDrivenDUL) else contextlib.nullcontext()
+        with lock, contextlib.suppress(OSError):
+            sock.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.dicom import association as association_module
@@ -154,11 +157,12 @@ def test_pynetdicoms_logging_handlers_run_only_when_their_output_is_kept(
         library.setLevel(previous)
 
 
-def _associated(start_node: Any, tmp_path: Path, instances: int, timeout_s: float
-                ) -> tuple[Any, list[Path], Any, Any]:
-    """A node, a CT series of ``instances`` to send, an association to it (the peer's
-    timeouts ``timeout_s``) and the node's side of that association."""
-    node = start_node(node_config_data(tmp_path / "node"))
+def _associated(start_node: Any, tmp_path: Path, instances: int, timeout_s: float,
+                **sections: dict[str, Any]) -> tuple[Any, list[Path], Any, Any]:
+    """A node (configuration ``sections`` over the tests' own), a CT series of
+    ``instances`` to send, an association to it (the peer's timeouts ``timeout_s``) and
+    the node's side of that association."""
+    node = start_node(node_config_data(tmp_path / "node", **sections))
     series = make_ct_series(tmp_path / "in", instances)
     assoc = _scu(timeout_s).associate("127.0.0.1", node.port, ae_title="TESSERA")
     assert assoc.is_established
@@ -174,13 +178,21 @@ def test_a_store_answer_is_sent_on_the_associations_own_thread(start_node,
     state machine and pynetdicom's encoder per instance); the peer reads every answer."""
     _, files, assoc, accepted = _associated(start_node, tmp_path, 6, 10)
     reactor_sends, direct_sends = [0], [0]
+    senders: set[int] = set()
     accepted.dul._send = _counting(accepted.dul._send, reactor_sends)
-    accepted.dul.send_pdv = _counting(accepted.dul.send_pdv, direct_sends)
+    send_pdv = accepted.dul.send_pdv
+
+    def sent_here(*args: Any) -> Any:
+        senders.add(threading.get_ident())
+        return send_pdv(*args)
+
+    accepted.dul.send_pdv = _counting(sent_here, direct_sends)
     try:
         for path in files:
             assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
         assert direct_sends[0] == len(files)
         assert reactor_sends[0] == 0
+        assert senders == {accepted.ident}  # the association's thread, not the DUL's
         assert assoc.send_c_echo().Status == 0x0000  # pynetdicom's own way, in order
         assert reactor_sends[0] == 1
     finally:
@@ -191,9 +203,10 @@ def test_a_store_answer_is_sent_on_the_associations_own_thread(start_node,
 def test_an_answer_that_cannot_be_written_closes_the_association(
         start_node, tmp_path: Path) -> None:
     """A partly written PDU leaves nothing to continue: the transport is shut down at
-    once, and the upper layer ends the association as for a peer that went away (the
-    peer, whose timeouts are a minute, would otherwise hold it that long)."""
-    _, files, assoc, accepted = _associated(start_node, tmp_path, 1, 60)
+    once, and the upper layer ends the association as for a peer that went away. Both
+    sides' timeouts are two minutes, so nothing else ends it within the wait."""
+    _, files, assoc, accepted = _associated(start_node, tmp_path, 1, 120,
+                                            dicom={"network_timeout_s": 120})
     raw = accepted.dul.socket.socket
 
     class Failing:
@@ -209,8 +222,61 @@ def test_an_answer_that_cannot_be_written_closes_the_association(
         target=lambda: answers.append(assoc.send_c_store(pydicom.dcmread(files[0]))),
         daemon=True)
     sender.start()
-    wait_until(lambda: not accepted.is_alive() and not accepted.dul.is_alive(), timeout=20,
+    wait_until(lambda: not accepted.is_alive() and not accepted.dul.is_alive(), timeout=10,
                what="the end of the association whose answer failed")
     sender.join(20)
     assert answers and not answers[0]  # no answer came: the association ended
     assert not assoc.is_established
+
+
+@pytest.mark.parametrize("reason", ["tls", "listener", "ending"])
+def test_an_answer_takes_the_reactors_path_when_it_must(start_node, tmp_path: Path,
+                                                        reason: str) -> None:
+    """``send_pdv`` declines over TLS (one SSL object is not written and read from two
+    threads), when a handler listens for sent PDUs, and once an A-ABORT or A-RELEASE was
+    written (even before the state machine has moved): nothing answers after those."""
+    _, files, assoc, accepted = _associated(start_node, tmp_path, 1, 10)
+    dul = accepted.dul
+    pdv = b"\x03" + bytes(8)
+    try:
+        if reason == "tls":
+            real = dul.socket.socket
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            with context.wrap_socket(socket.socket(), server_side=True,
+                                     do_handshake_on_connect=False) as tls:
+                dul.socket.socket = tls
+                try:
+                    assert dul.send_pdv(1, pdv) is False
+                finally:
+                    dul.socket.socket = real
+        elif reason == "listener":
+            heard: list[Any] = []
+            accepted.bind(evt.EVT_PDU_SENT, heard.append)
+            reactor_sends = [0]
+            dul._send = _counting(dul._send, reactor_sends)
+            assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0x0000
+            assert reactor_sends[0] == 1 and heard
+        else:
+            abort = A_ABORT_RQ()
+            abort.source, abort.reason_diagnostic = 0x02, 0x00
+            dul.send_abort(abort)
+            assert dul.state_machine.current_state == "Sta6"  # not moved yet
+            assert dul.send_pdv(1, pdv) is False
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+def test_the_socket_is_closed_only_between_two_writes(start_node, tmp_path: Path) -> None:
+    """pynetdicom closes the socket on the upper layer's thread; while another thread
+    writes an answer (holding the send lock), the close waits, so the descriptor's
+    number cannot pass to another connection mid-write. It is shut down at once."""
+    _, _, assoc, accepted = _associated(start_node, tmp_path, 0, 10)
+    raw = accepted.dul.socket.socket
+    with accepted.dul.send_lock:
+        assoc.abort()  # the node's state machine closes its socket (AA-3)
+        threading.Event().wait(1.0)  # ample for the upper layer to reach the close
+        assert raw.fileno() >= 0, "closed while a write held the lock"
+    wait_until(lambda: raw.fileno() < 0, timeout=10, what="the socket to close")
+    wait_until(lambda: not accepted.is_alive() and not accepted.dul.is_alive(), timeout=10,
+               what="the aborted association's threads")
