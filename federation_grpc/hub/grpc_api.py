@@ -25,16 +25,16 @@ from federation_grpc.errors import (
 )
 from federation_grpc.hub import serde
 from federation_grpc.hub.admission import peer_certificate_sha256
+from federation_grpc.hub.blobs import StagingBusy
 from federation_grpc.hub.domain import UploadStatus
 from federation_grpc.hub.service import HubService
-from federation_grpc.hub.uploads import UploadInProgress
 
 LOGGER = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _CODES: list[tuple[type[FederationError], grpc.StatusCode]] = [
-    (UploadInProgress, grpc.StatusCode.ABORTED),
+    (StagingBusy, grpc.StatusCode.ABORTED),  # another stream writes the update: retry
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),

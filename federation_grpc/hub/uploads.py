@@ -30,7 +30,7 @@ from federation_grpc.errors import (
     NotFound,
     PermissionDenied,
 )
-from federation_grpc.hub.blobs import BlobStore, StagingArea, StagingBusy
+from federation_grpc.hub.blobs import BlobStore, StagingArea
 from federation_grpc.hub.config import HubConfig
 from federation_grpc.hub.domain import UpdateHeader, UploadState, UploadStatus
 from federation_grpc.hub.gate import UpdateGate
@@ -94,9 +94,6 @@ class KeptUpdate(Protocol):
     trained_groups: list[str]
     merged_into: int | None
     reason: str
-
-
-UploadInProgress = StagingBusy  # another stream is writing this update; retry shortly
 
 
 def validate_tensors(

@@ -424,7 +424,7 @@ def test_two_replicas_never_write_one_update_at_once(tmp_path: Path) -> None:
     """Replicas share the data folder. A node whose stream to one replica broke resumes
     at another before the first has noticed: the second stream waits its turn (ABORTED,
     retried by the node) instead of writing the same staged file."""
-    from federation_grpc.hub.uploads import UploadInProgress
+    from federation_grpc.hub.blobs import StagingBusy
 
     config = hub_config(tmp_path)
     first = HubService(config)
@@ -438,9 +438,9 @@ def test_two_replicas_never_write_one_update_at_once(tmp_path: Path) -> None:
         assert isinstance(stream, UploadSession)
         stream.write(payload[:half])
         resumed = replace(header, offset=half)
-        with pytest.raises(UploadInProgress, match="being uploaded already"):
+        with pytest.raises(StagingBusy, match="being uploaded already"):
             second.uploads.begin(node, resumed)
-        with pytest.raises(UploadInProgress):  # and in the same process
+        with pytest.raises(StagingBusy):  # and in the same process
             first.uploads.begin(node, resumed)
         assert first.uploads.staging.size(header.update_id) == half, "nothing truncated"
         stream.close()  # the first replica notices the broken stream
