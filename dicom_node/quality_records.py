@@ -76,8 +76,7 @@ def site_check_records(s: Session, model: str, last: int) -> tuple[list[MetricRe
         except TypeError:  # a check stored by another version of the node
             values = None
         if values is not None:
-            records.append(MetricRecord(SITE_CHECK_RECORD, row.generation, values,
-                                        record_key(SITE_CHECK_RECORD, row.id)))
+            records.append(_record(SITE_CHECK_RECORD, row.id, row.generation, values))
     return records, last
 
 
@@ -98,8 +97,7 @@ def metric_records(s: Session, model: str, cursor: dict[str, int]
         values = _segmentation_values(seg)
         base = hub_base_generation(s, model, seg.generation)
         values["local_version"] = 1.0 if seg.generation >= LOCAL_FLOOR else 0.0
-        records.append(MetricRecord(SEGMENTATION_RECORD, base, values,
-                                    record_key(SEGMENTATION_RECORD, seg.id)))
+        records.append(_record(SEGMENTATION_RECORD, seg.id, base, values))
     for corr in s.execute(select(Correction).where(
             Correction.id > corr_last).order_by(Correction.id)).scalars():
         if corr.model_name != model or corr.ai_generation is None:
@@ -118,9 +116,8 @@ def metric_records(s: Session, model: str, cursor: dict[str, int]
         # Dice first: it is what makes the record worth having if space runs out.
         values = dict(list(dice.items()) + list(values.items())[:_MAX_VALUES - len(dice) - 1])
         values["local_version"] = 1.0 if corr.ai_generation >= LOCAL_FLOOR else 0.0
-        records.append(MetricRecord(
-            CORRECTION_RECORD, hub_base_generation(s, model, corr.ai_generation), values,
-            record_key(CORRECTION_RECORD, corr.id)))
+        records.append(_record(CORRECTION_RECORD, corr.id,
+                               hub_base_generation(s, model, corr.ai_generation), values))
     return records, seg_last, corr_last
 
 
@@ -130,6 +127,11 @@ def record_key(kind: str, row_id: int) -> str:
     study). A database started afresh numbers its rows anew: it needs fresh credentials
     too (enrol again), or its new records would be taken for ones the hub holds."""
     return f"{kind}:{row_id}"
+
+
+def _record(kind: str, row_id: int, generation: int, values: dict[str, float]) -> MetricRecord:
+    """A record of ``kind`` reporting local row ``row_id``, with its key."""
+    return MetricRecord(kind, generation, values, record_key(kind, row_id))
 
 
 def _metrics_pending(seg: Segmentation) -> bool:
