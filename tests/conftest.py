@@ -8,7 +8,17 @@ from collections.abc import Iterator
 import pydicom.config
 import pytest
 
+from dicom_node.dicom.requestor import install as install_requestor
+
 _SETTINGS = pydicom.config.settings
+
+# pynetdicom 3.0.4's requestor reactor can take an answer off its queue as an unexpected
+# request and wait out its DIMSE timeout (its pause race, dicom_node/dicom/reactor.py).
+# The node's SCU installs the fixed reactor when it first sends; the tests' own SCUs get
+# it from the start, whatever ran before them in their process (a test_peer_input SCU
+# once timed out on its C-ECHO that way in CI: "Received unexpected C-ECHO service
+# message").
+install_requestor()
 _DEFAULT_VALIDATION = (_SETTINGS.reading_validation_mode, _SETTINGS.writing_validation_mode)
 
 
