@@ -70,12 +70,17 @@ class Verdict:
 
 
 def check_update(
-    update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], policy: GatePolicy
+    update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], policy: GatePolicy,
+    squares: float | None = None,
 ) -> list[str]:
-    """Reasons to refuse one update on its own (empty when it may be merged)."""
+    """Reasons to refuse one update on its own (empty when it may be merged).
+
+    ``squares``: the squared norm of ``update - base`` when already summed (as the bytes
+    arrived, :mod:`streamed_norm`); None: computed here from the tensors.
+    """
     # The base is finite, so a NaN or infinity in the update makes the norm non-finite:
     # the per-tensor scan runs only then (it also names the tensors).
-    norm = update_norm(update, base)
+    norm = update_norm(update, base) if squares is None else math.sqrt(squares)
     if not math.isfinite(norm):
         bad = non_finite_tensors(update)
         if bad:
@@ -154,9 +159,10 @@ class UpdateGate:
         self._scores: dict[int, float] = {}
 
     def check_update(
-        self, update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]
+        self, update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+        squares: float | None = None,
     ) -> list[str]:
-        return check_update(update, base, self.policy)
+        return check_update(update, base, self.policy, squares)
 
     def reference_score(
         self, generation: int, tensors: Mapping[str, np.ndarray], config_json: str
