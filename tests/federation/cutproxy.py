@@ -43,6 +43,8 @@ class CutProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for sock in (client, upstream):  # forwarded as it comes, as a router would
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.connections += 1
             watched = self.connections == 1
             pair = (client, upstream)
