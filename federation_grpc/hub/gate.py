@@ -70,17 +70,12 @@ class Verdict:
 
 
 def check_update(
-    update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], policy: GatePolicy,
-    squares: float | None = None,
+    update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], policy: GatePolicy
 ) -> list[str]:
-    """Reasons to refuse one update on its own (empty when it may be merged).
-
-    ``squares``: the squared norm of ``update - base`` when already summed (as the bytes
-    arrived, :mod:`streamed_norm`); None: computed here from the tensors.
-    """
+    """Reasons to refuse one update on its own (empty when it may be merged)."""
     # The base is finite, so a NaN or infinity in the update makes the norm non-finite:
     # the per-tensor scan runs only then (it also names the tensors).
-    norm = update_norm(update, base) if squares is None else math.sqrt(squares)
+    norm = update_norm(update, base)
     if not math.isfinite(norm):
         bad = non_finite_tensors(update)
         if bad:
@@ -159,10 +154,9 @@ class UpdateGate:
         self._scores: dict[int, float] = {}
 
     def check_update(
-        self, update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
-        squares: float | None = None,
+        self, update: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]
     ) -> list[str]:
-        return check_update(update, base, self.policy, squares)
+        return check_update(update, base, self.policy)
 
     def reference_score(
         self, generation: int, tensors: Mapping[str, np.ndarray], config_json: str

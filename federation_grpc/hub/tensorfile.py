@@ -117,9 +117,8 @@ class BlockReader:
         self.flat = array.reshape(-1)
         where = _mapped_position(self.flat)
         self._source = None if where is None else (where[0].fd, where[1])
-        # The most elements one read may take.
-        self.elements = min(max(1, elements), self.flat.size)
-        self._buffer = np.empty(self.elements if self._source else 0, dtype=self.flat.dtype)
+        count = min(max(1, elements), self.flat.size) if self._source else 0
+        self._buffer = np.empty(count, dtype=self.flat.dtype)
 
     def read(self, part: slice) -> np.ndarray:
         """``flat[part]`` for a slice of at most ``elements`` (step 1)."""
@@ -127,9 +126,9 @@ class BlockReader:
             return self.flat[part]
         fd, origin = self._source
         start, stop, _ = part.indices(self.flat.size)
-        if stop - start > self.elements:
+        if stop - start > self._buffer.size:
             raise ValueError(f"a block of {stop - start} elements, the reader holds "
-                             f"{self.elements}")
+                             f"{self._buffer.size}")
         block = self._buffer[: max(0, stop - start)]
         _read_at(fd, block.view(np.uint8).data, origin + start * block.itemsize)
         view = block.view()
@@ -180,7 +179,7 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     mapped.fd = fd
     weakref.finalize(mapped, os.close, fd)  # the file stays open while the map lives
     start = 8 + header_len
-    entries = header_entries(bytes(raw))
+    entries = _entries(bytes(raw))
     out: dict[str, np.ndarray] = {}
     cursor = 0
     for begin, end, name, dtype, shape in sorted(entries):
@@ -206,15 +205,7 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def header_entries(raw: bytes) -> list[tuple[int, int, str, np.dtype, tuple[int, ...]]]:
-    """``(begin, end, name, dtype, shape)`` of each tensor a safetensors JSON header
-    names, its data offsets checked against dtype and shape.
-
-    Raises
-    ------
-    InvalidRequest
-        Not a JSON object of well-formed entries.
-    """
+def _entries(raw: bytes) -> list[tuple[int, int, str, np.dtype, tuple[int, ...]]]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -1,11 +1,9 @@
 """Update intake: resumable, idempotent uploads checked before anything is kept.
 
 An upload is staged under its update id; the staged file's size is the offset a client
-resumes from. The bytes are hashed, and their distance from the base generation summed
-(:mod:`streamed_norm`), as they arrive. When the declared size has arrived, the bytes
-are checked (sha256, safetensors, tensor names, shapes and dtypes against the base
-generation, groups as declared) and the update alone passes the gate's per-update
-checks. A malformed upload
+resumes from. When the declared size has arrived, the bytes are checked (sha256,
+safetensors, tensor names, shapes and dtypes against the base generation, groups as
+declared) and the update alone passes the gate's per-update checks. A malformed upload
 leaves nothing behind but a rejection record; a valid one moves into the blob store
 and waits for the aggregator.
 """
@@ -49,7 +47,6 @@ from federation_grpc.hub.store import (
     UpdateStatus,
     utcnow,
 )
-from federation_grpc.hub.streamed_norm import StreamedNorm
 from federation_grpc.hub.tensorfile import read_tensors
 
 LOGGER = logging.getLogger(__name__)
@@ -142,17 +139,14 @@ class UploadSession:
         self.header = header
         self.received = offset
         self._fd = intake.staging.open_at(header.update_id, offset)
-        # Hash, and sum the distance from the base, as bytes arrive; a resumed upload
-        # first takes what the hub already holds.
+        # Hash as bytes arrive; a resumed upload first hashes what the hub already holds.
         self._digest = hashlib.sha256()
-        self._norm = StreamedNorm(intake.ledger.generation_tensors(header.base_generation))
         if offset:
             try:
                 with intake.staging.path(header.update_id).open("rb") as held:
                     remaining = offset
                     while remaining and (block := held.read(min(remaining, 1 << 20))):
                         self._digest.update(block)
-                        self._norm.feed(block)
                         remaining -= len(block)
             except BaseException:
                 self.close()
@@ -167,7 +161,6 @@ class UploadSession:
             finally:
                 self.close()
         self._digest.update(chunk)
-        self._norm.feed(chunk)
         view = memoryview(chunk)
         while view:
             written = os.write(self._fd, view)
@@ -186,8 +179,7 @@ class UploadSession:
                 os.fsync(self._fd)
                 return UploadStatus(self.header.update_id, UploadState.PARTIAL, self.received)
             os.fsync(self._fd)
-            return self.intake.complete(
-                self.node_id, self.header, self._digest.hexdigest(), self._norm.squares())
+            return self.intake.complete(self.node_id, self.header, self._digest.hexdigest())
         finally:
             self.close()
 
@@ -371,20 +363,16 @@ class UploadIntake:
             )
         raise InvalidRequest(reason)
 
-    def complete(self, node_id: str, header: UpdateHeader, digest: str,
-                 squares: float | None = None) -> UploadStatus:
-        """Check and keep a fully received update; ``squares``: its squared distance
-        from the base summed as it arrived (:mod:`streamed_norm`), None to read it."""
+    def complete(self, node_id: str, header: UpdateHeader, digest: str) -> UploadStatus:
         staged = self.staging.path(header.update_id)
         if digest != header.sha256:
             self.discard(header, node_id, "sha256 of the received bytes does not match the header")
         # A burst of uploads ends at once: checking them a few at a time keeps the blocks
         # in memory to a few, whatever the number of nodes.
         with self._checking:
-            return self._checked(node_id, header, staged, squares)
+            return self._checked(node_id, header, staged)
 
-    def _checked(self, node_id: str, header: UpdateHeader, staged: Path,
-                 squares: float | None) -> UploadStatus:
+    def _checked(self, node_id: str, header: UpdateHeader, staged: Path) -> UploadStatus:
         try:
             update = read_tensors(staged)
             base = self.ledger.generation_tensors(header.base_generation)
@@ -396,7 +384,7 @@ class UploadIntake:
         except InvalidRequest as exc:
             self.discard(header, node_id, str(exc))
         reasons = self.gate.check_update(
-            {k: v for k, v in update.items() if k not in fresh}, base, squares)
+            {k: v for k, v in update.items() if k not in fresh}, base)
         if reasons:
             with self.store.session() as session:
                 row = session.get(UpdateRow, header.update_id, with_for_update=True)
