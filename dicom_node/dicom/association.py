@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -97,6 +98,23 @@ def invalid_command_uid(command_set: Dataset) -> str | None:
     return None
 
 
+def receive_into(raw: socket.socket, into: memoryview) -> int:
+    """Fill ``into`` from ``raw``; the bytes read, fewer when the peer closed, the socket
+    timed out or failed. pynetdicom reads 4096 bytes per call (``AssociationSocket.recv``):
+    a 16 kB PDU cost four reads, each with its own poll for the socket's timeout and its
+    own release of the interpreter lock; here one read takes what the network holds."""
+    got = 0
+    while got < len(into):
+        try:
+            read = raw.recv_into(into[got:])
+        except OSError:
+            return got
+        if not read:
+            return got
+        got += read
+    return got
+
+
 class GuardedDUL(EventDrivenDUL):
     """The upper layer: a PDU's declared length is checked before its body is read."""
 
@@ -115,13 +133,9 @@ class GuardedDUL(EventDrivenDUL):
         # pynetdicom's version reads whatever length the header declares; this one
         # refuses an oversized PDU first. A short read (peer gone, or the connection
         # guard shut the socket) is a closed transport, logged at debug only.
-        sock = self.socket
-        assert sock is not None
-        try:
-            header = bytes(sock.recv(6))
-        except OSError:
-            header = b""
-        if len(header) < 6:
+        raw = getattr(self.socket, "socket", None)
+        header = bytearray(6)
+        if raw is None or receive_into(raw, memoryview(header)) < 6:
             self.event_queue.put("Evt17")
             return
         pdu_type, _, length = struct.unpack(">BBL", header)
@@ -135,17 +149,16 @@ class GuardedDUL(EventDrivenDUL):
             self._refuse(f"{_PDU_NAMES[pdu_type]} PDU declares {length} bytes, over the "
                          f"limit of {limit}")
             return
-        try:
-            body = bytes(sock.recv(length)) if length else b""
-        except OSError:
-            body = b""
-        if len(body) != length:
+        whole = bytearray(6 + length)  # the body is read into place, not appended
+        whole[:6] = header
+        got = receive_into(raw, memoryview(whole)[6:])
+        if got != length:
             LOGGER.debug("connection from %s closed inside a PDU (%d of %d bytes)",
-                         escaped(self.assoc.requestor.address), len(body), length)
+                         escaped(self.assoc.requestor.address), got, length)
             self.event_queue.put("Evt17")
             return
         try:
-            pdu, event = self._decode_pdu(bytearray(header + body))
+            pdu, event = self._decode_pdu(whole)
         except Exception as exc:
             LOGGER.warning("cannot decode a %s PDU from %s: %s", _PDU_NAMES[pdu_type],
                            escaped(self.assoc.requestor.address), escaped(exc, 200))
