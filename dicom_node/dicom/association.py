@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -43,7 +42,12 @@ from dicom_node.dicom.peer_text import escaped
 from dicom_node.dicom.reactor import ReactorAssociation
 from dicom_node.dicom.status import Status
 from dicom_node.dicom.store_response import store_response_pdv
-from dicom_node.dicom.upper_layer import IDLE_WAIT_S, EventDrivenDUL, SignallingQueue
+from dicom_node.dicom.upper_layer import (
+    IDLE_WAIT_S,
+    EventDrivenDUL,
+    SignallingQueue,
+    receive_into,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -98,23 +102,6 @@ def invalid_command_uid(command_set: Dataset) -> str | None:
     return None
 
 
-def receive_into(raw: socket.socket, into: memoryview) -> int:
-    """Fill ``into`` from ``raw``; the bytes read, fewer when the peer closed, the socket
-    timed out or failed. pynetdicom reads 4096 bytes per call (``AssociationSocket.recv``):
-    a 16 kB PDU cost four reads, each with its own poll for the socket's timeout and its
-    own release of the interpreter lock; here one read takes what the network holds."""
-    got = 0
-    while got < len(into):
-        try:
-            read = raw.recv_into(into[got:])
-        except OSError:
-            return got
-        if not read:
-            return got
-        got += read
-    return got
-
-
 class GuardedDUL(EventDrivenDUL):
     """The upper layer: a PDU's declared length is checked before its body is read."""
 
@@ -133,7 +120,7 @@ class GuardedDUL(EventDrivenDUL):
         # pynetdicom's version reads whatever length the header declares; this one
         # refuses an oversized PDU first. A short read (peer gone, or the connection
         # guard shut the socket) is a closed transport, logged at debug only.
-        raw = getattr(self.socket, "socket", None)
+        raw = self.raw_socket
         header = bytearray(6)
         if raw is None or receive_into(raw, memoryview(header)) < 6:
             self.event_queue.put("Evt17")

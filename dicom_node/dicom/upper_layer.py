@@ -113,6 +113,12 @@ class EventDrivenDUL(DULServiceProvider):
         self.send_lock = threading.Lock()  # held by every write to the peer
         self._ending = False  # an A-ABORT or A-RELEASE was written: no answer follows
 
+    @property
+    def raw_socket(self) -> socket.socket | None:
+        """The peer's socket (TLS or not) under pynetdicom's association socket; None
+        before one is attached or once pynetdicom has closed it."""
+        return getattr(self.socket, "socket", None)
+
     def _send(self, pdu: Any) -> None:
         with self.send_lock:
             if isinstance(pdu, _LAST_PDUS):
@@ -122,7 +128,7 @@ class EventDrivenDUL(DULServiceProvider):
     def send_abort(self, abort: A_ABORT_RQ) -> None:
         """Write an A-ABORT past the state machine (which may be broken, or must not see
         the PDU that provoked it); nothing this association answers follows it."""
-        raw = getattr(self.socket, "socket", None)
+        raw = self.raw_socket
         with self.send_lock:
             self._ending = True
             if raw is not None:
@@ -144,7 +150,7 @@ class EventDrivenDUL(DULServiceProvider):
         PDU leaves nothing to continue). The socket is closed under the same lock
         (:class:`LockedAssociationSocket`), so its descriptor cannot be closed, and its
         number handed to another connection, while this writes to it."""
-        raw = getattr(self.socket, "socket", None)
+        raw = self.raw_socket
         if (raw is None or isinstance(raw, ssl.SSLSocket)
                 or self.state_machine.current_state != _ESTABLISHED
                 or any(self.assoc.get_handlers(event) for event in _SENT_EVENTS)):
@@ -241,7 +247,7 @@ class EventDrivenDUL(DULServiceProvider):
         # A timer not running reports its whole timeout (or 1 s for none) as remaining.
         timeout = max(0.0, min(self._run_loop_delay, self.artim_timer.remaining))
         watched: list[Any] = [wakeup]
-        raw = getattr(self.socket, "socket", None)
+        raw = self.raw_socket
         if raw is not None and raw.fileno() >= 0:
             if isinstance(raw, ssl.SSLSocket) and raw.pending():
                 return  # decrypted bytes already buffered: select would not see them
@@ -253,6 +259,23 @@ class EventDrivenDUL(DULServiceProvider):
             return
         if wakeup in ready:
             wakeup.clear()
+
+
+def receive_into(raw: socket.socket, into: memoryview) -> int:
+    """Fill ``into`` from ``raw``; the bytes read, fewer when the peer closed, the socket
+    timed out or failed. pynetdicom reads 4096 bytes per call (``AssociationSocket.recv``):
+    a 16 kB PDU cost four reads, each with its own poll for the socket's timeout and its
+    own release of the interpreter lock; here one read takes what the network holds."""
+    got = 0
+    while got < len(into):
+        try:
+            read = raw.recv_into(into[got:])
+        except OSError:
+            return got
+        if not read:
+            return got
+        got += read
+    return got
 
 
 class LockedAssociationSocket(AssociationSocket):

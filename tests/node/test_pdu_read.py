@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dicom_node.dicom.association import receive_into
+from dicom_node.dicom.upper_layer import receive_into
 
 
 @pytest.fixture
